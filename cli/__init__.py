@@ -1,0 +1,1 @@
+"""magseg's command line (installed as ``magseg.cli``; the console command is ``magseg``)."""

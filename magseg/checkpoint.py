@@ -1,0 +1,142 @@
+"""The checkpoint: one file with the weights and the full resolved config.
+
+Layout (a plain dict, so ``torch.load(path, weights_only=True)`` reads it and nothing from
+the file is ever unpickled as code)::
+
+    {
+      "format": "magseg-checkpoint", "version": 1,
+      "config": Config.to_dict(),          # architecture, classes, scales, bands, normalisation
+      "backbone": state_dict,              # the smp (or FCtL) segmenter
+      "refiner": state_dict | None,        # None until phase 2 has run
+      "meta": {...},                       # epoch, metrics, magseg version: informational
+      "training": {...} | None,            # optimizer/scheduler/RNG state for --resume
+    }
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from magseg.atomic import atomic_write
+from magseg.config import Config, config_from_dict
+from magseg.errors import CheckpointError, ConfigError
+
+FORMAT = "magseg-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (tensors on the CPU)."""
+
+    path: Path
+    config: Config
+    backbone: dict[str, torch.Tensor]
+    refiner: dict[str, torch.Tensor] | None
+    meta: dict[str, Any]
+    training: dict[str, Any] | None
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: Config,
+    backbone: nn.Module,
+    refiner: nn.Module | None = None,
+    *,
+    meta: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (a crash mid-write leaves any previous file intact)."""
+    from magseg import __version__
+
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "backbone": _cpu_state(backbone),
+        "refiner": None if refiner is None else _cpu_state(refiner),
+        "meta": {"magseg_version": __version__, **(meta or {})},
+        "training": training,
+    }
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # DDP wraps the model in .module; store the bare model's keys.
+    module = getattr(module, "module", module)
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint file.
+
+    Raises:
+        CheckpointError: missing, unreadable, not a magseg checkpoint, or an invalid config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (train one with `magseg train`, "
+            "which writes best.ckpt and last.ckpt in its --out directory)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "it is truncated, corrupt or not a magseg checkpoint"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a magseg checkpoint (no '{FORMAT}' header)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('version')}; "
+            f"this magseg reads version {VERSION}"
+        )
+    try:
+        config = config_from_dict(payload["config"], source=f"in checkpoint {path}")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Checkpoint(
+        path=path,
+        config=config,
+        backbone=payload["backbone"],
+        refiner=payload.get("refiner"),
+        meta=payload.get("meta") or {},
+        training=payload.get("training"),
+    )
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """``load_state_dict(strict=True)`` with an error that says what does not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} of another shape (e.g. {k}: checkpoint {tuple(state[k].shape)} "
+                f"vs model {tuple(own[k].shape)})"
+            )
+        raise CheckpointError(
+            f"the {what} weights in {path} do not fit the model built from its config: "
+            + "; ".join(parts)
+        )
+    module.load_state_dict(state, strict=True)

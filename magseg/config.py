@@ -1,0 +1,324 @@
+"""The resolved configuration: frozen dataclasses, validated; YAML only at the edge.
+
+A config file is YAML with the sections below; every key can be overridden from the command
+line as ``section.key=value`` (the value is parsed as YAML, so ``pyramid.scales=[256,512]``
+works). Sizes are ``(H, W)`` everywhere; a single integer means a square.
+
+The checkpoint embeds ``Config.to_dict()``, so ``predict`` and ``benchmark`` rebuild exactly
+what training used from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BeforeValidator, ConfigDict, ValidationError
+from pydantic import TypeAdapter
+from pydantic.dataclasses import dataclass
+
+from magseg.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _as_size(value: Any) -> Any:
+    """``512`` -> ``(512, 512)``; ``[h, w]`` stays a pair."""
+    if isinstance(value, bool):
+        raise ValueError("a size is an integer or a pair [H, W]")
+    if isinstance(value, int):
+        return (value, value)
+    return value
+
+
+def _positive_size(value: tuple[int, int]) -> tuple[int, int]:
+    if len(value) != 2 or min(value) < 1:
+        raise ValueError(f"a size is [H, W] with both >= 1, got {list(value)}")
+    return (int(value[0]), int(value[1]))
+
+
+Size = Annotated[tuple[int, int], BeforeValidator(_as_size)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ClassSpec:
+    """One output class: its id (0..n-1), name, display colour and whether it counts in mIoU."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int] = (0, 0, 0)
+    in_mean: bool = True
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelConfig:
+    """The backbone segmenter: any segmentation-models-pytorch architecture and encoder."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    # "imagenet" (needs a network, except for timm-tf_efficientnet_lite0) or None.
+    encoder_weights: str | None = None
+    in_channels: int = 3
+    # Extra keyword arguments for the smp constructor (e.g. decoder_channels).
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError("model.in_channels must be >= 1")
+        if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in ("none", ""):
+            object.__setattr__(self, "encoder_weights", None)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RefinerConfig:
+    """The refinement module (see magseg.refiner). ``enabled: false`` means refined = fine."""
+
+    enabled: bool = True
+    channels: int = 32
+    # The context branch runs at 1/context_stride of the crop resolution (speed; see DESIGN).
+    context_stride: int = 4
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.context_stride < 1:
+            raise ValueError("refiner.channels and refiner.context_stride must be >= 1")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PyramidConfig:
+    """Stage sizes coarse to fine, the crop size at every stage, and the backbone input size."""
+
+    scales: tuple[Size, ...]
+    crop: Size
+    input: Size
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise ValueError("pyramid.scales needs at least one size")
+        scales = tuple(_positive_size(s) for s in self.scales)
+        for coarse, fine in zip(scales, scales[1:]):
+            if fine[0] < coarse[0] or fine[1] < coarse[1]:
+                raise ValueError(
+                    f"pyramid.scales must grow coarse to fine, got {[list(s) for s in scales]}"
+                )
+        object.__setattr__(self, "scales", scales)
+        object.__setattr__(self, "crop", _positive_size(self.crop))
+        object.__setattr__(self, "input", _positive_size(self.input))
+
+    @property
+    def scene(self) -> tuple[int, int]:
+        """The reference scene size: the finest scale (magnification 1 at the last stage)."""
+        return self.scales[-1]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RefineConfig:
+    """Which pixels take the refined prediction at each stage.
+
+    ``points``: K, an ``int`` count per crop, or a ``float`` fraction in [0, 1] of the pixels a
+    crop owns. ``kernel``: median-blur size for the error map (odd; 1 = no blur).
+    """
+
+    points: int | float = 0.75
+    kernel: int = 11
+
+    def __post_init__(self) -> None:
+        if isinstance(self.points, bool) or self.points < 0:
+            raise ValueError(f"refine.points must be a count >= 0 or a fraction, got {self.points}")
+        if isinstance(self.points, float) and self.points > 1:
+            raise ValueError(
+                f"refine.points={self.points}: a float is a fraction in [0, 1]; "
+                "write an integer for a count of pixels"
+            )
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"refine.kernel must be odd and >= 1, got {self.kernel}")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class AdaptiveConfig:
+    """Skip crops that cannot gain much: below ``threshold`` mean coarse uncertainty, or beyond
+    the ``max_crops`` most uncertain of a stage. Both None = the full method."""
+
+    threshold: float | None = None
+    max_crops: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None or self.max_crops is not None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EngineConfig:
+    """How the engine runs: batch size of crops, device and numeric precision."""
+
+    batch_size: int = 4
+    device: str = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("engine.batch_size must be >= 1")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataConfig:
+    """Where the data is and how pixels become model input.
+
+    ``bands``: 1-based band indices to read, in the order the model sees them (None = all).
+    ``mean``/``std``: per model channel, in the raw pixel units; computed from the training
+    split when None and stored in the checkpoint.
+    """
+
+    layout: Literal["deepglobe", "geotiff"] = "deepglobe"
+    root: str | None = None
+    bands: tuple[int, ...] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    train_split: str = "train.txt"
+    val_split: str = "val.txt"
+    test_split: str = "test.txt"
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainConfig:
+    """Optimisation settings for the two training phases."""
+
+    epochs: int = 10
+    refiner_epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    refiner_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    samples_per_epoch: int = 256
+    val_every: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    ohem: float | None = None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Config:
+    """Everything magseg needs to train, predict and benchmark one model."""
+
+    pyramid: PyramidConfig
+    classes: tuple[ClassSpec, ...]
+    name: str = "magseg"
+    model: ModelConfig = ModelConfig()
+    refiner: RefinerConfig = RefinerConfig()
+    refine: RefineConfig = RefineConfig()
+    engine: EngineConfig = EngineConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        ids = [c.id for c in self.classes]
+        if ids != list(range(len(ids))):
+            raise ValueError(f"classes must have ids 0..n-1 in order, got {ids}")
+        if len(ids) < 2:
+            raise ValueError("at least two classes are needed (certainty compares top-2)")
+        if len(ids) > 255:
+            raise ValueError("at most 255 classes: label maps are uint8 with 255 as nodata")
+        if not any(c.in_mean for c in self.classes):
+            raise ValueError("at least one class must have in_mean: true")
+        if self.data.bands is not None and len(self.data.bands) != self.model.in_channels:
+            raise ValueError(
+                f"data.bands has {len(self.data.bands)} bands but model.in_channels is "
+                f"{self.model.in_channels}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of JSON types (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def override(self, overrides: Mapping[str, Any] | Sequence[str]) -> "Config":
+        """A copy with dotted-key overrides, e.g. ``override({"refine.points": 0})`` or
+        ``override(["refine.points=0"])``."""
+        data = self.to_dict()
+        items = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        for key, value in items.items():
+            _set_dotted(data, key, value, source="override")
+        return config_from_dict(data, source="(with overrides)")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_CONFIG_ADAPTER = TypeAdapter(Config)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested mapping into a Config; errors name ``source`` and the bad key."""
+    try:
+        return _CONFIG_ADAPTER.validate_python(dict(data))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "unexpected_keyword_argument":
+                msg = "unknown key"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"{source}: cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return parsed
+
+
+def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Read a YAML config file, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at the top level")
+    items = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(overrides).items()
+    for key, value in items:
+        _set_dotted(data, key, value, source=str(path))
+    return config_from_dict(data, source=str(path))

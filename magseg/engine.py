@@ -1,0 +1,281 @@
+"""The progressive engine: MagNet's coarse-to-fine stage loop, written once.
+
+    stage 0:  image resized to scales[0] -> crops -> backbone -> stitched probabilities Y
+    stage s:  Y upsampled to scales[s];  image resized to scales[s] -> crops -> backbone O
+              R = softmax(refiner(O, Y_crop))       (R = O without a refiner)
+              Q = median_blur(cert(R) * (1 - cert(Y_crop)))
+              the K pixels of highest Q a crop owns take R's values (point_sample + scatter)
+    end:      Y resized to the image size -> argmax
+
+Crops of a stage all read the upsampled Y of the previous stage and write only the pixels
+they own (magseg.pyramid), so the result does not depend on batch size or crop order.
+Training uses the same helpers (``crop_probs``, ``refine_probs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from magseg.backbone import input_multiple, run_backbone
+from magseg.certainty import certainty, error_map
+from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
+from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.pyramid import (
+    CropBox,
+    Size,
+    crop_boxes,
+    extract_crops,
+    owned_mask,
+    resize,
+    stage_sizes,
+    stitch_crops,
+)
+
+
+@dataclass
+class StageResult:
+    """What one stage produced, at the stage's own size ``(h, w)``."""
+
+    size: Size
+    labels: Tensor  # (h, w) uint8 argmax of the running prediction after this stage
+    refined: Tensor | None  # (h, w) bool: pixels that took the refined values (None at stage 0)
+    crops_run: int  # crops that went through the backbone
+    crops_total: int
+    seconds: float
+
+
+@dataclass
+class SegmentationResult:
+    """The engine's output for one image of size ``(H, W)``."""
+
+    labels: Tensor  # (H, W) uint8 class ids
+    probs: Tensor | None = None  # (C, H, W) float32 final probabilities, when asked for
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def certainty(self) -> Tensor:
+        """``(H, W)`` final certainty (top-1 minus top-2); needs ``probs``."""
+        if self.probs is None:
+            raise ValueError("segment(..., return_probs=True) is needed for certainty")
+        return certainty(self.probs[None])[0]
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def crop_probs(
+    backbone: nn.Module,
+    crops: Tensor,
+    input_size: Size,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    multiple: int | None = None,
+) -> Tensor:
+    """Backbone probabilities of image crops, at the crops' own resolution.
+
+    Args:
+        crops: ``(B, C_in, ch, cw)`` normalised image crops.
+        input_size: ``(ih, iw)`` the backbone sees (crops are resized to it and back).
+    Returns:
+        ``(B, classes, ch, cw)`` float32 probabilities.
+    """
+    x = resize(crops, input_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if multiple is None:
+        multiple = input_multiple(backbone)
+    with precision_context(x.device, precision):
+        logits = run_backbone(backbone, x, multiple)
+    logits = resize(logits.float(), tuple(crops.shape[-2:]))
+    return logits.softmax(dim=1)
+
+
+def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:
+    """R: the refiner's probabilities, or ``fine`` itself when there is no refiner.
+
+    Args:
+        fine, coarse: ``(B, C, h, w)`` probabilities.
+    """
+    if refiner is None:
+        return fine
+    return refiner(fine, coarse).float().softmax(dim=1)
+
+
+def select_crops(coarse: Tensor, boxes: Sequence[CropBox], adaptive: AdaptiveConfig) -> list[CropBox]:
+    """Adaptive mode: the crops worth running through the backbone at a stage.
+
+    A crop's score is the mean coarse uncertainty ``1 - cert(Y)`` over the pixels it owns;
+    crops below ``threshold`` are dropped and of the rest only the ``max_crops`` *most*
+    uncertain are kept (descending order: the official MagNet-Fast sorts the wrong way).
+
+    Args:
+        coarse: ``(C, h, w)`` the upsampled previous-stage probabilities.
+    Returns:
+        the kept boxes, in their original (row-major) order.
+    """
+    if not adaptive.enabled:
+        return list(boxes)
+    uncertainty = 1 - certainty(coarse[None])[0]
+    scores = [float(uncertainty[box.owned].mean()) for box in boxes]
+    order = sorted(range(len(boxes)), key=lambda i: scores[i], reverse=True)
+    if adaptive.threshold is not None:
+        order = [i for i in order if scores[i] >= adaptive.threshold]
+    if adaptive.max_crops is not None:
+        order = order[: adaptive.max_crops]
+    return [boxes[i] for i in sorted(order)]
+
+
+def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def refine_crops(
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+) -> tuple[Tensor, Tensor]:
+    """Give the top-K pixels of each crop's error map the refined values.
+
+    Args:
+        coarse: ``(B, C, ch, cw)`` coarse probabilities Y of the crops.
+        refined: ``(B, C, ch, cw)`` refined probabilities R.
+        boxes: the B crop boxes (K counts, and picks, only pixels a crop owns).
+    Returns:
+        ``(B, C, ch, cw)`` updated probabilities and ``(B, ch, cw)`` bool map of the
+        pixels that changed hands.
+    """
+    crop = tuple(coarse.shape[-2:])
+    score = error_map(refined, coarse, refine.kernel)
+    owned = owned_mask(list(boxes), crop, device=coarse.device)
+    out = coarse.clone()
+    picked = torch.zeros_like(owned)
+    for i, box in enumerate(boxes):
+        k = num_points(refine.points, box.own_height * box.own_width)
+        if k == 0:
+            continue
+        index = top_k_points(score[i], k, owned[i])
+        values = point_sample(refined[i : i + 1], pixel_centres(index, crop)[None])
+        out[i : i + 1] = scatter_points(coarse[i : i + 1], index[None], values)
+        picked[i].view(-1)[index] = True
+    return out, picked
+
+
+def _stitched_probs(
+    backbone: nn.Module,
+    scene: Tensor,
+    boxes: Sequence[CropBox],
+    pyramid: PyramidConfig,
+    engine: EngineConfig,
+    run: dict,
+    on_crops: Callable[[int], None] | None,
+) -> Tensor:
+    """Backbone probabilities of a whole stage image ``(C_in, h, w)``, crops stitched:
+    ``(classes, h, w)``."""
+    out: Tensor | None = None
+    for batch in _batches(boxes, engine.batch_size):
+        fine = crop_probs(backbone, extract_crops(scene, batch, pyramid.crop), pyramid.input, **run)
+        if out is None:
+            out = scene.new_zeros((fine.shape[1], *scene.shape[-2:]))
+        stitch_crops(out, fine, batch)
+        if on_crops:
+            on_crops(len(batch))
+    assert out is not None  # crop_boxes never returns an empty list
+    return out
+
+
+@torch.inference_mode()
+def segment(
+    image: Tensor,
+    backbone: nn.Module,
+    pyramid: PyramidConfig,
+    *,
+    refiner: nn.Module | None = None,
+    refine: RefineConfig = RefineConfig(),
+    engine: EngineConfig = EngineConfig(),
+    return_probs: bool = False,
+    return_stages: bool = False,
+    on_crops: Callable[[int], None] | None = None,
+) -> SegmentationResult:
+    """Segment one in-memory image through the scale pyramid.
+
+    Args:
+        image: ``(C_in, H, W)`` normalised image, any size.
+        backbone: logits model ``(B, C_in, h, w) -> (B, classes, h, w)``, in eval mode.
+        pyramid: stage sizes, crop size and backbone input size.
+        refiner: the refinement module; None means refined = fine.
+        refine: K (count or fraction) and the median-blur kernel.
+        engine: batch size, device, precision, channels-last, adaptive mode.
+        return_probs: also return the final ``(C, H, W)`` probabilities.
+        return_stages: also return per-stage labels and refined-pixel maps.
+        on_crops: called with the number of crops each batch ran (for progress bars).
+    Returns:
+        a SegmentationResult with ``labels`` ``(H, W)`` uint8.
+    """
+    if image.dim() != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
+    device = torch.device(engine.device)
+    image = image.to(device=device, dtype=torch.float32)
+    height, width = image.shape[-2:]
+    multiple = input_multiple(backbone)
+    run = dict(precision=engine.precision, channels_last=engine.channels_last, multiple=multiple)
+
+    y: Tensor | None = None
+    stages: list[StageResult] = []
+    for s, size in enumerate(stage_sizes(pyramid.scales, (height, width))):
+        start = time.perf_counter()
+        boxes = crop_boxes(size, pyramid.crop)
+        picked_map = None
+        if y is None:
+            # Stage 0: the coarse view, stitched from its crops (one crop when scales[0] = crop).
+            chosen = boxes
+            y = _stitched_probs(backbone, resize(image, size), chosen, pyramid, engine, run, on_crops)
+        else:
+            coarse = resize(y, size)
+            if refine.points == 0:
+                chosen = []  # nothing can change: skip the stage's backbone work entirely
+            else:
+                chosen = select_crops(coarse, boxes, engine.adaptive)
+            y = coarse.clone() if chosen else coarse
+            if return_stages:
+                picked_map = torch.zeros((1, *size), dtype=torch.bool, device=device)
+            scene = resize(image, size) if chosen else None
+            for batch in _batches(chosen, engine.batch_size):
+                fine = crop_probs(backbone, extract_crops(scene, batch, pyramid.crop), pyramid.input, **run)
+                coarse_crops = extract_crops(coarse, batch, pyramid.crop)
+                refined = refine_probs(refiner, fine, coarse_crops)
+                updated, picked = refine_crops(coarse_crops, refined, batch, refine)
+                stitch_crops(y, updated, batch)
+                if picked_map is not None:
+                    stitch_crops(picked_map, picked[:, None], batch)
+                if on_crops:
+                    on_crops(len(batch))
+        if return_stages:
+            stages.append(
+                StageResult(
+                    size=tuple(size),
+                    labels=y.argmax(0).to(torch.uint8).cpu(),
+                    refined=None if picked_map is None else picked_map[0].cpu(),
+                    crops_run=len(chosen),
+                    crops_total=len(boxes),
+                    seconds=time.perf_counter() - start,
+                )
+            )
+
+    probs = resize(y, (height, width))
+    labels = probs.argmax(0).to(torch.uint8).cpu()
+    return SegmentationResult(
+        labels=labels,
+        probs=probs.cpu() if return_probs else None,
+        stages=stages,
+    )

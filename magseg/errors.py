@@ -1,0 +1,39 @@
+"""magseg's exceptions.
+
+Library code raises these; only the CLI turns them into messages and exit codes. Every
+message names the offending thing (a file, a config key) and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class MagsegError(Exception):
+    """Base class of every error magseg raises on purpose."""
+
+
+class ConfigError(MagsegError, ValueError):
+    """A config file or override is invalid (unknown key, bad value, inconsistent sizes)."""
+
+
+class ModelError(MagsegError, ValueError):
+    """A model cannot be built or does not fit the data (unknown architecture, wrong shapes)."""
+
+
+class CheckpointError(MagsegError):
+    """A checkpoint is missing, unreadable, or does not match what is asked of it."""
+
+
+class DataError(MagsegError):
+    """An input image, mask, split list or dataset is missing, corrupt or inconsistent."""
+
+
+class RasterError(DataError):
+    """A raster cannot be read or written (not a raster, truncated, wrong band count...)."""
+
+
+class OutputExistsError(MagsegError, FileExistsError):
+    """An output file already exists and `--overwrite` was not given."""
+
+
+class WeightsUnavailableError(ModelError):
+    """Pretrained weights were asked for but cannot be had (e.g. no network)."""

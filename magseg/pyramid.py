@@ -1,0 +1,153 @@
+"""Scale-pyramid geometry: stage sizes, crop boxes that cover an image, cutting and stitching.
+
+Every stage image of size ``(H, W)`` is tiled with crops of size ``(ch, cw)``. Along each
+axis the crops start at ``0, c, 2c, ...`` and the last one is flush with the far edge, so
+crops overlap only when the size is not a multiple of the crop. Where two crops overlap the
+pixels are split at the middle of the overlap: every pixel is *owned* by exactly one crop,
+which is the one that writes it when crops are stitched back. An axis shorter than the crop
+gets one crop of the axis' length (the backbone sees it zero-padded to the crop size, which
+keeps the magnification the model was trained at).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A crop window in a stage image, and the part of it this crop owns.
+
+    ``top, left, height, width``: the window, clipped to the image (so ``height`` may be
+    smaller than the crop size when the image is). ``own_*``: the owned region, in image
+    coordinates, always inside the window.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    own_top: int
+    own_left: int
+    own_height: int
+    own_width: int
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+    @property
+    def owned(self) -> tuple[slice, slice]:
+        """The owned region in image coordinates."""
+        return (
+            slice(self.own_top, self.own_top + self.own_height),
+            slice(self.own_left, self.own_left + self.own_width),
+        )
+
+    @property
+    def owned_in_crop(self) -> tuple[slice, slice]:
+        """The owned region in the crop's own coordinates."""
+        y0, x0 = self.own_top - self.top, self.own_left - self.left
+        return slice(y0, y0 + self.own_height), slice(x0, x0 + self.own_width)
+
+
+def _axis_tiles(length: int, crop: int) -> list[tuple[int, int, int, int]]:
+    """Tiles of one axis as ``(start, size, own_start, own_end)``."""
+    if length <= crop:
+        return [(0, length, 0, length)]
+    count = math.ceil(length / crop)
+    starts = [i * crop for i in range(count - 1)] + [length - crop]
+    tiles = []
+    for i, start in enumerate(starts):
+        own_start = 0 if i == 0 else tiles[-1][3]
+        if i == count - 1:
+            own_end = length
+        else:
+            nxt = starts[i + 1]
+            # Split the overlap [nxt, start + crop) at its middle: pixels nearer a crop's
+            # centre have more context in that crop.
+            own_end = (nxt + start + crop) // 2 if nxt < start + crop else start + crop
+        tiles.append((start, crop, own_start, own_end))
+    return tiles
+
+
+def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
+    """Crop boxes covering an image of ``size`` (H, W), row-major; owned regions partition it."""
+    (h, w), (ch, cw) = size, crop
+    if min(h, w) < 1:
+        raise ValueError(f"cannot tile an empty image of size {size}")
+    boxes = []
+    for top, height, own_top, own_bottom in _axis_tiles(h, ch):
+        for left, width, own_left, own_right in _axis_tiles(w, cw):
+            boxes.append(
+                CropBox(
+                    top, left, min(height, h), min(width, w),
+                    own_top, own_left, own_bottom - own_top, own_right - own_left,
+                )
+            )
+    return boxes
+
+
+def stage_sizes(scales: tuple[Size, ...], image_size: Size) -> list[Size]:
+    """The size of each stage for an image of ``image_size``.
+
+    ``scales`` are the stage sizes of a reference scene of size ``scales[-1]``; an image of
+    another size keeps the same magnifications, so each stage is scaled per axis by
+    ``image_size / scales[-1]`` (a 2448 image with scales 612/1224/2448 gets exactly those).
+    """
+    (h, w), (sh, sw) = image_size, scales[-1]
+    if (h, w) == (sh, sw):
+        return [tuple(s) for s in scales]
+    return [(max(1, round(h * s[0] / sh)), max(1, round(w * s[1] / sw))) for s in scales]
+
+
+def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
+    """Resize ``(B, C, H, W)`` or ``(C, H, W)`` to ``size``; antialiased when shrinking.
+
+    ``align_corners=False`` throughout, so pixel centres map onto pixel centres.
+    """
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(0)
+    if tuple(x.shape[-2:]) != tuple(size):
+        if mode == "nearest":
+            x = F.interpolate(x, size=size, mode="nearest-exact")
+        else:
+            shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink)
+    return x.squeeze(0) if squeeze else x
+
+
+def extract_crops(image: Tensor, boxes: list[CropBox], crop: Size) -> Tensor:
+    """Cut ``boxes`` out of ``image`` (C, H, W) as a batch ``(B, C, ch, cw)``.
+
+    Windows smaller than the crop (image smaller than the crop) are zero-padded at the
+    bottom and right.
+    """
+    out = image.new_zeros((len(boxes), image.shape[0], crop[0], crop[1]))
+    for i, box in enumerate(boxes):
+        out[i, :, : box.height, : box.width] = image[(slice(None), *box.window)]
+    return out
+
+
+def stitch_crops(dest: Tensor, crops: Tensor, boxes: list[CropBox]) -> Tensor:
+    """Write the owned region of each crop ``(B, C, ch, cw)`` into ``dest`` (C, H, W), in place."""
+    for crop, box in zip(crops, boxes):
+        dest[(slice(None), *box.owned)] = crop[(slice(None), *box.owned_in_crop)]
+    return dest
+
+
+def owned_mask(boxes: list[CropBox], crop: Size, device: torch.device | None = None) -> Tensor:
+    """``(B, ch, cw)`` bool: True on the pixels each crop owns (False on padding and overlap
+    given to a neighbour)."""
+    mask = torch.zeros((len(boxes), crop[0], crop[1]), dtype=torch.bool, device=device)
+    for i, box in enumerate(boxes):
+        mask[(i, *box.owned_in_crop)] = True
+    return mask

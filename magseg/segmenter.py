@@ -1,0 +1,104 @@
+"""A model ready to segment: backbone + refiner + the config they belong to.
+
+``predict``, ``benchmark`` and the demo all go through this class, so a checkpoint is turned
+into models, normalisation and engine settings in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from magseg.backbone import create_backbone
+from magseg.checkpoint import Checkpoint, load_checkpoint, load_state
+from magseg.config import Config
+from magseg.engine import SegmentationResult, segment
+from magseg.errors import ConfigError
+from magseg.normalization import normalize
+from magseg.refiner import Refiner
+
+
+def create_refiner(config: Config) -> Refiner | None:
+    """The refiner the config describes, or None when ``refiner.enabled`` is false."""
+    if not config.refiner.enabled:
+        return None
+    return Refiner(config.num_classes, config.refiner.channels, config.refiner.context_stride)
+
+
+def create_segmenter_model(config: Config, pretrained: bool = True) -> nn.Module:
+    """The backbone segmenter of ``config`` (an smp model, or FCtL for ``arch: fctl``).
+
+    ``pretrained=False`` skips encoder weights (they come from a checkpoint instead).
+    """
+    model = config.model if pretrained else dataclasses.replace(config.model, encoder_weights=None)
+    if model.arch.lower() == "fctl":
+        from magseg.models.fctl import create_fctl
+
+        return create_fctl(model, config.num_classes)
+    return create_backbone(model, config.num_classes)
+
+
+class Segmenter:
+    """Segments raw or normalised images with a backbone, an optional refiner and a config."""
+
+    def __init__(self, config: Config, backbone: nn.Module, refiner: nn.Module | None = None):
+        self.config = config
+        self.device = torch.device(config.engine.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("engine.device=cuda but no CUDA device is available; use --device cpu")
+        self.backbone = backbone.to(self.device).eval()
+        self.refiner = None if refiner is None else refiner.to(self.device).eval()
+        if config.engine.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Segmenter":
+        """Fresh (untrained or ImageNet-initialised) models: for tests and benchmarks of speed."""
+        return cls(config, create_segmenter_model(config), create_refiner(config))
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path | Checkpoint, overrides: Mapping[str, Any] | Sequence[str] = ()
+    ) -> "Segmenter":
+        """Load a checkpoint; ``overrides`` adjust run-time keys (``engine.*``, ``refine.*``)."""
+        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+        config = ckpt.config.override(overrides) if overrides else ckpt.config
+        backbone = create_segmenter_model(config, pretrained=False)
+        load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
+        refiner = None
+        if ckpt.refiner is not None and config.refiner.enabled:
+            refiner = create_refiner(config)
+            load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
+        return cls(config, backbone, refiner)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def normalize(self, pixels: np.ndarray | Tensor) -> Tensor:
+        """Raw ``(C, H, W)`` pixels -> normalised float32, with the stored statistics."""
+        data = self.config.data
+        if data.mean is None or data.std is None:
+            raise ConfigError(
+                "the config has no data.mean/data.std; train computes them, or set them"
+            )
+        return normalize(pixels, data.mean, data.std)
+
+    def segment(self, image: Tensor, *, normalized: bool = True, **kwargs: Any) -> SegmentationResult:
+        """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.segment``
+        (``return_probs``, ``return_stages``, ``on_crops``, or a ``pyramid``/``refine``/
+        ``engine`` to use instead of the config's)."""
+        if not normalized:
+            image = self.normalize(image)
+        cfg = self.config
+        kwargs.setdefault("pyramid", cfg.pyramid)
+        kwargs.setdefault("refine", cfg.refine)
+        kwargs.setdefault("engine", cfg.engine)
+        kwargs.setdefault("refiner", self.refiner)
+        return segment(image, self.backbone, **kwargs)

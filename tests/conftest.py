@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny config, tiny models, and checkpoints made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from magseg.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    # Determinism for tests that compare two runs; 2 threads is what CI has.
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """configs/tiny.yaml: 3 stages 32 -> 64 -> 128, crop 32, 4 classes, tu-test_resnet Unet."""
+    return load_config(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture
+def tiny_segmenter(tiny_config):
+    from magseg.segmenter import Segmenter
+
+    return Segmenter.from_config(tiny_config)
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path, tiny_config):
+    """Factory: write a checkpoint of fresh tiny models (optionally with config overrides)."""
+    from magseg.checkpoint import save_checkpoint
+    from magseg.segmenter import create_refiner, create_segmenter_model
+
+    def make(overrides=(), name="tiny.ckpt", with_refiner=True) -> Path:
+        config = tiny_config.override(overrides) if overrides else tiny_config
+        backbone = create_segmenter_model(config)
+        refiner = create_refiner(config) if with_refiner else None
+        return save_checkpoint(tmp_path / name, config, backbone, refiner)
+
+    return make
