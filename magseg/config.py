@@ -88,11 +88,17 @@ class RefinerConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class PyramidConfig:
-    """Stage sizes coarse to fine, the crop size at every stage, and the backbone input size."""
+    """Stage sizes coarse to fine, the crop size at every stage, and the backbone input size.
+
+    ``scene``: the reference scene size the scales are given for (default: the finest
+    scale, i.e. magnification 1 at the last stage). An image of another size keeps the same
+    magnifications (see ``magseg.pyramid.stage_sizes``).
+    """
 
     scales: tuple[Size, ...]
     crop: Size
     input: Size
+    scene: Size | None = None
 
     def __post_init__(self) -> None:
         if not self.scales:
@@ -106,11 +112,22 @@ class PyramidConfig:
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "crop", _positive_size(self.crop))
         object.__setattr__(self, "input", _positive_size(self.input))
+        scene = scales[-1] if self.scene is None else _positive_size(self.scene)
+        object.__setattr__(self, "scene", scene)
 
-    @property
-    def scene(self) -> tuple[int, int]:
-        """The reference scene size: the finest scale (magnification 1 at the last stage)."""
-        return self.scales[-1]
+    def stage_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Each stage's size for an image of ``image_size`` (H, W)."""
+        from magseg.pyramid import stage_sizes
+
+        return stage_sizes(self.scales, image_size, self.scene)
+
+    def downsample_only(self) -> "PyramidConfig":
+        """Baseline: the stage-0 view alone (upsampled to the image by the engine)."""
+        return PyramidConfig(scales=self.scales[:1], crop=self.crop, input=self.input, scene=self.scene)
+
+    def patch_only(self) -> "PyramidConfig":
+        """Baseline: the finest scale alone, crops stitched, no context."""
+        return PyramidConfig(scales=self.scales[-1:], crop=self.crop, input=self.input, scene=self.scene)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -33,7 +33,6 @@ from magseg.pyramid import (
     extract_crops,
     owned_mask,
     resize,
-    stage_sizes,
     stitch_crops,
 )
 
@@ -232,7 +231,7 @@ def segment(
 
     y: Tensor | None = None
     stages: list[StageResult] = []
-    for s, size in enumerate(stage_sizes(pyramid.scales, (height, width))):
+    for s, size in enumerate(pyramid.stage_sizes((height, width))):
         start = time.perf_counter()
         boxes = crop_boxes(size, pyramid.crop)
         picked_map = None
@@ -241,15 +240,17 @@ def segment(
             chosen = boxes
             y = _stitched_probs(backbone, resize(image, size), chosen, pyramid, engine, run, on_crops)
         else:
-            coarse = resize(y, size)
-            if refine.points == 0:
-                chosen = []  # nothing can change: skip the stage's backbone work entirely
-            else:
-                chosen = select_crops(coarse, boxes, engine.adaptive)
-            y = coarse.clone() if chosen else coarse
+            coarse = resize(y, size) if refine.points != 0 else None
+            chosen = [] if coarse is None else select_crops(coarse, boxes, engine.adaptive)
             if return_stages:
                 picked_map = torch.zeros((1, *size), dtype=torch.bool, device=device)
-            scene = resize(image, size) if chosen else None
+            if chosen:
+                # Crops read `coarse` and write `y`, so overlapping crops never see each
+                # other's refinements: the result is independent of batch size and order.
+                y = coarse.clone()
+                scene = resize(image, size)
+            # else: nothing can change at this stage; y stays at its own resolution and is
+            # upsampled once, later (so K = 0 gives exactly the stage-0 view upsampled).
             for batch in _batches(chosen, engine.batch_size):
                 fine = crop_probs(backbone, extract_crops(scene, batch, pyramid.crop), pyramid.input, **run)
                 coarse_crops = extract_crops(coarse, batch, pyramid.crop)
@@ -264,7 +265,7 @@ def segment(
             stages.append(
                 StageResult(
                     size=tuple(size),
-                    labels=y.argmax(0).to(torch.uint8).cpu(),
+                    labels=resize(y, size).argmax(0).to(torch.uint8).cpu(),
                     refined=None if picked_map is None else picked_map[0].cpu(),
                     crops_run=len(chosen),
                     crops_total=len(boxes),

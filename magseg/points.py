@@ -7,7 +7,6 @@ Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -37,31 +36,62 @@ def top_k_points(score: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
 
 
 def pixel_centres(index: Tensor, size: tuple[int, int]) -> Tensor:
-    """Normalised ``(x, y)`` centres of flat pixel indices.
+    """Normalised ``(x, y)`` centres of flat pixel indices, in float64.
+
+    float64 because float32 cannot address the centres of a large grid exactly: at 2448 px
+    a float32 coordinate is off by up to 1e-4 px, enough to blend neighbours.
 
     Args:
         index: ``(..., P)`` int64 indices into a ``size`` = (H, W) grid.
     Returns:
-        ``(..., P, 2)`` float in (0, 1).
+        ``(..., P, 2)`` float64 in (0, 1).
     """
     h, w = size
     rows = torch.div(index, w, rounding_mode="floor")
     cols = index - rows * w
-    return torch.stack(((cols.float() + 0.5) / w, (rows.float() + 0.5) / h), dim=-1)
+    return torch.stack(((cols.double() + 0.5) / w, (rows.double() + 0.5) / h), dim=-1)
+
+
+def _snap(coord: Tensor) -> Tensor:
+    # Within 1e-6 px of a pixel centre is that centre: the weights become exactly 0 and 1, so
+    # a sampled value cannot pick up a 1e-13 share of a neighbour (which, for a value near 0,
+    # is more than float32's rounding absorbs).
+    nearest = coord.round()
+    return torch.where((coord - nearest).abs() < 1e-6, nearest, coord)
 
 
 def point_sample(features: Tensor, points: Tensor) -> Tensor:
     """Bilinearly sample ``features`` at normalised points (PointRend's ``point_sample``).
 
+    Same geometry as ``grid_sample(..., align_corners=False)`` (a point ``(x, y)`` lies at
+    pixel coordinate ``(x * W - 0.5, y * H - 0.5)``), with edges clamped. Written as four
+    gathers with weights computed in the points' precision (float64 from ``pixel_centres``)
+    rather than with ``grid_sample``, which casts the grid to the features' float32: at a
+    pixel centre this returns that pixel's value exactly, at any grid size.
+
     Args:
         features: ``(B, C, H, W)``.
         points: ``(B, P, 2)`` normalised ``(x, y)`` in [0, 1].
     Returns:
-        ``(B, C, P)``. At a pixel centre of the same grid this is that pixel's value exactly.
+        ``(B, C, P)`` in the features' dtype.
     """
-    grid = (2.0 * points - 1.0).unsqueeze(2).to(features.dtype)
-    out = F.grid_sample(features, grid, mode="bilinear", align_corners=False)
-    return out.squeeze(3)
+    b, c, h, w = features.shape
+    pts = points.to(torch.float64)
+    x = _snap(pts[..., 0] * w - 0.5)
+    y = _snap(pts[..., 1] * h - 0.5)
+    x0f, y0f = x.floor(), y.floor()
+    wx, wy = (x - x0f).unsqueeze(1), (y - y0f).unsqueeze(1)  # (B, 1, P)
+    x0, y0 = x0f.long(), y0f.long()
+    x0c, x1c = x0.clamp(0, w - 1), (x0 + 1).clamp(0, w - 1)
+    y0c, y1c = y0.clamp(0, h - 1), (y0 + 1).clamp(0, h - 1)
+    flat = features.reshape(b, c, h * w)
+
+    def at(yy: Tensor, xx: Tensor) -> Tensor:
+        return flat.gather(2, (yy * w + xx).unsqueeze(1).expand(-1, c, -1)).double()
+
+    top = at(y0c, x0c) * (1 - wx) + at(y0c, x1c) * wx
+    bottom = at(y1c, x0c) * (1 - wx) + at(y1c, x1c) * wx
+    return (top * (1 - wy) + bottom * wy).to(features.dtype)
 
 
 def scatter_points(target: Tensor, index: Tensor, values: Tensor) -> Tensor:

@@ -95,14 +95,16 @@ def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
     return boxes
 
 
-def stage_sizes(scales: tuple[Size, ...], image_size: Size) -> list[Size]:
+def stage_sizes(scales: tuple[Size, ...], image_size: Size, scene: Size | None = None) -> list[Size]:
     """The size of each stage for an image of ``image_size``.
 
-    ``scales`` are the stage sizes of a reference scene of size ``scales[-1]``; an image of
-    another size keeps the same magnifications, so each stage is scaled per axis by
-    ``image_size / scales[-1]`` (a 2448 image with scales 612/1224/2448 gets exactly those).
+    ``scales`` are the stage sizes of a reference scene of size ``scene`` (default
+    ``scales[-1]``); an image of another size keeps the same magnifications, so each stage
+    is scaled per axis by ``image_size / scene`` (a 2448 image with scales 612/1224/2448
+    gets exactly those).
     """
-    (h, w), (sh, sw) = image_size, scales[-1]
+    (h, w) = image_size
+    (sh, sw) = scene if scene is not None else scales[-1]
     if (h, w) == (sh, sw):
         return [tuple(s) for s in scales]
     return [(max(1, round(h * s[0] / sh)), max(1, round(w * s[1] / sw))) for s in scales]
