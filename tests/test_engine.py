@@ -1,0 +1,148 @@
+"""The progressive engine: its two invariants, batch independence, adaptive selection."""
+
+import pytest
+import torch
+from torch import nn
+
+from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
+from magseg.engine import refine_crops, segment, select_crops
+from magseg.pyramid import crop_boxes
+from magseg.refiner import Refiner
+
+
+@pytest.fixture
+def backbone(tiny_segmenter):
+    return tiny_segmenter.backbone
+
+
+@pytest.fixture
+def pyramid(tiny_config):
+    return tiny_config.pyramid  # 32 -> 64 -> 128, crop 32, input 32
+
+
+# Odd, non-square, smaller and larger than the reference scene (128).
+IMAGE_SIZES = [(128, 128), (100, 90), (77, 131), (20, 45), (150, 33)]
+
+
+def _run(image, backbone, pyramid, **kw):
+    return segment(image, backbone, pyramid, return_probs=True, **kw)
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_k_zero_gives_the_stage0_prediction_upsampled(size, backbone, pyramid):
+    image = torch.randn(3, *size)
+    progressive = _run(image, backbone, pyramid, refine=RefineConfig(points=0), return_stages=True)
+    coarse_only = _run(image, backbone, pyramid.downsample_only())
+    assert torch.equal(progressive.probs, coarse_only.probs)
+    assert torch.equal(progressive.labels, coarse_only.labels)
+    # no stage after the first ran a crop or changed a pixel
+    assert [s.crops_run for s in progressive.stages[1:]] == [0, 0]
+    assert all(not s.refined.any() for s in progressive.stages[1:])
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_k_all_without_refiner_gives_the_finest_patch_only_prediction(size, backbone, pyramid):
+    image = torch.randn(3, *size)
+    progressive = _run(image, backbone, pyramid, refine=RefineConfig(points=1.0), refiner=None)
+    patch_only = _run(image, backbone, pyramid.patch_only())
+    assert torch.equal(progressive.probs, patch_only.probs)
+    assert torch.equal(progressive.labels, patch_only.labels)
+
+
+def test_k_all_with_an_untrained_refiner_is_the_patch_only_prediction(backbone, pyramid, tiny_config):
+    # The refiner's heads start at zero: refined = fine up to the log-probability floor.
+    image = torch.randn(3, 100, 90)
+    refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
+    progressive = _run(image, backbone, pyramid, refine=RefineConfig(points=1.0), refiner=refiner)
+    patch_only = _run(image, backbone, pyramid.patch_only())
+    assert torch.allclose(progressive.probs, patch_only.probs, atol=1e-5)
+
+
+def test_progressive_differs_from_both_baselines_when_k_is_partial(backbone, pyramid):
+    image = torch.randn(3, 128, 128)
+    progressive = _run(image, backbone, pyramid, refine=RefineConfig(points=0.3, kernel=3))
+    assert not torch.equal(progressive.probs, _run(image, backbone, pyramid.downsample_only()).probs)
+    assert not torch.equal(progressive.probs, _run(image, backbone, pyramid.patch_only()).probs)
+
+
+def test_each_crop_refines_exactly_k_of_its_own_pixels(backbone, pyramid):
+    image = torch.randn(3, 128, 128)  # stage sizes 32, 64, 128: crops 32 tile exactly
+    result = _run(image, backbone, pyramid, refine=RefineConfig(points=10, kernel=3), return_stages=True)
+    s1, s2 = result.stages[1], result.stages[2]
+    assert (s1.crops_run, s2.crops_run) == (4, 16)
+    assert s1.refined.sum() == 4 * 10 and s2.refined.sum() == 16 * 10
+    # with a fraction: 25% of each 32x32 crop
+    result = _run(image, backbone, pyramid, refine=RefineConfig(points=0.25, kernel=3), return_stages=True)
+    assert result.stages[2].refined.sum() == 16 * 256
+
+
+def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
+    image = torch.randn(3, 100, 90)  # overlapping crops at every stage
+    refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
+    torch.nn.init.normal_(refiner.point[-1].weight, std=0.5)  # a refiner that does something
+    runs = [
+        _run(image, backbone, pyramid, refiner=refiner, engine=EngineConfig(batch_size=b))
+        for b in (1, 3, 16)
+    ]
+    for other in runs[1:]:
+        assert torch.allclose(runs[0].probs, other.probs, atol=1e-6)
+        assert torch.equal(runs[0].labels, other.labels)
+
+
+def test_any_module_mapping_images_to_logits_is_a_backbone(pyramid):
+    conv = nn.Conv2d(3, 4, kernel_size=1).eval()
+    image = torch.randn(3, 70, 50)
+    result = _run(image, conv, pyramid, refine=RefineConfig(points=0.5, kernel=3))
+    assert result.labels.shape == (70, 50) and result.labels.dtype == torch.uint8
+    assert result.probs.shape == (4, 70, 50)
+    assert torch.allclose(result.probs.sum(0), torch.ones(70, 50), atol=1e-5)
+
+
+def test_input_size_not_divisible_by_the_encoder_stride_is_padded(tiny_segmenter):
+    pyramid = PyramidConfig(scales=[40, 80], crop=40, input=44)  # 44 is not a multiple of 32
+    result = segment(torch.randn(3, 80, 80), tiny_segmenter.backbone, pyramid)
+    assert result.labels.shape == (80, 80)
+
+
+def test_refine_crops_changes_only_owned_top_k_pixels():
+    # One 4x4 crop that owns only its left half; coarse is unsure everywhere, refined is sure
+    # on two pixels of the left half and on one of the right half.
+    boxes = crop_boxes((4, 8), (4, 4))
+    box = boxes[1]  # right crop: window cols 4..8 (owns all of them)
+    coarse = torch.full((1, 2, 4, 4), 0.5)
+    refined = torch.full((1, 2, 4, 4), 0.5)
+    for y, x in [(0, 0), (3, 3), (1, 2)]:
+        refined[0, :, y, x] = torch.tensor([1.0, 0.0])
+    out, picked = refine_crops(coarse, refined, [box], RefineConfig(points=3, kernel=1))
+    assert picked.sum() == 3
+    assert torch.equal(out[0, :, picked[0]], refined[0, :, picked[0]])
+    assert torch.equal(out[0, :, ~picked[0]], coarse[0, :, ~picked[0]])
+    assert picked[0, 0, 0] and picked[0, 3, 3] and picked[0, 1, 2]
+
+
+def test_select_crops_keeps_the_most_uncertain_first():
+    # 2 classes on a 4x8 image tiled by 4x4 crops; left crop certain, right crop unsure.
+    coarse = torch.zeros(2, 4, 8)
+    coarse[0, :, :4], coarse[1, :, :4] = 0.9, 0.1  # certainty 0.8 -> uncertainty 0.2
+    coarse[0, :, 4:], coarse[1, :, 4:] = 0.6, 0.4  # certainty 0.2 -> uncertainty 0.8
+    boxes = crop_boxes((4, 8), (4, 4))
+    assert select_crops(coarse, boxes, AdaptiveConfig()) == boxes
+    assert select_crops(coarse, boxes, AdaptiveConfig(max_crops=1)) == [boxes[1]]
+    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.5)) == [boxes[1]]
+    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.1)) == boxes
+    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.9)) == []
+
+
+def test_adaptive_mode_runs_fewer_crops(backbone, pyramid):
+    image = torch.randn(3, 128, 128)
+    full = _run(image, backbone, pyramid, return_stages=True)
+    fast = _run(image, backbone, pyramid, return_stages=True,
+                engine=EngineConfig(adaptive=AdaptiveConfig(max_crops=2)))
+    assert [s.crops_run for s in full.stages] == [1, 4, 16]
+    assert [s.crops_run for s in fast.stages] == [1, 2, 2]
+    assert fast.labels.shape == full.labels.shape
+
+
+def test_image_must_be_chw(backbone, pyramid):
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        segment(torch.randn(1, 3, 32, 32), backbone, pyramid)
