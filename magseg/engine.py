@@ -193,6 +193,24 @@ def _stitched_probs(
     return out
 
 
+def stage_probs(
+    backbone: nn.Module, scene: Tensor, pyramid: PyramidConfig, engine: EngineConfig = EngineConfig()
+) -> Tensor:
+    """Backbone probabilities of a whole stage image, tiled into crops and stitched, exactly
+    as ``segment`` computes stage 0 (training builds the refiner's coarse input with it).
+
+    Args:
+        scene: ``(C_in, h, w)`` normalised image already resized to the stage's size.
+    Returns:
+        ``(classes, h, w)`` probabilities.
+    """
+    run = dict(
+        precision=engine.precision, channels_last=engine.channels_last, multiple=input_multiple(backbone)
+    )
+    boxes = crop_boxes(tuple(scene.shape[-2:]), pyramid.crop)
+    return _stitched_probs(backbone, scene, boxes, pyramid, engine, run, None)
+
+
 @torch.inference_mode()
 def segment(
     image: Tensor,
