@@ -214,7 +214,26 @@ class TrainConfig:
     val_every: int = 1
     num_workers: int = 0
     seed: int = 0
+    # Fraction of the hardest pixels a batch's loss keeps (online hard example mining).
     ohem: float | None = None
+    # Flips, 90-degree rotations (square inputs) and light brightness/contrast jitter.
+    augment: bool = True
+    # Refiner phase: samples per epoch (None: samples_per_epoch).
+    refiner_samples_per_epoch: int | None = None
+    # Which checkpoint of --out the refiner phase takes its frozen backbone from.
+    backbone_from: Literal["best", "last"] = "best"
+    # Learning rate decays as (1 - step / steps) ** poly_power over a phase.
+    poly_power: float = 0.9
+    # Validate on at most this many scenes of the val split (None: all).
+    val_max_scenes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.refiner_epochs < 0:
+            raise ValueError("train.epochs and train.refiner_epochs must be >= 0")
+        if self.batch_size < 1 or self.samples_per_epoch < 1 or self.val_every < 1:
+            raise ValueError("train.batch_size, train.samples_per_epoch and train.val_every must be >= 1")
+        if self.ohem is not None and not 0 < self.ohem <= 1:
+            raise ValueError(f"train.ohem is a fraction in (0, 1], got {self.ohem}")
 
 
 @dataclass(frozen=True, config=_STRICT)

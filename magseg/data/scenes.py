@@ -162,3 +162,41 @@ def read_scene(scene: Scene, config: Config) -> tuple[np.ndarray, np.ndarray | N
             f"{scene.image} is {image.shape[2]}x{image.shape[1]} (width x height)"
         )
     return image, mask
+
+
+def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
+    """Check a scene from its file headers only (no pixels decoded): both files open as
+    rasters, the image has the bands the model takes, the mask one band (three for colour
+    masks) and the image's size. Cheap enough to run on a whole split before training.
+
+    Returns:
+        the scene's size ``(H, W)``.
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    from magseg.raster import open_raster, select_bands
+
+    with open_raster(scene.image) as src:
+        bands = select_bands(scene.image, src.count, config.data.bands)
+        size = (src.height, src.width)
+    if len(bands) != config.model.in_channels:
+        raise DataError(
+            f"{scene.image}: {len(bands)} band(s) but the model takes "
+            f"{config.model.in_channels}; set data.bands"
+        )
+    if scene.mask is None:
+        return size
+    with open_raster(scene.mask) as src:
+        mask_size, mask_bands = (src.height, src.width), src.count
+    wanted = 3 if config.data.layout == "deepglobe" else 1
+    if mask_bands < wanted or (wanted == 1 and mask_bands != 1):
+        raise DataError(
+            f"{scene.mask}: a {'colour' if wanted == 3 else 'class-id'} mask needs "
+            f"{wanted} band(s), this one has {mask_bands}"
+        )
+    if mask_size != size:
+        raise DataError(
+            f"{scene.mask}: mask is {mask_size[1]}x{mask_size[0]} but its image "
+            f"{scene.image} is {size[1]}x{size[0]} (width x height)"
+        )
+    return size
