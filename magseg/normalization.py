@@ -29,3 +29,39 @@ def normalize(pixels: np.ndarray | Tensor, mean: tuple[float, ...], std: tuple[f
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).clamp_min(1e-8)
     return (x - m) / s
+
+
+class ChannelStats:
+    """Per-channel running sums for mean and std over many images (in raw pixel units).
+
+    Sums are float64, so uint16 imagery over thousands of scenes keeps its precision; the
+    sums of several workers or ranks add up (``merge``, or an all-reduce of ``tensor()``).
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.sums = torch.zeros((3, channels), dtype=torch.float64)  # count, sum, sum of squares
+
+    def update(self, pixels: np.ndarray | Tensor) -> None:
+        """Add a ``(C, H, W)`` image."""
+        x = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, Tensor) else pixels)
+        x = x.reshape(x.shape[0], -1).to(torch.float64)
+        self.sums[0] += x.shape[1]
+        self.sums[1] += x.sum(1)
+        self.sums[2] += (x * x).sum(1)
+
+    def merge(self, other: "ChannelStats | Tensor") -> None:
+        self.sums += other.sums if isinstance(other, ChannelStats) else other
+
+    def tensor(self) -> Tensor:
+        """The ``(3, C)`` sums (count, sum, sum of squares), e.g. to all-reduce."""
+        return self.sums
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per channel; a constant channel gets std 1 (nothing to scale)."""
+        count, total, squares = self.sums
+        if (count == 0).any():
+            raise ValueError("no pixels were added")
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0)
+        std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)

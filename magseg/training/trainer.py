@@ -1,0 +1,469 @@
+"""MagNet's two training phases, checkpoints and resume.
+
+    phase "backbone": one segmenter learns windows at every stage's magnification
+    phase "refiner":  backbone frozen (from <out>/best.ckpt, or last.ckpt per
+                      train.backbone_from); the refiner learns refiner(fine, coarse) -> mask
+
+Files in ``out``: ``last.ckpt`` (after every epoch, with the optimizer, scheduler, epoch and
+RNG states for ``--resume``), ``best.ckpt`` (the epoch of highest validation mIoU of the
+phase), ``train.log`` and ``config.yaml`` (the resolved config). Checkpoints are written
+atomically, only by the main process, only at the end of an epoch: a run that fails keeps
+the previous ones intact. After the refiner phase both files hold backbone and refiner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from magseg.atomic import atomic_write
+from magseg.backbone import input_multiple, run_backbone
+from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
+from magseg.config import Config
+from magseg.data.scenes import Scene, check_scene, list_scenes, read_scene
+from magseg.engine import crop_probs, stage_probs
+from magseg.errors import CheckpointError, ConfigError, OutputExistsError
+from magseg.normalization import ChannelStats
+from magseg.pyramid import CropBox, resize
+from magseg.segmenter import create_refiner, create_segmenter_model
+from magseg.training import distributed
+from magseg.training.distributed import World
+from magseg.training.losses import segmentation_loss
+from magseg.training.resume import rng_state, seed_everything, set_rng_state
+from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
+from magseg.training.validation import validate
+from magseg.training.windows import image_window
+
+logger = logging.getLogger("magseg.train")
+
+Phase = Literal["backbone", "refiner"]
+PHASES: tuple[Phase, ...] = ("backbone", "refiner")
+BEST, LAST, LOG, CONFIG = "best.ckpt", "last.ckpt", "train.log", "config.yaml"
+
+# Config entries that define the trained weights: a checkpoint resumed or built upon must
+# agree on them (the rest, e.g. learning rate or refine.points, may change between runs).
+MODEL_KEYS = ("classes", "model", "refiner", "pyramid", "data.layout", "data.bands", "data.mean",
+              "data.std")
+
+
+class Progress:
+    """A progress bar that shows nothing (the CLI passes tqdm bars instead)."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix_str(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+
+
+@dataclass
+class TrainOptions:
+    """What a run does, beyond the config."""
+
+    out: Path
+    phase: Literal["backbone", "refiner", "all"] = "all"
+    resume: bool = False
+    overwrite: bool = False
+    data_root: Path | None = None
+    # Called on the main process after each epoch's checkpoints are written.
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    progress: ProgressFactory | None = None
+
+
+@dataclass
+class TrainResult:
+    config: Config
+    records: list[dict[str, Any]] = field(default_factory=list)
+    best: Path | None = None
+    last: Path | None = None
+
+
+def config_mismatches(asked: Config, stored: Config, keys: tuple[str, ...] = MODEL_KEYS) -> list[str]:
+    """``"key: asked X, checkpoint has Y"`` for each of ``keys`` that differs (a ``None``
+    normalisation asked for means 'whatever was computed', so it matches anything)."""
+    a, s = asked.to_dict(), stored.to_dict()
+    out = []
+    for key in keys:
+        va, vs = a, s
+        for part in key.split("."):
+            va, vs = va.get(part), vs.get(part)
+        if va != vs and not (key in ("data.mean", "data.std") and va is None):
+            out.append(f"{key}: asked {va!r}, checkpoint has {vs!r}")
+    return out
+
+
+def check_matches(asked: Config, ckpt: Checkpoint) -> Config:
+    """``asked`` with the checkpoint's normalisation filled in.
+
+    Raises:
+        CheckpointError: the checkpoint was trained for another model, classes or pyramid.
+    """
+    problems = config_mismatches(asked, ckpt.config)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not match the config asked for:\n  "
+            + "\n  ".join(problems)
+            + "\nuse the config it was trained with, or another --out directory"
+        )
+    return asked.override({"data.mean": list(ckpt.config.data.mean or []) or None,
+                           "data.std": list(ckpt.config.data.std or []) or None})
+
+
+def _scenes(config: Config, split: str, root: Path | None, limit: int | None = None) -> list[Scene]:
+    """A split's scenes, every file checked from its header (seconds, not an epoch, to find
+    a typo, a missing or corrupt file or mismatched sizes)."""
+    scenes = list_scenes(config.data, split, root)
+    if limit is not None:
+        scenes = scenes[:limit]
+    for scene in scenes:
+        check_scene(scene, config)
+    return scenes
+
+
+def compute_stats(config: Config, scenes: list[Scene], world: World) -> Config:
+    """Fill ``data.mean``/``data.std`` from the training scenes when they are not given
+    (each rank reads its share; the sums are added across ranks)."""
+    if config.data.mean is not None and config.data.std is not None:
+        return config
+    stats = ChannelStats(config.model.in_channels)
+    for scene in scenes[world.rank :: world.size]:
+        image, _ = read_scene(dataclasses.replace(scene, mask=None), config)
+        stats.update(image)
+    distributed.all_sum(world, stats.tensor())
+    mean, std = stats.result()
+    logger.info("normalisation from %d training scenes: mean %s std %s", len(scenes),
+                [round(v, 3) for v in mean], [round(v, 3) for v in std])
+    return config.override({"data.mean": list(mean), "data.std": list(std)})
+
+
+def _device(config: Config, world: World) -> torch.device:
+    device = torch.device(config.engine.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("engine.device=cuda but no CUDA device is available; use engine.device=cpu")
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def _log_file(path: Path, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _poly(steps: int, power: float) -> Callable[[int], float]:
+    return lambda step: max(0.0, 1 - step / max(steps, 1)) ** power
+
+
+@dataclass
+class _PhaseRun:
+    """One phase being trained: its models, data, optimisation and where it stands."""
+
+    name: Phase
+    epochs: int
+    backbone: nn.Module
+    refiner: nn.Module | None
+    trained: nn.Module  # the module the optimizer updates (DDP-wrapped when distributed)
+    loader: DataLoader
+    dataset: BackboneSamples | RefinerSamples
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_epoch: int = 0
+    best_miou: float = -math.inf
+
+
+class Trainer:
+    """Runs the phases of ``TrainOptions.phase`` for one config (see the module docstring)."""
+
+    def __init__(self, config: Config, options: TrainOptions) -> None:
+        self.config = config
+        self.options = options
+        self.out = Path(options.out)
+        self.world = World()
+        self.device = torch.device("cpu")
+        self.train_scenes: list[Scene] = []
+        self.val_scenes: list[Scene] = []
+        self.result = TrainResult(config)
+        # The refiner phase's backbone checkpoint, when it was read before the first phase.
+        self._base: Checkpoint | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _progress(self, total: int, desc: str) -> Progress:
+        if self.options.progress is None or not self.world.main:
+            return Progress()
+        return self.options.progress(total, desc)
+
+    def _phases(self) -> list[Phase]:
+        phase = self.options.phase
+        if phase not in ("backbone", "refiner", "all"):
+            raise ConfigError(f"unknown phase {phase!r}; choose backbone, refiner or all")
+        phases: list[Phase] = list(PHASES) if phase == "all" else [phase]
+        if "refiner" in phases and not self.config.refiner.enabled:
+            if phase == "refiner":
+                raise ConfigError("refiner.enabled is false: there is no refiner to train")
+            phases.remove("refiner")
+        return phases
+
+    def _check_outputs(self, phases: list[Phase]) -> Checkpoint | None:
+        """The checkpoint to resume from (or None), after checking ``out`` is usable."""
+        last = self.out / LAST
+        if self.options.resume:
+            if not last.is_file():
+                raise CheckpointError(f"nothing to resume: {last} does not exist")
+            ckpt = load_checkpoint(last)
+            if not ckpt.training:
+                raise CheckpointError(f"{last} holds no training state (optimizer, epoch); cannot resume")
+            self.config = check_matches(self.config, ckpt)
+            return ckpt
+        if phases[0] == "backbone" and not self.options.overwrite:
+            existing = [p for p in (self.out / BEST, last) if p.exists()]
+            if existing:
+                raise OutputExistsError(
+                    f"{existing[0]} already exists; pass --resume to continue that run or "
+                    "--overwrite to start a new one"
+                )
+        return None
+
+    def _write_config(self) -> None:
+        if self.world.main:
+            with atomic_write(self.out / CONFIG) as tmp:
+                tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        config = self.config
+        self.world = distributed.init_world(config.engine.device)
+        try:
+            self.device = _device(config, self.world)
+            phases = self._phases()
+            if self.world.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+            distributed.barrier(self.world)
+            with _log_file(self.out / LOG, self.world.main):
+                resume = self._check_outputs(phases)
+                if resume is None and phases[0] == "refiner":
+                    # Before the statistics: the backbone's own normalisation is used.
+                    self._base = self._backbone_checkpoint()
+                root = self.options.data_root
+                self.train_scenes = _scenes(self.config, "train", root)
+                self.val_scenes = _scenes(self.config, "val", root, config.train.val_max_scenes)
+                logger.info("data: %d training and %d validation scenes (%s layout) on %d process(es)",
+                            len(self.train_scenes), len(self.val_scenes), config.data.layout,
+                            self.world.size)
+                self.config = compute_stats(self.config, self.train_scenes, self.world)
+                self.result.config = self.config
+                self._write_config()
+                if resume is not None and resume.training.get("phase") == "refiner":
+                    phases = [p for p in phases if p == "refiner"]
+                for name in phases:
+                    ckpt = resume if resume is not None and resume.training.get("phase") == name else None
+                    self._train_phase(name, ckpt)
+        finally:
+            distributed.close_world(self.world)
+        return self.result
+
+    def _train_phase(self, name: Phase, resume: Checkpoint | None) -> None:
+        run = self._build_phase(name, resume)
+        if run.start_epoch >= run.epochs:
+            logger.info("%s phase: already trained for %d epoch(s)", name, run.start_epoch)
+            return
+        logger.info("%s phase: epochs %d..%d of %d, %d steps per epoch", name, run.start_epoch + 1,
+                    run.epochs, run.epochs, len(run.loader))
+        for epoch in range(run.start_epoch, run.epochs):
+            self._train_epoch(run, epoch)
+
+    # ------------------------------------------------------------------ phase construction
+    def _backbone_checkpoint(self) -> Checkpoint:
+        """The checkpoint whose backbone the refiner phase builds on, from ``out``."""
+        order = [BEST, LAST] if self.config.train.backbone_from == "best" else [LAST]
+        path = next((self.out / n for n in order if (self.out / n).is_file()), None)
+        if path is None:
+            raise CheckpointError(
+                f"the refiner phase needs a trained backbone in {self.out / order[0]}; "
+                "run `magseg train --phase backbone` (or --phase all) first"
+            )
+        ckpt = load_checkpoint(path)
+        self.config = check_matches(self.config, ckpt)
+        logger.info("refiner phase: frozen backbone from %s", path)
+        return ckpt
+
+    def _build_phase(self, name: Phase, resume: Checkpoint | None) -> _PhaseRun:
+        config, train, world = self.config, self.config.train, self.world
+        distributed.barrier(world)  # the main process may just have written best.ckpt
+        seed_everything(train.seed)
+        if name == "backbone":
+            backbone = create_segmenter_model(config, pretrained=resume is None)
+            if resume is not None:
+                load_state(backbone, resume.backbone, "backbone", resume.path)
+            backbone.to(self.device).train()
+            refiner = None
+            trained: nn.Module = backbone
+            dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
+                                      augment=train.augment)
+            epochs, lr, collate = train.epochs, train.lr, None
+        else:
+            base = resume or self._base or self._backbone_checkpoint()
+            self._base = None
+            backbone = create_segmenter_model(config, pretrained=False)
+            load_state(backbone, base.backbone, "backbone", base.path)
+            backbone.to(self.device).eval().requires_grad_(False)
+            refiner = create_refiner(self.config)
+            assert refiner is not None  # _phases drops the refiner phase when disabled
+            if resume is not None:
+                if resume.refiner is None:
+                    raise CheckpointError(f"{resume.path} is a refiner-phase checkpoint without a refiner")
+                load_state(refiner, resume.refiner, "refiner", resume.path)
+            refiner.to(self.device).train()
+            trained = refiner
+            length = train.refiner_samples_per_epoch or train.samples_per_epoch
+            dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed)
+            epochs, lr, collate = train.refiner_epochs, train.refiner_lr, collate_refiner
+
+        if world.distributed:
+            trained = DistributedDataParallel(
+                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        sampler = (DistributedSampler(dataset, world.size, world.rank, shuffle=False)
+                   if world.distributed else None)
+        loader = DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
+                            num_workers=train.num_workers, collate_fn=collate,
+                            pin_memory=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _poly(epochs * len(loader), train.poly_power)
+        )
+        run = _PhaseRun(name, epochs, backbone, refiner, trained, loader, dataset, optimizer, scheduler)
+        if resume is not None:
+            state = resume.training
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            run.start_epoch = int(state["epoch"])
+            run.best_miou = float(state.get("best_miou", -math.inf))
+            set_rng_state(state["rng"])
+            logger.info("resumed %s phase from %s after epoch %d", name, resume.path, run.start_epoch)
+        return run
+
+    # ------------------------------------------------------------------ one epoch
+    def _backbone_loss(self, run: _PhaseRun, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        image, mask = (t.to(self.device, non_blocking=True) for t in batch)
+        logits = run_backbone(run.trained, image, input_multiple(run.backbone))
+        return segmentation_loss(logits, mask, self.config.train.ohem), image.shape[0]
+
+    def _refiner_loss(self, run: _PhaseRun, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Cross-entropy of refiner(fine, coarse) against the window's mask; fine and coarse
+        come from the frozen backbone through the engine's own helpers."""
+        pyramid, engine = self.config.pyramid, self.config.engine
+        with torch.no_grad():
+            coarse = []
+            for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
+                # Stage 0 of the engine, upsampled to the window's stage and cut like a crop.
+                y0 = stage_probs(run.backbone, scene0.to(self.device), pyramid, engine)
+                top, left, height, width = (int(v) for v in box)
+                crop_box = CropBox(top, left, height, width, top, left, height, width)
+                coarse.append(image_window(resize(y0, tuple(int(v) for v in size)), crop_box, pyramid.crop))
+            fine = crop_probs(run.backbone, batch["fine"].to(self.device), pyramid.input,
+                              precision=engine.precision, multiple=input_multiple(run.backbone))
+        logits = run.trained(fine, torch.stack(coarse))
+        mask = batch["mask"].to(self.device)
+        return segmentation_loss(logits, mask, self.config.train.ohem), mask.shape[0]
+
+    def _train_epoch(self, run: _PhaseRun, epoch: int) -> None:
+        config, world = self.config, self.world
+        start = time.perf_counter()
+        run.dataset.set_epoch(epoch)
+        if isinstance(run.loader.sampler, DistributedSampler):
+            run.loader.sampler.set_epoch(epoch)
+        step_loss = self._backbone_loss if run.name == "backbone" else self._refiner_loss
+        totals = torch.zeros(2, dtype=torch.float64)  # loss * samples, samples
+        bar = self._progress(len(run.loader), f"{run.name} {epoch + 1}/{run.epochs}")
+        try:
+            for batch in run.loader:
+                loss, count = step_loss(run, batch)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.scheduler.step()
+                totals += torch.tensor([float(loss.detach()) * count, count], dtype=torch.float64)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {float(loss):.4f}")
+        finally:
+            bar.close()
+        distributed.all_sum(world, totals)
+        record: dict[str, Any] = {
+            "phase": run.name, "epoch": epoch + 1, "epochs": run.epochs,
+            "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
+            "lr": run.optimizer.param_groups[0]["lr"],
+        }
+        improved = False
+        if (epoch + 1) % config.train.val_every == 0 or epoch + 1 == run.epochs:
+            bar = self._progress(len(self.val_scenes), "validation")
+            try:
+                scores = validate(config, self.val_scenes, run.backbone, run.refiner, world,
+                                  self.device, on_scene=lambda: bar.update(1))
+            finally:
+                bar.close()
+            record.update(val_miou=scores["miou"], val_accuracy=scores["accuracy"],
+                          val_fwiou=scores["fwiou"], val_iou=scores["iou"])
+            if math.isfinite(scores["miou"]) and scores["miou"] > run.best_miou:
+                run.best_miou, improved = scores["miou"], True
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["best"] = improved
+        self._save(run, epoch, record, improved)
+        self.result.records.append(record)
+        logger.info("%s epoch %d/%d: loss %.4f%s (%.1f s)%s", run.name, epoch + 1, run.epochs,
+                    record["loss"],
+                    f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "",
+                    record["seconds"], " best" if improved else "")
+        if world.main and self.options.on_epoch:
+            self.options.on_epoch(record)
+
+    def _save(self, run: _PhaseRun, epoch: int, record: dict[str, Any], improved: bool) -> None:
+        if not self.world.main:
+            return
+        meta = dict(record)
+        training = {
+            "phase": run.name,
+            "epoch": epoch + 1,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "best_miou": run.best_miou,
+            "rng": rng_state(),
+        }
+        # last first: if writing best fails, the run can still resume from last.
+        self.result.last = save_checkpoint(self.out / LAST, self.config, run.backbone, run.refiner,
+                                           meta=meta, training=training)
+        if improved:
+            self.result.best = save_checkpoint(self.out / BEST, self.config, run.backbone,
+                                               run.refiner, meta=meta)
+
+
+def train(config: Config, options: TrainOptions) -> TrainResult:
+    """Train ``config`` as ``options`` say (see ``Trainer``)."""
+    return Trainer(config, options).run()

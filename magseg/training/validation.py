@@ -1,0 +1,63 @@
+"""Validation: the full progressive engine on whole scenes, one global confusion matrix.
+
+Each rank segments its share of the scenes; the matrices are summed across ranks before any
+score is taken (mIoU of the summed matrix, never a mean of per-image scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from magseg.config import Config
+from magseg.data.scenes import Scene
+from magseg.engine import segment
+from magseg.metrics import ConfusionMatrix
+from magseg.training.distributed import World, all_sum
+from magseg.training.samples import load_scene
+
+
+def _bare(module: nn.Module | None) -> nn.Module | None:
+    return getattr(module, "module", module)  # DDP wraps the model in .module
+
+
+def validate(
+    config: Config,
+    scenes: list[Scene],
+    backbone: nn.Module,
+    refiner: nn.Module | None,
+    world: World,
+    device: torch.device,
+    on_scene: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them.
+
+    Returns:
+        ``magseg.metrics.scores`` of the confusion matrix summed over all ranks, with
+        ``matrix`` (a nested list) added.
+    """
+    engine = dataclasses.replace(config.engine, device=str(device))
+    backbone, refiner = _bare(backbone), _bare(refiner)
+    modes = [(m, m.training) for m in (backbone, refiner) if m is not None]
+    for module, _ in modes:
+        module.eval()
+    matrix = ConfusionMatrix(config.num_classes, [c.in_mean for c in config.classes])
+    try:
+        for scene in scenes[world.rank :: world.size]:
+            image, mask = load_scene(scene, config)
+            result = segment(image, backbone, config.pyramid, refiner=refiner, refine=config.refine,
+                             engine=engine)
+            matrix.update(result.labels, mask)
+            if on_scene:
+                on_scene()
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+    all_sum(world, matrix.matrix)
+    out = matrix.scores()
+    out["matrix"] = matrix.matrix.tolist()
+    return out

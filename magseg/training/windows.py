@@ -1,0 +1,45 @@
+"""Training windows: a crop-sized window of a scene seen at one stage's magnification.
+
+A window is cut the way the engine cuts its crops (``magseg.pyramid``): the scene resized to
+the stage's size, a box of crop size inside it, zero padding where the stage image is
+smaller than the crop. Masks are resized with nearest-exact sampling and padded with
+``IGNORE``, so padding never counts in the loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from magseg.data.scenes import IGNORE
+from magseg.pyramid import CropBox, Size, extract_crops, resize
+
+
+def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
+    """A window of ``crop`` (H, W) at a uniformly random position in an image of ``size``,
+    clipped to the image along an axis shorter than the crop. The box owns all of itself."""
+    (h, w), (ch, cw) = size, crop
+    top = int(rng.integers(0, max(h - ch, 0) + 1))
+    left = int(rng.integers(0, max(w - cw, 0) + 1))
+    height, width = min(ch, h), min(cw, w)
+    return CropBox(top, left, height, width, top, left, height, width)
+
+
+def resize_mask(mask: Tensor, size: Size) -> Tensor:
+    """``(H, W)`` integer labels -> ``(h, w)`` int64 labels, nearest-exact."""
+    if tuple(mask.shape) == tuple(size):
+        return mask.long()
+    return resize(mask[None].float(), size, mode="nearest")[0].round().long()
+
+
+def mask_window(mask: Tensor, box: CropBox, crop: Size) -> Tensor:
+    """Cut ``box`` out of a stage mask ``(h, w)`` as ``crop`` (ch, cw) int64, padded with IGNORE."""
+    out = torch.full(tuple(crop), IGNORE, dtype=torch.long)
+    out[: box.height, : box.width] = mask[box.window]
+    return out
+
+
+def image_window(stage_image: Tensor, box: CropBox, crop: Size) -> Tensor:
+    """Cut ``box`` out of a stage image ``(C, h, w)`` as ``(C, ch, cw)`` (zero padded)."""
+    return extract_crops(stage_image, [box], crop)[0]
