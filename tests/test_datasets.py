@@ -22,6 +22,8 @@ from magseg.pyramid import extract_crops, resize
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
 from magseg.training.windows import mask_window, random_box, resize_mask
 
+CONFIGS_TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
 # Raw colour of each class in the toy images (class 0 'unknown' is black, as in DeepGlobe).
 TOY_COLOURS = np.array([[0, 0, 0], [200, 60, 40], [60, 200, 60], [40, 60, 220]], dtype=np.float64)
 

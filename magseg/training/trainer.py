@@ -199,6 +199,42 @@ class _PhaseRun:
     best_miou: float = -math.inf
 
 
+def backbone_loss(model: nn.Module, backbone: nn.Module, batch: tuple[Tensor, Tensor], config: Config,
+                  device: torch.device) -> tuple[Tensor, int]:
+    """Phase 1: the loss of one batch of windows ``(image (B, C_in, ih, iw), mask (B, ih, iw))``.
+
+    ``model`` is what runs (the backbone, or its DDP wrapper); ``backbone`` the bare module.
+    Returns the loss and the batch size.
+    """
+    image, mask = (t.to(device, non_blocking=True) for t in batch)
+    logits = run_backbone(model, image, input_multiple(backbone))
+    return segmentation_loss(logits, mask, config.train.ohem), image.shape[0]
+
+
+def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], config: Config,
+                 device: torch.device) -> tuple[Tensor, int]:
+    """Phase 2: cross-entropy of ``refiner(fine, coarse)`` logits against the window's mask.
+
+    Fine and coarse come from the frozen ``backbone`` through the engine's own helpers:
+    coarse is stage 0 of the engine (``stage_probs`` of the scene at ``scales[0]``)
+    upsampled to the window's stage and cut like a crop; fine is ``crop_probs`` of the
+    window. ``model`` is the refiner (or its DDP wrapper). ``batch``: see ``RefinerSamples``.
+    """
+    pyramid, engine = config.pyramid, config.engine
+    with torch.no_grad():
+        coarse = []
+        for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
+            y0 = stage_probs(backbone, scene0.to(device), pyramid, engine)
+            top, left, height, width = (int(v) for v in box)
+            crop_box = CropBox(top, left, height, width, top, left, height, width)
+            coarse.append(image_window(resize(y0, tuple(int(v) for v in size)), crop_box, pyramid.crop))
+        fine = crop_probs(backbone, batch["fine"].to(device), pyramid.input,
+                          precision=engine.precision, multiple=input_multiple(backbone))
+    logits = model(fine, torch.stack(coarse))
+    mask = batch["mask"].to(device)
+    return segmentation_loss(logits, mask, config.train.ohem), mask.shape[0]
+
+
 class Trainer:
     """Runs the phases of ``TrainOptions.phase`` for one config (see the module docstring)."""
 
@@ -371,48 +407,25 @@ class Trainer:
         return run
 
     # ------------------------------------------------------------------ one epoch
-    def _backbone_loss(self, run: _PhaseRun, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-        image, mask = (t.to(self.device, non_blocking=True) for t in batch)
-        logits = run_backbone(run.trained, image, input_multiple(run.backbone))
-        return segmentation_loss(logits, mask, self.config.train.ohem), image.shape[0]
-
-    def _refiner_loss(self, run: _PhaseRun, batch: dict[str, Any]) -> tuple[Tensor, int]:
-        """Cross-entropy of refiner(fine, coarse) against the window's mask; fine and coarse
-        come from the frozen backbone through the engine's own helpers."""
-        pyramid, engine = self.config.pyramid, self.config.engine
-        with torch.no_grad():
-            coarse = []
-            for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
-                # Stage 0 of the engine, upsampled to the window's stage and cut like a crop.
-                y0 = stage_probs(run.backbone, scene0.to(self.device), pyramid, engine)
-                top, left, height, width = (int(v) for v in box)
-                crop_box = CropBox(top, left, height, width, top, left, height, width)
-                coarse.append(image_window(resize(y0, tuple(int(v) for v in size)), crop_box, pyramid.crop))
-            fine = crop_probs(run.backbone, batch["fine"].to(self.device), pyramid.input,
-                              precision=engine.precision, multiple=input_multiple(run.backbone))
-        logits = run.trained(fine, torch.stack(coarse))
-        mask = batch["mask"].to(self.device)
-        return segmentation_loss(logits, mask, self.config.train.ohem), mask.shape[0]
-
     def _train_epoch(self, run: _PhaseRun, epoch: int) -> None:
         config, world = self.config, self.world
         start = time.perf_counter()
         run.dataset.set_epoch(epoch)
         if isinstance(run.loader.sampler, DistributedSampler):
             run.loader.sampler.set_epoch(epoch)
-        step_loss = self._backbone_loss if run.name == "backbone" else self._refiner_loss
+        step_loss = backbone_loss if run.name == "backbone" else refiner_loss
         totals = torch.zeros(2, dtype=torch.float64)  # loss * samples, samples
         bar = self._progress(len(run.loader), f"{run.name} {epoch + 1}/{run.epochs}")
         try:
             for batch in run.loader:
-                loss, count = step_loss(run, batch)
+                loss, count = step_loss(run.trained, run.backbone, batch, config, self.device)
                 run.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 run.optimizer.step()
                 run.scheduler.step()
                 totals += torch.tensor([float(loss.detach()) * count, count], dtype=torch.float64)
                 bar.update(1)
-                bar.set_postfix_str(f"loss {float(loss):.4f}")
+                bar.set_postfix_str(f"loss {float(loss.detach()):.4f}")
         finally:
             bar.close()
         distributed.all_sum(world, totals)
@@ -430,7 +443,8 @@ class Trainer:
             finally:
                 bar.close()
             record.update(val_miou=scores["miou"], val_accuracy=scores["accuracy"],
-                          val_fwiou=scores["fwiou"], val_iou=scores["iou"])
+                          val_fwiou=scores["fwiou"], val_iou=scores["iou"],
+                          val_pixels=scores["pixels"])
             if math.isfinite(scores["miou"]) and scores["miou"] > run.best_miou:
                 run.best_miou, improved = scores["miou"], True
         record["seconds"] = round(time.perf_counter() - start, 3)

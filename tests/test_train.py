@@ -1,0 +1,161 @@
+"""`magseg train` on tiny generated datasets: both phases learn, the CLI writes what it says,
+the checkpoint holds everything predict needs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+import magseg.cli.train  # noqa: F401  (registers the command)
+from magseg.checkpoint import load_checkpoint
+from magseg.cli.app import app
+from magseg.config import config_from_dict
+from magseg.data.scenes import list_scenes, read_scene
+from magseg.engine import segment, stage_probs
+from magseg.pyramid import resize
+from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
+from magseg.training.trainer import TrainOptions, backbone_loss, refiner_loss, train
+from test_datasets import CONFIGS_TINY, geotiff_config, make_deepglobe, make_geotiff
+
+CPU = torch.device("cpu")
+
+
+def small(config, **overrides):
+    base = {"train.samples_per_epoch": 8, "train.batch_size": 4, "train.epochs": 1,
+            "train.refiner_epochs": 1}
+    return config.override({**base, **overrides})
+
+
+def _steps(loss_fn, model, backbone, batches, config, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for batch in batches:
+        loss, _ = loss_fn(model, backbone, batch, config, CPU)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("layout", ["deepglobe", "geotiff"])
+def test_backbone_loss_goes_down(tmp_path, tiny_config, layout):
+    # Toy problem: a pixel's class is its colour. New windows every step (not one batch
+    # learnt by heart), so a falling loss means the colour -> class rule is being learnt.
+    if layout == "deepglobe":
+        config = tiny_config.override({"data.mean": [80, 100, 100], "data.std": [80, 80, 80]})
+        root = make_deepglobe(tmp_path, config)
+    else:
+        config = geotiff_config(tiny_config, bands=4).override(
+            {"data.mean": [3200.0] * 4, "data.std": [3200.0] * 4})
+        root = make_geotiff(tmp_path, config)
+    scenes = list_scenes(config.data, "train", root)
+    batches = DataLoader(BackboneSamples(scenes, config, 8 * 12, seed=0), batch_size=8)
+    model = create_segmenter_model(config)
+    losses = _steps(backbone_loss, model, model, batches, config)
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+def test_refiner_loss_goes_down(tmp_path, tiny_config):
+    config = tiny_config.override({"data.mean": [80, 100, 100], "data.std": [80, 80, 80]})
+    root = make_deepglobe(tmp_path, config)
+    scenes = list_scenes(config.data, "train", root)
+    backbone = create_segmenter_model(config)
+    # A briefly trained backbone: its probabilities carry the colour signal the refiner uses.
+    _steps(backbone_loss, backbone, backbone, DataLoader(BackboneSamples(scenes, config, 64, 1), 8),
+           config)
+    backbone.eval().requires_grad_(False).zero_grad(set_to_none=True)
+    items = RefinerSamples(scenes, config, 8, seed=0)
+    batch = collate_refiner([items[i] for i in range(len(items))])
+    refiner = create_refiner(config)
+    losses = _steps(refiner_loss, refiner, backbone, [batch] * 10, config)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(p.grad is None for p in backbone.parameters())  # frozen
+
+
+def test_refiner_coarse_input_is_the_engines_stage_zero(tiny_config, tmp_path):
+    # The coarse map the refiner trains on is what the engine's stage 0 computes:
+    # segment() with a one-stage pyramid gives stage 0 upsampled to the image.
+    config = tiny_config
+    backbone = create_segmenter_model(config).eval()
+    image = torch.randn(3, 128, 128)
+    y0 = stage_probs(backbone, resize(image, (32, 32)), config.pyramid)
+    want = segment(image, backbone, config.pyramid.downsample_only(), return_probs=True).probs
+    torch.testing.assert_close(resize(y0, (128, 128)), want)
+
+
+def _run_cli(args):
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def test_cli_trains_both_phases_and_checkpoint_is_self_contained(tmp_path, tiny_config):
+    config = tiny_config
+    data = make_deepglobe(tmp_path / "data", config)
+    out = tmp_path / "run"
+    result = _run_cli(["-c", str(CONFIGS_TINY), "--data-root", str(data), "--out", str(out),
+                       "--epochs", "1", "train.samples_per_epoch=8", "data.mean=null",
+                       "data.std=null", "-q"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records] == [("backbone", 1), ("refiner", 1)]
+    for r in records:
+        assert {"loss", "val_miou", "seconds", "val_iou"} <= set(r)
+        assert np.isfinite(r["loss"]) and 0 <= r["val_miou"] <= 1
+        # DeepGlobe convention: 'unknown' (in_mean false) is in the matrix, not in the mean.
+        ious = np.array([v if v is not None else np.nan for v in r["val_iou"]])
+        assert r["val_miou"] == pytest.approx(np.nanmean(ious[1:]))
+        assert r["val_pixels"] == 2 * 128 * 128
+    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "config.yaml", "last.ckpt", "train.log"]
+    log = (out / "train.log").read_text()
+    assert "backbone epoch 1/1" in log and "refiner epoch 1/1" in log
+
+    # One file, loadable without unpickling code, with the whole resolved config.
+    raw = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)
+    stored = config_from_dict(raw["config"])
+    assert stored.classes == config.classes and stored.pyramid == config.pyramid
+    assert stored.model == config.model and stored.data.bands == config.data.bands
+    # The normalisation was computed from the training split (raw units) and stored.
+    pixels = np.concatenate([read_scene(s, config)[0].reshape(3, -1)
+                             for s in list_scenes(config.data, "train", data)], axis=1)
+    np.testing.assert_allclose(stored.data.mean, pixels.mean(1), rtol=1e-9)
+    np.testing.assert_allclose(stored.data.std, pixels.std(1), rtol=1e-6)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == raw["config"]
+    assert raw["refiner"] is not None and raw["training"] is None
+    assert load_checkpoint(out / "last.ckpt").training["phase"] == "refiner"
+
+    # predict needs nothing but the checkpoint.
+    segmenter = Segmenter.from_checkpoint(out / "best.ckpt")
+    assert segmenter.refiner is not None
+    scene = list_scenes(config.data, "val", data)[0]
+    image, _ = read_scene(scene, config)
+    labels = segmenter.segment(torch.from_numpy(image), normalized=False).labels
+    assert labels.shape == (128, 128)
+
+
+def test_phases_separately_on_geotiff(tmp_path, tiny_config):
+    config = small(geotiff_config(tiny_config, bands=4), **{"data.bands": [4, 2, 1, 3]})
+    data = make_geotiff(tmp_path / "data", config, bands=4, dtype="uint16")
+    out = tmp_path / "run"
+    first = train(config, TrainOptions(out=out, phase="backbone", data_root=data))
+    assert [r["phase"] for r in first.records] == ["backbone"]
+    assert load_checkpoint(out / "last.ckpt").refiner is None
+    backbone_state = load_checkpoint(out / "best.ckpt").backbone
+    # The refiner phase takes the backbone from best.ckpt and leaves it untouched.
+    second = train(config, TrainOptions(out=out, phase="refiner", data_root=data))
+    assert [r["phase"] for r in second.records] == ["refiner"]
+    ckpt = load_checkpoint(out / "last.ckpt")
+    assert ckpt.refiner is not None
+    for key, value in backbone_state.items():
+        assert torch.equal(ckpt.backbone[key], value), key
+    # Band order and uint16 statistics are in the checkpoint (band 4 first).
+    assert ckpt.config.data.bands == (4, 2, 1, 3)
+    scene = list_scenes(config.data, "train", data)[0]
+    image, _ = load_scene(scene, ckpt.config)
+    assert image.shape[0] == 4 and abs(float(image.mean())) < 1.5
