@@ -65,6 +65,11 @@ def create_backbone(model: ModelConfig, classes: int) -> nn.Module:
     return net
 
 
+def context_ratios(backbone: nn.Module) -> tuple[float, ...]:
+    """Context extents a multi-context backbone (FCtL) wants beside each crop; () for others."""
+    return tuple(getattr(backbone, "context_ratios", ()))
+
+
 def input_multiple(backbone: nn.Module) -> int:
     """The factor the backbone's input height and width must be divisible by (1 if none)."""
     if not getattr(backbone, "requires_divisible_input_shape", False):
@@ -72,15 +77,23 @@ def input_multiple(backbone: nn.Module) -> int:
     return int(getattr(getattr(backbone, "encoder", None), "output_stride", 1))
 
 
-def run_backbone(backbone: nn.Module, x: Tensor, multiple: int = 1) -> Tensor:
+def run_backbone(
+    backbone: nn.Module, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None
+) -> Tensor:
     """Logits of ``x`` (B, C_in, h, w) -> ``(B, classes, h, w)``, reflect-padding the input to
-    a multiple of ``multiple`` when the architecture needs it and cropping the output back."""
+    a multiple of ``multiple`` when the architecture needs it and cropping the output back.
+
+    ``contexts``: for multi-context backbones (FCtL), one ``(B, C_in, h, w)`` batch per
+    context ratio, padded the same way and passed as ``backbone(x, contexts)``.
+    """
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    out = backbone(x)
+        if contexts is not None:
+            contexts = [F.pad(c, (0, pw, 0, ph), mode=mode) for c in contexts]
+    out = backbone(x) if contexts is None else backbone(x, contexts)
     if isinstance(out, (tuple, list)):  # smp models with an aux head return (masks, labels)
         out = out[0]
     return out[..., :h, :w]

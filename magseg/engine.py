@@ -22,15 +22,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from magseg.backbone import input_multiple, run_backbone
+from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.certainty import certainty, error_map
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
 from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
 from magseg.pyramid import (
     CropBox,
     Size,
+    Window,
+    context_windows,
     crop_boxes,
+    crop_windows,
     extract_crops,
+    extract_windows,
     owned_mask,
     resize,
     stitch_crops,
@@ -73,11 +77,25 @@ def precision_context(device: torch.device, precision: str) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def backbone_inputs(
+    image: Tensor, windows: list[Window], ratios: tuple[float, ...] = ()
+) -> tuple[Tensor, list[Tensor] | None]:
+    """The crops a backbone needs for ``windows`` of ``image`` (C, H, W): the crops
+    ``(B, C, h, w)`` and, for a multi-context backbone, one batch of context crops
+    ``(B, C, r*h, r*w)`` per ratio ``r`` (None for a plain backbone). Shared by the engine
+    and training, so both cut contexts the same way."""
+    crops = extract_windows(image, windows)
+    if not ratios:
+        return crops, None
+    return crops, [extract_windows(image, context_windows(windows, r)) for r in ratios]
+
+
 def crop_probs(
     backbone: nn.Module,
     crops: Tensor,
     input_size: Size,
     *,
+    contexts: list[Tensor] | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
     multiple: int | None = None,
@@ -87,16 +105,21 @@ def crop_probs(
     Args:
         crops: ``(B, C_in, ch, cw)`` normalised image crops.
         input_size: ``(ih, iw)`` the backbone sees (crops are resized to it and back).
+        contexts: context crops for a multi-context backbone, each resized to ``input_size``.
     Returns:
         ``(B, classes, ch, cw)`` float32 probabilities.
     """
     x = resize(crops, input_size)
+    if contexts is not None:
+        contexts = [resize(c, input_size) for c in contexts]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+        if contexts is not None:
+            contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]
     if multiple is None:
         multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
-        logits = run_backbone(backbone, x, multiple)
+        logits = run_backbone(backbone, x, multiple, contexts)
     logits = resize(logits.float(), tuple(crops.shape[-2:]))
     return logits.softmax(dim=1)
 
@@ -170,6 +193,25 @@ def refine_crops(
     return out, picked
 
 
+def _run_options(backbone: nn.Module, engine: EngineConfig) -> dict:
+    """What every backbone call of a run needs, worked out once."""
+    return dict(
+        precision=engine.precision, channels_last=engine.channels_last,
+        multiple=input_multiple(backbone), ratios=context_ratios(backbone),
+    )
+
+
+def _batch_probs(
+    backbone: nn.Module, scene: Tensor, boxes: list[CropBox], pyramid: PyramidConfig, run: dict
+) -> Tensor:
+    """Backbone probabilities ``(B, classes, ch, cw)`` of a batch of crops of a stage image."""
+    crops, contexts = backbone_inputs(scene, crop_windows(boxes, pyramid.crop), run["ratios"])
+    return crop_probs(
+        backbone, crops, pyramid.input, contexts=contexts, precision=run["precision"],
+        channels_last=run["channels_last"], multiple=run["multiple"],
+    )
+
+
 def _stitched_probs(
     backbone: nn.Module,
     scene: Tensor,
@@ -183,7 +225,7 @@ def _stitched_probs(
     ``(classes, h, w)``."""
     out: Tensor | None = None
     for batch in _batches(boxes, engine.batch_size):
-        fine = crop_probs(backbone, extract_crops(scene, batch, pyramid.crop), pyramid.input, **run)
+        fine = _batch_probs(backbone, scene, batch, pyramid, run)
         if out is None:
             out = scene.new_zeros((fine.shape[1], *scene.shape[-2:]))
         stitch_crops(out, fine, batch)
@@ -204,9 +246,7 @@ def stage_probs(
     Returns:
         ``(classes, h, w)`` probabilities.
     """
-    run = dict(
-        precision=engine.precision, channels_last=engine.channels_last, multiple=input_multiple(backbone)
-    )
+    run = _run_options(backbone, engine)
     boxes = crop_boxes(tuple(scene.shape[-2:]), pyramid.crop)
     return _stitched_probs(backbone, scene, boxes, pyramid, engine, run, None)
 
@@ -244,8 +284,7 @@ def segment(
     device = torch.device(engine.device)
     image = image.to(device=device, dtype=torch.float32)
     height, width = image.shape[-2:]
-    multiple = input_multiple(backbone)
-    run = dict(precision=engine.precision, channels_last=engine.channels_last, multiple=multiple)
+    run = _run_options(backbone, engine)
 
     y: Tensor | None = None
     stages: list[StageResult] = []
@@ -270,7 +309,7 @@ def segment(
             # else: nothing can change at this stage; y stays at its own resolution and is
             # upsampled once, later (so K = 0 gives exactly the stage-0 view upsampled).
             for batch in _batches(chosen, engine.batch_size):
-                fine = crop_probs(backbone, extract_crops(scene, batch, pyramid.crop), pyramid.input, **run)
+                fine = _batch_probs(backbone, scene, batch, pyramid, run)
                 coarse_crops = extract_crops(coarse, batch, pyramid.crop)
                 refined = refine_probs(refiner, fine, coarse_crops)
                 updated, picked = refine_crops(coarse_crops, refined, batch, refine)

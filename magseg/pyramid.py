@@ -127,15 +127,53 @@ def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
     return x.squeeze(0) if squeeze else x
 
 
+Window = tuple[int, int, int, int]  # (top, left, height, width); may reach outside the image
+
+
+def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
+    """Cut equally sized ``windows`` out of ``image`` (C, H, W) as ``(B, C, h, w)``.
+
+    Windows may reach past any border; what lies outside the image is zero (the mean colour,
+    after normalisation).
+    """
+    _, height, width = image.shape
+    h, w = windows[0][2], windows[0][3]
+    out = image.new_zeros((len(windows), image.shape[0], h, w))
+    for i, (top, left, wh, ww) in enumerate(windows):
+        if (wh, ww) != (h, w):
+            raise ValueError(f"windows must share one size, got {(h, w)} and {(wh, ww)}")
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + h, height), min(left + w, width)
+        if y1 > y0 and x1 > x0:
+            out[i, :, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    return out
+
+
+def crop_windows(boxes: list[CropBox], crop: Size) -> list[Window]:
+    """The full crop-sized window of each box (reaching past the image when it is smaller)."""
+    return [(b.top, b.left, crop[0], crop[1]) for b in boxes]
+
+
 def extract_crops(image: Tensor, boxes: list[CropBox], crop: Size) -> Tensor:
     """Cut ``boxes`` out of ``image`` (C, H, W) as a batch ``(B, C, ch, cw)``.
 
     Windows smaller than the crop (image smaller than the crop) are zero-padded at the
     bottom and right.
     """
-    out = image.new_zeros((len(boxes), image.shape[0], crop[0], crop[1]))
-    for i, box in enumerate(boxes):
-        out[i, :, : box.height, : box.width] = image[(slice(None), *box.window)]
+    return extract_windows(image, crop_windows(boxes, crop))
+
+
+def context_windows(windows: list[Window], ratio: float) -> list[Window]:
+    """FCtL's context windows: ``ratio`` times each window's extent, centred on it.
+
+    A window ``(top, left, h, w)`` gets the window of size ``(round(ratio * h),
+    round(ratio * w))`` with the same centre (rounded down to whole pixels); parts outside
+    the image are padded by ``extract_windows``.
+    """
+    out = []
+    for top, left, h, w in windows:
+        ch, cw = round(ratio * h), round(ratio * w)
+        out.append((top - (ch - h) // 2, left - (cw - w) // 2, ch, cw))
     return out
 
 
