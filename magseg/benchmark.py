@@ -1,0 +1,432 @@
+"""Benchmark: the progressive method against its two single-scale baselines, on one split.
+
+All methods are the *same* engine (``magseg.engine.segment``) and the same backbone with a
+different pyramid, so the comparison isolates what the pyramid and the refiner contribute:
+
+- ``progressive``: the checkpoint's pyramid, refiner and K (the full method, adaptive mode off);
+  the prediction after every stage is scored too (resized nearest to the image size).
+- ``downsample``: ``pyramid.downsample_only()``: the stage-0 view of the whole scene, upsampled.
+- ``patch``: ``pyramid.patch_only()``: the finest scale alone, crops stitched, no context.
+- ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
+
+Scores come from one confusion matrix per method summed over the split (the DeepGlobe
+convention; see magseg.metrics). Time is the wall time of the engine call per image (the
+image is read and normalised once, outside the timing); memory is the process's peak
+resident set size during a method's engine calls (see ``PeakMemory``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from magseg.config import AdaptiveConfig, Config, EngineConfig, PyramidConfig, RefineConfig
+from magseg.data.scenes import Scene, check_scene, read_scene
+from magseg.errors import DataError, MagsegError
+from magseg.metrics import ConfusionMatrix, scores
+from magseg.pyramid import resize
+from magseg.segmenter import Segmenter
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: a name and the engine settings that make it."""
+
+    name: str
+    description: str
+    pyramid: PyramidConfig
+    refine: RefineConfig
+    engine: EngineConfig
+
+    @property
+    def staged(self) -> bool:
+        """More than one stage: the prediction after each stage is scored."""
+        return len(self.pyramid.scales) > 1
+
+
+def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None) -> list[Method]:
+    """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive)."""
+    full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig())
+    p = config.pyramid
+    sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
+    methods = [
+        Method("progressive", f"progressive refinement, stages {sizes}, K={config.refine.points}",
+               p, config.refine, full),
+        Method("downsample", f"downsample-only: the stage-0 view ({p.scales[0][0]}x{p.scales[0][1]}) upsampled",
+               p.downsample_only(), config.refine, full),
+        Method("patch", f"patch-only: finest scale ({p.scales[-1][0]}x{p.scales[-1][1]}) in "
+               f"{p.crop[0]}x{p.crop[1]} crops, stitched", p.patch_only(), config.refine, full),
+    ]
+    if adaptive is not None and adaptive.enabled:
+        methods.append(
+            Method("adaptive", f"progressive, adaptive (threshold={adaptive.threshold}, "
+                   f"max_crops={adaptive.max_crops})", p, config.refine,
+                   dataclasses.replace(config.engine, adaptive=adaptive))
+        )
+    return methods
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of this process while the block runs.
+
+    On Linux the kernel's own high-water mark of the resident set (``VmHWM``) is reset at
+    the start of the block and read at its end: exact, and it sees every allocation
+    (torch's CPU allocator, NumPy, OpenCV) at no cost. Elsewhere, ``ru_maxrss`` (the
+    peak since the process started) is used, which can only over-estimate a later block.
+    On CUDA, ``torch.cuda.max_memory_allocated`` is taken as well.
+
+    After the block: ``peak_mb`` (peak resident set), ``base_mb`` (resident set at the
+    start), ``gpu_peak_mb`` (None on the CPU) and ``how`` (which of the above).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = self.base_mb = 0.0
+        self.gpu_peak_mb: float | None = None
+        self.how = "VmHWM"
+
+    def __enter__(self) -> "PeakMemory":
+        if not _reset_peak_rss():
+            self.how = "ru_maxrss"
+        self.base_mb = (_status_kb("VmRSS") or 0) / 1024
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gpu_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _status_kb("VmHWM") if self.how == "VmHWM" else None
+        if peak is None:
+            import resource
+
+            self.how = "ru_maxrss"
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        self.peak_mb = peak / 1024
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class StageTally:
+    """One stage of a staged method, summed over the images."""
+
+    size: tuple[int, int]
+    matrix: ConfusionMatrix
+    refined_pixels: int = 0
+    pixels: int = 0
+    crops_run: int = 0
+    crops_total: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class MethodTally:
+    """Everything measured for one method over the split."""
+
+    method: Method
+    matrix: ConfusionMatrix
+    stages: list[StageTally] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    peak_increase_mb: float = 0.0
+    gpu_peak_mb: float | None = None
+    memory_how: str = "VmHWM"
+
+
+@dataclass
+class Sample:
+    """What a sample panel shows for one image (display-sized: see ``_display_size``).
+
+    ``image``: ``(h, w, 3)`` uint8 for display; ``truth`` and ``predictions[name]``:
+    ``(h, w)`` uint8 class ids; ``uncertainty``: ``(h, w)`` float 1 - certainty of the
+    progressive method's final probabilities; ``refined``: per stage >= 1, ``(h, w)`` bool.
+    """
+
+    id: str
+    image: np.ndarray
+    truth: np.ndarray
+    predictions: dict[str, np.ndarray]
+    uncertainty: np.ndarray
+    refined: list[np.ndarray]
+
+
+@dataclass
+class ImageRecord:
+    """Per-image results (for the NDJSON stream): each method's own mIoU and seconds."""
+
+    id: str
+    size: tuple[int, int]
+    methods: dict[str, dict[str, float]]
+
+
+@dataclass
+class BenchmarkResult:
+    """The outcome of ``run_benchmark``."""
+
+    config: Config
+    tallies: dict[str, MethodTally]
+    images: list[ImageRecord]
+    failed: list[dict[str, str]]
+    samples: list[Sample]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_scenes(scenes: Sequence[Scene], config: Config) -> None:
+    """Check every scene from its file headers (``magseg.data.scenes.check_scene``): sizes,
+    band counts. Milliseconds per scene, so a split with a bad file fails before any
+    segmentation time is spent.
+
+    Raises:
+        DataError: listing every bad scene (the first 5) with what is wrong.
+    """
+    bad = []
+    for scene in scenes:
+        try:
+            check_scene(scene, config)
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} scene(s) of the split are not usable: " + "; ".join(bad[:5]) + more)
+
+
+def _read(scene: Scene, config: Config, checkpoint: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image, mask = read_scene(scene, config)
+    except DataError as exc:
+        names = ", ".join(c.name for c in config.classes)
+        source = f"the checkpoint {checkpoint}" if checkpoint else "the config"
+        raise DataError(
+            f"{exc} [{source} has {config.num_classes} classes ({names}): the data must use "
+            "the classes the model was trained with]"
+        ) from None
+    if mask is None:
+        raise DataError(f"{scene.image}: no ground-truth mask; a benchmark needs one per image")
+    return image, mask
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _display_size(size: tuple[int, int], longest: int = 1024) -> tuple[int, int]:
+    scale = min(1.0, longest / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _labels_to(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(h, w)`` uint8 labels resized nearest to ``size``."""
+    if tuple(labels.shape) == tuple(size):
+        return labels
+    return resize(labels[None].float(), size, mode="nearest")[0].to(torch.uint8)
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` raw pixels -> ``(H, W, 3)`` uint8 for display (2-98 % stretch unless
+    already uint8; one band is shown grey)."""
+    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    if rgb.dtype != np.uint8:
+        lo, hi = np.percentile(rgb, [2, 98])
+        rgb = np.clip((rgb.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb.transpose(1, 2, 0))
+
+
+def _per_image(matrix: Tensor, in_mean: Sequence[bool]) -> float | None:
+    return defined(scores(matrix, in_mean)["miou"])
+
+
+def run_benchmark(
+    segmenter: Segmenter,
+    scenes: Sequence[Scene],
+    methods: Sequence[Method],
+    *,
+    samples: int = 3,
+    warmup: bool = True,
+    checkpoint: str | Path | None = None,
+    on_image: Callable[[ImageRecord], None] | None = None,
+    on_failure: Callable[[Scene, str], None] | None = None,
+    on_crops: Callable[[int], None] | None = None,
+) -> BenchmarkResult:
+    """Run every method on every scene and score them.
+
+    The first scene is read before anything else, so a dataset that does not fit the model
+    (other classes, other band count) fails at once. A scene that fails later is recorded
+    in ``failed`` (and ``on_failure`` is called) and the others go on.
+
+    Args:
+        samples: how many scenes (the first ones) to keep for sample panels.
+        warmup: run every method once on the first scene, untimed, before measuring (the
+            first call of a method pays for allocator growth and kernel selection).
+        checkpoint: named in errors about the data not fitting the model.
+        on_image: called after each scene with its per-image record.
+    Raises:
+        DataError: the first scene cannot be read or does not fit the model.
+    """
+    config = segmenter.config
+    in_mean = [c.in_mean for c in config.classes]
+    n = config.num_classes
+    tallies = {m.name: MethodTally(m, ConfusionMatrix(n, in_mean)) for m in methods}
+    records: list[ImageRecord] = []
+    failed: list[dict[str, str]] = []
+    kept: list[Sample] = []
+    if not scenes:
+        raise DataError("no scenes to benchmark")
+    first = _read(scenes[0], config, checkpoint)
+    if warmup:
+        x = segmenter.normalize(first[0])
+        for m in methods:
+            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine)
+
+    for i, scene in enumerate(scenes):
+        try:
+            image, mask = first if i == 0 else _read(scene, config, checkpoint)
+        except MagsegError as exc:
+            failed.append({"id": scene.id, "error": str(exc)})
+            if on_failure:
+                on_failure(scene, str(exc))
+            continue
+        size = tuple(mask.shape)
+        target = torch.from_numpy(mask)
+        x = segmenter.normalize(image)
+        sample = i < samples
+        record = ImageRecord(scene.id, size, {})
+        predictions: dict[str, np.ndarray] = {}
+        uncertainty: np.ndarray | None = None
+        refined: list[np.ndarray] = []
+        shown = _display_size(size)
+        for m in methods:
+            tally = tallies[m.name]
+            want_probs = sample and m.name == "progressive"
+            with PeakMemory(segmenter.device) as mem:
+                start = time.perf_counter()
+                result = segmenter.segment(
+                    x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
+                    return_stages=m.staged, return_probs=want_probs, on_crops=on_crops,
+                )
+                seconds = time.perf_counter() - start
+            tally.seconds.append(seconds)
+            tally.peak_mb = max(tally.peak_mb, mem.peak_mb)
+            tally.peak_increase_mb = max(tally.peak_increase_mb, mem.peak_mb - mem.base_mb)
+            tally.memory_how = mem.how
+            if mem.gpu_peak_mb is not None:
+                tally.gpu_peak_mb = max(tally.gpu_peak_mb or 0.0, mem.gpu_peak_mb)
+            own = tally.matrix.update(result.labels, target)
+            record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
+            if m.staged:
+                if not tally.stages:
+                    tally.stages = [StageTally(s.size, ConfusionMatrix(n, in_mean)) for s in result.stages]
+                for st, stage in zip(tally.stages, result.stages):
+                    st.matrix.update(_labels_to(stage.labels, size), target)
+                    st.pixels += stage.size[0] * stage.size[1]
+                    st.refined_pixels += 0 if stage.refined is None else int(stage.refined.sum())
+                    st.crops_run += stage.crops_run
+                    st.crops_total += stage.crops_total
+                    st.seconds += stage.seconds
+            if sample:
+                predictions[m.name] = _labels_to(result.labels, shown).numpy()
+                if want_probs:
+                    uncertainty = 1 - resize(result.certainty[None, None], shown)[0, 0].numpy()
+                    refined = [
+                        _labels_to(s.refined.to(torch.uint8), shown).numpy().astype(bool)
+                        for s in result.stages[1:] if s.refined is not None
+                    ]
+        records.append(record)
+        if sample:
+            kept.append(Sample(
+                id=scene.id,
+                image=np.asarray(resize(torch.from_numpy(display_image(image)).permute(2, 0, 1).float(), shown)
+                                 .round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)),
+                truth=_labels_to(target, shown).numpy(),
+                predictions=predictions,
+                uncertainty=uncertainty if uncertainty is not None else np.zeros(shown, np.float32),
+                refined=refined,
+            ))
+        if on_image:
+            on_image(record)
+    return BenchmarkResult(config, tallies, records, failed, kept)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def defined(value: float) -> float | None:
+    """``value``, or None where it is undefined (NaN): JSON has no NaN, and a class absent
+    from both the ground truth and the prediction has no IoU."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _scores(matrix: ConfusionMatrix, names: Sequence[str]) -> dict[str, Any]:
+    s = matrix.scores()
+    return {"miou": defined(s["miou"]), "iou": {n: defined(v) for n, v in zip(names, s["iou"])},
+            "accuracy": defined(s["accuracy"]), "fwiou": defined(s["fwiou"])}
+
+
+def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
+    """The report's entry for one method (plain JSON types; None where undefined)."""
+    names = [c.name for c in config.classes]
+    seconds = tally.seconds
+    out: dict[str, Any] = {
+        "description": tally.method.description,
+        "scales": [list(v) for v in tally.method.pyramid.scales],
+        **_scores(tally.matrix, names),
+        "seconds_per_image": float(np.mean(seconds)) if seconds else None,
+        "seconds_total": float(np.sum(seconds)),
+        "peak_memory_mb": tally.peak_mb,
+        "peak_memory_increase_mb": tally.peak_increase_mb,
+        "peak_gpu_memory_mb": tally.gpu_peak_mb,
+        "images": len(seconds),
+        "confusion_matrix": tally.matrix.matrix.tolist(),
+    }
+    if tally.stages:
+        images = max(len(seconds), 1)
+        stages = []
+        for k, st in enumerate(tally.stages):
+            stages.append({
+                "stage": k,
+                "size": list(st.size),
+                **_scores(st.matrix, names),
+                "refined_fraction": st.refined_pixels / st.pixels if st.pixels else 0.0,
+                "crops_run": st.crops_run,
+                "crops_total": st.crops_total,
+                "seconds_per_image": st.seconds / images,
+            })
+        out["stages"] = stages
+    return out

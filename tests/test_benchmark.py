@@ -1,0 +1,225 @@
+"""``magseg benchmark`` on tiny runs: every field of the report, scores that agree with the
+engine run by hand, and clear errors (naming files) for bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from magseg.cli.app import _register, app
+from magseg.config import RefineConfig
+from magseg.data.scenes import list_scenes, read_scene
+from magseg.metrics import ConfusionMatrix
+from magseg.segmenter import Segmenter
+from magseg.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+
+_register()
+DEEPGLOBE = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}
+NAMES = [c.name for c in DEEPGLOBE_CLASSES]
+METHOD_FIELDS = {"miou", "iou", "accuracy", "fwiou", "seconds_per_image", "peak_memory_mb",
+                 "peak_memory_increase_mb", "confusion_matrix", "description"}
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """2 test scenes of 128 x 128 (the tiny config's finest scale), DeepGlobe layout."""
+    root = tmp_path / "data"
+    write_dataset(root, {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=4)
+    return root
+
+
+@pytest.fixture
+def ckpt(make_checkpoint) -> Path:
+    """Tiny model (tiny.yaml's 32 -> 64 -> 128 pyramid) with DeepGlobe's 7 classes."""
+    return make_checkpoint(DEEPGLOBE, name="dg.ckpt")
+
+
+def run(*args: str, warmup: bool = False):
+    # Warm-up runs only make timings fair; these tests check scores and files.
+    extra = [] if warmup else ["--no-warmup"]
+    result = CliRunner().invoke(app, ["benchmark", *map(str, args), *extra])
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result, lines
+
+
+def test_report_has_every_field(ckpt, data, tmp_path):
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, data, "--out-dir", out, "--adaptive-max-crops", "2", "--samples", "2",
+                        warmup=True)
+    assert result.exit_code == 0, result.output
+    # NDJSON: one line per image, then one summary line.
+    assert [line.get("id") for line in lines[:-1]] == ["000001", "000002"]
+    for line in lines[:-1]:
+        assert set(line["methods"]) == {"progressive", "downsample", "patch", "adaptive"}
+        assert {"miou", "seconds"} <= set(line["methods"]["patch"])
+    summary = lines[-1]
+    assert summary["summary"] is True and summary["images"] == 2 and summary["failed"] == []
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 2 and report["complete"] and report["split"] == "test"
+    assert [c["name"] for c in report["classes"]] == NAMES
+    assert set(report["methods"]) == {"progressive", "downsample", "patch", "adaptive"}
+    for name, m in report["methods"].items():
+        assert METHOD_FIELDS <= set(m), name
+        assert list(m["iou"]) == NAMES
+        assert 0 <= m["miou"] <= 1 and 0 <= m["accuracy"] <= 1
+        assert m["seconds_per_image"] > 0 and m["peak_memory_mb"] > 50
+        assert summary["methods"][name]["miou"] == m["miou"]
+    stages = report["methods"]["progressive"]["stages"]
+    assert [s["size"] for s in stages] == [[32, 32], [64, 64], [128, 128]]
+    assert stages[0]["refined_fraction"] == 0
+    # K = 0.5 of every crop's pixels at every later stage (tiny.yaml).
+    assert [s["refined_fraction"] for s in stages[1:]] == [0.5, 0.5]
+    assert all(s["crops_run"] == s["crops_total"] for s in stages)
+    adaptive = report["methods"]["adaptive"]["stages"]
+    assert [s["crops_run"] for s in adaptive[1:]] == [2 * 2, 2 * 2]  # 2 per stage, 2 images
+    assert set(report["margins_miou_points"]) == {"progressive_minus_downsample", "progressive_minus_patch"}
+    assert {"time", "memory", "miou"} <= set(report["measurement"])
+    assert report["config"]["pyramid"]["scales"] == [[32, 32], [64, 64], [128, 128]]
+
+    assert report["plots"] == ["per_class_iou.png", "miou_per_stage.png",
+                               "samples/000001.png", "samples/000002.png"]
+    for plot in report["plots"]:
+        image = cv2.imread(str(out / plot))
+        assert image is not None and min(image.shape[:2]) > 100, plot
+    md = (out / "report.md").read_text()
+    for name in report["methods"]:
+        assert f"| {name} | **{100 * report['methods'][name]['miou']:.1f}** |" in md
+    assert "after each stage" in md
+
+
+def _global_scores(seg: Segmenter, scenes, **kwargs):
+    acc = ConfusionMatrix(seg.num_classes, [c.in_mean for c in seg.config.classes])
+    for scene in scenes:
+        image, mask = read_scene(scene, seg.config)
+        acc.update(seg.segment(image, normalized=False, **kwargs).labels, torch.from_numpy(mask))
+    return acc.scores()
+
+
+def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
+    out = tmp_path / "bench"
+    result, _ = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    seg = Segmenter.from_checkpoint(ckpt)
+    scenes = list_scenes(seg.config.data, "test", data)
+    pyramid = seg.config.pyramid
+    full = _global_scores(seg, scenes)
+    # Downsample-only is the K = 0 invariant of the full pyramid; patch-only the finest
+    # scale alone.
+    down = _global_scores(seg, scenes, refine=RefineConfig(points=0))
+    patch = _global_scores(seg, scenes, pyramid=pyramid.patch_only())
+    methods = report["methods"]
+    assert methods["progressive"]["miou"] == pytest.approx(full["miou"])
+    assert methods["downsample"]["miou"] == pytest.approx(down["miou"])
+    assert methods["patch"]["miou"] == pytest.approx(patch["miou"])
+    assert methods["patch"]["accuracy"] == pytest.approx(patch["accuracy"])
+    # The last stage is the final prediction (images are the scene size).
+    assert methods["progressive"]["stages"][-1]["miou"] == pytest.approx(full["miou"])
+    # The matrix counts every pixel of the split once.
+    assert np.asarray(methods["patch"]["confusion_matrix"]).sum() == 2 * 128 * 128
+
+
+def test_existing_report_is_kept_without_overwrite(ckpt, data, tmp_path):
+    out = tmp_path / "bench"
+    assert run(ckpt, data, "--out-dir", out, "--samples", "0", "--limit", "1")[0].exit_code == 0
+    before = (out / "report.json").read_bytes()
+    result, lines = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    assert result.exit_code == 1
+    assert "--overwrite" in result.output and lines == []
+    assert (out / "report.json").read_bytes() == before
+    result, _ = run(ckpt, data, "--out-dir", out, "--samples", "0", "--overwrite")
+    assert result.exit_code == 0
+    assert json.loads((out / "report.json").read_text())["images"] == 2
+
+
+def test_split_naming_missing_images(ckpt, data, tmp_path):
+    (data / "test.txt").write_text("000001\n000777\n000002\n")  # 000777: no such scene
+    (data / "000002_mask.png").unlink()
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, data, "--out-dir", out)
+    assert result.exit_code == 1
+    assert "000777_sat.jpg" in result.output and "000002_mask.png" in result.output
+    assert lines == [] and not out.exists()
+
+
+def test_mask_of_the_wrong_size(ckpt, data, tmp_path):
+    mask = data / "000002_mask.png"
+    cv2.imwrite(str(mask), cv2.imread(str(mask))[:100])
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, data, "--out-dir", out)
+    assert result.exit_code == 1
+    assert "000002_mask.png" in result.output and "128x100" in result.output
+    assert lines == [] and not (out / "report.json").exists()
+
+
+def test_checkpoint_with_another_class_count(make_checkpoint, data, tmp_path):
+    """tiny.yaml's 4 classes (black, yellow, white, blue) cannot read DeepGlobe's colours."""
+    ckpt = make_checkpoint(name="four.ckpt")
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, data, "--out-dir", out)
+    assert result.exit_code == 1
+    assert "000001_mask.png" in result.output
+    assert "4 classes" in result.output and "four.ckpt" in result.output
+    assert lines == [] and not (out / "report.json").exists()
+
+
+def test_one_bad_mask_mid_split_fails_only_that_image(ckpt, data, tmp_path):
+    mask = data / "000002_mask.png"
+    bgr = cv2.imread(str(mask))
+    bgr[:8, :8] = (0, 0, 255)  # red: no DeepGlobe class
+    cv2.imwrite(str(mask), bgr)
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    assert result.exit_code == 1
+    assert "000002_mask.png" in result.output and "(255, 0, 0)" in result.output
+    assert [line.get("id") for line in lines[:-1]] == ["000001"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 1 and not report["complete"]
+    assert [f["id"] for f in report["failed"]] == ["000002"]
+    assert "Incomplete" in (out / "report.md").read_text()
+
+
+def test_geotiff_pairs(ckpt, data, tmp_path):
+    """The GeoTIFF-pair layout (images/<id>.tif, masks/<id>.tif of class ids) scores the same
+    pixels the same way as the DeepGlobe layout they were copied from."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    seg = Segmenter.from_checkpoint(ckpt)
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ids = (data / "test.txt").read_text().split()
+    for scene in list_scenes(seg.config.data, "test", data):
+        image, mask = read_scene(scene, seg.config)
+        profile = dict(driver="GTiff", width=128, height=128, crs="EPSG:32633",
+                       transform=from_origin(500000, 4000000, 0.5, 0.5))
+        with rasterio.open(root / "images" / f"{scene.id}.tif", "w", count=3, dtype="uint8", **profile) as dst:
+            dst.write(image)
+        with rasterio.open(root / "masks" / f"{scene.id}.tif", "w", count=1, dtype="uint8", **profile) as dst:
+            dst.write(mask[None])
+    (root / "test.txt").write_text("\n".join(ids) + "\n")
+
+    a, _ = run(ckpt, data, "--out-dir", tmp_path / "a", "--samples", "0", "--limit", "1")
+    b, _ = run(ckpt, root, "--out-dir", tmp_path / "b", "--samples", "0", "--limit", "1",
+               "--layout", "geotiff")
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    ra = json.loads((tmp_path / "a" / "report.json").read_text())
+    rb = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rb["layout"] == "geotiff"
+    for name in ("progressive", "downsample", "patch"):
+        assert rb["methods"][name]["confusion_matrix"] == ra["methods"][name]["confusion_matrix"]
+
+
+def test_adaptive_needs_settings(ckpt, data, tmp_path):
+    result, _ = run(ckpt, data, "--out-dir", tmp_path / "b", "--adaptive")
+    assert result.exit_code == 2
+    assert "--adaptive-threshold" in result.output
