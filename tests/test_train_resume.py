@@ -78,7 +78,8 @@ def test_resume_needs_a_matching_checkpoint(tmp_path, tiny_config, data):
         train(config, TrainOptions(out=out, data_root=data, resume=True))
     train(config, TrainOptions(out=out, data_root=data, phase="backbone"))
     other = config.override({"model.kwargs": {"decoder_channels": [8, 8, 8, 8, 8]}})
-    with pytest.raises(CheckpointError, match=r"does not match the config asked for:\n  model: asked"):
+    with pytest.raises(CheckpointError, match=r"does not match the config asked for:\n"
+                       r"  model.kwargs.decoder_channels: asked \[8, 8, 8, 8, 8\], checkpoint has \[16,"):
         train(other, TrainOptions(out=out, data_root=data, resume=True))
     more_classes = config.override({"classes": [c.__dict__ for c in config.classes]
                                     + [{"id": 4, "name": "extra", "color": [255, 0, 0]}]})

@@ -94,17 +94,32 @@ class TrainResult:
     last: Path | None = None
 
 
+# Differences that do not change the weights: where the initial weights came from.
+_IGNORED = ("model.encoder_weights",)
+
+
+def _leaf_diffs(key: str, asked: Any, stored: Any) -> list[str]:
+    if isinstance(asked, dict) and isinstance(stored, dict):
+        out = []
+        for k in sorted(set(asked) | set(stored), key=str):
+            out += _leaf_diffs(f"{key}.{k}", asked.get(k), stored.get(k))
+        return out
+    if key in _IGNORED or asked == stored:
+        return []
+    if key in ("data.mean", "data.std") and asked is None:
+        return []  # None asks for 'whatever was computed'
+    return [f"{key}: asked {asked!r}, checkpoint has {stored!r}"]
+
+
 def config_mismatches(asked: Config, stored: Config, keys: tuple[str, ...] = MODEL_KEYS) -> list[str]:
-    """``"key: asked X, checkpoint has Y"`` for each of ``keys`` that differs (a ``None``
-    normalisation asked for means 'whatever was computed', so it matches anything)."""
+    """``"key: asked X, checkpoint has Y"`` for each entry under ``keys`` that differs."""
     a, s = asked.to_dict(), stored.to_dict()
     out = []
     for key in keys:
         va, vs = a, s
         for part in key.split("."):
             va, vs = va.get(part), vs.get(part)
-        if va != vs and not (key in ("data.mean", "data.std") and va is None):
-            out.append(f"{key}: asked {va!r}, checkpoint has {vs!r}")
+        out += _leaf_diffs(key, va, vs)
     return out
 
 

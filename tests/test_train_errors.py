@@ -1,0 +1,89 @@
+"""Bad input to `magseg train`: a clear message naming the file, a non-zero exit, nothing
+written that looks finished."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import magseg.cli.train  # noqa: F401  (registers the command)
+from magseg.cli.app import app
+from test_datasets import CONFIGS_TINY, make_deepglobe
+
+
+@pytest.fixture
+def data(tmp_path, tiny_config):
+    return make_deepglobe(tmp_path / "data", tiny_config, counts=(("train", 2), ("val", 1)))
+
+
+def _train(data, out, *extra):
+    return CliRunner().invoke(app, ["train", "-c", str(CONFIGS_TINY), "--data-root", str(data),
+                                    "--out", str(out), "--epochs", "1", "-q",
+                                    "train.samples_per_epoch=4", *extra])
+
+
+def _fails(result, code, *needles):
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""  # no epoch line for a run that did not train
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_missing_split_file(data, tmp_path):
+    (data / "val.txt").unlink()
+    _fails(_train(data, tmp_path / "out"), 1, "split file", "val.txt", "does not exist")
+
+
+def test_empty_split(data, tmp_path):
+    (data / "train.txt").write_text("# nothing yet\n\n")
+    _fails(_train(data, tmp_path / "out"), 1, "train.txt", "lists no scene ids")
+
+
+def test_missing_files(data, tmp_path):
+    (data / "1_mask.png").unlink()
+    (data / "train.txt").write_text("0\n1\nmissing_id\n")
+    _fails(_train(data, tmp_path / "out"), 1, "3 missing file(s)", "1_mask.png",
+           "missing_id_sat.jpg", "missing_id_mask.png")
+
+
+def test_mismatched_sizes(data, tmp_path):
+    Image.new("RGB", (100, 128), (255, 255, 0)).save(data / "0_mask.png")
+    _fails(_train(data, tmp_path / "out"), 1, "0_mask.png: mask is 100x128 but its image", "0_sat.jpg")
+
+
+def test_corrupt_image(data, tmp_path):
+    (data / "1_sat.jpg").write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    _fails(_train(data, tmp_path / "out"), 1, "1_sat.jpg")
+
+
+def test_unknown_mask_colour(data, tmp_path):
+    mask = np.array(Image.open(data / "0_mask.png"))
+    mask[:5, :5] = (255, 0, 0)  # red is no class of configs/tiny.yaml
+    Image.fromarray(mask).save(data / "0_mask.png")
+    out = tmp_path / "out"
+    result = _train(data, out)
+    _fails(result, 1, "0_mask.png", "(255, 0, 0)", "25 pixels", "known colours")
+    assert not (out / "last.ckpt").exists() and not (out / "best.ckpt").exists()
+
+
+def test_bad_override_is_a_usage_error(data, tmp_path):
+    _fails(_train(data, tmp_path / "out", "train.epochz=3"), 2, "train.epochz", "unknown key")
+    _fails(_train(data, tmp_path / "out", "--phase", "refine"), 2, "unknown phase 'refine'")
+
+
+def test_refiner_phase_without_backbone(data, tmp_path):
+    _fails(_train(data, tmp_path / "out", "--phase", "refiner"), 1, "needs a trained backbone",
+           "--phase backbone")
+
+
+def test_offline_imagenet_for_other_encoder(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = _train(data, tmp_path / "out", "--encoder-weights", "imagenet", "model.encoder=resnet18",
+                    "model.kwargs={}")
+    _fails(result, 1, "cannot download 'imagenet' weights for encoder 'resnet18'", "encoder_weights=none")
