@@ -54,4 +54,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m magseg.cli.app` (e.g. torchrun -m) this file runs as __main__, a second
+    # copy of the module: commands register on the importable magseg.cli.app, so run that.
+    from magseg.cli.app import main as _main
+
+    _main()
