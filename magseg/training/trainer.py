@@ -129,7 +129,9 @@ def check_matches(asked: Config, ckpt: Checkpoint) -> Config:
     Raises:
         CheckpointError: the checkpoint was trained for another model, classes or pyramid.
     """
-    problems = config_mismatches(asked, ckpt.config)
+    # A backbone-only checkpoint has no refiner weights: the refiner may still be reshaped.
+    keys = MODEL_KEYS if ckpt.refiner is not None else tuple(k for k in MODEL_KEYS if k != "refiner")
+    problems = config_mismatches(asked, ckpt.config, keys)
     if problems:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not match the config asked for:\n  "
