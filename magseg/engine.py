@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.certainty import certainty, error_map
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.points import num_points, sample_pixels, scatter_points, top_k_points
 from magseg.pyramid import (
     CropBox,
     Size,
@@ -67,6 +67,15 @@ class SegmentationResult:
         if self.probs is None:
             raise ValueError("segment(..., return_probs=True) is needed for certainty")
         return certainty(self.probs[None])[0]
+
+
+def labels_of(probs: Tensor) -> Tensor:
+    """``(C, H, W)`` probabilities -> ``(H, W)`` uint8 class ids (argmax over C).
+
+    ``max(0).indices`` rather than ``argmax(0)``: the same first-maximum ids, several times
+    faster on the CPU for a reduction over the outermost dimension.
+    """
+    return probs.max(dim=0).indices.to(torch.uint8)
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -177,9 +186,8 @@ def refine_crops(
         ``(B, C, ch, cw)`` updated probabilities and ``(B, ch, cw)`` bool map of the
         pixels that changed hands.
     """
-    crop = tuple(coarse.shape[-2:])
     score = error_map(refined, coarse, refine.kernel)
-    owned = owned_mask(list(boxes), crop, device=coarse.device)
+    owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
     out = coarse.clone()
     picked = torch.zeros_like(owned)
     for i, box in enumerate(boxes):
@@ -187,7 +195,8 @@ def refine_crops(
         if k == 0:
             continue
         index = top_k_points(score[i], k, owned[i])
-        values = point_sample(refined[i : i + 1], pixel_centres(index, crop)[None])
+        # R lives on the crop's own grid, so point_sample at the pixel centres is a gather.
+        values = sample_pixels(refined[i : i + 1], index[None])
         out[i : i + 1] = scatter_points(coarse[i : i + 1], index[None], values)
         picked[i].view(-1)[index] = True
     return out, picked
@@ -322,7 +331,7 @@ def segment(
             stages.append(
                 StageResult(
                     size=tuple(size),
-                    labels=resize(y, size).argmax(0).to(torch.uint8).cpu(),
+                    labels=labels_of(resize(y, size)).cpu(),
                     refined=None if picked_map is None else picked_map[0].cpu(),
                     crops_run=len(chosen),
                     crops_total=len(boxes),
@@ -331,7 +340,7 @@ def segment(
             )
 
     probs = resize(y, (height, width))
-    labels = probs.argmax(0).to(torch.uint8).cpu()
+    labels = labels_of(probs).cpu()
     return SegmentationResult(
         labels=labels,
         probs=probs.cpu() if return_probs else None,

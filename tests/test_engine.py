@@ -79,7 +79,7 @@ def test_each_crop_refines_exactly_k_of_its_own_pixels(backbone, pyramid):
 def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
     image = torch.randn(3, 100, 90)  # overlapping crops at every stage
     refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
-    torch.nn.init.normal_(refiner.point[-1].weight, std=0.5)  # a refiner that does something
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)  # a refiner that does something
     runs = [
         _run(image, backbone, pyramid, refiner=refiner, engine=EngineConfig(batch_size=b))
         for b in (1, 3, 16)

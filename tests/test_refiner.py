@@ -28,13 +28,14 @@ def test_refiner_output_shape_for_odd_sizes_and_strides():
 
 
 def test_refiner_learns_to_trust_the_coarse_map_where_the_fine_one_is_unsure():
-    # Target = the coarse map's class; fine is noise. A few steps must cut the loss.
+    # Target = the coarse map's class (smooth: 8x8 blocks, as an upsampled coarse view is);
+    # fine is noise. A few steps must cut the loss.
     torch.manual_seed(0)
     refiner = Refiner(3, channels=16, context_stride=2)
     opt = torch.optim.Adam(refiner.parameters(), lr=1e-2)
-    coarse_labels = torch.randint(0, 3, (8, 16, 16))
+    coarse_labels = torch.randint(0, 3, (8, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)
     coarse = torch.nn.functional.one_hot(coarse_labels, 3).permute(0, 3, 1, 2).float() * 0.8 + 0.2 / 3
-    fine = _probs(8, 3, 16, 16)
+    fine = _probs(8, 3, 32, 32)
     losses = []
     for _ in range(30):
         loss = torch.nn.functional.cross_entropy(refiner(fine, coarse), coarse_labels)
@@ -43,3 +44,19 @@ def test_refiner_learns_to_trust_the_coarse_map_where_the_fine_one_is_unsure():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+    accuracy = (refiner(fine, coarse).argmax(1) == coarse_labels).float().mean()
+    assert accuracy > 0.9  # the fine map alone is right a third of the time
+
+
+def test_a_confident_fine_pixel_survives_a_smooth_correction():
+    # One-pixel-wide "road" (class 1) that the fine map is sure of, inside a region where the
+    # fine map hesitates and the correction favours class 0: the road stays, the region flips.
+    refiner = Refiner(2, channels=4, context_stride=4)
+    torch.nn.init.zeros_(refiner.context[-1].weight)
+    with torch.no_grad():
+        refiner.context[-1].bias.copy_(torch.tensor([1.0, -1.0]))  # +2 logits toward class 0
+    fine = torch.full((1, 2, 16, 16), 0.5)
+    fine[0, 0, :, 0], fine[0, 1, :, 0] = 0.5, 0.5
+    fine[0, 0, :, 8], fine[0, 1, :, 8] = 0.01, 0.99  # the road, column 8
+    labels = refiner(fine, fine).argmax(1)[0]
+    assert (labels[:, 8] == 1).all() and (labels[:, :8] == 0).all()
