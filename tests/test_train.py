@@ -161,3 +161,28 @@ def test_phases_separately_on_geotiff(tmp_path, tiny_config):
     scene = list_scenes(config.data, "train", data)[0]
     image, _ = load_scene(scene, ckpt.config)
     assert image.shape[0] == 4 and abs(float(image.mean())) < 1.5
+
+
+def test_fctl_trains_with_context_windows(tmp_path, tiny_config):
+    # A multi-context backbone: every window comes with its context windows, cut by the
+    # engine's backbone_inputs and moved by the same augmentation as the window.
+    config = small(tiny_config, **{
+        "model.arch": "fctl",
+        "model.kwargs": {"decoder": "Unet", "contexts": [2], "key_channels": 8,
+                         "decoder_channels": [16, 16, 16, 16, 16]},
+    })
+    data = make_deepglobe(tmp_path / "data", config, counts=(("train", 2), ("val", 1)))
+    scenes = list_scenes(config.data, "train", data)
+    image, mask, contexts = BackboneSamples(scenes, config, 4, seed=0, ratios=(2.0,))[1]
+    assert contexts.shape == (1, 3, 32, 32)
+    plain = BackboneSamples(scenes, config, 4, seed=0, augment=False, ratios=(2.0,))[1]
+    # The context's centre half is the window itself (at half the resolution), before and
+    # after augmentation.
+    for img, ctx in ((plain[0], plain[2][0]), (image, contexts[0])):
+        centre, small_img = ctx[:, 8:24, 8:24].flatten(), resize(img, (16, 16)).flatten()
+        assert torch.corrcoef(torch.stack([centre, small_img]))[0, 1] > 0.98
+        assert (centre - small_img).abs().mean() < 0.05
+    result = train(config, TrainOptions(out=tmp_path / "run", data_root=data))
+    assert [r["phase"] for r in result.records] == ["backbone", "refiner"]
+    segmenter = Segmenter.from_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert segmenter.segment(torch.zeros(3, 64, 64)).labels.shape == (64, 64)

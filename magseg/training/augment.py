@@ -37,25 +37,33 @@ class NormalizedJitter(A.ImageOnlyTransform):
         return ("brightness", "contrast")
 
 
-def create_augmentation(square: bool) -> A.Compose:
-    """The training augmentation; ``square``: whether the input is square (allows rot90)."""
+def create_augmentation(square: bool, contexts: int = 0) -> A.Compose:
+    """The training augmentation; ``square``: whether the input is square (allows rot90);
+    ``contexts``: how many context images (FCtL) take the same transform as the image."""
     transforms: list[A.BasicTransform] = [A.HorizontalFlip(), A.VerticalFlip()]
     if square:
         transforms.append(A.RandomRotate90())
     transforms.append(NormalizedJitter())
-    return A.Compose(transforms)
+    return A.Compose(transforms, additional_targets={f"context{i}": "image" for i in range(contexts)})
 
 
-def augment_pair(augmentation: A.Compose, image: Tensor, mask: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+def augment_pair(
+    augmentation: A.Compose, image: Tensor, mask: Tensor, seed: int, contexts: list[Tensor] = ()
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Apply ``augmentation`` with its random choices fixed by ``seed``.
 
     Args:
-        image: ``(C, H, W)`` float32 normalised; mask: ``(H, W)`` int64 labels.
+        image: ``(C, H, W)`` float32 normalised; mask: ``(H, W)`` int64 labels;
+        contexts: ``(C, H, W)`` context images, transformed exactly as ``image``.
     """
+    def hwc(x: Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+
+    def chw(x: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous()
+
     augmentation.set_random_seed(seed)
-    out = augmentation(
-        image=np.ascontiguousarray(image.permute(1, 2, 0).numpy()),
-        mask=mask.numpy().astype(np.uint8),
-    )
-    img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
-    return img, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+    extra = {f"context{i}": hwc(c) for i, c in enumerate(contexts)}
+    out = augmentation(image=hwc(image), mask=mask.numpy().astype(np.uint8), **extra)
+    moved = [chw(out[f"context{i}"]) for i in range(len(contexts))]
+    return chw(out["image"]), torch.from_numpy(np.ascontiguousarray(out["mask"])).long(), moved

@@ -21,7 +21,7 @@ from magseg.errors import ConfigError
 from magseg.normalization import normalize
 from magseg.pyramid import resize
 from magseg.training.augment import augment_pair, create_augmentation
-from magseg.training.windows import image_window, mask_window, random_box, resize_mask
+from magseg.training.windows import image_windows, mask_window, random_box, resize_mask
 
 BACKBONE, REFINER = 0, 1
 
@@ -40,13 +40,16 @@ def load_scene(scene: Scene, config: Config) -> tuple[Tensor, Tensor]:
 class _Samples(Dataset):
     phase = BACKBONE
 
-    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int) -> None:
+    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
+                 ratios: tuple[float, ...] = ()) -> None:
         if not scenes:
             raise ConfigError("no scenes to sample from")
         self.scenes = scenes
         self.config = config
         self.length = length
         self.seed = seed
+        # Context ratios of a multi-context backbone (FCtL; ``backbone.context_ratios``).
+        self.ratios = tuple(ratios)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -63,30 +66,35 @@ class BackboneSamples(_Samples):
     """Phase 1: a random window of a random scene at a random stage's magnification,
     resized to the backbone input and augmented.
 
-    Item: ``(image (C_in, ih, iw) float32, mask (ih, iw) int64)``.
+    Item: ``(image (C_in, ih, iw) float32, mask (ih, iw) int64)``, and for a multi-context
+    backbone a third entry, the contexts ``(ratios, C_in, ih, iw)`` (augmented alike).
     """
 
     phase = BACKBONE
 
-    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int, augment: bool = True):
-        super().__init__(scenes, config, length, seed)
+    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
+                 augment: bool = True, ratios: tuple[float, ...] = ()):
+        super().__init__(scenes, config, length, seed, ratios)
         size = config.pyramid.input
-        self.augmentation = create_augmentation(size[0] == size[1]) if augment else None
+        self.augmentation = (create_augmentation(size[0] == size[1], len(self.ratios))
+                             if augment else None)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         rng = self._rng(index)
         pyramid = self.config.pyramid
         image, mask = load_scene(self.scenes[int(rng.integers(len(self.scenes)))], self.config)
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, pyramid.crop)
-        crop = image_window(resize(image, size), box, pyramid.crop)
+        crop, contexts = image_windows(resize(image, size), box, pyramid.crop, self.ratios)
         target = mask_window(resize_mask(mask, size), box, pyramid.crop)
         # The backbone sees every crop resized to the input size (as engine.crop_probs does).
         crop, target = resize(crop, pyramid.input), resize_mask(target, pyramid.input)
+        contexts = [resize(c, pyramid.input) for c in contexts]
         if self.augmentation is not None:
-            crop, target = augment_pair(self.augmentation, crop, target, int(rng.integers(2**31)))
-        return crop, target
+            crop, target, contexts = augment_pair(self.augmentation, crop, target,
+                                                  int(rng.integers(2**31)), contexts)
+        return (crop, target, torch.stack(contexts)) if contexts else (crop, target)
 
 
 class RefinerSamples(_Samples):
@@ -97,15 +105,17 @@ class RefinerSamples(_Samples):
     fine view), the window's mask, and where the window is::
 
         {"scene0": (C_in, h0, w0), "fine": (C_in, ch, cw), "mask": (ch, cw) int64,
-         "size": (2,) stage size, "box": (4,) top, left, height, width}
+         "size": (2,) stage size, "box": (4,) top, left, height, width,
+         "contexts": [(C_in, r*ch, r*cw) per ratio]}   # multi-context backbones only
     """
 
     phase = REFINER
 
-    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int) -> None:
+    def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
+                 ratios: tuple[float, ...] = ()) -> None:
         if len(config.pyramid.scales) < 2:
             raise ConfigError("the refiner needs at least two pyramid.scales (coarse and fine)")
-        super().__init__(scenes, config, length, seed)
+        super().__init__(scenes, config, length, seed, ratios)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         rng = self._rng(index)
@@ -114,13 +124,17 @@ class RefinerSamples(_Samples):
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
-        return {
+        fine, contexts = image_windows(resize(image, size), box, pyramid.crop, self.ratios)
+        item = {
             "scene0": resize(image, sizes[0]),
-            "fine": image_window(resize(image, size), box, pyramid.crop),
+            "fine": fine,
             "mask": mask_window(resize_mask(mask, size), box, pyramid.crop),
             "size": torch.tensor(size),
             "box": torch.tensor([box.top, box.left, box.height, box.width]),
         }
+        if contexts:
+            item["contexts"] = contexts
+        return item
 
 
 def collate_refiner(items: list[dict[str, Tensor]]) -> dict[str, Any]:
@@ -128,4 +142,6 @@ def collate_refiner(items: list[dict[str, Tensor]]) -> dict[str, Any]:
     out: dict[str, Any] = {"scene0": [item["scene0"] for item in items]}
     for key in ("fine", "mask", "size", "box"):
         out[key] = torch.stack([item[key] for item in items])
+    if "contexts" in items[0]:  # one batch per ratio
+        out["contexts"] = [torch.stack(group) for group in zip(*(item["contexts"] for item in items))]
     return out

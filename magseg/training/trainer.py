@@ -30,14 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from magseg.atomic import atomic_write
-from magseg.backbone import input_multiple, run_backbone
+from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
 from magseg.config import Config
 from magseg.data.scenes import Scene, check_scene, list_scenes, read_scene
 from magseg.engine import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
 from magseg.normalization import ChannelStats
-from magseg.pyramid import CropBox, resize
+from magseg.pyramid import CropBox, extract_crops, resize
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training import distributed
 from magseg.training.distributed import World
@@ -45,7 +45,6 @@ from magseg.training.losses import segmentation_loss
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
-from magseg.training.windows import image_window
 
 logger = logging.getLogger("magseg.train")
 
@@ -218,13 +217,15 @@ class _PhaseRun:
 
 def backbone_loss(model: nn.Module, backbone: nn.Module, batch: tuple[Tensor, Tensor], config: Config,
                   device: torch.device) -> tuple[Tensor, int]:
-    """Phase 1: the loss of one batch of windows ``(image (B, C_in, ih, iw), mask (B, ih, iw))``.
+    """Phase 1: the loss of one batch of windows ``(image (B, C_in, ih, iw), mask (B, ih, iw))``
+    (and contexts ``(B, ratios, C_in, ih, iw)`` for a multi-context backbone).
 
     ``model`` is what runs (the backbone, or its DDP wrapper); ``backbone`` the bare module.
     Returns the loss and the batch size.
     """
-    image, mask = (t.to(device, non_blocking=True) for t in batch)
-    logits = run_backbone(model, image, input_multiple(backbone))
+    image, mask, *rest = (t.to(device, non_blocking=True) for t in batch)
+    contexts = list(rest[0].unbind(1)) if rest else None
+    logits = run_backbone(model, image, input_multiple(backbone), contexts)
     return segmentation_loss(logits, mask, config.train.ohem), image.shape[0]
 
 
@@ -244,8 +245,10 @@ def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], c
             y0 = stage_probs(backbone, scene0.to(device), pyramid, engine)
             top, left, height, width = (int(v) for v in box)
             crop_box = CropBox(top, left, height, width, top, left, height, width)
-            coarse.append(image_window(resize(y0, tuple(int(v) for v in size)), crop_box, pyramid.crop))
-        fine = crop_probs(backbone, batch["fine"].to(device), pyramid.input,
+            stage = resize(y0, tuple(int(v) for v in size))
+            coarse.append(extract_crops(stage, [crop_box], pyramid.crop)[0])  # as the engine does
+        contexts = [c.to(device) for c in batch["contexts"]] if "contexts" in batch else None
+        fine = crop_probs(backbone, batch["fine"].to(device), pyramid.input, contexts=contexts,
                           precision=engine.precision, multiple=input_multiple(backbone))
     logits = model(fine, torch.stack(coarse))
     mask = batch["mask"].to(device)
@@ -379,7 +382,7 @@ class Trainer:
             refiner = None
             trained: nn.Module = backbone
             dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
-                                      augment=train.augment)
+                                      augment=train.augment, ratios=context_ratios(backbone))
             epochs, lr, collate = train.epochs, train.lr, None
         else:
             base = resume or self._base or self._backbone_checkpoint()
@@ -396,7 +399,8 @@ class Trainer:
             refiner.to(self.device).train()
             trained = refiner
             length = train.refiner_samples_per_epoch or train.samples_per_epoch
-            dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed)
+            dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed,
+                                     ratios=context_ratios(backbone))
             epochs, lr, collate = train.refiner_epochs, train.refiner_lr, collate_refiner
 
         if world.distributed:

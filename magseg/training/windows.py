@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from magseg.data.scenes import IGNORE
-from magseg.pyramid import CropBox, Size, extract_crops, resize
+from magseg.pyramid import CropBox, Size, crop_windows, resize
 
 
 def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
@@ -40,6 +40,11 @@ def mask_window(mask: Tensor, box: CropBox, crop: Size) -> Tensor:
     return out
 
 
-def image_window(stage_image: Tensor, box: CropBox, crop: Size) -> Tensor:
-    """Cut ``box`` out of a stage image ``(C, h, w)`` as ``(C, ch, cw)`` (zero padded)."""
-    return extract_crops(stage_image, [box], crop)[0]
+def image_windows(stage_image: Tensor, box: CropBox, crop: Size, ratios: tuple[float, ...] = ()
+                  ) -> tuple[Tensor, list[Tensor]]:
+    """The window ``(C, ch, cw)`` and, for a multi-context backbone (FCtL), one context window
+    per ratio ``(C, r*ch, r*cw)``, cut by the engine's own ``backbone_inputs``."""
+    from magseg.engine import backbone_inputs
+
+    crops, contexts = backbone_inputs(stage_image, crop_windows([box], crop), ratios)
+    return crops[0], [c[0] for c in contexts or []]
