@@ -421,6 +421,10 @@ class Trainer:
             state = resume.training
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            # The schedule is a function of (step, total steps): with the planned total this
+            # gives the stored rate again; with more --epochs the decay stretches from here.
+            for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * fn(scheduler.last_epoch)
             run.start_epoch = int(state["epoch"])
             run.best_miou = float(state.get("best_miou", -math.inf))
             set_rng_state(state["rng"])
