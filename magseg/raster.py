@@ -6,11 +6,17 @@ Bands are 1-based as in GDAL; arrays are ``(C, H, W)``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -62,3 +68,335 @@ def read_array(path: str | Path, bands: tuple[int, ...] | None = None, window: W
                 return src.read(indexes, window=window)
         except RasterioIOError as exc:
             raise RasterError(f"{path}: cannot read pixels, file is truncated or corrupt ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Windows: where a raster is read and written, in pixel coordinates (row, col), (H, W) sizes.
+
+# Output tile size: 512 is what GDAL, QGIS and COG readers are tuned for.
+BLOCK = 512
+
+
+@dataclass(frozen=True)
+class PixelWindow:
+    """A rectangle of a raster: top-left ``(row, col)`` and size ``(height, width)`` in pixels."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """``(rows, cols)`` slices of this window in raster coordinates."""
+        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
+
+    def within(self, outer: "PixelWindow") -> tuple[slice, slice]:
+        """Slices that cut this window out of an array holding ``outer`` (which contains it)."""
+        r, c = self.row - outer.row, self.col - outer.col
+        return slice(r, r + self.height), slice(c, c + self.width)
+
+    def to_rasterio(self) -> Window:
+        return Window(self.col, self.row, self.width, self.height)
+
+
+@dataclass(frozen=True)
+class SceneWindow:
+    """One scene to segment: ``read`` is processed, only its ``core`` is written.
+
+    The part of ``read`` outside ``core`` is the context margin: it is segmented so that the
+    core's pixels see their surroundings, then discarded. Cores of a plan tile the raster.
+    """
+
+    read: PixelWindow
+    core: PixelWindow
+
+    @property
+    def core_in_read(self) -> tuple[slice, slice]:
+        return self.core.within(self.read)
+
+
+def axis_windows(length: int, scene: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """One axis of a window plan: ``(start, size, core_start, core_end)`` per window.
+
+    Cores start at ``0, core, 2 core, ...`` and tile ``[0, length)``; each window is ``scene``
+    long, reaches ``margin`` beyond its core on both sides and is shifted to stay inside the
+    axis (flush with its ends). A last core shorter than ``margin`` is merged into the one
+    before it: that window's far margin already covers it, so no window is run for a sliver.
+    An axis no longer than ``scene`` is one window.
+    """
+    if length <= scene:
+        return [(0, length, 0, length)]
+    if core < 1 or core + 2 * margin > scene:
+        raise ValueError(f"core {core} + 2 x margin {margin} must fit in the scene {scene}")
+    bounds = list(range(0, length, core)) + [length]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= margin:
+        del bounds[-2]
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
+        window = min(max(start - margin, 0), length - scene)
+        out.append((window, scene, start, end))
+    return out
+
+
+def plan_scene_windows(
+    size: tuple[int, int], scene: tuple[int, int], min_margin: tuple[int, int], block: int = BLOCK
+) -> list[SceneWindow]:
+    """Scene windows covering a raster of ``size`` (H, W), row-major.
+
+    Per axis the core is ``scene - 2 min_margin``, rounded down to a multiple of ``block`` when
+    it is at least one block long, so every window writes whole output tiles (GDAL then never
+    keeps a half-written tile in its cache, which is what keeps memory flat in the raster's
+    width); the margin grows to fill the scene. Windows are ``scene`` sized (clipped to the
+    raster), so the engine runs every window at the pyramid's own magnification.
+    """
+    axes = []
+    for length, s, m in zip(size, scene, min_margin):
+        core = s - 2 * m
+        if core < 1:
+            raise ValueError(f"margin {m} leaves no core in a scene of {s} px")
+        if core >= block:
+            core -= core % block
+        axes.append(axis_windows(length, s, core, (s - core) // 2))
+    return [
+        SceneWindow(
+            PixelWindow(r0, c0, min(rs, size[0]), min(cs, size[1])),
+            PixelWindow(rc0, cc0, rc1 - rc0, cc1 - cc0),
+        )
+        for r0, rs, rc0, rc1 in axes[0]
+        for c0, cs, cc0, cc1 in axes[1]
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming reads and writes.
+
+# GDAL's block cache defaults to 5 % of the machine's memory and fills up with every tile a
+# run touches: on a large raster that alone would make memory grow with the raster. Windows
+# are read once (plus their margins) and written as whole tiles, so a small cache loses
+# nothing.
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def io_env(cache_bytes: int = CACHE_BYTES) -> Iterator[None]:
+    """The GDAL settings magseg streams rasters with (a bounded block cache)."""
+    with rasterio.Env(GDAL_CACHEMAX=cache_bytes):
+        yield
+
+
+@dataclass(frozen=True)
+class GeoInfo:
+    """Where a raster lies: CRS and affine transform (None when it is not georeferenced)."""
+
+    crs: Any
+    transform: Any
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None or self.transform is not None
+
+
+class RasterReader:
+    """Reads chosen bands of a raster one window at a time, with a validity mask.
+
+    Args:
+        path: any raster GDAL reads (GeoTIFF, JPEG2000, PNG, JPEG, VRT...).
+        bands: 1-based band indices in the order the model wants them (None = all).
+    Raises:
+        RasterError: missing, empty or not a raster; bands out of range.
+    """
+
+    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+        self.path = Path(path)
+        self._src = open_raster(self.path)
+        try:
+            self.select(bands)
+        except RasterError:
+            self._src.close()
+            raise
+
+    def select(self, bands: Sequence[int] | None) -> None:
+        """Choose the bands ``read`` returns (1-based, in order; None = all)."""
+        self.bands = select_bands(self.path, self._src.count, tuple(bands) if bands else None)
+        flags = [self._src.mask_flag_enums[b - 1] for b in self.bands]
+        # A mask is "declared" by a nodata value, an alpha band or an internal/.msk mask;
+        # GDAL reports all_valid for bands that have none.
+        self._declared_mask = any(f != [MaskFlags.all_valid] for f in flags)
+
+    @property
+    def file_count(self) -> int:
+        """Number of bands in the file."""
+        return self._src.count
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` in pixels."""
+        return self._src.height, self._src.width
+
+    @property
+    def count(self) -> int:
+        """Number of bands read (after band selection)."""
+        return len(self.bands)
+
+    @property
+    def dtype(self) -> str:
+        return self._src.dtypes[self.bands[0] - 1]
+
+    @property
+    def geo(self) -> GeoInfo:
+        src = self._src
+        # GDAL reports the identity transform for rasters without one (a plain PNG); writing
+        # it back would make the output claim a georeference the input never had.
+        transform = None if src.transform.is_identity else src.transform
+        return GeoInfo(src.crs, transform)
+
+    def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``(C, h, w)`` in the file's dtype and a validity mask ``(h, w)`` bool.
+
+        Invalid (nodata) pixels: those the file declares invalid (nodata value on every band,
+        alpha 0, internal mask); when it declares nothing, pixels that are 0 on every band
+        (the black padding around a reprojected scene). Non-finite floats are always invalid.
+
+        Raises:
+            RasterError: truncated or corrupt data.
+        """
+        win = window.to_rasterio()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                pixels = self._src.read(self.bands, window=win)
+                if self._declared_mask:
+                    valid = self._src.read_masks(self.bands, window=win).any(axis=0)
+                else:
+                    valid = (pixels != 0).any(axis=0)
+        except RasterioIOError as exc:
+            raise RasterError(
+                f"{self.path}: cannot read pixels, file is truncated or corrupt ({exc})"
+            ) from None
+        if pixels.dtype.kind == "f":
+            valid &= np.isfinite(pixels).all(axis=0)
+        return pixels, valid
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> "RasterReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# The nodata value of class maps: class ids are 0..254.
+NODATA = 255
+
+
+def colormap(colors: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int, int, int]]:
+    """A GDAL colour table for class ids ``0..n-1``; nodata (255) is transparent black."""
+    table = {i: (int(r), int(g), int(b), 255) for i, (r, g, b) in enumerate(colors)}
+    table[NODATA] = (0, 0, 0, 0)
+    return table
+
+
+class RasterWriter:
+    """A tiled (512), DEFLATE-compressed GeoTIFF written window by window.
+
+    ``BIGTIFF=IF_SAFER`` switches to BigTIFF when the file could pass 4 GB. Each ``write``
+    goes to disk through GDAL's block cache; the whole raster is never held.
+
+    Args:
+        path: where to write (magseg writes to a temporary name and renames it).
+        size: ``(H, W)``.
+        count: bands; all uint8.
+        geo: CRS and transform copied from the input (left out when it has none).
+        nodata: the nodata value (None: no nodata value).
+        mask: store validity in an internal mask band (``write(..., valid=)``): for outputs
+            where every value 0..255 means something, such as probabilities.
+        colors: class colours -> a colour table on band 1 (class maps).
+        tags: dataset metadata (strings).
+        descriptions: one name per band.
+        scale: stored as the bands' scale factor (value x scale = physical value).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        size: tuple[int, int],
+        count: int,
+        geo: GeoInfo,
+        *,
+        nodata: int | None = NODATA,
+        mask: bool = False,
+        colors: Sequence[tuple[int, int, int]] | None = None,
+        tags: Mapping[str, str] | None = None,
+        descriptions: Sequence[str] | None = None,
+        scale: float | None = None,
+    ):
+        self.path = Path(path)
+        profile: dict[str, Any] = dict(
+            driver="GTiff", height=size[0], width=size[1], count=count, dtype="uint8",
+            tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
+            BIGTIFF="IF_SAFER", nodata=nodata,
+        )
+        if geo.crs is not None:
+            profile["crs"] = geo.crs
+        if geo.transform is not None:
+            profile["transform"] = geo.transform
+        self._masked = mask
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._dst = rasterio.open(self.path, "w", **profile)
+        except (RasterioIOError, OSError) as exc:
+            raise RasterError(f"{self.path}: cannot create output raster ({exc})") from None
+        dst = self._dst
+        if colors is not None:
+            dst.write_colormap(1, colormap(colors))
+        if tags:
+            dst.update_tags(**{k: str(v) for k, v in tags.items()})
+        for i, text in enumerate(descriptions or (), start=1):
+            dst.set_band_description(i, text)
+        if scale is not None:
+            dst.scales = (scale,) * count
+
+    def write(self, array: np.ndarray, window: PixelWindow, valid: np.ndarray | None = None) -> None:
+        """Write ``array`` ``(count, h, w)`` uint8 at ``window``; ``valid`` ``(h, w)`` bool
+        feeds the internal mask (writers made with ``mask=True``; None = all valid)."""
+        try:
+            self._dst.write(array, window=window.to_rasterio())
+            if self._masked:
+                mask = np.full(array.shape[-2:], 255, np.uint8) if valid is None else valid * np.uint8(255)
+                self._dst.write_mask(mask, window=window.to_rasterio())
+        except (RasterioIOError, OSError) as exc:
+            raise RasterError(f"{self.path}: cannot write output ({exc})") from None
+
+    def close(self) -> None:
+        """Flush and close; the file is complete afterwards."""
+        try:
+            self._dst.close()
+        except (RasterioIOError, OSError) as exc:
+            raise RasterError(f"{self.path}: cannot finish writing output ({exc})") from None
+
+    def __enter__(self) -> "RasterWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._dst.closed:
+            self.close()
+
+
+def convert_to_cog(src: str | Path, dst: str | Path, resampling: str) -> None:
+    """Copy a finished tiled GeoTIFF to a Cloud-Optimised GeoTIFF with overviews.
+
+    Converting a finished file is what keeps memory flat: GDAL's COG driver, given a dataset
+    being written, buffers the whole raster. ``resampling``: overview resampling, ``MODE`` or
+    ``NEAREST`` for class maps (no blended ids), ``AVERAGE`` for continuous values.
+    """
+    try:
+        rasterio.shutil.copy(
+            str(src), str(dst), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK,
+            OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER",
+        )
+    except (RasterioIOError, OSError) as exc:
+        raise RasterError(f"{dst}: cannot write cloud-optimised GeoTIFF ({exc})") from None

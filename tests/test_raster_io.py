@@ -1,0 +1,156 @@
+"""Streaming raster I/O: windowed reads with validity masks, window-by-window writes, COG."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+
+from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from magseg.errors import RasterError
+from magseg.raster import (
+    NODATA,
+    GeoInfo,
+    PixelWindow,
+    RasterReader,
+    RasterWriter,
+    convert_to_cog,
+    io_env,
+    plan_scene_windows,
+)
+
+
+def test_windowed_reads_give_back_the_pixels_in_band_order(tmp_path):
+    image = smooth_image(4, 40, 50, seed=1)
+    path = write_raster(tmp_path / "a.tif", image, tiled=True)
+    with RasterReader(path, bands=[3, 1]) as reader:
+        assert reader.size == (40, 50) and reader.count == 2 and reader.file_count == 4
+        window = PixelWindow(5, 7, 20, 30)
+        pixels, valid = reader.read(window)
+        np.testing.assert_array_equal(pixels, image[[2, 0], 5:25, 7:37])
+        # nothing declared and no pixel 0 in every band -> all valid
+        assert valid.shape == (20, 30) and valid.all()
+        assert reader.geo.crs == UTM33 and reader.geo.transform == TRANSFORM
+
+
+def test_all_zero_pixels_are_invalid_when_nothing_is_declared(tmp_path):
+    image = smooth_image(3, 20, 20, seed=2)
+    image[:, :4, :] = 0        # padding: 0 in every band
+    image[0, 10, 10] = 0       # 0 in one band only: valid
+    path = write_raster(tmp_path / "a.tif", image)
+    with RasterReader(path) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+    expected = np.ones((20, 20), bool)
+    expected[:4] = False
+    np.testing.assert_array_equal(valid, expected)
+
+
+def test_declared_nodata_wins_over_the_zero_rule(tmp_path):
+    image = smooth_image(3, 20, 20, seed=3).astype(np.int16)
+    image[:, 5, :] = -9999      # nodata in every band
+    image[:, 6, :] = 0          # real zeros: valid, because a nodata value is declared
+    path = write_raster(tmp_path / "a.tif", image, nodata=-9999)
+    with RasterReader(path) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+    assert not valid[5].any() and valid[6].all() and valid.sum() == 19 * 20
+
+
+def test_non_finite_floats_are_invalid(tmp_path):
+    image = smooth_image(3, 10, 10, seed=4).astype(np.float32)
+    image[1, 2, 3] = np.nan
+    image[0, 4, 4] = np.inf
+    path = write_raster(tmp_path / "a.tif", image)
+    with RasterReader(path) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 10, 10))
+    assert not valid[2, 3] and not valid[4, 4] and valid.sum() == 98
+
+
+def test_alpha_band_masks_pixels(tmp_path):
+    rgba = np.concatenate([smooth_image(3, 12, 12, seed=5), np.full((1, 12, 12), 255, np.uint8)])
+    rgba[3, :, :3] = 0
+    path = write_raster(tmp_path / "a.png", rgba, driver="PNG", crs=None, transform=None)
+    with RasterReader(path, bands=[1, 2, 3]) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 12, 12))
+        assert not reader.geo.georeferenced
+    assert not valid[:, :3].any() and valid[:, 3:].all()
+
+
+def test_truncated_file_is_a_raster_error_naming_it(tmp_path):
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 256, 256, seed=6), tiled=True,
+                        compress="deflate")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RasterError, match="a.tif"):
+        with RasterReader(path) as reader:
+            reader.read(PixelWindow(0, 0, 256, 256))
+
+
+def test_writer_assembles_windows_with_georeference_colours_and_names(tmp_path):
+    size = (150, 170)
+    labels = np.random.default_rng(0).integers(0, 4, size=size).astype(np.uint8)
+    labels[:3] = NODATA
+    path = tmp_path / "out.tif"
+    with io_env():
+        with RasterWriter(path, size, 1, GeoInfo(UTM33, TRANSFORM),
+                          colors=[(0, 0, 0), (255, 255, 0), (255, 255, 255), (0, 0, 255)],
+                          tags={"MAGSEG_CLASSES": json.dumps(["a", "b", "c", "d"])},
+                          descriptions=["class"]) as writer:
+            for w in plan_scene_windows(size, (64, 64), (8, 8)):
+                writer.write(labels[w.core.slices][None], w.core)
+    data, profile = read_raster(path)
+    np.testing.assert_array_equal(data[0], labels)
+    assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
+    assert profile["dtype"] == "uint8" and profile["nodata"] == NODATA and profile["count"] == 1
+    assert profile["tiled"] and profile["blockxsize"] == 512 and profile["compress"] == "deflate"
+    assert profile["colormap"][1] == (255, 255, 0, 255) and profile["colormap"][3] == (0, 0, 255, 255)
+    assert profile["colormap"][NODATA][3] == 0  # nodata is transparent
+    assert json.loads(profile["tags"]["MAGSEG_CLASSES"]) == ["a", "b", "c", "d"]
+    assert profile["descriptions"] == ("class",)
+
+
+def test_masked_writer_stores_validity_in_an_internal_mask(tmp_path):
+    values = np.arange(2 * 20 * 30, dtype=np.uint16).reshape(2, 20, 30).astype(np.uint8)
+    valid = np.ones((20, 30), bool)
+    valid[::3, ::4] = False
+    path = tmp_path / "probs.tif"
+    with RasterWriter(path, (20, 30), 2, GeoInfo(None, None), nodata=None, mask=True,
+                      scale=1 / 255) as writer:
+        writer.write(values[:, :, :16], PixelWindow(0, 0, 20, 16), valid[:, :16])
+        writer.write(values[:, :, 16:], PixelWindow(0, 16, 20, 14), valid[:, 16:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NotGeoreferencedWarning from a file we made so
+        data, profile = read_raster(path)
+    np.testing.assert_array_equal(data, values)
+    np.testing.assert_array_equal(profile["masks"][0] > 0, valid)
+    assert profile["nodata"] is None and profile["crs"] is None
+    assert profile["scales"] == pytest.approx((1 / 255, 1 / 255))
+
+
+def test_cog_conversion_keeps_pixels_colours_tags_and_adds_overviews(tmp_path):
+    size = (1100, 1300)
+    labels = (np.indices(size).sum(0) // 97 % 4).astype(np.uint8)
+    tiled = tmp_path / "tiled.tif"
+    with RasterWriter(tiled, size, 1, GeoInfo(UTM33, TRANSFORM), colors=[(9, 9, 9)] * 4,
+                      tags={"CLASS_1": "b"}) as writer:
+        writer.write(labels[None], PixelWindow(0, 0, *size))
+    cog = tmp_path / "cog.tif"
+    convert_to_cog(tiled, cog, "MODE")
+    data, profile = read_raster(cog)
+    np.testing.assert_array_equal(data[0], labels)
+    assert profile["layout"].get("LAYOUT") == "COG"
+    assert profile["overviews"] and profile["overviews"][0] == 2
+    assert profile["colormap"][2] == (9, 9, 9, 255) and profile["tags"]["CLASS_1"] == "b"
+    assert profile["transform"] == TRANSFORM and profile["nodata"] == NODATA
+    with rasterio.open(cog) as src:
+        overview = src.read(1, out_shape=(size[0] // 2, size[1] // 2))
+    assert set(np.unique(overview)) <= {0, 1, 2, 3}  # MODE: no blended class ids
+
+
+def test_unwritable_output_is_a_raster_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RasterError, match="cannot create output raster"):
+        RasterWriter(blocker / "out.tif", (4, 4), 1, GeoInfo(None, None))
