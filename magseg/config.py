@@ -172,7 +172,8 @@ class EngineConfig:
 
     batch_size: int = 4
     device: str = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     adaptive: AdaptiveConfig = AdaptiveConfig()
 

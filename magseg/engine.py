@@ -78,8 +78,25 @@ def labels_of(probs: Tensor) -> Tensor:
     return probs.max(dim=0).indices.to(torch.uint8)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32, so ``auto`` must not pick it elsewhere."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
+    """Autocast for ``bf16``/``fp16`` (``auto`` resolved first); nothing for ``fp32``."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
