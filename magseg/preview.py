@@ -95,8 +95,7 @@ class PreviewCanvas:
         fig_w, fig_h = max(3 * w / 100, 6), max(h / 100, 2) + 1.0
         fig, axes = plt.subplots(1, 3, figsize=(fig_w, fig_h), dpi=100, layout="constrained")
         try:
-            cmap = matplotlib.colormaps["magma"].copy()
-            cmap.set_bad(_NODATA_RGB)
+            cmap = matplotlib.colormaps["magma"].with_extremes(bad=_NODATA_RGB)
             panels = [
                 ("image", self.image_rgb(), {}),
                 ("classes", self.labels_rgb(classes), {"interpolation": "nearest"}),

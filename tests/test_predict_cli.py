@@ -1,0 +1,364 @@
+"""`magseg predict` from the shell's side: outputs read back, NDJSON on stdout, exit codes,
+and every kind of bad input (named in the message, the rest of the batch still done)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.errors import NotGeoreferencedWarning
+from typer.testing import CliRunner
+
+import magseg.cli.predict  # noqa: F401  (registers the command)
+from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from magseg.cli.app import app
+from magseg.raster import NODATA
+
+SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
+# A 256 px scene (for rasters big enough to get COG overviews without hundreds of windows).
+LARGE_SCENE = ["--set", "pyramid.scales=[64,128,256]", "--set", "pyramid.crop=64",
+               "--set", "pyramid.input=64"]
+TINY_COLOURS = {0: (0, 0, 0), 1: (255, 255, 0), 2: (255, 255, 255), 3: (0, 0, 255)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # see tests/test_predict.py: tiny models on a shared 2-core machine
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def ckpt(make_checkpoint):
+    return make_checkpoint(SMALL_SCENE)
+
+
+def _predict(*args, stdin=None):
+    return CliRunner().invoke(app, ["predict", *map(str, args)], input=stdin)
+
+
+def _records(result):
+    lines = result.stdout.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_path, ckpt):
+    image = smooth_image(3, 150, 170, seed=1)
+    image[:, :, :5] = 0                                     # padding -> nodata
+    big = write_raster(tmp_path / "big.tif", image)
+    small = write_raster(tmp_path / "small.tif", smooth_image(3, 30, 40, seed=2))
+    out = tmp_path / "out"
+    result = _predict(ckpt, big, small, "--out-dir", out, "--probs", "--uncertainty", "--preview")
+    assert result.exit_code == 0, result.output
+    records = _records(result)
+    assert [r["input"] for r in records] == [str(big), str(small)]
+    for record, (h, w) in zip(records, [(150, 170), (30, 40)]):
+        assert record["status"] == "ok" and record["error"] is None
+        assert (record["height"], record["width"]) == (h, w) and record["seconds"] > 0
+        assert sum(record["histogram"].values()) == h * w
+        assert set(record["histogram"]) == {"unknown", "field", "road", "water", "nodata"}
+        labels, profile = read_raster(record["output"])
+        assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
+        assert (profile["height"], profile["width"], profile["count"]) == (h, w, 1)
+        assert profile["dtype"] == "uint8" and profile["nodata"] == NODATA
+        assert profile["tiled"] and profile["blockxsize"] == 512 and profile["compress"] == "deflate"
+        for cid, colour in TINY_COLOURS.items():
+            assert profile["colormap"][cid] == (*colour, 255)
+        classes = json.loads(profile["tags"]["MAGSEG_CLASSES"])
+        assert [c["name"] for c in classes] == ["unknown", "field", "road", "water"]
+        counts = np.bincount(labels.ravel(), minlength=256)
+        assert record["histogram"]["nodata"] == counts[NODATA]
+        assert record["histogram"]["road"] == counts[2]
+        for extra in ("probs", "uncertainty"):
+            _, p = read_raster(record["outputs"][extra])
+            assert p["crs"] == UTM33 and p["transform"] == TRANSFORM and (p["height"], p["width"]) == (h, w)
+    assert records[0]["histogram"]["nodata"] == 150 * 5
+    assert records[0]["windows"] > 1 and records[1]["windows"] == 1
+
+    preview = cv2.imread(records[0]["outputs"]["preview"])
+    assert preview is not None and preview.shape[1] > 2 * preview.shape[0] // 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{x}" for s in ("big", "small")
+        for x in (".tif", "_probs.tif", "_uncertainty.tif", "_preview.png"))
+
+
+def test_preview_of_a_large_raster_is_downsampled(tmp_path, ckpt):
+    path = write_raster(tmp_path / "wide.tif", smooth_image(3, 300, 1400, seed=3))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", "--preview", *LARGE_SCENE)
+    assert result.exit_code == 0, result.output
+    preview = cv2.imread(str(tmp_path / "out" / "wide_preview.png"))
+    # three panels of 1400 / 3 = 467 px (at most 512) each, plus margins
+    assert 3 * 400 <= preview.shape[1] <= 3 * 512 + 300 and preview.shape[0] <= 400
+
+
+def test_paths_from_stdin_directories_and_globs(tmp_path, ckpt):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_raster(folder / f"{name}.tif", smooth_image(3, 20, 20, seed=len(name)))
+    (folder / "notes.txt").write_text("not an input")
+    stdin = f"{folder / 'a.tif'}\n\n# a comment\n{folder / 'b.tif'}\n"
+    result = _predict(ckpt, "-", "-o", tmp_path / "out1", stdin=stdin)
+    assert result.exit_code == 0, result.output
+    assert [Path(r["input"]).name for r in _records(result)] == ["a.tif", "b.tif"]
+    result = _predict(ckpt, folder, str(folder / "[ab].tif"), "-o", tmp_path / "out2")
+    assert result.exit_code == 0, result.output
+    assert [Path(r["input"]).name for r in _records(result)] == ["a.tif", "b.tif", "c.tif"]
+
+
+def test_cog_outputs_have_overviews(tmp_path, ckpt):
+    path = write_raster(tmp_path / "s.tif", smooth_image(3, 540, 600, seed=4))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", "--cog", "--uncertainty", *LARGE_SCENE)
+    assert result.exit_code == 0, result.output
+    for name in ("s.tif", "s_uncertainty.tif"):
+        data, profile = read_raster(tmp_path / "out" / name)
+        assert profile["layout"].get("LAYOUT") == "COG" and profile["overviews"] == [2]
+        assert profile["crs"] == UTM33 and data.shape[1:] == (540, 600)
+    labels, lprofile = read_raster(tmp_path / "out" / "s.tif")
+    np.testing.assert_array_equal(profile["masks"][0] > 0, labels[0] != NODATA)
+    assert lprofile["colormap"][3] == (0, 0, 255, 255)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("driver, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("JP2OpenJPEG", ".jp2")])
+def test_png_jpeg_and_jpeg2000_inputs(tmp_path, ckpt, driver, suffix):
+    with rasterio.Env() as env:
+        if driver not in env.drivers():
+            pytest.skip(f"GDAL in this rasterio wheel has no {driver} driver")
+    georef = driver == "JP2OpenJPEG"   # JPEG2000 carries a georeference (GeoJP2/GMLJP2)
+    image = smooth_image(3, 70, 90, seed=5)
+    extra = {"QUALITY": "100", "REVERSIBLE": "YES"} if georef else {}
+    path = write_raster(tmp_path / f"img{suffix}", image, driver=driver,
+                        crs=UTM33 if georef else None, transform=TRANSFORM if georef else None, **extra)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _predict(ckpt, path, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels, profile = read_raster(tmp_path / "out" / "img.tif")
+    assert labels.shape == (1, 70, 90) and labels.dtype == np.uint8
+    if georef:
+        assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
+    else:
+        # no CRS, and no made-up geotransform either
+        assert profile["crs"] is None and profile["transform"].is_identity
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: each makes its own input fail (exit 1) and the rest of the batch still runs.
+
+def _truncated(tmp_path):
+    path = write_raster(tmp_path / "bad.tif", smooth_image(3, 200, 200, seed=6), tiled=True,
+                        compress="deflate")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+def _corrupt(tmp_path):
+    path = write_raster(tmp_path / "bad.tif", smooth_image(3, 200, 200, seed=7), tiled=True,
+                        compress="deflate")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)   # tiles zeroed
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _text(tmp_path):
+    (tmp_path / "bad.tif").write_text("hello, I am not a GeoTIFF")
+    return tmp_path / "bad.tif"
+
+
+def _empty(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"")
+    return tmp_path / "bad.tif"
+
+
+BAD_INPUTS = {
+    "not a raster": (_text, "not a readable raster"),
+    "truncated": (_truncated, "truncated or corrupt"),
+    "corrupt": (_corrupt, "truncated or corrupt"),
+    "zero-size": (_empty, "empty file"),
+    "missing": (lambda p: p / "bad.tif", "no such file"),
+    "wrong band count": (lambda p: write_raster(p / "bad.tif", smooth_image(2, 30, 30)), "--bands"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_a_bad_input_fails_alone(tmp_path, ckpt, kind):
+    make, message = BAD_INPUTS[kind]
+    bad = make(tmp_path)
+    good = write_raster(tmp_path / "good.tif", smooth_image(3, 40, 40, seed=8))
+    out = tmp_path / "out"
+    result = _predict(ckpt, bad, good, "-o", out)
+    assert result.exit_code == 1, result.output
+    first, second = _records(result)
+    assert first["status"] == "failed" and "bad.tif" in first["error"] and message in first["error"]
+    assert second["status"] == "ok" and (out / "good.tif").exists()
+    assert "bad.tif" in result.stderr and "1 of 2 input(s) failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.tif"]   # nothing half-written
+
+
+def test_missing_checkpoint_is_a_usage_error(tmp_path):
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20))
+    result = _predict(tmp_path / "nope.ckpt", path, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "nope.ckpt" in result.stderr and "does not exist" in result.stderr
+
+
+def test_corrupt_checkpoint_is_a_usage_error(tmp_path, ckpt):
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20))
+    result = _predict(ckpt, path, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and result.stdout == "" and str(ckpt) in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bands", "1,x"], "comma-separated"),
+    (["--bands", "0,1,2"], "numbered from 1"),
+    (["--bands", "1,2"], "takes 3"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_usage_errors_exit_2(tmp_path, ckpt, args, message):
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert message in result.stderr, result.stderr
+
+
+def test_glob_matching_nothing_is_a_usage_error(tmp_path, ckpt):
+    result = _predict(ckpt, str(tmp_path / "*.tif"), "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "no file matches" in result.stderr
+
+
+def test_existing_output_is_skipped_unless_overwrite(tmp_path, ckpt):
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 30, 30))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.tif").write_bytes(b"precious")
+    result = _predict(ckpt, path, "-o", out)
+    assert result.exit_code == 0
+    (record,) = _records(result)
+    assert record["status"] == "skipped" and "--overwrite" in result.stderr
+    assert (out / "a.tif").read_bytes() == b"precious"
+    result = _predict(ckpt, path, "-o", out, "--overwrite")
+    assert result.exit_code == 0 and _records(result)[0]["status"] == "ok"
+    assert read_raster(out / "a.tif")[0].shape == (1, 30, 30)
+
+
+def test_two_inputs_with_the_same_name_do_not_overwrite_each_other(tmp_path, ckpt):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = write_raster(tmp_path / "x" / "s.tif", smooth_image(3, 20, 20, seed=1))
+    b = write_raster(tmp_path / "y" / "s.tif", smooth_image(3, 20, 20, seed=2))
+    result = _predict(ckpt, a, b, "-o", tmp_path / "out", "--overwrite")
+    assert result.exit_code == 1
+    first, second = _records(result)
+    assert first["status"] == "ok" and second["status"] == "failed" and "same file name" in second["error"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "magseg.cli.app", "predict", *map(str, args)]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _predict_as_nobody(*args):
+    """Run the command in a forked child that has dropped root (uid/gid 65534), so that file
+    permissions apply to it. Returns ``(exit code, stdout, stderr)``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read_end)
+            signal.alarm(120)
+            os.setgid(65534)
+            os.setgroups([])
+            os.setuid(65534)
+            result = _predict(*args)
+            payload = [result.exit_code, result.stdout, result.stderr + repr(result.exception)]
+        except BaseException as exc:  # noqa: BLE001
+            payload = [-1, "", repr(exc)]
+        os.write(write_end, json.dumps(payload).encode())
+        os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 1 << 16):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return tuple(json.loads(data))
+
+
+def test_read_only_output_directory_is_a_usage_error(tmp_path, ckpt):
+    base = Path(tempfile.mkdtemp())   # reachable by 'nobody' (tmp_path's parents are not)
+    try:
+        base.chmod(0o755)
+        image = write_raster(base / "a.tif", smooth_image(3, 20, 20))
+        ckpt = shutil.copy(ckpt, base / "model.ckpt")
+        out = base / "ro"
+        out.mkdir(mode=0o555)
+        if os.geteuid() == 0:
+            # root writes through chmod: drop to 'nobody' so that permissions really are
+            # what stops the command.
+            code, stdout, stderr = _predict_as_nobody(ckpt, image, "-o", out)
+        else:
+            result = _predict(ckpt, image, "-o", out)
+            code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+        assert list(out.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
+    assert code == 2, stderr
+    assert stdout == "" and "not writable" in stderr and str(out) in stderr
+
+
+def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tmp_path, ckpt):
+    # Enough windows that the run is still writing when it is killed.
+    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(ckpt, path, "-o", out, "--probs"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.exists() and any(p.suffix == ".partial" for p in out.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "predict never started writing"
+            time.sleep(0.05)
+        time.sleep(0.5)                      # well into the window loop
+        assert proc.poll() is None, "finished before it could be killed: make the raster bigger"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    names = sorted(p.name for p in out.iterdir())
+    assert "big.tif" not in names and "big_probs.tif" not in names
+    assert names and all(n.startswith(".big") and n.endswith(".partial") for n in names), names
+
+    result = _predict(ckpt, path, "-o", out, "--probs")
+    assert result.exit_code == 0, result.output
+    labels, profile = read_raster(out / "big.tif")
+    assert labels.shape == (1, 400, 420) and profile["crs"] == UTM33
+    assert (labels != NODATA).all()
+
+
+def test_help_has_examples():
+    result = CliRunner().invoke(app, ["predict", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout and "--out-dir" in result.stdout and "| jq" in result.stdout
