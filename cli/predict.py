@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,8 +106,8 @@ def predict(
     pixels 0 in every band when none is declared) becomes 255. Every file is written under a
     temporary name and renamed when complete.
     """
-    from magseg.errors import CheckpointError, ConfigError, MagsegError
-    from magseg.predict import INPUT_SUFFIXES, PredictOptions, output_paths, predict_raster
+    from magseg.errors import CheckpointError, ConfigError
+    from magseg.predict import INPUT_SUFFIXES, PredictOptions
     from magseg.segmenter import Segmenter
 
     options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
@@ -128,25 +131,37 @@ def predict(
         fail(f"--bands lists {len(options.bands)} band(s) but the model in {checkpoint} takes {want}",
              EXIT_USAGE)
 
+    with _sigterm_as_interrupt():
+        failed = _predict_all(segmenter, paths, out_dir, options, quiet)
+    if failed:
+        log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
+    """Predict each input in turn, one NDJSON line each; returns how many failed."""
+    from magseg.errors import MagsegError
+    from magseg.predict import output_paths, predict_raster
+
     failed = 0
     claimed: dict[Path, Path] = {}
     for number, path in enumerate(paths, start=1):
         start = time.perf_counter()
-        target = output_paths(path, out_dir, options)["labels"].resolve()
+        target = output_paths(path, out_dir, options)["labels"]
         try:
-            if target in claimed:
+            if target.resolve() in claimed:
                 raise MagsegError(
-                    f"{path}: its output {target} is also the output of {claimed[target]} "
-                    "(same file name); predict them into different --out-dir"
+                    f"{path}: its output {target} is also the output of "
+                    f"{claimed[target.resolve()]} (same file name); predict them into "
+                    "different --out-dir"
                 )
-            claimed[target] = path
+            claimed[target.resolve()] = path
             with progress_bar(None, path.name, quiet, unit="window") as bar:
                 def on_window(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(1)
 
-                result = predict_raster(segmenter, path, out_dir, options, on_window)
-            record = result.to_record()
+                record = predict_raster(segmenter, path, out_dir, options, on_window).to_record()
         except MagsegError as exc:
             record = _failed(path, target, str(exc), start)
         except Exception as exc:  # noqa: BLE001  one bad input never aborts the batch
@@ -158,9 +173,25 @@ def predict(
             note = " (outputs exist; --overwrite replaces them)"
         log(f"magseg: [{number}/{len(paths)}] {path} -> {target}: {record['status']}, "
             f"{record['seconds']:.1f} s{note}", quiet)
-    if failed:
-        log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
-    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+    return failed
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A batch scheduler's SIGTERM ends the run like Ctrl-C: the file being written is
+    removed on the way out (atomic_write) instead of left behind as a stray temporary."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _failed(path: Path, target: Path, error: str, start: float) -> dict:

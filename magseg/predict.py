@@ -26,18 +26,16 @@ import torch
 
 from magseg.atomic import atomic_write, partial_path
 from magseg.certainty import certainty
-from magseg.config import PyramidConfig
+from magseg.config import Config, PyramidConfig
 from magseg.errors import RasterError
 from magseg.raster import (
     NODATA,
-    GeoInfo,
     RasterReader,
     RasterWriter,
     SceneWindow,
     convert_to_cog,
     io_env,
     plan_scene_windows,
-    select_bands,
 )
 from magseg.segmenter import Segmenter
 
@@ -153,7 +151,7 @@ def _band_order(reader: RasterReader, segmenter: Segmenter, options: PredictOpti
             f"{','.join(map(str, bands))}; pass --bands with {want} band numbers among "
             f"1..{count} (e.g. --bands {example})"
         )
-    return select_bands(reader.path, count, tuple(bands))
+    return list(bands)
 
 
 @contextlib.contextmanager
@@ -246,7 +244,6 @@ def _run(
     plan = plan_scene_windows(reader.size, config.pyramid.scene, margin)
     result.windows = len(plan)
     histogram = _Histogram()
-    names = [c.name for c in config.classes]
     preview = None
     if "preview" in todo:
         from magseg.preview import PreviewCanvas
@@ -290,8 +287,9 @@ def _run(
     return histogram
 
 
-def _writer(kind: str, path: Path, reader: RasterReader, config) -> RasterWriter:
-    geo: GeoInfo = reader.geo
+def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> RasterWriter:
+    """The writer of one output kind, georeferenced like the input."""
+    geo = reader.geo
     names = [c.name for c in config.classes]
     if kind == "labels":
         tags = {

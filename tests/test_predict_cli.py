@@ -328,10 +328,8 @@ def test_read_only_output_directory_is_a_usage_error(tmp_path, ckpt):
     assert stdout == "" and "not writable" in stderr and str(out) in stderr
 
 
-def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tmp_path, ckpt):
-    # Enough windows that the run is still writing when it is killed.
-    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
-    out = tmp_path / "out"
+def _signal_mid_write(ckpt, path, out, sig):
+    """Start predict in a subprocess, send ``sig`` while it writes; returns its exit code."""
     proc = subprocess.Popen(_cli(ckpt, path, "-o", out, "--probs"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env())
     try:
@@ -341,12 +339,19 @@ def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tm
             assert time.monotonic() < deadline, "predict never started writing"
             time.sleep(0.05)
         time.sleep(0.5)                      # well into the window loop
-        assert proc.poll() is None, "finished before it could be killed: make the raster bigger"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        assert proc.poll() is None, "finished before the signal: make the raster bigger"
+        proc.send_signal(sig)
+        return proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tmp_path, ckpt):
+    # Enough windows (81) that the run is still writing when it is killed.
+    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
+    out = tmp_path / "out"
+    assert _signal_mid_write(ckpt, path, out, signal.SIGKILL) == -signal.SIGKILL
     names = sorted(p.name for p in out.iterdir())
     assert "big.tif" not in names and "big_probs.tif" not in names
     assert names and all(n.startswith(".big") and n.endswith(".partial") for n in names), names
@@ -356,6 +361,13 @@ def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tm
     labels, profile = read_raster(out / "big.tif")
     assert labels.shape == (1, 400, 420) and profile["crs"] == UTM33
     assert (labels != NODATA).all()
+
+
+def test_sigterm_removes_the_file_being_written(tmp_path, ckpt):
+    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
+    out = tmp_path / "out"
+    assert _signal_mid_write(ckpt, path, out, signal.SIGTERM) == 130
+    assert list(out.iterdir()) == []
 
 
 def test_help_has_examples():
