@@ -146,8 +146,9 @@ def crop_probs(
         multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
         logits = run_backbone(backbone, x, multiple, contexts)
-    logits = resize(logits.float(), tuple(crops.shape[-2:]))
-    return logits.softmax(dim=1)
+    # Softmax at the input size, then resize: fewer pixels when crops are larger than the
+    # input, and bilinear weights sum to 1, so the result is still a distribution.
+    return resize(logits.float().softmax(dim=1), tuple(crops.shape[-2:]))
 
 
 def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:
@@ -192,20 +193,19 @@ def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
 
 def refine_crops(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
-) -> tuple[Tensor, Tensor]:
-    """Give the top-K pixels of each crop's error map the refined values.
+) -> Tensor:
+    """Give the top-K pixels of each crop's error map the refined values, in place.
 
     Args:
-        coarse: ``(B, C, ch, cw)`` coarse probabilities Y of the crops.
+        coarse: ``(B, C, ch, cw)`` coarse probabilities Y of the crops; overwritten with
+            the result (the engine's own copy, cut for this batch).
         refined: ``(B, C, ch, cw)`` refined probabilities R.
         boxes: the B crop boxes (K counts, and picks, only pixels a crop owns).
     Returns:
-        ``(B, C, ch, cw)`` updated probabilities and ``(B, ch, cw)`` bool map of the
-        pixels that changed hands.
+        ``(B, ch, cw)`` bool map of the pixels that took the refined values.
     """
     score = error_map(refined, coarse, refine.kernel)
     owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
-    out = coarse.clone()
     picked = torch.zeros_like(owned)
     for i, box in enumerate(boxes):
         k = num_points(refine.points, box.own_height * box.own_width)
@@ -214,9 +214,9 @@ def refine_crops(
         index = top_k_points(score[i], k, owned[i])
         # R lives on the crop's own grid, so point_sample at the pixel centres is a gather.
         values = sample_pixels(refined[i : i + 1], index[None])
-        out[i : i + 1] = scatter_points(coarse[i : i + 1], index[None], values)
+        scatter_points(coarse[i : i + 1], index[None], values, inplace=True)
         picked[i].view(-1)[index] = True
-    return out, picked
+    return picked
 
 
 def _run_options(backbone: nn.Module, engine: EngineConfig) -> dict:
@@ -330,7 +330,9 @@ def segment(
             if chosen:
                 # Crops read `coarse` and write `y`, so overlapping crops never see each
                 # other's refinements: the result is independent of batch size and order.
-                y = coarse.clone()
+                # Without overlap no crop reads what another writes: update in place.
+                overlap = any(b.window != b.owned for b in boxes)
+                y = coarse.clone() if overlap else coarse
                 scene = resize(image, size)
             # else: nothing can change at this stage; y stays at its own resolution and is
             # upsampled once, later (so K = 0 gives exactly the stage-0 view upsampled).
@@ -338,8 +340,8 @@ def segment(
                 fine = _batch_probs(backbone, scene, batch, pyramid, run)
                 coarse_crops = extract_crops(coarse, batch, pyramid.crop)
                 refined = refine_probs(refiner, fine, coarse_crops)
-                updated, picked = refine_crops(coarse_crops, refined, batch, refine)
-                stitch_crops(y, updated, batch)
+                picked = refine_crops(coarse_crops, refined, batch, refine)
+                stitch_crops(y, coarse_crops, batch)
                 if picked_map is not None:
                     stitch_crops(picked_map, picked[:, None], batch)
                 if on_crops:

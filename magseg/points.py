@@ -111,17 +111,21 @@ def sample_pixels(features: Tensor, index: Tensor) -> Tensor:
     return features.reshape(b, c, -1).gather(2, index.unsqueeze(1).expand(-1, c, -1))
 
 
-def scatter_points(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
+def scatter_points(target: Tensor, index: Tensor, values: Tensor, inplace: bool = False) -> Tensor:
     """Replace the pixels at ``index`` of ``target`` by ``values``; all others unchanged.
 
     Args:
-        target: ``(B, C, H, W)``.
+        target: ``(B, C, H, W)``, contiguous when ``inplace``.
         index: ``(B, P)`` flat pixel indices.
         values: ``(B, C, P)``.
+        inplace: write into ``target`` (no copy) instead of returning a new tensor.
     Returns:
-        a new ``(B, C, H, W)`` tensor.
+        the ``(B, C, H, W)`` result (``target`` itself when ``inplace``).
     """
     b, c, h, w = target.shape
     idx = index.unsqueeze(1).expand(-1, c, -1)
-    out = target.reshape(b, c, h * w).scatter(2, idx, values.to(target.dtype))
-    return out.view(b, c, h, w)
+    flat = target.view(b, c, h * w) if inplace else target.reshape(b, c, h * w)
+    if inplace:
+        flat.scatter_(2, idx, values.to(target.dtype))
+        return target
+    return flat.scatter(2, idx, values.to(target.dtype)).view(b, c, h, w)

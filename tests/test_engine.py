@@ -113,7 +113,8 @@ def test_refine_crops_changes_only_owned_top_k_pixels():
     refined = torch.full((1, 2, 4, 4), 0.5)
     for y, x in [(0, 0), (3, 3), (1, 2)]:
         refined[0, :, y, x] = torch.tensor([1.0, 0.0])
-    out, picked = refine_crops(coarse, refined, [box], RefineConfig(points=3, kernel=1))
+    out = coarse.clone()
+    picked = refine_crops(out, refined, [box], RefineConfig(points=3, kernel=1))
     assert picked.sum() == 3
     assert torch.equal(out[0, :, picked[0]], refined[0, :, picked[0]])
     assert torch.equal(out[0, :, ~picked[0]], coarse[0, :, ~picked[0]])

@@ -86,3 +86,10 @@ def test_scatter_changes_exactly_those_pixels_and_nothing_else():
     assert out[0, :, 0, 1].tolist() == values[0, :, 0].tolist()
     assert out[1, :, 0, 0].tolist() == values[1, :, 1].tolist()
     assert torch.equal(target, torch.arange(24, dtype=torch.float32).view(2, 3, 2, 2))  # input untouched
+
+
+def test_scatter_in_place_writes_into_the_target():
+    target = torch.zeros(1, 2, 3, 3)
+    same = scatter_points(target, torch.tensor([[4]]), torch.tensor([[[1.0], [2.0]]]), inplace=True)
+    assert same is target
+    assert target[0, :, 1, 1].tolist() == [1.0, 2.0] and target.sum() == 3.0
