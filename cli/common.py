@@ -119,7 +119,11 @@ def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> 
                     add(Path(line))
             continue
         path = Path(item)
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError:  # e.g. a parent directory we may not search: reported per input later
+            is_dir = False
+        if is_dir:
             for child in sorted(path.iterdir()):
                 if child.is_file() and child.suffix.lower() in suffixes:
                     add(child)
