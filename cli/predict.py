@@ -8,6 +8,7 @@ import signal
 import tempfile
 import threading
 import time
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -24,6 +25,13 @@ from magseg.cli.common import (
     log,
     progress_bar,
 )
+
+
+class Engine(str, Enum):
+    """Where the scenes run."""
+
+    local = "local"
+    ray = "ray"
 
 
 def _parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -96,6 +104,20 @@ def predict(
         None, "--set", help="Run-time config override key=value, e.g. --set refine.points=0.25 "
         "--set engine.adaptive.max_crops=8 (repeatable)."
     ),
+    adaptive_threshold: float = typer.Option(
+        None, "--adaptive-threshold", min=0, max=1, help="Adaptive mode: skip crops whose mean "
+        "coarse uncertainty is below this (faster; default: the checkpoint's engine.adaptive)."),
+    adaptive_max_crops: int = typer.Option(
+        None, "--adaptive-max-crops", min=0, help="Adaptive mode: run at most this many of the "
+        "most uncertain crops per stage."),
+    engine: Engine = typer.Option(
+        Engine.local, "--engine", help="local: this process; ray: scenes on Ray actors that each "
+        "load the model once (pip install 'magseg[ray]')."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="With --engine ray: a cluster to join (e.g. auto, "
+        "ray://head:10001); default: a local Ray instance."),
+    workers: int = typer.Option(
+        None, "--workers", min=1, help="With --engine ray: number of actors (default: one per CPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
 ) -> None:
     """Segment rasters with a trained checkpoint; one JSON line per input on stdout.
@@ -106,6 +128,7 @@ def predict(
     pixels 0 in every band when none is declared) becomes 255. Every file is written under a
     temporary name and renamed when complete.
     """
+    from magseg.checkpoint import load_checkpoint
     from magseg.errors import CheckpointError, ConfigError
     from magseg.predict import INPUT_SUFFIXES, PredictOptions
     from magseg.segmenter import Segmenter
@@ -122,57 +145,107 @@ def predict(
         overrides.append(f"engine.batch_size={batch_size}")
     if device is not None:
         overrides.append(f"engine.device={device}")
+    if adaptive_threshold is not None:
+        overrides.append(f"engine.adaptive.threshold={adaptive_threshold}")
+    if adaptive_max_crops is not None:
+        overrides.append(f"engine.adaptive.max_crops={adaptive_max_crops}")
     try:
-        segmenter = Segmenter.from_checkpoint(checkpoint, overrides)
+        if engine is Engine.ray:  # the workers build the models; here only check the file
+            segmenter = None
+            config = load_checkpoint(checkpoint).config.override(overrides)
+        else:
+            segmenter = Segmenter.from_checkpoint(checkpoint, overrides)
+            config = segmenter.config
     except (CheckpointError, ConfigError) as exc:
         fail(str(exc), EXIT_USAGE)
-    want = segmenter.config.model.in_channels
+    want = config.model.in_channels
     if options.bands is not None and len(options.bands) != want:
         fail(f"--bands lists {len(options.bands)} band(s) but the model in {checkpoint} takes {want}",
              EXIT_USAGE)
 
     with _sigterm_as_interrupt():
-        failed = _predict_all(segmenter, paths, out_dir, options, quiet)
+        if segmenter is None:
+            failed = _predict_all_ray(checkpoint, overrides, paths, out_dir, options, quiet,
+                                      ray_address, workers)
+        else:
+            failed = _predict_all(segmenter, paths, out_dir, options, quiet)
     if failed:
         log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
+def _clashing_outputs(paths: list[Path], out_dir: Path, options) -> dict[Path, dict]:
+    """Failed records for inputs whose output name is already an earlier input's (two
+    ``a.tif`` from different folders into one --out-dir), keyed by input."""
+    from magseg.predict import failed_record, output_paths
+
+    claimed: dict[Path, Path] = {}
+    clashes: dict[Path, dict] = {}
+    for path in paths:
+        target = output_paths(path, out_dir, options)["labels"]
+        if target.resolve() in claimed:
+            clashes[path] = failed_record(
+                path, target, f"{path}: its output {target} is also the output of "
+                f"{claimed[target.resolve()]} (same file name); predict them into different --out-dir")
+        else:
+            claimed[target.resolve()] = path
+    return clashes
+
+
+def _report(record: dict, number: int, total: int, quiet: bool) -> None:
+    emit(record)
+    note = f" ({record['error']})" if record["error"] else ""
+    if record["status"] == "skipped":
+        note = " (outputs exist; --overwrite replaces them)"
+    log(f"magseg: [{number}/{total}] {record['input']} -> {record['output']}: {record['status']}, "
+        f"{record['seconds']:.1f} s{note}", quiet)
+
+
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
     """Predict each input in turn, one NDJSON line each; returns how many failed."""
-    from magseg.errors import MagsegError
-    from magseg.predict import output_paths, predict_raster
+    from magseg.predict import predict_input
 
+    clashes = _clashing_outputs(paths, out_dir, options)
     failed = 0
-    claimed: dict[Path, Path] = {}
     for number, path in enumerate(paths, start=1):
-        start = time.perf_counter()
-        target = output_paths(path, out_dir, options)["labels"]
-        try:
-            if target.resolve() in claimed:
-                raise MagsegError(
-                    f"{path}: its output {target} is also the output of "
-                    f"{claimed[target.resolve()]} (same file name); predict them into "
-                    "different --out-dir"
-                )
-            claimed[target.resolve()] = path
+        record = clashes.get(path)
+        if record is None:
             with progress_bar(None, path.name, quiet, unit="window") as bar:
                 def on_window(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(1)
 
-                record = predict_raster(segmenter, path, out_dir, options, on_window).to_record()
-        except MagsegError as exc:
-            record = _failed(path, target, str(exc), start)
-        except Exception as exc:  # noqa: BLE001  one bad input never aborts the batch
-            record = _failed(path, target, f"{type(exc).__name__}: {exc}", start)
+                record = predict_input(segmenter, path, out_dir, options, on_window)
         failed += record["status"] == "failed"
-        emit(record)
-        note = f" ({record['error']})" if record["error"] else ""
-        if record["status"] == "skipped":
-            note = " (outputs exist; --overwrite replaces them)"
-        log(f"magseg: [{number}/{len(paths)}] {path} -> {target}: {record['status']}, "
-            f"{record['seconds']:.1f} s{note}", quiet)
+        _report(record, number, len(paths), quiet)
+    return failed
+
+
+def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], out_dir: Path,
+                     options, quiet: bool, address: str | None, workers: int | None) -> int:
+    """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
+    from magseg.cluster import ScenePool
+    from magseg.predict import failed_record, output_paths, predict_input
+
+    clashes = _clashing_outputs(paths, out_dir, options)
+    todo = [p for p in paths if p not in clashes]
+    failed = 0
+    for number, record in enumerate(clashes.values(), start=1):
+        failed += 1
+        _report(record, number, len(paths), quiet)
+
+    def lost(task: tuple, reason: str) -> dict:
+        path = task[0]
+        return failed_record(path, output_paths(path, out_dir, options)["labels"], f"{path}: {reason}")
+
+    tasks = [(path, out_dir, options) for path in todo]
+    with ScenePool(checkpoint, overrides, workers, address, quiet=quiet) as pool, \
+            progress_bar(len(tasks), "scenes", quiet, unit="scene") as bar:
+        for number, (_, record) in enumerate(pool.map_unordered(predict_input, tasks, lost),
+                                             start=len(clashes) + 1):
+            bar.update(1)
+            failed += record["status"] == "failed"
+            _report(record, number, len(paths), quiet)
     return failed
 
 
@@ -192,10 +265,3 @@ def _sigterm_as_interrupt():
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _failed(path: Path, target: Path, error: str, start: float) -> dict:
-    from magseg.predict import PredictResult
-
-    return PredictResult(input=path, output=target, status="failed", error=error,
-                         seconds=time.perf_counter() - start).to_record()

@@ -15,6 +15,7 @@ the file is ever unpickled as code)::
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -89,8 +90,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {path} does not exist (train one with `magseg train`, "
             "which writes best.ckpt and last.ckpt in its --out directory)"
         )
+    return _parse(path, path)
+
+
+def checkpoint_from_bytes(data: bytes, name: str | Path) -> Checkpoint:
+    """A checkpoint from the bytes of its file (e.g. shipped to a remote worker); ``name``
+    is the file it came from, for messages."""
+    return _parse(io.BytesIO(data), Path(name))
+
+
+def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "

@@ -27,7 +27,7 @@ import torch
 from magseg.atomic import atomic_write, partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
-from magseg.errors import RasterError
+from magseg.errors import MagsegError, RasterError
 from magseg.raster import (
     NODATA,
     RasterReader,
@@ -228,6 +228,39 @@ def predict_raster(
     result.histogram = histogram.named([c.name for c in segmenter.config.classes])
     result.seconds = time.perf_counter() - start
     return result
+
+
+def predict_input(
+    segmenter: Segmenter,
+    path: str | Path,
+    out_dir: str | Path,
+    options: PredictOptions = PredictOptions(),
+    on_window: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """``predict_raster`` for one input of a batch: never raises for that input's problems.
+
+    Returns:
+        its NDJSON record, with ``status`` ``failed`` and the ``error`` when anything went
+        wrong (one bad input never aborts a batch; the local loop and Ray workers share this).
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    target = output_paths(path, out_dir, options)["labels"]
+    try:
+        return predict_raster(segmenter, path, out_dir, options, on_window).to_record()
+    except MagsegError as exc:
+        error = str(exc)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001  a bug or a library error: report it, go on
+        error = f"{type(exc).__name__}: {exc}"
+    return failed_record(path, target, error, time.perf_counter() - start)
+
+
+def failed_record(path: Path, target: Path, error: str, seconds: float = 0.0) -> dict[str, Any]:
+    """The NDJSON record of an input that failed."""
+    return PredictResult(input=path, output=target, status="failed", error=error,
+                         seconds=seconds).to_record()
 
 
 def _run(

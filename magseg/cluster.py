@@ -1,0 +1,149 @@
+"""Many scenes on many machines: a pool of Ray actors, each holding the model once.
+
+    driver: checkpoint bytes -> Ray object store -> N actors (one Segmenter each)
+            tasks fn(segmenter, *args) -> results streamed back as they finish
+
+Whole scenes are the unit of work: one task segments one raster (predict) or one dataset
+image (benchmark), so the model is loaded once per actor, not once per scene. The checkpoint
+travels through the object store, so workers on other machines need no copy of it; the
+rasters a task reads and writes are paths, which need the same filesystem view on every
+machine (shared storage), as usual for a cluster.
+
+Ray is an optional extra (``pip install 'magseg[ray]'``); only this module imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from magseg.errors import MagsegError
+
+INSTALL_HINT = "pip install 'magseg[ray]' (or: pip install ray)"
+
+
+def require_ray():
+    """The ``ray`` module, or a MagsegError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise MagsegError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+class SceneWorker:
+    """One actor's state: a Segmenter built once from the checkpoint's bytes."""
+
+    def __init__(self, checkpoint: bytes, name: str, overrides: Sequence[str], threads: int) -> None:
+        import torch
+
+        from magseg.checkpoint import checkpoint_from_bytes
+        from magseg.segmenter import Segmenter
+
+        torch.set_num_threads(max(1, threads))
+        self.segmenter = Segmenter.from_checkpoint(checkpoint_from_bytes(checkpoint, name), overrides)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(segmenter, *args)``: ``fn`` is any importable function (sent by reference)."""
+        return fn(self.segmenter, *args)
+
+
+class ScenePool:
+    """Ray actors that run ``fn(segmenter, *args)`` tasks, results as they complete.
+
+    Args:
+        checkpoint: the checkpoint file (read once here, shipped through the object store).
+        overrides: run-time config overrides for every worker (``engine.*``, ``refine.*``).
+        workers: number of actors (default: as many as the cluster's CPUs allow).
+        address: a Ray cluster to join (``auto``, ``ray://host:10001``...); None starts a
+            local instance that ends with the pool.
+        cpus_per_worker: CPUs each actor reserves; its torch thread count.
+        gpus_per_worker: GPUs each actor reserves (use with ``engine.device=cuda``).
+        quiet: keep Ray's own log lines off stderr.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        overrides: Sequence[str] = (),
+        workers: int | None = None,
+        address: str | None = None,
+        cpus_per_worker: int = 1,
+        gpus_per_worker: float = 0,
+        quiet: bool = False,
+    ) -> None:
+        ray = require_ray()
+        self._ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            options: dict[str, Any] = dict(
+                include_dashboard=False,
+                logging_level=logging.WARNING if quiet else logging.INFO,
+                log_to_driver=not quiet,
+            )
+            if address:
+                options["address"] = address
+            else:
+                # A local instance: enough CPUs for the workers asked for, else all of them.
+                options["num_cpus"] = max(os.cpu_count() or 1, (workers or 1) * cpus_per_worker)
+            try:
+                ray.init(**options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise MagsegError(f"cannot start or join Ray ({address or 'local'}): {exc}") from None
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
+        data = Path(checkpoint).read_bytes()
+        blob = ray.put(data)
+        actor = ray.remote(SceneWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+        self._make = lambda: actor.remote(blob, str(checkpoint), list(overrides), cpus_per_worker)
+        self.actors = [self._make() for _ in range(workers)]
+
+    def __enter__(self) -> "ScenePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+
+    def map_unordered(
+        self, fn: Callable[..., Any], tasks: Iterable[tuple], on_lost: Callable[[tuple, str], Any]
+    ) -> Iterator[tuple[int, Any]]:
+        """Run ``fn(segmenter, *task)`` for each task; yield ``(task index, result)`` as each
+        finishes. Each actor has one task at a time, so a slow scene never queues others
+        behind it. A task whose actor dies (killed, out of memory) yields ``on_lost(task,
+        reason)`` and the actor is replaced, so the rest of the batch still runs.
+        """
+        ray = self._ray
+        queue = list(enumerate(tasks))[::-1]
+        running: dict[Any, tuple[int, tuple, int]] = {}  # ref -> (index, task, actor slot)
+        idle = list(range(len(self.actors)))
+
+        def submit() -> None:
+            while queue and idle:
+                slot = idle.pop()
+                index, task = queue.pop()
+                running[self.actors[slot].run.remote(fn, *task)] = (index, task, slot)
+
+        submit()
+        while running:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            index, task, slot = running.pop(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayActorError as exc:
+                result = on_lost(task, f"Ray worker died: {str(exc).splitlines()[0]}")
+                self.actors[slot] = self._make()
+            except ray.exceptions.RayTaskError as exc:
+                result = on_lost(task, f"Ray task failed: {str(exc).splitlines()[0]}")
+            idle.append(slot)
+            submit()
+            yield index, result

@@ -1,0 +1,65 @@
+"""`--engine ray`: scenes on a local Ray instance with 2 workers give the local engine's outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import magseg.cli.predict  # noqa: F401  (registers the command)
+from geotiff import read_raster, smooth_image, write_raster
+from magseg.cli.app import app
+
+pytest.importorskip("ray")
+
+SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32",
+               "engine.precision=fp32"]
+
+
+def _predict(*args):
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def _records(result) -> dict[str, dict]:
+    return {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+
+
+def test_ray_engine_with_two_workers_matches_the_local_engine(tmp_path, make_checkpoint):
+    torch.set_num_threads(1)
+    ckpt = make_checkpoint(SMALL_SCENE)
+    inputs = [write_raster(tmp_path / f"scene{i}.tif", smooth_image(3, 40 + 30 * i, 90, seed=i))
+              for i in range(3)]
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a raster at all")
+
+    local = _predict(ckpt, *inputs, broken, "-o", tmp_path / "local", "--quiet", "--probs")
+    remote = _predict(ckpt, *inputs, broken, "-o", tmp_path / "ray", "--quiet", "--probs",
+                      "--engine", "ray", "--workers", "2")
+    assert local.exit_code == remote.exit_code == 1, remote.stderr
+    local_records, remote_records = _records(local), _records(remote)
+    assert set(local_records) == set(remote_records) == {str(p) for p in [*inputs, broken]}
+    assert remote_records[str(broken)]["status"] == "failed"
+    assert "broken.tif" in remote_records[str(broken)]["error"]
+    for path in inputs:
+        a, b = local_records[str(path)], remote_records[str(path)]
+        assert a["status"] == b["status"] == "ok"
+        assert a["histogram"] == b["histogram"] and (a["width"], a["height"]) == (b["width"], b["height"])
+        for name in (f"{path.stem}.tif", f"{path.stem}_probs.tif"):
+            ours, meta = read_raster(tmp_path / "local" / name)
+            theirs, meta_ray = read_raster(tmp_path / "ray" / name)
+            assert np.array_equal(ours, theirs)
+            assert meta["crs"] == meta_ray["crs"] and meta["transform"] == meta_ray["transform"]
+
+
+def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoint, monkeypatch):
+    ckpt = make_checkpoint(SMALL_SCENE)
+    image = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20, seed=0))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    result = _predict(ckpt, image, "-o", tmp_path / "out", "--engine", "ray")
+    assert result.exit_code == 1
+    assert "pip install 'magseg[ray]'" in result.stderr
+    assert not (tmp_path / "out" / "a.tif").exists()
