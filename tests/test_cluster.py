@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import magseg.cli.predict  # noqa: F401  (registers the command)
@@ -29,7 +28,6 @@ def _records(result) -> dict[str, dict]:
 
 
 def test_ray_engine_with_two_workers_matches_the_local_engine(tmp_path, make_checkpoint):
-    torch.set_num_threads(1)
     ckpt = make_checkpoint(SMALL_SCENE)
     inputs = [write_raster(tmp_path / f"scene{i}.tif", smooth_image(3, 40 + 30 * i, 90, seed=i))
               for i in range(3)]

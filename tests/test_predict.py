@@ -26,13 +26,6 @@ from conftest import CONFIGS
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions run faster on one thread, and on a 2-core machine shared with other
-    # jobs two threads oversubscribe badly (measured: 0.07 s vs 4 s per window).
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="session")
 def fitted_checkpoint(tmp_path_factory):
     """A checkpoint whose backbone was fitted to ``colour_rule`` (64 px scenes, refiner)."""

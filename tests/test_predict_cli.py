@@ -34,12 +34,6 @@ LARGE_SCENE = ["--set", "pyramid.scales=[64,128,256]", "--set", "pyramid.crop=64
 TINY_COLOURS = {0: (0, 0, 0), 1: (255, 255, 0), 2: (255, 255, 255), 3: (0, 0, 255)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # see tests/test_predict.py: tiny models on a shared 2-core machine
-    torch.set_num_threads(1)
-
-
 @pytest.fixture
 def ckpt(make_checkpoint):
     return make_checkpoint(SMALL_SCENE)
