@@ -7,7 +7,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from enum import Enum
 from pathlib import Path
 

@@ -18,7 +18,6 @@ import cv2
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.errors import NotGeoreferencedWarning
 from typer.testing import CliRunner
 
