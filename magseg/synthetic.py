@@ -78,7 +78,7 @@ class SceneSpec:
     field_share: float = 0.8
     rim: float = 0.03
     islands: tuple[int, int] = (1, 4)
-    rivers: tuple[int, int] = (1, 3)
+    rivers: tuple[int, int] = (2, 4)
     tracks: tuple[int, int] = (1, 3)
     thin: tuple[float, float] = (1.5, 3.0)
     unknown: float = 0.1
@@ -299,7 +299,7 @@ _VERGE = (150.0, 96.0, 76.0)  # rangeland margin
 _FOREST = (44.0, 78.0, 44.0)
 _BARREN = (184.0, 172.0, 150.0)
 _URBAN = (128.0, 128.0, 134.0)
-_WATER = (92.0, 112.0, 110.0)
+_WATER = (62.0, 88.0, 122.0)
 _TRACK = (178.0, 166.0, 140.0)
 
 
@@ -349,8 +349,9 @@ def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
                     blocks[by : by + bh, bx : bx + bw] = rng.normal(0, 45)
         img[urban] += blocks[urban][:, None]
 
-    # Water and tracks: colours close to the fields' in brightness, so that at a quarter of
-    # the resolution a 2-4 px line is lost in the mottling (the point of this dataset).
+    # Water and tracks: distinct colours (water must not pass for urban grey), but 1.5-3 px
+    # wide: at a quarter of the resolution a line is a fraction of a pixel, blended with the
+    # fields around it, and the coarse prediction upsampled cannot follow it.
     water = labels == WATER
     if water.any():
         img[water] = np.asarray(_WATER, np.float32) + 6 * smooth_noise(rng, size, 8)[water][:, None]
