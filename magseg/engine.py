@@ -159,6 +159,8 @@ def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Ten
     """
     if refiner is None:
         return fine
+    if hasattr(refiner, "probs"):  # magseg's Refiner: probabilities without a log pass
+        return refiner.probs(fine, coarse).float()
     return refiner(fine, coarse).float().softmax(dim=1)
 
 

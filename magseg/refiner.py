@@ -65,9 +65,23 @@ class Refiner(nn.Module):
             fine, coarse = (F.avg_pool2d(m, s, ceil_mode=True) for m in (fine, coarse))
         return self.context(refiner_input(fine, coarse))
 
+    def _full_size(self, delta: Tensor, like: Tensor) -> Tensor:
+        if self.context_stride == 1:
+            return delta
+        return F.interpolate(delta, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
     def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
-        """Refined logits; ``softmax`` of them equals ``fine`` while the last conv is zero."""
-        delta = self.correction(fine, coarse)
-        if self.context_stride > 1:
-            delta = F.interpolate(delta, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        """Refined logits (for training); ``softmax`` of them equals ``fine`` while the last
+        conv is zero."""
+        delta = self._full_size(self.correction(fine, coarse), fine)
         return fine.clamp_min(_EPS).log() + delta
+
+    def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed
+        as ``fine * exp(d) / sum(fine * exp(d))`` without the full-resolution log and
+        softmax passes (equal up to the log floor: a 0 stays 0 instead of ~1e-6)."""
+        delta = self.correction(fine, coarse)
+        # Shift by the per-pixel max so exp never overflows; it cancels in the ratio.
+        delta = delta - delta.amax(dim=1, keepdim=True)
+        weighted = fine * self._full_size(delta, fine).exp_()
+        return weighted / weighted.sum(dim=1, keepdim=True).clamp_min_(1e-30)

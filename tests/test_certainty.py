@@ -15,6 +15,23 @@ def test_certainty_is_top1_minus_top2_by_hand():
     assert torch.allclose(certainty(probs), torch.tensor([[[0.5, 0.0, 1.0]]]))
 
 
+def test_certainty_is_zero_where_the_best_classes_tie():
+    # (0.4, 0.4, 0.2): tie at the top; (0, 0, 0): zero padding; (1/3, 1/3, 1/3)
+    probs = torch.tensor([[0.4, 0.0, 1 / 3], [0.4, 0.0, 1 / 3], [0.2, 0.0, 1 / 3]]).view(1, 3, 1, 3)
+    assert torch.equal(certainty(probs), torch.zeros(1, 1, 3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(classes=st.integers(2, 9), seed=st.integers(0, 10_000), quantise=st.booleans())
+def test_certainty_equals_top1_minus_top2_of_topk(classes, seed, quantise):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(2, classes, 5, 6, generator=g) * 3, dim=1)
+    if quantise:  # coarse values make ties frequent
+        probs = (probs * 4).round() / 4
+    top2 = probs.topk(2, dim=1).values
+    assert torch.allclose(certainty(probs), top2[:, 0] - top2[:, 1])
+
+
 def test_certainty_order_of_classes_does_not_matter():
     probs = torch.softmax(torch.randn(2, 5, 4, 6), dim=1)
     shuffled = probs[:, torch.randperm(5)]

@@ -60,3 +60,14 @@ def test_a_confident_fine_pixel_survives_a_smooth_correction():
     fine[0, 0, :, 8], fine[0, 1, :, 8] = 0.01, 0.99  # the road, column 8
     labels = refiner(fine, fine).argmax(1)[0]
     assert (labels[:, 8] == 1).all() and (labels[:, :8] == 0).all()
+
+
+def test_probs_is_the_softmax_of_the_logits():
+    refiner = Refiner(5, channels=8, context_stride=4)
+    torch.nn.init.normal_(refiner.context[-1].weight, std=2.0)  # a large correction
+    fine, coarse = _probs(2, 5, 19, 21), _probs(2, 5, 19, 21)
+    fine[0, :, 0, 0] = torch.tensor([1.0, 0, 0, 0, 0])  # exact zeros
+    expected = refiner(fine, coarse).softmax(1)
+    got = refiner.probs(fine, coarse)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got.sum(1), torch.ones(2, 19, 21), atol=1e-6)
