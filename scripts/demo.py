@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = report["methods"]
     margins = report["margins_miou_points"]
     predicted = [json.loads(line) for line in (out / "predict.ndjson").read_text().splitlines() if line.strip()]
-    print((bench / "report.md").read_text().split("\n## ")[0].strip())
+    # The methods table and the per-stage table (the rest of report.md is in the file).
+    print((bench / "report.md").read_text().split("\n## Margins")[0].strip())
     print()
     print("Time per step, wall s (CPU s): "
           + ", ".join(f"{t['step']} {t['wall_s']:.0f} ({t['cpu_s']:.0f})" for t in steps.times)
