@@ -11,6 +11,10 @@ median blur makes isolated pixels lose to coherent regions.
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 import torch
@@ -59,8 +63,15 @@ def median_blur(x: Tensor, kernel: int) -> Tensor:
         raise ValueError(f"median kernel must be odd and >= 1, got {kernel}")
     q = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     if kernel > 1:
-        q = np.stack([cv2.medianBlur(np.ascontiguousarray(m), kernel) for m in q])
+        # OpenCV's median is single-threaded and releases the GIL: blur the maps side by side.
+        blur = lambda m: cv2.medianBlur(np.ascontiguousarray(m), kernel)  # noqa: E731
+        q = np.stack(list(_blur_pool().map(blur, q)) if len(q) > 1 else [blur(q[0])])
     return torch.from_numpy(q).to(device=x.device, dtype=x.dtype) / 255
+
+
+@functools.lru_cache(maxsize=1)
+def _blur_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-blur")
 
 
 def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:
