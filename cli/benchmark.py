@@ -48,6 +48,13 @@ def benchmark(
         [], "--set", help="Run-time override key=value (e.g. refine.points=0.5); repeatable."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing report in --out-dir."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local: this process; ray: scenes on Ray actors that each load "
+        "the model once, confusion matrices summed (pip install 'magseg[ray]')."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="With --engine ray: a cluster to join (e.g. auto); default: "
+        "a local Ray instance."),
+    workers: int = typer.Option(None, "--workers", min=1, help="With --engine ray: number of actors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
 ) -> None:
     """Score the progressive method and its two baselines on a labelled split.
@@ -59,7 +66,7 @@ def benchmark(
     line per image, then one summary line. Exit 1 if any image failed (the others are still
     scored, and the report says which failed).
     """
-    from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark
+    from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark, run_benchmark_on_pool
     from magseg.checkpoint import load_checkpoint
     from magseg.config import AdaptiveConfig
     from magseg.data.scenes import list_scenes
@@ -68,6 +75,8 @@ def benchmark(
     from magseg.segmenter import Segmenter
 
     check_outputs(out_dir, overwrite)
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: use local or ray")
     overrides = list(set_)
     if layout is not None:
         if layout not in ("deepglobe", "geotiff"):
@@ -78,8 +87,12 @@ def benchmark(
     if batch_size is not None:
         overrides.append(f"engine.batch_size={batch_size}")
     ckpt = load_checkpoint(checkpoint)
-    segmenter = Segmenter.from_checkpoint(ckpt, overrides)
-    config = segmenter.config
+    if engine == "ray":  # the workers build the models; here only the config is needed
+        segmenter = None
+        config = ckpt.config.override(overrides)
+    else:
+        segmenter = Segmenter.from_checkpoint(ckpt, overrides)
+        config = segmenter.config
 
     wanted = None
     if adaptive_threshold is not None or adaptive_max_crops is not None:
@@ -110,16 +123,28 @@ def benchmark(
         return total
 
     failures: list[str] = []
-    with progress_bar(len(scenes) * crops_per_scene(), "benchmark", quiet, unit="crop") as bar:
-        result = run_benchmark(
-            segmenter, scenes, methods,
-            samples=samples,
-            warmup=warmup,
-            checkpoint=checkpoint,
-            on_image=lambda r: emit({"id": r.id, "size": list(r.size), "methods": r.methods}),
-            on_failure=lambda s, e: (failures.append(s.id), log(f"magseg: error: {e}")),
-            on_crops=bar.update,
-        )
+    on_image = lambda r: emit({"id": r.id, "size": list(r.size), "methods": r.methods})  # noqa: E731
+    on_failure = lambda s, e: (failures.append(s.id), log(f"magseg: error: {e}"))  # noqa: E731
+    if segmenter is None:
+        from magseg.cluster import ScenePool
+
+        with ScenePool(checkpoint, overrides, workers, ray_address, quiet=quiet) as pool, \
+                progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
+            def counted(record):
+                bar.update(1)
+                on_image(record)
+
+            result = run_benchmark_on_pool(
+                pool, config, scenes, methods, samples=samples, warmup=warmup,
+                checkpoint=checkpoint, on_image=counted, on_failure=on_failure,
+            )
+    else:
+        with progress_bar(len(scenes) * crops_per_scene(), "benchmark", quiet, unit="crop") as bar:
+            result = run_benchmark(
+                segmenter, scenes, methods, samples=samples, warmup=warmup,
+                checkpoint=checkpoint, on_image=on_image, on_failure=on_failure,
+                on_crops=bar.update,
+            )
     report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
                           command=["magseg", *sys.argv[1:]])
     write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)

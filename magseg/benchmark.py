@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch import Tensor
 from magseg.config import AdaptiveConfig, Config, EngineConfig, PyramidConfig, RefineConfig
 from magseg.data.scenes import Scene, check_scene, read_scene
 from magseg.errors import DataError, MagsegError
-from magseg.metrics import ConfusionMatrix, scores
+from magseg.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.pyramid import resize
 from magseg.segmenter import Segmenter
 
@@ -273,6 +274,159 @@ def _per_image(matrix: Tensor, in_mean: Sequence[bool]) -> float | None:
     return defined(scores(matrix, in_mean)["miou"])
 
 
+@dataclass
+class StageOutcome:
+    """One stage of a staged method on one image."""
+
+    size: tuple[int, int]
+    matrix: Tensor
+    refined_pixels: int
+    crops_run: int
+    crops_total: int
+    seconds: float
+
+
+@dataclass
+class SceneOutcome:
+    """Everything one scene contributes to a benchmark (plain tensors and numbers, so a Ray
+    worker can send it back); ``add_scene`` merges it into the tallies."""
+
+    index: int
+    record: ImageRecord
+    matrices: dict[str, Tensor]
+    stages: dict[str, list[StageOutcome]]
+    memory: dict[str, tuple[float, float, str, float | None]]  # peak, increase, how, gpu peak
+    sample: Sample | None
+
+
+# Segmenters that have run every method once (the first call of a method pays for allocator
+# growth and kernel selection, which is not what a benchmark should time). Per process, so
+# each Ray worker warms its own.
+_WARMED: "weakref.WeakSet[Segmenter]" = weakref.WeakSet()
+
+
+def evaluate_scene(
+    segmenter: Segmenter,
+    scene: Scene,
+    methods: Sequence[Method],
+    index: int = 0,
+    *,
+    sample: bool = False,
+    warmup: bool = True,
+    checkpoint: str | Path | None = None,
+    pixels: tuple[np.ndarray, np.ndarray] | None = None,
+    on_crops: Callable[[int], None] | None = None,
+) -> SceneOutcome:
+    """Run every method on one scene and score it.
+
+    Args:
+        index: the scene's position in the split (results merge in this order).
+        sample: keep display-sized panels of this scene.
+        warmup: first run every method once, untimed, if this segmenter has not yet.
+        pixels: the scene's ``(image, mask)`` if already read.
+    Raises:
+        DataError: the scene cannot be read or does not fit the model.
+    """
+    config = segmenter.config
+    in_mean = [c.in_mean for c in config.classes]
+    image, mask = pixels if pixels is not None else _read(scene, config, checkpoint)
+    size = tuple(mask.shape)
+    target = torch.from_numpy(mask)
+    x = segmenter.normalize(image)
+    if warmup and segmenter not in _WARMED:
+        for m in methods:
+            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine)
+        _WARMED.add(segmenter)
+    out = SceneOutcome(index, ImageRecord(scene.id, size, {}), {}, {}, {}, None)
+    predictions: dict[str, np.ndarray] = {}
+    uncertainty: np.ndarray | None = None
+    refined: list[np.ndarray] = []
+    shown = _display_size(size)
+    for m in methods:
+        want_probs = sample and m.name == "progressive"
+        with PeakMemory(segmenter.device) as mem:
+            start = time.perf_counter()
+            result = segmenter.segment(
+                x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
+                return_stages=m.staged, return_probs=want_probs, on_crops=on_crops,
+            )
+            seconds = time.perf_counter() - start
+        out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
+        own = confusion_matrix(result.labels, target, config.num_classes)
+        out.matrices[m.name] = own
+        out.record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
+        if m.staged:
+            out.stages[m.name] = [
+                StageOutcome(
+                    stage.size,
+                    confusion_matrix(_labels_to(stage.labels, size), target, config.num_classes),
+                    0 if stage.refined is None else int(stage.refined.sum()),
+                    stage.crops_run, stage.crops_total, stage.seconds,
+                )
+                for stage in result.stages
+            ]
+        if sample:
+            predictions[m.name] = _labels_to(result.labels, shown).numpy()
+            if want_probs:
+                uncertainty = 1 - resize(result.certainty[None, None], shown)[0, 0].numpy()
+                refined = [
+                    _labels_to(s.refined.to(torch.uint8), shown).numpy().astype(bool)
+                    for s in result.stages[1:] if s.refined is not None
+                ]
+    if sample:
+        out.sample = Sample(
+            id=scene.id,
+            image=np.asarray(resize(torch.from_numpy(display_image(image)).permute(2, 0, 1).float(), shown)
+                             .round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)),
+            truth=_labels_to(target, shown).numpy(),
+            predictions=predictions,
+            uncertainty=uncertainty if uncertainty is not None else np.zeros(shown, np.float32),
+            refined=refined,
+        )
+    return out
+
+
+def evaluate_or_fail(segmenter: Segmenter, scene: Scene, methods: Sequence[Method], index: int,
+                     sample: bool, warmup: bool, checkpoint: str | None) -> SceneOutcome | dict[str, str]:
+    """``evaluate_scene`` for one scene of a batch (e.g. on a Ray worker): a scene that
+    cannot be read or scored comes back as ``{"id", "error"}`` instead of raising."""
+    try:
+        return evaluate_scene(segmenter, scene, methods, index, sample=sample, warmup=warmup,
+                              checkpoint=checkpoint)
+    except MagsegError as exc:
+        return {"id": scene.id, "error": str(exc)}
+
+
+def new_tallies(config: Config, methods: Sequence[Method]) -> dict[str, MethodTally]:
+    """Empty per-method tallies to ``add_scene`` into."""
+    in_mean = [c.in_mean for c in config.classes]
+    return {m.name: MethodTally(m, ConfusionMatrix(config.num_classes, in_mean)) for m in methods}
+
+
+def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Config) -> None:
+    """Merge one scene into the tallies: confusion matrices are summed, never averaged."""
+    in_mean = [c.in_mean for c in config.classes]
+    for name, tally in tallies.items():
+        tally.matrix += outcome.matrices[name]
+        tally.seconds.append(outcome.record.methods[name]["seconds"])
+        peak, increase, how, gpu = outcome.memory[name]
+        tally.peak_mb = max(tally.peak_mb, peak)
+        tally.peak_increase_mb = max(tally.peak_increase_mb, increase)
+        tally.memory_how = how
+        if gpu is not None:
+            tally.gpu_peak_mb = max(tally.gpu_peak_mb or 0.0, gpu)
+        for k, stage in enumerate(outcome.stages.get(name, [])):
+            if len(tally.stages) <= k:
+                tally.stages.append(StageTally(stage.size, ConfusionMatrix(config.num_classes, in_mean)))
+            st = tally.stages[k]
+            st.matrix += stage.matrix
+            st.pixels += stage.size[0] * stage.size[1]
+            st.refined_pixels += stage.refined_pixels
+            st.crops_run += stage.crops_run
+            st.crops_total += stage.crops_total
+            st.seconds += stage.seconds
+
+
 def run_benchmark(
     segmenter: Segmenter,
     scenes: Sequence[Scene],
@@ -285,7 +439,7 @@ def run_benchmark(
     on_failure: Callable[[Scene, str], None] | None = None,
     on_crops: Callable[[int], None] | None = None,
 ) -> BenchmarkResult:
-    """Run every method on every scene and score them.
+    """Run every method on every scene and score them, in this process.
 
     The first scene is read before anything else, so a dataset that does not fit the model
     (other classes, other band count) fails at once. A scene that fails later is recorded
@@ -293,95 +447,82 @@ def run_benchmark(
 
     Args:
         samples: how many scenes (the first ones) to keep for sample panels.
-        warmup: run every method once on the first scene, untimed, before measuring (the
-            first call of a method pays for allocator growth and kernel selection).
+        warmup: run every method once on the first scene, untimed, before measuring.
         checkpoint: named in errors about the data not fitting the model.
         on_image: called after each scene with its per-image record.
     Raises:
         DataError: the first scene cannot be read or does not fit the model.
     """
     config = segmenter.config
-    in_mean = [c.in_mean for c in config.classes]
-    n = config.num_classes
-    tallies = {m.name: MethodTally(m, ConfusionMatrix(n, in_mean)) for m in methods}
-    records: list[ImageRecord] = []
-    failed: list[dict[str, str]] = []
-    kept: list[Sample] = []
     if not scenes:
         raise DataError("no scenes to benchmark")
     first = _read(scenes[0], config, checkpoint)
-    if warmup:
-        x = segmenter.normalize(first[0])
-        for m in methods:
-            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine)
-
+    tallies = new_tallies(config, methods)
+    records: list[ImageRecord] = []
+    failed: list[dict[str, str]] = []
+    kept: list[Sample] = []
     for i, scene in enumerate(scenes):
         try:
-            image, mask = first if i == 0 else _read(scene, config, checkpoint)
+            outcome = evaluate_scene(
+                segmenter, scene, methods, i, sample=i < samples, warmup=warmup,
+                checkpoint=checkpoint, pixels=first if i == 0 else None, on_crops=on_crops,
+            )
         except MagsegError as exc:
             failed.append({"id": scene.id, "error": str(exc)})
             if on_failure:
                 on_failure(scene, str(exc))
             continue
-        size = tuple(mask.shape)
-        target = torch.from_numpy(mask)
-        x = segmenter.normalize(image)
-        sample = i < samples
-        record = ImageRecord(scene.id, size, {})
-        predictions: dict[str, np.ndarray] = {}
-        uncertainty: np.ndarray | None = None
-        refined: list[np.ndarray] = []
-        shown = _display_size(size)
-        for m in methods:
-            tally = tallies[m.name]
-            want_probs = sample and m.name == "progressive"
-            with PeakMemory(segmenter.device) as mem:
-                start = time.perf_counter()
-                result = segmenter.segment(
-                    x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
-                    return_stages=m.staged, return_probs=want_probs, on_crops=on_crops,
-                )
-                seconds = time.perf_counter() - start
-            tally.seconds.append(seconds)
-            tally.peak_mb = max(tally.peak_mb, mem.peak_mb)
-            tally.peak_increase_mb = max(tally.peak_increase_mb, mem.peak_mb - mem.base_mb)
-            tally.memory_how = mem.how
-            if mem.gpu_peak_mb is not None:
-                tally.gpu_peak_mb = max(tally.gpu_peak_mb or 0.0, mem.gpu_peak_mb)
-            own = tally.matrix.update(result.labels, target)
-            record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
-            if m.staged:
-                if not tally.stages:
-                    tally.stages = [StageTally(s.size, ConfusionMatrix(n, in_mean)) for s in result.stages]
-                for st, stage in zip(tally.stages, result.stages):
-                    st.matrix.update(_labels_to(stage.labels, size), target)
-                    st.pixels += stage.size[0] * stage.size[1]
-                    st.refined_pixels += 0 if stage.refined is None else int(stage.refined.sum())
-                    st.crops_run += stage.crops_run
-                    st.crops_total += stage.crops_total
-                    st.seconds += stage.seconds
-            if sample:
-                predictions[m.name] = _labels_to(result.labels, shown).numpy()
-                if want_probs:
-                    uncertainty = 1 - resize(result.certainty[None, None], shown)[0, 0].numpy()
-                    refined = [
-                        _labels_to(s.refined.to(torch.uint8), shown).numpy().astype(bool)
-                        for s in result.stages[1:] if s.refined is not None
-                    ]
-        records.append(record)
-        if sample:
-            kept.append(Sample(
-                id=scene.id,
-                image=np.asarray(resize(torch.from_numpy(display_image(image)).permute(2, 0, 1).float(), shown)
-                                 .round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)),
-                truth=_labels_to(target, shown).numpy(),
-                predictions=predictions,
-                uncertainty=uncertainty if uncertainty is not None else np.zeros(shown, np.float32),
-                refined=refined,
-            ))
+        add_scene(tallies, outcome, config)
+        records.append(outcome.record)
+        if outcome.sample is not None:
+            kept.append(outcome.sample)
         if on_image:
-            on_image(record)
+            on_image(outcome.record)
     return BenchmarkResult(config, tallies, records, failed, kept)
+
+
+def run_benchmark_on_pool(
+    pool: Any,
+    config: Config,
+    scenes: Sequence[Scene],
+    methods: Sequence[Method],
+    *,
+    samples: int = 3,
+    warmup: bool = True,
+    checkpoint: str | Path | None = None,
+    on_image: Callable[[ImageRecord], None] | None = None,
+    on_failure: Callable[[Scene, str], None] | None = None,
+) -> BenchmarkResult:
+    """``run_benchmark`` with whole scenes on the workers of a ``magseg.cluster.ScenePool``.
+
+    Confusion matrices come back per scene and are summed here, in scene order, so the
+    report does not depend on which worker finished first. Seconds and memory are measured
+    in the workers (which share the machine's cores with each other).
+    """
+    if not scenes:
+        raise DataError("no scenes to benchmark")
+    _read(scenes[0], config, checkpoint)  # fail fast, before any worker starts on the data
+    name = None if checkpoint is None else str(checkpoint)
+    tasks = [(scene, list(methods), i, i < samples, warmup, name) for i, scene in enumerate(scenes)]
+    outcomes: dict[int, SceneOutcome] = {}
+    failed: list[dict[str, str]] = []
+    for index, outcome in pool.map_unordered(
+        evaluate_or_fail, tasks, lambda task, reason: {"id": task[0].id, "error": reason}
+    ):
+        if isinstance(outcome, dict):
+            failed.append(outcome)
+            if on_failure:
+                on_failure(scenes[index], outcome["error"])
+            continue
+        outcomes[index] = outcome
+        if on_image:
+            on_image(outcome.record)
+    tallies = new_tallies(config, methods)
+    for index in sorted(outcomes):
+        add_scene(tallies, outcomes[index], config)
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    return BenchmarkResult(config, tallies, [o.record for o in ordered], failed,
+                           [o.sample for o in ordered if o.sample is not None])
 
 
 # --------------------------------------------------------------------------- summaries

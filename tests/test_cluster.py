@@ -61,3 +61,36 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoin
     assert result.exit_code == 1
     assert "pip install 'magseg[ray]'" in result.stderr
     assert not (tmp_path / "out" / "a.tif").exists()
+
+
+def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_path, make_checkpoint):
+    import dataclasses
+
+    import cv2
+
+    from magseg.cli.app import _register
+    from magseg.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+
+    _register()
+    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}, name="dg.ckpt")
+    data = tmp_path / "data"
+    write_dataset(data, {"train": 1, "test": 4}, SceneSpec(size=(128, 128)), seed=3)
+    # A mask with a colour no class has: that image fails, the others are still scored.
+    mask = cv2.imread(str(data / "000004_mask.png"))
+    mask[:4, :4] = (0, 0, 200)  # BGR of RGB (200, 0, 0): red is no class's colour
+    cv2.imwrite(str(data / "000004_mask.png"), mask)
+
+    def bench(out, *extra):
+        result = CliRunner().invoke(app, ["benchmark", str(ckpt), str(data), "--out-dir", str(out),
+                                          "--no-warmup", "--quiet", *extra])
+        return result, json.loads((out / "report.json").read_text())
+
+    local, local_report = bench(tmp_path / "local")
+    remote, remote_report = bench(tmp_path / "ray", "--engine", "ray", "--workers", "2")
+    assert local.exit_code == remote.exit_code == 1, remote.stderr
+    assert [f["id"] for f in remote_report["failed"]] == ["000004"]
+    assert "000004_mask.png" in remote_report["failed"][0]["error"]
+    for name, method in local_report["methods"].items():
+        theirs = remote_report["methods"][name]
+        assert theirs["confusion_matrix"] == method["confusion_matrix"]
+        assert theirs["miou"] == method["miou"] and theirs["images"] == method["images"] == 3
