@@ -66,7 +66,7 @@ def benchmark(
     line per image, then one summary line. Exit 1 if any image failed (the others are still
     scored, and the report says which failed).
     """
-    from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark, run_benchmark_on_pool
+    from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark
     from magseg.checkpoint import load_checkpoint
     from magseg.config import AdaptiveConfig
     from magseg.data.scenes import list_scenes
@@ -113,38 +113,23 @@ def benchmark(
     log(f"benchmark: {len(scenes)} scene(s) of split {split!r}, methods: "
         + ", ".join(m.name for m in methods), quiet)
 
-    from magseg.pyramid import crop_boxes
-
-    def crops_per_scene() -> int:
-        # Progress counts backbone crops: the pyramid's stage sizes for the reference scene.
-        total = 0
-        for m in methods:
-            total += sum(len(crop_boxes(s, m.pyramid.crop)) for s in m.pyramid.stage_sizes(m.pyramid.scene))
-        return total
-
     failures: list[str] = []
-    on_image = lambda r: emit({"id": r.id, "size": list(r.size), "methods": r.methods})  # noqa: E731
-    on_failure = lambda s, e: (failures.append(s.id), log(f"magseg: error: {e}"))  # noqa: E731
-    if segmenter is None:
-        from magseg.cluster import ScenePool
 
-        with ScenePool(checkpoint, overrides, workers, ray_address, quiet=quiet) as pool, \
-                progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
-            def counted(record):
-                bar.update(1)
-                on_image(record)
+    def on_failure(scene, error: str) -> None:
+        failures.append(scene.id)
+        log(f"magseg: error: {error}")
 
-            result = run_benchmark_on_pool(
-                pool, config, scenes, methods, samples=samples, warmup=warmup,
-                checkpoint=checkpoint, on_image=counted, on_failure=on_failure,
-            )
-    else:
-        with progress_bar(len(scenes) * crops_per_scene(), "benchmark", quiet, unit="crop") as bar:
-            result = run_benchmark(
-                segmenter, scenes, methods, samples=samples, warmup=warmup,
-                checkpoint=checkpoint, on_image=on_image, on_failure=on_failure,
-                on_crops=bar.update,
-            )
+    from magseg.cluster import LocalPool, ScenePool
+
+    pool = (ScenePool(checkpoint, overrides, workers, ray_address, quiet=quiet) if segmenter is None
+            else LocalPool(segmenter))
+    with pool, progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
+        def on_image(record) -> None:
+            bar.update(1)
+            emit({"id": record.id, "size": list(record.size), "methods": record.methods})
+
+        result = run_benchmark(pool, config, scenes, methods, samples=samples, warmup=warmup,
+                               checkpoint=checkpoint, on_image=on_image, on_failure=on_failure)
     report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
                           command=["magseg", *sys.argv[1:]])
     write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)

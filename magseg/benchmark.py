@@ -314,8 +314,6 @@ def evaluate_scene(
     sample: bool = False,
     warmup: bool = True,
     checkpoint: str | Path | None = None,
-    pixels: tuple[np.ndarray, np.ndarray] | None = None,
-    on_crops: Callable[[int], None] | None = None,
 ) -> SceneOutcome:
     """Run every method on one scene and score it.
 
@@ -323,13 +321,12 @@ def evaluate_scene(
         index: the scene's position in the split (results merge in this order).
         sample: keep display-sized panels of this scene.
         warmup: first run every method once, untimed, if this segmenter has not yet.
-        pixels: the scene's ``(image, mask)`` if already read.
     Raises:
         DataError: the scene cannot be read or does not fit the model.
     """
     config = segmenter.config
     in_mean = [c.in_mean for c in config.classes]
-    image, mask = pixels if pixels is not None else _read(scene, config, checkpoint)
+    image, mask = _read(scene, config, checkpoint)
     size = tuple(mask.shape)
     target = torch.from_numpy(mask)
     x = segmenter.normalize(image)
@@ -348,7 +345,7 @@ def evaluate_scene(
             start = time.perf_counter()
             result = segmenter.segment(
                 x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
-                return_stages=m.staged, return_probs=want_probs, on_crops=on_crops,
+                return_stages=m.staged, return_probs=want_probs,
             )
             seconds = time.perf_counter() - start
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
@@ -428,60 +425,6 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
 
 
 def run_benchmark(
-    segmenter: Segmenter,
-    scenes: Sequence[Scene],
-    methods: Sequence[Method],
-    *,
-    samples: int = 3,
-    warmup: bool = True,
-    checkpoint: str | Path | None = None,
-    on_image: Callable[[ImageRecord], None] | None = None,
-    on_failure: Callable[[Scene, str], None] | None = None,
-    on_crops: Callable[[int], None] | None = None,
-) -> BenchmarkResult:
-    """Run every method on every scene and score them, in this process.
-
-    The first scene is read before anything else, so a dataset that does not fit the model
-    (other classes, other band count) fails at once. A scene that fails later is recorded
-    in ``failed`` (and ``on_failure`` is called) and the others go on.
-
-    Args:
-        samples: how many scenes (the first ones) to keep for sample panels.
-        warmup: run every method once on the first scene, untimed, before measuring.
-        checkpoint: named in errors about the data not fitting the model.
-        on_image: called after each scene with its per-image record.
-    Raises:
-        DataError: the first scene cannot be read or does not fit the model.
-    """
-    config = segmenter.config
-    if not scenes:
-        raise DataError("no scenes to benchmark")
-    first = _read(scenes[0], config, checkpoint)
-    tallies = new_tallies(config, methods)
-    records: list[ImageRecord] = []
-    failed: list[dict[str, str]] = []
-    kept: list[Sample] = []
-    for i, scene in enumerate(scenes):
-        try:
-            outcome = evaluate_scene(
-                segmenter, scene, methods, i, sample=i < samples, warmup=warmup,
-                checkpoint=checkpoint, pixels=first if i == 0 else None, on_crops=on_crops,
-            )
-        except MagsegError as exc:
-            failed.append({"id": scene.id, "error": str(exc)})
-            if on_failure:
-                on_failure(scene, str(exc))
-            continue
-        add_scene(tallies, outcome, config)
-        records.append(outcome.record)
-        if outcome.sample is not None:
-            kept.append(outcome.sample)
-        if on_image:
-            on_image(outcome.record)
-    return BenchmarkResult(config, tallies, records, failed, kept)
-
-
-def run_benchmark_on_pool(
     pool: Any,
     config: Config,
     scenes: Sequence[Scene],
@@ -493,15 +436,27 @@ def run_benchmark_on_pool(
     on_image: Callable[[ImageRecord], None] | None = None,
     on_failure: Callable[[Scene, str], None] | None = None,
 ) -> BenchmarkResult:
-    """``run_benchmark`` with whole scenes on the workers of a ``magseg.cluster.ScenePool``.
+    """Run every method on every scene and score them.
 
-    Confusion matrices come back per scene and are summed here, in scene order, so the
-    report does not depend on which worker finished first. Seconds and memory are measured
-    in the workers (which share the machine's cores with each other).
+    ``pool`` runs the scenes: ``magseg.cluster.LocalPool`` in this process, or a
+    ``ScenePool`` of Ray workers. Confusion matrices come back per scene and are summed
+    here in scene order, so the report does not depend on which worker finished first.
+
+    The first scene is read before anything else, so a dataset that does not fit the model
+    (other classes, other band count) fails at once. A scene that fails later is recorded
+    in ``failed`` (and ``on_failure`` is called) and the others go on.
+
+    Args:
+        samples: how many scenes (the first ones) to keep for sample panels.
+        warmup: run every method once, untimed, before measuring (once per worker).
+        checkpoint: named in errors about the data not fitting the model.
+        on_image: called after each scene with its per-image record.
+    Raises:
+        DataError: the first scene cannot be read or does not fit the model.
     """
     if not scenes:
         raise DataError("no scenes to benchmark")
-    _read(scenes[0], config, checkpoint)  # fail fast, before any worker starts on the data
+    _read(scenes[0], config, checkpoint)  # fail fast, before any work on the data
     name = None if checkpoint is None else str(checkpoint)
     tasks = [(scene, list(methods), i, i < samples, warmup, name) for i, scene in enumerate(scenes)]
     outcomes: dict[int, SceneOutcome] = {}

@@ -51,6 +51,26 @@ class SceneWorker:
         return fn(self.segmenter, *args)
 
 
+class LocalPool:
+    """``ScenePool``'s interface in this process: the tasks run one after another, in order,
+    on one Segmenter (so callers have one code path for local and distributed runs)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+
+    def __enter__(self) -> "LocalPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def map_unordered(
+        self, fn: Callable[..., Any], tasks: Iterable[tuple], on_lost: Callable[[tuple, str], Any]
+    ) -> Iterator[tuple[int, Any]]:
+        for index, task in enumerate(tasks):
+            yield index, fn(self.segmenter, *task)
+
+
 class ScenePool:
     """Ray actors that run ``fn(segmenter, *args)`` tasks, results as they complete.
 
