@@ -187,14 +187,25 @@ def io_env(cache_bytes: int = CACHE_BYTES) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class GeoInfo:
-    """Where a raster lies: CRS and affine transform (None when it is not georeferenced)."""
+    """Where a raster lies, in whichever of GDAL's three ways the input says it.
+
+    ``crs`` and ``transform``: an affine georeference (None when there is none). ``gcps``:
+    ground control points (rasterio ``GroundControlPoint``) in ``crs``, for scenes that are not
+    orthorectified (then ``transform`` is None). ``rpcs``: rational polynomial coefficients of
+    a raw satellite product (a rasterio ``RPC``). All are copied to the outputs: an output
+    pixel is the input pixel at the same position, so whatever locates the one locates the
+    other.
+    """
 
     crs: Any
     transform: Any
+    gcps: tuple[Any, ...] = ()
+    rpcs: Any = None
 
     @property
     def georeferenced(self) -> bool:
-        return self.crs is not None or self.transform is not None
+        return (self.crs is not None or self.transform is not None or bool(self.gcps)
+                or self.rpcs is not None)
 
 
 class RasterReader:
@@ -249,7 +260,8 @@ class RasterReader:
         # GDAL reports the identity transform for rasters without one (a plain PNG); writing
         # it back would make the output claim a georeference the input never had.
         transform = None if src.transform.is_identity else src.transform
-        return GeoInfo(src.crs, transform)
+        gcps, gcp_crs = src.gcps
+        return GeoInfo(src.crs or (gcp_crs if gcps else None), transform, tuple(gcps), src.rpcs)
 
     def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``(C, h, w)`` in the file's dtype and a validity mask ``(h, w)`` bool.
@@ -309,7 +321,7 @@ class RasterWriter:
         path: where to write (magseg writes to a temporary name and renames it).
         size: ``(H, W)``.
         count: bands; all uint8.
-        geo: CRS and transform copied from the input (left out when it has none).
+        geo: CRS, transform, GCPs and RPCs copied from the input (each left out when it has none).
         nodata: the nodata value (None: no nodata value).
         mask: store validity in an internal mask band (``write(..., valid=)``): for outputs
             where every value 0..255 means something, such as probabilities.
@@ -343,6 +355,10 @@ class RasterWriter:
             profile["crs"] = geo.crs
         if geo.transform is not None:
             profile["transform"] = geo.transform
+        if geo.gcps:
+            profile["gcps"] = list(geo.gcps)
+        if geo.rpcs is not None:
+            profile["rpcs"] = geo.rpcs
         self._masked = mask
         try:
             with warnings.catch_warnings():

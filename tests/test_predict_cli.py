@@ -125,6 +125,50 @@ def test_cog_outputs_have_overviews(tmp_path, ckpt):
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
 
 
+def _gcps():
+    from rasterio.control import GroundControlPoint
+
+    return [GroundControlPoint(row, col, 10.0 + col * 1e-4, 50.0 - row * 1e-4, 120.0)
+            for row in (0, 40) for col in (0, 50)]
+
+
+def _rpcs():
+    from rasterio.rpc import RPC
+
+    unit = [1.0] + [0.0] * 19
+    return RPC(height_off=120.0, height_scale=50.0, lat_off=50.0, lat_scale=0.01,
+               long_off=10.0, long_scale=0.01, line_off=20.0, line_scale=20.0, samp_off=25.0,
+               samp_scale=25.0, line_num_coeff=[0.0, 0.0, -1.0] + [0.0] * 17,
+               line_den_coeff=unit, samp_num_coeff=[0.0, 1.0] + [0.0] * 18, samp_den_coeff=unit)
+
+
+@pytest.mark.parametrize("cog", [False, True])
+def test_ground_control_points_and_rpcs_are_kept(tmp_path, ckpt, cog):
+    """Scenes that are not orthorectified are located by GCPs or RPCs, not by a transform:
+    the outputs (class map and extras, plain or COG) carry the same ones."""
+    image = smooth_image(3, 40, 50, seed=6)
+    gcp_path = write_raster(tmp_path / "gcp.tif", image, crs="EPSG:4326", transform=None,
+                            gcps=_gcps())
+    rpc_path = write_raster(tmp_path / "rpc.tif", image, crs=None, transform=None, rpcs=_rpcs())
+    with rasterio.open(rpc_path) as src:
+        rpcs = src.rpcs.to_dict()          # as GDAL stores them (unset error terms are -1)
+    out = tmp_path / "out"
+    result = _predict(ckpt, gcp_path, rpc_path, "-o", out, "--uncertainty", *(["--cog"] if cog else []))
+    assert result.exit_code == 0, result.output
+    for name in ("gcp.tif", "gcp_uncertainty.tif", "rpc.tif", "rpc_uncertainty.tif"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(out / name) as dst:
+                gcps, gcp_crs = dst.gcps
+                assert dst.transform.is_identity
+                if name.startswith("gcp"):
+                    assert gcp_crs == "EPSG:4326" and dst.rpcs is None
+                    assert [(g.row, g.col, g.x, g.y, g.z) for g in gcps] == [
+                        (g.row, g.col, g.x, g.y, g.z) for g in _gcps()]
+                else:
+                    assert gcps == [] and dst.rpcs.to_dict() == rpcs
+
+
 @pytest.mark.parametrize("driver, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("JP2OpenJPEG", ".jp2")])
 def test_png_jpeg_and_jpeg2000_inputs(tmp_path, ckpt, driver, suffix):
     with rasterio.Env() as env:
