@@ -9,7 +9,7 @@ from torch import nn
 from magseg.config import PyramidConfig, RefineConfig
 from magseg.engine import backbone_inputs, segment
 from magseg.errors import ModelError
-from magseg.models.fctl import FCtL, MultiContextFusion, aligned_windows, create_fctl
+from magseg.models.fctl import MultiContextFusion, aligned_windows, create_fctl
 from magseg.pyramid import context_windows, crop_boxes, crop_windows, extract_windows
 
 
