@@ -73,8 +73,13 @@ def read_array(path: str | Path, bands: tuple[int, ...] | None = None, window: W
 # --------------------------------------------------------------------------------------------
 # Windows: where a raster is read and written, in pixel coordinates (row, col), (H, W) sizes.
 
-# Output tile size: 512 is what GDAL, QGIS and COG readers are tuned for.
-BLOCK = 512
+# Output tile size of the streamed GeoTIFFs (GDAL's default for tiled GTiff). Scene windows
+# write whole tiles, so window cores are whole multiples of it: a smaller tile wastes less of
+# the scene on margin. DeepGlobe's 2448 px scene with its 306 px minimum margin keeps a
+# 1792 px core with 256 px tiles but only 1536 px with 512 px tiles: 1.36x more windows.
+BLOCK = 256
+# Cloud-optimised outputs are re-tiled on conversion: 512 is what COG readers are tuned for.
+COG_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,7 @@ def colormap(colors: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int
 
 
 class RasterWriter:
-    """A tiled (512), DEFLATE-compressed GeoTIFF written window by window.
+    """A tiled (``BLOCK``), DEFLATE-compressed GeoTIFF written window by window.
 
     ``BIGTIFF=IF_SAFER`` switches to BigTIFF when the file could pass 4 GB. Each ``write``
     goes to disk through GDAL's block cache; the whole raster is never held.
@@ -411,7 +416,7 @@ def convert_to_cog(src: str | Path, dst: str | Path, resampling: str) -> None:
     """
     try:
         rasterio.shutil.copy(
-            str(src), str(dst), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK,
+            str(src), str(dst), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_BLOCK,
             OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER",
         )
     except (RasterioIOError, OSError) as exc:

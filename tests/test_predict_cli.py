@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import magseg.cli.predict  # noqa: F401  (registers the command)
 from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
 from magseg.cli.app import app
-from magseg.raster import NODATA
+from magseg.raster import BLOCK, NODATA
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 # A 256 px scene (for rasters big enough to get COG overviews without hundreds of windows).
@@ -66,7 +66,7 @@ def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_pa
         assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
         assert (profile["height"], profile["width"], profile["count"]) == (h, w, 1)
         assert profile["dtype"] == "uint8" and profile["nodata"] == NODATA
-        assert profile["tiled"] and profile["blockxsize"] == 512 and profile["compress"] == "deflate"
+        assert profile["tiled"] and profile["blockxsize"] == BLOCK and profile["compress"] == "deflate"
         for cid, colour in TINY_COLOURS.items():
             assert profile["colormap"][cid] == (*colour, 255)
         classes = json.loads(profile["tags"]["MAGSEG_CLASSES"])

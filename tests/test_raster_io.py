@@ -12,6 +12,8 @@ import rasterio
 from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
 from magseg.errors import RasterError
 from magseg.raster import (
+    BLOCK,
+    COG_BLOCK,
     NODATA,
     GeoInfo,
     PixelWindow,
@@ -104,7 +106,7 @@ def test_writer_assembles_windows_with_georeference_colours_and_names(tmp_path):
     np.testing.assert_array_equal(data[0], labels)
     assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
     assert profile["dtype"] == "uint8" and profile["nodata"] == NODATA and profile["count"] == 1
-    assert profile["tiled"] and profile["blockxsize"] == 512 and profile["compress"] == "deflate"
+    assert profile["tiled"] and profile["blockxsize"] == BLOCK and profile["compress"] == "deflate"
     assert profile["colormap"][1] == (255, 255, 0, 255) and profile["colormap"][3] == (0, 0, 255, 255)
     assert profile["colormap"][NODATA][3] == 0  # nodata is transparent
     assert json.loads(profile["tags"]["MAGSEG_CLASSES"]) == ["a", "b", "c", "d"]
@@ -140,7 +142,7 @@ def test_cog_conversion_keeps_pixels_colours_tags_and_adds_overviews(tmp_path):
     convert_to_cog(tiled, cog, "MODE")
     data, profile = read_raster(cog)
     np.testing.assert_array_equal(data[0], labels)
-    assert profile["layout"].get("LAYOUT") == "COG"
+    assert profile["layout"].get("LAYOUT") == "COG" and profile["blockxsize"] == COG_BLOCK
     assert profile["overviews"] and profile["overviews"][0] == 2
     assert profile["colormap"][2] == (9, 9, 9, 255) and profile["tags"]["CLASS_1"] == "b"
     assert profile["transform"] == TRANSFORM and profile["nodata"] == NODATA

@@ -69,6 +69,21 @@ def test_inner_core_borders_fall_on_output_tile_borders(length, scene, fraction)
             assert end % block == 0
 
 
+def test_deepglobe_scene_plan_by_hand():
+    # What predict plans (the default 256 px output tiles) for a 2448 px scene, minimum margin 306 (1/8): core 1836 -> 1792 (7 tiles of 256), margin
+    # 328. A 16384 px axis: cores start at 0, 1792, ..., 14336 (9 of them); the 10th would
+    # be 16128..16384, 256 px <= the margin, so it joins the 9th (14336..16384).
+    plan = plan_scene_windows((16384, 5000), (2448, 2448), (306, 306))
+    rows = sorted({(w.read.row, w.core.row, w.core.height) for w in plan})
+    assert [r[1] for r in rows] == [1792 * i for i in range(9)]
+    assert rows[0] == (0, 0, 1792) and rows[1] == (1792 - 328, 1792, 1792)
+    assert rows[-1] == (16384 - 2448, 14336, 2048)
+    # 5000 px: cores 0, 1792, 3584..5000 (1416 px > margin, kept); last window flush right
+    cols = sorted({(w.read.col, w.core.col, w.core.width) for w in plan})
+    assert cols == [(0, 0, 1792), (1792 - 328, 1792, 1792), (5000 - 2448, 3584, 1416)]
+    assert len(plan) == 9 * 3
+
+
 def test_hand_worked_axis():
     # 170 px, scene 64, margin 8 -> core 48: cores [0,48) [48,96) [96,144) [144,170).
     assert axis_windows(170, 64, 48, 8) == [
@@ -82,8 +97,8 @@ def test_hand_worked_axis():
 
 
 def test_scene_windows_rounds_cores_to_tiles_and_widens_the_margin():
-    plan = plan_scene_windows((4096, 4096), (2448, 2448), (306, 306))
-    # 2448 - 2 x 306 = 1836 -> 1536 (3 tiles); the margin grows to 456.
+    plan = plan_scene_windows((4096, 4096), (2448, 2448), (306, 306), block=512)
+    # 2448 - 2 x 306 = 1836 -> 1536 (3 tiles of 512); the margin grows to 456.
     assert sorted({w.core.row for w in plan}) == [0, 1536, 3072]
     middle = [w for w in plan if w.core.row == 1536 and w.core.col == 1536][0]
     assert (middle.read.row, middle.read.col) == (1536 - 456, 1536 - 456)
