@@ -174,7 +174,9 @@ class EngineConfig:
     device: str = "cpu"
     # auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
+    # NHWC convolutions: on a 2-core AVX2 CPU, the demo's EfficientNet-Lite0 Unet ran 15 %
+    # faster, FCtL 31 % and a ResNet-18 Unet's backbone 22 %, with identical mIoU.
+    channels_last: bool = True
     adaptive: AdaptiveConfig = AdaptiveConfig()
 
     def __post_init__(self) -> None:

@@ -146,9 +146,13 @@ def crop_probs(
         multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
         logits = run_backbone(backbone, x, multiple, contexts)
+    # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
+    # reduces over or gathers along channels, which is slow in the channels-last layout
+    # (with it, the engine's own share of a 2448 px scene doubled).
+    logits = logits.float().contiguous()
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the
     # input, and bilinear weights sum to 1, so the result is still a distribution.
-    return resize(logits.float().softmax(dim=1), tuple(crops.shape[-2:]))
+    return resize(logits.softmax(dim=1), tuple(crops.shape[-2:]))
 
 
 def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:

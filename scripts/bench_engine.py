@@ -42,8 +42,8 @@ from magseg.segmenter import Segmenter  # noqa: E402
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     overrides = [f"engine.{k}={v}" for k, v in (("device", args.device), ("precision", args.precision),
                                                  ("batch_size", args.batch_size)) if v is not None]
-    if args.channels_last:
-        overrides.append("engine.channels_last=true")
+    if args.channels_last is not None:
+        overrides.append(f"engine.channels_last={str(args.channels_last).lower()}")
     overrides += args.overrides
     if args.checkpoint:
         return Segmenter.from_checkpoint(args.checkpoint, overrides)
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC convolutions (default: the config's engine.channels_last)")
     parser.add_argument("--adaptive-threshold", type=float, default=None)
     parser.add_argument("--adaptive-max-crops", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
