@@ -144,6 +144,25 @@ def test_adaptive_mode_runs_fewer_crops(backbone, pyramid):
     assert fast.labels.shape == full.labels.shape
 
 
+def test_skipped_last_stage_crops_keep_the_coarse_result_exactly(backbone):
+    # What scripts/adaptive_oracle.py relies on: running a subset of the last stage's crops
+    # gives the full result on those crops and the result without that stage elsewhere.
+    two = PyramidConfig(scales=((32, 32), (64, 64)), crop=(32, 32), input=(32, 32))
+    coarse_only = PyramidConfig(scales=((32, 32),), crop=(32, 32), input=(32, 32), scene=(64, 64))
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
+    full = _run(image, backbone, two)
+    skip = _run(image, backbone, coarse_only)
+    adaptive = AdaptiveConfig(max_crops=2)
+    fast = _run(image, backbone, two, engine=EngineConfig(adaptive=adaptive))
+    boxes = crop_boxes((64, 64), (32, 32))
+    chosen = select_crops(skip.probs, boxes, adaptive)
+    assert len(chosen) == 2
+    for box in boxes:
+        expected = full if box in chosen else skip
+        assert torch.equal(fast.labels[box.owned], expected.labels[box.owned])
+    assert not torch.equal(full.labels, skip.labels)
+
+
 def test_image_must_be_chw(backbone, pyramid):
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         segment(torch.randn(1, 3, 32, 32), backbone, pyramid)

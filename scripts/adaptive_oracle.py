@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""How well could adaptive mode choose its last-stage crops? A crop-selection score against
+an oracle, on a labelled split.
+
+Adaptive mode skips the crops of a stage that look certain in the coarse view. This script
+asks how many of the *last* stage's crops a selection rule must run to keep the full method's
+mIoU within ``--tolerance`` points, for:
+
+  - ``mean_uncertainty``: the engine's own rule (mean of 1 - cert(Y) over the crop);
+  - ``changed``: the fraction of the crop whose label changed between the first two stages
+    (where the previous magnification step found something, the next one may too);
+  - ``oracle``: a greedy choice that knows the ground truth (the best any rule can do).
+
+How: every scene is segmented twice, by the full pyramid and by the pyramid without its last
+stage (``scales[:-1]``, same reference scene). The last stage's crops read the coarse map and
+write only the pixels they own, so running a subset of them gives the full result on those
+crops and the truncated result everywhere else; one confusion matrix per crop and per outcome
+scores any subset exactly, with no further model runs. Earlier stages always run in full.
+
+The speed-up of running ``k`` of ``n`` last-stage crops is modelled from the full run's
+per-stage seconds: ``total / (total - last * (1 - k / n))``.
+
+    python scripts/adaptive_oracle.py demo_out/run/best.ckpt demo_out/data --split test
+
+Prints one JSON object (also to --json). The greedy oracle costs O(crops^2) metric
+evaluations: use --limit on large splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from magseg.certainty import certainty  # noqa: E402
+from magseg.config import PyramidConfig  # noqa: E402
+from magseg.data.scenes import list_scenes, read_scene  # noqa: E402
+from magseg.metrics import confusion_matrix, scores  # noqa: E402
+from magseg.pyramid import crop_boxes  # noqa: E402
+from magseg.segmenter import Segmenter  # noqa: E402
+
+
+def _upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(labels[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+
+
+def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None) -> dict:
+    """Per last-stage crop: confusion matrices with and without it, and its selection scores."""
+    config = segmenter.config
+    pyramid = config.pyramid
+    if len(pyramid.scales) < 2:
+        raise SystemExit("the pyramid has one stage: there is nothing to skip")
+    truncated = PyramidConfig(scales=pyramid.scales[:-1], crop=pyramid.crop, input=pyramid.input,
+                              scene=pyramid.scene)
+    classes = len(config.classes)
+    out: dict[str, list] = {"full": [], "skip": [], "mean_uncertainty": [], "changed": []}
+    stage_seconds = np.zeros(len(pyramid.scales))
+    scenes = list_scenes(config.data, split, root)[:limit]
+    for scene in scenes:
+        image, mask = read_scene(scene, config)
+        x = segmenter.normalize(torch.from_numpy(image.astype(np.float32)))
+        full = segmenter.segment(x, return_stages=True)
+        skip = segmenter.segment(x, pyramid=truncated, return_probs=True, return_stages=True)
+        stage_seconds += [s.seconds for s in full.stages]
+        size = tuple(full.stages[-1].size)
+        # The coarse map the last stage would see, as the engine's select_crops sees it.
+        coarse = F.interpolate(skip.probs[None], size=size, mode="bilinear", align_corners=False)
+        uncertainty = 1 - certainty(coarse)[0]
+        changed = (_upsample_labels(skip.stages[0].labels, size)
+                   != _upsample_labels(skip.stages[1].labels, size)).float()
+        final = (full.labels.shape[-2], full.labels.shape[-1])
+        if final != size:
+            raise SystemExit(f"{scene.image}: the last stage ({size}) is not the image size {final}; "
+                             "the per-crop bookkeeping needs them equal")
+        target = torch.from_numpy(mask).long()
+        for box in crop_boxes(size, pyramid.crop):
+            o = box.owned
+            out["full"].append(confusion_matrix(full.labels[o], target[o], classes).numpy())
+            out["skip"].append(confusion_matrix(skip.labels[o], target[o], classes).numpy())
+            out["mean_uncertainty"].append(float(uncertainty[o].mean()))
+            out["changed"].append(float(changed[o].mean()))
+    out["stage_seconds"] = (stage_seconds / len(scenes)).tolist()
+    out["scenes"] = len(scenes)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("data_root")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N scenes")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points below the full method")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    segmenter = Segmenter.from_checkpoint(args.checkpoint)
+    in_mean = [c.in_mean for c in segmenter.config.classes]
+    data = crop_outcomes(segmenter, args.data_root, args.split, args.limit)
+    full, skip = np.array(data["full"]), np.array(data["skip"])
+    n = len(full)
+
+    def miou(selected: np.ndarray) -> float:
+        return 100 * scores(np.where(selected[:, None, None], full, skip).sum(0), in_mean)["miou"]
+
+    seconds = data["stage_seconds"]
+    total, last = sum(seconds), seconds[-1]
+
+    def speed_up(k: int) -> float:
+        return total / (total - last * (1 - k / n))
+
+    reference = miou(np.ones(n, bool))
+    goal = reference - args.tolerance
+
+    def needed(order: list[int]) -> int:
+        selected = np.zeros(n, bool)
+        if miou(selected) >= goal:
+            return 0
+        for k, i in enumerate(order, 1):
+            selected[i] = True
+            if miou(selected) >= goal:
+                return k
+        return n
+
+    def greedy_oracle() -> int:
+        selected = np.zeros(n, bool)
+        for k in range(1, n + 1):
+            gains = {}
+            for i in np.flatnonzero(~selected):
+                selected[i] = True
+                gains[i] = miou(selected)
+                selected[i] = False
+            best = max(gains, key=gains.get)
+            selected[best] = True
+            if gains[best] >= goal:
+                return k
+        return n
+
+    rules = {name: needed(list(np.argsort(data[name])[::-1])) for name in ("mean_uncertainty", "changed")}
+    rules["oracle"] = greedy_oracle()
+    two_x = max(k for k in range(n + 1) if speed_up(k) >= 2) if speed_up(0) >= 2 else None
+    report = {
+        "checkpoint": args.checkpoint, "split": args.split, "scenes": data["scenes"],
+        "last_stage_crops": n, "stage_seconds_per_image": [round(s, 4) for s in seconds],
+        "miou_full": round(reference, 2), "miou_last_stage_skipped": round(miou(np.zeros(n, bool)), 2),
+        "tolerance_points": args.tolerance, "crops_allowed_at_2x": two_x,
+        "rules": {name: {"crops_needed": k, "fraction": round(k / n, 3), "speed_up": round(speed_up(k), 2)}
+                  for name, k in rules.items()},
+    }
+    text = json.dumps(report)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
