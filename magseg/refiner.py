@@ -83,5 +83,7 @@ class Refiner(nn.Module):
         delta = self.correction(fine, coarse)
         # Shift by the per-pixel max so exp never overflows; it cancels in the ratio.
         delta = delta - delta.amax(dim=1, keepdim=True)
-        weighted = fine * self._full_size(delta, fine).exp_()
-        return weighted / weighted.sum(dim=1, keepdim=True).clamp_min_(1e-30)
+        # In place on the one full-resolution buffer the upsampling made: each extra buffer of
+        # a 2448 px stage's crops is tens of MB to allocate and fault in.
+        weighted = self._full_size(delta, fine).exp_().mul_(fine)
+        return weighted.div_(weighted.sum(dim=1, keepdim=True).clamp_min_(1e-30))
