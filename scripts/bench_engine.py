@@ -8,8 +8,10 @@ Times, interleaved over ``--repeat`` rounds (median reported):
   (c) patch:    the patch-only sliding window at the finest scale;
   (d) adaptive: the engine in adaptive mode (crops skipped by coarse uncertainty).
 Prints the figures and the ratios b/a, b/c and d/b as one JSON object on stdout (and to
---json). Models come from --checkpoint, or from the config with random weights (speed does
-not depend on them); the scene is --image (any raster magseg reads) or random pixels.
+--json), plus a paired view of the overhead: the backbone's time measured inside each engine
+run (forward hooks), the engine's own seconds beside it and their median ratio. Models come
+from --checkpoint, or from the config with random weights (speed does not depend on them);
+the scene is --image (any raster magseg reads) or random pixels.
 
     python scripts/bench_engine.py                                  # 2448^2, Unet-ResNet18
     python scripts/bench_engine.py --arch FPN --encoder resnet50 --repeat 3
@@ -112,14 +114,44 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    # The backbone's share of each timed engine run, measured inside it (forward hooks): the
+    # paired view of (b) - (a), immune to the two being timed at different moments.
+    inside: list[float] = []
+
+    def engine_run() -> None:
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        open_calls: list[float] = []
+        spent = [0.0]
+
+        def pre(_module, _inputs) -> None:
+            sync()
+            open_calls.append(time.perf_counter())
+
+        def post(_module, _inputs, _output) -> None:
+            sync()
+            spent[0] += time.perf_counter() - open_calls.pop()
+
+        handles = [segmenter.backbone.register_forward_pre_hook(pre),
+                   segmenter.backbone.register_forward_hook(post)]
+        try:
+            segmenter.segment(image)
+        finally:
+            for handle in handles:
+                handle.remove()
+        inside.append(spent[0])
+
     methods = {
         "backbone": backbone_alone,
-        "engine": lambda: segmenter.segment(image),
+        "engine": engine_run,
         "patch_only": lambda: segmenter.segment(image, pyramid=config.pyramid.patch_only()),
         "adaptive": lambda: segmenter.segment(image, engine=adaptive_engine),
     }
     for fn in methods.values():  # warm every path once (kernels, allocator)
         fn()
+    inside.clear()
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.repeat):
         for name, fn in methods.items():
@@ -148,7 +180,12 @@ def main() -> None:
             "engine_over_backbone": round(med["engine"] / med["backbone"], 3),
             "engine_over_patch_only": round(med["engine"] / med["patch_only"], 3),
             "adaptive_over_engine": round(med["adaptive"] / med["engine"], 3),
+            # median over rounds of (engine run) / (backbone time inside that run)
+            "engine_over_backbone_inside": round(
+                statistics.median(e / b for e, b in zip(seconds["engine"], inside)), 3),
         },
+        "backbone_inside_engine_seconds": round(statistics.median(inside), 3),
+        "engine_own_seconds": round(statistics.median(e - b for e, b in zip(seconds["engine"], inside)), 3),
         "engine_stage_seconds": [round(s.seconds, 3) for s in warm.stages],
         "device": str(device),
         "threads": torch.get_num_threads(),
