@@ -68,6 +68,19 @@ def test_probs_is_the_softmax_of_the_logits():
     fine, coarse = _probs(2, 5, 19, 21), _probs(2, 5, 19, 21)
     fine[0, :, 0, 0] = torch.tensor([1.0, 0, 0, 0, 0])  # exact zeros
     expected = refiner(fine, coarse).softmax(1)
+    inputs = fine.clone(), coarse.clone()
     got = refiner.probs(fine, coarse)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got.sum(1), torch.ones(2, 19, 21), atol=1e-6)
+    # probs works in place on its own buffers only: the engine reuses fine and coarse
+    assert torch.equal(fine, inputs[0]) and torch.equal(coarse, inputs[1])
+
+
+def test_probs_leaves_its_inputs_alone_at_full_resolution_too():
+    refiner = Refiner(3, channels=4, context_stride=1)  # no upsampling: delta is full size
+    torch.nn.init.normal_(refiner.context[-1].weight, std=1.0)
+    fine, coarse = _probs(1, 3, 9, 7), _probs(1, 3, 9, 7)
+    before = fine.clone()
+    got = refiner.probs(fine, coarse)
+    assert torch.equal(fine, before)
+    assert torch.allclose(got, refiner(fine, coarse).softmax(1), atol=1e-5)
