@@ -7,7 +7,8 @@ asks how many of the *last* stage's crops a selection rule must run to keep the 
 mIoU within ``--tolerance`` points, for:
 
   - ``mean_uncertainty``: the engine's own rule (mean of 1 - cert(Y) over the crop);
-  - ``changed``: the fraction of the crop whose label changed between the first two stages
+  - ``changed``: the fraction of the crop whose label changed between the two stages before
+    the last
     (where the previous magnification step found something, the next one may too);
   - ``oracle``: a greedy choice that knows the ground truth (the best any rule can do).
 
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,20 +44,17 @@ from magseg.certainty import certainty  # noqa: E402
 from magseg.config import PyramidConfig  # noqa: E402
 from magseg.data.scenes import list_scenes, read_scene  # noqa: E402
 from magseg.metrics import confusion_matrix, scores  # noqa: E402
-from magseg.pyramid import crop_boxes  # noqa: E402
+from magseg.pyramid import crop_boxes, resize  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
-
-
-def _upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(labels[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
 
 
 def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None) -> dict:
     """Per last-stage crop: confusion matrices with and without it, and its selection scores."""
     config = segmenter.config
     pyramid = config.pyramid
-    if len(pyramid.scales) < 2:
-        raise SystemExit("the pyramid has one stage: there is nothing to skip")
+    if len(pyramid.scales) < 3:
+        raise SystemExit("the pyramid needs 3 stages or more: the last is skipped, and the "
+                         "'changed' rule compares the two before it")
     truncated = PyramidConfig(scales=pyramid.scales[:-1], crop=pyramid.crop, input=pyramid.input,
                               scene=pyramid.scene)
     classes = len(config.classes)
@@ -71,15 +68,15 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
         skip = segmenter.segment(x, pyramid=truncated, return_probs=True, return_stages=True)
         stage_seconds += [s.seconds for s in full.stages]
         size = tuple(full.stages[-1].size)
-        # The coarse map the last stage would see, as the engine's select_crops sees it.
-        coarse = F.interpolate(skip.probs[None], size=size, mode="bilinear", align_corners=False)
-        uncertainty = 1 - certainty(coarse)[0]
-        changed = (_upsample_labels(skip.stages[0].labels, size)
-                   != _upsample_labels(skip.stages[1].labels, size)).float()
-        final = (full.labels.shape[-2], full.labels.shape[-1])
-        if final != size:
-            raise SystemExit(f"{scene.image}: the last stage ({size}) is not the image size {final}; "
-                             "the per-crop bookkeeping needs them equal")
+        if tuple(full.labels.shape) != size:
+            raise SystemExit(f"{scene.image}: the last stage ({size}) is not the image size "
+                             f"{tuple(full.labels.shape)}; the per-crop bookkeeping needs them equal")
+        # The truncated run's probabilities at the image size are exactly the coarse map the
+        # last stage reads (what the engine's select_crops scores).
+        uncertainty = 1 - certainty(skip.probs[None])[0]
+        # Where the step between the two stages before the last changed labels.
+        before, after = (resize(s.labels[None], size, mode="nearest")[0] for s in skip.stages[-2:])
+        changed = (before != after).float()
         target = torch.from_numpy(mask).long()
         for box in crop_boxes(size, pyramid.crop):
             o = box.owned

@@ -100,18 +100,19 @@ def main() -> None:
     hook.remove()
     device = segmenter.device
 
+    def sync() -> None:  # CUDA runs asynchronously: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def backbone_alone() -> None:
         with torch.inference_mode(), precision_context(device, config.engine.precision):
             for inputs in calls:
                 segmenter.backbone(*inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     def timed(fn) -> float:
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
     # The backbone's share of each timed engine run, measured inside it (forward hooks): the
@@ -119,10 +120,6 @@ def main() -> None:
     inside: list[float] = []
 
     def engine_run() -> None:
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
         open_calls: list[float] = []
         spent = [0.0]
 
