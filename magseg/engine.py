@@ -33,10 +33,10 @@ from magseg.pyramid import (
     context_windows,
     crop_boxes,
     crop_windows,
-    extract_crops,
     extract_windows,
     owned_mask,
     resize,
+    resized_windows,
     stitch_crops,
 )
 
@@ -70,12 +70,13 @@ class SegmentationResult:
 
 
 def labels_of(probs: Tensor) -> Tensor:
-    """``(C, H, W)`` probabilities -> ``(H, W)`` uint8 class ids (argmax over C).
+    """``(C, H, W)`` or ``(B, C, H, W)`` probabilities -> ``(H, W)`` or ``(B, H, W)`` uint8
+    class ids (argmax over C).
 
-    ``max(0).indices`` rather than ``argmax(0)``: the same first-maximum ids, several times
-    faster on the CPU for a reduction over the outermost dimension.
+    ``max(dim).indices`` rather than ``argmax(dim)``: the same first-maximum ids, several
+    times faster on the CPU for a reduction over a non-innermost dimension.
     """
-    return probs.max(dim=0).indices.to(torch.uint8)
+    return probs.max(dim=-3).indices.to(torch.uint8)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -168,22 +169,32 @@ def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Ten
     return refiner(fine, coarse).float().softmax(dim=1)
 
 
-def select_crops(coarse: Tensor, boxes: Sequence[CropBox], adaptive: AdaptiveConfig) -> list[CropBox]:
-    """Adaptive mode: the crops worth running through the backbone at a stage.
-
-    A crop's score is the mean coarse uncertainty ``1 - cert(Y)`` over the pixels it owns;
-    crops below ``threshold`` are dropped and of the rest only the ``max_crops`` *most*
-    uncertain are kept (descending order: the official MagNet-Fast sorts the wrong way).
+def crop_uncertainty(coarse: Tensor, boxes: Sequence[CropBox]) -> list[float]:
+    """Adaptive mode's crop score: the mean coarse uncertainty ``1 - cert(Y)`` over the
+    pixels each crop owns.
 
     Args:
-        coarse: ``(C, h, w)`` the upsampled previous-stage probabilities.
+        coarse: ``(B, C, ch, cw)`` the upsampled previous-stage probabilities of B crops.
+    Returns:
+        B scores in [0, 1].
+    """
+    uncertainty = 1 - certainty(coarse)
+    return [float(u[box.owned_in_crop].mean()) for u, box in zip(uncertainty, boxes)]
+
+
+def select_crops(scores: Sequence[float], boxes: Sequence[CropBox], adaptive: AdaptiveConfig) -> list[CropBox]:
+    """Adaptive mode: the crops worth running through the backbone at a stage.
+
+    Crops scoring below ``threshold`` are dropped and of the rest only the ``max_crops``
+    *most* uncertain are kept (descending order: the official MagNet-Fast sorts the wrong way).
+
+    Args:
+        scores: one ``crop_uncertainty`` per box.
     Returns:
         the kept boxes, in their original (row-major) order.
     """
     if not adaptive.enabled:
         return list(boxes)
-    uncertainty = 1 - certainty(coarse[None])[0]
-    scores = [float(uncertainty[box.owned].mean()) for box in boxes]
     order = sorted(range(len(boxes)), key=lambda i: scores[i], reverse=True)
     if adaptive.threshold is not None:
         order = [i for i in order if scores[i] >= adaptive.threshold]
@@ -213,15 +224,22 @@ def refine_crops(
     score = error_map(refined, coarse, refine.kernel)
     owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
     picked = torch.zeros_like(owned)
-    for i, box in enumerate(boxes):
-        k = num_points(refine.points, box.own_height * box.own_width)
-        if k == 0:
-            continue
-        index = top_k_points(score[i], k, owned[i])
-        # R lives on the crop's own grid, so point_sample at the pixel centres is a gather.
-        values = sample_pixels(refined[i : i + 1], index[None])
-        scatter_points(coarse[i : i + 1], index[None], values, inplace=True)
-        picked[i].view(-1)[index] = True
+    ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
+    flat_picked = picked.view(len(boxes), -1)
+    # Crops that pick the same K (all of them, unless crops overlap) go together: one top-K,
+    # gather and scatter per group rather than per crop (the batched calls use every core).
+    # R lives on the crop's own grid, so point_sample at the pixel centres is a gather.
+    for k in sorted(set(ks) - {0}):
+        rows = [i for i, ki in enumerate(ks) if ki == k]
+        if len(rows) == len(boxes):  # the usual case: in place, no copies
+            index = top_k_points(score, k, owned)
+            scatter_points(coarse, index, sample_pixels(refined, index), inplace=True)
+            flat_picked.scatter_(1, index, True)
+        else:
+            sel = torch.tensor(rows, device=coarse.device)
+            index = top_k_points(score[sel], k, owned[sel])
+            coarse[sel] = scatter_points(coarse[sel], index, sample_pixels(refined[sel], index))
+            flat_picked[sel] = flat_picked[sel].scatter(1, index, True)
     return picked
 
 
@@ -265,6 +283,63 @@ def _stitched_probs(
             on_crops(len(batch))
     assert out is not None  # crop_boxes never returns an empty list
     return out
+
+
+def _coarse_crops(y: Tensor, size: Size, boxes: list[CropBox], pyramid: PyramidConfig) -> Tensor:
+    """Y, the running ``(C, h, w)`` probabilities, upsampled to a stage's ``size`` and cut
+    at ``boxes``: ``(B, C, ch, cw)``, made crop by crop (``resized_windows``)."""
+    return resized_windows(y, size, crop_windows(boxes, pyramid.crop))
+
+
+def _refined_stage(
+    y: Tensor,
+    size: Size,
+    scene: Tensor,
+    boxes: list[CropBox],
+    chosen: list[CropBox],
+    backbone: nn.Module,
+    refiner: nn.Module | None,
+    pyramid: PyramidConfig,
+    refine: RefineConfig,
+    engine: EngineConfig,
+    run: dict,
+    *,
+    labels_only: bool,
+    picked_map: Tensor | None,
+    on_crops: Callable[[int], None] | None,
+) -> Tensor:
+    """One stage after the first: the ``chosen`` crops of ``scene`` (the image at ``size``)
+    refine the previous stage's ``y`` (C, h, w); the other boxes keep ``y`` upsampled.
+
+    Every crop reads ``y`` and writes only the pixels it owns into a new map, so overlapping
+    crops never see each other's refinements: the result does not depend on batch size or
+    order.
+
+    Returns:
+        the stage's ``(C, H, W)`` probabilities, or with ``labels_only`` its ``(H, W)`` uint8
+        labels (argmax crop by crop, while the crop is at hand).
+    """
+    if labels_only:
+        out = torch.empty((1, *size), dtype=torch.uint8, device=y.device)
+    else:
+        out = y.new_empty((y.shape[0], *size))
+
+    def write(crops: Tensor, batch: list[CropBox]) -> None:
+        stitch_crops(out, labels_of(crops)[:, None] if labels_only else crops, batch)
+
+    for batch in _batches(chosen, engine.batch_size):
+        coarse = _coarse_crops(y, size, batch, pyramid)
+        fine = _batch_probs(backbone, scene, batch, pyramid, run)
+        picked = refine_crops(coarse, refine_probs(refiner, fine, coarse), batch, refine)
+        write(coarse, batch)
+        if picked_map is not None:
+            stitch_crops(picked_map, picked[:, None], batch)
+        if on_crops:
+            on_crops(len(batch))
+    kept = set(chosen)
+    for batch in _batches([b for b in boxes if b not in kept], engine.batch_size):
+        write(_coarse_crops(y, size, batch, pyramid), batch)
+    return out[0] if labels_only else out
 
 
 def stage_probs(
@@ -318,9 +393,11 @@ def segment(
     height, width = image.shape[-2:]
     run = _run_options(backbone, engine)
 
-    y: Tensor | None = None
+    y: Tensor | None = None  # the running (C, h, w) probabilities, at the last stage that ran
+    labels: Tensor | None = None  # (H, W), when the last stage wrote labels instead of y
+    sizes = pyramid.stage_sizes((height, width))
     stages: list[StageResult] = []
-    for s, size in enumerate(pyramid.stage_sizes((height, width))):
+    for s, size in enumerate(sizes):
         start = time.perf_counter()
         boxes = crop_boxes(size, pyramid.crop)
         picked_map = None
@@ -329,34 +406,32 @@ def segment(
             chosen = boxes
             y = _stitched_probs(backbone, resize(image, size), chosen, pyramid, engine, run, on_crops)
         else:
-            coarse = resize(y, size) if refine.points != 0 else None
-            chosen = [] if coarse is None else select_crops(coarse, boxes, engine.adaptive)
+            chosen = [] if refine.points == 0 else boxes
+            if chosen and engine.adaptive.enabled:
+                scores = [score for batch in _batches(boxes, engine.batch_size)
+                          for score in crop_uncertainty(_coarse_crops(y, size, batch, pyramid), batch)]
+                chosen = select_crops(scores, boxes, engine.adaptive)
             if return_stages:
                 picked_map = torch.zeros((1, *size), dtype=torch.bool, device=device)
             if chosen:
-                # Crops read `coarse` and write `y`, so overlapping crops never see each
-                # other's refinements: the result is independent of batch size and order.
-                # Without overlap no crop reads what another writes: update in place.
-                overlap = any(b.window != b.owned for b in boxes)
-                y = coarse.clone() if overlap else coarse
-                scene = resize(image, size)
+                # The last stage at the image size, when only labels are asked for, writes
+                # labels crop by crop: the full-size probability map is never made.
+                labels_only = s == len(sizes) - 1 and tuple(size) == (height, width) and not return_probs
+                out = _refined_stage(
+                    y, size, resize(image, size), boxes, chosen, backbone, refiner, pyramid, refine,
+                    engine, run, labels_only=labels_only, picked_map=picked_map, on_crops=on_crops,
+                )
+                if labels_only:
+                    labels = out
+                else:
+                    y = out
             # else: nothing can change at this stage; y stays at its own resolution and is
             # upsampled once, later (so K = 0 gives exactly the stage-0 view upsampled).
-            for batch in _batches(chosen, engine.batch_size):
-                fine = _batch_probs(backbone, scene, batch, pyramid, run)
-                coarse_crops = extract_crops(coarse, batch, pyramid.crop)
-                refined = refine_probs(refiner, fine, coarse_crops)
-                picked = refine_crops(coarse_crops, refined, batch, refine)
-                stitch_crops(y, coarse_crops, batch)
-                if picked_map is not None:
-                    stitch_crops(picked_map, picked[:, None], batch)
-                if on_crops:
-                    on_crops(len(batch))
         if return_stages:
             stages.append(
                 StageResult(
                     size=tuple(size),
-                    labels=labels_of(resize(y, size)).cpu(),
+                    labels=(labels if labels is not None else labels_of(resize(y, size))).cpu(),
                     refined=None if picked_map is None else picked_map[0].cpu(),
                     crops_run=len(chosen),
                     crops_total=len(boxes),
@@ -364,10 +439,12 @@ def segment(
                 )
             )
 
-    probs = resize(y, (height, width))
-    labels = labels_of(probs).cpu()
+    probs = None
+    if labels is None:
+        probs = resize(y, (height, width))
+        labels = labels_of(probs)
     return SegmentationResult(
-        labels=labels,
+        labels=labels.cpu(),
         probs=probs.cpu() if return_probs else None,
         stages=stages,
     )

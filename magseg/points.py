@@ -18,22 +18,23 @@ def num_points(points: int | float, available: int) -> int:
 
 
 def top_k_points(score: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
-    """Indices of the ``k`` highest-scoring pixels of one map.
+    """Indices of the ``k`` highest-scoring pixels of one map, or of each map of a batch.
 
     Args:
-        score: ``(H, W)`` score.
-        k: how many; must not exceed the number of pixels allowed by ``mask``.
-        mask: ``(H, W)`` bool; False pixels are never picked.
+        score: ``(H, W)`` or ``(B, H, W)`` score.
+        k: how many per map; must not exceed the number of pixels allowed by ``mask``.
+        mask: shaped like ``score``, bool; False pixels are never picked.
     Returns:
-        ``(k,)`` int64 indices into the flattened ``H * W`` grid, in no particular order
-        (sorting them costs ten times the selection, and scatter does not need it).
+        ``(k,)`` or ``(B, k)`` int64 indices into the flattened ``H * W`` grid, in no
+        particular order (sorting them costs ten times the selection, and scatter does not
+        need it).
     """
-    flat = score.reshape(-1)
+    flat = score.flatten(-2)
     if mask is not None:
-        flat = flat.masked_fill(~mask.reshape(-1), float("-inf"))
+        flat = flat.masked_fill(~mask.flatten(-2), float("-inf"))
     if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=score.device)
-    return flat.topk(k, sorted=False).indices
+        return torch.zeros((*flat.shape[:-1], 0), dtype=torch.long, device=score.device)
+    return flat.topk(k, dim=-1, sorted=False).indices
 
 
 def pixel_centres(index: Tensor, size: tuple[int, int]) -> Tensor:

@@ -138,7 +138,9 @@ def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
     """
     _, height, width = image.shape
     h, w = windows[0][2], windows[0][3]
-    out = image.new_zeros((len(windows), image.shape[0], h, w))
+    inside = all(t >= 0 and x >= 0 and t + h <= height and x + w <= width for t, x, _, _ in windows)
+    # Zero-filling is a whole extra pass over the batch; skip it when every window is filled.
+    out = (image.new_empty if inside else image.new_zeros)((len(windows), image.shape[0], h, w))
     for i, (top, left, wh, ww) in enumerate(windows):
         if (wh, ww) != (h, w):
             raise ValueError(f"windows must share one size, got {(h, w)} and {(wh, ww)}")
@@ -146,6 +148,53 @@ def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
         y1, x1 = min(top + h, height), min(left + w, width)
         if y1 > y0 and x1 > x0:
             out[i, :, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    return out
+
+
+def _power_of_two_factor(src: int, dst: int) -> int | None:
+    """``dst / src`` when it is a power of two above 1, else None."""
+    factor, rest = divmod(dst, src)
+    return factor if rest == 0 and factor > 1 and factor & (factor - 1) == 0 else None
+
+
+def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
+    """``extract_windows(resize(x, size), windows)``, without making the whole resized map.
+
+    The engine's stage step: the previous stage's ``(C, h, w)`` probabilities, upsampled to
+    the stage's ``size`` (H, W), are only ever read crop by crop. When ``H / h`` and
+    ``W / w`` are powers of two (every pyramid of doubling scales) and the windows lie
+    inside the image on multiples of them, each window is upsampled from just the source
+    pixels it reads, plus one on each side so that edge clamping happens only where the
+    whole map has an edge. Bilinear source coordinates ``(i + 0.5) / f - 0.5`` are then
+    exact in float, so the result is bit-identical to cutting the whole map, at half its
+    cost and without its memory (a 2448 px, 7-class map is 168 MB). Anything else goes the
+    long way.
+
+    Args:
+        x: ``(C, h, w)``.
+        windows: equally sized ``(top, left, height, width)`` windows of the ``size`` grid.
+    Returns:
+        ``(B, C, height, width)``.
+    """
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+    fy, fx = _power_of_two_factor(h, out_h), _power_of_two_factor(w, out_w)
+    wh, ww = windows[0][2], windows[0][3]
+    aligned = fy is not None and fx is not None and all(
+        (t, l, th, tw) == (t, l, wh, ww) and t % fy == 0 and l % fx == 0
+        and 0 <= t and t + wh <= out_h and 0 <= l and l + ww <= out_w
+        for t, l, th, tw in windows
+    )
+    if not aligned:
+        return extract_windows(resize(x, size), windows)
+    out = x.new_empty((len(windows), x.shape[0], wh, ww))
+    for i, (top, left, _, _) in enumerate(windows):
+        # Output row r reads source rows floor((r + 0.5) / f - 0.5) and the one after it.
+        y0, x0 = max(top // fy - 1, 0), max(left // fx - 1, 0)
+        y1, x1 = min((top + wh - 1) // fy + 2, h), min((left + ww - 1) // fx + 2, w)
+        part = F.interpolate(x[None, :, y0:y1, x0:x1], scale_factor=(fy, fx), mode="bilinear",
+                             align_corners=False, recompute_scale_factor=False)
+        dy, dx = top - y0 * fy, left - x0 * fx
+        out[i] = part[0, :, dy : dy + wh, dx : dx + ww]
     return out
 
 

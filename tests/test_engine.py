@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.engine import refine_crops, segment, select_crops
-from magseg.pyramid import crop_boxes
+from magseg.engine import crop_uncertainty, refine_crops, segment, select_crops
+from magseg.pyramid import crop_boxes, extract_crops
 from magseg.refiner import Refiner
 
 
@@ -89,6 +89,23 @@ def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
         assert torch.equal(runs[0].labels, other.labels)
 
 
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_labels_alone_equal_the_labels_of_the_probabilities(size, backbone, pyramid, tiny_config):
+    # Without return_probs the last stage writes labels crop by crop and never makes the
+    # full-size probability map; the labels must be those of the map.
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    for engine in (EngineConfig(batch_size=3), EngineConfig(adaptive=AdaptiveConfig(max_crops=5))):
+        kw = dict(refiner=refiner, refine=RefineConfig(points=0.4, kernel=3), engine=engine, return_stages=True)
+        with_probs = _run(image, backbone, pyramid, **kw)
+        labels_only = segment(image, backbone, pyramid, **kw)
+        assert labels_only.probs is None
+        assert torch.equal(labels_only.labels, with_probs.probs.argmax(0).to(torch.uint8))
+        for a, b in zip(labels_only.stages, with_probs.stages):
+            assert torch.equal(a.labels, b.labels) and a.crops_run == b.crops_run
+
+
 def test_any_module_mapping_images_to_logits_is_a_backbone(pyramid):
     conv = nn.Conv2d(3, 4, kernel_size=1).eval()
     image = torch.randn(3, 70, 50)
@@ -127,11 +144,24 @@ def test_select_crops_keeps_the_most_uncertain_first():
     coarse[0, :, :4], coarse[1, :, :4] = 0.9, 0.1  # certainty 0.8 -> uncertainty 0.2
     coarse[0, :, 4:], coarse[1, :, 4:] = 0.6, 0.4  # certainty 0.2 -> uncertainty 0.8
     boxes = crop_boxes((4, 8), (4, 4))
-    assert select_crops(coarse, boxes, AdaptiveConfig()) == boxes
-    assert select_crops(coarse, boxes, AdaptiveConfig(max_crops=1)) == [boxes[1]]
-    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.5)) == [boxes[1]]
-    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.1)) == boxes
-    assert select_crops(coarse, boxes, AdaptiveConfig(threshold=0.9)) == []
+    scores = crop_uncertainty(extract_crops(coarse, boxes, (4, 4)), boxes)
+    assert scores == pytest.approx([0.2, 0.8])
+    assert select_crops(scores, boxes, AdaptiveConfig()) == boxes
+    assert select_crops(scores, boxes, AdaptiveConfig(max_crops=1)) == [boxes[1]]
+    assert select_crops(scores, boxes, AdaptiveConfig(threshold=0.5)) == [boxes[1]]
+    assert select_crops(scores, boxes, AdaptiveConfig(threshold=0.1)) == boxes
+    assert select_crops(scores, boxes, AdaptiveConfig(threshold=0.9)) == []
+
+
+def test_crop_uncertainty_counts_only_owned_pixels():
+    # A 4x6 image tiled by 4x4 crops: the crops overlap on columns 2-3, split at the middle,
+    # so the right crop owns columns 3-5 only (its first column belongs to the left crop).
+    boxes = crop_boxes((4, 6), (4, 4))
+    coarse = torch.zeros(2, 4, 6)
+    coarse[0], coarse[1] = 1.0, 0.0  # certain everywhere (uncertainty 0) ...
+    coarse[:, :, 2] = 0.5  # ... except column 2 (uncertainty 1), owned by the left crop
+    scores = crop_uncertainty(extract_crops(coarse, boxes, (4, 4)), boxes)
+    assert scores == pytest.approx([1 / 3, 0.0])
 
 
 def test_adaptive_mode_runs_fewer_crops(backbone, pyramid):
@@ -155,7 +185,7 @@ def test_skipped_last_stage_crops_keep_the_coarse_result_exactly(backbone):
     adaptive = AdaptiveConfig(max_crops=2)
     fast = _run(image, backbone, two, engine=EngineConfig(adaptive=adaptive))
     boxes = crop_boxes((64, 64), (32, 32))
-    chosen = select_crops(skip.probs, boxes, adaptive)
+    chosen = select_crops(crop_uncertainty(extract_crops(skip.probs, boxes, (32, 32)), boxes), boxes, adaptive)
     assert len(chosen) == 2
     for box in boxes:
         expected = full if box in chosen else skip

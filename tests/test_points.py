@@ -31,6 +31,15 @@ def test_top_k_never_picks_masked_pixels():
     assert sorted(top_k_points(score, 3, mask).tolist()) == [3, 5, 7]
 
 
+def test_top_k_of_a_batch_is_the_top_k_of_each_map():
+    score = torch.tensor([[[0.1, 0.9], [0.3, 0.8]], [[0.7, 0.2], [0.6, 0.5]]])
+    mask = torch.tensor([[[True, False], [True, True]], [[True, True], [True, True]]])
+    picked = top_k_points(score, 2, mask)
+    assert picked.shape == (2, 2)
+    assert [sorted(row) for row in picked.tolist()] == [[2, 3], [0, 2]]
+    assert top_k_points(score, 0).shape == (2, 0)
+
+
 @settings(max_examples=50, deadline=None)
 @given(h=st.integers(1, 30), w=st.integers(1, 30), data=st.data())
 def test_top_k_property_selected_beat_the_rest(h, w, data):

@@ -5,7 +5,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.pyramid import crop_boxes, extract_crops, owned_mask, resize, stage_sizes, stitch_crops
+from magseg.pyramid import (
+    crop_boxes,
+    crop_windows,
+    extract_crops,
+    extract_windows,
+    owned_mask,
+    resize,
+    resized_windows,
+    stage_sizes,
+    stitch_crops,
+)
 
 sizes = st.tuples(st.integers(1, 300), st.integers(1, 300))
 # Crops of at least 3 px: a 1 px crop on a 300 px image is 90,000 boxes and adds nothing.
@@ -94,3 +104,40 @@ def test_resize_is_identity_at_same_size_and_antialiased_when_shrinking():
 def test_crop_boxes_rejects_empty_images():
     with pytest.raises(ValueError):
         crop_boxes((0, 5), (4, 4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    source=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    factors=st.tuples(st.sampled_from([1, 2, 4, 8, 3]), st.sampled_from([1, 2, 4, 8, 3])),
+    crop=st.tuples(st.integers(1, 48), st.integers(1, 48)),
+    channels=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_resized_windows_equal_cutting_the_resized_map_bit_for_bit(source, factors, crop, channels, seed):
+    # The engine's crop-by-crop upsampling: exact for power-of-two factors and windows on
+    # multiples of them (the fast path), and the same answer the long way otherwise
+    # (factor 1 or 3, windows off the grid, windows past the border).
+    x = torch.rand(channels, *source, generator=torch.Generator().manual_seed(seed))
+    size = (source[0] * factors[0], source[1] * factors[1])
+    boxes = crop_boxes(size, crop)
+    windows = crop_windows(boxes, crop)
+    expected = extract_windows(resize(x, size), windows)
+    assert torch.equal(resized_windows(x, size, windows), expected)
+
+
+def test_resized_windows_fast_path_at_engine_sizes(monkeypatch):
+    # 306 -> 612 with crops of 154 (even offsets: the fast path, checked by making the whole-map
+    # resize unavailable to it) and of 153 (odd offsets: the long way).
+    import magseg.pyramid as pyramid
+
+    x = torch.rand(7, 306, 306, generator=torch.Generator().manual_seed(0))
+    expected = {c: extract_windows(resize(x, (612, 612)), crop_windows(crop_boxes((612, 612), (c, c)), (c, c)))
+                for c in (153, 154)}
+    long_way = pyramid.resize
+    monkeypatch.setattr(pyramid, "resize", lambda *a, **k: pytest.fail("whole map resized"))
+    windows = crop_windows(crop_boxes((612, 612), (154, 154)), (154, 154))
+    assert torch.equal(resized_windows(x, (612, 612), windows), expected[154])
+    monkeypatch.setattr(pyramid, "resize", long_way)
+    windows = crop_windows(crop_boxes((612, 612), (153, 153)), (153, 153))
+    assert torch.equal(resized_windows(x, (612, 612), windows), expected[153])
