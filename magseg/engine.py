@@ -1,14 +1,17 @@
 """The progressive engine: MagNet's coarse-to-fine stage loop, written once.
 
     stage 0:  image resized to scales[0] -> crops -> backbone -> stitched probabilities Y
-    stage s:  Y upsampled to scales[s];  image resized to scales[s] -> crops -> backbone O
+    stage s:  Y upsampled to scales[s] (crop by crop);  image resized to scales[s] -> crops
+              -> backbone O
               R = softmax(refiner(O, Y_crop))       (R = O without a refiner)
               Q = median_blur(cert(R) * (1 - cert(Y_crop)))
               the K pixels of highest Q a crop owns take R's values (point_sample + scatter)
-    end:      Y resized to the image size -> argmax
+    end:      Y resized to the image size -> argmax (at the image size, the last stage
+              takes the argmax crop by crop unless probabilities are asked for)
 
 Crops of a stage all read the upsampled Y of the previous stage and write only the pixels
-they own (magseg.pyramid), so the result does not depend on batch size or crop order.
+they own (magseg.pyramid) into the stage's new map, so the result does not depend on batch
+size or crop order.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
 
