@@ -130,6 +130,11 @@ def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
 Window = tuple[int, int, int, int]  # (top, left, height, width); may reach outside the image
 
 
+def _all_inside(windows: list[Window], size: Size) -> bool:
+    """Whether every window lies wholly inside an image of ``size`` (H, W)."""
+    return all(0 <= t and 0 <= l and t + h <= size[0] and l + w <= size[1] for t, l, h, w in windows)
+
+
 def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
     """Cut equally sized ``windows`` out of ``image`` (C, H, W) as ``(B, C, h, w)``.
 
@@ -138,8 +143,8 @@ def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
     """
     _, height, width = image.shape
     h, w = windows[0][2], windows[0][3]
-    inside = all(t >= 0 and x >= 0 and t + h <= height and x + w <= width for t, x, _, _ in windows)
     # Zero-filling is a whole extra pass over the batch; skip it when every window is filled.
+    inside = _all_inside(windows, (height, width))
     out = (image.new_empty if inside else image.new_zeros)((len(windows), image.shape[0], h, w))
     for i, (top, left, wh, ww) in enumerate(windows):
         if (wh, ww) != (h, w):
@@ -179,10 +184,9 @@ def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
     (h, w), (out_h, out_w) = x.shape[-2:], size
     fy, fx = _power_of_two_factor(h, out_h), _power_of_two_factor(w, out_w)
     wh, ww = windows[0][2], windows[0][3]
-    aligned = fy is not None and fx is not None and all(
-        (t, l, th, tw) == (t, l, wh, ww) and t % fy == 0 and l % fx == 0
-        and 0 <= t and t + wh <= out_h and 0 <= l and l + ww <= out_w
-        for t, l, th, tw in windows
+    aligned = (
+        fy is not None and fx is not None and _all_inside(windows, size)
+        and all((th, tw) == (wh, ww) and t % fy == 0 and l % fx == 0 for t, l, th, tw in windows)
     )
     if not aligned:
         return extract_windows(resize(x, size), windows)
