@@ -49,6 +49,9 @@ def _root(
 
 
 def main() -> None:
+    from magseg.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before the first large tensor: see magseg.allocator
     _register()
     app()
 

@@ -40,9 +40,11 @@ class SceneWorker:
     def __init__(self, checkpoint: bytes, name: str, overrides: Sequence[str], threads: int) -> None:
         import torch
 
+        from magseg.allocator import keep_freed_memory
         from magseg.checkpoint import checkpoint_from_bytes
         from magseg.segmenter import Segmenter
 
+        keep_freed_memory()  # an actor is its own process, as the magseg command is
         torch.set_num_threads(max(1, threads))
         self.segmenter = Segmenter.from_checkpoint(checkpoint_from_bytes(checkpoint, name), overrides)
 

@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
 from magseg.engine import precision_context, resolve_precision  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args()
 
+    # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
+    malloc_kept = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     segmenter = _segmenter(args)
@@ -186,6 +189,7 @@ def main() -> None:
         "engine_stage_seconds": [round(s.seconds, 3) for s in warm.stages],
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "malloc_kept": malloc_kept,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "torch": torch.__version__,
