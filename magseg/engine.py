@@ -74,12 +74,19 @@ class SegmentationResult:
 
 def labels_of(probs: Tensor) -> Tensor:
     """``(C, H, W)`` or ``(B, C, H, W)`` probabilities -> ``(H, W)`` or ``(B, H, W)`` uint8
-    class ids (argmax over C).
+    class ids: argmax over C, the first maximum on ties (a NaN pixel gets id C).
 
-    ``max(dim).indices`` rather than ``argmax(dim)``: the same first-maximum ids, several
-    times faster on the CPU for a reduction over a non-innermost dimension.
+    On the CPU an index-returning reduction over a non-innermost dimension is slow
+    (``argmax`` 250 ms, ``max(dim).indices`` 23 ms for 4 x 7 x 612 x 612), and ``amax`` is
+    not (1.3 ms). So: ``key[c] = c`` where class c reaches the maximum, ``C + c`` elsewhere,
+    and the id is the smallest key (12 ms in all).
     """
-    return probs.max(dim=-3).indices.to(torch.uint8)
+    classes = probs.shape[-3]
+    if classes > 127:  # C + c must fit in uint8
+        return probs.max(dim=-3).indices.to(torch.uint8)
+    key = torch.ne(probs, probs.amax(dim=-3, keepdim=True)).view(torch.uint8).mul_(classes)
+    key += torch.arange(classes, dtype=torch.uint8, device=probs.device).view(classes, 1, 1)
+    return key.amin(dim=-3)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.engine import crop_uncertainty, refine_crops, segment, select_crops
+from magseg.engine import crop_uncertainty, labels_of, refine_crops, segment, select_crops
 from magseg.pyramid import crop_boxes, extract_crops
 from magseg.refiner import Refiner
 
@@ -104,6 +104,19 @@ def test_labels_alone_equal_the_labels_of_the_probabilities(size, backbone, pyra
         assert torch.equal(labels_only.labels, with_probs.probs.argmax(0).to(torch.uint8))
         for a, b in zip(labels_only.stages, with_probs.stages):
             assert torch.equal(a.labels, b.labels) and a.crops_run == b.crops_run
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1), (7, 5, 3), (3, 7, 4, 6), (1, 127, 2, 3), (200, 2, 2)])
+def test_labels_of_is_the_first_maximum(shape):
+    g = torch.Generator().manual_seed(len(shape) + shape[-3])
+    # Values on a coarse grid, so that ties between classes are common.
+    probs = torch.randint(0, 4, shape, generator=g).float() / 4
+    probs[..., 0, 0] = 0.5  # a pixel where every class ties: id 0
+    expected = probs.max(dim=-3).indices.to(torch.uint8)  # first maximum, by definition
+    assert (probs == probs.amax(dim=-3, keepdim=True)).sum(dim=-3).gt(1).any()  # ties exist
+    got = labels_of(probs)
+    assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    assert (got[..., 0, 0] == 0).all()
 
 
 def test_any_module_mapping_images_to_logits_is_a_backbone(pyramid):
