@@ -162,6 +162,15 @@ def _power_of_two_factor(src: int, dst: int) -> int | None:
     return factor if rest == 0 and factor > 1 and factor & (factor - 1) == 0 else None
 
 
+# PyTorch's CPU bilinear upsampling runs a different kernel, with different rounding, for
+# outputs of height + width <= 128 (``_use_vectorized_kernel_cond_2d`` in ATen's
+# UpSampleKernel.cpp; its other conditions, thread count and layout, are the same for the
+# pieces as for the whole map). A piece cut for a window is at least the window's size and the
+# whole map at least the piece's, so windows above this size upsample with the whole map's
+# kernel (tests/test_pyramid.py holds the cases that once differed by 1 ulp).
+_SAME_KERNEL = 128
+
+
 def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
     """``extract_windows(resize(x, size), windows)``, without making the whole resized map.
 
@@ -172,8 +181,8 @@ def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
     pixels it reads, plus one on each side so that edge clamping happens only where the
     whole map has an edge. Bilinear source coordinates ``(i + 0.5) / f - 0.5`` are then
     exact in float, so the result is bit-identical to cutting the whole map, at half its
-    cost and without its memory (a 2448 px, 7-class map is 168 MB). Anything else goes the
-    long way.
+    cost and without its memory (a 2448 px, 7-class map is 168 MB). Windows of height +
+    width <= 128 (see ``_SAME_KERNEL``) and anything else go the long way.
 
     Args:
         x: ``(C, h, w)``.
@@ -185,7 +194,7 @@ def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
     fy, fx = _power_of_two_factor(h, out_h), _power_of_two_factor(w, out_w)
     wh, ww = windows[0][2], windows[0][3]
     aligned = (
-        fy is not None and fx is not None and _all_inside(windows, size)
+        fy is not None and fx is not None and wh + ww > _SAME_KERNEL and _all_inside(windows, size)
         and all((th, tw) == (wh, ww) and t % fy == 0 and l % fx == 0 for t, l, th, tw in windows)
     )
     if not aligned:
