@@ -6,7 +6,9 @@ from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine import crop_uncertainty, labels_of, refine_crops, segment, select_crops
-from magseg.pyramid import crop_boxes, extract_crops
+from magseg.certainty import error_map
+from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.pyramid import crop_boxes, extract_crops, owned_mask
 from magseg.refiner import Refiner
 
 
@@ -149,6 +151,29 @@ def test_refine_crops_changes_only_owned_top_k_pixels():
     assert torch.equal(out[0, :, picked[0]], refined[0, :, picked[0]])
     assert torch.equal(out[0, :, ~picked[0]], coarse[0, :, ~picked[0]])
     assert picked[0, 0, 0] and picked[0, 3, 3] and picked[0, 1, 2]
+
+
+@pytest.mark.parametrize("size, crop", [((8, 16), (8, 8)), ((9, 20), (9, 8)), ((6, 6), (8, 8))])
+def test_refine_crops_equals_point_sample_and_scatter(size, crop):
+    # The engine's batched refinement against PointRend's steps done crop by crop: top-K of
+    # the error map over the owned pixels, point_sample of R at their centres, scatter into Y.
+    # Crops that own every pixel, crops that overlap (the last one shifted) and a padded one.
+    boxes = crop_boxes(size, crop)
+    g = torch.Generator().manual_seed(size[1])
+    coarse = torch.rand(len(boxes), 4, *crop, generator=g).softmax(1)
+    refined = torch.rand(len(boxes), 4, *crop, generator=g).softmax(1)
+    refine = RefineConfig(points=0.5, kernel=3)
+    out = coarse.clone()
+    picked = refine_crops(out, refined, boxes, refine)
+    score = error_map(refined, coarse, refine.kernel)
+    owned = owned_mask(boxes, crop)
+    for i, box in enumerate(boxes):
+        k = num_points(refine.points, box.own_height * box.own_width)
+        index = top_k_points(score[i], k, owned[i])
+        values = point_sample(refined[i : i + 1], pixel_centres(index, crop)[None])
+        expected = scatter_points(coarse[i : i + 1], index[None], values)[0]
+        assert torch.equal(out[i], expected)
+        assert sorted(picked[i].flatten().nonzero().flatten().tolist()) == sorted(index.tolist())
 
 
 def test_select_crops_keeps_the_most_uncertain_first():
