@@ -5,7 +5,8 @@
               -> backbone O
               R = softmax(refiner(O, Y_crop))       (R = O without a refiner)
               Q = median_blur(cert(R) * (1 - cert(Y_crop)))
-              the K pixels of highest Q a crop owns take R's values (point_sample + scatter)
+              the K pixels of highest Q a crop owns take R's values (point_sample + scatter,
+              a masked select as R is on the crop's own grid)
     end:      Y resized to the image size -> argmax (at the image size, the last stage
               takes the argmax crop by crop unless probabilities are asked for)
 
