@@ -239,15 +239,15 @@ def refine_crops(
     flat_picked = picked.view(len(boxes), -1)
     # Crops that pick the same K (all of them, unless crops overlap) go together: one top-K,
     # gather and scatter per group rather than per crop (the batched calls use every core).
-    # R lives on the crop's own grid, so point_sample at the pixel centres is a gather.
+    # R lives on the crop's own grid, so point_sample at the pixel centres is a gather, and
+    # for the whole batch at once the gather and the scatter are one masked select.
     for k in sorted(set(ks) - {0}):
         rows = [i for i, ki in enumerate(ks) if ki == k]
         if len(rows) == len(boxes):  # the usual case: in place, no copies
             # Crops that own every pixel (inside the image, no overlap) need no mask.
             index = top_k_points(score, k, None if bool(owned.all()) else owned)
             flat_picked.scatter_(1, index, True)
-            # The gather at the K pixels and the scatter back, as one masked select: a single
-            # pass over the C channels instead of two (the same values; a test checks it).
+            # One pass over the C channels instead of two (the same values; a test checks it).
             torch.where(picked[:, None], refined, coarse, out=coarse)
         else:
             sel = torch.tensor(rows, device=coarse.device)

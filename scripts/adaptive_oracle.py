@@ -67,13 +67,13 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
     classes = len(config.classes)
     out: dict[str, list] = {"full": [], "skip": [], "mean_uncertainty": [], "changed": []}
     stage_seconds = np.zeros(len(pyramid.scales))
-    last_partial = [0.0, 0]  # seconds and crops of the last stage in the adaptive timing run
+    partial_seconds = partial_crops = 0.0  # the last stage in the adaptive timing runs
     scenes = list_scenes(config.data, split, root)[:limit]
-    if scenes:  # one untimed run first: the first call's one-off costs would count as the full run's
-        segmenter.segment(segmenter.normalize(torch.from_numpy(read_scene(scenes[0], config)[0].astype(np.float32))))
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
         image, mask = read_scene(scene, config)
         x = segmenter.normalize(torch.from_numpy(image.astype(np.float32)))
+        if i == 0:  # one untimed run first: the first call's one-off costs would count as the full run's
+            segmenter.segment(x)
         full = segmenter.segment(x, return_stages=True)
         skip = segmenter.segment(x, pyramid=truncated, return_probs=True, return_stages=True)
         stage_seconds += [s.seconds for s in full.stages]
@@ -81,8 +81,8 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
         if most_earlier < full.stages[-1].crops_total:
             timing = dataclasses.replace(config.engine, adaptive=AdaptiveConfig(max_crops=most_earlier))
             partial = segmenter.segment(x, engine=timing, return_stages=True).stages[-1]
-            last_partial[0] += partial.seconds
-            last_partial[1] += partial.crops_run
+            partial_seconds += partial.seconds
+            partial_crops += partial.crops_run
         size = tuple(full.stages[-1].size)
         if tuple(full.labels.shape) != size:
             raise SystemExit(f"{scene.image}: the last stage ({size}) is not the image size "
@@ -102,7 +102,7 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
             out["changed"].append(float(changed[o].mean()))
     out["stage_seconds"] = (stage_seconds / len(scenes)).tolist()
     out["scenes"] = len(scenes)
-    out["last_stage_partial"] = [last_partial[0] / len(scenes), last_partial[1] / len(scenes)]
+    out["last_stage_partial"] = [partial_seconds / len(scenes), partial_crops / len(scenes)]
     return out
 
 
