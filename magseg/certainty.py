@@ -6,13 +6,15 @@ certainty(P) = top-1 minus top-2 probability, in [0, 1]: 1 where one class has a
     Q = median_blur(certainty(R) * (1 - certainty(Y)), k)
 
 is high where the coarse prediction Y is unsure and the refined prediction R is sure; the
-median blur makes isolated pixels lose to coherent regions.
+median blur makes isolated pixels lose to coherent regions. The engine only needs the top-K
+pixels of Q, and ``top_error_pixels`` finds them without making Q.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -74,6 +76,12 @@ def _blur_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-blur")
 
 
+def error_score(refined: Tensor, coarse: Tensor) -> Tensor:
+    """The unblurred error score ``cert(R) * (1 - cert(Y))``: ``(B, C, H, W)`` x 2 ->
+    ``(B, H, W)`` in [0, 1]."""
+    return certainty(refined).mul_(1 - certainty(coarse))
+
+
 def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:
     """MagNet's refinement score: high where the coarse view is unsure and the refined sure.
 
@@ -86,7 +94,86 @@ def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:
         unblurred score far below one quantisation step, so that ranking by it ranks by the
         blurred map first and, inside a plateau of the blurred map, by the raw score.
     """
-    raw = certainty(refined) * (1 - certainty(coarse))
+    raw = error_score(refined, coarse)
     if kernel == 1:
         return raw
     return median_blur(raw, kernel) + _TIE_BREAK * raw
+
+
+def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tensor | None = None) -> Tensor:
+    """The K pixels of each map with the highest error map, found without making the map.
+
+    Map b gets the ``ks[b]`` allowed pixels of highest ``median_blur(raw, kernel)``, ties
+    broken by ``raw``: the top-K of ``error_map``. (Exactly so: ``error_map``'s float sum
+    merges raw scores closer than about 6e-5, this compares them as they are.)
+
+    The median of a k x k window is >= t exactly when more than k*k/2 of its values are >= t.
+    So the number of pixels whose blurred level is >= t is a box filter (a running count) of
+    the map thresholded at t, and bisection over the 256 levels finds T, the level of the K-th
+    pixel, in 8 counts. Each costs 0.5 ms on a 612 px map, against 15 ms for OpenCV's
+    median, and no top-K over the whole map follows: every pixel above T is picked, and the
+    rest of K are the pixels at T with the highest raw score.
+
+    Args:
+        raw: ``(B, H, W)`` unblurred score in [0, 1] (``error_score``).
+        kernel: median blur size (odd; 1 = none).
+        ks: K of each map, at most its number of allowed pixels.
+        allowed: ``(B, H, W)`` bool, the pixels that may be picked (the median still reads
+            the others); None allows all.
+    Returns:
+        ``(B, H, W)`` bool, True on the picked pixels, on ``raw``'s device.
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"median kernel must be odd and >= 1, got {kernel}")
+    if len(ks) != raw.shape[0]:
+        raise ValueError(f"{len(ks)} values of K for {raw.shape[0]} maps")
+    scores = raw.detach().float().cpu().contiguous().numpy()
+    masks = None if allowed is None else allowed.cpu().contiguous().numpy().view(np.uint8) * np.uint8(255)
+    out = np.zeros(scores.shape, np.uint8)
+
+    def pick(b: int) -> None:
+        _pick_map(scores[b], ks[b], kernel, None if masks is None else masks[b], out[b])
+
+    # OpenCV releases the GIL: the maps are worked side by side, as in median_blur.
+    list(_blur_pool().map(pick, range(len(ks))) if len(ks) > 1 else map(pick, range(len(ks))))
+    return torch.from_numpy(out).view(torch.bool).to(raw.device)
+
+
+def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, out: np.ndarray) -> None:
+    """``top_error_pixels`` for one ``(H, W)`` float32 map; ``allowed`` is 0/255 uint8 or
+    None. Writes 1 on the picked pixels into ``out`` (zeros, uint8)."""
+    if k <= 0:
+        return
+    everywhere = np.full(raw.shape, 255, np.uint8) if allowed is None else allowed
+    if k >= cv2.countNonZero(everywhere):
+        np.minimum(everywhere, 1, out=out)
+        return
+    # round(raw * 255) with saturation: median_blur's levels (raw is >= 0, so abs is a no-op).
+    levels = cv2.convertScaleAbs(raw, alpha=255)
+    majority = kernel * kernel // 2
+    depth = cv2.CV_8U if kernel * kernel <= 255 else cv2.CV_32S
+
+    def blurred_at_least(t: int) -> np.ndarray:
+        """255 where the median of the pixel's window is >= t (and it is allowed), else 0."""
+        _, at_least = cv2.threshold(levels, t - 1, 1, cv2.THRESH_BINARY)  # 1 where level >= t
+        # cv2.medianBlur replicates the edges; the count must see the same windows.
+        count = cv2.boxFilter(at_least, depth, (kernel, kernel), normalize=False,
+                              borderType=cv2.BORDER_REPLICATE)
+        mask = cv2.compare(count, majority, cv2.CMP_GT)
+        return mask if allowed is None else cv2.bitwise_and(mask, allowed)
+
+    # Invariant: at least k pixels reach level lo (1 - 0 = every pixel), fewer than k reach hi.
+    lo, lo_mask, hi, hi_mask = 0, everywhere, 256, np.zeros_like(everywhere)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        mask = blurred_at_least(mid)
+        if cv2.countNonZero(mask) >= k:
+            lo, lo_mask = mid, mask
+        else:
+            hi, hi_mask = mid, mask
+    np.minimum(hi_mask, 1, out=out)  # every pixel above level lo
+    ties = np.flatnonzero(cv2.compare(lo_mask, hi_mask, cv2.CMP_GT))  # the pixels at level lo
+    need = k - cv2.countNonZero(hi_mask)
+    if need < ties.size:
+        ties = ties[np.argpartition(raw.ravel()[ties], ties.size - need)[ties.size - need :]]
+    out.ravel()[ties] = 1

@@ -6,7 +6,8 @@
               R = softmax(refiner(O, Y_crop))       (R = O without a refiner)
               Q = median_blur(cert(R) * (1 - cert(Y_crop)))
               the K pixels of highest Q a crop owns take R's values (point_sample + scatter,
-              a masked select as R is on the crop's own grid)
+              a masked select as R is on the crop's own grid; Q itself is never made, see
+              magseg.certainty.top_error_pixels)
     end:      Y resized to the image size -> argmax (at the image size, the last stage
               takes the argmax crop by crop unless probabilities are asked for)
 
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from magseg.backbone import context_ratios, input_multiple, run_backbone
-from magseg.certainty import certainty, error_map
+from magseg.certainty import certainty, error_score, top_error_pixels
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.points import num_points, sample_pixels, scatter_points, top_k_points
+from magseg.points import num_points
 from magseg.pyramid import (
     CropBox,
     Size,
@@ -219,6 +220,25 @@ def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
         yield list(items[start : start + size])
 
 
+def picked_pixels(
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+) -> Tensor:
+    """The pixels that take the refined values: the top-K of each crop's error map, among
+    the pixels the crop owns (K counts only those).
+
+    Args:
+        coarse, refined: ``(B, C, ch, cw)`` probabilities Y and R of the crops.
+        boxes: the B crop boxes.
+    Returns:
+        ``(B, ch, cw)`` bool.
+    """
+    owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
+    ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
+    # Crops that own every pixel (inside the image, no overlap) need no mask.
+    return top_error_pixels(error_score(refined, coarse), refine.kernel, ks,
+                            None if bool(owned.all()) else owned)
+
+
 def refine_crops(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
 ) -> Tensor:
@@ -232,28 +252,10 @@ def refine_crops(
     Returns:
         ``(B, ch, cw)`` bool map of the pixels that took the refined values.
     """
-    score = error_map(refined, coarse, refine.kernel)
-    owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
-    picked = torch.zeros_like(owned)
-    ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
-    flat_picked = picked.view(len(boxes), -1)
-    # Crops that pick the same K (all of them, unless crops overlap) go together: one top-K,
-    # gather and scatter per group rather than per crop (the batched calls use every core).
-    # R lives on the crop's own grid, so point_sample at the pixel centres is a gather, and
-    # for the whole batch at once the gather and the scatter are one masked select.
-    for k in sorted(set(ks) - {0}):
-        rows = [i for i, ki in enumerate(ks) if ki == k]
-        if len(rows) == len(boxes):  # the usual case: in place, no copies
-            # Crops that own every pixel (inside the image, no overlap) need no mask.
-            index = top_k_points(score, k, None if bool(owned.all()) else owned)
-            flat_picked.scatter_(1, index, True)
-            # One pass over the C channels instead of two (the same values; a test checks it).
-            torch.where(picked[:, None], refined, coarse, out=coarse)
-        else:
-            sel = torch.tensor(rows, device=coarse.device)
-            index = top_k_points(score[sel], k, owned[sel])
-            coarse[sel] = scatter_points(coarse[sel], index, sample_pixels(refined[sel], index))
-            flat_picked[sel] = flat_picked[sel].scatter(1, index, True)
+    picked = picked_pixels(coarse, refined, boxes, refine)
+    # R lives on the crop's own grid, so point_sample at the pixel centres followed by a
+    # scatter is a masked select: one pass over the C channels (a test checks they agree).
+    torch.where(picked[:, None], refined, coarse, out=coarse)
     return picked
 
 

@@ -96,23 +96,6 @@ def point_sample(features: Tensor, points: Tensor) -> Tensor:
     return (top * (1 - wy) + bottom * wy).to(features.dtype)
 
 
-def sample_pixels(features: Tensor, index: Tensor) -> Tensor:
-    """``point_sample`` at the pixel centres of the features' own grid, as a plain gather.
-
-    Equal to ``point_sample(features, pixel_centres(index, (H, W)))`` (a test checks it),
-    without the bilinear arithmetic: this is the engine's case, where the refined map lives
-    on the same grid as the prediction it is scattered into.
-
-    Args:
-        features: ``(B, C, H, W)``.
-        index: ``(B, P)`` flat pixel indices.
-    Returns:
-        ``(B, C, P)``.
-    """
-    b, c = features.shape[:2]
-    return features.reshape(b, c, -1).gather(2, index.unsqueeze(1).expand(-1, c, -1))
-
-
 def scatter_points(target: Tensor, index: Tensor, values: Tensor, inplace: bool = False) -> Tensor:
     """Replace the pixels at ``index`` of ``target`` by ``values``; all others unchanged.
 

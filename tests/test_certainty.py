@@ -1,4 +1,5 @@
-"""certainty, median_blur and error_map against numbers worked out by hand."""
+"""certainty, median_blur, error_map and top_error_pixels against numbers worked out by hand
+and against plain references."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.certainty import certainty, error_map, median_blur
+from magseg.certainty import certainty, error_map, error_score, median_blur, top_error_pixels
 
 
 def test_certainty_is_top1_minus_top2_by_hand():
@@ -104,3 +105,81 @@ def test_error_map_is_blurred_raw_score_plus_tie_break():
     assert q[0, 2, 2] == pytest.approx(0.001)
     # The ranking puts the coherent block first.
     assert q[0, 3, 3] > q[0, 0, 6]
+
+
+def _distinct_scores(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Scores in [0, scale) with spatial structure (a smooth field plus noise, ranked) and no
+    two equal, so the top-K by (blurred level, score) is unique."""
+    field = rng.random((shape[0], 3, 3))
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(field)[:, None], size=shape[1:], mode="bilinear")
+    noisy = smooth[:, 0].numpy() + 0.3 * rng.random(shape)
+    ranks = noisy.reshape(shape[0], -1).argsort(1).argsort(1).reshape(shape)
+    return ((ranks + 0.5) / ranks[0].size * scale).astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    maps=st.integers(1, 3),
+    h=st.integers(1, 30),
+    w=st.integers(1, 30),
+    kernel=st.sampled_from([1, 3, 5, 11, 17]),  # 17 * 17 > 255: the wider count type
+    scale=st.sampled_from([1.0, 0.3, 0.001]),  # 0.001: every level is 0, all pixels tie
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_top_error_pixels_is_the_top_k_by_blurred_level_then_score(maps, h, w, kernel, scale, masked, seed):
+    rng = np.random.default_rng(seed)
+    raw = _distinct_scores(rng, (maps, h, w), scale)
+    allowed = rng.random((maps, h, w)) < 0.7 if masked else np.ones((maps, h, w), bool)
+    ks = [int(rng.integers(0, allowed[b].sum() + 1)) for b in range(maps)]
+    picked = top_error_pixels(torch.from_numpy(raw), kernel, ks, torch.from_numpy(allowed) if masked else None)
+    assert picked.dtype == torch.bool and picked.shape == (maps, h, w)
+    for b in range(maps):
+        # Reference: the blurred 8-bit levels, then a plain sort by (level, score) over the
+        # allowed pixels.
+        levels = _reference_median(np.round(raw[b].astype(np.float64) * 255), kernel)
+        candidates = np.flatnonzero(allowed[b])
+        order = np.lexsort((raw[b].ravel()[candidates], levels.ravel()[candidates]))
+        expected = np.zeros(h * w, bool)
+        expected[candidates[order[len(order) - ks[b]:]]] = True
+        assert np.array_equal(picked[b].numpy().ravel(), expected)
+
+
+def test_top_error_pixels_agrees_with_the_top_k_of_error_map():
+    # The engine's selection against the definition: top-K of error_map (median blur plus the
+    # tie-break), on crops of probabilities where no two scores come close.
+    g = torch.Generator().manual_seed(3)
+    refined = torch.rand(2, 4, 24, 24, generator=g).softmax(1)
+    coarse = torch.rand(2, 4, 24, 24, generator=g).softmax(1)
+    k = 200
+    picked = top_error_pixels(error_score(refined, coarse), 5, [k, k])
+    index = error_map(refined, coarse, 5).flatten(1).topk(k, dim=1).indices
+    expected = torch.zeros(2, 24 * 24, dtype=torch.bool).scatter_(1, index, True).view(2, 24, 24)
+    assert torch.equal(picked, expected)
+
+
+def test_top_error_pixels_prefers_a_coherent_region_to_a_lone_pixel_by_hand():
+    # A 3x3 block of 0.9 (0.95 at its centre) and one lone pixel of 1.0 in a map of 0.2.
+    # 3x3 medians: 0.2 at the lone pixel and the block's corners, 0.9 at the centre and the
+    # middles of the block's sides, which the centre's own score then wins. So with K = 1
+    # the centre wins, although the lone pixel's own score is higher.
+    raw = torch.full((1, 7, 7), 0.2)
+    raw[0, 2:5, 2:5] = 0.9
+    raw[0, 3, 3] = 0.95
+    raw[0, 0, 6] = 1.0
+    picked = top_error_pixels(raw, 3, [1])
+    assert picked.sum() == 1 and picked[0, 3, 3]
+    # K = 0 and K = all: nothing, everything; only allowed pixels count.
+    assert not top_error_pixels(raw, 3, [0]).any()
+    assert top_error_pixels(raw, 3, [49]).all()
+    allowed = torch.zeros(1, 7, 7, dtype=torch.bool)
+    allowed[0, :, 5:] = True  # all at median 0.2: the highest score, the lone pixel, wins
+    picked = top_error_pixels(raw, 3, [1], allowed)
+    assert picked.sum() == 1 and picked[0, 0, 6]
+
+
+def test_top_error_pixels_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="odd"):
+        top_error_pixels(torch.zeros(1, 4, 4), 4, [1])
+    with pytest.raises(ValueError, match="2 values of K for 1 maps"):
+        top_error_pixels(torch.zeros(1, 4, 4), 3, [1, 1])

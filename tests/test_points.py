@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.points import num_points, pixel_centres, point_sample, sample_pixels, scatter_points, top_k_points
+from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
 
 
 def test_num_points_count_and_fraction():
@@ -68,7 +68,6 @@ def test_point_sample_at_pixel_centres_is_exactly_the_pixel(h, w, seed):
     sampled = point_sample(feats, pixel_centres(index, (h, w)))
     expected = feats[torch.arange(2)[:, None], :, index // w, index % w].permute(0, 2, 1)
     assert torch.equal(sampled, expected)
-    assert torch.equal(sample_pixels(feats, index), expected)  # the engine's shortcut
 
 
 def test_point_sample_is_bilinear_between_centres_like_grid_sample():
