@@ -259,6 +259,20 @@ def refine_crops(
     return picked
 
 
+def refine_labels(
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+) -> tuple[Tensor, Tensor]:
+    """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
+    ``(B, ch, cw)`` uint8, and the picked map, ``coarse`` left as it is.
+
+    The argmax of R where picked and of Y elsewhere: two uint8 argmaxes and a uint8 select
+    cost less than the select over C channels and the argmax after it (21 against 27 ms
+    for 4 x 7 x 612 x 612).
+    """
+    picked = picked_pixels(coarse, refined, boxes, refine)
+    return torch.where(picked, labels_of(refined), labels_of(coarse)), picked
+
+
 def _run_options(backbone: nn.Module, engine: EngineConfig) -> dict:
     """What every backbone call of a run needs, worked out once."""
     return dict(
@@ -340,21 +354,24 @@ def _refined_stage(
     else:
         out = y.new_empty((y.shape[0], *size))
 
-    def write(crops: Tensor, batch: list[CropBox]) -> None:
-        stitch_crops(out, labels_of(crops)[:, None] if labels_only else crops, batch)
-
     for batch in _batches(chosen, engine.batch_size):
         coarse = _coarse_crops(y, size, batch, pyramid)
         fine = _batch_probs(backbone, scene, batch, pyramid, run)
-        picked = refine_crops(coarse, refine_probs(refiner, fine, coarse), batch, refine)
-        write(coarse, batch)
+        refined = refine_probs(refiner, fine, coarse)
+        if labels_only:
+            labels, picked = refine_labels(coarse, refined, batch, refine)
+            stitch_crops(out, labels[:, None], batch)
+        else:
+            picked = refine_crops(coarse, refined, batch, refine)
+            stitch_crops(out, coarse, batch)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], batch)
         if on_crops:
             on_crops(len(batch))
     kept = set(chosen)
     for batch in _batches([b for b in boxes if b not in kept], engine.batch_size):
-        write(_coarse_crops(y, size, batch, pyramid), batch)
+        coarse = _coarse_crops(y, size, batch, pyramid)
+        stitch_crops(out, labels_of(coarse)[:, None] if labels_only else coarse, batch)
     return out[0] if labels_only else out
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.engine import crop_uncertainty, labels_of, refine_crops, segment, select_crops
+from magseg.engine import crop_uncertainty, labels_of, refine_crops, refine_labels, segment, select_crops
 from magseg.certainty import error_map
 from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
 from magseg.pyramid import crop_boxes, extract_crops, owned_mask
@@ -174,6 +174,23 @@ def test_refine_crops_equals_point_sample_and_scatter(size, crop):
         expected = scatter_points(coarse[i : i + 1], index[None], values)[0]
         assert torch.equal(out[i], expected)
         assert sorted(picked[i].flatten().nonzero().flatten().tolist()) == sorted(index.tolist())
+
+
+@pytest.mark.parametrize("size, crop", [((8, 16), (8, 8)), ((9, 20), (9, 8)), ((6, 6), (8, 8))])
+def test_refine_labels_are_the_labels_of_refine_crops(size, crop):
+    # The last stage's shortcut (argmax of R where picked, of Y elsewhere) against the argmax
+    # of the refined probabilities; coarse values make ties between classes frequent.
+    boxes = crop_boxes(size, crop)
+    g = torch.Generator().manual_seed(size[0])
+    coarse = (torch.rand(len(boxes), 5, *crop, generator=g) * 4).round().softmax(1)
+    refined = (torch.rand(len(boxes), 5, *crop, generator=g) * 4).round().softmax(1)
+    refine = RefineConfig(points=0.4, kernel=3)
+    labels, picked = refine_labels(coarse, refined, boxes, refine)
+    out = coarse.clone()
+    expected_picked = refine_crops(out, refined, boxes, refine)
+    assert torch.equal(picked, expected_picked)
+    assert labels.dtype == torch.uint8 and torch.equal(labels, labels_of(out))
+    assert not torch.equal(labels, labels_of(coarse))  # the refinement did change labels
 
 
 def test_select_crops_keeps_the_most_uncertain_first():
