@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from magseg.atomic import atomic_write, partial_path
+from magseg.atomic import atomic_write, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
 from magseg.errors import MagsegError, RasterError
@@ -288,7 +288,7 @@ def _run(
         # writer below has been closed (and the COG copies made).
         temps = {k: stack.enter_context(atomic_write(p, options.overwrite)) for k, p in todo.items()}
         tiled = {
-            k: stack.enter_context(_scratch(partial_path(p.with_name(p.name + ".tiled"))))
+            k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
             if options.cog else temps[k]
             for k, p in todo.items() if k != "preview"
         }

@@ -395,6 +395,8 @@ def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tm
 
     result = _predict(ckpt, path, "-o", out, "--probs")
     assert result.exit_code == 0, result.output
+    # The re-run removed the killed run's temporaries (raster, probabilities, scratch).
+    assert sorted(p.name for p in out.iterdir()) == ["big.tif", "big_probs.tif"]
     labels, profile = read_raster(out / "big.tif")
     assert labels.shape == (1, 400, 420) and profile["crs"] == UTM33
     assert (labels != NODATA).all()
