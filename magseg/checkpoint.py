@@ -73,9 +73,10 @@ def save_checkpoint(
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    # DDP wraps the model in .module; store the bare model's keys.
+    # DDP wraps the model in .module; store the bare model's keys. Contiguous: a model
+    # trained channels-last stores the same standard layout as any other.
     module = getattr(module, "module", module)
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

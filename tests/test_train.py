@@ -21,6 +21,7 @@ from magseg.engine import segment, stage_probs
 from magseg.pyramid import resize
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
+from magseg.training.resume import seed_everything
 from magseg.training.trainer import TrainOptions, backbone_loss, refiner_loss, train
 from test_datasets import CONFIGS_TINY, geotiff_config, make_deepglobe, make_geotiff
 
@@ -186,3 +187,30 @@ def test_fctl_trains_with_context_windows(tmp_path, tiny_config):
     assert [r["phase"] for r in result.records] == ["backbone", "refiner"]
     segmenter = Segmenter.from_checkpoint(tmp_path / "run" / "best.ckpt")
     assert segmenter.segment(torch.zeros(3, 64, 64)).labels.shape == (64, 64)
+
+
+def test_channels_last_training_learns_the_same_weights_and_stores_the_standard_layout(tmp_path, tiny_config):
+    # train.channels_last trains the backbone in NHWC. The layout must not change what is
+    # learnt, only how fast, and the checkpoint holds plain contiguous tensors either way, so
+    # a checkpoint does not depend on the layout it was trained in.
+    config = small(tiny_config, **{"train.epochs": 2, "train.val_every": 100})
+    data = make_deepglobe(tmp_path / "data", config)
+    states = {}
+    for channels_last in (False, True):
+        out = tmp_path / f"run_{channels_last}"
+        run = config.override({"train.channels_last": channels_last})
+        train(run, TrainOptions(out=out, phase="backbone", data_root=data))
+        states[channels_last] = load_checkpoint(out / "last.ckpt").backbone
+    convs = [k for k, v in states[True].items() if v.dim() == 4]
+    assert convs
+    for key, value in states[True].items():
+        assert value.is_contiguous(), key
+        # Float rounding differs between the layouts' kernels, and Adam turns gradients at
+        # rounding level into steps of up to lr: 7e-5 at most here, over 4 steps.
+        torch.testing.assert_close(value, states[False][key], rtol=1e-3, atol=2e-4, msg=key)
+    # Training moved the weights several times further than that tolerance (so the comparison
+    # above compared something).
+    seed_everything(config.train.seed)  # the trainer's initial weights
+    init = create_segmenter_model(config, pretrained=False).state_dict()
+    moved = max(float((init[k] - states[True][k]).abs().max()) for k in convs)
+    assert moved > 1e-3, moved

@@ -225,6 +225,10 @@ def backbone_loss(model: nn.Module, backbone: nn.Module, batch: tuple[Tensor, Te
     """
     image, mask, *rest = (t.to(device, non_blocking=True) for t in batch)
     contexts = list(rest[0].unbind(1)) if rest else None
+    if config.train.channels_last:  # the layout the model is in (Trainer.memory_format)
+        image = image.contiguous(memory_format=torch.channels_last)
+        if contexts is not None:
+            contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]
     logits = run_backbone(model, image, input_multiple(backbone), contexts)
     return segmentation_loss(logits, mask, config.train.ohem), image.shape[0]
 
@@ -269,6 +273,13 @@ class Trainer:
         self.result = TrainResult(config)
         # The refiner phase's backbone checkpoint, when it was read before the first phase.
         self._base: Checkpoint | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The backbone's layout in training (``train.channels_last``). NHWC made a training
+        step of the demo's model 13 % faster on a 2-core AVX2 CPU (670 against 772 ms for
+        16 windows of 128 px)."""
+        return torch.channels_last if self.config.train.channels_last else torch.contiguous_format
 
     # ------------------------------------------------------------------ setup
     def _progress(self, total: int, desc: str) -> Progress:
@@ -378,7 +389,7 @@ class Trainer:
             backbone = create_segmenter_model(config, pretrained=resume is None)
             if resume is not None:
                 load_state(backbone, resume.backbone, "backbone", resume.path)
-            backbone.to(self.device).train()
+            backbone.to(self.device, memory_format=self.memory_format).train()
             refiner = None
             trained: nn.Module = backbone
             dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
@@ -389,7 +400,7 @@ class Trainer:
             self._base = None
             backbone = create_segmenter_model(config, pretrained=False)
             load_state(backbone, base.backbone, "backbone", base.path)
-            backbone.to(self.device).eval().requires_grad_(False)
+            backbone.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
             refiner = create_refiner(self.config)
             assert refiner is not None  # _phases drops the refiner phase when disabled
             if resume is not None:
