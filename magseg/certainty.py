@@ -162,7 +162,7 @@ def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, 
         mask = cv2.compare(count, majority, cv2.CMP_GT)
         return mask if allowed is None else cv2.bitwise_and(mask, allowed)
 
-    # Invariant: at least k pixels reach level lo (1 - 0 = every pixel), fewer than k reach hi.
+    # Invariant: at least k pixels reach level lo (level 0: every pixel), fewer than k reach hi.
     lo, lo_mask, hi, hi_mask = 0, everywhere, 256, np.zeros_like(everywhere)
     while hi - lo > 1:
         mid = (lo + hi) // 2
