@@ -4,6 +4,7 @@ mapping ``(B, C_in, h, w)`` to ``(B, classes, h, w)`` logits.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -78,13 +79,16 @@ def input_multiple(backbone: nn.Module) -> int:
 
 
 def run_backbone(
-    backbone: nn.Module, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None
+    backbone: nn.Module, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
     """Logits of ``x`` (B, C_in, h, w) -> ``(B, classes, h, w)``, reflect-padding the input to
     a multiple of ``multiple`` when the architecture needs it and cropping the output back.
 
     ``contexts``: for multi-context backbones (FCtL), one ``(B, C_in, h, w)`` batch per
     context ratio, padded the same way and passed as ``backbone(x, contexts)``.
+    ``channels_last``: feed the inputs in NHWC, the layout of a backbone converted with
+    ``.to(memory_format=torch.channels_last)`` (the engine's and training's option).
     """
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
@@ -93,6 +97,10 @@ def run_backbone(
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
         if contexts is not None:
             contexts = [F.pad(c, (0, pw, 0, ph), mode=mode) for c in contexts]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if contexts is not None:
+            contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]
     out = backbone(x) if contexts is None else backbone(x, contexts)
     if isinstance(out, (tuple, list)):  # smp models with an aux head return (masks, labels)
         out = out[0]

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 # The blurred map is quantised to 1/255 steps (see median_blur); its ranks are broken by the
 # raw score scaled by this factor, which stays below half a quantisation step.
@@ -65,15 +68,19 @@ def median_blur(x: Tensor, kernel: int) -> Tensor:
         raise ValueError(f"median kernel must be odd and >= 1, got {kernel}")
     q = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     if kernel > 1:
-        # OpenCV's median is single-threaded and releases the GIL: blur the maps side by side.
-        blur = lambda m: cv2.medianBlur(np.ascontiguousarray(m), kernel)  # noqa: E731
-        q = np.stack(list(_blur_pool().map(blur, q)) if len(q) > 1 else [blur(q[0])])
+        q = np.stack(_each_map(lambda b: cv2.medianBlur(np.ascontiguousarray(q[b]), kernel), len(q)))
     return torch.from_numpy(q).to(device=x.device, dtype=x.dtype) / 255
 
 
 @functools.lru_cache(maxsize=1)
 def _blur_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-blur")
+
+
+def _each_map(work: Callable[[int], T], maps: int) -> list[T]:
+    """``work(b)`` for maps ``0 .. maps - 1``, side by side in a thread pool: OpenCV's
+    filters are single-threaded and release the GIL."""
+    return list(_blur_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
 
 
 def error_score(refined: Tensor, coarse: Tensor) -> Tensor:
@@ -134,8 +141,7 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
     def pick(b: int) -> None:
         _pick_map(scores[b], ks[b], kernel, None if masks is None else masks[b], out[b])
 
-    # OpenCV releases the GIL: the maps are worked side by side, as in median_blur.
-    list(_blur_pool().map(pick, range(len(ks))) if len(ks) > 1 else map(pick, range(len(ks))))
+    _each_map(pick, len(ks))
     return torch.from_numpy(out).view(torch.bool).to(raw.device)
 
 

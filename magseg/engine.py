@@ -151,14 +151,10 @@ def crop_probs(
     x = resize(crops, input_size)
     if contexts is not None:
         contexts = [resize(c, input_size) for c in contexts]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        if contexts is not None:
-            contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]
     if multiple is None:
         multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
-        logits = run_backbone(backbone, x, multiple, contexts)
+        logits = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
     # reduces over or gathers along channels, which is slow in the channels-last layout
     # (with it, the engine's own share of a 2448 px scene doubled).
@@ -232,11 +228,12 @@ def picked_pixels(
     Returns:
         ``(B, ch, cw)`` bool.
     """
-    owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]), device=coarse.device)
+    crop = tuple(coarse.shape[-2:])
     ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
     # Crops that own every pixel (inside the image, no overlap) need no mask.
-    return top_error_pixels(error_score(refined, coarse), refine.kernel, ks,
-                            None if bool(owned.all()) else owned)
+    owns_all = all((box.own_height, box.own_width) == crop for box in boxes)
+    owned = None if owns_all else owned_mask(list(boxes), crop, device=coarse.device)
+    return top_error_pixels(error_score(refined, coarse), refine.kernel, ks, owned)
 
 
 def refine_crops(

@@ -225,11 +225,8 @@ def backbone_loss(model: nn.Module, backbone: nn.Module, batch: tuple[Tensor, Te
     """
     image, mask, *rest = (t.to(device, non_blocking=True) for t in batch)
     contexts = list(rest[0].unbind(1)) if rest else None
-    if config.train.channels_last:  # the layout the model is in (Trainer.memory_format)
-        image = image.contiguous(memory_format=torch.channels_last)
-        if contexts is not None:
-            contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]
-    logits = run_backbone(model, image, input_multiple(backbone), contexts)
+    # In the layout the model is in (Trainer.memory_format).
+    logits = run_backbone(model, image, input_multiple(backbone), contexts, config.train.channels_last)
     return segmentation_loss(logits, mask, config.train.ohem), image.shape[0]
 
 
