@@ -198,6 +198,8 @@ def _report(record: dict, number: int, total: int, quiet: bool) -> None:
         note = " (outputs exist; --overwrite replaces them)"
     log(f"magseg: [{number}/{total}] {record['input']} -> {record['output']}: {record['status']}, "
         f"{record['seconds']:.1f} s{note}", quiet)
+    for warning in record.get("warnings", []):
+        log(f"magseg: warning: {warning}", quiet)
 
 
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:

@@ -52,6 +52,11 @@ class ChannelStats:
     def merge(self, other: "ChannelStats | Tensor") -> None:
         self.sums += other.sums if isinstance(other, ChannelStats) else other
 
+    @property
+    def pixels(self) -> int:
+        """How many pixels have been added."""
+        return int(self.sums[0, 0]) if self.sums.shape[1] else 0
+
     def tensor(self) -> Tensor:
         """The ``(3, C)`` sums (count, sum, sum of squares), e.g. to all-reduce."""
         return self.sums
@@ -65,3 +70,35 @@ class ChannelStats:
         var = (squares / count - mean * mean).clamp_min(0)
         std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# How many times larger or smaller than the training data's a raster's pixels may be before
+# predict says they are on another scale. The mistakes it is for are one or more orders of
+# magnitude: uint16 reflectance (0..10000) fed to a model trained on 8-bit RGB, 0..1 floats
+# to one trained on 0..255, or the other way round. An 8-bit scene of a different landscape
+# (dark water, bright desert) stays within a factor of three or so.
+SCALE_FACTOR = 8.0
+
+
+def scale_mismatches(
+    observed: ChannelStats, mean: tuple[float, ...], std: tuple[float, ...], factor: float = SCALE_FACTOR
+) -> list[tuple[int, float]]:
+    """Channels whose pixels are on another scale than the training data's.
+
+    A channel's scale is its typical magnitude ``|mean| + std``, in raw pixel units (``|mean|``
+    so that signed data such as SAR in dB compares too). A channel is off when the observed
+    scale is more than ``factor`` times the training one, or less than ``1 / factor`` of it.
+
+    Args:
+        observed: statistics of the pixels about to be segmented (``C`` channels).
+        mean, std: the training statistics (the checkpoint's ``data.mean``/``data.std``).
+    Returns:
+        ``(channel index, observed / training scale)`` for each channel that is off.
+    """
+    seen_mean, seen_std = observed.result()
+    out = []
+    for c, (m, s, sm, ss) in enumerate(zip(mean, std, seen_mean, seen_std)):
+        trained, seen = abs(m) + s, abs(sm) + ss
+        if trained > 0 and not 1 / factor <= seen / trained <= factor:
+            out.append((c, seen / trained))
+    return out

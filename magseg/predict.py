@@ -5,6 +5,8 @@
                           -> engine (Segmenter.segment) -> keep the core
                           -> write the core's labels (and probabilities, uncertainty)
     finished files are renamed into place (and converted to COG when asked)
+    the valid pixels' statistics, summed over the windows, are checked against the
+    training data's: pixels on another scale (uint16 for an 8-bit model) give a warning
 
 Memory depends on the scene size, not on the raster's: one window is in memory at a time and
 GDAL's block cache is bounded (magseg.raster.io_env).
@@ -28,6 +30,7 @@ from magseg.atomic import atomic_write, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
 from magseg.errors import MagsegError, RasterError
+from magseg.normalization import ChannelStats, scale_mismatches
 from magseg.raster import (
     NODATA,
     RasterReader,
@@ -87,6 +90,8 @@ class PredictResult:
     windows: int = 0
     outputs: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
+    # Done, but the result is suspect: the pixels look unlike the training data's.
+    warnings: list[str] = field(default_factory=list)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -100,6 +105,7 @@ class PredictResult:
             "windows": self.windows,
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "error": self.error,
+            "warnings": list(self.warnings),
         }
 
 
@@ -277,6 +283,7 @@ def _run(
     plan = plan_scene_windows(reader.size, config.pyramid.scene, margin)
     result.windows = len(plan)
     histogram = _Histogram()
+    observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
     preview = None
     if "preview" in todo:
         from magseg.preview import PreviewCanvas
@@ -300,6 +307,8 @@ def _run(
                 segmenter, reader, window, need_probs
             )
             histogram.add(labels)
+            if valid.any():
+                observed.update(pixels[:, valid])
             if "labels" in writers:
                 writers["labels"].write(labels[None], window.core)
             if "probs" in writers:
@@ -317,7 +326,30 @@ def _run(
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind])
         if preview is not None:
             preview.save(temps["preview"], config.classes, title=reader.path.name)
+    result.warnings = _scale_warnings(reader, observed, config)
     return histogram
+
+
+def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:
+    """A warning when some band's pixels are on another scale than the training data's
+    (``scale_mismatches``): the outputs are written all the same, but they are likely wrong."""
+    if not observed.pixels or config.data.mean is None or config.data.std is None:
+        return []
+    off = scale_mismatches(observed, config.data.mean, config.data.std)
+    if not off:
+        return []
+    seen_mean, seen_std = observed.result()
+    bands = "; ".join(
+        f"band {reader.bands[c]} mean {seen_mean[c]:.4g} std {seen_std[c]:.4g}, "
+        f"{f'{ratio:.3g} times' if ratio > 1 else f'1/{1 / ratio:.3g} of'} training's "
+        f"(mean {config.data.mean[c]:.4g} std {config.data.std[c]:.4g})"
+        for c, ratio in off
+    )
+    return [
+        f"{reader.path}: pixel values on another scale than the model's training data, so the "
+        f"classes are likely wrong: {bands}. Check --bands, rescale the input to the training "
+        "data's range (e.g. gdal_translate -ot Byte -scale), or train on such data"
+    ]
 
 
 def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> RasterWriter:

@@ -58,7 +58,7 @@ def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_pa
     records = _records(result)
     assert [r["input"] for r in records] == [str(big), str(small)]
     for record, (h, w) in zip(records, [(150, 170), (30, 40)]):
-        assert record["status"] == "ok" and record["error"] is None
+        assert record["status"] == "ok" and record["error"] is None and record["warnings"] == []
         assert (record["height"], record["width"]) == (h, w) and record["seconds"] > 0
         assert sum(record["histogram"].values()) == h * w
         assert set(record["histogram"]) == {"unknown", "field", "road", "water", "nodata"}
@@ -248,6 +248,28 @@ def test_a_bad_input_fails_alone(tmp_path, ckpt, kind):
     assert second["status"] == "ok" and (out / "good.tif").exists()
     assert "bad.tif" in result.stderr and "1 of 2 input(s) failed" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["good.tif"]   # nothing half-written
+
+
+def test_pixels_on_another_scale_are_segmented_with_a_warning(tmp_path, ckpt):
+    # uint16 reflectance-like values (x 40) for a model whose statistics are 8-bit ones
+    # (mean 127.5, std 64: scale 191.5): the outputs are made, and the record says why they
+    # are suspect, band by band, with the fix.
+    image = smooth_image(3, 50, 60, seed=9)
+    image[1] //= 3                                   # band 2 darker: a smaller ratio
+    wide = write_raster(tmp_path / "wide.tif", image.astype(np.uint16) * 40)
+    out = tmp_path / "out"
+    result = _predict(ckpt, wide, "-o", out)
+    assert result.exit_code == 0, result.output
+    (record,) = _records(result)
+    assert record["status"] == "ok" and (out / "wide.tif").exists()
+    (warning,) = record["warnings"]
+    assert warning.startswith(f"{wide}: pixel values on another scale") and "--bands" in warning
+    for band in (1, 2, 3):
+        values = image[band - 1].astype(np.float64) * 40
+        ratio = (values.mean() + values.std()) / (127.5 + 64)
+        assert ratio > 8 and f"band {band} mean {values.mean():.4g} " in warning
+        assert f"{ratio:.3g} times training's (mean 127.5 std 64)" in warning
+    assert f"warning: {warning}" in result.stderr
 
 
 def test_missing_checkpoint_is_a_usage_error(tmp_path):
