@@ -145,6 +145,13 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
     return torch.from_numpy(out).view(torch.bool).to(raw.device)
 
 
+def _levels(raw: np.ndarray) -> np.ndarray:
+    """median_blur's 8-bit levels of scores in [0, 1]: ``round(raw * 255)``, saturated, both
+    computed in float32 with ties to even (the abs of ``convertScaleAbs`` is a no-op on
+    scores >= 0)."""
+    return cv2.convertScaleAbs(raw, alpha=255)
+
+
 def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, out: np.ndarray) -> None:
     """``top_error_pixels`` for one ``(H, W)`` float32 map; ``allowed`` is 0/255 uint8 or
     None. Writes 1 on the picked pixels into ``out`` (zeros, uint8)."""
@@ -154,8 +161,7 @@ def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, 
     if k >= cv2.countNonZero(everywhere):
         np.minimum(everywhere, 1, out=out)
         return
-    # round(raw * 255) with saturation: median_blur's levels (raw is >= 0, so abs is a no-op).
-    levels = cv2.convertScaleAbs(raw, alpha=255)
+    levels = _levels(raw)
     majority = kernel * kernel // 2
     depth = cv2.CV_8U if kernel * kernel <= 255 else cv2.CV_32S
 

@@ -4,10 +4,10 @@ and against plain references."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from magseg.certainty import certainty, error_map, error_score, median_blur, top_error_pixels
+from magseg.certainty import _levels, certainty, error_map, error_score, median_blur, top_error_pixels
 
 
 def test_certainty_is_top1_minus_top2_by_hand():
@@ -127,6 +127,8 @@ def _distinct_scores(rng: np.random.Generator, shape: tuple[int, ...], scale: fl
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# 17 x 15 = 255 pixels: scores (rank + 0.5) / 255 sit on half-way points between levels.
+@example(maps=1, h=17, w=15, kernel=5, scale=1.0, masked=False, seed=1)
 def test_top_error_pixels_is_the_top_k_by_blurred_level_then_score(maps, h, w, kernel, scale, masked, seed):
     rng = np.random.default_rng(seed)
     raw = _distinct_scores(rng, (maps, h, w), scale)
@@ -135,14 +137,33 @@ def test_top_error_pixels_is_the_top_k_by_blurred_level_then_score(maps, h, w, k
     picked = top_error_pixels(torch.from_numpy(raw), kernel, ks, torch.from_numpy(allowed) if masked else None)
     assert picked.dtype == torch.bool and picked.shape == (maps, h, w)
     for b in range(maps):
-        # Reference: the blurred 8-bit levels, then a plain sort by (level, score) over the
-        # allowed pixels.
-        levels = _reference_median(np.round(raw[b].astype(np.float64) * 255), kernel)
+        # Reference: the blurred 8-bit levels (quantised in float32, as median_blur does: in
+        # float64, a score at a level's half-way point can round the other way), then a plain
+        # sort by (level, score) over the allowed pixels.
+        levels = _reference_median(np.round(raw[b] * np.float32(255)).astype(np.float64), kernel)
         candidates = np.flatnonzero(allowed[b])
         order = np.lexsort((raw[b].ravel()[candidates], levels.ravel()[candidates]))
         expected = np.zeros(h * w, bool)
         expected[candidates[order[len(order) - ks[b]:]]] = True
         assert np.array_equal(picked[b].numpy().ravel(), expected)
+
+
+def test_the_counting_quantises_like_median_blur_at_every_half_level():
+    # top_error_pixels counts on 8-bit levels of its own making (OpenCV); they must be
+    # median_blur's (torch), also for scores a few ulps either side of every half-way point,
+    # where rounding in float64 instead of float32 would already differ.
+    scores = []
+    for level in range(256):
+        value = np.float32((level + 0.5) / 255)
+        for _ in range(8):
+            value = np.nextafter(value, np.float32(0))
+        for _ in range(17):
+            scores.append(min(value, np.float32(1)))
+            value = np.nextafter(value, np.float32(1))
+    scores = np.array(scores + [0.0, 1.0], dtype=np.float32)[None]  # (1, N)
+    want = (median_blur(torch.from_numpy(scores)[None], 1)[0] * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(_levels(scores), want)
+    assert not np.array_equal(np.round(scores.astype(np.float64) * 255).astype(np.uint8), want)
 
 
 def test_top_error_pixels_agrees_with_the_top_k_of_error_map():
