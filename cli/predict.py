@@ -198,7 +198,7 @@ def _report(record: dict, number: int, total: int, quiet: bool) -> None:
         note = " (outputs exist; --overwrite replaces them)"
     log(f"magseg: [{number}/{total}] {record['input']} -> {record['output']}: {record['status']}, "
         f"{record['seconds']:.1f} s{note}", quiet)
-    for warning in record.get("warnings", []):
+    for warning in record["warnings"]:
         log(f"magseg: warning: {warning}", quiet)
 
 

@@ -2,6 +2,11 @@
 
 Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y)`` in
 [0, 1] as ``grid_sample`` expects; a pixel's centre is ``((col + 0.5) / W, (row + 0.5) / H)``.
+
+The engine uses only ``num_points``: it picks pixels by counting
+(``magseg.certainty.top_error_pixels``) and takes R's values with one masked select. The
+top-K, ``point_sample`` and scatter here are MagNet's refinement step as the design states
+it, and tests/test_engine.py checks the engine against them.
 """
 
 from __future__ import annotations
