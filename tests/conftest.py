@@ -48,3 +48,20 @@ def make_checkpoint(tmp_path, tiny_config):
         return save_checkpoint(tmp_path / name, config, backbone, refiner)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fitted_checkpoint(tmp_path_factory):
+    """A checkpoint whose backbone was fitted to ``colour_rule`` (64 px scenes, refiner): its
+    predictions depend on the image (tests/fitted_model.py)."""
+    from fitted_model import fit_backbone
+    from magseg.checkpoint import save_checkpoint
+    from magseg.segmenter import create_refiner
+
+    config = load_config(CONFIGS / "tiny.yaml", ["pyramid.scales=[16,32,64]", "pyramid.crop=16",
+                                                "pyramid.input=32"])
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        backbone = fit_backbone(config)
+        refiner = create_refiner(config)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "fitted.ckpt", config, backbone, refiner)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -388,27 +387,30 @@ def test_read_only_output_directory_is_a_usage_error(tmp_path, ckpt):
 
 
 def _signal_mid_write(ckpt, path, out, sig):
-    """Start predict in a subprocess, send ``sig`` while it writes; returns its exit code."""
-    proc = subprocess.Popen(_cli(ckpt, path, "-o", out, "--probs"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_env())
+    """Run predict in a subprocess parked before its second window (tests/parked_predict.py),
+    send ``sig`` once it says it is there; returns its exit code. Nothing here depends on how
+    fast the machine is: the run waits for the signal, and the test for the run."""
+    ready, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("parked_predict.py")), str(ready_w),
+         "predict", *map(str, (ckpt, path, "-o", out, "--probs"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), pass_fds=(ready_w,))
+    os.close(ready_w)
     try:
-        deadline = time.monotonic() + 240
-        while not (out.exists() and any(p.suffix == ".partial" for p in out.iterdir())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "predict never started writing"
-            time.sleep(0.05)
-        time.sleep(0.5)                      # well into the window loop
-        assert proc.poll() is None, "finished before the signal: make the raster bigger"
+        with os.fdopen(ready, "rb") as parked:
+            # b"" means the run ended (or crashed) without reaching its second window.
+            assert parked.read(1) == b"!", proc.communicate()
+        assert any(p.suffix == ".partial" for p in out.iterdir())
         proc.send_signal(sig)
-        return proc.wait(timeout=60)
+        return proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tmp_path, ckpt):
-    # Enough windows (81) that the run is still writing when it is killed.
-    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
+    path = write_raster(tmp_path / "big.tif", smooth_image(3, 150, 170, seed=9))
     out = tmp_path / "out"
     assert _signal_mid_write(ckpt, path, out, signal.SIGKILL) == -signal.SIGKILL
     names = sorted(p.name for p in out.iterdir())
@@ -420,12 +422,12 @@ def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tm
     # The re-run removed the killed run's temporaries (raster, probabilities, scratch).
     assert sorted(p.name for p in out.iterdir()) == ["big.tif", "big_probs.tif"]
     labels, profile = read_raster(out / "big.tif")
-    assert labels.shape == (1, 400, 420) and profile["crs"] == UTM33
+    assert labels.shape == (1, 150, 170) and profile["crs"] == UTM33
     assert (labels != NODATA).all()
 
 
 def test_sigterm_removes_the_file_being_written(tmp_path, ckpt):
-    path = write_raster(tmp_path / "big.tif", smooth_image(3, 400, 420, seed=9))
+    path = write_raster(tmp_path / "big.tif", smooth_image(3, 150, 170, seed=9))
     out = tmp_path / "out"
     assert _signal_mid_write(ckpt, path, out, signal.SIGTERM) == 130
     assert list(out.iterdir()) == []
