@@ -129,6 +129,7 @@ def predict(
     """
     from magseg.checkpoint import load_checkpoint
     from magseg.errors import CheckpointError, ConfigError
+    from magseg.precision import runtime_info
     from magseg.predict import INPUT_SUFFIXES, PredictOptions
     from magseg.segmenter import Segmenter
 
@@ -165,7 +166,8 @@ def predict(
     with _sigterm_as_interrupt():
         if segmenter is None:
             failed = _predict_all_ray(checkpoint, overrides, paths, out_dir, options, quiet,
-                                      ray_address, workers)
+                                      ray_address, workers, runtime_info(config.engine.device,
+                                                                          config.engine.precision))
         else:
             failed = _predict_all(segmenter, paths, out_dir, options, quiet)
     if failed:
@@ -173,7 +175,7 @@ def predict(
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-def _clashing_outputs(paths: list[Path], out_dir: Path, options) -> dict[Path, dict]:
+def _clashing_outputs(paths: list[Path], out_dir: Path, options, runtime: dict) -> dict[Path, dict]:
     """Failed records for inputs whose output name is already an earlier input's (two
     ``a.tif`` from different folders into one --out-dir), keyed by input."""
     from magseg.predict import failed_record, output_paths
@@ -185,7 +187,8 @@ def _clashing_outputs(paths: list[Path], out_dir: Path, options) -> dict[Path, d
         if target.resolve() in claimed:
             clashes[path] = failed_record(
                 path, target, f"{path}: its output {target} is also the output of "
-                f"{claimed[target.resolve()]} (same file name); predict them into different --out-dir")
+                f"{claimed[target.resolve()]} (same file name); predict them into different --out-dir",
+                runtime=runtime)
         else:
             claimed[target.resolve()] = path
     return clashes
@@ -206,7 +209,7 @@ def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bo
     """Predict each input in turn, one NDJSON line each; returns how many failed."""
     from magseg.predict import predict_input
 
-    clashes = _clashing_outputs(paths, out_dir, options)
+    clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
     for number, path in enumerate(paths, start=1):
         record = clashes.get(path)
@@ -223,12 +226,13 @@ def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bo
 
 
 def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], out_dir: Path,
-                     options, quiet: bool, address: str | None, workers: int | None) -> int:
+                     options, quiet: bool, address: str | None, workers: int | None,
+                     runtime: dict) -> int:
     """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
     from magseg.cluster import ScenePool
     from magseg.predict import failed_record, output_paths, predict_input
 
-    clashes = _clashing_outputs(paths, out_dir, options)
+    clashes = _clashing_outputs(paths, out_dir, options, runtime)
     todo = [p for p in paths if p not in clashes]
     failed = 0
     for number, record in enumerate(clashes.values(), start=1):
@@ -237,7 +241,8 @@ def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], 
 
     def lost(task: tuple, reason: str) -> dict:
         path = task[0]
-        return failed_record(path, output_paths(path, out_dir, options)["labels"], f"{path}: {reason}")
+        return failed_record(path, output_paths(path, out_dir, options)["labels"], f"{path}: {reason}",
+                             runtime=runtime)
 
     tasks = [(path, out_dir, options) for path in todo]
     with ScenePool(checkpoint, overrides, workers, address, quiet=quiet) as pool, \

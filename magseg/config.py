@@ -233,6 +233,9 @@ class TrainConfig:
     # demo took 30.6 s against 36.3 s, with the same losses to 3 digits. Off by default
     # until the demo's published figures are re-measured with it.
     channels_last: bool = False
+    # Forward passes under autocast: fp32 (none), bf16, or fp16 with a gradient scaler.
+    # Weights, optimiser state and checkpoints stay fp32 whichever is chosen.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.refiner_epochs < 0:

@@ -19,7 +19,6 @@ Training uses the same helpers (``crop_probs``, ``refine_probs``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.certainty import certainty, error_score, top_error_pixels
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
 from magseg.points import num_points
+from magseg.precision import precision_context
 from magseg.pyramid import (
     CropBox,
     Size,
@@ -89,31 +89,6 @@ def labels_of(probs: Tensor) -> Tensor:
     key = torch.ne(probs, probs.amax(dim=-3, keepdim=True)).view(torch.uint8).mul_(classes)
     key += torch.arange(classes, dtype=torch.uint8, device=probs.device).view(classes, 1, 1)
     return key.amin(dim=-3)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
-    than fp32, so ``auto`` must not pick it elsewhere."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-
-
-def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16``/``fp16`` (``auto`` resolved first); nothing for ``fp32``."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def backbone_inputs(

@@ -92,6 +92,8 @@ class PredictResult:
     error: str | None = None
     # Done, but the result is suspect: the pixels look unlike the training data's.
     warnings: list[str] = field(default_factory=list)
+    # What computed it: device, resolved precision, CPU (magseg.precision.runtime_info).
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,7 @@ class PredictResult:
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "error": self.error,
             "warnings": list(self.warnings),
+            **self.runtime,
         }
 
 
@@ -212,7 +215,8 @@ def predict_raster(
     start = time.perf_counter()
     path = Path(path)
     targets = output_paths(path, out_dir, options)
-    result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets)
+    result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
+                           runtime=segmenter.runtime)
     if path.exists() and targets["labels"].resolve() == path.resolve():
         raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
     todo = targets if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
@@ -260,13 +264,14 @@ def predict_input(
         raise
     except Exception as exc:  # noqa: BLE001  a bug or a library error: report it, go on
         error = f"{type(exc).__name__}: {exc}"
-    return failed_record(path, target, error, time.perf_counter() - start)
+    return failed_record(path, target, error, time.perf_counter() - start, segmenter.runtime)
 
 
-def failed_record(path: Path, target: Path, error: str, seconds: float = 0.0) -> dict[str, Any]:
-    """The NDJSON record of an input that failed."""
+def failed_record(path: Path, target: Path, error: str, seconds: float = 0.0,
+                  runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The NDJSON record of an input that failed (``runtime``: what would have run it)."""
     return PredictResult(input=path, output=target, status="failed", error=error,
-                         seconds=seconds).to_record()
+                         seconds=seconds, runtime=runtime or {}).to_record()
 
 
 def _run(

@@ -22,6 +22,7 @@ from magseg.atomic import atomic_write
 from magseg.benchmark import BenchmarkResult, Sample, method_summary
 from magseg.config import ClassSpec
 from magseg.errors import OutputExistsError
+from magseg.precision import runtime_info
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -93,7 +94,8 @@ def build_report(
                        "precision": config.engine.precision},
         },
         "environment": {
-            "device": config.engine.device,
+            # device, resolved precision, CPU model and its bf16/AMX support
+            **runtime_info(config.engine.device, config.engine.precision),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
@@ -120,6 +122,16 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _machine(env: dict[str, Any]) -> str:
+    """``device cpu, precision bf16 (AMD EPYC, AVX512, native bf16, 2 threads)``."""
+    cpu = env.get("cpu") or {}
+    native = [name for name, key in (("native bf16", "avx512_bf16"), ("AMX", "amx")) if cpu.get(key)]
+    where = ", ".join([cpu.get("model", "?"), cpu.get("capability", "?"), *native,
+                       f"{env['torch_threads']} threads"])
+    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    return f"device {env['device']}{gpu}, precision {env.get('precision', '?')} ({where})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the methods table, the stages table, the margins and the plots."""
     counted = [c["name"] for c in report["classes"] if c["in_mean"]]
@@ -129,8 +141,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Checkpoint `{report['checkpoint']}`, {report['images']} image(s), "
         f"pyramid {' -> '.join('x'.join(map(str, s)) for s in report['config']['pyramid']['scales'])}, "
         f"crop {'x'.join(map(str, report['config']['pyramid']['crop']))}, "
-        f"K = {report['config']['refine']['points']}, device {report['environment']['device']} "
-        f"({report['environment']['torch_threads']} threads).",
+        f"K = {report['config']['refine']['points']}, {_machine(report['environment'])}.",
         "",
     ]
     if report["failed"]:

@@ -22,6 +22,7 @@ from magseg.engine import SegmentationResult, segment
 from magseg.errors import ConfigError
 from magseg.normalization import normalize
 from magseg.refiner import Refiner
+from magseg.precision import runtime_info
 
 
 def create_refiner(config: Config) -> Refiner | None:
@@ -76,6 +77,12 @@ class Segmenter:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         return cls(config, backbone, refiner)
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """What computes this segmenter's results: device, resolved precision and the CPU
+        (``magseg.precision.runtime_info``), for records and reports."""
+        return runtime_info(self.device, self.config.engine.precision)
 
     @property
     def num_classes(self) -> int:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
-from magseg.engine import precision_context, resolve_precision  # noqa: E402
+from magseg.precision import precision_context, resolve_precision  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 

@@ -37,6 +37,7 @@ from magseg.data.scenes import Scene, check_scene, list_scenes, read_scene
 from magseg.engine import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
 from magseg.normalization import ChannelStats
+from magseg.precision import precision_context
 from magseg.pyramid import CropBox, extract_crops, resize
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training import distributed
@@ -211,6 +212,8 @@ class _PhaseRun:
     dataset: BackboneSamples | RefinerSamples
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    # fp16's loss scaler (disabled, a pass-through, for fp32 and bf16).
+    scaler: torch.amp.GradScaler | None = None
     start_epoch: int = 0
     best_miou: float = -math.inf
 
@@ -424,7 +427,10 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _poly(epochs * len(loader), train.poly_power)
         )
-        run = _PhaseRun(name, epochs, backbone, refiner, trained, loader, dataset, optimizer, scheduler)
+        # fp16 gradients underflow without a loss scale; bf16 has fp32's range and needs none.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
+        run = _PhaseRun(name, epochs, backbone, refiner, trained, loader, dataset, optimizer, scheduler,
+                        scaler)
         if resume is not None:
             state = resume.training
             optimizer.load_state_dict(state["optimizer"])
@@ -436,6 +442,8 @@ class Trainer:
             run.start_epoch = int(state["epoch"])
             run.best_miou = float(state.get("best_miou", -math.inf))
             set_rng_state(state["rng"])
+            if state.get("scaler"):  # absent or empty: written without a loss scale
+                scaler.load_state_dict(state["scaler"])
             logger.info("resumed %s phase from %s after epoch %d", name, resume.path, run.start_epoch)
         return run
 
@@ -451,10 +459,12 @@ class Trainer:
         bar = self._progress(len(run.loader), f"{run.name} {epoch + 1}/{run.epochs}")
         try:
             for batch in run.loader:
-                loss, count = step_loss(run.trained, run.backbone, batch, config, self.device)
+                with precision_context(self.device, config.train.precision):
+                    loss, count = step_loss(run.trained, run.backbone, batch, config, self.device)
                 run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                run.optimizer.step()
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
                 run.scheduler.step()
                 totals += torch.tensor([float(loss.detach()) * count, count], dtype=torch.float64)
                 bar.update(1)
@@ -465,7 +475,7 @@ class Trainer:
         record: dict[str, Any] = {
             "phase": run.name, "epoch": epoch + 1, "epochs": run.epochs,
             "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
-            "lr": run.optimizer.param_groups[0]["lr"],
+            "lr": run.optimizer.param_groups[0]["lr"], "precision": config.train.precision,
         }
         improved = False
         if (epoch + 1) % config.train.val_every == 0 or epoch + 1 == run.epochs:
@@ -502,6 +512,7 @@ class Trainer:
             "scheduler": run.scheduler.state_dict(),
             "best_miou": run.best_miou,
             "rng": rng_state(),
+            "scaler": run.scaler.state_dict(),
         }
         # last first: if writing best fails, the run can still resume from last.
         self.result.last = save_checkpoint(self.out / LAST, self.config, run.backbone, run.refiner,

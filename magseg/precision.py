@@ -1,0 +1,97 @@
+"""Numeric precision: what ``auto`` means on this machine, the autocast that runs a choice,
+and the description of the hardware that every record and report carries.
+
+``fp32`` is the reference: tests that compare with a hand-made fp32 result ask for it by
+name. ``bf16`` and ``fp16`` run the backbone under ``torch.autocast``, on any device; a CPU
+without native bf16 (AVX512-BF16 or AMX) or fp16 emulates them, slower than fp32 but with
+the same rounding, so every precision path can be tested on every CPU.
+
+``auto`` picks the fastest precision the device computes natively: ``fp16`` on CUDA, ``bf16``
+on a CPU with AVX512-BF16 or AMX, else ``fp32``. On the demo's checkpoint bf16 costs about a
+tenth of an mIoU point for twice the speed (docs/precision.md has the table); the resolved
+choice is named in every output, so a result can always be traced to what computed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cpu_supports(probe: str) -> bool:
+    # torch.cpu's feature probes are private; a torch without one answers "no".
+    return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32, so ``auto`` must not pick it elsewhere."""
+    return _cpu_supports("_is_avx512_bf16_supported") or _cpu_supports("_is_amx_tile_supported")
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> Precision:
+    """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, else ``fp32``;
+    any other choice is returned as it is."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
+        return precision  # type: ignore[return-value]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def precision_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``/``fp16`` (``auto`` resolved first); nothing for ``fp32``."""
+    device = torch.device(device)
+    resolved = resolve_precision(device, precision)
+    if resolved == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[resolved])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """The CPU as the numbers depend on it: model, torch's kernel level (e.g. ``AVX512``,
+    ``AVX2``), native bf16 and AMX, and torch's thread count when first asked."""
+    return {
+        "model": _cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": _cpu_supports("_is_avx512_bf16_supported"),
+        "amx": _cpu_supports("_is_amx_tile_supported"),
+    }
+
+
+def runtime_info(device: torch.device | str, precision: str) -> dict[str, Any]:
+    """What computes a result: ``{"device", "precision" (resolved), "cpu", "gpu"}``, the block
+    predict records, benchmark reports and training logs all carry."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "precision": resolve_precision(device, precision),
+        "cpu": {**cpu_info(), "threads": torch.get_num_threads()},
+        "gpu": None,
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
