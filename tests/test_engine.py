@@ -1,4 +1,9 @@
-"""The progressive engine: its two invariants, batch independence, adaptive selection."""
+"""The progressive engine: its two invariants, batch independence, adaptive selection.
+
+Every run here is at fp32, whatever ``auto`` resolves to on this CPU: the invariants are
+exact, and tests/test_precision.py covers the other precisions."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -24,9 +29,11 @@ def pyramid(tiny_config):
 
 # Odd, non-square, smaller and larger than the reference scene (128).
 IMAGE_SIZES = [(128, 128), (100, 90), (77, 131), (20, 45), (150, 33)]
+FP32 = EngineConfig(precision="fp32")
 
 
 def _run(image, backbone, pyramid, **kw):
+    kw.setdefault("engine", FP32)
     return segment(image, backbone, pyramid, return_probs=True, **kw)
 
 
@@ -83,7 +90,7 @@ def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
     refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
     torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)  # a refiner that does something
     runs = [
-        _run(image, backbone, pyramid, refiner=refiner, engine=EngineConfig(batch_size=b))
+        _run(image, backbone, pyramid, refiner=refiner, engine=dataclasses.replace(FP32, batch_size=b))
         for b in (1, 3, 16)
     ]
     for other in runs[1:]:
@@ -98,7 +105,8 @@ def test_labels_alone_equal_the_labels_of_the_probabilities(size, backbone, pyra
     image = torch.randn(3, *size, generator=torch.Generator().manual_seed(sum(size)))
     refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
     torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
-    for engine in (EngineConfig(batch_size=3), EngineConfig(adaptive=AdaptiveConfig(max_crops=5))):
+    for engine in (dataclasses.replace(FP32, batch_size=3),
+                   dataclasses.replace(FP32, adaptive=AdaptiveConfig(max_crops=5))):
         kw = dict(refiner=refiner, refine=RefineConfig(points=0.4, kernel=3), engine=engine, return_stages=True)
         with_probs = _run(image, backbone, pyramid, **kw)
         labels_only = segment(image, backbone, pyramid, **kw)
@@ -132,7 +140,7 @@ def test_any_module_mapping_images_to_logits_is_a_backbone(pyramid):
 
 def test_input_size_not_divisible_by_the_encoder_stride_is_padded(tiny_segmenter):
     pyramid = PyramidConfig(scales=[40, 80], crop=40, input=44)  # 44 is not a multiple of 32
-    result = segment(torch.randn(3, 80, 80), tiny_segmenter.backbone, pyramid)
+    result = segment(torch.randn(3, 80, 80), tiny_segmenter.backbone, pyramid, engine=FP32)
     assert result.labels.shape == (80, 80)
 
 
@@ -223,7 +231,7 @@ def test_adaptive_mode_runs_fewer_crops(backbone, pyramid):
     image = torch.randn(3, 128, 128)
     full = _run(image, backbone, pyramid, return_stages=True)
     fast = _run(image, backbone, pyramid, return_stages=True,
-                engine=EngineConfig(adaptive=AdaptiveConfig(max_crops=2)))
+                engine=dataclasses.replace(FP32, adaptive=AdaptiveConfig(max_crops=2)))
     assert [s.crops_run for s in full.stages] == [1, 4, 16]
     assert [s.crops_run for s in fast.stages] == [1, 2, 2]
     assert fast.labels.shape == full.labels.shape
@@ -238,7 +246,7 @@ def test_skipped_last_stage_crops_keep_the_coarse_result_exactly(backbone):
     full = _run(image, backbone, two)
     skip = _run(image, backbone, coarse_only)
     adaptive = AdaptiveConfig(max_crops=2)
-    fast = _run(image, backbone, two, engine=EngineConfig(adaptive=adaptive))
+    fast = _run(image, backbone, two, engine=dataclasses.replace(FP32, adaptive=adaptive))
     boxes = crop_boxes((64, 64), (32, 32))
     chosen = select_crops(crop_uncertainty(extract_crops(skip.probs, boxes, (32, 32)), boxes), boxes, adaptive)
     assert len(chosen) == 2
