@@ -16,11 +16,12 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 T = TypeVar("T")
@@ -107,7 +108,8 @@ def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:
     return median_blur(raw, kernel) + _TIE_BREAK * raw
 
 
-def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tensor | None = None) -> Tensor:
+def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tensor | None = None,
+                     method: Literal["auto", "opencv", "torch"] = "auto") -> Tensor:
     """The K pixels of each map with the highest error map, found without making the map.
 
     Map b gets the ``ks[b]`` allowed pixels of highest ``median_blur(raw, kernel)``, ties
@@ -127,6 +129,10 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
         ks: K of each map, at most its number of allowed pixels.
         allowed: ``(B, H, W)`` bool, the pixels that may be picked (the median still reads
             the others); None allows all.
+        method: ``opencv`` counts on the host, one map per thread (the fastest on a CPU);
+            ``torch`` counts all maps at once on ``raw``'s device (``avg_pool2d``), with no
+            host round-trip (the one for a GPU); ``auto`` picks by ``raw``'s device. Both
+            pick the same pixels.
     Returns:
         ``(B, H, W)`` bool, True on the picked pixels, on ``raw``'s device.
     """
@@ -134,6 +140,8 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
         raise ValueError(f"median kernel must be odd and >= 1, got {kernel}")
     if len(ks) != raw.shape[0]:
         raise ValueError(f"{len(ks)} values of K for {raw.shape[0]} maps")
+    if method == "torch" or (method == "auto" and raw.device.type != "cpu"):
+        return _top_error_pixels_torch(raw, kernel, ks, allowed)
     scores = raw.detach().float().cpu().contiguous().numpy()
     masks = None if allowed is None else allowed.cpu().contiguous().numpy().view(np.uint8) * np.uint8(255)
     out = np.zeros(scores.shape, np.uint8)
@@ -143,6 +151,45 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
 
     _each_map(pick, len(ks))
     return torch.from_numpy(out).view(torch.bool).to(raw.device)
+
+
+def _top_error_pixels_torch(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tensor | None) -> Tensor:
+    """``top_error_pixels`` in torch, every map of the batch bisected at once: the same
+    levels (float32 ``round``, ties to even, as OpenCV's), the same counts (a box filter of
+    the thresholded map, edges replicated), the same ties broken by ``raw``."""
+    maps, height, width = raw.shape
+    raw = raw.detach().float()
+    k = torch.as_tensor(list(ks), device=raw.device).view(maps, 1, 1)
+    everywhere = torch.ones_like(raw, dtype=torch.bool) if allowed is None else allowed.to(torch.bool)
+    levels = (raw * 255).round_().clamp_(0, 255)
+    pad, majority = kernel // 2, kernel * kernel // 2
+
+    def blurred_at_least(t: Tensor) -> Tensor:
+        at_least = (levels >= t).to(torch.float32)[:, None]
+        if kernel > 1:
+            # avg_pool2d * k^2 is the count up to float rounding; counts are integers.
+            at_least = F.pad(at_least, (pad, pad, pad, pad), mode="replicate")
+            at_least = F.avg_pool2d(at_least, kernel, stride=1).mul_(kernel * kernel).round_()
+        return (at_least[:, 0] > majority) & everywhere
+
+    # The invariant of _pick_map, per map: at least k pixels reach level lo, fewer than k hi.
+    lo, hi = torch.zeros_like(k), torch.full_like(k, 256)
+    lo_mask, hi_mask = everywhere, torch.zeros_like(everywhere)
+    for _ in range(8):  # 256 levels
+        mid = (lo + hi) // 2
+        mask = blurred_at_least(mid)
+        enough = mask.sum(dim=(1, 2), keepdim=True) >= k
+        lo, lo_mask = torch.where(enough, mid, lo), torch.where(enough, mask, lo_mask)
+        hi, hi_mask = torch.where(enough, hi, mid), torch.where(enough, hi_mask, mask)
+    # Every pixel above level lo, then the pixels at lo with the highest raw score.
+    ties = (lo_mask & ~hi_mask).flatten(1)
+    need = (k.flatten() - hi_mask.flatten(1).sum(dim=1)).view(maps, 1)
+    order = raw.flatten(1).masked_fill(~ties, -1.0).argsort(dim=1, descending=True, stable=True)
+    first = torch.arange(height * width, device=raw.device).expand(maps, -1) < need
+    picked = hi_mask.flatten(1) | torch.zeros_like(ties).scatter_(1, order, first)
+    picked = picked.view(maps, height, width)
+    everything = k >= everywhere.sum(dim=(1, 2), keepdim=True)
+    return torch.where(everything, everywhere, picked) & (k > 0)
 
 
 def _levels(raw: np.ndarray) -> np.ndarray:

@@ -126,15 +126,20 @@ def _distinct_scores(rng: np.random.Generator, shape: tuple[int, ...], scale: fl
     scale=st.sampled_from([1.0, 0.3, 0.001]),  # 0.001: every level is 0, all pixels tie
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
+    method=st.sampled_from(["opencv", "torch"]),
 )
 # 17 x 15 = 255 pixels: scores (rank + 0.5) / 255 sit on half-way points between levels.
-@example(maps=1, h=17, w=15, kernel=5, scale=1.0, masked=False, seed=1)
-def test_top_error_pixels_is_the_top_k_by_blurred_level_then_score(maps, h, w, kernel, scale, masked, seed):
+@example(maps=1, h=17, w=15, kernel=5, scale=1.0, masked=False, seed=1, method="opencv")
+@example(maps=1, h=17, w=15, kernel=5, scale=1.0, masked=False, seed=1, method="torch")
+def test_top_error_pixels_is_the_top_k_by_blurred_level_then_score(maps, h, w, kernel, scale, masked, seed,
+                                                                   method):
+    # Both ways of counting, the host's (OpenCV) and the device's (torch), on CPU tensors.
     rng = np.random.default_rng(seed)
     raw = _distinct_scores(rng, (maps, h, w), scale)
     allowed = rng.random((maps, h, w)) < 0.7 if masked else np.ones((maps, h, w), bool)
     ks = [int(rng.integers(0, allowed[b].sum() + 1)) for b in range(maps)]
-    picked = top_error_pixels(torch.from_numpy(raw), kernel, ks, torch.from_numpy(allowed) if masked else None)
+    picked = top_error_pixels(torch.from_numpy(raw), kernel, ks, torch.from_numpy(allowed) if masked else None,
+                              method=method)
     assert picked.dtype == torch.bool and picked.shape == (maps, h, w)
     for b in range(maps):
         # Reference: the blurred 8-bit levels (quantised in float32, as median_blur does: in
@@ -163,6 +168,12 @@ def test_the_counting_quantises_like_median_blur_at_every_half_level():
     scores = np.array(scores + [0.0, 1.0], dtype=np.float32)[None]  # (1, N)
     want = (median_blur(torch.from_numpy(scores)[None], 1)[0] * 255).round().to(torch.uint8).numpy()
     assert np.array_equal(_levels(scores), want)
+    # The torch path's levels, the same way: the 255-pixel map of one score per level
+    # half-way point, K = 1 picks the pixel of the highest level, and every count agrees.
+    for t in (0, 1, 127, 128, 254, 255):
+        on_host = top_error_pixels(torch.from_numpy(scores)[None], 1, [int((want >= t).sum())], method="opencv")
+        on_device = top_error_pixels(torch.from_numpy(scores)[None], 1, [int((want >= t).sum())], method="torch")
+        assert torch.equal(on_host, on_device)
     assert not np.array_equal(np.round(scores.astype(np.float64) * 255).astype(np.uint8), want)
 
 
@@ -179,7 +190,8 @@ def test_top_error_pixels_agrees_with_the_top_k_of_error_map():
     assert torch.equal(picked, expected)
 
 
-def test_top_error_pixels_prefers_a_coherent_region_to_a_lone_pixel_by_hand():
+@pytest.mark.parametrize("method", ["opencv", "torch"])
+def test_top_error_pixels_prefers_a_coherent_region_to_a_lone_pixel_by_hand(method):
     # A 3x3 block of 0.9 (0.95 at its centre) and one lone pixel of 1.0 in a map of 0.2.
     # 3x3 medians: 0.2 at the lone pixel and the block's corners, 0.9 at the centre and the
     # middles of the block's sides, which the centre's own score then wins. So with K = 1
@@ -188,14 +200,14 @@ def test_top_error_pixels_prefers_a_coherent_region_to_a_lone_pixel_by_hand():
     raw[0, 2:5, 2:5] = 0.9
     raw[0, 3, 3] = 0.95
     raw[0, 0, 6] = 1.0
-    picked = top_error_pixels(raw, 3, [1])
+    picked = top_error_pixels(raw, 3, [1], method=method)
     assert picked.sum() == 1 and picked[0, 3, 3]
     # K = 0 and K = all: nothing, everything; only allowed pixels count.
-    assert not top_error_pixels(raw, 3, [0]).any()
-    assert top_error_pixels(raw, 3, [49]).all()
+    assert not top_error_pixels(raw, 3, [0], method=method).any()
+    assert top_error_pixels(raw, 3, [49], method=method).all()
     allowed = torch.zeros(1, 7, 7, dtype=torch.bool)
     allowed[0, :, 5:] = True  # all at median 0.2: the highest score, the lone pixel, wins
-    picked = top_error_pixels(raw, 3, [1], allowed)
+    picked = top_error_pixels(raw, 3, [1], allowed, method=method)
     assert picked.sum() == 1 and picked[0, 0, 6]
 
 
