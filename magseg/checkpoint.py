@@ -27,7 +27,7 @@ from torch import nn
 
 from magseg.atomic import atomic_write
 from magseg.config import Config, config_from_dict
-from magseg.errors import CheckpointError, ConfigError
+from magseg.errors import CheckpointError, ConfigError, WriteError
 
 FORMAT = "magseg-checkpoint"
 VERSION = 1
@@ -54,7 +54,13 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (a crash mid-write leaves any previous file intact)."""
+    """Write a checkpoint atomically: a crash, a full disk or any failure to write leaves any
+    previous file intact.
+
+    Raises:
+        WriteError: the file could not be written completely (the message names ``path``
+            and, for a full disk, says so).
+    """
     from magseg import __version__
 
     payload = {
@@ -68,8 +74,28 @@ def save_checkpoint(
     }
     path = Path(path)
     with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except (RuntimeError, OSError) as exc:  # torch reports a failed write as RuntimeError
+            error = WriteError(f"{tmp}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            error.path = tmp  # type: ignore[attr-defined]
+            raise error from exc
+        _check_written(tmp)
     return path
+
+
+def _check_written(path: Path) -> None:
+    """Read a checkpoint just written back as a zip archive and check every member's CRC:
+    a file cut short by a failed write is never put in place."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        bad = f"{type(exc).__name__}: {exc}"
+    if bad is not None:
+        error = WriteError(f"{path}: does not read back complete after writing ({bad})")
+        error.path = path  # type: ignore[attr-defined]
+        raise error
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

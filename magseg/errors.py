@@ -32,7 +32,17 @@ class RasterError(DataError):
 
 
 class OutputExistsError(MagsegError, FileExistsError):
-    """An output file already exists and `--overwrite` was not given."""
+    """An output file already exists (or appeared while it was being written) and
+    `--overwrite` was not given."""
+
+
+class WriteError(MagsegError):
+    """An output could not be written completely (disk full, quota, I/O error, a file that
+    does not read back). Nothing was put in place: a file already there is unchanged."""
+
+
+class RasterWriteError(RasterError, WriteError):
+    """A raster output could not be created, written, or read back complete once closed."""
 
 
 class WeightsUnavailableError(ModelError):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from magseg.atomic import atomic_write, fresh_partial_path
+from magseg.atomic import atomic_writes, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
 from magseg.errors import MagsegError, RasterError
@@ -202,8 +202,10 @@ def predict_raster(
 ) -> PredictResult:
     """Segment one raster and write its outputs into ``out_dir``.
 
-    Every output is written under a temporary name and renamed when complete. Outputs that
+    Every output is written under a temporary name and read back complete once closed; only
+    then are this input's outputs renamed into place (magseg.atomic.atomic_writes). Outputs that
     exist are kept unless ``options.overwrite``; when all exist the input is ``skipped``.
+    Without ``options.overwrite`` an output that another run wrote meanwhile is kept too.
 
     Args:
         on_window: called as ``on_window(done, total)`` after each window (progress).
@@ -211,6 +213,9 @@ def predict_raster(
         a PredictResult with status ``ok`` or ``skipped``.
     Raises:
         RasterError: unreadable input, wrong band count, output not writable.
+        WriteError: an output could not be written completely (a full disk); the files
+            already there are unchanged.
+        OutputExistsError: an output appeared while this run wrote it (no --overwrite).
     """
     start = time.perf_counter()
     path = Path(path)
@@ -297,8 +302,9 @@ def _run(
 
     with contextlib.ExitStack() as stack:
         # Entered first, left last: temporaries are renamed into place only after every
-        # writer below has been closed (and the COG copies made).
-        temps = {k: stack.enter_context(atomic_write(p, options.overwrite)) for k, p in todo.items()}
+        # writer below has been closed and read back (and the COG copies made); all of this
+        # input's new outputs are put in place, or none.
+        temps = stack.enter_context(atomic_writes(todo, options.overwrite))
         tiled = {
             k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
             if options.cog else temps[k]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from magseg.checkpoint import load_checkpoint, load_state, save_checkpoint
-from magseg.errors import CheckpointError
+from magseg.errors import CheckpointError, WriteError
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
 from magseg.training.resume import rng_state, set_rng_state
 
@@ -105,3 +106,39 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_config):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="t.ckpt cannot be read"):
         load_checkpoint(path)
+
+
+def _save_then(action):
+    """A torch.save that writes the file and then fails as a full disk makes it fail."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        action(f)
+
+    return save
+
+
+def _raise_write_failed(f):
+    os.truncate(f, os.path.getsize(f) // 2)
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 478144 vs 478040")
+
+
+def _cut_short_silently(f):
+    os.truncate(f, os.path.getsize(f) - 100)
+
+
+@pytest.mark.parametrize("failure", [_raise_write_failed, _cut_short_silently],
+                         ids=["torch-raises", "silently-short"])
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, tiny_config,
+                                                                     monkeypatch, failure):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(path, tiny_config, create_segmenter_model(tiny_config), meta={"epoch": 1})
+    before = path.read_bytes()
+    monkeypatch.setattr("magseg.checkpoint.torch.save", _save_then(failure))
+    with pytest.raises(WriteError) as caught:
+        save_checkpoint(path, tiny_config, create_segmenter_model(tiny_config), meta={"epoch": 2})
+    assert str(caught.value).startswith(f"{path}: not written")
+    assert f"the existing {path} is unchanged" in str(caught.value)
+    assert path.read_bytes() == before and load_checkpoint(path).meta["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import rasterio
 
 from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
-from magseg.errors import RasterError
+from magseg.errors import RasterError, RasterWriteError
 from magseg.raster import (
     BLOCK,
     COG_BLOCK,
@@ -22,7 +23,9 @@ from magseg.raster import (
     convert_to_cog,
     io_env,
     plan_scene_windows,
+    verify_raster,
 )
+from small_fs import fill, small_filesystem
 
 
 def test_windowed_reads_give_back_the_pixels_in_band_order(tmp_path):
@@ -156,3 +159,43 @@ def test_unwritable_output_is_a_raster_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RasterError, match="cannot create output raster"):
         RasterWriter(blocker / "out.tif", (4, 4), 1, GeoInfo(None, None))
+
+
+def _close_cuts_the_file_short(writer, keep=8192):
+    """Make closing ``writer`` behave as GDAL's does on a full disk: the blocks and the
+    directory it writes at close never reach the file, and nothing is raised."""
+    close = writer._dst.close
+
+    def failing_close():
+        close()
+        os.truncate(writer.path, min(keep, writer.path.stat().st_size - 1))
+
+    writer._dst.close = failing_close
+
+
+def test_a_file_gdal_failed_to_finish_at_close_is_an_error(tmp_path):
+    path = tmp_path / "labels.tif"
+    writer = RasterWriter(path, (300, 280), 1, GeoInfo(UTM33, TRANSFORM))
+    writer.write(smooth_image(1, 300, 280, seed=3), PixelWindow(0, 0, 300, 280))
+    _close_cuts_the_file_short(writer)
+    with pytest.raises(RasterWriteError, match="labels.tif: does not read back complete"):
+        writer.close()
+
+
+def test_a_masked_file_is_read_back_with_its_mask(tmp_path):
+    path = tmp_path / "probs.tif"
+    with RasterWriter(path, (40, 50), 2, GeoInfo(None, None), nodata=None, mask=True) as writer:
+        writer.write(smooth_image(2, 40, 50), PixelWindow(0, 0, 40, 50))
+    verify_raster(path, (40, 50), 2, masked=True)
+    with pytest.raises(RasterWriteError, match="instead of 3 of 40 x 50"):
+        verify_raster(path, (40, 50), 3)
+
+
+def test_writing_on_a_real_full_filesystem_is_an_error(tmp_path):
+    """GDAL prints ``_tiffWriteProc: No space left on device`` and carries on: the writer
+    must raise, whether the failure comes at a write or only at close."""
+    with small_filesystem(tmp_path / "disk", size="1m") as disk:
+        fill(disk, leave=4096)
+        with pytest.raises(RasterWriteError, match="out.tif"):
+            with io_env(), RasterWriter(disk / "out.tif", (120, 130), 3, GeoInfo(None, None)) as w:
+                w.write(smooth_image(3, 120, 130), PixelWindow(0, 0, 120, 130))

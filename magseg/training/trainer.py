@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,12 +179,23 @@ def _device(config: Config, world: World) -> torch.device:
     return device
 
 
+class _LogFile(logging.FileHandler):
+    """``train.log``: a line that cannot be written (a full disk) stops the file logging with
+    one warning on stderr instead of a traceback per line; training goes on, and its
+    checkpoints report their own failures."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        error = sys.exc_info()[1]
+        logger.removeHandler(self)
+        sys.stderr.write(f"magseg: warning: {self.baseFilename}: no longer written ({error})\n")
+
+
 @contextlib.contextmanager
 def _log_file(path: Path, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    handler = logging.FileHandler(path, mode="a")
+    handler = _LogFile(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -192,7 +204,8 @@ def _log_file(path: Path, enabled: bool) -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # what a full disk did not take was reported
+            handler.close()
 
 
 def _poly(steps: int, power: float) -> Callable[[int], float]:

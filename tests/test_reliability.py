@@ -1,0 +1,226 @@
+"""What `magseg predict` and `magseg train` promise when the disk fills up or another run
+writes the same output: no output that looks finished but is not, the previous file kept,
+one clear line, the rest of the batch still done (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import rasterio
+from typer.testing import CliRunner
+
+import magseg.atomic
+import magseg.checkpoint
+import magseg.cli.predict  # noqa: F401  (registers the command)
+import magseg.cli.train  # noqa: F401  (registers the command)
+from geotiff import read_raster, smooth_image, write_raster
+from magseg.checkpoint import load_checkpoint
+from magseg.cli.app import app
+from magseg.predict import PredictOptions, predict_raster
+from magseg.raster import RasterWriter
+from magseg.segmenter import Segmenter
+from small_fs import fill, small_filesystem
+from test_datasets import CONFIGS_TINY, make_deepglobe
+
+SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
+
+
+@pytest.fixture
+def ckpt(make_checkpoint):
+    return make_checkpoint(SMALL_SCENE)
+
+
+def _predict(*args):
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def _records(result):
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _partials(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+# ------------------------------------------------------------------------------ full disk
+def test_predict_on_a_full_disk_fails_the_input_and_keeps_the_previous_output(tmp_path, ckpt):
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 150, 170, seed=1))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 40, 50, seed=2))
+    with small_filesystem(tmp_path / "disk", size="2m") as disk:
+        out = disk / "out"
+        assert _predict(ckpt, a, "-o", out).exit_code == 0
+        good = (out / "a.tif").read_bytes()
+        fill(disk)
+
+        # --overwrite on a full disk: the good file stays, the input is reported failed.
+        result = _predict(ckpt, a, "-o", out, "--overwrite")
+        assert result.exit_code == 1, result.output
+        (record,) = _records(result)
+        assert record["status"] == "failed"
+        assert record["error"].startswith(f"{out / 'a.tif'}: not written, the disk is full")
+        assert "free some space" in record["error"] and "is unchanged" in record["error"]
+        assert (out / "a.tif").read_bytes() == good
+        assert read_raster(out / "a.tif")[0].shape == (1, 150, 170)
+
+        # A new output on a full disk: failed, nothing left that a re-run would skip; the
+        # batch goes on (a.tif exists: skipped).
+        result = _predict(ckpt, b, a, "-o", out)
+        assert result.exit_code == 1, result.output
+        first, second = _records(result)
+        assert first["status"] == "failed" and "the disk is full" in first["error"]
+        assert "no b.tif was written" in first["error"]
+        assert second["status"] == "skipped"
+        assert sorted(p.name for p in out.iterdir()) == ["a.tif"]
+
+
+def _gdal_close_cuts_short(name):
+    """rasterio.open whose write-mode datasets for output ``name`` lose their end at close
+    without an error: what GDAL does on a full disk (it only prints a message)."""
+    real_open = rasterio.open
+
+    def open_(path, mode="r", *args, **kwargs):
+        dataset = real_open(path, mode, *args, **kwargs)
+        if mode == "w" and os.path.basename(str(path)).startswith(f".{name}."):
+            close = dataset.close
+
+            def close_short():
+                close()
+                os.truncate(path, os.path.getsize(path) // 2)
+
+            dataset.close = close_short
+        return dataset
+
+    return open_
+
+
+def _sync_out_of_space(name):
+    """os.fsync that fails as a full disk does for output ``name``'s temporary file (a write
+    the kernel deferred, as NFS does)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    return fsync
+
+
+@pytest.mark.parametrize("failure", ["gdal-close", "sync"])
+def test_an_output_that_is_not_written_completely_fails_its_input_alone(
+        tmp_path, ckpt, monkeypatch, failure):
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 60, 70, seed=1))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 40, 50, seed=2))
+    out = tmp_path / "out"
+    assert _predict(ckpt, a, "-o", out).exit_code == 0
+    good = (out / "a.tif").read_bytes()
+    if failure == "gdal-close":
+        monkeypatch.setattr(rasterio, "open", _gdal_close_cuts_short("a.tif"))
+    else:
+        monkeypatch.setattr(magseg.atomic.os, "fsync", _sync_out_of_space("a.tif"))
+    result = _predict(ckpt, a, b, "-o", out, "--overwrite")
+    assert result.exit_code == 1, result.output
+    first, second = _records(result)
+    assert first["status"] == "failed" and first["error"].startswith(f"{out / 'a.tif'}: not written")
+    assert f"the existing {out / 'a.tif'} is unchanged" in first["error"]
+    if failure == "gdal-close":
+        assert "does not read back complete" in first["error"]
+    else:
+        assert "the disk is full" in first["error"]
+    assert second["status"] == "ok"
+    assert (out / "a.tif").read_bytes() == good
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+
+
+def _train(data, out, *extra):
+    return CliRunner().invoke(app, ["train", "-c", str(CONFIGS_TINY), "--data-root", str(data),
+                                    "--out", str(out), "--phase", "backbone", "-q",
+                                    "train.samples_per_epoch=4", *extra])
+
+
+@pytest.fixture
+def data(tmp_path, tiny_config):
+    return make_deepglobe(tmp_path / "data", tiny_config, counts=(("train", 2), ("val", 1)))
+
+
+def _assert_one_clear_line(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.startswith("magseg: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_on_a_full_disk_exits_1_and_keeps_its_checkpoints(tmp_path, data):
+    run = tmp_path / "run"
+    assert _train(data, run, "--epochs", "1").exit_code == 0
+    with small_filesystem(tmp_path / "disk", size="16m") as disk:
+        shutil.copytree(run, disk / "run")
+        before = {p.name: p.read_bytes() for p in (disk / "run").iterdir()}
+        fill(disk, leave=64 * 1024)  # room for config.yaml and the log, not a checkpoint
+        result = _train(data, disk / "run", "--epochs", "2", "--resume")
+        _assert_one_clear_line(result, f"{disk / 'run' / 'last.ckpt'}: not written, the disk is full",
+                               "is unchanged")
+        for name in ("last.ckpt", "best.ckpt"):
+            assert (disk / "run" / name).read_bytes() == before[name]
+        assert load_checkpoint(disk / "run" / "last.ckpt").training["epoch"] == 1
+        assert not _partials(disk / "run")
+
+
+def test_train_that_cannot_write_a_checkpoint_exits_1_and_keeps_the_earlier_ones(
+        tmp_path, data, monkeypatch):
+    real_save, calls = magseg.checkpoint.torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) > 2:  # epoch 1 wrote last.ckpt and best.ckpt; epoch 2's write fails
+            os.truncate(f, 1000)
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(magseg.checkpoint.torch, "save", save)
+    out = tmp_path / "run"
+    result = _train(data, out, "--epochs", "2")
+    _assert_one_clear_line(result, f"{out / 'last.ckpt'}: not written", "file write failed",
+                           "is unchanged")
+    assert load_checkpoint(out / "last.ckpt").training["epoch"] == 1
+    assert load_checkpoint(out / "best.ckpt").meta["epoch"] == 1
+    assert not _partials(out)
+
+
+# ------------------------------------------------------------------------ concurrent runs
+def test_an_output_that_appeared_while_predict_wrote_it_is_kept(tmp_path, ckpt, make_checkpoint,
+                                                                monkeypatch):
+    """Two predicts into one folder: the one that finishes second must not replace the
+    first one's file, and must say so. The other run is made to finish at the worst moment
+    (after this run's existence check and writing, just before it renames its file)."""
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50, seed=1))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 30, 40, seed=2))
+    out = tmp_path / "out"
+    other = Segmenter.from_checkpoint(make_checkpoint(SMALL_SCENE, name="other.ckpt"))
+    real_close, theirs, pid = RasterWriter.close, {}, os.getpid()
+
+    def close_then_other_run_finishes(writer):
+        real_close(writer)
+        if writer.path.name.startswith(".a.tif.") and not theirs:
+            theirs["running"] = True
+            with monkeypatch.context() as other_process:  # its temporary files get its own names
+                other_process.setattr(magseg.atomic.os, "getpid", lambda: pid + 1)
+                predict_raster(other, a, out, PredictOptions())
+            theirs["bytes"] = (out / "a.tif").read_bytes()
+
+    monkeypatch.setattr(RasterWriter, "close", close_then_other_run_finishes)
+    result = _predict(ckpt, a, b, "-o", out)
+    assert result.exit_code == 1, result.output
+    first, second = _records(result)
+    assert first["status"] == "failed"
+    assert "appeared while this run was writing" in first["error"] and "--overwrite" in first["error"]
+    assert second["status"] == "ok"
+    assert (out / "a.tif").read_bytes() == theirs["bytes"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
