@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from magseg.cli.app import app
-from magseg.cli.common import EXIT_FAILED, emit, handle_errors, log, progress_bar
+from magseg.cli.common import EXIT_FAILED, check_device, emit, handle_errors, log, progress_bar
 
 
 @app.command(
@@ -64,16 +64,17 @@ def benchmark(
     crops stitched, no context); optionally the adaptive mode. Writes report.json, report.md,
     per_class_iou.png, miou_per_stage.png and samples/<id>.png to --out-dir. stdout: one JSON
     line per image, then one summary line. Exit 1 if any image failed (the others are still
-    scored, and the report says which failed).
+    scored, and the report says which failed) or the data is bad; exit 2 when the run cannot
+    start as asked (bad option, config, device or checkpoint).
     """
     from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark
     from magseg.checkpoint import load_checkpoint
-    from magseg.config import AdaptiveConfig
     from magseg.data.scenes import list_scenes
     from magseg.errors import ConfigError
     from magseg.report import REPORT_JSON, build_report, check_outputs, write_report
     from magseg.segmenter import Segmenter
 
+    check_device(device)
     check_outputs(out_dir, overwrite)
     if engine not in ("local", "ray"):
         raise ConfigError(f"--engine {engine!r}: use local or ray")
@@ -96,7 +97,9 @@ def benchmark(
 
     wanted = None
     if adaptive_threshold is not None or adaptive_max_crops is not None:
-        wanted = AdaptiveConfig(threshold=adaptive_threshold, max_crops=adaptive_max_crops)
+        # Through the config schema, so these flags are checked as --set values are.
+        wanted = config.override({"engine.adaptive.threshold": adaptive_threshold,
+                                  "engine.adaptive.max_crops": adaptive_max_crops}).engine.adaptive
     elif adaptive:
         wanted = config.engine.adaptive
         if not wanted.enabled:

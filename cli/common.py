@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from magseg.errors import ConfigError, MagsegError
+from magseg.errors import CheckpointError, ConfigError, MagsegError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -75,15 +75,27 @@ def fail(message: str, code: int = EXIT_FAILED) -> None:
 
 
 def handle_errors(func: F) -> F:
-    """Turn magseg's exceptions into a message and exit code (config problems are usage
-    errors: exit 2; anything else magseg raises on purpose: exit 1)."""
+    """Turn magseg's exceptions into one ``magseg: error:`` line and an exit code, the same
+    in every command:
+
+    - exit 2 (usage): the run cannot start as asked. The command line, a config file or an
+      override is invalid (ConfigError: unknown key, bad value, a device this machine does
+      not have, a margin that leaves no core), or the model to run is unusable
+      (CheckpointError: missing, empty, corrupt, not a magseg checkpoint, weights that do
+      not fit its config, or a checkpoint in --out that does not match the config asked for).
+    - exit 1 (bad input): the data the run reads or writes is at fault (DataError,
+      RasterError: a raster, image, mask or split file) or an output is in the way
+      (OutputExistsError); in predict the other inputs are still processed.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
+        except (ConfigError, CheckpointError) as exc:
             fail(str(exc), EXIT_USAGE)
+        except typer.BadParameter as exc:  # raised by the command's own argument checks
+            fail(exc.format_message(), EXIT_USAGE)
         except MagsegError as exc:
             fail(str(exc), EXIT_FAILED)
         except KeyboardInterrupt:
@@ -91,6 +103,23 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` that is no device or that this machine lacks (exit 2 through
+    ``handle_errors``), before any checkpoint or data is read. None: the config's, checked
+    where it is used."""
+    if device is not None:
+        from magseg.device import resolve_device
+
+        resolve_device(device, source="--device")
 
 
 def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> list[Path]:
@@ -113,11 +142,17 @@ def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> 
     for item in items:
         if item == "-":
             stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
+            for number, line in enumerate(stream, start=1):
                 line = line.strip()
+                if "\0" in line:
+                    raise typer.BadParameter(
+                        f"line {number} of stdin holds a NUL byte; give one path per line "
+                        "(e.g. `find ... -print`, not -print0)")
                 if line and not line.startswith("#"):
                     add(Path(line))
             continue
+        if "\0" in item:
+            raise typer.BadParameter(f"{item!r} holds a NUL byte; it cannot name a file")
         path = Path(item)
         try:
             is_dir = path.is_dir()
@@ -127,7 +162,8 @@ def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> 
             for child in sorted(path.iterdir()):
                 if child.is_file() and child.suffix.lower() in suffixes:
                     add(child)
-        elif glob.has_magic(item):
+        elif glob.has_magic(item) and not _is_file(path):
+            # A file whose name has glob characters (`br[1].tif`) is taken as named.
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise typer.BadParameter(f"no file matches {item!r}")

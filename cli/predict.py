@@ -19,6 +19,7 @@ from magseg.cli.common import (
     EXIT_USAGE,
     emit,
     expand_inputs,
+    check_device,
     fail,
     handle_errors,
     log,
@@ -130,9 +131,10 @@ def predict(
     from magseg.checkpoint import load_checkpoint
     from magseg.errors import CheckpointError, ConfigError
     from magseg.precision import runtime_info
-    from magseg.predict import INPUT_SUFFIXES, PredictOptions
+    from magseg.predict import INPUT_SUFFIXES, PredictOptions, check_margin
     from magseg.segmenter import Segmenter
 
+    check_device(device)
     options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
                              overwrite=overwrite, bands=_parse_bands(bands), margin=margin)
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
@@ -162,6 +164,8 @@ def predict(
     if options.bands is not None and len(options.bands) != want:
         fail(f"--bands lists {len(options.bands)} band(s) but the model in {checkpoint} takes {want}",
              EXIT_USAGE)
+    if margin is not None:
+        check_margin(config.pyramid, margin)
 
     with _sigterm_as_interrupt():
         if segmenter is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from magseg.cli.app import app
-from magseg.cli.common import emit, handle_errors, progress_bar
+from magseg.cli.common import EXIT_USAGE, check_device, emit, fail, handle_errors, progress_bar
 
 
 @app.command(
@@ -66,13 +66,16 @@ def train(
     computed from the training split unless data.mean/data.std are set.
 
     Runs on several processes under torchrun (gloo on CPU, nccl on GPU); only rank 0 writes.
-    Exit 2 on a usage or config error, 1 on bad data or a checkpoint that does not fit.
+    Exit 2 when the run cannot start as asked (a usage or config error, a device this machine
+    lacks, a checkpoint in --out that is unreadable or does not match the config); 1 on bad
+    data (a split file, image or mask).
     """
     from magseg.config import load_config
     from magseg.training.distributed import launched_by_torchrun
     from magseg.training.trainer import TrainOptions
     from magseg.training.trainer import train as run_training
 
+    check_device(device)
     items = list(overrides or [])
     phases = ("backbone", "refiner") if phase == "all" else (phase,)
     if epochs is not None:
@@ -83,6 +86,9 @@ def train(
         items.append(f"engine.device={device}")
     cfg = load_config(config, items)
     out = out if out is not None else Path("runs") / cfg.name
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory (created if missing) for the checkpoints",
+             EXIT_USAGE)
 
     main = not launched_by_torchrun() or _rank() == 0
     logger = logging.getLogger("magseg.train")

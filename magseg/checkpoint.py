@@ -127,11 +127,28 @@ def checkpoint_from_bytes(data: bytes, name: str | Path) -> Checkpoint:
 
 
 def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
+    empty = (source.stat().st_size if isinstance(source, Path) else len(source.getbuffer())) == 0
+    if empty:
+        raise CheckpointError(f"checkpoint {path} is an empty file (0 bytes): a run stopped while "
+                              "writing it, or it is not a checkpoint")
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read (UnpicklingError: {_first_line(exc)}); "
+                "it is truncated, corrupt or not a magseg checkpoint"
+            ) from None
+        # torch's own message advises loading with weights_only=False: never do that with a
+        # file from elsewhere, unpickling it can run any code.
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"checkpoint {path} holds pickled Python objects besides tensors and plain data; "
+            "magseg does not load such files (unpickling can run code), and magseg train "
+            "never writes them"
+        ) from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
             "it is truncated, corrupt or not a magseg checkpoint"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -141,6 +158,14 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
             f"checkpoint {path} has format version {payload.get('version')}; "
             f"this magseg reads version {VERSION}"
         )
+    for key, needed in (("config", True), ("backbone", True), ("refiner", False), ("training", False)):
+        value = payload.get(key)
+        if not isinstance(value, dict) and (needed or value is not None):
+            found = "nothing" if value is None else f"a {type(value).__name__}"
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its '{key}' entry should be a mapping but is "
+                f"{found}; use a checkpoint written by `magseg train`"
+            )
     try:
         config = config_from_dict(payload["config"], source=f"in checkpoint {path}")
     except ConfigError as exc:
@@ -153,6 +178,10 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
         meta=payload.get("meta") or {},
         training=payload.get("training"),
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    return next(iter(str(exc).splitlines()), "") or "no details"
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:

@@ -22,7 +22,20 @@ from pydantic.dataclasses import dataclass
 
 from magseg.errors import ConfigError
 
-_STRICT = ConfigDict(extra="forbid")
+# NaN and infinity are no value any key can take (a threshold of nan compares false with
+# everything and would silently switch a check off).
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Counts (batch sizes, epochs, samples) above this are no run anyone can make; beyond 2**63
+# they fail deep inside Python or torch instead of here.
+MAX_COUNT = 2**31 - 1
+
+
+def _counts_within(section: str, **values: int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value > MAX_COUNT:
+            raise ValueError(f"{section}.{key}={value} is larger than any run can use "
+                             f"(at most {MAX_COUNT})")
 
 
 def _as_size(value: Any) -> Any:
@@ -161,6 +174,14 @@ class AdaptiveConfig:
     threshold: float | None = None
     max_crops: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError("engine.adaptive.threshold is a mean uncertainty in [0, 1], "
+                             f"got {self.threshold}")
+        if self.max_crops is not None and self.max_crops < 0:
+            raise ValueError(f"engine.adaptive.max_crops must be >= 0, got {self.max_crops}")
+        _counts_within("engine.adaptive", max_crops=self.max_crops)
+
     @property
     def enabled(self) -> bool:
         return self.threshold is not None or self.max_crops is not None
@@ -180,8 +201,17 @@ class EngineConfig:
     adaptive: AdaptiveConfig = AdaptiveConfig()
 
     def __post_init__(self) -> None:
+        from magseg.device import check_device_name
+
         if self.batch_size < 1:
             raise ValueError("engine.batch_size must be >= 1")
+        _counts_within("engine", batch_size=self.batch_size)
+        # The form only: whether this machine has the device is checked where it is used
+        # (magseg.device.resolve_device), so a GPU-trained checkpoint loads on a CPU.
+        try:
+            object.__setattr__(self, "device", check_device_name(self.device))
+        except ValueError as exc:
+            raise ValueError(f"engine.device={self.device}: {exc}") from None
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -201,6 +231,15 @@ class DataConfig:
     train_split: str = "train.txt"
     val_split: str = "val.txt"
     test_split: str = "test.txt"
+
+    def __post_init__(self) -> None:
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be > 0 for every channel (it divides the pixels), "
+                             f"got {list(self.std)}")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"data.mean has {len(self.mean)} values but data.std {len(self.std)}")
+        if self.bands is not None and min(self.bands, default=1) < 1:
+            raise ValueError(f"data.bands are 1-based band numbers, got {list(self.bands)}")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -244,6 +283,11 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.samples_per_epoch and train.val_every must be >= 1")
         if self.ohem is not None and not 0 < self.ohem <= 1:
             raise ValueError(f"train.ohem is a fraction in (0, 1], got {self.ohem}")
+        _counts_within("train", epochs=self.epochs, refiner_epochs=self.refiner_epochs,
+                       batch_size=self.batch_size, samples_per_epoch=self.samples_per_epoch,
+                       val_every=self.val_every, num_workers=self.num_workers,
+                       refiner_samples_per_epoch=self.refiner_samples_per_epoch,
+                       val_max_scenes=self.val_max_scenes)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -275,6 +319,11 @@ class Config:
                 f"data.bands has {len(self.data.bands)} bands but model.in_channels is "
                 f"{self.model.in_channels}"
             )
+        for key in ("mean", "std"):
+            values = getattr(self.data, key)
+            if values is not None and len(values) != self.model.in_channels:
+                raise ValueError(f"data.{key} has {len(values)} values but model.in_channels is "
+                                 f"{self.model.in_channels}")
 
     @property
     def num_classes(self) -> int:
@@ -307,6 +356,9 @@ _CONFIG_ADAPTER = TypeAdapter(Config)
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a nested mapping into a Config; errors name ``source`` and the bad key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"invalid config {source}: a mapping of sections is needed, "
+                          f"got {type(data).__name__}")
     try:
         return _CONFIG_ADAPTER.validate_python(dict(data))
     except ValidationError as exc:
@@ -316,7 +368,11 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             msg = err["msg"]
             if err["type"] == "unexpected_keyword_argument":
                 msg = "unknown key"
+            elif err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}")
+        if len(lines) == 1:  # one line for one problem
+            raise ConfigError(f"invalid config {source}: {lines[0].strip()}") from None
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
 
 
@@ -353,9 +409,15 @@ def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
     """Read a YAML config file, apply ``key=value`` overrides, validate."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (see configs/ for examples)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte "
+                          f"{exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save it as UTF-8 YAML") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:

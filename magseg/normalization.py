@@ -78,6 +78,9 @@ class ChannelStats:
 # to one trained on 0..255, or the other way round. An 8-bit scene of a different landscape
 # (dark water, bright desert) stays within a factor of three or so.
 SCALE_FACTOR = 8.0
+# Below this many valid pixels a raster's statistics say nothing about its scale (one dark
+# pixel of a 1 x 1 raster is not a raster on another scale): predict skips the check.
+SCALE_MIN_PIXELS = 1024
 
 
 def scale_mismatches(

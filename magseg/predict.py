@@ -29,8 +29,8 @@ import torch
 from magseg.atomic import atomic_writes, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
-from magseg.errors import MagsegError, RasterError
-from magseg.normalization import ChannelStats, scale_mismatches
+from magseg.errors import ConfigError, MagsegError, RasterError
+from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.raster import (
     NODATA,
     RasterReader,
@@ -135,6 +135,21 @@ def default_margin(pyramid: PyramidConfig) -> tuple[int, int]:
     return tuple(math.ceil(s / 8) for s in pyramid.scene)
 
 
+def check_margin(pyramid: PyramidConfig, margin: int) -> None:
+    """Refuse a context margin that leaves no core in the scene (``2 margin >= scene``).
+
+    Raises:
+        ConfigError: naming the scene and the largest margin it allows.
+    """
+    height, width = pyramid.scene
+    largest = (min(height, width) - 1) // 2
+    if margin > largest:
+        raise ConfigError(
+            f"--margin {margin} leaves no core in the model's {height}x{width} px scene (a window "
+            f"is its core plus the margin on both sides); use --margin {largest} or less"
+        )
+
+
 def _band_order(reader: RasterReader, segmenter: Segmenter, options: PredictOptions) -> list[int]:
     """The 1-based bands to read, checked against the raster and the model."""
     config = segmenter.config
@@ -224,6 +239,10 @@ def predict_raster(
                            runtime=segmenter.runtime)
     if path.exists() and targets["labels"].resolve() == path.resolve():
         raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
+    for target in targets.values():
+        if target.is_dir():
+            raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
+                              "or choose another --out-dir")
     todo = targets if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
     if todo:
         try:
@@ -343,8 +362,9 @@ def _run(
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:
     """A warning when some band's pixels are on another scale than the training data's
-    (``scale_mismatches``): the outputs are written all the same, but they are likely wrong."""
-    if not observed.pixels or config.data.mean is None or config.data.std is None:
+    (``scale_mismatches``): the outputs are written all the same, but they are likely wrong.
+    None for fewer than ``SCALE_MIN_PIXELS`` valid pixels, too few to judge a scale by."""
+    if observed.pixels < SCALE_MIN_PIXELS or config.data.mean is None or config.data.std is None:
         return []
     off = scale_mismatches(observed, config.data.mean, config.data.std)
     if not off:
@@ -401,19 +421,26 @@ def _segment_window(
     core = window.core_in_read
     classes = segmenter.num_classes
     h, w = window.core.height, window.core.width
+    image = segmenter.normalize(pixels) if valid.any() else None
+    if image is not None:
+        # A pixel that is not finite once cast and normalised (1e39 in a float64 raster is
+        # inf in float32) is nodata, as NaN and Inf in the file are: it would poison every
+        # prediction around it.
+        valid &= torch.isfinite(image).all(dim=0).numpy()
     if not valid.any():
         # Nothing to segment (padding): no engine run at all.
         probs = np.zeros((classes, h, w), np.uint8) if need_probs else None
         uncert = np.zeros((h, w), np.uint8) if need_probs else None
         return (np.full((h, w), NODATA, np.uint8), probs, uncert, pixels[(slice(None), *core)],
                 valid[core])
-    image = segmenter.normalize(pixels)
     # Nodata pixels take the mean (0 after normalisation): whatever value marks them in the
     # file (-9999, 0) would otherwise reach the model as a very dark or bright pixel.
     image[:, torch.from_numpy(~valid)] = 0
     out = segmenter.segment(image, normalized=True, return_probs=need_probs)
     labels = out.labels.numpy()[core].copy()
-    valid_core = valid[core]
+    # A label is a class id or nodata, whatever the model computed: a pixel whose
+    # probabilities are not finite (labels_of gives it id C) is nodata too.
+    valid_core = valid[core] & (labels < classes)
     labels[~valid_core] = NODATA
     probs = uncert = None
     if need_probs:

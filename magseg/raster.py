@@ -145,10 +145,48 @@ def axis_windows(length: int, scene: int, core: int, margin: int) -> list[tuple[
     return out
 
 
+class WindowPlan(Sequence[SceneWindow]):
+    """The scene windows of a raster, row-major, made when asked for (by index or while
+    iterating): the plan holds its two axes, a few thousand numbers even for a 200000 x
+    200000 raster of small scenes, never a list of its millions of windows."""
+
+    def __init__(self, size: tuple[int, int], rows: list[tuple[int, int, int, int]],
+                 cols: list[tuple[int, int, int, int]]) -> None:
+        self.size = size
+        self._rows, self._cols = rows, cols
+
+    def __len__(self) -> int:
+        return len(self._rows) * len(self._cols)
+
+    def _window(self, row: tuple[int, int, int, int], col: tuple[int, int, int, int]) -> SceneWindow:
+        (r0, rs, rc0, rc1), (c0, cs, cc0, cc1) = row, col
+        return SceneWindow(
+            PixelWindow(r0, c0, min(rs, self.size[0]), min(cs, self.size[1])),
+            PixelWindow(rc0, cc0, rc1 - rc0, cc1 - cc0),
+        )
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} of a plan of {len(self)}")
+        row, col = divmod(index, len(self._cols))
+        return self._window(self._rows[row], self._cols[col])
+
+    def __iter__(self) -> Iterator[SceneWindow]:
+        for row in self._rows:
+            for col in self._cols:
+                yield self._window(row, col)
+
+
 def plan_scene_windows(
     size: tuple[int, int], scene: tuple[int, int], min_margin: tuple[int, int], block: int = BLOCK
-) -> list[SceneWindow]:
-    """Scene windows covering a raster of ``size`` (H, W), row-major.
+) -> WindowPlan:
+    """Scene windows covering a raster of ``size`` (H, W), row-major, made on demand
+    (``WindowPlan``: its length, indexing and iteration, in memory independent of the number
+    of windows).
 
     Per axis the core is ``scene - 2 min_margin``, rounded down to a multiple of ``block`` when
     it is at least one block long, so every window writes whole output tiles (GDAL then never
@@ -164,14 +202,7 @@ def plan_scene_windows(
         if core >= block:
             core -= core % block
         axes.append(axis_windows(length, s, core, (s - core) // 2))
-    return [
-        SceneWindow(
-            PixelWindow(r0, c0, min(rs, size[0]), min(cs, size[1])),
-            PixelWindow(rc0, cc0, rc1 - rc0, cc1 - cc0),
-        )
-        for r0, rs, rc0, rc1 in axes[0]
-        for c0, cs, cc0, cc1 in axes[1]
-    ]
+    return WindowPlan(size, axes[0], axes[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +267,13 @@ class RasterReader:
     def select(self, bands: Sequence[int] | None) -> None:
         """Choose the bands ``read`` returns (1-based, in order; None = all)."""
         self.bands = select_bands(self.path, self._src.count, tuple(bands) if bands else None)
+        complex_bands = [b for b in self.bands if "complex" in self._src.dtypes[b - 1]]
+        if complex_bands:
+            raise RasterError(
+                f"{self.path}: band(s) {','.join(map(str, complex_bands))} hold complex values "
+                f"({self._src.dtypes[complex_bands[0] - 1]}); magseg segments real-valued bands: "
+                "convert them first (e.g. the amplitude, with gdal_calc.py --calc 'absolute(A)')"
+            )
         flags = [self._src.mask_flag_enums[b - 1] for b in self.bands]
         # A mask is "declared" by a nodata value, an alpha band or an internal/.msk mask;
         # GDAL reports all_valid for bands that have none.

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from magseg.backbone import create_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state
 from magseg.config import Config
+from magseg.device import resolve_device
 from magseg.engine import SegmentationResult, segment
 from magseg.errors import ConfigError
 from magseg.normalization import normalize
@@ -50,9 +51,7 @@ class Segmenter:
 
     def __init__(self, config: Config, backbone: nn.Module, refiner: nn.Module | None = None):
         self.config = config
-        self.device = torch.device(config.engine.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("engine.device=cuda but no CUDA device is available; use --device cpu")
+        self.device = resolve_device(config.engine.device)
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
         if config.engine.channels_last:

@@ -56,3 +56,18 @@ def tmp_path_like():
     from pathlib import Path
 
     return Path("/x/y")
+
+
+def test_a_file_whose_name_has_glob_characters_is_taken_as_named(tmp_path):
+    (tmp_path / "br[1].tif").write_bytes(b"x")
+    (tmp_path / "b1.tif").write_bytes(b"x")   # what the pattern would match
+    assert expand_inputs([str(tmp_path / "br[1].tif")], (".tif",)) == [tmp_path / "br[1].tif"]
+    # A pattern that names no file is still a pattern.
+    assert expand_inputs([str(tmp_path / "b[1].tif")], (".tif",)) == [tmp_path / "b1.tif"]
+
+
+def test_a_nul_byte_on_stdin_or_in_a_name_is_a_usage_error(tmp_path):
+    with pytest.raises(typer.BadParameter, match="line 2 of stdin holds a NUL byte"):
+        expand_inputs(["-"], (".tif",), stdin=io.StringIO("a.tif\nb\0c.tif\n"))
+    with pytest.raises(typer.BadParameter, match="holds a NUL byte"):
+        expand_inputs(["a\0.tif"], (".tif",))

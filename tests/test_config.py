@@ -52,6 +52,19 @@ def test_config_override_returns_a_new_validated_config(tiny_config):
         ("refine.points=-1", "refine.points"),
         ("engine.precision=fp8", "engine.precision"),
         ("data.bands=[1, 2]", "data.bands has 2 bands"),
+        # What a flag refuses, --set refuses too: every route goes through the schema.
+        ("data.std=[0, 0, 0]", "data.std must be > 0"),
+        ("data.std=[64, -1, 64]", "data.std must be > 0"),
+        ("data.mean=[1, 2]", "data.mean has 2 values"),
+        ("engine.adaptive.max_crops=-3", "engine.adaptive.max_crops must be >= 0"),
+        ("engine.adaptive.threshold=nan", "engine.adaptive.threshold: Input should be a finite number"),
+        ("engine.adaptive.threshold=1.5", "engine.adaptive.threshold is a mean uncertainty"),
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("refine.points=.nan", "refine.points"),
+        ("train.batch_size=99999999999999999999", "train.batch_size=99999999999999999999 is larger"),
+        ("engine.batch_size=99999999999999999999", "engine.batch_size=99999999999999999999 is larger"),
+        ("engine.device=gpu", "engine.device=gpu: not a device; use cpu, cuda, cuda:N"),
+        ("engine.device=tpu", "engine.device=tpu: not a device"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -76,3 +89,21 @@ def test_class_ids_must_be_contiguous(tiny_config):
     data["classes"][1]["id"] = 5
     with pytest.raises(ConfigError, match="ids 0..n-1"):
         config_from_dict(data)
+
+
+def test_device_names_are_checked_by_form_not_by_this_machine():
+    # A checkpoint trained on a GPU must still load here, to run with --device cpu.
+    for name, stored in (("cuda:7", "cuda:7"), ("CUDA", "cuda"), (" mps ", "mps"), ("cpu", "cpu")):
+        assert load_config(CONFIGS / "tiny.yaml", [f"engine.device='{name}'"]).engine.device == stored
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_config(bad)
+
+
+def test_a_config_that_is_not_a_mapping_is_a_config_error():
+    with pytest.raises(ConfigError, match="a mapping of sections is needed, got str"):
+        config_from_dict("abc", source="in checkpoint x.ckpt")

@@ -107,3 +107,33 @@ def test_scene_windows_rounds_cores_to_tiles_and_widens_the_margin():
 def test_margin_that_leaves_no_core_is_refused():
     with pytest.raises(ValueError, match="no core"):
         plan_scene_windows((100, 100), (64, 64), (32, 32))
+
+
+def test_the_plan_of_a_huge_raster_is_made_on_demand():
+    """A 200000 x 200000 raster: the plan holds its two axes (112 windows each), not its
+    12544 windows, and makes each one when it is asked for."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        plan = plan_scene_windows((200_000, 200_000), (2448, 2448), (306, 306))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_axis = len(axis_windows(200_000, 2448, 1792, 328))
+    assert per_axis == 112 and len(plan) == per_axis**2
+    assert peak < 100_000, f"{peak} bytes for the plan"       # a list of windows: ~5 MB
+    first, last = plan[0], plan[-1]
+    assert (first.core.row, first.core.col) == (0, 0) and first.read.height == 2448
+    assert (last.core.row + last.core.height, last.core.col + last.core.width) == (200_000, 200_000)
+    assert plan[per_axis] == next(w for i, w in enumerate(plan) if i == per_axis)  # 2nd row, 1st col
+
+
+def test_indexing_and_iteration_give_the_same_windows():
+    plan = plan_scene_windows((300, 500), (64, 64), (8, 8), block=16)
+    windows = list(plan)
+    assert len(windows) == len(plan) > 20
+    assert [plan[i] for i in range(len(plan))] == windows
+    assert plan[-1] == windows[-1] and plan[2:5] == windows[2:5]
+    with pytest.raises(IndexError):
+        plan[len(plan)]

@@ -74,7 +74,8 @@ def test_bad_override_is_a_usage_error(data, tmp_path):
 
 
 def test_refiner_phase_without_backbone(data, tmp_path):
-    _fails(_train(data, tmp_path / "out", "--phase", "refiner"), 1, "needs a trained backbone",
+    # No checkpoint to build on: the run cannot start as asked (exit 2, as for any checkpoint).
+    _fails(_train(data, tmp_path / "out", "--phase", "refiner"), 2, "needs a trained backbone",
            "--phase backbone")
 
 
@@ -87,3 +88,40 @@ def test_offline_imagenet_for_other_encoder(data, tmp_path, monkeypatch):
     result = _train(data, tmp_path / "out", "--encoder-weights", "imagenet", "model.encoder=resnet18",
                     "model.kwargs={}")
     _fails(result, 1, "cannot download 'imagenet' weights for encoder 'resnet18'", "encoder_weights=none")
+
+
+def test_config_classes_that_are_not_the_datas_fail_before_the_first_step(tmp_path, monkeypatch):
+    """configs/tiny.yaml (4 classes) on scripts/make_synthetic.py output (DeepGlobe's 7
+    colours): refused with the colours named before any epoch is set up."""
+    import magseg.training.trainer as trainer
+    from magseg.synthetic import SceneSpec, write_dataset
+
+    data = tmp_path / "synthetic"
+    write_dataset(data, {"train": 2, "val": 1}, SceneSpec(size=(128, 128)), seed=0)
+
+    def no_epoch(*args, **kwargs):
+        raise AssertionError("the first epoch was set up before the mask colours were checked")
+
+    monkeypatch.setattr(trainer, "BackboneSamples", no_epoch)
+    out = tmp_path / "out"
+    _fails(_train(data, out), 1, "_mask.png: mask has colours that are no class's", "known colours")
+    assert not (out / "last.ckpt").exists()
+
+
+def test_resuming_the_backbone_phase_after_the_refiner_phase_explains(tmp_path, data, make_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    import shutil
+
+    from magseg.checkpoint import load_checkpoint, save_checkpoint
+    from magseg.segmenter import Segmenter
+
+    ckpt = load_checkpoint(make_checkpoint())
+    seg = Segmenter.from_checkpoint(ckpt)
+    save_checkpoint(out / "last.ckpt", ckpt.config, seg.backbone, seg.refiner,
+                    training={"phase": "refiner", "epoch": 1})
+    before = (out / "last.ckpt").read_bytes()
+    result = _train(data, out, "--phase", "backbone", "--resume")
+    _fails(result, 2, "last.ckpt is from the refiner phase (epoch 1)", "--phase refiner or --phase all")
+    assert (out / "last.ckpt").read_bytes() == before
+    shutil.rmtree(out)

@@ -35,6 +35,7 @@ from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
 from magseg.config import Config
 from magseg.data.scenes import Scene, check_scene, list_scenes, read_scene
+from magseg.device import resolve_device
 from magseg.engine import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
 from magseg.normalization import ChannelStats
@@ -154,6 +155,21 @@ def _scenes(config: Config, split: str, root: Path | None, limit: int | None = N
     return scenes
 
 
+def check_mask_colours(config: Config, scenes: list[Scene]) -> None:
+    """Decode the masks of ``scenes`` (the first scene of each split), so that a config whose
+    classes are not the data's (configs/tiny.yaml on DeepGlobe-coloured masks) fails before
+    the first training step, not inside the first epoch.
+
+    Raises:
+        DataError: a mask colour that is no class's, with the file and the known colours.
+    """
+    from magseg.data.scenes import read_mask
+
+    for scene in scenes:
+        if scene.mask is not None:
+            read_mask(scene.mask, config)
+
+
 def compute_stats(config: Config, scenes: list[Scene], world: World) -> Config:
     """Fill ``data.mean``/``data.std`` from the training scenes when they are not given
     (each rank reads its share; the sums are added across ranks)."""
@@ -171,10 +187,8 @@ def compute_stats(config: Config, scenes: list[Scene], world: World) -> Config:
 
 
 def _device(config: Config, world: World) -> torch.device:
-    device = torch.device(config.engine.device)
+    device = resolve_device(config.engine.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("engine.device=cuda but no CUDA device is available; use engine.device=cpu")
         return torch.device("cuda", world.local_rank)
     return device
 
@@ -320,6 +334,14 @@ class Trainer:
             ckpt = load_checkpoint(last)
             if not ckpt.training:
                 raise CheckpointError(f"{last} holds no training state (optimizer, epoch); cannot resume")
+            done = ckpt.training.get("phase")
+            if done == "refiner" and "refiner" not in phases:
+                raise ConfigError(
+                    f"--phase backbone --resume: {last} is from the refiner phase (epoch "
+                    f"{ckpt.training.get('epoch')}), which starts after the backbone phase has "
+                    "finished; resume with --phase refiner or --phase all, or train a new "
+                    "backbone in another --out (or with --overwrite)"
+                )
             self.config = check_matches(self.config, ckpt)
             return ckpt
         if phases[0] == "backbone" and not self.options.overwrite:
@@ -344,7 +366,11 @@ class Trainer:
             self.device = _device(config, self.world)
             phases = self._phases()
             if self.world.main:
-                self.out.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise ConfigError(f"--out {self.out} is a file (or under one); give a "
+                                      "directory for the checkpoints") from None
             distributed.barrier(self.world)
             with _log_file(self.out / LOG, self.world.main):
                 resume = self._check_outputs(phases)
@@ -354,6 +380,7 @@ class Trainer:
                 root = self.options.data_root
                 self.train_scenes = _scenes(self.config, "train", root)
                 self.val_scenes = _scenes(self.config, "val", root, config.train.val_max_scenes)
+                check_mask_colours(self.config, self.train_scenes[:1] + self.val_scenes[:1])
                 logger.info("data: %d training and %d validation scenes (%s layout) on %d process(es)",
                             len(self.train_scenes), len(self.val_scenes), config.data.layout,
                             self.world.size)
