@@ -5,6 +5,8 @@ different pyramid, so the comparison isolates what the pyramid and the refiner c
 
 - ``progressive``: the checkpoint's pyramid, refiner and K (the full method, adaptive mode off);
   the prediction after every stage is scored too (resized nearest to the image size).
+- ``progressive, no refiner``: the same without the refiner (refined = fine), so the two rows
+  side by side, per class, show what the refiner adds on this data.
 - ``downsample``: ``pyramid.downsample_only()``: the stage-0 view of the whole scene, upsampled.
 - ``patch``: ``pyramid.patch_only()``: the finest scale alone, crops stitched, no context.
 - ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
@@ -38,6 +40,9 @@ from magseg.pyramid import resize
 from magseg.segmenter import Segmenter
 
 
+NO_REFINER = "progressive, no refiner"
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the benchmark: a name and the engine settings that make it."""
@@ -47,6 +52,8 @@ class Method:
     pyramid: PyramidConfig
     refine: RefineConfig
     engine: EngineConfig
+    # False: run without the segmenter's refiner (refined = fine).
+    refiner: bool = True
 
     @property
     def staged(self) -> bool:
@@ -59,9 +66,12 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None) ->
     full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig())
     p = config.pyramid
     sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
+    refiner = "refiner" if config.refiner.enabled else "refiner off (refiner.enabled=false)"
     methods = [
-        Method("progressive", f"progressive refinement, stages {sizes}, K={config.refine.points}",
+        Method("progressive", f"progressive refinement, stages {sizes}, K={config.refine.points}, {refiner}",
                p, config.refine, full),
+        Method(NO_REFINER, f"progressive without the refiner (refined = fine), K={config.refine.points}",
+               p, config.refine, full, refiner=False),
         Method("downsample", f"downsample-only: the stage-0 view ({p.scales[0][0]}x{p.scales[0][1]}) upsampled",
                p.downsample_only(), config.refine, full),
         Method("patch", f"patch-only: finest scale ({p.scales[-1][0]}x{p.scales[-1][1]}) in "
@@ -332,7 +342,8 @@ def evaluate_scene(
     x = segmenter.normalize(image)
     if warmup and segmenter not in _WARMED:
         for m in methods:
-            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine)
+            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
+                              **({} if m.refiner else {"refiner": None}))
         _WARMED.add(segmenter)
     out = SceneOutcome(index, ImageRecord(scene.id, size, {}), {}, {}, {}, None)
     predictions: dict[str, np.ndarray] = {}
@@ -346,6 +357,7 @@ def evaluate_scene(
             result = segmenter.segment(
                 x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
                 return_stages=m.staged, return_probs=want_probs,
+                **({} if m.refiner else {"refiner": None}),
             )
             seconds = time.perf_counter() - start
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)

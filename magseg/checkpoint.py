@@ -166,8 +166,13 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
                 f"checkpoint {path} is damaged: its '{key}' entry should be a mapping but is "
                 f"{found}; use a checkpoint written by `magseg train`"
             )
+    stored = payload["config"]
+    refiner = stored.get("refiner") if isinstance(stored, dict) else None
+    if isinstance(refiner, dict) and "gate" not in refiner:
+        # Written before the refiner had a gate: its weights are the correction alone.
+        stored = {**stored, "refiner": {**refiner, "gate": False}}
     try:
-        config = config_from_dict(payload["config"], source=f"in checkpoint {path}")
+        config = config_from_dict(stored, source=f"in checkpoint {path}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     return Checkpoint(
@@ -202,8 +207,12 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, pat
                 f"{len(wrong)} of another shape (e.g. {k}: checkpoint {tuple(state[k].shape)} "
                 f"vs model {tuple(own[k].shape)})"
             )
+        hint = ""
+        if any(k.startswith("gate.") for k in missing + unexpected):
+            hint = (" (the refiner's gate: a checkpoint without gate weights needs "
+                    "refiner.gate=false, one with them refiner.gate=true)")
         raise CheckpointError(
             f"the {what} weights in {path} do not fit the model built from its config: "
-            + "; ".join(parts)
+            + "; ".join(parts) + hint
         )
     module.load_state_dict(state, strict=True)

@@ -91,8 +91,13 @@ class RefinerConfig:
 
     enabled: bool = True
     channels: int = 32
-    # The context branch runs at 1/context_stride of the crop resolution (speed; see DESIGN).
+    # The context branch runs at 1/context_stride of the crop resolution (speed).
     context_stride: int = 4
+    # A per-pixel gate, from full-resolution cues, between keeping the fine prediction and
+    # taking the correction (magseg.refiner.RefinerGate): without it the smooth correction
+    # erased small objects the fine view had found. Checkpoints without it load as false.
+    gate: bool = True
+
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.context_stride < 1:
@@ -275,8 +280,33 @@ class TrainConfig:
     # Forward passes under autocast: fp32 (none), bf16, or fp16 with a gradient scaler.
     # Weights, optimiser state and checkpoints stay fp32 whichever is chosen.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Refiner loss pixels, PointRend-style: N = refiner_points * crop pixels per window,
+    # the refiner_importance * N most uncertain of refiner_oversample * N random candidates
+    # plus the rest drawn uniformly. None: every pixel (a dense loss, dominated by the easy
+    # interiors of large regions).
+    refiner_points: float | None = 0.25
+    refiner_oversample: float = 3.0
+    refiner_importance: float = 0.75
+    # Refiner loss class balancing, 0 (plain cross-entropy) to 1 (every class present in a
+    # batch weighs the same): pixels weighted by (class pixel count) ** -refiner_balance.
+    refiner_balance: float = 0.5
+    # Keep only this fraction of the refiner's hardest loss points (OHEM); None: all.
+    refiner_ohem: float | None = None
+    # After the refiner phase, validate without the refiner too and store the better
+    # choice in best.ckpt's refiner.enabled (predict and benchmark follow it).
+    refiner_choice: bool = True
 
     def __post_init__(self) -> None:
+        if self.refiner_points is not None and not 0 < self.refiner_points <= 1:
+            raise ValueError(f"train.refiner_points is a fraction in (0, 1], got {self.refiner_points}")
+        if self.refiner_oversample < 1:
+            raise ValueError(f"train.refiner_oversample must be >= 1, got {self.refiner_oversample}")
+        if not 0 <= self.refiner_importance <= 1:
+            raise ValueError(f"train.refiner_importance is a fraction in [0, 1], got {self.refiner_importance}")
+        if not 0 <= self.refiner_balance <= 1:
+            raise ValueError(f"train.refiner_balance must be in [0, 1], got {self.refiner_balance}")
+        if self.refiner_ohem is not None and not 0 < self.refiner_ohem <= 1:
+            raise ValueError(f"train.refiner_ohem is a fraction in (0, 1], got {self.refiner_ohem}")
         if self.epochs < 0 or self.refiner_epochs < 0:
             raise ValueError("train.epochs and train.refiner_epochs must be >= 0")
         if self.batch_size < 1 or self.samples_per_epoch < 1 or self.val_every < 1:

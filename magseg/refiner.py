@@ -1,19 +1,28 @@
 """The refinement module: fine and coarse class maps in, refined logits out.
 
 MagNet's refiner is a full-resolution conv net with 64-128 channels; on a CPU it costs more
-than the backbone (see DESIGN.md, "Where the time goes"). This one keeps the interface (the
-two C-channel probability maps, concatenated fine first) but does its learned work at
-1/``context_stride`` of the crop's resolution, where 3x3 convolutions (one dilated) see a
-neighbourhood of about 10 * stride pixels, and returns
+than the backbone. This one keeps the interface (the two C-channel probability maps,
+concatenated fine first) but does its learned work at 1/``context_stride`` of the crop's
+resolution, where 3x3 convolutions (one dilated) see a neighbourhood of about 10 * stride
+pixels, and returns
 
-    refined logits = log(fine) + upsample(correction)
+    refined logits = log(fine) + gate * upsample(correction)
 
-A residual in log-probability space: where the fine prediction is confident (a 2 px road)
-a smooth correction cannot overturn it; where it is unsure (two classes that look alike up
-close) the correction, learned from the coarse map and the surroundings, decides. The last
-convolution starts at zero, so an untrained refiner returns the fine prediction, and
-training only has to learn the correction. A full-resolution 1x1 branch was tried and
-dropped: on a CPU it cost more than all the rest of the refinement together.
+A residual in log-probability space, weighted per pixel at full resolution by ``gate`` in
+[0, 1]. The correction is learned from the coarse map and the surroundings; at 1/stride it
+is smooth, so it cannot follow anything narrower than about ``stride`` pixels, and on its
+own it pushed small objects (a 10 px building the fine view found) towards the background
+around them. The gate (``RefinerGate``) decides from three full-resolution cues whether a
+pixel keeps its fine prediction or takes the correction: the fine certainty (top-1 minus
+top-2), the fine-vs-coarse disagreement, and the fine map's detail that the 1/stride view
+cannot represent. It starts out closed where the fine map has such detail and open in
+smooth regions (two fields that look alike up close), and is trained with the correction.
+
+The last convolution of the correction starts at zero, so an untrained refiner returns the
+fine prediction exactly, whatever the gate, and training only has to learn the correction.
+A full-resolution 1x1 branch over the class maps was tried and dropped: on a CPU it cost
+more than all the rest of the refinement together; the gate's cues are a few per-pixel
+reductions instead.
 """
 
 from __future__ import annotations
@@ -39,10 +48,61 @@ def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
     return torch.cat([fine, coarse], dim=1)
 
 
-class Refiner(nn.Module):
-    """Refines fine probabilities using coarse ones: ``(B, C, H, W) x 2 -> (B, C, H, W)`` logits."""
+def gate_cues(fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
+    """The gate's three full-resolution cues, each in [0, 1]: ``(B, 3, H, W)``.
 
-    def __init__(self, classes: int, channels: int = 32, context_stride: int = 4) -> None:
+    - certainty: top-1 minus top-2 of ``fine`` (a sure fine pixel should keep its class);
+    - disagreement: total variation distance between ``fine`` and ``coarse`` (where they
+      disagree, either the coarse view missed something small or the fine view lacks the
+      context);
+    - detail: total variation distance between ``fine`` and ``smooth``, the fine map as
+      the correction's 1/stride grid sees it (large on small objects and thin lines, which
+      a correction at that grid cannot follow).
+    """
+    top2 = fine.topk(2, dim=1).values
+    certainty = top2[:, :1] - top2[:, 1:]
+    disagreement = (fine - coarse).abs().sum(dim=1, keepdim=True).mul_(0.5)
+    detail = (fine - smooth).abs().sum(dim=1, keepdim=True).mul_(0.5)
+    return torch.cat([certainty, disagreement, detail], dim=1)
+
+
+class RefinerGate(nn.Module):
+    """Per-pixel weight of the correction: ``sigmoid(w . cues + b)``, ``(B, 1, H, W)``.
+
+    Four numbers: at full resolution only per-pixel arithmetic runs, so the gate adds
+    little to the engine's time. Initialised to keep the fine prediction where it has
+    detail the correction's grid cannot follow (detail 0.5, certainty 1: gate 0.05; a small
+    object, a thin line), and to take the correction in smooth regions (gate 0.73 where the
+    fine view is sure, 0.95 where it hesitates): there, the coarse view's context is what
+    the correction brings (two fields that look alike up close, told apart by their
+    margins), even against a confident fine view. Training moves them. They are
+    stored divided by ``SCALE``: Adam's steps are about the learning rate per parameter
+    whatever the gradient, and a refiner phase of a few hundred steps must be able to move
+    a gate logit by several units (to open it where the fine view is confidently wrong).
+    """
+
+    SCALE = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        # certainty, disagreement, detail
+        self.weight = nn.Parameter(torch.tensor([-2.0, 0.0, -8.0]) / self.SCALE)
+        self.bias = nn.Parameter(torch.tensor(3.0) / self.SCALE)
+
+    def forward(self, cues: Tensor) -> Tensor:
+        weight = (self.weight * self.SCALE).view(1, -1, 1, 1)
+        logit = (cues * weight).sum(dim=1, keepdim=True).add_(self.bias * self.SCALE)
+        return logit.sigmoid_()
+
+
+class Refiner(nn.Module):
+    """Refines fine probabilities using coarse ones: ``(B, C, H, W) x 2 -> (B, C, H, W)`` logits.
+
+    ``gate=False`` builds the correction alone (refined = log fine + correction everywhere),
+    as checkpoints made before the gate hold it.
+    """
+
+    def __init__(self, classes: int, channels: int = 32, context_stride: int = 4, gate: bool = True) -> None:
         super().__init__()
         self.classes = classes
         self.context_stride = context_stride
@@ -57,33 +117,63 @@ class Refiner(nn.Module):
         )
         nn.init.zeros_(self.context[-1].weight)
         nn.init.zeros_(self.context[-1].bias)
+        self.gate = RefinerGate() if gate else None
+
+    def _pooled(self, fine: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.context_stride
+        if s == 1:
+            return fine, coarse
+        # Pooling commutes with concatenation: pool first, concatenate small maps.
+        return F.avg_pool2d(fine, s, ceil_mode=True), F.avg_pool2d(coarse, s, ceil_mode=True)
 
     def correction(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """The learned correction at reduced resolution: ``(B, C, ceil(H/s), ceil(W/s))``."""
-        s = self.context_stride
-        if s > 1:  # pooling commutes with concatenation: pool first, concatenate small maps
-            fine, coarse = (F.avg_pool2d(m, s, ceil_mode=True) for m in (fine, coarse))
-        return self.context(refiner_input(fine, coarse))
+        return self.context(refiner_input(*self._pooled(fine, coarse)))
 
     def _full_size(self, delta: Tensor, like: Tensor) -> Tensor:
         if self.context_stride == 1:
             return delta
         return F.interpolate(delta, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
+    def _delta_and_gate(self, fine: Tensor, coarse: Tensor, shift: bool) -> tuple[Tensor, Tensor | None]:
+        """The full-size correction (its per-pixel max subtracted with ``shift``) and the
+        gate (None without one). The correction and the pooled fine map are upsampled in
+        one call: the gate's detail cue needs the latter at full size."""
+        small_fine, small_coarse = self._pooled(fine, coarse)
+        delta = self.context(refiner_input(small_fine, small_coarse))
+        if shift:  # exp never overflows; the per-pixel shift cancels in the ratio
+            delta = delta - delta.amax(dim=1, keepdim=True)
+        if self.gate is None:
+            return self._full_size(delta, fine), None
+        both = self._full_size(torch.cat([delta, small_fine], dim=1), fine)
+        delta, smooth = both[:, : self.classes], both[:, self.classes :]
+        return delta, self.gate(gate_cues(fine, coarse, smooth))
+
+    def gate_map(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """The gate at full resolution, ``(B, 1, H, W)`` (ones without a gate)."""
+        gate = self._delta_and_gate(fine, coarse, shift=False)[1]
+        return torch.ones_like(fine[:, :1]) if gate is None else gate
+
     def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """Refined logits (for training); ``softmax`` of them equals ``fine`` while the last
         conv is zero."""
-        delta = self._full_size(self.correction(fine, coarse), fine)
+        delta, gate = self._delta_and_gate(fine, coarse, shift=False)
+        if gate is not None:
+            delta = delta * gate
         return fine.clamp_min(_EPS).log() + delta
 
     def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed
-        as ``fine * exp(d) / sum(fine * exp(d))`` without the full-resolution log and
-        softmax passes (equal up to the log floor: a 0 stays 0 instead of ~1e-6)."""
-        delta = self.correction(fine, coarse)
-        # Shift by the per-pixel max so exp never overflows; it cancels in the ratio.
-        delta = delta - delta.amax(dim=1, keepdim=True)
+        as ``fine * e / (sum(fine * e) / sum(fine))`` with ``e = exp(gate * delta)``, without
+        the full-resolution log and softmax passes (equal up to the log floor: a 0 stays 0
+        instead of ~1e-6). While the correction is zero, ``e`` is exactly 1 and the
+        denominator exactly 1, so the result is ``fine`` bit for bit."""
+        delta, gate = self._delta_and_gate(fine, coarse, shift=True)
         # In place on the one full-resolution buffer the upsampling made: each extra buffer of
-        # a 2448 px stage's crops is tens of MB to allocate and fault in.
-        weighted = self._full_size(delta, fine).exp_().mul_(fine)
-        return weighted.div_(weighted.sum(dim=1, keepdim=True).clamp_min_(1e-30))
+        # a 2448 px stage's crops is tens of MB to allocate and fault in. With the shift,
+        # gate * delta <= 0, so exp stays <= 1 whatever the gate.
+        if gate is not None:
+            delta = delta.mul_(gate)  # a view of the upsampled buffer: still in place
+        weighted = delta.exp_().mul_(fine)
+        norm = weighted.sum(dim=1, keepdim=True).div_(fine.sum(dim=1, keepdim=True).clamp_min_(1e-30))
+        return weighted.div_(norm.clamp_min_(1e-30))

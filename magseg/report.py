@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from magseg.atomic import atomic_write
-from magseg.benchmark import BenchmarkResult, Sample, method_summary
+from magseg.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
 from magseg.config import ClassSpec
 from magseg.errors import OutputExistsError
 from magseg.precision import runtime_info
@@ -66,6 +66,15 @@ def build_report(
             a, b = methods["progressive"]["miou"], methods.get(base, {}).get("miou")
             if base in methods:
                 margins[f"progressive_minus_{base}"] = None if a is None or b is None else 100 * (a - b)
+    # What the refiner adds: progressive minus the same without it, overall and per class.
+    refiner_gain = None
+    if "progressive" in methods and NO_REFINER in methods:
+        on, off = methods["progressive"], methods[NO_REFINER]
+        refiner_gain = {
+            "miou": None if on["miou"] is None or off["miou"] is None else 100 * (on["miou"] - off["miou"]),
+            "iou": {c: None if on["iou"][c] is None or off["iou"][c] is None
+                    else 100 * (on["iou"][c] - off["iou"][c]) for c in on["iou"]},
+        }
     plots = [PLOT_IOU]
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
@@ -107,6 +116,7 @@ def build_report(
                                 "matrix but left out of the mean)"},
         "methods": methods,
         "margins_miou_points": margins,
+        "refiner_gain_points": refiner_gain,
         "plots": plots,
         "per_image": [
             {"id": r.id, "size": list(r.size), "methods": r.methods} for r in result.images
@@ -176,6 +186,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {k.replace('_', ' ')}: {v:+.1f} mIoU points" if v is not None else f"- {k}: n/a"
                   for k, v in report["margins_miou_points"].items()]
         lines.append("")
+    gain = report.get("refiner_gain_points")
+    if gain is not None:
+        per_class = ", ".join(f"{c} {v:+.1f}" for c, v in gain["iou"].items() if v is not None and c in counted)
+        lines += ["## What the refiner adds", "",
+                  f"`progressive` minus `{NO_REFINER}`: "
+                  + ("n/a" if gain["miou"] is None else f"{gain['miou']:+.1f} mIoU points")
+                  + (f"; IoU points per class: {per_class}." if per_class else "."), ""]
     lines += ["## How this was measured", "",
               f"- mIoU: {report['measurement']['miou']}.",
               f"- Time: {report['measurement']['time']}.",

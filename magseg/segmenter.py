@@ -30,7 +30,8 @@ def create_refiner(config: Config) -> Refiner | None:
     """The refiner the config describes, or None when ``refiner.enabled`` is false."""
     if not config.refiner.enabled:
         return None
-    return Refiner(config.num_classes, config.refiner.channels, config.refiner.context_stride)
+    return Refiner(config.num_classes, config.refiner.channels, config.refiner.context_stride,
+                   gate=config.refiner.gate)
 
 
 def create_segmenter_model(config: Config, pretrained: bool = True) -> nn.Module:

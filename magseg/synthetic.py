@@ -82,6 +82,11 @@ class SceneSpec:
     tracks: tuple[int, int] = (1, 3)
     thin: tuple[float, float] = (1.5, 3.0)
     unknown: float = 0.1
+    # Small-objects scenes: when set, urban is only small buildings, rectangles with sides in
+    # ``small_size`` px covering a fraction of the scene drawn from this range. Each one is
+    # told by its own roof and shadow, never by where it stands (see ``_small_buildings``).
+    small_objects: tuple[float, float] | None = None
+    small_size: tuple[int, int] = (4, 30)
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 16:
@@ -94,6 +99,12 @@ class SceneSpec:
                 raise ValueError(f"{name} must be a range (lo, hi) with 0 <= lo <= hi")
         if self.thin[0] < 1:
             raise ValueError("thin structures must be at least 1 px wide")
+        if self.small_objects is not None:
+            lo, hi = self.small_objects
+            if not 0 < lo <= hi < 0.5:
+                raise ValueError("small_objects must be a fraction range (lo, hi) with 0 < lo <= hi < 0.5")
+            if not 1 <= self.small_size[0] <= self.small_size[1]:
+                raise ValueError("small_size must be a range (lo, hi) of sides with 1 <= lo <= hi")
 
 
 @dataclass
@@ -110,6 +121,8 @@ class Layout:
     rim: np.ndarray
     thin: np.ndarray
     cell_class: list[int]
+    # Small-objects scenes: each building's (top, left, height, width).
+    buildings: list[tuple[int, int, int, int]] | None = None
 
 
 # --------------------------------------------------------------------------- noise
@@ -238,7 +251,9 @@ def make_layout(rng: np.random.Generator, spec: SceneSpec) -> Layout:
     h, w = size
     side = min(h, w)
     cell = _cells(rng, size, spec.cells)
-    others = (URBAN, FOREST, BARREN)
+    small = spec.small_objects is not None
+    # In small-objects scenes urban is only the small buildings, so its IoU measures them.
+    others = (FOREST, BARREN) if small else (URBAN, FOREST, BARREN)
     cell_class = [
         int(rng.choice(FIELDS)) if rng.random() < spec.field_share else int(rng.choice(others))
         for _ in range(spec.cells)
@@ -259,7 +274,7 @@ def make_layout(rng: np.random.Generator, spec: SceneSpec) -> Layout:
 
     # Islands: no margin, so they say nothing about the field they sit in.
     for _ in range(int(rng.integers(spec.islands[0], spec.islands[1] + 1))):
-        kind = int(rng.choice([FOREST, FOREST, BARREN, URBAN, WATER]))
+        kind = int(rng.choice([FOREST, FOREST, BARREN, WATER] if small else [FOREST, FOREST, BARREN, URBAN, WATER]))
         radius = rng.uniform(0.04, 0.09) * side
         centre = rng.uniform((radius, radius), (h - radius, w - radius))
         blob = _blob(rng, size, tuple(centre), radius)
@@ -287,7 +302,45 @@ def make_layout(rng: np.random.Generator, spec: SceneSpec) -> Layout:
         labels[nodata] = UNKNOWN
         rim[nodata] = False
         thin_mask[nodata] = False
-    return Layout(labels=labels, cell=cell, rim=rim, thin=thin_mask, cell_class=cell_class)
+    buildings = _small_buildings(rng, spec, labels, thin_mask) if small else None
+    return Layout(labels=labels, cell=cell, rim=rim, thin=thin_mask, cell_class=cell_class,
+                  buildings=buildings)
+
+
+def _small_buildings(rng: np.random.Generator, spec: SceneSpec, labels: np.ndarray,
+                     thin: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Place small urban rectangles ``(top, left, height, width)`` until they cover a
+    fraction of the scene drawn from ``spec.small_objects``; labels are set in place.
+
+    Buildings stand anywhere (fields, forest, margins) but off rivers, tracks and no-data,
+    and 2 px apart (room for a shadow), so each one stays one object of its drawn size:
+    nothing about the place says there is a building, only its own pixels do.
+    """
+    assert spec.small_objects is not None
+    h, w = labels.shape
+    lo, hi = spec.small_size
+    goal = rng.uniform(*spec.small_objects) * h * w
+    blocked = thin | (labels == UNKNOWN)
+    taken = np.zeros((h, w), dtype=bool)
+    placed: list[tuple[int, int, int, int]] = []
+    area = 0
+    for _ in range(200 * int(goal / max(lo * lo, 1)) + 100):
+        if area >= goal:
+            break
+        # Most buildings between lo and hi with a lean to small ones, as in real footprints.
+        bh, bw = (int(round(lo + (hi - lo) * rng.random() ** 1.5)) for _ in range(2))
+        bh, bw = min(bh, h), min(bw, w)
+        if area + bh * bw > spec.small_objects[1] * h * w:
+            continue
+        top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        t0, l0, t1, l1 = max(top - 2, 0), max(left - 2, 0), min(top + bh + 2, h), min(left + bw + 2, w)
+        if taken[t0:t1, l0:l1].any() or blocked[top : top + bh, left : left + bw].any():
+            continue
+        taken[top : top + bh, left : left + bw] = True
+        labels[top : top + bh, left : left + bw] = URBAN
+        placed.append((top, left, bh, bw))
+        area += bh * bw
+    return placed
 
 
 # --------------------------------------------------------------------------- painting
@@ -349,6 +402,9 @@ def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
                     blocks[by : by + bh, bx : bx + bw] = rng.normal(0, 45)
         img[urban] += blocks[urban][:, None]
 
+    if layout.buildings is not None:
+        _paint_buildings(rng, img, labels, layout.buildings)
+
     # Water and tracks: distinct colours (water must not pass for urban grey), but 1.5-3 px
     # wide: at a quarter of the resolution a line is a fraction of a pixel, blended with the
     # fields around it, and the coarse prediction upsampled cannot follow it.
@@ -365,6 +421,33 @@ def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
     img += rng.normal(0, 3, img.shape).astype(np.float32)
     img[labels == UNKNOWN] = 0
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+# Roof colours of small buildings (RGB): tile, concrete, slate.
+_ROOFS = ((168.0, 84.0, 66.0), (196.0, 194.0, 188.0), (92.0, 98.0, 112.0))
+
+
+def _paint_buildings(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray,
+                     buildings: list[tuple[int, int, int, int]]) -> None:
+    """Each building: a flat roof of one of ``_ROOFS`` (jittered) with a lighter ridge, and
+    a 1-2 px shadow outside its south-east edges (still background). The roof and its
+    outline tell it apart within a few pixels; downsampled 4x, a 4-10 px building is one or
+    two pixels blended with what is around it."""
+    h, w = labels.shape
+    for top, left, bh, bw in buildings:
+        roof = np.asarray(_ROOFS[int(rng.integers(len(_ROOFS)))], np.float32) + rng.normal(0, 8, 3).astype(np.float32)
+        img[top : top + bh, left : left + bw] = roof + rng.normal(0, 4, (bh, bw, 1)).astype(np.float32)
+        if min(bh, bw) >= 6:  # a ridge line along the longer side
+            if bw >= bh:
+                img[top + bh // 2, left : left + bw] = roof + 18
+            else:
+                img[top : top + bh, left + bw // 2] = roof + 18
+        shade = int(rng.integers(1, 3))
+        below = slice(top + bh, min(top + bh + shade, h)), slice(left + 1, min(left + bw + shade, w))
+        right = slice(top + 1, min(top + bh + shade, h)), slice(left + bw, min(left + bw + shade, w))
+        for region in (below, right):
+            keep = labels[region] != URBAN
+            img[region][keep] *= 0.55
 
 
 def make_scene(seed: int, index: int, spec: SceneSpec = SceneSpec()) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ Scenes need context (fields that look alike up close and differ by their margins
     python scripts/make_synthetic.py --out data/synthetic                  # 2448 px, 20/5/10 scenes
     python scripts/make_synthetic.py --out data/small --size 512 --train 60 --val 6 --test 12 --seed 3
     python scripts/make_synthetic.py --out data/odd --size 300x500 --cells 6
+    python scripts/make_synthetic.py --out data/buildings --size 512 --small-objects   # 4-30 px buildings
 
 stdout: one JSON line (root, ids per split, the scene settings); progress on stderr.
 Exit 0 done, 1 outputs exist (without --overwrite), 2 bad arguments.
@@ -55,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=int, default=SceneSpec.cells, help="land units per scene")
     parser.add_argument("--rim", type=float, default=SceneSpec.rim,
                         help="field margin width, fraction of the scene's shorter side")
+    parser.add_argument("--small-objects", action="store_true",
+                        help="urban is only small buildings (4-30 px, 2-5 %% of the pixels), told by "
+                             "their own look, not by context")
     parser.add_argument("--jpeg-quality", type=int, default=95)
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
 
     try:
-        spec = SceneSpec(size=args.size, cells=args.cells, rim=args.rim)
+        spec = SceneSpec(size=args.size, cells=args.cells, rim=args.rim,
+                         small_objects=(0.02, 0.05) if args.small_objects else None)
     except ValueError as exc:
         parser.error(str(exc))
     total = args.train + args.val + args.test

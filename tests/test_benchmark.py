@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from magseg.benchmark import NO_REFINER
 from magseg.cli.app import _register, app
 from magseg.config import RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
@@ -57,7 +58,7 @@ def test_report_has_every_field(ckpt, data, tmp_path):
     # NDJSON: one line per image, then one summary line.
     assert [line.get("id") for line in lines[:-1]] == ["000001", "000002"]
     for line in lines[:-1]:
-        assert set(line["methods"]) == {"progressive", "downsample", "patch", "adaptive"}
+        assert set(line["methods"]) == {"progressive", NO_REFINER, "downsample", "patch", "adaptive"}
         assert {"miou", "seconds"} <= set(line["methods"]["patch"])
     summary = lines[-1]
     assert summary["summary"] is True and summary["images"] == 2 and summary["failed"] == []
@@ -65,7 +66,7 @@ def test_report_has_every_field(ckpt, data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 2 and report["complete"] and report["split"] == "test"
     assert [c["name"] for c in report["classes"]] == NAMES
-    assert set(report["methods"]) == {"progressive", "downsample", "patch", "adaptive"}
+    assert set(report["methods"]) == {"progressive", NO_REFINER, "downsample", "patch", "adaptive"}
     for name, m in report["methods"].items():
         assert METHOD_FIELDS <= set(m), name
         assert list(m["iou"]) == NAMES
@@ -125,6 +126,16 @@ def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
     assert methods["progressive"]["stages"][-1]["miou"] == pytest.approx(full["miou"])
     # The matrix counts every pixel of the split once.
     assert np.asarray(methods["patch"]["confusion_matrix"]).sum() == 2 * 128 * 128
+    # The row without the refiner is the engine with refiner=None, per class too.
+    bare = _global_scores(seg, scenes, refiner=None)
+    assert methods[NO_REFINER]["miou"] == pytest.approx(bare["miou"])
+    assert list(methods[NO_REFINER]["iou"]) == NAMES
+    for name, iou in zip(NAMES, bare["iou"]):
+        assert methods[NO_REFINER]["iou"][name] == pytest.approx(None if np.isnan(iou) else iou, nan_ok=True)
+    gain = report["refiner_gain_points"]
+    assert gain["miou"] == pytest.approx(100 * (full["miou"] - bare["miou"]))
+    md = (out / "report.md").read_text()
+    assert f"| {NO_REFINER} | **{100 * bare['miou']:.1f}** |" in md and "What the refiner adds" in md
 
 
 def test_existing_report_is_kept_without_overwrite(ckpt, data, tmp_path):

@@ -84,3 +84,67 @@ def test_probs_leaves_its_inputs_alone_at_full_resolution_too():
     got = refiner.probs(fine, coarse)
     assert torch.equal(fine, before)
     assert torch.allclose(got, refiner(fine, coarse).softmax(1), atol=1e-5)
+
+
+def test_untrained_refiner_returns_the_fine_prediction_exactly():
+    # What the engine calls: bit for bit the fine map, whatever the gate and the coarse map.
+    for stride in (1, 2, 4):
+        fine, coarse = _probs(2, 5, 17, 23), _probs(2, 5, 17, 23)
+        refiner = Refiner(5, channels=8, context_stride=stride)
+        assert torch.equal(refiner.probs(fine, coarse), fine)
+
+
+def test_the_gate_keeps_a_confident_fine_pixel_against_a_contrary_correction():
+    # The correction pushes every pixel 5 logits toward class 0 (a "background" verdict
+    # from the coarse view). A small object of class 1 that the fine map is sure of (0.97)
+    # keeps its class; a pixel where the fine map hesitates (0.55) takes the correction.
+    refiner = Refiner(2, channels=4, context_stride=4)
+    with torch.no_grad():
+        refiner.context[-1].bias.copy_(torch.tensor([2.5, -2.5]))
+    fine = torch.full((1, 2, 16, 16), 0.5)
+    fine[0, 1, 2:14, 2:14], fine[0, 0, 2:14, 2:14] = 0.55, 0.45  # unsure: class 1 by a hair
+    fine[0, 1, 6:9, 6:9], fine[0, 0, 6:9, 6:9] = 0.97, 0.03  # a sure 3 px object
+    coarse = torch.zeros_like(fine)
+    coarse[:, 0] = 1.0
+    labels = refiner.probs(fine, coarse).argmax(1)[0]
+    assert (labels[6:9, 6:9] == 1).all()
+    assert (labels[2:5, 2:5] == 0).all()
+    gate = refiner.gate_map(fine, coarse)[0, 0]
+    assert gate[7, 7] < 0.25 and gate[3, 3] > 0.9
+    # Without the gate the same correction erases the object.
+    bare = Refiner(2, channels=4, context_stride=4, gate=False)
+    bare.load_state_dict({k: v for k, v in refiner.state_dict().items() if not k.startswith("gate.")})
+    assert (bare.probs(fine, coarse).argmax(1)[0, 6:9, 6:9] == 0).all()
+
+
+def test_probs_is_the_softmax_of_the_gated_logits():
+    torch.manual_seed(1)
+    refiner = Refiner(4, channels=8, context_stride=2)
+    torch.nn.init.normal_(refiner.context[-1].weight, std=2.0)
+    with torch.no_grad():
+        refiner.gate.weight.copy_(torch.tensor([-0.3, 0.2, -0.1]))
+    fine, coarse = _probs(2, 4, 15, 18), _probs(2, 4, 15, 18)
+    assert torch.allclose(refiner.probs(fine, coarse), refiner(fine, coarse).softmax(1), atol=1e-5)
+
+
+def test_a_checkpoint_without_gate_weights_loads_as_a_gateless_refiner(tmp_path, tiny_config):
+    # A refiner trained before the gate existed: its config has no refiner.gate key and its
+    # weights no gate.* entries. It loads as what it was (gate off); forcing the gate on
+    # fails with a message that says what to set.
+    import pytest
+
+    from magseg.checkpoint import load_checkpoint, save_checkpoint
+    from magseg.errors import CheckpointError
+    from magseg.segmenter import Segmenter, create_segmenter_model
+
+    config = tiny_config.override({"refiner.gate": False})
+    refiner = Refiner(config.num_classes, config.refiner.channels, config.refiner.context_stride, gate=False)
+    path = save_checkpoint(tmp_path / "old.ckpt", config, create_segmenter_model(config), refiner)
+    raw = torch.load(path, weights_only=True)
+    del raw["config"]["refiner"]["gate"]
+    torch.save(raw, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.refiner.gate is False
+    assert Segmenter.from_checkpoint(path).refiner.gate is None
+    with pytest.raises(CheckpointError, match="refiner.gate=false"):
+        Segmenter.from_checkpoint(path, ["refiner.gate=true"])

@@ -19,6 +19,7 @@ from magseg.synthetic import (
     DEEPGLOBE_CLASSES,
     FIELDS,
     RANGELAND,
+    URBAN,
     WATER,
     SceneSpec,
     make_layout,
@@ -185,3 +186,37 @@ def test_script_writes_a_dataset_and_refuses_to_overwrite(tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr
     bad = subprocess.run(cmd[:-1] + ["--size", "4"], capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_small_objects_are_small_and_cover_the_stated_fraction(index):
+    spec = SceneSpec(size=(256, 256), small_objects=(0.02, 0.05))
+    image, labels = make_scene(11, index, spec)
+    urban = (labels == URBAN).astype(np.uint8)
+    assert 0.02 <= urban.mean() <= 0.05
+    count, _, stats, _ = cv2.connectedComponentsWithStats(urban, connectivity=8)
+    widths, heights = stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT]
+    assert count > 5
+    assert widths.min() >= 4 and heights.min() >= 4 and widths.max() <= 30 and heights.max() <= 30
+    # Every object is a whole rectangle: nothing painted over it, no two merged.
+    assert (stats[1:, cv2.CC_STAT_AREA] == widths * heights).all()
+
+
+def test_small_objects_are_told_by_their_own_pixels():
+    # A building's roof differs from its 1-2 px surroundings (a shadow or the ground), so a
+    # full-resolution view can find it; no urban land units or islands give it away.
+    spec = SceneSpec(size=(256, 256), small_objects=(0.02, 0.05))
+    image, labels = make_scene(11, 0, spec)
+    urban = labels == URBAN
+    ring = cv2.dilate(urban.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & ~urban
+    inside = image[:, urban].astype(float).mean(axis=1)
+    around = image[:, ring].astype(float).mean(axis=1)
+    assert np.abs(inside - around).max() > 20
+
+
+def test_make_synthetic_small_objects_option(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "--out",
+                           str(tmp_path), "--size", "96", "--train", "1", "--val", "0", "--test", "0",
+                           "--small-objects", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert '"small_objects": [0.02, 0.05]' in done.stdout

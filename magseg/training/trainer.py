@@ -34,7 +34,7 @@ from magseg.atomic import atomic_write
 from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
 from magseg.config import Config
-from magseg.data.scenes import Scene, check_scene, list_scenes, read_scene
+from magseg.data.scenes import IGNORE, Scene, check_scene, list_scenes, read_scene
 from magseg.device import resolve_device
 from magseg.engine import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
@@ -44,7 +44,7 @@ from magseg.pyramid import CropBox, extract_crops, resize
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training import distributed
 from magseg.training.distributed import World
-from magseg.training.losses import segmentation_loss
+from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
@@ -94,10 +94,14 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     best: Path | None = None
     last: Path | None = None
+    # After a refiner phase with train.refiner_choice: validation mIoU with and without the
+    # refiner, and which one best.ckpt's refiner.enabled now says.
+    refiner_choice: dict[str, Any] | None = None
 
 
-# Differences that do not change the weights: where the initial weights came from.
-_IGNORED = ("model.encoder_weights",)
+# Differences that do not change the weights: where the initial weights came from, and
+# whether the refiner is used (training stores its choice there; the weights stay).
+_IGNORED = ("model.encoder_weights", "refiner.enabled")
 
 
 def _leaf_diffs(key: str, asked: Any, stored: Any) -> list[str]:
@@ -260,9 +264,27 @@ def backbone_loss(model: nn.Module, backbone: nn.Module, batch: tuple[Tensor, Te
     return segmentation_loss(logits, mask, config.train.ohem), image.shape[0]
 
 
+def refiner_point_loss(logits: Tensor, mask: Tensor, config: Config) -> Tensor:
+    """The refiner's loss on its logits ``(B, C, H, W)`` against ``mask`` ``(B, H, W)``.
+
+    With ``train.refiner_points``, only PointRend-style points count: mostly the pixels the
+    refined prediction is least sure of (boundaries, small objects, the fields that look
+    alike), where refining matters, instead of every pixel of the large easy regions.
+    Unlabelled pixels rank last and are left out of the loss.
+    """
+    train = config.train
+    if train.refiner_points is not None:
+        count = max(1, round(train.refiner_points * mask.shape[-2] * mask.shape[-1]))
+        uncertainty = margin_uncertainty(logits).masked_fill(mask == IGNORE, -2.0)
+        index = uncertain_points(uncertainty, count, train.refiner_oversample, train.refiner_importance)
+        logits, mask = gather_points(logits, index), gather_points(mask, index)
+    return segmentation_loss(logits, mask, train.refiner_ohem, balance=train.refiner_balance)
+
+
 def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], config: Config,
                  device: torch.device) -> tuple[Tensor, int]:
-    """Phase 2: cross-entropy of ``refiner(fine, coarse)`` logits against the window's mask.
+    """Phase 2: the loss of ``refiner(fine, coarse)`` logits against the window's mask
+    (``refiner_point_loss``: sampled points, class-balanced, as ``train`` says).
 
     Fine and coarse come from the frozen ``backbone`` through the engine's own helpers:
     coarse is stage 0 of the engine (``stage_probs`` of the scene at ``scales[0]``)
@@ -283,7 +305,7 @@ def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], c
                           precision=engine.precision, multiple=input_multiple(backbone))
     logits = model(fine, torch.stack(coarse))
     mask = batch["mask"].to(device)
-    return segmentation_loss(logits, mask, config.train.ohem), mask.shape[0]
+    return refiner_point_loss(logits, mask, config), mask.shape[0]
 
 
 class Trainer:
@@ -405,6 +427,44 @@ class Trainer:
                     run.epochs, run.epochs, len(run.loader))
         for epoch in range(run.start_epoch, run.epochs):
             self._train_epoch(run, epoch)
+        if name == "refiner" and self.config.train.refiner_choice:
+            self._choose_refiner(run)
+
+    def _choose_refiner(self, run: _PhaseRun) -> None:
+        """Validate the frozen backbone without the refiner, compare with the best refiner
+        epoch's validation mIoU and store the better in best.ckpt's ``refiner.enabled``.
+
+        A refiner that does not beat its absence on held-out scenes (small objects it
+        smooths away, data where the coarse view adds nothing) is switched off for predict
+        and benchmark; ``--set refiner.enabled=true`` brings it back, its weights stay in
+        the file. last.ckpt keeps the training config, for --resume.
+        """
+        if not math.isfinite(run.best_miou):
+            return
+        bar = self._progress(len(self.val_scenes), "validation, no refiner")
+        try:
+            off = validate(self.config, self.val_scenes, run.backbone, None, self.world, self.device,
+                           on_scene=lambda: bar.update(1))
+        finally:
+            bar.close()
+        enabled = not (math.isfinite(off["miou"]) and off["miou"] >= run.best_miou)
+        choice = {"enabled": enabled, "val_miou_refiner": run.best_miou, "val_miou_no_refiner": off["miou"]}
+        self.result.refiner_choice = choice
+        logger.info("refiner %s: val mIoU %.4f with it, %.4f without (stored in %s)",
+                    "kept" if enabled else "switched off", run.best_miou, off["miou"], self.out / BEST)
+        if not self.world.main:
+            return
+        best = load_checkpoint(self.out / BEST)
+        if best.refiner is None:
+            return
+        refiner = create_refiner(best.config)
+        assert refiner is not None
+        load_state(refiner, best.refiner, "refiner", best.path)
+        backbone = create_segmenter_model(best.config, pretrained=False)
+        load_state(backbone, best.backbone, "backbone", best.path)
+        config = best.config.override({"refiner.enabled": enabled})
+        self.result.best = save_checkpoint(self.out / BEST, config, backbone, refiner,
+                                           meta={**best.meta, "refiner_choice": choice})
 
     # ------------------------------------------------------------------ phase construction
     def _backbone_checkpoint(self) -> Checkpoint:
