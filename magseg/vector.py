@@ -1,0 +1,233 @@
+"""Class maps to polygons, streamed: one polygon per connected region of a class, with its
+class id, class name and area, written with pyogrio (GeoPackage, FlatGeobuf or GeoJSON).
+
+    labels raster --strips of rows--> rasterio.features.shapes (pixel coordinates)
+        regions touching the border between two strips are joined to the regions of the
+        next strip they share an edge with (same class); a group is finished when none of
+        its parts reaches the strip below, then unioned, moved to the raster's CRS, filtered
+        by --min-area, simplified, and appended to the layer
+
+Memory holds one strip and the regions that cross the current strip border, not the
+raster (scripts/bench_vector.py measures it).
+
+pyogrio rather than fiona: it writes whole arrays of WKB geometries and columns per call
+(shapely 2 makes them in bulk), where fiona goes feature by feature through Python dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.features import shapes
+from rasterio.windows import Window
+
+from magseg.errors import MagsegError
+
+# --vector FORMAT -> (OGR driver, file suffix).
+VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "fgb": ("FlatGeobuf", ".fgb"), "geojson": ("GeoJSON", ".geojson")}
+LAYER = "classes"
+# Pixels per strip (256 rows of a 16384 px wide raster): one strip's polygons are made at
+# once. Beyond the strip, memory holds the regions that cross its border: a road network
+# connected across the whole raster is held until its last strip.
+STRIP_PIXELS = 1 << 22
+# Features handed to pyogrio per append.
+FLUSH_EVERY = 20_000
+
+
+class VectorError(MagsegError):
+    """The class map could not be polygonised or written."""
+
+
+@dataclass(frozen=True)
+class VectorOptions:
+    """``min_area``: polygons smaller than this (CRS units squared, m² when projected) are
+    dropped. ``simplify``: Douglas-Peucker tolerance in CRS units (0: exact pixel edges;
+    polygons are simplified one by one, so neighbours may no longer share edges exactly)."""
+
+    format: str = "gpkg"
+    min_area: float = 0.0
+    simplify: float = 0.0
+    strip_rows: int | None = None  # None: STRIP_PIXELS // width
+
+    def __post_init__(self) -> None:
+        if self.format not in VECTOR_FORMATS:
+            raise ValueError(f"unknown vector format {self.format!r}; choose {', '.join(VECTOR_FORMATS)}")
+        if not (math.isfinite(self.min_area) and self.min_area >= 0):
+            raise ValueError(f"--min-area must be a number >= 0, got {self.min_area}")
+        if not (math.isfinite(self.simplify) and self.simplify >= 0):
+            raise ValueError(f"--simplify must be a number >= 0, got {self.simplify}")
+        if self.strip_rows is not None and self.strip_rows < 1:
+            raise ValueError(f"strip_rows must be >= 1, got {self.strip_rows}")
+
+
+@dataclass
+class VectorSummary:
+    """What ``polygonize`` wrote: polygon count and area per class id (after ``min_area``)."""
+
+    polygons: int = 0
+    area: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Parts of one region (pixel coordinates); ``into`` is the group it was merged into."""
+
+    value: int
+    parts: list[shapely.Polygon]
+    into: "_Group | None" = None
+
+    def root(self) -> "_Group":
+        group = self
+        while group.into is not None:
+            group = group.into
+        return group
+
+
+def _strips(height: int, rows: int) -> Iterator[tuple[int, int]]:
+    for top in range(0, height, rows):
+        yield top, min(height, top + rows)
+
+
+def _strip_polygons(labels: np.ndarray, top: int, nodata: int | None) -> list[tuple[int, shapely.Polygon]]:
+    """``(class id, polygon in pixel coordinates)`` of every 4-connected region of a strip
+    whose first row is row ``top`` of the raster."""
+    mask = None if nodata is None else labels != nodata
+    return [(int(value), shapely.geometry.shape(geom))
+            for geom, value in shapes(labels, mask=mask, connectivity=4,
+                                      transform=Affine.translation(0, top))]
+
+
+def _to_crs(geometry: shapely.Geometry, transform: Affine) -> shapely.Geometry:
+    """Pixel coordinates -> the raster's CRS by its affine transform."""
+    a, b, c, d, e, f = transform[:6]
+    return shapely.transform(geometry, lambda xy: np.column_stack(
+        (a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f)))
+
+
+class _Writer:
+    """Buffers finished polygons and appends them to the layer ``FLUSH_EVERY`` at a time."""
+
+    def __init__(self, path: Path, driver: str, crs: str | None, names: Sequence[str]) -> None:
+        self.path, self.driver, self.crs, self.names = path, driver, crs, names
+        self.geometries: list[shapely.Geometry] = []
+        self.values: list[int] = []
+        self.started = False
+
+    def add(self, geometry: shapely.Geometry, value: int) -> None:
+        self.geometries.append(geometry)
+        self.values.append(value)
+        if len(self.geometries) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        if not self.geometries and (self.started or not final):
+            return  # an empty map still gets its (empty) layer, so the file always opens
+        import pyogrio.raw
+
+        values = np.asarray(self.values, dtype=np.int32)
+        geometries = np.asarray(self.geometries, dtype=object)
+        names = np.asarray([self.names[v] if 0 <= v < len(self.names) else str(v) for v in self.values],
+                           dtype=object)
+        areas = shapely.area(geometries) if len(geometries) else np.zeros(0)
+        try:
+            pyogrio.raw.write(
+                str(self.path), shapely.to_wkb(geometries), [values, names, np.asarray(areas, np.float64)],
+                ["class_id", "class_name", "area"], layer=LAYER, driver=self.driver,
+                geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs, append=self.started,
+            )
+        except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
+            raise VectorError(f"cannot write polygons to {self.path}: {exc}") from exc
+        self.started = True
+        self.geometries.clear()
+        self.values.clear()
+
+
+def _join(polygon: shapely.Polygon, value: int, top: int,
+          open_parts: list[tuple[shapely.Polygon, _Group]], index: shapely.STRtree | None) -> _Group | None:
+    """Add ``polygon`` (class ``value``, pixel coordinates) to the group of every open part
+    above the strip border ``top`` it shares an edge with, merging those groups; None when
+    it continues no region of the previous strip."""
+    if index is None or polygon.bounds[1] != top:
+        return None
+    group: _Group | None = None
+    for i in index.query(polygon):
+        part, other = open_parts[int(i)]
+        other = other.root()
+        # Same class and a shared edge (a corner alone is no 4-connection): one region.
+        if other.value != value or other is group or shapely.intersection(part, polygon).length == 0:
+            continue
+        if group is None:
+            group = other
+            group.parts.append(polygon)
+        else:
+            group.parts.extend(other.parts)
+            other.parts, other.into = [], group
+    return group
+
+
+def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
+               options: VectorOptions = VectorOptions()) -> VectorSummary:
+    """Polygonise the class map ``labels`` (one band of class ids; its nodata left out) into
+    the vector file ``out`` (one layer ``classes``: ``class_id``, ``class_name``, ``area``).
+
+    Args:
+        class_names: names of class ids ``0..n-1`` (ids beyond get their number as name).
+    Returns:
+        the polygon count and the total area per class written.
+    Raises:
+        VectorError: the raster cannot be read or the file cannot be written.
+    """
+    driver = VECTOR_FORMATS[options.format][0]
+    summary = VectorSummary()
+    try:
+        src = rasterio.open(labels)
+    except rasterio.errors.RasterioIOError as exc:
+        raise VectorError(f"cannot read class map {labels}: {exc}") from exc
+    with src:
+        height, width = src.height, src.width
+        transform, nodata = src.transform, src.nodata
+        crs = src.crs.to_wkt() if src.crs else None
+        rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
+        writer = _Writer(Path(out), driver, crs, class_names)
+
+        def finish(group: _Group) -> None:
+            region = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
+            region = _to_crs(region, transform)
+            area = float(shapely.area(region))
+            if area < options.min_area:
+                return
+            if options.simplify > 0:
+                region = shapely.simplify(region, options.simplify, preserve_topology=True)
+            writer.add(region, group.value)
+            summary.polygons += 1
+            summary.area[group.value] = summary.area.get(group.value, 0.0) + area
+
+        # The parts of the previous strip that touch its bottom row, with their groups.
+        open_parts: list[tuple[shapely.Polygon, _Group]] = []
+        for top, bottom in _strips(height, rows):
+            strip = src.read(1, window=Window(0, top, width, bottom - top))
+            index = shapely.STRtree([part for part, _ in open_parts]) if open_parts else None
+            groups = [group for _, group in open_parts]  # every group this strip may finish
+            touching: list[tuple[shapely.Polygon, _Group]] = []
+            for value, polygon in _strip_polygons(strip, top, nodata):
+                group = _join(polygon, value, top, open_parts, index)
+                if group is None:
+                    group = _Group(value, [polygon])
+                    groups.append(group)
+                if polygon.bounds[3] == bottom and bottom < height:
+                    touching.append((polygon, group))
+            # A group is finished when none of its parts reaches into the next strip.
+            alive = {id(group.root()) for _, group in touching}
+            for group in {id(g.root()): g.root() for g in groups}.values():
+                if id(group) not in alive:
+                    finish(group)
+            open_parts = [(part, group.root()) for part, group in touching]
+        writer.flush(final=True)
+    return summary

@@ -1,0 +1,130 @@
+"""magseg.vector: class maps to polygons in strips, read back with pyogrio and checked against
+connected components and pixel areas counted on the raster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyogrio
+import pyogrio.raw
+import pytest
+import rasterio
+import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.transform import from_origin
+from scipy import ndimage
+
+from magseg.vector import LAYER, VectorError, VectorOptions, polygonize
+
+NAMES = ["background", "building", "road"]
+PIXEL = 0.5  # metres, UTM 33N
+
+
+def _labels(path, labels, nodata=255, crs="EPSG:32633"):
+    height, width = labels.shape
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                       nodata=nodata, crs=crs, transform=from_origin(500000, 4000000, PIXEL, PIXEL)) as dst:
+        dst.write(labels, 1)
+    return path
+
+
+def _read(path):
+    meta, _, geometries, fields = pyogrio.raw.read(path, layer=LAYER)
+    columns = dict(zip(meta["fields"], fields))
+    return meta, shapely.from_wkb(geometries), columns
+
+
+def _random_labels(rng, height, width):
+    """Blobs of 3 classes with speckle and nodata: regions of every shape cross strip borders."""
+    smooth = ndimage.zoom(rng.random((5, 5)), (height / 5, width / 5), order=1)[:height, :width]
+    labels = np.minimum(smooth * 3, 2).astype(np.uint8)
+    speckle = rng.random((height, width))
+    labels[speckle < 0.04] = rng.integers(0, 3)
+    labels[speckle > 0.97] = 255
+    return labels
+
+
+@settings(max_examples=25, deadline=None)
+@given(height=st.integers(1, 50), width=st.integers(1, 50), rows=st.sampled_from([1, 2, 5, 17, None]),
+       seed=st.integers(0, 2**16))
+def test_one_polygon_per_region_and_area_is_pixel_count_times_pixel_area(tmp_path_factory, height, width,
+                                                                         rows, seed):
+    labels = _random_labels(np.random.default_rng(seed), height, width)
+    tmp = tmp_path_factory.mktemp("v")
+    summary = polygonize(_labels(tmp / "labels.tif", labels), tmp / "out.gpkg", NAMES,
+                         VectorOptions(strip_rows=rows))
+    meta, polygons, columns = _read(tmp / "out.gpkg")
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area"]
+    for c, name in enumerate(NAMES):
+        mine = columns["class_id"] == c
+        # 4-connected components of the class, counted on the raster: one polygon each.
+        assert mine.sum() == ndimage.label(labels == c)[1]
+        expected = (labels == c).sum() * PIXEL * PIXEL
+        assert shapely.area(polygons[mine]).sum() == pytest.approx(expected, abs=1e-6)
+        assert columns["area"][mine].sum() == pytest.approx(expected, abs=1e-6)
+        assert summary.area.get(c, 0.0) == pytest.approx(expected, abs=1e-6)
+        assert set(columns["class_name"][mine]) <= {name}
+    assert summary.polygons == len(polygons)
+    assert shapely.is_valid(polygons).all()
+
+
+def test_a_region_crossing_strip_borders_is_one_polygon_by_hand(tmp_path):
+    # A U of class 1: its two arms are separate in the strips above row 4 and join in the
+    # bottom bar; a lone class-1 pixel touches the U only at a corner (no 4-connection).
+    labels = np.zeros((6, 7), np.uint8)
+    labels[0:5, 1] = 1
+    labels[0:5, 4] = 1
+    labels[4, 1:5] = 1
+    labels[5, 5] = 1  # diagonal to (4, 4)
+    _labels(tmp_path / "u.tif", labels)
+    polygonize(tmp_path / "u.tif", tmp_path / "u.gpkg", NAMES, VectorOptions(strip_rows=2))
+    _, polygons, columns = _read(tmp_path / "u.gpkg")
+    ones = polygons[columns["class_id"] == 1]
+    assert len(ones) == 2
+    areas = sorted(shapely.area(ones) / PIXEL**2)
+    assert areas == [1.0, 12.0]  # the arms (5 + 5) and the bar between them (2)
+    u = ones[np.argmax(shapely.area(ones))]
+    # Its outline, in the raster's CRS: the bounds of columns 1..4, rows 0..4.
+    assert u.bounds == (500000 + 1 * PIXEL, 4000000 - 5 * PIXEL, 500000 + 5 * PIXEL, 4000000)
+    # The background around and inside the U is one region with the U as a bay, not a hole.
+    assert (columns["class_id"] == 0).sum() == ndimage.label(labels == 0)[1]
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "fgb", "geojson"])
+def test_every_format_opens_with_the_crs_and_class_names(tmp_path, fmt):
+    labels = np.array([[0, 0, 1], [2, 2, 1]], np.uint8)
+    out = tmp_path / f"labels.{fmt}"
+    polygonize(_labels(tmp_path / "l.tif", labels), out, NAMES, VectorOptions(format=fmt))
+    info = pyogrio.read_info(out, layer=LAYER)
+    assert info["features"] == 3 and "32633" in info["crs"]
+    _, _, columns = _read(out)
+    assert sorted(columns["class_name"]) == ["background", "building", "road"]
+
+
+def test_min_area_and_simplify(tmp_path):
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:4, 2:4] = 1            # 4 px = 1 m²
+    labels[8:18, 8:18] = 2          # 100 px = 25 m²
+    _labels(tmp_path / "l.tif", labels)
+    summary = polygonize(tmp_path / "l.tif", tmp_path / "big.gpkg", NAMES, VectorOptions(min_area=2.0))
+    _, polygons, columns = _read(tmp_path / "big.gpkg")
+    assert sorted(columns["class_id"]) == [0, 2] and summary.polygons == 2 and 1 not in summary.area
+    polygonize(tmp_path / "l.tif", tmp_path / "simple.gpkg", NAMES, VectorOptions(simplify=0.5))
+    _, simple, columns = _read(tmp_path / "simple.gpkg")
+    square = simple[columns["class_id"] == 2][0]
+    assert shapely.get_num_coordinates(square) == 5 and square.area == pytest.approx(25.0)
+
+
+def test_an_all_nodata_map_gives_an_empty_layer(tmp_path):
+    _labels(tmp_path / "l.tif", np.full((4, 5), 255, np.uint8))
+    summary = polygonize(tmp_path / "l.tif", tmp_path / "e.gpkg", NAMES)
+    assert summary.polygons == 0 and pyogrio.read_info(tmp_path / "e.gpkg", layer=LAYER)["features"] == 0
+
+
+def test_bad_options_and_unreadable_input_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown vector format 'shp'"):
+        VectorOptions(format="shp")
+    with pytest.raises(ValueError, match="--min-area"):
+        VectorOptions(min_area=-1)
+    with pytest.raises(VectorError, match="cannot read class map"):
+        polygonize(tmp_path / "missing.tif", tmp_path / "x.gpkg", NAMES)
