@@ -27,6 +27,14 @@ from magseg.cli.common import (
 )
 
 
+class VectorFormat(str, Enum):
+    """--vector: the OGR formats polygons are written in (magseg.vector.VECTOR_FORMATS)."""
+
+    gpkg = "gpkg"
+    fgb = "fgb"
+    geojson = "geojson"
+
+
 class Engine(str, Enum):
     """Where the scenes run."""
 
@@ -69,7 +77,9 @@ def _check_out_dir(out_dir: Path) -> None:
         "Outputs per input <stem>: <stem>.tif (uint8 class ids, nodata 255, colour table and class "
         "names from the checkpoint, same size, CRS and transform as the input); with --probs "
         "<stem>_probs.tif (one band per class, probability x 255); with --uncertainty "
-        "<stem>_uncertainty.tif ((1 - certainty) x 255); with --preview <stem>_preview.png. "
+        "<stem>_uncertainty.tif ((1 - certainty) x 255); with --preview <stem>_preview.png; with "
+        "--vector gpkg|fgb|geojson <stem>.gpkg (etc.): one polygon per class region, with class_id, "
+        "class_name and area in CRS units. "
         "Exit status: 0 all inputs done (or already done), 1 some input failed (the others are "
         "still processed), 2 usage error."
     )
@@ -90,6 +100,14 @@ def predict(
     preview: bool = typer.Option(
         False, "--preview", help="A PNG beside each output: image | classes | uncertainty, downsampled."
     ),
+    vector: VectorFormat = typer.Option(
+        None, "--vector", help="Also write the class map as polygons: gpkg, fgb or geojson "
+        "(class_id, class_name, area in CRS units; made in strips, memory does not grow with the raster)."),
+    min_area: float = typer.Option(
+        0.0, "--min-area", min=0, help="With --vector: drop polygons smaller than this (CRS units squared, "
+        "m² when projected)."),
+    simplify: float = typer.Option(
+        0.0, "--simplify", min=0, help="With --vector: simplify outlines by this tolerance (CRS units)."),
     bands: str = typer.Option(
         None, "--bands", help="1-based input bands in the model's order, e.g. 4,3,2 "
         "(default: the checkpoint's data.bands)."
@@ -133,10 +151,16 @@ def predict(
     from magseg.precision import runtime_info
     from magseg.predict import INPUT_SUFFIXES, PredictOptions, check_margin
     from magseg.segmenter import Segmenter
+    from magseg.vector import VectorOptions
 
     check_device(device)
+    if vector is None and (min_area or simplify):
+        fail("--min-area and --simplify shape the polygons of --vector; add --vector gpkg (or fgb, "
+             "geojson)", EXIT_USAGE)
     options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
-                             overwrite=overwrite, bands=_parse_bands(bands), margin=margin)
+                             overwrite=overwrite, bands=_parse_bands(bands), margin=margin,
+                             vector=None if vector is None else VectorOptions(
+                                 vector.value, min_area=min_area, simplify=simplify))
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
     if not paths:
         fail("no input rasters found in " + " ".join(inputs), EXIT_USAGE)

@@ -41,6 +41,7 @@ from magseg.raster import (
     plan_scene_windows,
 )
 from magseg.segmenter import Segmenter
+from magseg.vector import VECTOR_FORMATS, VectorOptions, polygonize
 
 # What predict writes for an input <stem>: the class map and the optional extras.
 OUTPUT_NAMES = {
@@ -48,7 +49,10 @@ OUTPUT_NAMES = {
     "probs": "{stem}_probs.tif",
     "uncertainty": "{stem}_uncertainty.tif",
     "preview": "{stem}_preview.png",
+    "vector": "{stem}{vector_suffix}",  # --vector: polygons of the class map
 }
+# Outputs made from the finished class map rather than window by window.
+_FROM_LABELS = ("preview", "vector")
 
 # Inputs a directory argument is searched for.
 INPUT_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".vrt")
@@ -74,6 +78,7 @@ class PredictOptions:
     bands: tuple[int, ...] | None = None
     margin: int | None = None
     preview_size: int = 512
+    vector: VectorOptions | None = None  # polygons of the class map, in this format
 
 
 @dataclass
@@ -116,8 +121,10 @@ def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions)
     """The files predict writes for input ``path``: ``labels`` always, the others when asked."""
     stem = Path(path).stem
     wanted = {"labels": True, "probs": options.probs, "uncertainty": options.uncertainty,
-              "preview": options.preview}
-    return {k: Path(out_dir) / OUTPUT_NAMES[k].format(stem=stem) for k, on in wanted.items() if on}
+              "preview": options.preview, "vector": options.vector is not None}
+    suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
+    return {k: Path(out_dir) / OUTPUT_NAMES[k].format(stem=stem, vector_suffix=suffix)
+            for k, on in wanted.items() if on}
 
 
 def default_margin(pyramid: PyramidConfig) -> tuple[int, int]:
@@ -256,6 +263,11 @@ def predict_raster(
             result.status = "skipped"
             result.seconds = time.perf_counter() - start
             return result
+        if set(todo) == {"vector"}:  # the class map is there: polygonise it, segment nothing
+            with atomic_writes(todo, options.overwrite) as temps:
+                _polygonize(targets["labels"], temps["vector"], segmenter, options)
+            result.seconds = time.perf_counter() - start
+            return result
         reader.select(_band_order(reader, segmenter, options))
         histogram = _run(segmenter, reader, todo, options, on_window, result)
 
@@ -327,7 +339,7 @@ def _run(
         tiled = {
             k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
             if options.cog else temps[k]
-            for k, p in todo.items() if k != "preview"
+            for k, p in todo.items() if k not in _FROM_LABELS
         }
         writers = {k: stack.enter_context(_writer(k, p, reader, config)) for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
@@ -356,8 +368,17 @@ def _run(
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind])
         if preview is not None:
             preview.save(temps["preview"], config.classes, title=reader.path.name)
+        if "vector" in todo:
+            labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
+            _polygonize(labels, temps["vector"], segmenter, options)
     result.warnings = _scale_warnings(reader, observed, config)
     return histogram
+
+
+def _polygonize(labels: Path, out: Path, segmenter: Segmenter, options: PredictOptions) -> None:
+    """``--vector``: the class map ``labels`` as polygons in ``out`` (magseg.vector)."""
+    assert options.vector is not None
+    polygonize(labels, out, [c.name for c in segmenter.config.classes], options.vector)
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

@@ -17,6 +17,7 @@ pyogrio rather than fiona: it writes whole arrays of WKB geometries and columns 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,11 +138,16 @@ class _Writer:
                            dtype=object)
         areas = shapely.area(geometries) if len(geometries) else np.zeros(0)
         try:
-            pyogrio.raw.write(
-                str(self.path), shapely.to_wkb(geometries), [values, names, np.asarray(areas, np.float64)],
-                ["class_id", "class_name", "area"], layer=LAYER, driver=self.driver,
-                geometry_type="MultiPolygon", promote_to_multi=True, crs=self.crs, append=self.started,
-            )
+            with warnings.catch_warnings():
+                # Written under a temporary name (magseg.atomic): GDAL's GPKG driver warns that
+                # the name does not end in .gpkg; the published file does.
+                warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+                pyogrio.raw.write(
+                    str(self.path), shapely.to_wkb(geometries),
+                    [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
+                    layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
+                    crs=self.crs, append=self.started,
+                )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
             raise VectorError(f"cannot write polygons to {self.path}: {exc}") from exc
         self.started = True

@@ -128,3 +128,46 @@ def test_bad_options_and_unreadable_input_are_clear_errors(tmp_path):
         VectorOptions(min_area=-1)
     with pytest.raises(VectorError, match="cannot read class map"):
         polygonize(tmp_path / "missing.tif", tmp_path / "x.gpkg", NAMES)
+
+
+def _predict(*args):
+    from typer.testing import CliRunner
+
+    import magseg.cli.predict  # noqa: F401  (registers the command)
+    from magseg.cli.app import app
+
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def test_predict_writes_the_polygons_of_its_class_map(tmp_path, fitted_checkpoint):
+    import json
+
+    from geotiff import read_raster, smooth_image, write_raster
+
+    image = smooth_image(3, 90, 110, seed=5)
+    path = write_raster(tmp_path / "scene.tif", image)
+    out = tmp_path / "out"
+    result = _predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["outputs"]["vector"] == str(out / "scene.gpkg")
+    labels, profile = read_raster(out / "scene.tif")
+    _, polygons, columns = _read(out / "scene.gpkg")
+    pixel = abs(profile["transform"].a * profile["transform"].e)
+    for c in np.unique(labels[0][labels[0] != 255]):
+        mine = columns["class_id"] == c
+        assert shapely.area(polygons[mine]).sum() == pytest.approx((labels[0] == c).sum() * pixel)
+        assert mine.sum() == ndimage.label(labels[0] == c)[1]
+
+    # The class map is there and the polygons are not: polygonise it, segment nothing.
+    (out / "scene.gpkg").unlink()
+    again = _predict(fitted_checkpoint, path, "-o", out, "--vector", "fgb")
+    assert again.exit_code == 0, again.output
+    record = json.loads(again.stdout.splitlines()[0])
+    assert record["status"] == "ok" and record["windows"] == 0
+    assert pyogrio.read_info(out / "scene.fgb", layer=LAYER)["features"] == len(polygons)
+
+
+def test_polygon_options_without_vector_are_a_usage_error(tmp_path, fitted_checkpoint):
+    result = _predict(fitted_checkpoint, tmp_path / "x.tif", "-o", tmp_path / "out", "--min-area", "5")
+    assert result.exit_code == 2 and "--vector" in result.output
