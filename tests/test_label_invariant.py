@@ -114,8 +114,10 @@ def test_complex_rasters_are_refused_with_a_clear_message(segmenter, tmp_path, d
     if dtype == "complex_int16":
         import rasterio
 
+        from geotiff import TRANSFORM, UTM33
+
         with rasterio.open(path, "w", driver="GTiff", width=10, height=8, count=3,
-                           dtype="complex_int16") as dst:
+                           dtype="complex_int16", crs=UTM33, transform=TRANSFORM) as dst:
             dst.write(np.ones((3, 8, 10), np.complex64))
     else:
         write_raster(path, smooth_image(3, 8, 10).astype(dtype))
