@@ -3,25 +3,35 @@
 Every sample is a pure function of ``(seed, phase, epoch, index)``: its scene, stage, window
 and augmentation come from ``numpy.random.default_rng([seed, phase, epoch, index])``. So an
 epoch holds the same samples whatever the number of DataLoader workers or ranks, and a
-resumed run sees exactly the samples an uninterrupted one would.
+resumed run sees exactly the samples an uninterrupted one would. The epoch travels with the
+index (``EpochSampler``), so persistent DataLoader workers, which keep their own copy of the
+dataset, still sample the epoch the main process is in.
+
+A sample reads only its window of the scene: a GeoTIFF by a windowed read, a JPEG/PNG scene
+from its decoded copy in the scene cache (``magseg.data.cache``, memory-mapped), and resizes
+only that window (``windows.resized_region``): the same pixels as resizing the whole scene to
+the stage's size and cutting the window out, at the cost of the window.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from magseg.config import Config
-from magseg.data.scenes import Scene, read_scene
-from magseg.errors import ConfigError
+from magseg.data.cache import SceneCache
+from magseg.data.scenes import IGNORE, Scene, read_scene
+from magseg.engine import backbone_inputs
+from magseg.errors import ConfigError, DataError
 from magseg.normalization import normalize
-from magseg.pyramid import resize
+from magseg.pyramid import CropBox, Size, resize
 from magseg.training.augment import augment_pair, create_augmentation
-from magseg.training.windows import image_windows, mask_window, random_box, resize_mask
+from magseg.training.windows import nearest_indices, random_box, resize_mask, resized_region, window_regions
 
 BACKBONE, REFINER = 0, 1
 
@@ -37,11 +47,94 @@ def load_scene(scene: Scene, config: Config) -> tuple[Tensor, Tensor]:
     return normalize(image, data.mean, data.std), torch.from_numpy(mask)
 
 
+class SceneWindows:
+    """One scene as samples read it: pieces of its raw image and of its mask.
+
+    ``image(rows, cols)``: ``(C, h, w)`` raw pixels; ``mask(rows, cols)``: ``(len(rows),
+    len(cols))`` class ids at those (integer array) row and column indices.
+    """
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray) -> None:
+        self._image, self._mask = image, mask
+        self.size: Size = (int(image.shape[-2]), int(image.shape[-1]))
+
+    def image(self, rows: slice, cols: slice) -> np.ndarray:
+        # A copy: a memory-mapped entry is read-only, and torch wants writable arrays.
+        return np.array(self._image[:, rows, cols])
+
+    def mask(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self._mask[np.ix_(rows, cols)]
+
+
+class GeoTiffWindows(SceneWindows):
+    """A GeoTIFF scene read by windows (only the pixels a sample needs are decoded)."""
+
+    def __init__(self, scene: Scene, config: Config) -> None:
+        from magseg.raster import open_raster
+
+        self.scene, self.config = scene, config
+        with open_raster(scene.image) as src:
+            self.size = (src.height, src.width)
+
+    def image(self, rows: slice, cols: slice) -> np.ndarray:
+        from rasterio.windows import Window
+
+        from magseg.raster import read_array
+
+        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+        return read_array(self.scene.image, self.config.data.bands, window)
+
+    def mask(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        from rasterio.windows import Window
+
+        from magseg.raster import read_array
+
+        r0, c0 = int(rows.min()), int(cols.min())
+        window = Window(c0, r0, int(cols.max()) + 1 - c0, int(rows.max()) + 1 - r0)
+        assert self.scene.mask is not None
+        mask = read_array(self.scene.mask, None, window)[0]
+        path = self.scene.mask
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise DataError(f"{path}: mask must hold integer class ids, not {mask.dtype}")
+        mask = mask[np.ix_(rows - r0, cols - c0)]
+        bad = (mask >= self.config.num_classes) & (mask != IGNORE)
+        if bad.any():
+            raise DataError(
+                f"{path}: mask has class ids {sorted(np.unique(mask[bad]).tolist())[:10]} but "
+                f"the config has {self.config.num_classes} classes "
+                f"(0..{self.config.num_classes - 1}; 255 = ignore)"
+            )
+        return mask.astype(np.uint8)
+
+
+def stage_crop(scene: SceneWindows, size: Size, box: CropBox, config: Config,
+               ratios: tuple[float, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+    """The window ``box`` of the scene resized to the stage ``size``, normalised, as the
+    crop ``(C, ch, cw)`` and its FCtL context windows: what ``image_windows`` cuts from the
+    whole stage image, from only the pixels the windows need."""
+    data, crop = config.data, config.pyramid.crop
+    region, windows = window_regions(box, crop, size, ratios)
+    # Normalising before resizing, as load_scene then resize did: the same float steps.
+    piece = resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
+                           scene.size, size, region)
+    crops, contexts = backbone_inputs(piece, windows, ratios)
+    return crops[0], [c[0] for c in contexts or []]
+
+
+def stage_mask(scene: SceneWindows, size: Size, box: CropBox, crop: Size) -> Tensor:
+    """``mask_window(resize_mask(mask, size), box, crop)`` from the mask pixels it reads."""
+    rows = nearest_indices(scene.size[0], size[0])[box.top : box.top + box.height]
+    cols = nearest_indices(scene.size[1], size[1])[box.left : box.left + box.width]
+    out = torch.full(tuple(crop), IGNORE, dtype=torch.long)
+    out[: box.height, : box.width] = torch.from_numpy(np.asarray(scene.mask(rows, cols)).astype(np.int64))
+    return out
+
+
 class _Samples(Dataset):
     phase = BACKBONE
 
     def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
-                 ratios: tuple[float, ...] = ()) -> None:
+                 ratios: tuple[float, ...] = (), cache: SceneCache | None = None) -> None:
         if not scenes:
             raise ConfigError("no scenes to sample from")
         self.scenes = scenes
@@ -51,6 +144,8 @@ class _Samples(Dataset):
         # Context ratios of a multi-context backbone (FCtL; ``backbone.context_ratios``).
         self.ratios = tuple(ratios)
         self.epoch = 0
+        # Decoded JPEG/PNG scenes (None: decode the scene for every sample).
+        self.cache = cache
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,8 +153,38 @@ class _Samples(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.phase, self.epoch, index])
+    def _rng(self, index: int | tuple[int, int]) -> np.random.Generator:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        return np.random.default_rng([self.seed, self.phase, epoch, index])
+
+    def _scene(self, rng: np.random.Generator) -> tuple[Scene, SceneWindows]:
+        if self.config.data.mean is None or self.config.data.std is None:
+            raise ConfigError("data.mean/data.std are not set; compute them before sampling")
+        scene = self.scenes[int(rng.integers(len(self.scenes)))]
+        if self.config.data.layout == "geotiff":
+            return scene, GeoTiffWindows(scene, self.config)
+        if self.cache is not None:
+            return scene, SceneWindows(*self.cache.load(scene))
+        image, mask = read_scene(scene, self.config)
+        if mask is None:
+            raise ConfigError(f"{scene.image}: training needs a mask")
+        return scene, SceneWindows(image, mask)
+
+
+class EpochSampler(Sampler):
+    """``(epoch, index)`` for each index of ``sampler``, the epoch read from ``dataset`` when
+    an epoch's iteration starts (in the main process): workers that persist across epochs
+    keep their own copy of the dataset, whose ``epoch`` the main process cannot set."""
+
+    def __init__(self, sampler: Sampler, dataset: _Samples) -> None:
+        self.sampler, self.dataset = sampler, dataset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.dataset.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
 
 
 class BackboneSamples(_Samples):
@@ -73,21 +198,22 @@ class BackboneSamples(_Samples):
     phase = BACKBONE
 
     def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
-                 augment: bool = True, ratios: tuple[float, ...] = ()):
-        super().__init__(scenes, config, length, seed, ratios)
+                 augment: bool = True, ratios: tuple[float, ...] = (),
+                 cache: SceneCache | None = None):
+        super().__init__(scenes, config, length, seed, ratios, cache)
         size = config.pyramid.input
         self.augmentation = (create_augmentation(size[0] == size[1], len(self.ratios))
                              if augment else None)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, ...]:
         rng = self._rng(index)
         pyramid = self.config.pyramid
-        image, mask = load_scene(self.scenes[int(rng.integers(len(self.scenes)))], self.config)
-        sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
+        _, scene = self._scene(rng)
+        sizes = pyramid.stage_sizes(scene.size)
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, pyramid.crop)
-        crop, contexts = image_windows(resize(image, size), box, pyramid.crop, self.ratios)
-        target = mask_window(resize_mask(mask, size), box, pyramid.crop)
+        crop, contexts = stage_crop(scene, size, box, self.config, self.ratios)
+        target = stage_mask(scene, size, box, pyramid.crop)
         # The backbone sees every crop resized to the input size (as engine.crop_probs does).
         crop, target = resize(crop, pyramid.input), resize_mask(target, pyramid.input)
         contexts = [resize(c, pyramid.input) for c in contexts]
@@ -101,37 +227,50 @@ class RefinerSamples(_Samples):
     """Phase 2: what the refiner needs for one window of a finer stage (s >= 1).
 
     The backbone is not run here (it runs batched, in the training loop); an item carries
-    the scene at ``scales[0]`` (for the coarse view), the window of the stage image (for the
-    fine view), the window's mask, and where the window is::
+    the coarse view, the window of the stage image (for the fine view), the window's mask,
+    and where the window is::
 
-        {"scene0": (C_in, h0, w0), "fine": (C_in, ch, cw), "mask": (ch, cw) int64,
+        {"fine": (C_in, ch, cw), "mask": (ch, cw) int64,
          "size": (2,) stage size, "box": (4,) top, left, height, width,
+         "coarse": (classes, ch, cw)          # with coarse maps: stage 0's window
+         "scene0": (C_in, h0, w0),            # without: the scene at scales[0]
          "contexts": [(C_in, r*ch, r*cw) per ratio]}   # multi-context backbones only
+
+    With ``coarse`` (``magseg.training.coarse.CoarseMaps``: the frozen backbone's stage-0
+    probabilities of every scene, computed once per phase) an item carries its window of
+    them; without, the whole scene at ``scales[0]``, for the loop to run stage 0 on.
     """
 
     phase = REFINER
 
     def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
-                 ratios: tuple[float, ...] = ()) -> None:
+                 ratios: tuple[float, ...] = (), cache: SceneCache | None = None,
+                 coarse: Any = None) -> None:
         if len(config.pyramid.scales) < 2:
             raise ConfigError("the refiner needs at least two pyramid.scales (coarse and fine)")
-        super().__init__(scenes, config, length, seed, ratios)
+        super().__init__(scenes, config, length, seed, ratios, cache)
+        self.coarse = coarse
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Tensor]:
         rng = self._rng(index)
         pyramid = self.config.pyramid
-        image, mask = load_scene(self.scenes[int(rng.integers(len(self.scenes)))], self.config)
-        sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
+        source, scene = self._scene(rng)
+        sizes = pyramid.stage_sizes(scene.size)
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
-        fine, contexts = image_windows(resize(image, size), box, pyramid.crop, self.ratios)
+        fine, contexts = stage_crop(scene, size, box, self.config, self.ratios)
         item = {
-            "scene0": resize(image, sizes[0]),
             "fine": fine,
-            "mask": mask_window(resize_mask(mask, size), box, pyramid.crop),
+            "mask": stage_mask(scene, size, box, pyramid.crop),
             "size": torch.tensor(size),
             "box": torch.tensor([box.top, box.left, box.height, box.width]),
         }
+        if self.coarse is not None:
+            item["coarse"] = self.coarse.window(source, size, box)
+        else:
+            data = self.config.data
+            item["scene0"] = resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
+                                            scene.size, sizes[0], (0, 0, *sizes[0]))
         if contexts:
             item["contexts"] = contexts
         return item
@@ -139,9 +278,12 @@ class RefinerSamples(_Samples):
 
 def collate_refiner(items: list[dict[str, Tensor]]) -> dict[str, Any]:
     """Stack what has one shape; keep ``scene0`` (sizes differ between scenes) as a list."""
-    out: dict[str, Any] = {"scene0": [item["scene0"] for item in items]}
-    for key in ("fine", "mask", "size", "box"):
-        out[key] = torch.stack([item[key] for item in items])
+    out: dict[str, Any] = {}
+    if "scene0" in items[0]:
+        out["scene0"] = [item["scene0"] for item in items]
+    for key in ("fine", "mask", "size", "box", "coarse"):
+        if key in items[0]:
+            out[key] = torch.stack([item[key] for item in items])
     if "contexts" in items[0]:  # one batch per ratio
         out["contexts"] = [torch.stack(group) for group in zip(*(item["contexts"] for item in items))]
     return out
