@@ -49,6 +49,10 @@ def train(
         False, "--resume", help="Continue from --out/last.ckpt (model, optimizer, schedule, epoch, RNG)."
     ),
     overwrite: bool = typer.Option(False, help="Start over in an --out that already holds checkpoints."),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
+        "cached (default: <out>/cache); share one between runs on the same data to decode once."
+    ),
     encoder_weights: str = typer.Option(
         None, help="imagenet or none (default: model.encoder_weights). Offline, imagenet works for "
         "timm-tf_efficientnet_lite0 and tu-tf_efficientnet_lite0 only."
@@ -103,6 +107,7 @@ def train(
             cfg,
             TrainOptions(
                 out=out, phase=phase, resume=resume, overwrite=overwrite, data_root=data_root,
+                cache_dir=cache_dir,
                 on_epoch=emit, progress=lambda total, desc: progress_bar(total, desc, quiet, "step"),
             ),
         )

@@ -259,7 +259,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     samples_per_epoch: int = 256
     val_every: int = 1
-    num_workers: int = 0
+    # DataLoader worker processes: a count, or auto (the cores this process may use, less one
+    # for the training loop, at most 8; 0 on one core). See magseg.training.loader.
+    num_workers: int | Literal["auto"] = "auto"
     seed: int = 0
     # Fraction of the hardest pixels a batch's loss keeps (online hard example mining).
     ohem: float | None = None
@@ -313,9 +315,12 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.samples_per_epoch and train.val_every must be >= 1")
         if self.ohem is not None and not 0 < self.ohem <= 1:
             raise ValueError(f"train.ohem is a fraction in (0, 1], got {self.ohem}")
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0 or auto, got {self.num_workers}")
         _counts_within("train", epochs=self.epochs, refiner_epochs=self.refiner_epochs,
                        batch_size=self.batch_size, samples_per_epoch=self.samples_per_epoch,
-                       val_every=self.val_every, num_workers=self.num_workers,
+                       val_every=self.val_every,
+                       num_workers=self.num_workers if isinstance(self.num_workers, int) else None,
                        refiner_samples_per_epoch=self.refiner_samples_per_epoch,
                        val_max_scenes=self.val_max_scenes)
 

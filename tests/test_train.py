@@ -119,7 +119,10 @@ def test_cli_trains_both_phases_and_checkpoint_is_self_contained(tmp_path, tiny_
         ious = np.array([v if v is not None else np.nan for v in r["val_iou"]])
         assert r["val_miou"] == pytest.approx(np.nanmean(ious[1:]))
         assert r["val_pixels"] == 2 * 128 * 128
-    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "config.yaml", "last.ckpt", "train.log"]
+    # cache: the decoded scenes and the refiner's coarse maps (the default --cache-dir).
+    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "cache", "config.yaml", "last.ckpt",
+                                                      "train.log"]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["coarse", "scenes"]
     log = (out / "train.log").read_text()
     assert "backbone epoch 1/1" in log and "refiner epoch 1/1" in log
 

@@ -130,6 +130,28 @@ def stage_mask(scene: SceneWindows, size: Size, box: CropBox, crop: Size) -> Ten
     return out
 
 
+def open_scene(scene: Scene, config: Config, cache: SceneCache | None = None) -> SceneWindows:
+    """``scene`` for reading windows: a GeoTIFF directly, a JPEG/PNG scene from ``cache``
+    (decoded whole for every call without one)."""
+    if config.data.mean is None or config.data.std is None:
+        raise ConfigError("data.mean/data.std are not set; compute them before sampling")
+    if config.data.layout == "geotiff":
+        return GeoTiffWindows(scene, config)
+    if cache is not None:
+        return SceneWindows(*cache.load(scene))
+    image, mask = read_scene(scene, config)
+    if mask is None:
+        raise ConfigError(f"{scene.image}: training needs a mask")
+    return SceneWindows(image, mask)
+
+
+def stage_image(scene: SceneWindows, size: Size, config: Config) -> Tensor:
+    """The whole scene resized to ``size``, normalised (``resize(load_scene(...)[0], size)``)."""
+    data = config.data
+    return resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
+                          scene.size, size, (0, 0, *size))
+
+
 class _Samples(Dataset):
     phase = BACKBONE
 
@@ -158,17 +180,8 @@ class _Samples(Dataset):
         return np.random.default_rng([self.seed, self.phase, epoch, index])
 
     def _scene(self, rng: np.random.Generator) -> tuple[Scene, SceneWindows]:
-        if self.config.data.mean is None or self.config.data.std is None:
-            raise ConfigError("data.mean/data.std are not set; compute them before sampling")
         scene = self.scenes[int(rng.integers(len(self.scenes)))]
-        if self.config.data.layout == "geotiff":
-            return scene, GeoTiffWindows(scene, self.config)
-        if self.cache is not None:
-            return scene, SceneWindows(*self.cache.load(scene))
-        image, mask = read_scene(scene, self.config)
-        if mask is None:
-            raise ConfigError(f"{scene.image}: training needs a mask")
-        return scene, SceneWindows(image, mask)
+        return scene, open_scene(scene, self.config, self.cache)
 
 
 class EpochSampler(Sampler):
@@ -268,9 +281,7 @@ class RefinerSamples(_Samples):
         if self.coarse is not None:
             item["coarse"] = self.coarse.window(source, size, box)
         else:
-            data = self.config.data
-            item["scene0"] = resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
-                                            scene.size, sizes[0], (0, 0, *sizes[0]))
+            item["scene0"] = stage_image(scene, sizes[0], self.config)
         if contexts:
             item["contexts"] = contexts
         return item

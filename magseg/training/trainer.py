@@ -28,12 +28,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from magseg.atomic import atomic_write
 from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
 from magseg.config import Config
+from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, check_scene, list_scenes, read_scene
 from magseg.device import resolve_device
 from magseg.engine import crop_probs, stage_probs
@@ -46,7 +47,9 @@ from magseg.training import distributed
 from magseg.training.distributed import World
 from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
-from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
+from magseg.training.coarse import prepare_coarse_maps
+from magseg.training.loader import loader_options, resolve_workers
+from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
 
 logger = logging.getLogger("magseg.train")
@@ -86,6 +89,9 @@ class TrainOptions:
     # Called on the main process after each epoch's checkpoints are written.
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     progress: ProgressFactory | None = None
+    # Decoded scenes and the refiner's coarse maps (magseg.data.cache, magseg.training.coarse);
+    # None: <out>/cache. Shareable between runs and ranks.
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -281,6 +287,23 @@ def refiner_point_loss(logits: Tensor, mask: Tensor, config: Config) -> Tensor:
     return segmentation_loss(logits, mask, train.refiner_ohem, balance=train.refiner_balance)
 
 
+@torch.no_grad()
+def coarse_inputs(backbone: nn.Module, batch: dict[str, Any], config: Config, device: torch.device) -> Tensor:
+    """The refiner's coarse input ``(B, classes, ch, cw)``: the batch's windows of the cached
+    coarse maps (``batch["coarse"]``, magseg.training.coarse), or else computed here from
+    each item's whole scene at ``scales[0]``."""
+    if "coarse" in batch:
+        return batch["coarse"].to(device, non_blocking=True)
+    coarse = []
+    for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
+        y0 = stage_probs(backbone, scene0.to(device), config.pyramid, config.engine)
+        top, left, height, width = (int(v) for v in box)
+        crop_box = CropBox(top, left, height, width, top, left, height, width)
+        stage = resize(y0, tuple(int(v) for v in size))
+        coarse.append(extract_crops(stage, [crop_box], config.pyramid.crop)[0])  # as the engine does
+    return torch.stack(coarse)
+
+
 def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], config: Config,
                  device: torch.device) -> tuple[Tensor, int]:
     """Phase 2: the loss of ``refiner(fine, coarse)`` logits against the window's mask
@@ -293,17 +316,11 @@ def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], c
     """
     pyramid, engine = config.pyramid, config.engine
     with torch.no_grad():
-        coarse = []
-        for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
-            y0 = stage_probs(backbone, scene0.to(device), pyramid, engine)
-            top, left, height, width = (int(v) for v in box)
-            crop_box = CropBox(top, left, height, width, top, left, height, width)
-            stage = resize(y0, tuple(int(v) for v in size))
-            coarse.append(extract_crops(stage, [crop_box], pyramid.crop)[0])  # as the engine does
+        coarse = coarse_inputs(backbone, batch, config, device)
         contexts = [c.to(device) for c in batch["contexts"]] if "contexts" in batch else None
         fine = crop_probs(backbone, batch["fine"].to(device), pyramid.input, contexts=contexts,
                           precision=engine.precision, multiple=input_multiple(backbone))
-    logits = model(fine, torch.stack(coarse))
+    logits = model(fine, coarse)
     mask = batch["mask"].to(device)
     return refiner_point_loss(logits, mask, config), mask.shape[0]
 
@@ -481,6 +498,30 @@ class Trainer:
         logger.info("refiner phase: frozen backbone from %s", path)
         return ckpt
 
+    @property
+    def _cache_root(self) -> Path:
+        return Path(self.options.cache_dir) if self.options.cache_dir is not None else self.out / "cache"
+
+    def _scene_cache(self) -> SceneCache | None:
+        """The training scenes' cache, every entry made (JPEG/PNG layouts; GeoTIFFs are read
+        by windows and need none). Decoding happens here, in the main process of each rank
+        (its share, then any missing), so DataLoader workers only ever read entries, and a
+        full disk stops the run with one message instead of a worker's traceback."""
+        if self.config.data.layout == "geotiff":
+            return None
+        cache = SceneCache(self._cache_root, self.config)
+        bar = self._progress(len(self.train_scenes), "scene cache")
+        threads = max(1, resolve_workers(self.config.train.num_workers))
+        try:
+            cache.prepare(self.train_scenes[self.world.rank :: self.world.size], threads,
+                          on_scene=lambda: bar.update(1))
+            distributed.barrier(self.world)
+            if self.world.distributed:
+                cache.prepare(self.train_scenes, threads)
+        finally:
+            bar.close()
+        return cache
+
     def _build_phase(self, name: Phase, resume: Checkpoint | None) -> _PhaseRun:
         config, train, world = self.config, self.config.train, self.world
         distributed.barrier(world)  # the main process may just have written best.ckpt
@@ -493,7 +534,8 @@ class Trainer:
             refiner = None
             trained: nn.Module = backbone
             dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
-                                      augment=train.augment, ratios=context_ratios(backbone))
+                                      augment=train.augment, ratios=context_ratios(backbone),
+                                      cache=self._scene_cache())
             epochs, lr, collate = train.epochs, train.lr, None
         else:
             base = resume or self._base or self._backbone_checkpoint()
@@ -510,8 +552,15 @@ class Trainer:
             refiner.to(self.device).train()
             trained = refiner
             length = train.refiner_samples_per_epoch or train.samples_per_epoch
+            cache = self._scene_cache()
+            bar = self._progress(len(self.train_scenes), "coarse maps")
+            try:
+                coarse = prepare_coarse_maps(backbone, self.train_scenes, self.config, self._cache_root,
+                                             self.device, world, cache, on_scene=lambda: bar.update(1))
+            finally:
+                bar.close()
             dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed,
-                                     ratios=context_ratios(backbone))
+                                     ratios=context_ratios(backbone), cache=cache, coarse=coarse)
             epochs, lr, collate = train.refiner_epochs, train.refiner_lr, collate_refiner
 
         if world.distributed:
@@ -519,10 +568,14 @@ class Trainer:
                 trained, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         sampler = (DistributedSampler(dataset, world.size, world.rank, shuffle=False)
-                   if world.distributed else None)
-        loader = DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
-                            num_workers=train.num_workers, collate_fn=collate,
-                            pin_memory=self.device.type == "cuda")
+                   if world.distributed else SequentialSampler(dataset))
+        # The loader's own generator: starting an iteration draws a seed for the workers, from
+        # the global torch RNG otherwise, which dropout also draws from. Persistent workers
+        # start once per run, so a resumed run would draw once more than an uninterrupted
+        # one. Samples need no worker seed (they are functions of their index).
+        loader = DataLoader(dataset, batch_size=train.batch_size, sampler=EpochSampler(sampler, dataset),
+                            collate_fn=collate, generator=torch.Generator().manual_seed(train.seed),
+                            **loader_options(resolve_workers(train.num_workers), self.device))
         optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _poly(epochs * len(loader), train.poly_power)
@@ -552,8 +605,9 @@ class Trainer:
         config, world = self.config, self.world
         start = time.perf_counter()
         run.dataset.set_epoch(epoch)
-        if isinstance(run.loader.sampler, DistributedSampler):
-            run.loader.sampler.set_epoch(epoch)
+        inner = run.loader.sampler.sampler  # the EpochSampler's
+        if isinstance(inner, DistributedSampler):
+            inner.set_epoch(epoch)
         step_loss = backbone_loss if run.name == "backbone" else refiner_loss
         totals = torch.zeros(2, dtype=torch.float64)  # loss * samples, samples
         bar = self._progress(len(run.loader), f"{run.name} {epoch + 1}/{run.epochs}")

@@ -1,0 +1,49 @@
+"""DataLoader settings that fit the machine: how many workers ``train.num_workers: auto``
+means, and the options the trainer's loaders are built with."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+# Beyond this many workers a loader only adds memory (each holds its prefetched batches and
+# its own open files): a sample is a window read and a resize of that window.
+MAX_AUTO_WORKERS = 8
+# Batches each worker keeps ready. Two hide the jitter of one slow sample (a cold page of
+# the scene cache, a large stage); more only holds memory (DeepGlobe's batch of 8 x 512 px
+# inputs is 25 MB, pinned on CUDA).
+PREFETCH_FACTOR = 2
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as taskset or a container's
+    cpuset leave it), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | str, cores: int | None = None, local_ranks: int | None = None) -> int:
+    """``train.num_workers`` as a count: an int as it is; ``auto`` the cores of this rank's
+    share of the machine (``LOCAL_WORLD_SIZE`` ranks under torchrun) less one for the
+    training loop itself, at most ``MAX_AUTO_WORKERS``: 0 (load in the loop) on one core."""
+    if isinstance(setting, int):
+        return setting
+    cores = usable_cores() if cores is None else cores
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(0, min(cores // max(local_ranks, 1) - 1, MAX_AUTO_WORKERS))
+
+
+def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
+    """DataLoader keyword arguments: workers that persist across epochs (no fork and
+    re-open of the caches every epoch; the epoch travels with the indices, see
+    ``samples.EpochSampler``), a prefetch factor, and page-locked batches on CUDA (copied
+    to the GPU asynchronously, ``non_blocking=True``)."""
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+    return options
