@@ -7,7 +7,6 @@ import functools
 import glob
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from magseg.errors import CheckpointError, ConfigError, MagsegError
+from magseg.sources import is_virtual, source_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -122,19 +122,21 @@ def check_device(device: str | None) -> None:
         resolve_device(device, source="--device")
 
 
-def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> list[Path]:
+def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> list[Path | str]:
     """Paths from files, globs, directories (their files with ``suffixes``, sorted) or ``-``
-    (one path per line on stdin). Order is kept, duplicates dropped.
+    (one path per line on stdin). Order is kept, duplicates dropped. Names GDAL opens that
+    are not local files (``/vsicurl/...``, ``s3://...``: magseg.sources) are kept as strings,
+    never globbed or checked here: a missing object fails that input with GDAL's message.
 
     Raises:
         typer.BadParameter: a name that is neither a file, a directory nor a matching glob.
     """
     suffixes = {s.lower() for s in suffixes}
-    out: list[Path] = []
+    out: list[Path | str] = []
     seen: set[str] = set()
 
-    def add(path: Path) -> None:
-        key = os.path.abspath(path)
+    def add(path: Path | str) -> None:
+        key = source_key(path)
         if key not in seen:
             seen.add(key)
             out.append(path)
@@ -149,10 +151,13 @@ def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> 
                         f"line {number} of stdin holds a NUL byte; give one path per line "
                         "(e.g. `find ... -print`, not -print0)")
                 if line and not line.startswith("#"):
-                    add(Path(line))
+                    add(line if is_virtual(line) else Path(line))
             continue
         if "\0" in item:
             raise typer.BadParameter(f"{item!r} holds a NUL byte; it cannot name a file")
+        if is_virtual(item):
+            add(item)
+            continue
         path = Path(item)
         try:
             is_dir = path.is_dir()

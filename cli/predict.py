@@ -236,13 +236,14 @@ def _report(record: dict, number: int, total: int, quiet: bool) -> None:
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
     """Predict each input in turn, one NDJSON line each; returns how many failed."""
     from magseg.predict import predict_input
+    from magseg.sources import base_name
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
     for number, path in enumerate(paths, start=1):
         record = clashes.get(path)
         if record is None:
-            with progress_bar(None, path.name, quiet, unit="window") as bar:
+            with progress_bar(None, base_name(path), quiet, unit="window") as bar:
                 def on_window(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(1)

@@ -41,6 +41,8 @@ from magseg.raster import (
     plan_scene_windows,
 )
 from magseg.segmenter import Segmenter
+from magseg.sources import base_name, is_virtual
+from magseg.sources import stem as source_stem
 from magseg.vector import VECTOR_FORMATS, VectorOptions, polygonize
 
 # What predict writes for an input <stem>: the class map and the optional extras.
@@ -119,7 +121,7 @@ class PredictResult:
 
 def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions) -> dict[str, Path]:
     """The files predict writes for input ``path``: ``labels`` always, the others when asked."""
-    stem = Path(path).stem
+    stem = source_stem(path)
     wanted = {"labels": True, "probs": options.probs, "uncertainty": options.uncertainty,
               "preview": options.preview, "vector": options.vector is not None}
     suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
@@ -240,11 +242,11 @@ def predict_raster(
         OutputExistsError: an output appeared while this run wrote it (no --overwrite).
     """
     start = time.perf_counter()
-    path = Path(path)
+    path = path if is_virtual(path) else Path(path)
     targets = output_paths(path, out_dir, options)
     result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
                            runtime=segmenter.runtime)
-    if path.exists() and targets["labels"].resolve() == path.resolve():
+    if not is_virtual(path) and path.exists() and targets["labels"].resolve() == path.resolve():
         raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
     for target in targets.values():
         if target.is_dir():
@@ -290,7 +292,7 @@ def predict_input(
         wrong (one bad input never aborts a batch; the local loop and Ray workers share this).
     """
     start = time.perf_counter()
-    path = Path(path)
+    path = path if is_virtual(path) else Path(path)
     target = output_paths(path, out_dir, options)["labels"]
     try:
         return predict_raster(segmenter, path, out_dir, options, on_window).to_record()
@@ -367,7 +369,7 @@ def _run(
             if options.cog:
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind])
         if preview is not None:
-            preview.save(temps["preview"], config.classes, title=reader.path.name)
+            preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         if "vector" in todo:
             labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
             _polygonize(labels, temps["vector"], segmenter, options)
@@ -413,7 +415,7 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> Rast
             "MAGSEG_CLASSES": json.dumps(
                 [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes]
             ),
-            "MAGSEG_SOURCE": reader.path.name,
+            "MAGSEG_SOURCE": base_name(reader.path),
             **{f"CLASS_{c.id}": c.name for c in config.classes},
         }
         return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, tags=tags,
@@ -421,11 +423,11 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> Rast
     if kind == "probs":
         return RasterWriter(path, reader.size, len(names), geo, nodata=None, mask=True,
                             descriptions=names, scale=1 / 255,
-                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": reader.path.name})
+                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path)})
     return RasterWriter(path, reader.size, 1, geo, nodata=None, mask=True,
                         descriptions=["uncertainty"], scale=1 / 255,
                         tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
-                              "top-2 probability", "MAGSEG_SOURCE": reader.path.name})
+                              "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path)})
 
 
 def _segment_window(

@@ -22,11 +22,20 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from magseg.errors import RasterError, RasterWriteError
+from magseg.sources import gdal_name, is_virtual
 
 
 def open_raster(path: str | Path):
     """``rasterio.open`` with magseg's errors: a missing, empty or non-raster file raises
-    RasterError naming it."""
+    RasterError naming it. A name GDAL opens that is not a local file (magseg.sources) goes
+    to GDAL as it is, and its failure carries GDAL's own message."""
+    if is_virtual(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                return rasterio.open(gdal_name(path))
+        except RasterioIOError as exc:
+            raise RasterError(f"{path}: cannot be read ({exc})") from None
     path = Path(path)
     if not path.exists():
         raise RasterError(f"{path}: no such file")
@@ -256,7 +265,7 @@ class RasterReader:
     """
 
     def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
-        self.path = Path(path)
+        self.path = path if is_virtual(path) else Path(path)
         self._src = open_raster(self.path)
         try:
             self.select(bands)
