@@ -18,19 +18,21 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 
 from magseg.atomic import atomic_writes, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
-from magseg.errors import ConfigError, MagsegError, RasterError
+from magseg.errors import ConfigError, MagsegError, OutputExistsError, RasterError
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
+from magseg.provenance import Provenance
 from magseg.raster import (
     NODATA,
     RasterReader,
@@ -253,6 +255,8 @@ def predict_raster(
             raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
                               "or choose another --out-dir")
     todo = targets if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
+    if not options.overwrite:
+        _check_provenance({k: p for k, p in targets.items() if k not in todo}, segmenter.provenance)
     if todo:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -343,7 +347,9 @@ def _run(
             if options.cog else temps[k]
             for k, p in todo.items() if k not in _FROM_LABELS
         }
-        writers = {k: stack.enter_context(_writer(k, p, reader, config)) for k, p in tiled.items()}
+        provenance = segmenter.provenance.tags()
+        writers = {k: stack.enter_context(_writer(k, p, reader, config, provenance))
+                   for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
 
         for i, window in enumerate(plan):
@@ -377,10 +383,28 @@ def _run(
     return histogram
 
 
+def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
+    """Refuse to keep (skip) outputs another model made: an existing GeoTIFF output whose
+    provenance tags name another checkpoint or config fails this input."""
+    for kind, path in existing.items():
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        try:
+            with rasterio.open(path) as src:
+                theirs = Provenance.from_tags(src.tags())
+        except rasterio.errors.RasterioIOError:
+            continue  # unreadable: --overwrite replaces it; reading the input reports the rest
+        if theirs is not None and not theirs.same_model(mine):
+            raise OutputExistsError(
+                f"{path} was made by another model ({theirs.describe()}); this run is "
+                f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
+
+
 def _polygonize(labels: Path, out: Path, segmenter: Segmenter, options: PredictOptions) -> None:
     """``--vector``: the class map ``labels`` as polygons in ``out`` (magseg.vector)."""
     assert options.vector is not None
-    polygonize(labels, out, [c.name for c in segmenter.config.classes], options.vector)
+    polygonize(labels, out, [c.name for c in segmenter.config.classes], options.vector,
+               metadata=segmenter.provenance.tags())
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:
@@ -406,12 +430,15 @@ def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config
     ]
 
 
-def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> RasterWriter:
-    """The writer of one output kind, georeferenced like the input."""
+def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
+            provenance: Mapping[str, str]) -> RasterWriter:
+    """The writer of one output kind, georeferenced like the input and tagged with what
+    made it (``provenance``)."""
     geo = reader.geo
     names = [c.name for c in config.classes]
     if kind == "labels":
         tags = {
+            **provenance,
             "MAGSEG_CLASSES": json.dumps(
                 [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes]
             ),
@@ -423,11 +450,13 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config) -> Rast
     if kind == "probs":
         return RasterWriter(path, reader.size, len(names), geo, nodata=None, mask=True,
                             descriptions=names, scale=1 / 255,
-                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path)})
+                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path),
+                                  **provenance})
     return RasterWriter(path, reader.size, 1, geo, nodata=None, mask=True,
                         descriptions=["uncertainty"], scale=1 / 255,
                         tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
-                              "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path)})
+                              "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
+                              **provenance})
 
 
 def _segment_window(

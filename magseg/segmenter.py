@@ -22,8 +22,9 @@ from magseg.device import resolve_device
 from magseg.engine import SegmentationResult, segment
 from magseg.errors import ConfigError
 from magseg.normalization import normalize
+from magseg.precision import resolve_precision, runtime_info
+from magseg.provenance import Provenance, config_sha256, file_sha256
 from magseg.refiner import Refiner
-from magseg.precision import runtime_info
 
 
 def create_refiner(config: Config) -> Refiner | None:
@@ -52,6 +53,9 @@ class Segmenter:
 
     def __init__(self, config: Config, backbone: nn.Module, refiner: nn.Module | None = None):
         self.config = config
+        # SHA-256 of the checkpoint file the weights came from (from_checkpoint), for outputs'
+        # provenance tags; "none" for models built otherwise.
+        self.checkpoint_sha256 = "none"
         self.device = resolve_device(config.engine.device)
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
@@ -76,7 +80,18 @@ class Segmenter:
         if ckpt.refiner is not None and config.refiner.enabled:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
-        return cls(config, backbone, refiner)
+        segmenter = cls(config, backbone, refiner)
+        if ckpt.path.is_file():
+            segmenter.checkpoint_sha256 = file_sha256(ckpt.path)
+        return segmenter
+
+    @property
+    def provenance(self) -> Provenance:
+        """What this segmenter's outputs are tagged with (magseg.provenance)."""
+        from magseg import __version__
+
+        return Provenance(__version__, self.checkpoint_sha256, config_sha256(self.config),
+                          str(self.device), resolve_precision(self.device, self.config.engine.precision))
 
     @property
     def runtime(self) -> dict[str, Any]:

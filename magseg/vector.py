@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +115,10 @@ def _to_crs(geometry: shapely.Geometry, transform: Affine) -> shapely.Geometry:
 class _Writer:
     """Buffers finished polygons and appends them to the layer ``FLUSH_EVERY`` at a time."""
 
-    def __init__(self, path: Path, driver: str, crs: str | None, names: Sequence[str]) -> None:
+    def __init__(self, path: Path, driver: str, crs: str | None, names: Sequence[str],
+                 metadata: Mapping[str, str] | None = None) -> None:
         self.path, self.driver, self.crs, self.names = path, driver, crs, names
+        self.metadata = dict(metadata) if metadata else None
         self.geometries: list[shapely.Geometry] = []
         self.values: list[int] = []
         self.started = False
@@ -147,6 +149,7 @@ class _Writer:
                     [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
                     layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
                     crs=self.crs, append=self.started,
+                    layer_metadata=None if self.started else self.metadata,
                 )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
             raise VectorError(f"cannot write polygons to {self.path}: {exc}") from exc
@@ -179,12 +182,14 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
 
 
 def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
-               options: VectorOptions = VectorOptions()) -> VectorSummary:
+               options: VectorOptions = VectorOptions(),
+               metadata: Mapping[str, str] | None = None) -> VectorSummary:
     """Polygonise the class map ``labels`` (one band of class ids; its nodata left out) into
     the vector file ``out`` (one layer ``classes``: ``class_id``, ``class_name``, ``area``).
 
     Args:
         class_names: names of class ids ``0..n-1`` (ids beyond get their number as name).
+        metadata: the layer's metadata (e.g. magseg.provenance tags; GeoPackage keeps it).
     Returns:
         the polygon count and the total area per class written.
     Raises:
@@ -201,7 +206,7 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
         transform, nodata = src.transform, src.nodata
         crs = src.crs.to_wkt() if src.crs else None
         rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
-        writer = _Writer(Path(out), driver, crs, class_names)
+        writer = _Writer(Path(out), driver, crs, class_names, metadata)
 
         def finish(group: _Group) -> None:
             region = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)

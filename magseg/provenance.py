@@ -1,0 +1,82 @@
+"""Which model made an output: tags written into every predict output, and the check that
+keeps a re-run from silently keeping another model's results.
+
+An output carries the magseg version, the checkpoint file's SHA-256, a digest of the config
+keys that decide its pixels, and the device and precision that computed it. A re-run without
+``--overwrite`` skips an existing output only when its checkpoint and config digests are this
+run's; otherwise the input fails with both digests named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from magseg.config import Config
+
+# Config keys that do not change an output's pixels: where data and checkpoints live,
+# training settings, and how the engine is scheduled. Device and precision are tagged on
+# their own: the same model on another CPU is not another model.
+_NOT_RESULTS = {
+    "name": None,
+    "train": None,
+    "data": ("root", "layout", "train_split", "val_split", "test_split"),
+    "engine": ("batch_size", "device", "precision", "channels_last"),
+}
+_TAGS = {"version": "MAGSEG_VERSION", "checkpoint_sha256": "MAGSEG_CHECKPOINT_SHA256",
+         "config_sha256": "MAGSEG_CONFIG_SHA256", "device": "MAGSEG_DEVICE", "precision": "MAGSEG_PRECISION"}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_sha256(config: Config) -> str:
+    """SHA-256 of the config keys that decide the pixels (classes, model, pyramid, refiner,
+    K and kernel, normalisation, bands, adaptive mode), in canonical JSON."""
+    data = config.to_dict()
+    for section, keys in _NOT_RESULTS.items():
+        if keys is None:
+            data.pop(section, None)
+        else:
+            for key in keys:
+                data.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made an output; ``checkpoint_sha256`` is ``none`` for models not from a file."""
+
+    version: str
+    checkpoint_sha256: str
+    config_sha256: str
+    device: str
+    precision: str
+
+    def tags(self) -> dict[str, str]:
+        """GeoTIFF metadata / vector layer metadata."""
+        return {tag: getattr(self, field) for field, tag in _TAGS.items()}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, Any]) -> "Provenance | None":
+        """The provenance an output's tags hold, or None when it has none."""
+        if not all(tag in tags for tag in _TAGS.values()):
+            return None
+        return cls(**{field: str(tags[tag]) for field, tag in _TAGS.items()})
+
+    def same_model(self, other: "Provenance") -> bool:
+        """Same checkpoint file and the same pixel-deciding config."""
+        return (self.checkpoint_sha256, self.config_sha256) == (other.checkpoint_sha256, other.config_sha256)
+
+    def describe(self) -> str:
+        return f"checkpoint sha256 {self.checkpoint_sha256[:12]}, config {self.config_sha256[:12]}"
