@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import tempfile
@@ -55,6 +56,16 @@ def _parse_bands(text: str | None) -> tuple[int, ...] | None:
     return bands
 
 
+def _parse_creation_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE (e.g. COMPRESS=ZSTD)", param_hint="--co")
+        options[key.strip().upper()] = value.strip()
+    return options
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and prove it writable before any work (exit 2 if not)."""
     try:
@@ -90,7 +101,11 @@ def predict(
     inputs: list[str] = typer.Argument(
         ..., help="Rasters: files, globs, directories, or - to read paths from stdin (one per line)."
     ),
-    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Directory for the outputs (created)."),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Directory for the outputs (created); "
+                                 "or, for exactly one input, the class map's file name (FILE.tif)."),
+    creation_options: list[str] = typer.Option(
+        None, "--co", help="GDAL creation option KEY=VALUE for the GeoTIFF outputs (the COG driver's "
+        "with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable)."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace existing outputs (default: skip them, so a re-run resumes)."
     ),
@@ -151,19 +166,29 @@ def predict(
     from magseg.precision import runtime_info
     from magseg.predict import INPUT_SUFFIXES, PredictOptions, check_margin
     from magseg.segmenter import Segmenter
+    from magseg.raster import check_creation_options
     from magseg.vector import VectorOptions
 
     check_device(device)
     if vector is None and (min_area or simplify):
         fail("--min-area and --simplify shape the polygons of --vector; add --vector gpkg (or fgb, "
              "geojson)", EXIT_USAGE)
+    gdal_options = _parse_creation_options(creation_options or [])
+    check_creation_options("COG" if cog else "GTiff", gdal_options)
     options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
                              overwrite=overwrite, bands=_parse_bands(bands), margin=margin,
+                             creation_options=tuple(gdal_options.items()),
                              vector=None if vector is None else VectorOptions(
                                  vector.value, min_area=min_area, simplify=simplify))
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
     if not paths:
         fail("no input rasters found in " + " ".join(inputs), EXIT_USAGE)
+    if out_dir.suffix.lower() in (".tif", ".tiff"):
+        if len(paths) != 1:
+            fail(f"-o {out_dir} names one class map, but there are {len(paths)} inputs; give a "
+                 "directory for several", EXIT_USAGE)
+        options = dataclasses.replace(options, stem=out_dir.stem)
+        out_dir = out_dir.parent
     _check_out_dir(out_dir)
 
     overrides = list(settings or [])

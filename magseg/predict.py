@@ -83,6 +83,11 @@ class PredictOptions:
     margin: int | None = None
     preview_size: int = 512
     vector: VectorOptions | None = None  # polygons of the class map, in this format
+    # GDAL creation options for the GeoTIFF outputs (--co), over magseg's defaults; with
+    # cog, for the COG driver.
+    creation_options: tuple[tuple[str, str], ...] = ()
+    # The outputs' <stem> (-o FILE.tif for one input); None: the input's.
+    stem: str | None = None
 
 
 @dataclass
@@ -123,7 +128,7 @@ class PredictResult:
 
 def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions) -> dict[str, Path]:
     """The files predict writes for input ``path``: ``labels`` always, the others when asked."""
-    stem = source_stem(path)
+    stem = options.stem or source_stem(path)
     wanted = {"labels": True, "probs": options.probs, "uncertainty": options.uncertainty,
               "preview": options.preview, "vector": options.vector is not None}
     suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
@@ -348,7 +353,8 @@ def _run(
             for k, p in todo.items() if k not in _FROM_LABELS
         }
         provenance = segmenter.provenance.tags()
-        writers = {k: stack.enter_context(_writer(k, p, reader, config, provenance))
+        gtiff_options = {} if options.cog else dict(options.creation_options)
+        writers = {k: stack.enter_context(_writer(k, p, reader, config, provenance, gtiff_options))
                    for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
 
@@ -373,7 +379,8 @@ def _run(
         for kind, writer in writers.items():
             writer.close()
             if options.cog:
-                convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind])
+                convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind],
+                               dict(options.creation_options))
         if preview is not None:
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         if "vector" in todo:
@@ -431,7 +438,7 @@ def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config
 
 
 def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
-            provenance: Mapping[str, str]) -> RasterWriter:
+            provenance: Mapping[str, str], creation_options: Mapping[str, str]) -> RasterWriter:
     """The writer of one output kind, georeferenced like the input and tagged with what
     made it (``provenance``)."""
     geo = reader.geo
@@ -446,17 +453,18 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
             **{f"CLASS_{c.id}": c.name for c in config.classes},
         }
         return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, tags=tags,
-                            colors=[c.color for c in config.classes], descriptions=["class"])
+                            colors=[c.color for c in config.classes], descriptions=["class"],
+                            creation_options=creation_options)
     if kind == "probs":
         return RasterWriter(path, reader.size, len(names), geo, nodata=None, mask=True,
                             descriptions=names, scale=1 / 255,
                             tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path),
-                                  **provenance})
+                                  **provenance}, creation_options=creation_options)
     return RasterWriter(path, reader.size, 1, geo, nodata=None, mask=True,
                         descriptions=["uncertainty"], scale=1 / 255,
                         tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
                               "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
-                              **provenance})
+                              **provenance}, creation_options=creation_options)
 
 
 def _segment_window(

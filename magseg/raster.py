@@ -7,6 +7,8 @@ Bands are 1-based as in GDAL; arrays are ``(C, H, W)``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.io
 import rasterio.shutil
 from rasterio._err import CPLE_BaseError
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from magseg.errors import RasterError, RasterWriteError
+from magseg.errors import ConfigError, RasterError, RasterWriteError
 from magseg.sources import gdal_name, is_virtual
 
 
@@ -434,6 +437,7 @@ class RasterWriter:
         tags: dataset metadata (strings).
         descriptions: one name per band.
         scale: stored as the bands' scale factor (value x scale = physical value).
+        creation_options: GDAL GTiff creation options over magseg's defaults (``--co``).
     """
 
     def __init__(
@@ -449,6 +453,7 @@ class RasterWriter:
         tags: Mapping[str, str] | None = None,
         descriptions: Sequence[str] | None = None,
         scale: float | None = None,
+        creation_options: Mapping[str, str] | None = None,
     ):
         self.path = Path(path)
         profile: dict[str, Any] = dict(
@@ -456,6 +461,8 @@ class RasterWriter:
             tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
             BIGTIFF="IF_SAFER", nodata=nodata,
         )
+        # The user's GDAL creation options (--co) over these defaults.
+        profile.update({k.lower(): v for k, v in (creation_options or {}).items()})
         if geo.crs is not None:
             profile["crs"] = geo.crs
         if geo.transform is not None:
@@ -519,7 +526,47 @@ class RasterWriter:
         self.close()
 
 
-def convert_to_cog(src: str | Path, dst: str | Path, resampling: str) -> None:
+def check_creation_options(driver: str, options: Mapping[str, str]) -> None:
+    """Refuse creation options ``driver`` does not take, with GDAL's own message, before any
+    work: GDAL itself only warns about an unknown key and then ignores it.
+
+    Raises:
+        ConfigError: an unknown key, or a value GDAL refuses.
+    """
+    if not options:
+        return
+    refused: list[str] = []
+
+    class _Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "creation option" in record.getMessage():
+                refused.append(record.getMessage().split(" in ", 1)[-1])
+
+    handler = _Refusals(logging.WARNING)
+    gdal_log = logging.getLogger("rasterio._env")
+    gdal_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(), rasterio.io.MemoryFile() as memory:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            if driver == "COG":  # the COG driver only copies: make a source, copy it
+                with memory.open(driver="GTiff", width=8, height=8, count=1, dtype="uint8") as tiny:
+                    tiny.write(np.zeros((1, 8, 8), np.uint8))
+                with rasterio.io.MemoryFile() as out:
+                    rasterio.shutil.copy(memory.name, out.name, driver="COG", **options)
+            else:
+                with memory.open(driver=driver, width=8, height=8, count=1, dtype="uint8", **options):
+                    pass
+    except (RasterioError, CPLE_BaseError) as exc:
+        refused.append(re.sub(r"^\S+\.tif: ", "", str(exc)))  # the probe's own file name
+    finally:
+        gdal_log.removeHandler(handler)
+    if refused:
+        raise ConfigError(f"--co: {'; '.join(refused)} (the {driver} driver's options: "
+                          f"https://gdal.org/drivers/raster/{driver.lower()}.html)")
+
+
+def convert_to_cog(src: str | Path, dst: str | Path, resampling: str,
+                   creation_options: Mapping[str, str] | None = None) -> None:
     """Copy a finished tiled GeoTIFF to a Cloud-Optimised GeoTIFF with overviews.
 
     Converting a finished file is what keeps memory flat: GDAL's COG driver, given a dataset
@@ -536,10 +583,10 @@ def convert_to_cog(src: str | Path, dst: str | Path, resampling: str) -> None:
             with rasterio.open(src) as source:
                 size, count = (source.height, source.width), source.count
                 masked = any(f == [MaskFlags.per_dataset] for f in source.mask_flag_enums)
-            rasterio.shutil.copy(
-                str(src), str(dst), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_BLOCK,
-                OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER",
-            )
+            options = {"COMPRESS": "DEFLATE", "BLOCKSIZE": COG_BLOCK, "OVERVIEW_RESAMPLING": resampling,
+                       "BIGTIFF": "IF_SAFER"}
+            options.update({k.upper(): v for k, v in (creation_options or {}).items()})
+            rasterio.shutil.copy(str(src), str(dst), driver="COG", **options)
     except (RasterioError, CPLE_BaseError, OSError) as exc:
         raise _write_error(dst, f"cannot write cloud-optimised GeoTIFF ({exc})") from None
     verify_raster(dst, size, count, masked)

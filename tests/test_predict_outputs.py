@@ -1,0 +1,60 @@
+"""Where predict's outputs go and how GDAL writes them: ``-o FILE.tif`` for one input, and
+``--co`` creation options (checked before any work, GDAL's message on a bad one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import rasterio
+from typer.testing import CliRunner
+
+import magseg.cli.predict  # noqa: F401  (registers the command)
+from geotiff import smooth_image, write_raster
+from magseg.cli.app import app
+
+
+def _predict(*args):
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def test_o_file_tif_with_one_input_writes_that_file(tmp_path, fitted_checkpoint):
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 40, 50))
+    result = _predict(fitted_checkpoint, path, "-o", tmp_path / "out" / "result.tif", "--probs")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["output"] == str(tmp_path / "out" / "result.tif")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.tif", "result_probs.tif"]
+    with rasterio.open(tmp_path / "out" / "result.tif") as src:
+        assert (src.height, src.width) == (40, 50)
+
+
+def test_o_file_tif_with_several_inputs_is_a_usage_error(tmp_path, fitted_checkpoint):
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 20, 20))
+    result = _predict(fitted_checkpoint, a, b, "-o", tmp_path / "out" / "result.tif")
+    assert result.exit_code == 2 and "2 inputs" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cog", [False, True])
+def test_creation_options_reach_gdal(tmp_path, fitted_checkpoint, cog):
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 40, 50))
+    extra = ["--cog"] if cog else []
+    result = _predict(fitted_checkpoint, path, "-o", tmp_path / "out", "--co", "COMPRESS=LZW", *extra)
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "out" / "scene.tif") as src:
+        assert src.compression.name == "lzw"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("FOO=BAR", "does not support creation option FOO"),
+    ("PREDICTOR=9", "PREDICTOR=9"),
+    ("COMPRESS", "is not KEY=VALUE"),
+])
+def test_a_bad_creation_option_is_a_usage_error_before_any_work(tmp_path, fitted_checkpoint, option, message):
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 20, 20))
+    result = _predict(fitted_checkpoint, path, "-o", tmp_path / "out", "--co", option)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.stdout == ""
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
