@@ -56,6 +56,19 @@ def _parse_bands(text: str | None) -> tuple[int, ...] | None:
     return bands
 
 
+def _area_of_interest(bbox: str | None, bbox_crs: str | None, aoi: Path | None):
+    """--bbox [--bbox-crs] or --aoi as a magseg.aoi.AreaOfInterest (None: everything)."""
+    from magseg import aoi as areas
+
+    if bbox is not None and aoi is not None:
+        fail("give --bbox or --aoi, not both", EXIT_USAGE)
+    if bbox_crs is not None and bbox is None:
+        fail("--bbox-crs is the CRS of --bbox; add --bbox minx,miny,maxx,maxy", EXIT_USAGE)
+    if bbox is not None:
+        return areas.bbox(bbox, bbox_crs)
+    return None if aoi is None else areas.from_file(aoi)
+
+
 def _parse_creation_options(items: list[str]) -> dict[str, str]:
     options = {}
     for item in items:
@@ -123,6 +136,13 @@ def predict(
         "m² when projected)."),
     simplify: float = typer.Option(
         0.0, "--simplify", min=0, help="With --vector: simplify outlines by this tolerance (CRS units)."),
+    bbox: str = typer.Option(
+        None, "--bbox", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
+        "CRS): read, segmented and written over it, the outputs' transform and size its window's."),
+    bbox_crs: str = typer.Option(None, "--bbox-crs", help="The CRS of --bbox, e.g. EPSG:4326."),
+    aoi: Path = typer.Option(
+        None, "--aoi", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
+        "pixels outside them are nodata."),
     bands: str = typer.Option(
         None, "--bands", help="1-based input bands in the model's order, e.g. 4,3,2 "
         "(default: the checkpoint's data.bands)."
@@ -173,11 +193,12 @@ def predict(
     if vector is None and (min_area or simplify):
         fail("--min-area and --simplify shape the polygons of --vector; add --vector gpkg (or fgb, "
              "geojson)", EXIT_USAGE)
+    area = _area_of_interest(bbox, bbox_crs, aoi)
     gdal_options = _parse_creation_options(creation_options or [])
     check_creation_options("COG" if cog else "GTiff", gdal_options)
     options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
                              overwrite=overwrite, bands=_parse_bands(bands), margin=margin,
-                             creation_options=tuple(gdal_options.items()),
+                             creation_options=tuple(gdal_options.items()), aoi=area,
                              vector=None if vector is None else VectorOptions(
                                  vector.value, min_area=min_area, simplify=simplify))
     paths = expand_inputs(inputs, INPUT_SUFFIXES)

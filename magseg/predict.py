@@ -27,6 +27,7 @@ import numpy as np
 import rasterio
 import torch
 
+from magseg.aoi import AreaOfInterest
 from magseg.atomic import atomic_writes, fresh_partial_path
 from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
@@ -88,6 +89,8 @@ class PredictOptions:
     creation_options: tuple[tuple[str, str], ...] = ()
     # The outputs' <stem> (-o FILE.tif for one input); None: the input's.
     stem: str | None = None
+    # Only this area: read, segmented and written over its window (magseg.aoi).
+    aoi: AreaOfInterest | None = None
 
 
 @dataclass
@@ -269,6 +272,8 @@ def predict_raster(
             raise RasterError(f"cannot create output directory {out_dir}: {exc.strerror}") from None
 
     with io_env(), RasterReader(path) as reader:
+        if options.aoi is not None:
+            reader.restrict(options.aoi)
         result.height, result.width = reader.size
         if not todo:
             result.status = "skipped"

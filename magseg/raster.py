@@ -23,8 +23,10 @@ from rasterio._err import CPLE_BaseError
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
 
 from magseg.errors import ConfigError, RasterError, RasterWriteError
+from magseg.aoi import AreaOfInterest, inside
 from magseg.sources import gdal_name, is_virtual
 
 
@@ -270,6 +272,11 @@ class RasterReader:
     def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
         self.path = path if is_virtual(path) else Path(path)
         self._src = open_raster(self.path)
+        # The part of the file this reader shows (restrict): its top-left and the AOI's
+        # polygons in the raster's CRS; the whole file by default.
+        self._origin = (0, 0)
+        self._extent = (self._src.height, self._src.width)
+        self._aoi: list[dict] | None = None
         try:
             self.select(bands)
         except RasterError:
@@ -296,10 +303,27 @@ class RasterReader:
         """Number of bands in the file."""
         return self._src.count
 
+    def restrict(self, aoi: "AreaOfInterest") -> None:
+        """Show only the window that covers ``aoi`` (clipped to the raster): ``size``,
+        ``geo`` and ``read`` are then the window's, and pixels outside its polygons read as
+        invalid (nodata).
+
+        Raises:
+            RasterError: the AOI does not overlap the raster, or the raster is not georeferenced.
+        """
+        src = self._src
+        window, self._aoi = aoi.window(src.transform, (src.height, src.width), src.crs, self.path)
+        self._origin = (int(window.row_off), int(window.col_off))
+        self._extent = (int(window.height), int(window.width))
+
+    def _window(self, window: PixelWindow) -> Window:
+        """``window`` of the shown part as a rasterio window of the file."""
+        return Window(self._origin[1] + window.col, self._origin[0] + window.row, window.width, window.height)
+
     @property
     def size(self) -> tuple[int, int]:
-        """``(H, W)`` in pixels."""
-        return self._src.height, self._src.width
+        """``(H, W)`` in pixels (of the AOI's window after ``restrict``)."""
+        return self._extent
 
     @property
     def count(self) -> int:
@@ -316,6 +340,9 @@ class RasterReader:
         # GDAL reports the identity transform for rasters without one (a plain PNG); writing
         # it back would make the output claim a georeference the input never had.
         transform = None if src.transform.is_identity else src.transform
+        if self._aoi is not None:  # a window of a georeferenced raster: its own transform only
+            shown = PixelWindow(0, 0, *self._extent)
+            return GeoInfo(src.crs, window_transform(self._window(shown), src.transform), (), None)
         gcps, gcp_crs = src.gcps
         return GeoInfo(src.crs or (gcp_crs if gcps else None), transform, tuple(gcps), src.rpcs)
 
@@ -329,7 +356,7 @@ class RasterReader:
         Raises:
             RasterError: truncated or corrupt data.
         """
-        win = window.to_rasterio()
+        win = self._window(window)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -344,6 +371,8 @@ class RasterReader:
             ) from None
         if pixels.dtype.kind == "f":
             valid &= np.isfinite(pixels).all(axis=0)
+        if self._aoi is not None:
+            valid &= inside(self._aoi, window_transform(win, self._src.transform), valid.shape)
         return pixels, valid
 
     def close(self) -> None:
