@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magseg.certainty import certainty as top2_margin
+
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
 
@@ -59,8 +61,7 @@ def gate_cues(fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
       the correction's 1/stride grid sees it (large on small objects and thin lines, which
       a correction at that grid cannot follow).
     """
-    top2 = fine.topk(2, dim=1).values
-    certainty = top2[:, :1] - top2[:, 1:]
+    certainty = top2_margin(fine)[:, None]
     disagreement = (fine - coarse).abs().sum(dim=1, keepdim=True).mul_(0.5)
     detail = (fine - smooth).abs().sum(dim=1, keepdim=True).mul_(0.5)
     return torch.cat([certainty, disagreement, detail], dim=1)
@@ -147,7 +148,9 @@ class Refiner(nn.Module):
             return self._full_size(delta, fine), None
         both = self._full_size(torch.cat([delta, small_fine], dim=1), fine)
         delta, smooth = both[:, : self.classes], both[:, self.classes :]
-        return delta, self.gate(gate_cues(fine, coarse, smooth))
+        with torch.no_grad():  # the cues are data: functions of the inputs, not of weights
+            cues = gate_cues(fine.detach(), coarse.detach(), smooth.detach())
+        return delta, self.gate(cues)
 
     def gate_map(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """The gate at full resolution, ``(B, 1, H, W)`` (ones without a gate)."""
