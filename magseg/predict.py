@@ -42,6 +42,7 @@ from magseg.raster import (
     convert_to_cog,
     io_env,
     plan_scene_windows,
+    write_categories,
 )
 from magseg.segmenter import Segmenter
 from magseg.sources import base_name, is_virtual
@@ -55,9 +56,11 @@ OUTPUT_NAMES = {
     "uncertainty": "{stem}_uncertainty.tif",
     "preview": "{stem}_preview.png",
     "vector": "{stem}{vector_suffix}",  # --vector: polygons of the class map
+    "categories": "{stem}.tif.aux.xml",  # class names for GIS tools (GDAL's PAM sidecar)
 }
-# Outputs made from the finished class map rather than window by window.
-_FROM_LABELS = ("preview", "vector")
+# Outputs not written window by window: the preview, and those made from the class map alone.
+_FROM_CLASS_MAP = {"vector", "categories"}
+_NOT_WINDOWED = _FROM_CLASS_MAP | {"preview"}
 
 # Inputs a directory argument is searched for.
 INPUT_SUFFIXES = (".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg", ".vrt")
@@ -133,7 +136,7 @@ def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions)
     """The files predict writes for input ``path``: ``labels`` always, the others when asked."""
     stem = options.stem or source_stem(path)
     wanted = {"labels": True, "probs": options.probs, "uncertainty": options.uncertainty,
-              "preview": options.preview, "vector": options.vector is not None}
+              "preview": options.preview, "vector": options.vector is not None, "categories": True}
     suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
     return {k: Path(out_dir) / OUTPUT_NAMES[k].format(stem=stem, vector_suffix=suffix)
             for k, on in wanted.items() if on}
@@ -262,7 +265,9 @@ def predict_raster(
         if target.is_dir():
             raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
                               "or choose another --out-dir")
-    todo = targets if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
+    todo = dict(targets) if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
+    if "labels" not in todo:  # the class names go with the class map they describe
+        todo.pop("categories", None)
     if not options.overwrite:
         _check_provenance({k: p for k, p in targets.items() if k not in todo}, segmenter.provenance)
     if todo:
@@ -279,9 +284,9 @@ def predict_raster(
             result.status = "skipped"
             result.seconds = time.perf_counter() - start
             return result
-        if set(todo) == {"vector"}:  # the class map is there: polygonise it, segment nothing
+        if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
             with atomic_writes(todo, options.overwrite) as temps:
-                _polygonize(targets["labels"], temps["vector"], segmenter, options)
+                _from_class_map(targets["labels"], temps, segmenter, options)
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
@@ -355,7 +360,7 @@ def _run(
         tiled = {
             k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
             if options.cog else temps[k]
-            for k, p in todo.items() if k not in _FROM_LABELS
+            for k, p in todo.items() if k not in _NOT_WINDOWED
         }
         provenance = segmenter.provenance.tags()
         gtiff_options = {} if options.cog else dict(options.creation_options)
@@ -388,9 +393,8 @@ def _run(
                                dict(options.creation_options))
         if preview is not None:
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
-        if "vector" in todo:
-            labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
-            _polygonize(labels, temps["vector"], segmenter, options)
+        labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
+        _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
     result.warnings = _scale_warnings(reader, observed, config)
     return histogram
 
@@ -412,11 +416,17 @@ def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
                 f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
 
 
-def _polygonize(labels: Path, out: Path, segmenter: Segmenter, options: PredictOptions) -> None:
-    """``--vector``: the class map ``labels`` as polygons in ``out`` (magseg.vector)."""
-    assert options.vector is not None
-    polygonize(labels, out, [c.name for c in segmenter.config.classes], options.vector,
-               metadata=segmenter.provenance.tags())
+def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
+                    options: PredictOptions) -> None:
+    """The outputs made from the finished class map ``labels``: the class names for GIS
+    tools (``categories``) and, with ``--vector``, its polygons (magseg.vector)."""
+    classes = segmenter.config.classes
+    if "categories" in temps:
+        write_categories(temps["categories"], [(c.id, c.name, tuple(c.color)) for c in classes])
+    if "vector" in temps:
+        assert options.vector is not None
+        polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
+                   metadata=segmenter.provenance.tags())
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

@@ -555,6 +555,42 @@ class RasterWriter:
         self.close()
 
 
+def write_categories(path: str | Path, classes: Sequence[tuple[int, str, tuple[int, int, int]]]) -> None:
+    """The class names of a class map for GIS tools: a GDAL PAM sidecar (``<map>.aux.xml``)
+    with band 1's category names and a thematic raster attribute table (value, class name,
+    colour), which ``gdalinfo`` lists and QGIS shows in place of bare ids. rasterio has no
+    API for either, and GDAL keeps both for GeoTIFFs in this sidecar.
+
+    Args:
+        path: the sidecar to write.
+        classes: ``(id, name, (r, g, b))`` per class; ids ``0..n-1``.
+    """
+    from xml.etree import ElementTree as ET
+
+    names = {i: name for i, name, _ in classes}
+    dataset = ET.Element("PAMDataset")
+    band = ET.SubElement(dataset, "PAMRasterBand", band="1")
+    categories = ET.SubElement(band, "CategoryNames")
+    for i in range(max(names) + 1):
+        ET.SubElement(categories, "Category").text = names.get(i, "")
+    table = ET.SubElement(band, "GDALRasterAttributeTable", tableType="thematic")
+    # GDAL's field types (0 integer, 2 string) and usages (5 min-max, 2 name, 6-8 r, g, b).
+    for index, (name, kind, usage) in enumerate([("Value", 0, 5), ("Class_Name", 2, 2), ("Red", 0, 6),
+                                                 ("Green", 0, 7), ("Blue", 0, 8)]):
+        field = ET.SubElement(table, "FieldDefn", index=str(index))
+        for tag, text in (("Name", name), ("Type", kind), ("Usage", usage)):
+            ET.SubElement(field, tag).text = str(text)
+    for row, (i, name, color) in enumerate(sorted(classes)):
+        element = ET.SubElement(table, "Row", index=str(row))
+        for value in (i, name, *color):
+            ET.SubElement(element, "F").text = str(value)
+    ET.indent(dataset)
+    try:
+        ET.ElementTree(dataset).write(path, encoding="utf-8", xml_declaration=False)
+    except OSError as exc:
+        raise _write_error(Path(path), f"cannot write the class names ({exc.strerror})") from None
+
+
 def check_creation_options(driver: str, options: Mapping[str, str]) -> None:
     """Refuse creation options ``driver`` does not take, with GDAL's own message, before any
     work: GDAL itself only warns about an unknown key and then ignores it.

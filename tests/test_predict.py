@@ -238,4 +238,5 @@ def test_output_names():
     assert {k: str(v) for k, v in paths.items()} == {
         "labels": "/out/a.b.tif", "probs": "/out/a.b_probs.tif",
         "uncertainty": "/out/a.b_uncertainty.tif", "preview": "/out/a.b_preview.png",
+        "categories": "/out/a.b.tif.aux.xml",
     }
