@@ -4,9 +4,12 @@ means, and the options the trainer's loaders are built with."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from magseg.errors import MagsegError
 
 # Beyond this many workers a loader only adds memory (each holds its prefetched batches and
 # its own open files): a sample is a window read and a resize of that window.
@@ -47,3 +50,33 @@ def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
     return options
+
+
+# A DataLoader re-raises a worker's exception as the same type with the worker's traceback
+# as its message, which the CLI would print. Samples mark their own errors' messages so the
+# training loop can raise them again as the worker raised them: one line, no traceback.
+_MARK = "\x1emagseg-worker-error\x1e"
+
+
+def marked(exc: MagsegError) -> MagsegError:
+    """``exc`` with its message marked (``raise marked(exc) from None`` in a worker)."""
+    return type(exc)(f"{_MARK}{exc}{_MARK}")
+
+
+def unmarked(exc: MagsegError) -> MagsegError | None:
+    """The error a worker raised, from the DataLoader's re-raise of it; None if unmarked."""
+    text = str(exc)
+    if text.count(_MARK) < 2:
+        return None
+    return type(exc)(text.split(_MARK)[1])
+
+
+def batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader``, raising a worker's magseg error as the worker raised it."""
+    try:
+        yield from loader
+    except MagsegError as exc:
+        plain = unmarked(exc)
+        if plain is None:
+            raise
+        raise plain from None

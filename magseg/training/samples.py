@@ -21,16 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from magseg.config import Config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
 from magseg.engine import backbone_inputs
-from magseg.errors import ConfigError, DataError
+from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.normalization import normalize
 from magseg.pyramid import CropBox, Size, resize
 from magseg.training.augment import augment_pair, create_augmentation
+from magseg.training.loader import marked
 from magseg.training.windows import nearest_indices, random_box, resize_mask, resized_region, window_regions
 
 BACKBONE, REFINER = 0, 1
@@ -97,6 +98,12 @@ class GeoTiffWindows(SceneWindows):
         if not np.issubdtype(mask.dtype, np.integer):
             raise DataError(f"{path}: mask must hold integer class ids, not {mask.dtype}")
         mask = mask[np.ix_(rows - r0, cols - c0)]
+        # Masks coded otherwise (data.class_map), remapped as read_mask does for whole masks.
+        data = self.config.data
+        if getattr(data, "class_map", None) is not None:
+            from magseg.data.scenes import remap_codes
+
+            mask = remap_codes(mask, data.class_map, data.unmapped, path)
         bad = (mask >= self.config.num_classes) & (mask != IGNORE)
         if bad.any():
             raise DataError(
@@ -175,6 +182,17 @@ class _Samples(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        try:
+            return self._item(index)
+        except MagsegError as exc:
+            if get_worker_info() is None:
+                raise
+            raise marked(exc) from None  # see magseg.training.loader.batches
+
+    def _item(self, index: int | tuple[int, int]) -> Any:
+        raise NotImplementedError
+
     def _rng(self, index: int | tuple[int, int]) -> np.random.Generator:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         return np.random.default_rng([self.seed, self.phase, epoch, index])
@@ -218,7 +236,7 @@ class BackboneSamples(_Samples):
         self.augmentation = (create_augmentation(size[0] == size[1], len(self.ratios))
                              if augment else None)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, ...]:
+    def _item(self, index: int | tuple[int, int]) -> tuple[Tensor, ...]:
         rng = self._rng(index)
         pyramid = self.config.pyramid
         _, scene = self._scene(rng)
@@ -264,7 +282,7 @@ class RefinerSamples(_Samples):
         super().__init__(scenes, config, length, seed, ratios, cache)
         self.coarse = coarse
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Tensor]:
+    def _item(self, index: int | tuple[int, int]) -> dict[str, Tensor]:
         rng = self._rng(index)
         pyramid = self.config.pyramid
         source, scene = self._scene(rng)

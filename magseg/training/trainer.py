@@ -48,7 +48,7 @@ from magseg.training.distributed import World
 from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.coarse import prepare_coarse_maps
-from magseg.training.loader import loader_options, resolve_workers
+from magseg.training.loader import batches, loader_options, resolve_workers
 from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
 
@@ -612,7 +612,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64)  # loss * samples, samples
         bar = self._progress(len(run.loader), f"{run.name} {epoch + 1}/{run.epochs}")
         try:
-            for batch in run.loader:
+            for batch in batches(run.loader):
                 with precision_context(self.device, config.train.precision):
                     loss, count = step_loss(run.trained, run.backbone, batch, config, self.device)
                 run.optimizer.zero_grad(set_to_none=True)
