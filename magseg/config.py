@@ -98,7 +98,6 @@ class RefinerConfig:
     # erased small objects the fine view had found. Checkpoints without it load as false.
     gate: bool = True
 
-
     def __post_init__(self) -> None:
         if self.channels < 1 or self.context_stride < 1:
             raise ValueError("refiner.channels and refiner.context_stride must be >= 1")
@@ -226,6 +225,9 @@ class DataConfig:
     ``bands``: 1-based band indices to read, in the order the model sees them (None = all).
     ``mean``/``std``: per model channel, in the raw pixel units; computed from the training
     split when None and stored in the checkpoint.
+    ``class_map``: ``{code in the mask files: class id}`` for class-id masks coded otherwise
+    (ESA WorldCover's 10, 20, ..., 100); codes it does not list are ``unmapped``: ``error``
+    (refused, named with the file) or ``ignore`` (left out of the loss and the scores).
     """
 
     layout: Literal["deepglobe", "geotiff"] = "deepglobe"
@@ -236,8 +238,17 @@ class DataConfig:
     train_split: str = "train.txt"
     val_split: str = "val.txt"
     test_split: str = "test.txt"
+    class_map: dict[int, int] | None = None
+    unmapped: Literal["error", "ignore"] = "error"
 
     def __post_init__(self) -> None:
+        if self.class_map is not None:
+            if not self.class_map:
+                raise ValueError("data.class_map is empty; leave it out, or map codes to class ids")
+            bad = {k: v for k, v in self.class_map.items() if not (0 <= v <= 255 and 0 <= k)}
+            if bad:
+                raise ValueError(f"data.class_map maps codes >= 0 to class ids 0..254 (255 = ignore), "
+                                 f"got {bad}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be > 0 for every channel (it divides the pixels), "
                              f"got {list(self.std)}")

@@ -136,6 +136,8 @@ def read_mask(path: str | Path, config: Config) -> np.ndarray:
     mask = mask[0]
     if not np.issubdtype(mask.dtype, np.integer):
         raise DataError(f"{path}: mask must hold integer class ids, not {mask.dtype}")
+    if config.data.class_map is not None:
+        mask = remap_codes(mask, config.data.class_map, config.data.unmapped, path)
     bad = (mask >= config.num_classes) & (mask != IGNORE)
     if bad.any():
         raise DataError(
@@ -143,6 +145,24 @@ def read_mask(path: str | Path, config: Config) -> np.ndarray:
             f"config has {config.num_classes} classes (0..{config.num_classes - 1}; 255 = ignore)"
         )
     return mask.astype(np.uint8)
+
+
+def remap_codes(mask: np.ndarray, class_map: dict[int, int], unmapped: str,
+                path: str | Path = "<mask>") -> np.ndarray:
+    """Mask codes ``(H, W)`` -> class ids ``(H, W)`` uint8 by ``class_map``; codes it does
+    not list become 255 (``unmapped: ignore``) or an error naming them (``error``).
+
+    Raises:
+        DataError: unlisted codes with ``unmapped: error``.
+    """
+    codes, inverse = np.unique(mask, return_inverse=True)
+    ids = np.array([class_map.get(int(c), IGNORE) for c in codes], dtype=np.uint8)
+    missing = [int(c) for c in codes if int(c) not in class_map]
+    if missing and unmapped == "error":
+        raise DataError(
+            f"{path}: mask codes {missing[:10]} are not in data.class_map (it maps "
+            f"{sorted(class_map)[:10]}); add them, or set data.unmapped=ignore to leave them out")
+    return ids[inverse.reshape(mask.shape)]
 
 
 def read_scene(scene: Scene, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
@@ -179,6 +199,7 @@ def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
     with open_raster(scene.image) as src:
         bands = select_bands(scene.image, src.count, config.data.bands)
         size = (src.height, src.width)
+        grid = (src.crs, src.transform)
     if len(bands) != config.model.in_channels:
         raise DataError(
             f"{scene.image}: {len(bands)} band(s) but the model takes "
@@ -188,6 +209,7 @@ def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
         return size
     with open_raster(scene.mask) as src:
         mask_size, mask_bands = (src.height, src.width), src.count
+        mask_grid = (src.crs, src.transform)
     wanted = 3 if config.data.layout == "deepglobe" else 1
     if mask_bands < wanted or (wanted == 1 and mask_bands != 1):
         raise DataError(
@@ -199,4 +221,10 @@ def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
             f"{scene.mask}: mask is {mask_size[1]}x{mask_size[0]} but its image "
             f"{scene.image} is {size[1]}x{size[0]} (width x height)"
         )
+    # Same size is not enough: a mask of another place or resolution would teach the model
+    # the wrong pixels.
+    for what, mine, theirs in (("CRS", grid[0], mask_grid[0]), ("transform", grid[1], mask_grid[1])):
+        if mine != theirs:
+            raise DataError(f"{scene.mask}: its {what} ({theirs}) is not its image's ({mine}, "
+                            f"{scene.image}); warp one onto the other's grid (gdalwarp)")
     return size
