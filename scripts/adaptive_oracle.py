@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -45,6 +44,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.certainty import certainty  # noqa: E402
@@ -178,10 +179,7 @@ def main() -> None:
         "rules": {name: {"crops_needed": k, "fraction": round(k / n, 3), "speed_up": round(speed_up(k), 2)}
                   for name, k in rules.items()},
     }
-    text = json.dumps(report)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report_figures(report, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
@@ -195,10 +196,7 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()),
     }
-    text = json.dumps(figures)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ difference.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from figures import report as report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -85,10 +86,7 @@ def main() -> None:
             "gpkg_mb": round(out.stat().st_size / 2**20, 1),
             "labels_mb": round(labels.stat().st_size / 2**20, 1), "machine": platform.machine(),
         }
-    text = json.dumps(figures)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":
