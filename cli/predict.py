@@ -97,6 +97,8 @@ def _check_out_dir(out_dir: Path) -> None:
         "  magseg predict runs/dg/best.ckpt scenes/*.tif --out-dir pred/\n\n"
         "  magseg predict model.ckpt big_mosaic.tif -o pred/ --probs --uncertainty --cog\n\n"
         "  find /data -name '*.jp2' | magseg predict model.ckpt - -o pred/ --bands 4,3,2\n\n"
+        "  magseg predict model.ckpt s3://bucket/scene.tif -o pred/ --vector gpkg "
+        "--bbox 12.40,41.80,12.60,41.95 --bbox-crs EPSG:4326\n\n"
         "  magseg predict model.ckpt tiles/ -o pred/ --preview | jq -c 'select(.status==\"failed\")'\n\n"
         "Outputs per input <stem>: <stem>.tif (uint8 class ids, nodata 255, colour table and class "
         "names from the checkpoint, same size, CRS and transform as the input); with --probs "
