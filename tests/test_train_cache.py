@@ -21,7 +21,7 @@ from magseg.data.scenes import list_scenes, read_scene
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
 from magseg.training.coarse import prepare_coarse_maps
-from magseg.training.loader import MAX_AUTO_WORKERS, loader_options, resolve_workers
+from magseg.training.loader import MAX_AUTO_WORKERS, loader_options, lower_priority, resolve_workers
 from magseg.training.samples import RefinerSamples, collate_refiner
 from magseg.training.trainer import coarse_inputs
 from test_datasets import CONFIGS_TINY, make_deepglobe
@@ -194,6 +194,7 @@ def test_loader_options_follow_the_device_and_workers():
     assert loader_options(0, CPU) == {"num_workers": 0, "pin_memory": False}
     options = loader_options(2, torch.device("cuda"))
     assert options["pin_memory"] and options["persistent_workers"] and options["prefetch_factor"] >= 2
+    assert options["worker_init_fn"] is lower_priority
 
 
 def test_num_workers_config(tiny_config):

@@ -605,7 +605,7 @@ class Trainer:
         config, world = self.config, self.world
         start = time.perf_counter()
         run.dataset.set_epoch(epoch)
-        inner = run.loader.sampler.sampler  # the EpochSampler's
+        inner = getattr(run.loader.sampler, "sampler", run.loader.sampler)  # an EpochSampler's
         if isinstance(inner, DistributedSampler):
             inner.set_epoch(epoch)
         step_loss = backbone_loss if run.name == "backbone" else refiner_loss
