@@ -129,3 +129,27 @@ def test_persistent_workers_sample_the_main_process_epoch(tmp_path, tiny_config)
     assert keys == [(3, i) for i in range(4)] and len(sampler) == 4
     dataset.set_epoch(0)  # what a worker's stale copy would hold
     assert torch.equal(dataset[keys[1]][0], (dataset.set_epoch(3), dataset[1])[1][0])
+
+
+def test_geotiff_windows_read_masks_through_the_class_map(tmp_path, tiny_config):
+    # Masks coded 10, 20, ... (data.class_map): a window's labels are what read_mask makes
+    # of the whole mask.
+    import rasterio
+
+    config = geotiff_config(tiny_config, bands=4).override(
+        {"data.mean": [3200.0] * 4, "data.std": [3000.0] * 4,
+         "data.class_map": {10: 0, 20: 1, 30: 2, 40: 3}})
+    root = make_geotiff(tmp_path / "data", config)
+    for path in (root / "masks").glob("*.tif"):
+        with rasterio.open(path, "r+") as dst:
+            dst.write((dst.read() + 1) * 10)
+    scenes = list_scenes(config.data, "train", root)
+    samples = RefinerSamples(scenes, config, 8, seed=5)
+    pyramid = config.pyramid
+    for index in range(8):
+        rng = samples._rng(index)
+        image, mask = load_scene(scenes[int(rng.integers(len(scenes)))], config)
+        sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
+        size = sizes[1 + int(rng.integers(len(sizes) - 1))]
+        box = random_box(rng, size, pyramid.crop)
+        assert torch.equal(samples[index]["mask"], _whole_scene(image, mask, size, box, pyramid.crop)[2])
