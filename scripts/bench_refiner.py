@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""What the refiner's gate costs: ``Refiner.probs`` with and without the gate on one engine
+batch, beside the backbone on the same crops. Calls are interleaved and the minimum of
+``--repeat`` is reported (on a shared machine the minimum is the least disturbed).
+
+    python scripts/bench_refiner.py --config configs/demo.yaml --threads 1
+
+stdout: one JSON object, milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from magseg.config import load_config  # noqa: E402
+from magseg.engine import crop_probs  # noqa: E402
+from magseg.refiner import Refiner  # noqa: E402
+from magseg.segmenter import create_segmenter_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--batch", type=int, default=None, help="crops per call (default: engine.batch_size)")
+    parser.add_argument("--repeat", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    b = args.batch or cfg.engine.batch_size
+    (h, w), c = cfg.pyramid.crop, cfg.num_classes
+    torch.manual_seed(0)
+    fine = torch.softmax(torch.randn(b, c, h, w) * 3, 1)
+    coarse = torch.softmax(torch.randn(b, c, h, w) * 3, 1)
+    crops = torch.randn(b, cfg.model.in_channels, h, w)
+    backbone = create_segmenter_model(cfg, pretrained=False).eval()
+    refiners = {}
+    for gate in (False, True):
+        refiners[gate] = Refiner(c, cfg.refiner.channels, cfg.refiner.context_stride, gate=gate).eval()
+        torch.nn.init.normal_(refiners[gate].context[-1].weight, std=0.5)  # a nonzero correction
+    calls = {
+        "refiner_no_gate": lambda: refiners[False].probs(fine, coarse),
+        "refiner_gate": lambda: refiners[True].probs(fine, coarse),
+        "backbone": lambda: crop_probs(backbone, crops, cfg.pyramid.input, precision="fp32"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    with torch.inference_mode():
+        for i in range(args.repeat):
+            for name, call in calls.items():
+                if name == "backbone" and i % 5:  # slow: every fifth round
+                    continue
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    out = {"batch": [b, c, h, w], "threads": torch.get_num_threads(),
+           **{f"{k}_ms": round(1000 * min(v), 2) for k, v in times.items()}}
+    out["gate_extra_over_backbone"] = round((min(times["refiner_gate"]) - min(times["refiner_no_gate"]))
+                                            / min(times["backbone"]), 4)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
