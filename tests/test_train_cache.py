@@ -102,7 +102,7 @@ def test_a_corrupt_entry_is_rebuilt(tmp_path, data, monkeypatch):
     (entry,) = _entries(tmp_path / "c")
     entry.write_bytes(entry.read_bytes()[:1000])  # truncated (not by magseg: it renames)
     decodes = _decodes(monkeypatch)
-    image, _ = cache.load(scenes[0])
+    image, _ = SceneCache(tmp_path / "c", config).load(scenes[0])  # a later run
     assert decodes == [scenes[0].id] and image.shape == (3, 128, 128)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -47,10 +48,36 @@ def digest(value: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+@functools.lru_cache(maxsize=4096)
+def _resolved(path: str) -> str:
+    # Resolving walks every component of the path (an lstat each): once per process. A file
+    # replaced at the same path is still seen, by its size and mtime.
+    return str(Path(path).resolve())
+
+
 def file_stamp(path: Path) -> list[Any]:
     """What identifies one version of a file: its resolved path, size and mtime (ns)."""
     st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    return [_resolved(str(path)), st.st_size, st.st_mtime_ns]
+
+
+class OpenEntries:
+    """Entries this process has memory-mapped, by path: a sample then costs a stat of its
+    source files (to see a changed file) instead of an open, a header parse and an mmap.
+    Not pickled (a spawned worker maps its own)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def get(self, path: Path) -> np.ndarray | None:
+        return self._maps.get(path)
+
+    def put(self, path: Path, array: np.ndarray) -> np.ndarray:
+        self._maps[path] = array
+        return array
+
+    def __getstate__(self) -> dict:
+        return {"_maps": {}}
 
 
 def _version() -> str:
@@ -123,6 +150,7 @@ class SceneCache:
             "classes": [(c.id, tuple(c.color)) for c in config.classes],
         }
         self._config = config
+        self._open = OpenEntries()
 
     def path(self, scene) -> Path:
         """The entry for ``scene`` as its files are now (a stat of each, no decoding):
@@ -147,6 +175,9 @@ class SceneCache:
         if scene.mask is None:
             raise DataError(f"{scene.image}: training needs a mask")
         path = self.path(scene)
+        array = self._open.get(path)
+        if array is not None:
+            return array[:-1], array[-1]
 
         def build() -> np.ndarray:
             image, mask = read_scene(scene, self._config)
@@ -157,7 +188,8 @@ class SceneCache:
             self._remove_stale(path)
             return array
 
-        array = cached_npy(path, build, f"scene cache entry of {scene.image}", self._check)
+        array = self._open.put(path, cached_npy(path, build, f"scene cache entry of {scene.image}",
+                                                self._check))
         return array[:-1], array[-1]
 
     def _remove_stale(self, path: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from magseg.config import Config
-from magseg.data.cache import SceneCache, cached_npy, digest, file_stamp, load_npy
+from magseg.data.cache import OpenEntries, SceneCache, cached_npy, digest, file_stamp, load_npy
 from magseg.data.scenes import Scene
 from magseg.engine import stage_probs
 from magseg.errors import DataError
@@ -56,6 +56,7 @@ class CoarseMaps:
     def __init__(self, directory: str | Path, config: Config) -> None:
         self.directory = Path(directory)
         self.config = config
+        self._open = OpenEntries()
 
     def path(self, scene: Scene) -> Path:
         return self.directory / f"{digest(file_stamp(scene.image))}.npy"
@@ -63,7 +64,12 @@ class CoarseMaps:
     def window(self, scene: Scene, size: tuple[int, int], box: CropBox) -> Tensor:
         """``(classes, ch, cw)``: stage 0 upsampled to the stage ``size``, cut at ``box`` as
         the engine cuts a crop (zero beyond the stage image)."""
-        y0 = load_npy(self.path(scene))
+        path = self.path(scene)
+        y0 = self._open.get(path)
+        if y0 is None:
+            y0 = load_npy(path)
+            if y0 is not None:
+                self._open.put(path, y0)
         if y0 is None:
             raise DataError(f"{scene.image}: its coarse map {self.path(scene)} is missing; "
                             "the refiner phase computes them before its first epoch")
