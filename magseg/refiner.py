@@ -61,10 +61,12 @@ def gate_cues(fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
       the correction's 1/stride grid sees it (large on small objects and thin lines, which
       a correction at that grid cannot follow).
     """
-    certainty = top2_margin(fine)[:, None]
-    disagreement = (fine - coarse).abs().sum(dim=1, keepdim=True).mul_(0.5)
-    detail = (fine - smooth).abs().sum(dim=1, keepdim=True).mul_(0.5)
-    return torch.cat([certainty, disagreement, detail], dim=1)
+    return torch.stack([top2_margin(fine), _tv_distance(fine, coarse), _tv_distance(fine, smooth)], dim=1)
+
+
+def _tv_distance(p: Tensor, q: Tensor) -> Tensor:
+    """``0.5 * sum_c |p - q|``: ``(B, H, W)``; one full-size buffer, reused in place."""
+    return (p - q).abs_().sum(dim=1).mul_(0.5)
 
 
 class RefinerGate(nn.Module):
@@ -94,6 +96,17 @@ class RefinerGate(nn.Module):
         weight = (self.weight * self.SCALE).view(1, -1, 1, 1)
         logit = (cues * weight).sum(dim=1, keepdim=True).add_(self.bias * self.SCALE)
         return logit.sigmoid_()
+
+    def from_maps(self, fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
+        """``forward(gate_cues(fine, coarse, smooth))`` without autograd, accumulated in
+        place on one ``(B, 1, H, W)`` buffer (the engine's path: no stacked cues)."""
+        w0, w1, w2 = (float(v) * self.SCALE for v in self.weight)
+        logit = top2_margin(fine).mul_(w0).add_(float(self.bias) * self.SCALE)
+        if w1:
+            logit.add_(_tv_distance(fine, coarse), alpha=w1)
+        if w2:
+            logit.add_(_tv_distance(fine, smooth), alpha=w2)
+        return logit.sigmoid_()[:, None]
 
 
 class Refiner(nn.Module):
@@ -148,6 +161,8 @@ class Refiner(nn.Module):
             return self._full_size(delta, fine), None
         both = self._full_size(torch.cat([delta, small_fine], dim=1), fine)
         delta, smooth = both[:, : self.classes], both[:, self.classes :]
+        if not torch.is_grad_enabled():  # inference: the same numbers, fewer full-size passes
+            return delta, self.gate.from_maps(fine, coarse, smooth)
         with torch.no_grad():  # the cues are data: functions of the inputs, not of weights
             cues = gate_cues(fine.detach(), coarse.detach(), smooth.detach())
         return delta, self.gate(cues)
