@@ -295,14 +295,15 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Refiner loss pixels, PointRend-style: N = refiner_points * crop pixels per window,
     # the refiner_importance * N most uncertain of refiner_oversample * N random candidates
-    # plus the rest drawn uniformly. None: every pixel (a dense loss, dominated by the easy
-    # interiors of large regions).
-    refiner_points: float | None = 0.25
+    # plus the rest drawn uniformly. None: every pixel. Off by default: with 0.25 and
+    # refiner_balance 0.5 the demo's progressive mIoU fell 2.8 points against the dense
+    # plain loss (docs/refiner.md).
+    refiner_points: float | None = None
     refiner_oversample: float = 3.0
     refiner_importance: float = 0.75
     # Refiner loss class balancing, 0 (plain cross-entropy) to 1 (every class present in a
     # batch weighs the same): pixels weighted by (class pixel count) ** -refiner_balance.
-    refiner_balance: float = 0.5
+    refiner_balance: float = 0.0
     # Keep only this fraction of the refiner's hardest loss points (OHEM); None: all.
     refiner_ohem: float | None = None
     # After the refiner phase, validate without the refiner too and store the better
