@@ -169,7 +169,7 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
     stored = payload["config"]
     refiner = stored.get("refiner") if isinstance(stored, dict) else None
     if isinstance(refiner, dict) and "gate" not in refiner:
-        # Written before the refiner had a gate: its weights are the correction alone.
+        # No refiner.gate key: the refiner's weights are the correction alone, no gate.
         stored = {**stored, "refiner": {**refiner, "gate": False}}
     try:
         config = config_from_dict(stored, source=f"in checkpoint {path}")

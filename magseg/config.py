@@ -95,7 +95,8 @@ class RefinerConfig:
     context_stride: int = 4
     # A per-pixel gate, from full-resolution cues, between keeping the fine prediction and
     # taking the correction (magseg.refiner.RefinerGate): without it the smooth correction
-    # erased small objects the fine view had found. Checkpoints without it load as false.
+    # can erase small objects the fine view found. Checkpoints without gate weights load
+    # as false.
     gate: bool = True
 
     def __post_init__(self) -> None:

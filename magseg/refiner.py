@@ -11,8 +11,8 @@ pixels, and returns
 A residual in log-probability space, weighted per pixel at full resolution by ``gate`` in
 [0, 1]. The correction is learned from the coarse map and the surroundings; at 1/stride it
 is smooth, so it cannot follow anything narrower than about ``stride`` pixels, and on its
-own it pushed small objects (a 10 px building the fine view found) towards the background
-around them. The gate (``RefinerGate``) decides from three full-resolution cues whether a
+own it can push a small object the fine view found (a 10 px building) towards the
+background around it. The gate (``RefinerGate``) decides from three full-resolution cues whether a
 pixel keeps its fine prediction or takes the correction: the fine certainty (top-1 minus
 top-2), the fine-vs-coarse disagreement, and the fine map's detail that the 1/stride view
 cannot represent. It starts out closed where the fine map has such detail and open in
@@ -20,9 +20,8 @@ smooth regions (two fields that look alike up close), and is trained with the co
 
 The last convolution of the correction starts at zero, so an untrained refiner returns the
 fine prediction exactly, whatever the gate, and training only has to learn the correction.
-A full-resolution 1x1 branch over the class maps was tried and dropped: on a CPU it cost
-more than all the rest of the refinement together; the gate's cues are a few per-pixel
-reductions instead.
+A learned full-resolution branch over the class maps would cost more on a CPU than all the
+rest of the refinement together; the gate's cues are a few per-pixel reductions instead.
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ class Refiner(nn.Module):
     """Refines fine probabilities using coarse ones: ``(B, C, H, W) x 2 -> (B, C, H, W)`` logits.
 
     ``gate=False`` builds the correction alone (refined = log fine + correction everywhere),
-    as checkpoints made before the gate hold it.
+    as a checkpoint without gate weights holds it.
     """
 
     def __init__(self, classes: int, channels: int = 32, context_stride: int = 4, gate: bool = True) -> None:

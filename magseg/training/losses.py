@@ -21,7 +21,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, ohem: float | None = None,
         balance: class balancing, 0 (plain mean) to 1: each pixel is weighted by
             ``n_c ** -balance``, ``n_c`` the batch's labelled pixels of its class, and the
             weights are scaled to average 1. At 1 every class present weighs the same in
-            the loss, however few its pixels: a class of 4 % no longer counts for 4 %.
+            the loss, however few its pixels: a class of 4 % does not count for only 4 %.
     Returns:
         the (weighted) mean loss over the kept pixels (0, with a gradient, when none is
         labelled).
