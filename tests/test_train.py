@@ -81,10 +81,10 @@ def test_refiner_loss_goes_down(tmp_path, tiny_config, points):
     refiner = create_refiner(config)
     # Judged on the dense loss (every pixel), whatever the points trained on.
     dense = config.override({"train.refiner_points": None})
-    start = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0])
+    start = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0].detach())
     torch.manual_seed(0)
     losses = _steps(refiner_loss, refiner, backbone, [batch] * 10, config)
-    end = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0])
+    end = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0].detach())
     assert end < 0.9 * start, (start, end, losses)
     assert all(p.grad is None for p in backbone.parameters())  # frozen
 
