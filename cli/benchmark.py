@@ -11,6 +11,19 @@ from magseg.cli.app import app
 from magseg.cli.common import EXIT_FAILED, check_device, emit, handle_errors, log, progress_bar
 
 
+def _fractions(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return ()
+    try:
+        ks = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        ks = ()
+    if not ks or any(not 0 < k <= 1 for k in ks):
+        raise typer.BadParameter(f"{text!r}: give fractions in (0, 1], e.g. 0.5,0.75,1.0",
+                                 param_hint="--sweep-k")
+    return ks
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -37,6 +50,9 @@ def benchmark(
     adaptive_max_crops: int = typer.Option(
         None, help="Add an 'adaptive' row: run only the N most uncertain crops of each stage."
     ),
+    sweep_k: str = typer.Option(
+        None, "--sweep-k", help="Also score progressive at each of these K (fractions of a crop's "
+        "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each."),
     limit: int = typer.Option(None, min=1, help="Only the first N scenes of the split."),
     samples: int = typer.Option(3, min=0, help="Sample panels to draw (the first N scenes)."),
     warmup: bool = typer.Option(
@@ -107,7 +123,7 @@ def benchmark(
                 f"--adaptive: the checkpoint {checkpoint} sets no engine.adaptive; give "
                 "--adaptive-threshold and/or --adaptive-max-crops"
             )
-    methods = benchmark_methods(config, wanted)
+    methods = benchmark_methods(config, wanted, _fractions(sweep_k))
 
     scenes = list_scenes(config.data, split, data_root)
     if limit is not None:

@@ -61,8 +61,10 @@ class Method:
         return len(self.pyramid.scales) > 1
 
 
-def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None) -> list[Method]:
-    """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive)."""
+def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
+                      sweep_k: Sequence[float] = ()) -> list[Method]:
+    """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive,
+    + ``progressive (K=k)`` for each k of ``sweep_k``)."""
     full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig())
     p = config.pyramid
     sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
@@ -77,6 +79,9 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None) ->
         Method("patch", f"patch-only: finest scale ({p.scales[-1][0]}x{p.scales[-1][1]}) in "
                f"{p.crop[0]}x{p.crop[1]} crops, stitched", p.patch_only(), config.refine, full),
     ]
+    for k in sweep_k:
+        methods.append(Method(f"progressive (K={k})", f"progressive refinement, K={k}, {refiner}", p,
+                              dataclasses.replace(config.refine, points=k), full))
     if adaptive is not None and adaptive.enabled:
         methods.append(
             Method("adaptive", f"progressive, adaptive (threshold={adaptive.threshold}, "

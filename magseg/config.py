@@ -310,8 +310,15 @@ class TrainConfig:
     # After the refiner phase, validate without the refiner too and store the better
     # choice in best.ckpt's refiner.enabled (predict and benchmark follow it).
     refiner_choice: bool = True
+    # With refiner_choice: the K (refine.points, fractions) also tried on the validation
+    # split, each with and without the refiner; the best pair is stored in best.ckpt. On
+    # data where context adds little a lower K keeps pixels on the coarser answer that the
+    # patch alone gets right. Empty: only refine.points.
+    choose_k: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
 
     def __post_init__(self) -> None:
+        if any(not 0 < k <= 1 for k in self.choose_k):
+            raise ValueError(f"train.choose_k are fractions of a crop's pixels in (0, 1], got {list(self.choose_k)}")
         if self.refiner_points is not None and not 0 < self.refiner_points <= 1:
             raise ValueError(f"train.refiner_points is a fraction in (0, 1], got {self.refiner_points}")
         if self.refiner_oversample < 1:

@@ -234,3 +234,20 @@ def test_adaptive_needs_settings(ckpt, data, tmp_path):
     result, _ = run(ckpt, data, "--out-dir", tmp_path / "b", "--adaptive")
     assert result.exit_code == 2
     assert "--adaptive-threshold" in result.output
+
+
+def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
+    result, lines = run(ckpt, data, "--out-dir", tmp_path / "bench", "--sweep-k", "0.5,1.0", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    methods = json.loads((tmp_path / "bench" / "report.json").read_text())["methods"]
+    assert {"progressive (K=0.5)", "progressive (K=1.0)"} <= set(methods)
+    assert list(methods["progressive (K=0.5)"]["iou"]) == NAMES
+    # K = 1 with an untrained refiner (refined = fine) is patch-only, pixel for pixel.
+    assert methods["progressive (K=1.0)"]["confusion_matrix"] == methods["patch"]["confusion_matrix"]
+    assert "progressive (K=0.5)" in (tmp_path / "bench" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "a,b", ","])
+def test_a_bad_sweep_k_is_a_usage_error(ckpt, data, tmp_path, value):
+    result, _ = run(ckpt, data, "--out-dir", tmp_path / "bench", "--sweep-k", value)
+    assert result.exit_code == 2 and "--sweep-k" in result.output

@@ -3,6 +3,7 @@ the checkpoint holds everything predict needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -249,3 +250,32 @@ def test_training_stores_the_refiner_on_off_choice(tmp_path, tiny_config):
     again = train(config.override({"train.refiner_choice": False}),
                   TrainOptions(out=out, phase="refiner", data_root=data))
     assert [r["phase"] for r in again.records] == ["refiner"]
+
+
+def test_training_chooses_k_on_validation_and_never_loses_to_patch_only(tmp_path, tiny_config):
+    # After the refiner phase every K of train.choose_k is validated with and without the
+    # refiner. K = 1 without the refiner is exactly patch-only (the engine's invariant), so the
+    # chosen pair is never below patch-only on the validation split.
+    config = small(tiny_config, **{"train.choose_k": [0.25, 1.0], "refine.points": 0.5})
+    data = make_deepglobe(tmp_path / "data", config)
+    records = []
+    result = train(config, TrainOptions(out=tmp_path / "run", data_root=data, on_epoch=records.append))
+    choice = result.refiner_choice
+    sweep = {(s["refiner"], s["k"]): s["val_miou"] for s in choice["sweep"]}
+    assert set(sweep) == {(on, k) for on in (True, False) for k in (0.25, 0.5, 1.0)}
+    assert choice["val_miou"] == max(sweep.values())
+    best = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert (best.config.refine.points, best.config.refiner.enabled) == (choice["points"], choice["enabled"])
+    assert records[-1]["choice"]["points"] == choice["points"] and records[-1]["sweep"] == choice["sweep"]
+
+    from magseg.data.scenes import list_scenes
+    from magseg.training.distributed import World
+    from magseg.training.validation import validate
+
+    val = list_scenes(best.config.data, "val", data)
+    segmenter = Segmenter.from_checkpoint(tmp_path / "run" / "best.ckpt")
+    patch = validate(dataclasses.replace(best.config, pyramid=best.config.pyramid.patch_only()), val,
+                     segmenter.backbone, None, World(), CPU)["miou"]
+    chosen = validate(best.config, val, segmenter.backbone, segmenter.refiner, World(), CPU)["miou"]
+    assert chosen == pytest.approx(choice["val_miou"])
+    assert chosen >= patch - 0.002

@@ -29,8 +29,12 @@ def test_torchrun_two_processes(tmp_path, tiny_config):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Only rank 0 writes stdout: one line per epoch, not two.
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    records = [r for r in lines if "epoch" in r]
     assert [(r["phase"], r["epoch"]) for r in records] == [("backbone", 1), ("refiner", 1)]
+    # ... and one line for the refinement chosen on validation, whose sweep both ranks ran.
+    [choice] = [r for r in lines if "choice" in r]
+    assert len(choice["sweep"]) == 2 * len({*tiny_config.train.choose_k, tiny_config.refine.points})
     # Each rank validated some of the 3 val scenes (2 + 1); the matrix was summed across ranks.
     assert all(r["val_pixels"] == 3 * 128 * 128 for r in records)
     log = (out / "train.log").read_text()

@@ -448,39 +448,63 @@ class Trainer:
             self._choose_refiner(run)
 
     def _choose_refiner(self, run: _PhaseRun) -> None:
-        """Validate the frozen backbone without the refiner, compare with the best refiner
-        epoch's validation mIoU and store the better in best.ckpt's ``refiner.enabled``.
+        """Validate the best epoch's models at every K of ``train.choose_k`` (and
+        ``refine.points``), with the refiner and without it, and store the best pair in
+        best.ckpt's ``refine.points`` and ``refiner.enabled``.
 
         A refiner that does not beat its absence on held-out scenes (small objects it
-        smooths away, data where the coarse view adds nothing) is switched off for predict
-        and benchmark; ``--set refiner.enabled=true`` brings it back, its weights stay in
-        the file. last.ckpt keeps the training config, for --resume.
+        smooths away, data where the coarse view adds nothing) is switched off, and a K that
+        keeps too many pixels on the coarser answer is lowered or raised, for predict and
+        benchmark; ``--set refiner.enabled=...`` / ``refine.points=...`` override the choice,
+        the refiner's weights stay in the file. Ties go to the simpler model (no refiner),
+        then to the configured K. last.ckpt keeps the training config, for --resume.
         """
         if not math.isfinite(run.best_miou):
             return
-        bar = self._progress(len(self.val_scenes), "validation, no refiner")
-        try:
-            off = validate(self.config, self.val_scenes, run.backbone, None, self.world, self.device,
-                           on_scene=lambda: bar.update(1))
-        finally:
-            bar.close()
-        enabled = not (math.isfinite(off["miou"]) and off["miou"] >= run.best_miou)
-        choice = {"enabled": enabled, "val_miou_refiner": run.best_miou, "val_miou_no_refiner": off["miou"]}
-        self.result.refiner_choice = choice
-        logger.info("refiner %s: val mIoU %.4f with it, %.4f without (stored in %s)",
-                    "kept" if enabled else "switched off", run.best_miou, off["miou"], self.out / BEST)
-        if not self.world.main:
-            return
-        best = load_checkpoint(self.out / BEST)
+        distributed.barrier(self.world)  # the main process may just have written best.ckpt
+        best = load_checkpoint(self.out / BEST)  # every rank: the sweep is validated together
         if best.refiner is None:
             return
         refiner = create_refiner(best.config)
         assert refiner is not None
         load_state(refiner, best.refiner, "refiner", best.path)
+        refiner.to(self.device)
+        own_k = self.config.refine.points
+        sweep = []
+        for enabled in (True, False):
+            for k in sorted({*self.config.train.choose_k, own_k}):
+                if enabled and k == own_k:
+                    miou = run.best_miou  # the best epoch's own validation
+                else:
+                    label = f"validation, K={k}, refiner {'on' if enabled else 'off'}"
+                    bar = self._progress(len(self.val_scenes), label)
+                    try:
+                        miou = validate(self.config.override({"refine.points": k}), self.val_scenes,
+                                        run.backbone, refiner if enabled else None, self.world, self.device,
+                                        on_scene=lambda: bar.update(1))["miou"]
+                    finally:
+                        bar.close()
+                sweep.append({"refiner": enabled, "k": k, "val_miou": miou})
+                logger.info("refinement sweep: K=%s, refiner %s: val mIoU %.4f", k,
+                            "on" if enabled else "off", miou)
+        pick = max(sweep, key=lambda s: (s["val_miou"] if math.isfinite(s["val_miou"]) else -math.inf,
+                                         not s["refiner"], s["k"] == own_k))
+        at_own_k = {s["refiner"]: s["val_miou"] for s in sweep if s["k"] == own_k}
+        choice = {"enabled": pick["refiner"], "points": pick["k"], "val_miou": pick["val_miou"],
+                  "val_miou_refiner": at_own_k[True], "val_miou_no_refiner": at_own_k[False],
+                  "sweep": sweep}
+        self.result.refiner_choice = choice
+        logger.info("refinement chosen: K=%s, refiner %s (val mIoU %.4f), stored in %s", pick["k"],
+                    "on" if pick["refiner"] else "off", pick["val_miou"], self.out / BEST)
+        if not self.world.main:
+            return
+        if self.options.on_epoch:
+            chosen = {k: v for k, v in choice.items() if k != "sweep"}
+            self.options.on_epoch({"phase": "refiner", "choice": chosen, "sweep": sweep})
         backbone = create_segmenter_model(best.config, pretrained=False)
         load_state(backbone, best.backbone, "backbone", best.path)
-        config = best.config.override({"refiner.enabled": enabled})
-        self.result.best = save_checkpoint(self.out / BEST, config, backbone, refiner,
+        config = best.config.override({"refiner.enabled": pick["refiner"], "refine.points": pick["k"]})
+        self.result.best = save_checkpoint(self.out / BEST, config, backbone, refiner.cpu(),
                                            meta={**best.meta, "refiner_choice": choice})
 
     # ------------------------------------------------------------------ phase construction
