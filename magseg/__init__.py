@@ -1,6 +1,14 @@
-"""magseg: progressive (MagNet-style) segmentation of ultra-high-resolution images."""
+"""magseg: progressive (MagNet-style) segmentation of ultra-high-resolution images.
 
-from magseg.config import Config, PyramidConfig, RefineConfig, EngineConfig, load_config
+The public API: ``Segmenter`` (a checkpoint or config turned into models ready to run),
+``segment`` (the stage loop on one in-memory image), ``load_config`` and the config classes,
+``predict_raster`` (one raster of any size to GeoTIFF outputs) and ``MagsegError`` (the base
+of every error magseg raises on purpose).
+"""
+
+from typing import Any
+
+from magseg.config import Config, EngineConfig, PyramidConfig, RefineConfig, load_config
 from magseg.engine import SegmentationResult, segment
 from magseg.errors import MagsegError
 
@@ -13,6 +21,20 @@ __all__ = [
     "PyramidConfig",
     "RefineConfig",
     "SegmentationResult",
+    "Segmenter",
     "load_config",
+    "predict_raster",
     "segment",
 ]
+
+# Imported when first used: they pull in segmentation-models-pytorch and rasterio, which
+# `magseg --help` and the config tools do not need.
+_LAZY = {"Segmenter": "magseg.segmenter", "predict_raster": "magseg.predict"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'magseg' has no attribute {name!r}")
