@@ -265,11 +265,7 @@ def predict_raster(
         if target.is_dir():
             raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
                               "or choose another --out-dir")
-    todo = dict(targets) if options.overwrite else {k: p for k, p in targets.items() if not p.exists()}
-    if "labels" not in todo:  # the class names go with the class map they describe
-        todo.pop("categories", None)
-    if not options.overwrite:
-        _check_provenance({k: p for k, p in targets.items() if k not in todo}, segmenter.provenance)
+    todo = _outputs_to_make(targets, options, segmenter.provenance)
     if todo:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -397,6 +393,19 @@ def _run(
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
     result.warnings = _scale_warnings(reader, observed, config)
     return histogram
+
+
+def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
+                     mine: Provenance) -> dict[str, Path]:
+    """The outputs this run writes: all with ``--overwrite``, else those missing; existing
+    ones must be this model's (``_check_provenance``)."""
+    if options.overwrite:
+        return dict(targets)
+    todo = {k: p for k, p in targets.items() if not p.exists()}
+    if "labels" not in todo:  # the class names go with the class map they describe
+        todo.pop("categories", None)
+    _check_provenance({k: p for k, p in targets.items() if k not in todo}, mine)
+    return todo
 
 
 def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
