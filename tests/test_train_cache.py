@@ -21,7 +21,8 @@ from magseg.data.scenes import list_scenes, read_scene
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
 from magseg.training.coarse import prepare_coarse_maps
-from magseg.training.loader import MAX_AUTO_WORKERS, loader_options, lower_priority, resolve_workers
+from magseg.training.loader import (MAX_AUTO_WORKERS, loader_options, lower_priority, phase_workers,
+                                    resolve_workers)
 from magseg.training.samples import RefinerSamples, collate_refiner
 from magseg.training.trainer import coarse_inputs
 from test_datasets import CONFIGS_TINY, make_deepglobe
@@ -188,6 +189,15 @@ def test_cached_coarse_maps_give_the_refiner_the_same_inputs(tmp_path, data):
 def test_num_workers_auto(cores, ranks, want):
     assert resolve_workers("auto", cores=cores, local_ranks=ranks) == want
     assert resolve_workers(3, cores=cores, local_ranks=ranks) == 3
+
+
+@pytest.mark.parametrize("cores,device,phase,want", [
+    (2, "cpu", "refiner", 0), (2, "cpu", "backbone", 1), (2, "cuda", "refiner", 1),
+    (4, "cpu", "refiner", 3), (1, "cpu", "refiner", 0),
+])
+def test_the_refiner_phase_loads_in_the_loop_where_auto_leaves_one_worker(cores, device, phase, want):
+    assert phase_workers("auto", phase, torch.device(device), cores=cores, local_ranks=1) == want
+    assert phase_workers(1, phase, torch.device(device), cores=cores, local_ranks=1) == 1  # as asked
 
 
 def test_loader_options_follow_the_device_and_workers():

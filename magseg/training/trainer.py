@@ -48,7 +48,7 @@ from magseg.training.distributed import World
 from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.coarse import prepare_coarse_maps
-from magseg.training.loader import batches, loader_options, resolve_workers
+from magseg.training.loader import batches, loader_options, phase_workers, resolve_workers
 from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
 
@@ -597,9 +597,10 @@ class Trainer:
         # the global torch RNG otherwise, which dropout also draws from. Persistent workers
         # start once per run, so a resumed run would draw once more than an uninterrupted
         # one. Samples need no worker seed (they are functions of their index).
+        workers = phase_workers(train.num_workers, name, self.device)
         loader = DataLoader(dataset, batch_size=train.batch_size, sampler=EpochSampler(sampler, dataset),
                             collate_fn=collate, generator=torch.Generator().manual_seed(train.seed),
-                            **loader_options(resolve_workers(train.num_workers), self.device))
+                            **loader_options(workers, self.device))
         optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _poly(epochs * len(loader), train.poly_power)
