@@ -11,7 +11,6 @@ stdout: one JSON object, milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from figures import report as report_figures  # noqa: E402
 from magseg.config import load_config  # noqa: E402
 from magseg.engine import crop_probs  # noqa: E402
 from magseg.refiner import Refiner  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
            **{f"{k}_ms": round(1000 * min(v), 2) for k, v in times.items()}}
     out["gate_extra_over_backbone"] = round((min(times["refiner_gate"]) - min(times["refiner_no_gate"]))
                                             / min(times["backbone"]), 4)
-    print(json.dumps(out))
+    report_figures(out)
     return 0
 
 

@@ -45,6 +45,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import magseg  # noqa: E402
+from figures import report as report_figures  # noqa: E402
 from magseg.checkpoint import save_checkpoint  # noqa: E402
 from magseg.config import load_config  # noqa: E402
 from magseg.data.scenes import list_scenes  # noqa: E402
@@ -163,7 +164,7 @@ def main() -> None:
         result[name] = figures
         print(f"{name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    report_figures(result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 import magseg.cli.predict  # noqa: F401  (registers the command)
 import magseg.cli.benchmark  # noqa: F401
-import magseg.cli.train  # noqa: F401
 from geotiff import smooth_image, write_raster
 from magseg import precision
 from magseg.checkpoint import load_checkpoint

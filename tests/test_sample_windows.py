@@ -19,7 +19,7 @@ from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes
 from magseg.pyramid import resize
 from magseg.training.samples import (BackboneSamples, EpochSampler, RefinerSamples, SceneWindows,
-                                     collate_refiner, load_scene, stage_crop, stage_mask)
+                                     load_scene, stage_crop, stage_mask)
 from magseg.training.windows import (image_windows, mask_window, nearest_indices, random_box,
                                      region_plan, resize_mask)
 from test_datasets import geotiff_config, make_deepglobe, make_geotiff
