@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import typer
-
 from magseg.cli.app import app
 from magseg.cli.common import EXIT_FAILED, check_device, emit, handle_errors, log, progress_bar
 
@@ -83,11 +82,11 @@ def benchmark(
     scored, and the report says which failed) or the data is bad; exit 2 when the run cannot
     start as asked (bad option, config, device or checkpoint).
     """
-    from magseg.benchmark import benchmark_methods, check_scenes, run_benchmark
     from magseg.checkpoint import load_checkpoint
     from magseg.data.scenes import list_scenes
     from magseg.errors import ConfigError
-    from magseg.report import REPORT_JSON, build_report, check_outputs, write_report
+    from magseg.evaluation.benchmark import benchmark_methods, check_scenes, run_benchmark
+    from magseg.evaluation.report import REPORT_JSON, build_report, check_outputs, write_report
     from magseg.segmenter import Segmenter
 
     check_device(device)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from magseg.errors import CheckpointError, ConfigError, MagsegError
-from magseg.sources import is_virtual, source_key
+from magseg.io.sources import is_virtual, source_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -125,7 +125,7 @@ def check_device(device: str | None) -> None:
 def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> list[Path | str]:
     """Paths from files, globs, directories (their files with ``suffixes``, sorted) or ``-``
     (one path per line on stdin). Order is kept, duplicates dropped. Names GDAL opens that
-    are not local files (``/vsicurl/...``, ``s3://...``: magseg.sources) are kept as strings,
+    are not local files (``/vsicurl/...``, ``s3://...``: magseg.io.sources) are kept as strings,
     never globbed or checked here: a missing object fails that input with GDAL's message.
 
     Raises:

@@ -12,15 +12,14 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-
 from magseg.cli.app import app
 from magseg.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    check_device,
     emit,
     expand_inputs,
-    check_device,
     fail,
     handle_errors,
     log,
@@ -29,7 +28,7 @@ from magseg.cli.common import (
 
 
 class VectorFormat(str, Enum):
-    """--vector: the OGR formats polygons are written in (magseg.vector.VECTOR_FORMATS)."""
+    """--vector: the OGR formats polygons are written in (magseg.io.vector.VECTOR_FORMATS)."""
 
     gpkg = "gpkg"
     fgb = "fgb"
@@ -57,8 +56,8 @@ def _parse_bands(text: str | None) -> tuple[int, ...] | None:
 
 
 def _area_of_interest(bbox: str | None, bbox_crs: str | None, aoi: Path | None):
-    """--bbox [--bbox-crs] or --aoi as a magseg.aoi.AreaOfInterest (None: everything)."""
-    from magseg import aoi as areas
+    """--bbox [--bbox-crs] or --aoi as a magseg.io.aoi.AreaOfInterest (None: everything)."""
+    from magseg.io import aoi as areas
 
     if bbox is not None and aoi is not None:
         fail("give --bbox or --aoi, not both", EXIT_USAGE)
@@ -184,12 +183,12 @@ def predict(
     temporary name and renamed when complete.
     """
     from magseg.checkpoint import load_checkpoint
+    from magseg.engine.precision import runtime_info
     from magseg.errors import CheckpointError, ConfigError
-    from magseg.precision import runtime_info
-    from magseg.predict import INPUT_SUFFIXES, PredictOptions, check_margin
+    from magseg.io.predict import INPUT_SUFFIXES, PredictOptions, check_margin
+    from magseg.io.raster import check_creation_options
+    from magseg.io.vector import VectorOptions
     from magseg.segmenter import Segmenter
-    from magseg.raster import check_creation_options
-    from magseg.vector import VectorOptions
 
     check_device(device)
     if vector is None and (min_area or simplify):
@@ -254,7 +253,7 @@ def predict(
 def _clashing_outputs(paths: list[Path], out_dir: Path, options, runtime: dict) -> dict[Path, dict]:
     """Failed records for inputs whose output name is already an earlier input's (two
     ``a.tif`` from different folders into one --out-dir), keyed by input."""
-    from magseg.predict import failed_record, output_paths
+    from magseg.io.predict import failed_record, output_paths
 
     claimed: dict[Path, Path] = {}
     clashes: dict[Path, dict] = {}
@@ -283,8 +282,8 @@ def _report(record: dict, number: int, total: int, quiet: bool) -> None:
 
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
     """Predict each input in turn, one NDJSON line each; returns how many failed."""
-    from magseg.predict import predict_input
-    from magseg.sources import base_name
+    from magseg.io.predict import predict_input
+    from magseg.io.sources import base_name
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
@@ -307,7 +306,7 @@ def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], 
                      runtime: dict) -> int:
     """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
     from magseg.cluster import ScenePool
-    from magseg.predict import failed_record, output_paths, predict_input
+    from magseg.io.predict import failed_record, output_paths, predict_input
 
     clashes = _clashing_outputs(paths, out_dir, options, runtime)
     todo = [p for p in paths if p not in clashes]

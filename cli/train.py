@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import typer
-
 from magseg.cli.app import app
 from magseg.cli.common import EXIT_USAGE, check_device, emit, fail, handle_errors, progress_bar
 

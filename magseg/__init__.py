@@ -9,7 +9,7 @@ of every error magseg raises on purpose).
 from typing import Any
 
 from magseg.config import Config, EngineConfig, PyramidConfig, RefineConfig, load_config
-from magseg.engine import SegmentationResult, segment
+from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import MagsegError
 
 __version__ = "0.1.0"
@@ -29,7 +29,7 @@ __all__ = [
 
 # Imported when first used: they pull in segmentation-models-pytorch and rasterio, which
 # `magseg --help` and the config tools do not need.
-_LAZY = {"Segmenter": "magseg.segmenter", "predict_raster": "magseg.predict"}
+_LAZY = {"Segmenter": "magseg.segmenter", "predict_raster": "magseg.io.predict"}
 
 
 def __getattr__(name: str) -> Any:

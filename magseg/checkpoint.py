@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from magseg.atomic import atomic_write
 from magseg.config import Config, config_from_dict
 from magseg.errors import CheckpointError, ConfigError, WriteError
+from magseg.io.atomic import atomic_write
 
 FORMAT = "magseg-checkpoint"
 VERSION = 1

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, ValidationError
-from pydantic import TypeAdapter
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from magseg.errors import ConfigError
@@ -87,14 +86,14 @@ class ModelConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class RefinerConfig:
-    """The refinement module (see magseg.refiner). ``enabled: false`` means refined = fine."""
+    """The refinement module (see magseg.engine.refiner). ``enabled: false`` means refined = fine."""
 
     enabled: bool = True
     channels: int = 32
     # The context branch runs at 1/context_stride of the crop resolution (speed).
     context_stride: int = 4
     # A per-pixel gate, from full-resolution cues, between keeping the fine prediction and
-    # taking the correction (magseg.refiner.RefinerGate): without it the smooth correction
+    # taking the correction (magseg.engine.refiner.RefinerGate): without it the smooth correction
     # can erase small objects the fine view found. Checkpoints without gate weights load
     # as false.
     gate: bool = True
@@ -110,7 +109,7 @@ class PyramidConfig:
 
     ``scene``: the reference scene size the scales are given for (default: the finest
     scale, i.e. magnification 1 at the last stage). An image of another size keeps the same
-    magnifications (see ``magseg.pyramid.stage_sizes``).
+    magnifications (see ``magseg.engine.pyramid.stage_sizes``).
     """
 
     scales: tuple[Size, ...]
@@ -135,7 +134,7 @@ class PyramidConfig:
 
     def stage_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Each stage's size for an image of ``image_size`` (H, W)."""
-        from magseg.pyramid import stage_sizes
+        from magseg.engine.pyramid import stage_sizes
 
         return stage_sizes(self.scales, image_size, self.scene)
 

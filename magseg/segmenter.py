@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from magseg.backbone import create_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state
 from magseg.config import Config
 from magseg.device import resolve_device
-from magseg.engine import SegmentationResult, segment
+from magseg.engine.backbone import create_backbone
+from magseg.engine.precision import resolve_precision, runtime_info
+from magseg.engine.refiner import Refiner
+from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import ConfigError
+from magseg.io.provenance import Provenance, config_sha256, file_sha256
 from magseg.normalization import normalize
-from magseg.precision import resolve_precision, runtime_info
-from magseg.provenance import Provenance, config_sha256, file_sha256
-from magseg.refiner import Refiner
 
 
 def create_refiner(config: Config) -> Refiner | None:
@@ -87,7 +87,7 @@ class Segmenter:
 
     @property
     def provenance(self) -> Provenance:
-        """What this segmenter's outputs are tagged with (magseg.provenance)."""
+        """What this segmenter's outputs are tagged with (magseg.io.provenance)."""
         from magseg import __version__
 
         return Provenance(__version__, self.checkpoint_sha256, config_sha256(self.config),
@@ -96,7 +96,7 @@ class Segmenter:
     @property
     def runtime(self) -> dict[str, Any]:
         """What computes this segmenter's results: device, resolved precision and the CPU
-        (``magseg.precision.runtime_info``), for records and reports."""
+        (``magseg.engine.precision.runtime_info``), for records and reports."""
         return runtime_info(self.device, self.config.engine.precision)
 
     @property
@@ -113,7 +113,7 @@ class Segmenter:
         return normalize(pixels, data.mean, data.std)
 
     def segment(self, image: Tensor, *, normalized: bool = True, **kwargs: Any) -> SegmentationResult:
-        """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.segment``
+        """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.stages.segment``
         (``return_probs``, ``return_stages``, ``on_crops``, or a ``pyramid``/``refine``/
         ``engine`` to use instead of the config's)."""
         if not normalized:

@@ -48,11 +48,11 @@ sys.path.insert(0, str(REPO))
 from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
-from magseg.certainty import certainty  # noqa: E402
 from magseg.config import AdaptiveConfig, PyramidConfig  # noqa: E402
 from magseg.data.scenes import list_scenes, read_scene  # noqa: E402
-from magseg.metrics import confusion_matrix, scores  # noqa: E402
-from magseg.pyramid import crop_boxes, resize  # noqa: E402
+from magseg.engine.certainty import certainty  # noqa: E402
+from magseg.engine.pyramid import crop_boxes, resize  # noqa: E402
+from magseg.evaluation.metrics import confusion_matrix, scores  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 

@@ -39,7 +39,7 @@ from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
-from magseg.precision import precision_context, resolve_precision  # noqa: E402
+from magseg.engine.precision import precision_context, resolve_precision  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def _segmenter(args: argparse.Namespace) -> Segmenter:
 
 def _image(args: argparse.Namespace, segmenter: Segmenter) -> torch.Tensor:
     if args.image:
-        from magseg.raster import read_array
+        from magseg.io.raster import read_array
 
         return segmenter.normalize(read_array(args.image, segmenter.config.data.bands))
     g = torch.Generator().manual_seed(0)

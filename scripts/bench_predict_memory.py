@@ -55,7 +55,7 @@ def make_geotiff(path: Path, size: int) -> Path:
     from rasterio.crs import CRS
     from rasterio.transform import Affine
 
-    from magseg.raster import BLOCK, GeoInfo, PixelWindow, RasterWriter, io_env
+    from magseg.io.raster import BLOCK, GeoInfo, PixelWindow, RasterWriter, io_env
 
     geo = GeoInfo(CRS.from_epsg(32633), Affine(0.5, 0, 500_000.0, 0, -0.5, 5_000_000.0))
     rng = np.random.default_rng(0)

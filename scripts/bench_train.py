@@ -44,12 +44,13 @@ import torch
 # After PYTHONPATH, so that a checkout named there is the one measured.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-import magseg  # noqa: E402
 from figures import report as report_figures  # noqa: E402
+
+import magseg  # noqa: E402
 from magseg.checkpoint import save_checkpoint  # noqa: E402
 from magseg.config import load_config  # noqa: E402
 from magseg.data.scenes import list_scenes  # noqa: E402
-from magseg.precision import precision_context  # noqa: E402
+from magseg.engine.precision import precision_context  # noqa: E402
 from magseg.training import trainer as T  # noqa: E402
 from magseg.training.distributed import World  # noqa: E402
 

@@ -3,9 +3,9 @@
 
 Writes a synthetic class map of --size² (7 classes: smooth blobs of ~100 px plus 3 px lines
 every 500 px, a UTM CRS, tiled and compressed as predict writes it), then polygonises it into
-a GeoPackage with magseg.vector in a child process, so that the peak memory is the
+a GeoPackage with magseg.io.vector in a child process, so that the peak memory is the
 polygonisation's alone. ``imports_rss_mb`` is the peak of a child that only imports
-magseg.vector (importing magseg loads torch): the polygonisation's own memory is the
+magseg.io.vector (importing magseg loads torch): the polygonisation's own memory is the
 difference.
 
     python scripts/bench_vector.py --size 16384 --json vector.json
@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from figures import report as report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys
-from magseg.vector import VectorOptions, polygonize
+from magseg.io.vector import VectorOptions, polygonize
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = polygonize(sys.argv[1], sys.argv[2], [f"class{i}" for i in range(7)], VectorOptions())
 print(summary.polygons, imports, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -86,7 +86,7 @@ def write_geotiff(jpeg: Path, target: Path) -> None:
     import rasterio
     from rasterio.transform import from_origin
 
-    from magseg.raster import read_array
+    from magseg.io.raster import read_array
 
     pixels = read_array(jpeg)
     profile = dict(driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=pixels.shape[0],

@@ -11,7 +11,7 @@ from typing import Any
 
 def report(figures: dict[str, Any], path: Path | None = None) -> None:
     """Print ``figures`` plus ``cpu`` as one JSON line; also write it to ``path``."""
-    from magseg.precision import cpu_info
+    from magseg.engine.precision import cpu_info
 
     text = json.dumps({**figures, "cpu": cpu_info()})
     print(text)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from magseg.precision import runtime_info
+from magseg.engine.precision import runtime_info
 
 out, cuda, tests_rc, demo_rc, bench_rc = Path(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:])
 log = (out / "pytest.log").read_text()

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from magseg.data.scenes import IGNORE, list_scenes, read_scene  # noqa: E402
-from magseg.engine import stage_probs  # noqa: E402
-from magseg.pyramid import crop_boxes, extract_crops, resize, stitch_crops  # noqa: E402
+from magseg.engine.pyramid import crop_boxes, extract_crops, resize, stitch_crops  # noqa: E402
+from magseg.engine.stages import stage_probs  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 CERTAINTY_BINS = (0.0, 0.25, 0.5, 0.75, 1.01)

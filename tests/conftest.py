@@ -55,6 +55,7 @@ def fitted_checkpoint(tmp_path_factory):
     """A checkpoint whose backbone was fitted to ``colour_rule`` (64 px scenes, refiner): its
     predictions depend on the image (tests/fitted_model.py)."""
     from fitted_model import fit_backbone
+
     from magseg.checkpoint import save_checkpoint
     from magseg.segmenter import create_refiner
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from geotiff import smooth_image
 
 from magseg.config import Config
 from magseg.normalization import normalize
 from magseg.segmenter import create_segmenter_model
-from geotiff import smooth_image
 
 
 def colour_rule(image: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
-from affine import Affine
 
 UTM33 = CRS.from_epsg(32633)
 # 10 m pixels, north-up, somewhere in UTM zone 33N.

@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 
-from magseg import predict
 from magseg.cli.app import main
+
+from magseg.io import predict
 
 PARKED_AT_WINDOW = 2
 NEVER_SIGNALLED_S = 300

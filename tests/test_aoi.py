@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pyogrio.raw
 import pytest
 import rasterio
 import shapely
+from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from magseg.cli.app import app
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 from typer.testing import CliRunner
 
-import magseg.cli.predict  # noqa: F401  (registers the command)
-from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
-from magseg.cli.app import app
-from magseg.raster import NODATA
+from magseg.io.raster import NODATA
 
 IMAGE = smooth_image(3, 60, 80, seed=11)
 # Rows 10..30 and columns 20..50 of the raster, in its CRS (10 m pixels).

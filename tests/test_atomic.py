@@ -6,11 +6,17 @@ import subprocess
 import sys
 
 import pytest
-
-import magseg.atomic
-from magseg.atomic import atomic_write, atomic_writes, partial_path, publish, remove_stale_partials
-from magseg.errors import OutputExistsError, WriteError
 from small_fs import fill, small_filesystem
+
+import magseg.io.atomic
+from magseg.errors import OutputExistsError, WriteError
+from magseg.io.atomic import (
+    atomic_write,
+    atomic_writes,
+    partial_path,
+    publish,
+    remove_stale_partials,
+)
 
 
 def _dead_pid() -> int:
@@ -106,9 +112,9 @@ def test_without_hard_links_publishing_still_never_replaces(tmp_path, monkeypatc
     def no_links(src, dst, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(magseg.atomic.os, "link", no_links)
+    monkeypatch.setattr(magseg.io.atomic.os, "link", no_links)
     if not renameat2:
-        monkeypatch.setattr(magseg.atomic, "_renameat2", lambda: None)
+        monkeypatch.setattr(magseg.io.atomic, "_renameat2", lambda: None)
     target = tmp_path / "scene.tif"
     tmp = tmp_path / ".scene.tif.1@h.partial"
     tmp.write_bytes(b"mine")
@@ -142,7 +148,7 @@ def test_an_error_the_kernel_reports_only_at_sync_keeps_the_previous_file(tmp_pa
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(magseg.atomic.os, "fsync", failing_fsync)
+    monkeypatch.setattr(magseg.io.atomic.os, "fsync", failing_fsync)
     target = tmp_path / "scene.tif"
     target.write_bytes(b"old")
     with pytest.raises(WriteError, match=r"scene.tif: not written \(.*Input/output error"):

@@ -10,14 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from geotiff import smooth_image, write_raster
+from magseg.cli.app import _register, app
+from test_datasets import CONFIGS_TINY, make_deepglobe
 from typer.testing import CliRunner
 
-from geotiff import smooth_image, write_raster
 from magseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from magseg.cli.app import _register, app
 from magseg.errors import CheckpointError
 from magseg.segmenter import create_segmenter_model
-from test_datasets import CONFIGS_TINY, make_deepglobe
 
 _register()
 COMMANDS = ["train", "predict", "benchmark"]

@@ -11,15 +11,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from magseg.cli.app import _register, app
 from typer.testing import CliRunner
 
-from magseg.benchmark import NO_REFINER
-from magseg.cli.app import _register, app
 from magseg.config import RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.metrics import ConfusionMatrix
+from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from magseg.evaluation.benchmark import NO_REFINER
+from magseg.evaluation.metrics import ConfusionMatrix
 from magseg.segmenter import Segmenter
-from magseg.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 
 _register()
 DEEPGLOBE = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}

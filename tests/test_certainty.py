@@ -7,7 +7,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from magseg.certainty import _levels, certainty, error_map, error_score, median_blur, top_error_pixels
+from magseg.engine.certainty import (
+    _levels,
+    certainty,
+    error_map,
+    error_score,
+    median_blur,
+    top_error_pixels,
+)
 
 
 def test_certainty_is_top1_minus_top2_by_hand():

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import typer
-
 from magseg.cli.common import emit, expand_inputs
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-import magseg.cli.predict  # noqa: F401  (registers the command)
 from geotiff import read_raster, smooth_image, write_raster
 from magseg.cli.app import app
+from typer.testing import CliRunner
 
 pytest.importorskip("ray")
 
@@ -67,9 +66,9 @@ def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_pat
     import dataclasses
 
     import cv2
-
     from magseg.cli.app import _register
-    from magseg.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+
+    from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 
     _register()
     ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}, name="dg.ckpt")

@@ -1,11 +1,10 @@
 """Config files: every shipped YAML validates; bad keys and values fail with the key named."""
 
 import pytest
+from conftest import CONFIGS
 
 from magseg.config import config_from_dict, load_config, parse_overrides
 from magseg.errors import ConfigError
-
-from conftest import CONFIGS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

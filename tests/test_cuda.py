@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import json
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
 import torch
+from geotiff import smooth_image, write_raster
+from magseg.cli.app import app
+from test_datasets import make_deepglobe
 from typer.testing import CliRunner
 
-import magseg.cli.predict  # noqa: F401  (registers the command)
-from geotiff import smooth_image, write_raster
 from magseg.checkpoint import load_checkpoint
-from magseg.cli.app import app
 from magseg.segmenter import Segmenter
 from magseg.training.trainer import TrainOptions, train
-from test_datasets import make_deepglobe
 
 pytestmark = [
     pytest.mark.cuda,

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from PIL import Image
 from affine import Affine
+from PIL import Image
 
 from magseg.config import Config
 from magseg.data.scenes import IGNORE, check_scene, encode_colors, list_scenes
+from magseg.engine.pyramid import extract_crops, resize
 from magseg.errors import DataError
-from magseg.pyramid import extract_crops, resize
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
 from magseg.training.windows import mask_window, random_box, resize_mask
 
@@ -214,7 +214,7 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
         top, left, h, w = box.tolist()
         assert top + h <= size[0] and left + w <= size[1]
     # The fine window is the stage image's window, the mask the stage mask's window.
-    from magseg.pyramid import CropBox
+    from magseg.engine.pyramid import CropBox
     from magseg.training.samples import load_scene
 
     one = RefinerSamples(scenes[:1], config, length=4, seed=0)

@@ -10,11 +10,19 @@ import torch
 from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.engine import crop_uncertainty, labels_of, refine_crops, refine_labels, segment, select_crops
-from magseg.certainty import error_map
-from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
-from magseg.pyramid import crop_boxes, extract_crops, owned_mask
-from magseg.refiner import Refiner
+from magseg.engine.certainty import error_map
+from magseg.engine.points import pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.engine.pyramid import crop_boxes, extract_crops, owned_mask
+from magseg.engine.refine import (
+    crop_uncertainty,
+    labels_of,
+    num_points,
+    refine_crops,
+    refine_labels,
+    select_crops,
+)
+from magseg.engine.refiner import Refiner
+from magseg.engine.stages import segment
 
 
 @pytest.fixture

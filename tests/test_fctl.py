@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from magseg.config import PyramidConfig, RefineConfig
-from magseg.engine import backbone_inputs, segment
+from magseg.engine.pyramid import context_windows, crop_boxes, crop_windows, extract_windows
+from magseg.engine.stages import backbone_inputs, segment
 from magseg.errors import ModelError
 from magseg.models.fctl import MultiContextFusion, aligned_windows, create_fctl
-from magseg.pyramid import context_windows, crop_boxes, crop_windows, extract_windows
 
 
 def test_context_windows_at_scene_borders_by_hand():

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
+from geotiff import read_raster, smooth_image, write_raster
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from geotiff import read_raster, smooth_image, write_raster
 from magseg.config import load_config
-from magseg.predict import PredictOptions, predict_input, predict_raster
-from magseg.raster import NODATA
+from magseg.io.predict import PredictOptions, predict_input, predict_raster
+from magseg.io.raster import NODATA
 from magseg.segmenter import Segmenter
-
-from conftest import CONFIGS
 
 SMALL_SCENE = ["pyramid.scales=[8,16]", "pyramid.crop=8", "pyramid.input=16"]
 DTYPES = ["uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
@@ -113,7 +112,6 @@ def test_complex_rasters_are_refused_with_a_clear_message(segmenter, tmp_path, d
     path = tmp_path / "c.tif"
     if dtype == "complex_int16":
         import rasterio
-
         from geotiff import TRANSFORM, UTM33
 
         with rasterio.open(path, "w", driver="GTiff", width=10, height=8, count=3,

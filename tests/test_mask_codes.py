@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from conftest import CONFIGS
+from test_datasets import geotiff_config, write_geotiff
 
 from magseg.config import ConfigError, load_config
 from magseg.data.scenes import IGNORE, Scene, check_scene, read_mask, remap_codes
 from magseg.errors import DataError
-from test_datasets import geotiff_config, write_geotiff
-
-from conftest import CONFIGS
 
 WORLDCOVER = np.array([[10, 20, 30], [40, 95, 80]], np.uint16)
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.metrics import ConfusionMatrix, confusion_matrix, scores
+from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 
 # Class 0 is 'unknown' (in the matrix, out of the mean), 1 and 2 are counted.
 TARGET = torch.tensor([[0, 1, 1], [2, 2, 1]])

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.points import num_points, pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.engine.points import pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.engine.refine import num_points
 
 
 def test_num_points_count_and_fraction():

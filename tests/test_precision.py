@@ -11,25 +11,25 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import magseg.cli.benchmark  # noqa: F401
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
 import torch
+from geotiff import smooth_image, write_raster
+from magseg.cli.app import app
+from test_datasets import make_deepglobe
 from torch import nn
 from typer.testing import CliRunner
 
-import magseg.cli.predict  # noqa: F401  (registers the command)
-import magseg.cli.benchmark  # noqa: F401
-from geotiff import smooth_image, write_raster
-from magseg import precision
 from magseg.checkpoint import load_checkpoint
-from magseg.cli.app import app
-from magseg.precision import cpu_info, precision_context, resolve_precision, runtime_info
-from magseg.predict import predict_raster
+from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from magseg.engine import precision
+from magseg.engine.precision import cpu_info, precision_context, resolve_precision, runtime_info
+from magseg.io.predict import predict_raster
 from magseg.segmenter import Segmenter, create_segmenter_model
-from magseg.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.training.resume import seed_everything
 from magseg.training.trainer import TrainOptions, train
-from test_datasets import make_deepglobe
 
 PRECISIONS = ["fp32", "bf16", "fp16"]
 

@@ -10,17 +10,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
+from conftest import CONFIGS
 from fitted_model import colour_rule
 from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from torch import nn
+
 from magseg.config import load_config
 from magseg.errors import RasterError
-from magseg.predict import PredictOptions, default_margin, output_paths, predict_raster
-from magseg.raster import NODATA, plan_scene_windows
+from magseg.io.predict import PredictOptions, default_margin, output_paths, predict_raster
+from magseg.io.raster import NODATA, plan_scene_windows
 from magseg.segmenter import Segmenter
-
-from conftest import CONFIGS
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 

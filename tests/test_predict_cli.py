@@ -14,16 +14,16 @@ import warnings
 from pathlib import Path
 
 import cv2
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
 import rasterio
+from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from magseg.cli.app import app
 from rasterio.errors import NotGeoreferencedWarning
 from typer.testing import CliRunner
 
-import magseg.cli.predict  # noqa: F401  (registers the command)
-from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
-from magseg.cli.app import app
-from magseg.raster import BLOCK, NODATA
+from magseg.io.raster import BLOCK, NODATA
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 # A 256 px scene (for rasters big enough to get COG overviews without hundreds of windows).

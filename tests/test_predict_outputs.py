@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import pytest
 import rasterio
-from typer.testing import CliRunner
-
-import magseg.cli.predict  # noqa: F401  (registers the command)
 from geotiff import smooth_image, write_raster
 from magseg.cli.app import app
+from typer.testing import CliRunner
 
 
 def _predict(*args):

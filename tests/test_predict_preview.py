@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magseg.config import ClassSpec
-from magseg.preview import PreviewCanvas
-from magseg.raster import NODATA, plan_scene_windows
+from magseg.io.preview import PreviewCanvas
+from magseg.io.raster import NODATA, plan_scene_windows
 
 
 @settings(max_examples=60, deadline=None)
@@ -40,7 +40,7 @@ def test_preview_png_has_three_panels(tmp_path):
     canvas = PreviewCanvas((60, 80), 40)
     labels = np.zeros((60, 80), np.uint8)
     labels[:, 40:] = 1
-    from magseg.raster import PixelWindow
+    from magseg.io.raster import PixelWindow
 
     canvas.add(PixelWindow(0, 0, 60, 80), np.full((1, 60, 80), 7, np.uint16), labels,
                np.zeros((60, 80), np.uint8), np.ones((60, 80), bool))

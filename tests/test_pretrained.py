@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magseg.backbone import create_backbone
 from magseg.config import ModelConfig
+from magseg.engine.backbone import create_backbone
 from magseg.errors import WeightsUnavailableError
 from magseg.models import pretrained
 
@@ -133,7 +133,7 @@ def test_missing_weight_package_is_a_clear_error(monkeypatch):
 def test_imagenet_for_another_encoder_offline_is_a_clear_error(tmp_path):
     # smp really tries the hub; offline mode and an empty cache make that fail at once.
     code = (
-        "from magseg.backbone import create_backbone\n"
+        "from magseg.engine.backbone import create_backbone\n"
         "from magseg.config import ModelConfig\n"
         "from magseg.errors import WeightsUnavailableError\n"
         "try:\n"

@@ -6,19 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import pyogrio
 import rasterio
+from conftest import CONFIGS
+from geotiff import smooth_image, write_raster
+from magseg.cli.app import app
 from typer.testing import CliRunner
 
-import magseg.cli.predict  # noqa: F401  (registers the command)
-from geotiff import smooth_image, write_raster
 from magseg import __version__
-from magseg.cli.app import app
 from magseg.config import load_config
-from magseg.provenance import Provenance, config_sha256
-from magseg.vector import LAYER
-
-from conftest import CONFIGS
+from magseg.io.provenance import Provenance, config_sha256
+from magseg.io.vector import LAYER
 
 
 def _predict(*args):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import CONFIGS
 
 import magseg
-
-from conftest import CONFIGS
 
 
 def test_every_public_name_resolves():

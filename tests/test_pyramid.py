@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.pyramid import (
+from magseg.engine.pyramid import (
     crop_boxes,
     crop_windows,
     extract_crops,
@@ -142,7 +142,7 @@ def test_resized_windows_small_windows_of_a_large_map_are_exact(source, factor, 
 def test_resized_windows_fast_path_at_engine_sizes(monkeypatch):
     # 306 -> 612 with crops of 154 (even offsets: the fast path, checked by making the whole-map
     # resize unavailable to it) and of 153 (odd offsets: the long way).
-    import magseg.pyramid as pyramid
+    import magseg.engine.pyramid as pyramid
 
     x = torch.rand(7, 306, 306, generator=torch.Generator().manual_seed(0))
     expected = {c: extract_windows(resize(x, (612, 612)), crop_windows(crop_boxes((612, 612), (c, c)), (c, c)))

@@ -9,10 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
-
 from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
+from small_fs import fill, small_filesystem
+
 from magseg.errors import RasterError, RasterWriteError
-from magseg.raster import (
+from magseg.io.raster import (
     BLOCK,
     COG_BLOCK,
     NODATA,
@@ -25,7 +26,6 @@ from magseg.raster import (
     plan_scene_windows,
     verify_raster,
 )
-from small_fs import fill, small_filesystem
 
 
 def test_windowed_reads_give_back_the_pixels_in_band_order(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.raster import axis_windows, plan_scene_windows
+from magseg.io.raster import axis_windows, plan_scene_windows
 
 
 def _distance_to_inner_edges(window, size):

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+from conftest import CONFIGS
 
 from magseg.config import load_config
 from magseg.data.scenes import IGNORE
 from magseg.errors import ConfigError
-from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
-
-from conftest import CONFIGS
+from magseg.training.losses import (
+    gather_points,
+    margin_uncertainty,
+    segmentation_loss,
+    uncertain_points,
+)
 
 
 def test_point_sampling_takes_the_most_uncertain_candidates():

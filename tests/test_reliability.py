@@ -9,22 +9,22 @@ import json
 import os
 import shutil
 
-import pytest
-import rasterio
-from typer.testing import CliRunner
-
-import magseg.atomic
-import magseg.checkpoint
 import magseg.cli.predict  # noqa: F401  (registers the command)
 import magseg.cli.train  # noqa: F401  (registers the command)
+import pytest
+import rasterio
 from geotiff import read_raster, smooth_image, write_raster
-from magseg.checkpoint import load_checkpoint
 from magseg.cli.app import app
-from magseg.predict import PredictOptions, predict_raster
-from magseg.raster import RasterWriter
-from magseg.segmenter import Segmenter
 from small_fs import fill, small_filesystem
 from test_datasets import CONFIGS_TINY, make_deepglobe
+from typer.testing import CliRunner
+
+import magseg.checkpoint
+import magseg.io.atomic
+from magseg.checkpoint import load_checkpoint
+from magseg.io.predict import PredictOptions, predict_raster
+from magseg.io.raster import RasterWriter
+from magseg.segmenter import Segmenter
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 
@@ -121,7 +121,7 @@ def test_an_output_that_is_not_written_completely_fails_its_input_alone(
     if failure == "gdal-close":
         monkeypatch.setattr(rasterio, "open", _gdal_close_cuts_short("a.tif"))
     else:
-        monkeypatch.setattr(magseg.atomic.os, "fsync", _sync_out_of_space("a.tif"))
+        monkeypatch.setattr(magseg.io.atomic.os, "fsync", _sync_out_of_space("a.tif"))
     result = _predict(ckpt, a, b, "-o", out, "--overwrite")
     assert result.exit_code == 1, result.output
     first, second = _records(result)
@@ -211,7 +211,7 @@ def test_an_output_that_appeared_while_predict_wrote_it_is_kept(tmp_path, ckpt, 
         if writer.path.name.startswith(".a.tif.") and not theirs:
             theirs["running"] = True
             with monkeypatch.context() as other_process:  # its temporary files get its own names
-                other_process.setattr(magseg.atomic.os, "getpid", lambda: pid + 1)
+                other_process.setattr(magseg.io.atomic.os, "getpid", lambda: pid + 1)
                 predict_raster(other, a, out, PredictOptions())
             theirs["bytes"] = (out / "a.tif").read_bytes()
 

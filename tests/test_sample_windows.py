@@ -12,17 +12,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIGS
+from test_datasets import geotiff_config, make_deepglobe, make_geotiff
+
 from magseg.config import load_config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes
-from magseg.pyramid import resize
-from magseg.training.samples import (BackboneSamples, EpochSampler, RefinerSamples, SceneWindows,
-                                     load_scene, stage_crop, stage_mask)
-from magseg.training.windows import (image_windows, mask_window, nearest_indices, random_box,
-                                     region_plan, resize_mask)
-from test_datasets import geotiff_config, make_deepglobe, make_geotiff
+from magseg.engine.pyramid import resize
+from magseg.training.samples import (
+    BackboneSamples,
+    EpochSampler,
+    RefinerSamples,
+    SceneWindows,
+    load_scene,
+    stage_crop,
+    stage_mask,
+)
+from magseg.training.windows import (
+    image_windows,
+    mask_window,
+    nearest_indices,
+    random_box,
+    region_plan,
+    resize_mask,
+)
 
 
 def _whole_scene(image, mask, size, box, crop, ratios=()):

@@ -11,16 +11,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import magseg.cli.predict  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-import magseg.cli.predict  # noqa: F401  (registers the command)
 from geotiff import read_raster, smooth_image, write_raster
 from magseg.cli.app import app
 from magseg.cli.common import expand_inputs
-from magseg.predict import INPUT_SUFFIXES
-from magseg.sources import base_name, gdal_name, is_virtual, stem
+from typer.testing import CliRunner
+
+from magseg.io.predict import INPUT_SUFFIXES
+from magseg.io.sources import base_name, gdal_name, is_virtual, stem
 
 
 @pytest.mark.parametrize("name, gdal, base", [

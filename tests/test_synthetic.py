@@ -10,11 +10,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import CONFIGS, REPO
 
 from magseg.config import load_config
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.errors import OutputExistsError
-from magseg.synthetic import (
+from magseg.data.synthetic import (
     AGRICULTURE,
     DEEPGLOBE_CLASSES,
     FIELDS,
@@ -26,8 +26,7 @@ from magseg.synthetic import (
     make_scene,
     write_dataset,
 )
-
-from conftest import CONFIGS, REPO
+from magseg.errors import OutputExistsError
 
 COUNTS = {"train": 2, "val": 1, "test": 2}
 

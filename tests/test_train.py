@@ -6,25 +6,25 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import magseg.cli.train  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
 import torch
 import yaml
+from magseg.cli.app import app
+from test_datasets import CONFIGS_TINY, geotiff_config, make_deepglobe, make_geotiff
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-import magseg.cli.train  # noqa: F401  (registers the command)
 from magseg.checkpoint import load_checkpoint
-from magseg.cli.app import app
 from magseg.config import config_from_dict
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.engine import segment, stage_probs
-from magseg.pyramid import resize
+from magseg.engine.pyramid import resize
+from magseg.engine.stages import segment, stage_probs
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
-from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
 from magseg.training.resume import seed_everything
+from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
 from magseg.training.trainer import TrainOptions, backbone_loss, refiner_loss, train
-from test_datasets import CONFIGS_TINY, geotiff_config, make_deepglobe, make_geotiff
 
 CPU = torch.device("cpu")
 

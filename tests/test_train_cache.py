@@ -7,25 +7,30 @@ from __future__ import annotations
 import errno
 import os
 
+import magseg.cli.train  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
 import torch
+from magseg.cli.app import app
+from test_datasets import CONFIGS_TINY, make_deepglobe
 from typer.testing import CliRunner
 
 import magseg
-import magseg.cli.train  # noqa: F401  (registers the command)
-from magseg.cli.app import app
 from magseg.data import cache as cache_module
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
 from magseg.training.coarse import prepare_coarse_maps
-from magseg.training.loader import (MAX_AUTO_WORKERS, loader_options, lower_priority, phase_workers,
-                                    resolve_workers)
+from magseg.training.loader import (
+    MAX_AUTO_WORKERS,
+    loader_options,
+    lower_priority,
+    phase_workers,
+    resolve_workers,
+)
 from magseg.training.samples import RefinerSamples, collate_refiner
 from magseg.training.trainer import coarse_inputs
-from test_datasets import CONFIGS_TINY, make_deepglobe
 
 CPU = torch.device("cpu")
 
@@ -222,10 +227,10 @@ def test_a_bad_sample_in_a_worker_fails_as_in_the_loop(tmp_path, tiny_config):
     # A mask id only the second scene has (the first one's are checked before training):
     # found in a DataLoader worker, reported as the worker raised it, without its traceback.
     import rasterio
+    from test_datasets import geotiff_config, make_geotiff
 
     from magseg.errors import DataError
     from magseg.training.trainer import TrainOptions, train
-    from test_datasets import geotiff_config, make_geotiff
 
     config = geotiff_config(tiny_config, bands=4).override({
         "train.num_workers": 1, "train.epochs": 1, "train.refiner_epochs": 0,

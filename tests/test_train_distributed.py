@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from test_datasets import CONFIGS_TINY, make_deepglobe
 
 from magseg.checkpoint import load_checkpoint
 from magseg.segmenter import Segmenter
-from test_datasets import CONFIGS_TINY, make_deepglobe
 
 
 @pytest.mark.slow

@@ -3,14 +3,13 @@ written that looks finished."""
 
 from __future__ import annotations
 
+import magseg.cli.train  # noqa: F401  (registers the command)
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-import magseg.cli.train  # noqa: F401  (registers the command)
 from magseg.cli.app import app
+from PIL import Image
 from test_datasets import CONFIGS_TINY, make_deepglobe
+from typer.testing import CliRunner
 
 
 @pytest.fixture
@@ -94,7 +93,7 @@ def test_config_classes_that_are_not_the_datas_fail_before_the_first_step(tmp_pa
     """configs/tiny.yaml (4 classes) on scripts/make_synthetic.py output (DeepGlobe's 7
     colours): refused with the colours named before any epoch is set up."""
     import magseg.training.trainer as trainer
-    from magseg.synthetic import SceneSpec, write_dataset
+    from magseg.data.synthetic import SceneSpec, write_dataset
 
     data = tmp_path / "synthetic"
     write_dataset(data, {"train": 2, "val": 1}, SceneSpec(size=(128, 128)), seed=0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_datasets import make_deepglobe
 
 from magseg.checkpoint import load_checkpoint
 from magseg.errors import CheckpointError, DataError, OutputExistsError
 from magseg.training.trainer import TrainOptions, train
-from test_datasets import make_deepglobe
 
 
 class Interrupted(Exception):

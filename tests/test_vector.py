@@ -1,4 +1,4 @@
-"""magseg.vector: class maps to polygons in strips, read back with pyogrio and checked against
+"""magseg.io.vector: class maps to polygons in strips, read back with pyogrio and checked against
 connected components and pixel areas counted on the raster."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 from scipy import ndimage
 
-from magseg.vector import LAYER, VectorError, VectorOptions, polygonize
+from magseg.io.vector import LAYER, VectorError, VectorOptions, polygonize
 
 NAMES = ["background", "building", "road"]
 PIXEL = 0.5  # metres, UTM 33N
@@ -131,10 +131,9 @@ def test_bad_options_and_unreadable_input_are_clear_errors(tmp_path):
 
 
 def _predict(*args):
-    from typer.testing import CliRunner
-
     import magseg.cli.predict  # noqa: F401  (registers the command)
     from magseg.cli.app import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, ["predict", *map(str, args)])
 

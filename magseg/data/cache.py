@@ -14,7 +14,7 @@ never asked for again:
   and colours (colour masks are decoded by them).
 
 Entries are written under a temporary name and renamed into place when complete
-(``magseg.atomic.atomic_write``): a full disk, a kill or a concurrent reader never sees half
+(``magseg.io.atomic.atomic_write``): a full disk, a kill or a concurrent reader never sees half
 an entry, and a failed write raises ``WriteError`` with the cause. Writers of one entry take
 an ``fcntl`` lock on it, so concurrent DataLoader workers or DDP ranks on one machine decode a
 scene once: one writes, the others wait and then read. (On filesystems without working
@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from magseg.atomic import atomic_write
 from magseg.config import Config
 from magseg.errors import DataError, WriteError
+from magseg.io.atomic import atomic_write
 
 
 def digest(value: Any, length: int = 16) -> str:

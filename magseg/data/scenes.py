@@ -20,7 +20,7 @@ import numpy as np
 
 from magseg.config import ClassSpec, Config, DataConfig
 from magseg.errors import DataError
-from magseg.raster import read_array
+from magseg.io.raster import read_array
 
 IGNORE = 255
 _GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -194,7 +194,7 @@ def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
     Raises:
         DataError: naming the file and what is wrong with it.
     """
-    from magseg.raster import open_raster, select_bands
+    from magseg.io.raster import open_raster, select_bands
 
     with open_raster(scene.image) as src:
         bands = select_bands(scene.image, src.count, config.data.bands)

@@ -14,7 +14,7 @@ where a 512 px input gives a 16 x 16 map). The gate is a zero-initialised 1x1 co
 so an untrained FCtL is exactly its smp model on the local crop.
 
 The engine feeds ``forward(x, contexts)``; it learns which context ratios to cut from the
-``context_ratios`` attribute (see ``magseg.pyramid.context_windows``).
+``context_ratios`` attribute (see ``magseg.engine.pyramid.context_windows``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def create_fctl(model: ModelConfig, classes: int) -> FCtL:
     """FCtL from ``model`` (``arch: fctl``); ``model.kwargs``: ``decoder`` (an smp
     architecture, default Unet), ``contexts`` (ratios, default [2, 3]), ``key_channels``,
     ``window``; other kwargs go to the decoder architecture."""
-    from magseg.backbone import create_backbone
+    from magseg.engine.backbone import create_backbone
 
     kwargs = dict(model.kwargs)
     decoder = kwargs.pop("decoder", "Unet")

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from magseg.config import Config
 from magseg.data.cache import OpenEntries, SceneCache, cached_npy, digest, file_stamp, load_npy
 from magseg.data.scenes import Scene
-from magseg.engine import stage_probs
+from magseg.engine.precision import precision_context
+from magseg.engine.pyramid import CropBox, extract_windows
+from magseg.engine.stages import stage_probs
 from magseg.errors import DataError
-from magseg.precision import precision_context
-from magseg.pyramid import CropBox, extract_windows
 from magseg.training import distributed
 from magseg.training.distributed import World
 from magseg.training.samples import open_scene, stage_image

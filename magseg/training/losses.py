@@ -44,7 +44,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, ohem: float | None = None,
 def margin_uncertainty(logits: Tensor) -> Tensor:
     """Uncertainty of a prediction, ``-(top1 - top2)`` of its probabilities over dim 1:
     0 where two classes tie, -1 where one takes everything (PointRend's measure, on
-    probabilities so that it reads like ``magseg.certainty``)."""
+    probabilities so that it reads like ``magseg.engine.certainty``)."""
     top2 = logits.detach().float().softmax(dim=1).topk(2, dim=1).values
     return top2[:, 1] - top2[:, 0]
 

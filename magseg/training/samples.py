@@ -26,13 +26,19 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from magseg.config import Config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
-from magseg.engine import backbone_inputs
+from magseg.engine.pyramid import CropBox, Size, resize
+from magseg.engine.stages import backbone_inputs
 from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.normalization import normalize
-from magseg.pyramid import CropBox, Size, resize
 from magseg.training.augment import augment_pair, create_augmentation
 from magseg.training.loader import marked
-from magseg.training.windows import nearest_indices, random_box, resize_mask, resized_region, window_regions
+from magseg.training.windows import (
+    nearest_indices,
+    random_box,
+    resize_mask,
+    resized_region,
+    window_regions,
+)
 
 BACKBONE, REFINER = 0, 1
 
@@ -71,7 +77,7 @@ class GeoTiffWindows(SceneWindows):
     """A GeoTIFF scene read by windows (only the pixels a sample needs are decoded)."""
 
     def __init__(self, scene: Scene, config: Config) -> None:
-        from magseg.raster import open_raster
+        from magseg.io.raster import open_raster
 
         self.scene, self.config = scene, config
         with open_raster(scene.image) as src:
@@ -80,7 +86,7 @@ class GeoTiffWindows(SceneWindows):
     def image(self, rows: slice, cols: slice) -> np.ndarray:
         from rasterio.windows import Window
 
-        from magseg.raster import read_array
+        from magseg.io.raster import read_array
 
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         return read_array(self.scene.image, self.config.data.bands, window)
@@ -88,7 +94,7 @@ class GeoTiffWindows(SceneWindows):
     def mask(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         from rasterio.windows import Window
 
-        from magseg.raster import read_array
+        from magseg.io.raster import read_array
 
         r0, c0 = int(rows.min()), int(cols.min())
         window = Window(c0, r0, int(cols.max()) + 1 - c0, int(rows.max()) + 1 - r0)

@@ -30,25 +30,30 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from magseg.atomic import atomic_write
-from magseg.backbone import context_ratios, input_multiple, run_backbone
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint
 from magseg.config import Config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, check_scene, list_scenes, read_scene
 from magseg.device import resolve_device
-from magseg.engine import crop_probs, stage_probs
+from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
+from magseg.engine.precision import precision_context
+from magseg.engine.pyramid import CropBox, extract_crops, resize
+from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
+from magseg.io.atomic import atomic_write
 from magseg.normalization import ChannelStats
-from magseg.precision import precision_context
-from magseg.pyramid import CropBox, extract_crops, resize
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training import distributed
-from magseg.training.distributed import World
-from magseg.training.losses import gather_points, margin_uncertainty, segmentation_loss, uncertain_points
-from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.coarse import prepare_coarse_maps
+from magseg.training.distributed import World
 from magseg.training.loader import batches, loader_options, phase_workers, resolve_workers
+from magseg.training.losses import (
+    gather_points,
+    margin_uncertainty,
+    segmentation_loss,
+    uncertain_points,
+)
+from magseg.training.resume import rng_state, seed_everything, set_rng_state
 from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples, collate_refiner
 from magseg.training.validation import validate
 

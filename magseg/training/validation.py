@@ -15,8 +15,8 @@ from torch import nn
 
 from magseg.config import Config
 from magseg.data.scenes import Scene
-from magseg.engine import segment
-from magseg.metrics import ConfusionMatrix
+from magseg.engine.stages import segment
+from magseg.evaluation.metrics import ConfusionMatrix
 from magseg.training.distributed import World, all_sum
 from magseg.training.samples import load_scene
 
@@ -37,7 +37,7 @@ def validate(
     """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them.
 
     Returns:
-        ``magseg.metrics.scores`` of the confusion matrix summed over all ranks, with
+        ``magseg.evaluation.metrics.scores`` of the confusion matrix summed over all ranks, with
         ``matrix`` (a nested list) added.
     """
     engine = dataclasses.replace(config.engine, device=str(device))

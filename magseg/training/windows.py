@@ -1,6 +1,6 @@
 """Training windows: a crop-sized window of a scene seen at one stage's magnification.
 
-A window is cut the way the engine cuts its crops (``magseg.pyramid``): the scene resized to
+A window is cut the way the engine cuts its crops (``magseg.engine.pyramid``): the scene resized to
 the stage's size, a box of crop size inside it, zero padding where the stage image is
 smaller than the crop. Masks are resized with nearest-exact sampling and padded with
 ``IGNORE``, so padding never counts in the loss.
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from magseg.data.scenes import IGNORE
-from magseg.pyramid import CropBox, Size, Window, context_windows, crop_windows, resize
+from magseg.engine.pyramid import CropBox, Size, Window, context_windows, crop_windows, resize
 
 
 def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
@@ -48,7 +48,7 @@ def image_windows(stage_image: Tensor, box: CropBox, crop: Size, ratios: tuple[f
                   ) -> tuple[Tensor, list[Tensor]]:
     """The window ``(C, ch, cw)`` and, for a multi-context backbone (FCtL), one context window
     per ratio ``(C, r*ch, r*cw)``, cut by the engine's own ``backbone_inputs``."""
-    from magseg.engine import backbone_inputs
+    from magseg.engine.stages import backbone_inputs
 
     crops, contexts = backbone_inputs(stage_image, crop_windows([box], crop), ratios)
     return crops[0], [c[0] for c in contexts or []]
@@ -91,7 +91,7 @@ def region_plan(src: int, dst: int, start: int, length: int) -> tuple[int, int, 
     o0 = max(start - margin, 0) // q * q
     o1 = min(-(-(start + length + margin) // q) * q, dst)
     # PyTorch's bilinear upsampling picks another kernel, with other rounding, for outputs
-    # of height + width <= 128 (see magseg.pyramid._SAME_KERNEL): keep pieces above 64 a side.
+    # of height + width <= 128 (see magseg.engine.pyramid._SAME_KERNEL): keep pieces above 64 a side.
     while o1 - o0 < 65 and (o0 > 0 or o1 < dst):
         o0, o1 = max(o0 - q, 0), min(o1 + q, dst)
     return o0, o1, o0 * p // q, o1 * p // q

@@ -141,7 +141,7 @@ class _Writer:
         areas = shapely.area(geometries) if len(geometries) else np.zeros(0)
         try:
             with warnings.catch_warnings():
-                # Written under a temporary name (magseg.atomic): GDAL's GPKG driver warns that
+                # Written under a temporary name (magseg.io.atomic): GDAL's GPKG driver warns that
                 # the name does not end in .gpkg; the published file does.
                 warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
                 pyogrio.raw.write(
@@ -189,7 +189,7 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
 
     Args:
         class_names: names of class ids ``0..n-1`` (ids beyond get their number as name).
-        metadata: the layer's metadata (e.g. magseg.provenance tags; GeoPackage keeps it).
+        metadata: the layer's metadata (e.g. magseg.io.provenance tags; GeoPackage keeps it).
     Returns:
         the polygon count and the total area per class written.
     Raises:

@@ -9,7 +9,7 @@
     training data's: pixels on another scale (uint16 for an 8-bit model) give a warning
 
 Memory depends on the scene size, not on the raster's: one window is in memory at a time and
-GDAL's block cache is bounded (magseg.raster.io_env).
+GDAL's block cache is bounded (magseg.io.raster.io_env).
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ import numpy as np
 import rasterio
 import torch
 
-from magseg.aoi import AreaOfInterest
-from magseg.atomic import atomic_writes, fresh_partial_path
-from magseg.certainty import certainty
 from magseg.config import Config, PyramidConfig
+from magseg.engine.certainty import certainty
 from magseg.errors import ConfigError, MagsegError, OutputExistsError, RasterError
-from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
-from magseg.provenance import Provenance
-from magseg.raster import (
+from magseg.io.aoi import AreaOfInterest
+from magseg.io.atomic import atomic_writes, fresh_partial_path
+from magseg.io.provenance import Provenance
+from magseg.io.raster import (
     NODATA,
     RasterReader,
     RasterWriter,
@@ -44,10 +43,11 @@ from magseg.raster import (
     plan_scene_windows,
     write_categories,
 )
+from magseg.io.sources import base_name, is_virtual
+from magseg.io.sources import stem as source_stem
+from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
+from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.segmenter import Segmenter
-from magseg.sources import base_name, is_virtual
-from magseg.sources import stem as source_stem
-from magseg.vector import VECTOR_FORMATS, VectorOptions, polygonize
 
 # What predict writes for an input <stem>: the class map and the optional extras.
 OUTPUT_NAMES = {
@@ -92,7 +92,7 @@ class PredictOptions:
     creation_options: tuple[tuple[str, str], ...] = ()
     # The outputs' <stem> (-o FILE.tif for one input); None: the input's.
     stem: str | None = None
-    # Only this area: read, segmented and written over its window (magseg.aoi).
+    # Only this area: read, segmented and written over its window (magseg.io.aoi).
     aoi: AreaOfInterest | None = None
 
 
@@ -112,7 +112,7 @@ class PredictResult:
     error: str | None = None
     # Done, but the result is suspect: the pixels look unlike the training data's.
     warnings: list[str] = field(default_factory=list)
-    # What computed it: device, resolved precision, CPU (magseg.precision.runtime_info).
+    # What computed it: device, resolved precision, CPU (magseg.engine.precision.runtime_info).
     runtime: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def default_margin(pyramid: PyramidConfig) -> tuple[int, int]:
     64 px scenes, neighbouring windows agreed on 95.3 % of the pixels within 4 px of their
     shared core border at a margin of 1/16 of the scene, 98.7 % at 1/8 and 99.6 % at 1/4, for
     1.3x, 1.8x and 4x the work of windows without overlap; 1/8 is the knee. The plan may widen
-    the margin so that cores are whole output tiles (magseg.raster.plan_scene_windows).
+    the margin so that cores are whole output tiles (magseg.io.raster.plan_scene_windows).
     """
     return tuple(math.ceil(s / 8) for s in pyramid.scene)
 
@@ -240,7 +240,7 @@ def predict_raster(
     """Segment one raster and write its outputs into ``out_dir``.
 
     Every output is written under a temporary name and read back complete once closed; only
-    then are this input's outputs renamed into place (magseg.atomic.atomic_writes). Outputs that
+    then are this input's outputs renamed into place (magseg.io.atomic.atomic_writes). Outputs that
     exist are kept unless ``options.overwrite``; when all exist the input is ``skipped``.
     Without ``options.overwrite`` an output that another run wrote meanwhile is kept too.
 
@@ -344,7 +344,7 @@ def _run(
     observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
     preview = None
     if "preview" in todo:
-        from magseg.preview import PreviewCanvas
+        from magseg.io.preview import PreviewCanvas
 
         preview = PreviewCanvas(reader.size, options.preview_size)
 
@@ -428,7 +428,7 @@ def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
 def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
                     options: PredictOptions) -> None:
     """The outputs made from the finished class map ``labels``: the class names for GIS
-    tools (``categories``) and, with ``--vector``, its polygons (magseg.vector)."""
+    tools (``categories``) and, with ``--vector``, its polygons (magseg.io.vector)."""
     classes = segmenter.config.classes
     if "categories" in temps:
         write_categories(temps["categories"], [(c.id, c.name, tuple(c.color)) for c in classes])

@@ -39,10 +39,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from magseg.atomic import atomic_write
 from magseg.config import ClassSpec
 from magseg.data.scenes import encode_colors
 from magseg.errors import DataError, OutputExistsError
+from magseg.io.atomic import atomic_write
 
 # DeepGlobe land cover: ids and colours (configs/deepglobe.yaml holds the same; a test checks).
 DEEPGLOBE_CLASSES: tuple[ClassSpec, ...] = (

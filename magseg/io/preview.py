@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from magseg.config import ClassSpec
-from magseg.raster import NODATA, PixelWindow
+from magseg.io.raster import NODATA, PixelWindow
 
 # Shown where the input has no data.
 _NODATA_RGB = (0.85, 0.85, 0.85)

@@ -4,7 +4,7 @@ Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y
 [0, 1] as ``grid_sample`` expects; a pixel's centre is ``((col + 0.5) / W, (row + 0.5) / H)``.
 
 The engine uses only ``num_points``: it picks pixels by counting
-(``magseg.certainty.top_error_pixels``) and takes R's values with one masked select. The
+(``magseg.engine.certainty.top_error_pixels``) and takes R's values with one masked select. The
 top-K, ``point_sample`` and scatter here are MagNet's refinement step as the design states
 it, and tests/test_engine.py checks the engine against them.
 """
@@ -13,13 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def num_points(points: int | float, available: int) -> int:
-    """K for a crop with ``available`` candidate pixels: an int is a count, a float a fraction."""
-    if isinstance(points, float):
-        return min(available, round(points * available))
-    return min(available, int(points))
 
 
 def top_k_points(score: Tensor, k: int, mask: Tensor | None = None) -> Tensor:

@@ -26,13 +26,13 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from magseg.errors import ConfigError, RasterError, RasterWriteError
-from magseg.aoi import AreaOfInterest, inside
-from magseg.sources import gdal_name, is_virtual
+from magseg.io.aoi import AreaOfInterest, inside
+from magseg.io.sources import gdal_name, is_virtual
 
 
 def open_raster(path: str | Path):
     """``rasterio.open`` with magseg's errors: a missing, empty or non-raster file raises
-    RasterError naming it. A name GDAL opens that is not a local file (magseg.sources) goes
+    RasterError naming it. A name GDAL opens that is not a local file (magseg.io.sources) goes
     to GDAL as it is, and its failure carries GDAL's own message."""
     if is_virtual(path):
         try:
@@ -398,7 +398,7 @@ def colormap(colors: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int
 
 def _write_error(path: Path, message: str) -> RasterWriteError:
     """A RasterWriteError about the file at ``path`` (kept as ``.path``, so that
-    magseg.atomic.atomic_write can tell which output failed)."""
+    magseg.io.atomic.atomic_write can tell which output failed)."""
     error = RasterWriteError(f"{path}: {message}")
     error.path = path  # type: ignore[attr-defined]
     return error

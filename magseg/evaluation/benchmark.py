@@ -1,6 +1,6 @@
 """Benchmark: the progressive method against its two single-scale baselines, on one split.
 
-All methods are the *same* engine (``magseg.engine.segment``) and the same backbone with a
+All methods are the *same* engine (``magseg.engine.stages.segment``) and the same backbone with a
 different pyramid, so the comparison isolates what the pyramid and the refiner contribute:
 
 - ``progressive``: the checkpoint's pyramid, refiner and K (the full method, adaptive mode off);
@@ -12,7 +12,7 @@ different pyramid, so the comparison isolates what the pyramid and the refiner c
 - ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
 
 Scores come from one confusion matrix per method summed over the split (the DeepGlobe
-convention; see magseg.metrics). Time is the wall time of the engine call per image (the
+convention; see magseg.evaluation.metrics). Time is the wall time of the engine call per image (the
 image is read and normalised once, outside the timing); memory is the process's peak
 resident set size during a method's engine calls (see ``PeakMemory``).
 """
@@ -34,11 +34,10 @@ from torch import Tensor
 
 from magseg.config import AdaptiveConfig, Config, EngineConfig, PyramidConfig, RefineConfig
 from magseg.data.scenes import Scene, check_scene, read_scene
+from magseg.engine.pyramid import resize
 from magseg.errors import DataError, MagsegError
-from magseg.metrics import ConfusionMatrix, confusion_matrix, scores
-from magseg.pyramid import resize
+from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.segmenter import Segmenter
-
 
 NO_REFINER = "progressive, no refiner"
 

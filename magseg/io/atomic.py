@@ -3,7 +3,7 @@ looks finished but is not, and never loses the file that was there before.
 
 Everything magseg writes (checkpoints, rasters, reports) goes to a temporary name beside the
 target and is put in place (``publish``) only once complete: written without an error,
-checked by its writer where the library may fail silently (GDAL, magseg.raster), and synced
+checked by its writer where the library may fail silently (GDAL, magseg.io.raster), and synced
 to disk (``os.fsync``, which reports write errors the kernel deferred). Renaming is atomic on
 one filesystem. When anything fails the temporary file is removed, the target is left as it
 was, and a write failure becomes a ``WriteError`` that names the target and, when the disk

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magseg.certainty import certainty as top2_margin
+from magseg.engine.certainty import certainty as top2_margin
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6

@@ -7,12 +7,12 @@
               Q = median_blur(cert(R) * (1 - cert(Y_crop)))
               the K pixels of highest Q a crop owns take R's values (point_sample + scatter,
               a masked select as R is on the crop's own grid; Q itself is never made, see
-              magseg.certainty.top_error_pixels)
+              magseg.engine.certainty.top_error_pixels)
     end:      Y resized to the image size -> argmax (at the image size, the last stage
               takes the argmax crop by crop unless probabilities are asked for)
 
 Crops of a stage all read the upsampled Y of the previous stage and write only the pixels
-they own (magseg.pyramid) into the stage's new map, so the result does not depend on batch
+they own (magseg.engine.pyramid) into the stage's new map, so the result does not depend on batch
 size or crop order.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from magseg.backbone import context_ratios, input_multiple, run_backbone
-from magseg.certainty import certainty, error_score, top_error_pixels
-from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
-from magseg.points import num_points
-from magseg.precision import precision_context
-from magseg.pyramid import (
+from magseg.config import EngineConfig, PyramidConfig, RefineConfig
+from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
+from magseg.engine.certainty import certainty
+from magseg.engine.precision import precision_context
+from magseg.engine.pyramid import (
     CropBox,
     Size,
     Window,
@@ -39,10 +38,16 @@ from magseg.pyramid import (
     crop_boxes,
     crop_windows,
     extract_windows,
-    owned_mask,
     resize,
     resized_windows,
     stitch_crops,
+)
+from magseg.engine.refine import (
+    crop_uncertainty,
+    labels_of,
+    refine_crops,
+    refine_labels,
+    select_crops,
 )
 
 
@@ -72,23 +77,6 @@ class SegmentationResult:
         if self.probs is None:
             raise ValueError("segment(..., return_probs=True) is needed for certainty")
         return certainty(self.probs[None])[0]
-
-
-def labels_of(probs: Tensor) -> Tensor:
-    """``(C, H, W)`` or ``(B, C, H, W)`` probabilities -> ``(H, W)`` or ``(B, H, W)`` uint8
-    class ids: argmax over C, the first maximum on ties (a NaN pixel gets id C).
-
-    On the CPU an index-returning reduction over a non-innermost dimension is slow
-    (``argmax`` 250 ms, ``max(dim).indices`` 23 ms for 4 x 7 x 612 x 612), and ``amax`` is
-    not (1.3 ms). So: ``key[c] = c`` where class c reaches the maximum, ``C + c`` elsewhere,
-    and the id is the smallest key (12 ms in all).
-    """
-    classes = probs.shape[-3]
-    if classes > 127:  # C + c must fit in uint8
-        return probs.max(dim=-3).indices.to(torch.uint8)
-    key = torch.ne(probs, probs.amax(dim=-3, keepdim=True)).view(torch.uint8).mul_(classes)
-    key += torch.arange(classes, dtype=torch.uint8, device=probs.device).view(classes, 1, 1)
-    return key.amin(dim=-3)
 
 
 def backbone_inputs(
@@ -152,97 +140,9 @@ def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Ten
     return refiner(fine, coarse).float().softmax(dim=1)
 
 
-def crop_uncertainty(coarse: Tensor, boxes: Sequence[CropBox]) -> list[float]:
-    """Adaptive mode's crop score: the mean coarse uncertainty ``1 - cert(Y)`` over the
-    pixels each crop owns.
-
-    Args:
-        coarse: ``(B, C, ch, cw)`` the upsampled previous-stage probabilities of B crops.
-    Returns:
-        B scores in [0, 1].
-    """
-    uncertainty = 1 - certainty(coarse)
-    return [float(u[box.owned_in_crop].mean()) for u, box in zip(uncertainty, boxes)]
-
-
-def select_crops(scores: Sequence[float], boxes: Sequence[CropBox], adaptive: AdaptiveConfig) -> list[CropBox]:
-    """Adaptive mode: the crops worth running through the backbone at a stage.
-
-    Crops scoring below ``threshold`` are dropped and of the rest only the ``max_crops``
-    *most* uncertain are kept (descending order: the official MagNet-Fast sorts the wrong way).
-
-    Args:
-        scores: one ``crop_uncertainty`` per box.
-    Returns:
-        the kept boxes, in their original (row-major) order.
-    """
-    if not adaptive.enabled:
-        return list(boxes)
-    order = sorted(range(len(boxes)), key=lambda i: scores[i], reverse=True)
-    if adaptive.threshold is not None:
-        order = [i for i in order if scores[i] >= adaptive.threshold]
-    if adaptive.max_crops is not None:
-        order = order[: adaptive.max_crops]
-    return [boxes[i] for i in sorted(order)]
-
-
 def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
-
-
-def picked_pixels(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
-) -> Tensor:
-    """The pixels that take the refined values: the top-K of each crop's error map, among
-    the pixels the crop owns (K counts only those).
-
-    Args:
-        coarse, refined: ``(B, C, ch, cw)`` probabilities Y and R of the crops.
-        boxes: the B crop boxes.
-    Returns:
-        ``(B, ch, cw)`` bool.
-    """
-    crop = tuple(coarse.shape[-2:])
-    ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
-    # Crops that own every pixel (inside the image, no overlap) need no mask.
-    owns_all = all((box.own_height, box.own_width) == crop for box in boxes)
-    owned = None if owns_all else owned_mask(list(boxes), crop, device=coarse.device)
-    return top_error_pixels(error_score(refined, coarse), refine.kernel, ks, owned)
-
-
-def refine_crops(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
-) -> Tensor:
-    """Give the top-K pixels of each crop's error map the refined values, in place.
-
-    Args:
-        coarse: ``(B, C, ch, cw)`` coarse probabilities Y of the crops; overwritten with
-            the result (the engine's own copy, cut for this batch).
-        refined: ``(B, C, ch, cw)`` refined probabilities R.
-        boxes: the B crop boxes (K counts, and picks, only pixels a crop owns).
-    Returns:
-        ``(B, ch, cw)`` bool map of the pixels that took the refined values.
-    """
-    picked = picked_pixels(coarse, refined, boxes, refine)
-    # R lives on the crop's own grid, so point_sample at the pixel centres followed by a
-    # scatter is a masked select: one pass over the C channels (a test checks they agree).
-    torch.where(picked[:, None], refined, coarse, out=coarse)
-    return picked
-
-
-def refine_labels(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
-) -> tuple[Tensor, Tensor]:
-    """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
-    ``(B, ch, cw)`` uint8, and the picked map, ``coarse`` left as it is.
-
-    The argmax of R where picked and of Y elsewhere: two uint8 argmaxes and a uint8 select
-    cost less than the select over C channels and the argmax after it (21 against 27 ms
-    for 4 x 7 x 612 x 612).
-    """
-    picked = picked_pixels(coarse, refined, boxes, refine)
-    return torch.where(picked, labels_of(refined), labels_of(coarse)), picked
 
 
 def _run_options(backbone: nn.Module, engine: EngineConfig) -> dict:

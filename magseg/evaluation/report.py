@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from magseg.atomic import atomic_write
-from magseg.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
 from magseg.config import ClassSpec
+from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
-from magseg.precision import runtime_info
+from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
+from magseg.io.atomic import atomic_write
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -1,0 +1,15 @@
+"""The progressive engine: everything that turns one in-memory image into class maps.
+
+    stages     the stage loop, written once: ``segment`` (whole image in memory) and the
+               streamed stages over a raster share it (``run_stages``)
+    refine     the refine step: crop selection, picked pixels, R's values into Y
+    pyramid    stage sizes, crop boxes, cutting and stitching
+    resample   antialiased resizing of any window of a stage, bit-identical to the whole map
+    certainty  top-1 minus top-2, the error map and its top K per crop
+    points     PointRend's top-K, ``point_sample`` and scatter, the method as stated
+    refiner    the refinement module; backbone: backbones and how to call them
+    precision  fp32/bf16/fp16, autocast, the hardware description of a run
+
+Imports only torch, numpy, OpenCV, segmentation-models-pytorch and ``magseg.config``,
+``magseg.errors``, ``magseg.models``: never raster I/O, so it runs wherever torch does.
+"""
