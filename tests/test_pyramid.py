@@ -7,12 +7,9 @@ from hypothesis import strategies as st
 
 from magseg.engine.pyramid import (
     crop_boxes,
-    crop_windows,
     extract_crops,
-    extract_windows,
     owned_mask,
     resize,
-    resized_windows,
     stage_sizes,
     stitch_crops,
 )
@@ -106,51 +103,3 @@ def test_crop_boxes_rejects_empty_images():
         crop_boxes((0, 5), (4, 4))
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    cells=st.tuples(st.integers(1, 40), st.integers(1, 40)),
-    tiles=st.tuples(st.integers(1, 4), st.integers(1, 4)),
-    factors=st.tuples(st.sampled_from([1, 2, 4, 8, 3]), st.sampled_from([1, 2, 4, 8, 3])),
-    jitter=st.tuples(st.sampled_from([0, 0, 0, 0, -1, 5]), st.sampled_from([0, 0, 0, 0, -1, 5])),
-    channels=st.integers(1, 4),
-    seed=st.integers(0, 2**16),
-)
-def test_resized_windows_equal_cutting_the_resized_map_bit_for_bit(cells, tiles, factors, jitter, channels, seed):
-    # The engine's crop-by-crop upsampling: exact for power-of-two factors and windows on
-    # multiples of them (the fast path: a map tiled exactly, jitter 0), and the same answer
-    # the long way otherwise (factor 1 or 3, windows off the grid or past the border, small
-    # windows).
-    source = (cells[0] * tiles[0], cells[1] * tiles[1])
-    x = torch.rand(channels, *source, generator=torch.Generator().manual_seed(seed))
-    size = (source[0] * factors[0], source[1] * factors[1])
-    crop = (max(1, size[0] // tiles[0] + jitter[0]), max(1, size[1] // tiles[1] + jitter[1]))
-    windows = crop_windows(crop_boxes(size, crop), crop)
-    expected = extract_windows(resize(x, size), windows)
-    assert torch.equal(resized_windows(x, size, windows), expected)
-
-
-@pytest.mark.parametrize("source, factor, crop", [((1, 32), 4, 4), ((2, 16), 8, 8), ((5, 32), 4, 16)])
-def test_resized_windows_small_windows_of_a_large_map_are_exact(source, factor, crop):
-    # These once differed by 1 ulp: PyTorch upsamples outputs of height + width <= 128 with
-    # another kernel than larger ones, so pieces that small must not be upsampled apart.
-    x = torch.rand(2, *source, generator=torch.Generator().manual_seed(0))
-    size = (source[0] * factor, source[1] * factor)
-    windows = crop_windows(crop_boxes(size, (crop, crop)), (crop, crop))
-    assert torch.equal(resized_windows(x, size, windows), extract_windows(resize(x, size), windows))
-
-
-def test_resized_windows_fast_path_at_engine_sizes(monkeypatch):
-    # 306 -> 612 with crops of 154 (even offsets: the fast path, checked by making the whole-map
-    # resize unavailable to it) and of 153 (odd offsets: the long way).
-    import magseg.engine.pyramid as pyramid
-
-    x = torch.rand(7, 306, 306, generator=torch.Generator().manual_seed(0))
-    expected = {c: extract_windows(resize(x, (612, 612)), crop_windows(crop_boxes((612, 612), (c, c)), (c, c)))
-                for c in (153, 154)}
-    long_way = pyramid.resize
-    monkeypatch.setattr(pyramid, "resize", lambda *a, **k: pytest.fail("whole map resized"))
-    windows = crop_windows(crop_boxes((612, 612), (154, 154)), (154, 154))
-    assert torch.equal(resized_windows(x, (612, 612), windows), expected[154])
-    monkeypatch.setattr(pyramid, "resize", long_way)
-    windows = crop_windows(crop_boxes((612, 612), (153, 153)), (153, 153))
-    assert torch.equal(resized_windows(x, (612, 612), windows), expected[153])

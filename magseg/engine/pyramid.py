@@ -156,61 +156,6 @@ def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
     return out
 
 
-def _power_of_two_factor(src: int, dst: int) -> int | None:
-    """``dst / src`` when it is a power of two above 1, else None."""
-    factor, rest = divmod(dst, src)
-    return factor if rest == 0 and factor > 1 and factor & (factor - 1) == 0 else None
-
-
-# PyTorch's CPU bilinear upsampling runs a different kernel, with different rounding, for
-# outputs of height + width <= 128 (``_use_vectorized_kernel_cond_2d`` in ATen's
-# UpSampleKernel.cpp; its other conditions, thread count and layout, are the same for the
-# pieces as for the whole map). A piece cut for a window is at least the window's size and the
-# whole map at least the piece's, so windows above this size upsample with the whole map's
-# kernel (tests/test_pyramid.py holds the cases that once differed by 1 ulp).
-_SAME_KERNEL = 128
-
-
-def resized_windows(x: Tensor, size: Size, windows: list[Window]) -> Tensor:
-    """``extract_windows(resize(x, size), windows)``, without making the whole resized map.
-
-    The engine's stage step: the previous stage's ``(C, h, w)`` probabilities, upsampled to
-    the stage's ``size`` (H, W), are only ever read crop by crop. When ``H / h`` and
-    ``W / w`` are powers of two (every pyramid of doubling scales) and the windows lie
-    inside the image on multiples of them, each window is upsampled from just the source
-    pixels it reads, plus one on each side so that edge clamping happens only where the
-    whole map has an edge. Bilinear source coordinates ``(i + 0.5) / f - 0.5`` are then
-    exact in float, so the result is bit-identical to cutting the whole map, at half its
-    cost and without its memory (a 2448 px, 7-class map is 168 MB). Windows of height +
-    width <= 128 (see ``_SAME_KERNEL``) and anything else go the long way.
-
-    Args:
-        x: ``(C, h, w)``.
-        windows: equally sized ``(top, left, height, width)`` windows of the ``size`` grid.
-    Returns:
-        ``(B, C, height, width)``.
-    """
-    (h, w), (out_h, out_w) = x.shape[-2:], size
-    fy, fx = _power_of_two_factor(h, out_h), _power_of_two_factor(w, out_w)
-    wh, ww = windows[0][2], windows[0][3]
-    aligned = (
-        fy is not None and fx is not None and wh + ww > _SAME_KERNEL and _all_inside(windows, size)
-        and all((th, tw) == (wh, ww) and t % fy == 0 and l % fx == 0 for t, l, th, tw in windows)
-    )
-    if not aligned:
-        return extract_windows(resize(x, size), windows)
-    out = x.new_empty((len(windows), x.shape[0], wh, ww))
-    for i, (top, left, _, _) in enumerate(windows):
-        # Output row r reads source rows floor((r + 0.5) / f - 0.5) and the one after it.
-        y0, x0 = max(top // fy - 1, 0), max(left // fx - 1, 0)
-        y1, x1 = min((top + wh - 1) // fy + 2, h), min((left + ww - 1) // fx + 2, w)
-        part = F.interpolate(x[None, :, y0:y1, x0:x1], scale_factor=(fy, fx), mode="bilinear",
-                             align_corners=False, recompute_scale_factor=False)
-        dy, dx = top - y0 * fy, left - x0 * fx
-        out[i] = part[0, :, dy : dy + wh, dx : dx + ww]
-    return out
-
-
 def crop_windows(boxes: list[CropBox], crop: Size) -> list[Window]:
     """The full crop-sized window of each box (reaching past the image when it is smaller)."""
     return [(b.top, b.left, crop[0], crop[1]) for b in boxes]

@@ -1,8 +1,7 @@
 """The progressive engine: MagNet's coarse-to-fine stage loop, written once.
 
-    stage 0:  image resized to scales[0] -> crops -> backbone -> stitched probabilities Y
-    stage s:  Y upsampled to scales[s] (crop by crop);  image resized to scales[s] -> crops
-              -> backbone O
+    stage 0:  image at scales[0] (crop by crop) -> backbone -> probabilities Y, crops stitched
+    stage s:  Y upsampled to scales[s] and image at scales[s], both crop by crop -> backbone O
               R = softmax(refiner(O, Y_crop))       (R = O without a refiner)
               Q = median_blur(cert(R) * (1 - cert(Y_crop)))
               the K pixels of highest Q a crop owns take R's values (point_sample + scatter,
@@ -13,7 +12,10 @@
 
 Crops of a stage all read the upsampled Y of the previous stage and write only the pixels
 they own (magseg.engine.pyramid) into the stage's new map, so the result does not depend on batch
-size or crop order.
+size or crop order. Nothing is made whole: crops read the image and Y window by window
+(magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
+magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
+image in memory; ``magseg.io.predict`` on a raster of any size, with the same ``run_stages``.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +33,7 @@ from magseg.config import EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.certainty import certainty
 from magseg.engine.precision import precision_context
+from magseg.engine.maps import MemoryMap
 from magseg.engine.pyramid import (
     CropBox,
     Size,
@@ -39,9 +43,9 @@ from magseg.engine.pyramid import (
     crop_windows,
     extract_windows,
     resize,
-    resized_windows,
     stitch_crops,
 )
+from magseg.engine.resample import Source, TensorSource, resample_windows
 from magseg.engine.refine import (
     crop_uncertainty,
     labels_of,
@@ -145,106 +149,185 @@ def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
         yield list(items[start : start + size])
 
 
-def _run_options(backbone: nn.Module, engine: EngineConfig) -> dict:
-    """What every backbone call of a run needs, worked out once."""
-    return dict(
-        precision=engine.precision, channels_last=engine.channels_last,
-        multiple=input_multiple(backbone), ratios=context_ratios(backbone),
-    )
+class StageMap(Protocol):
+    """A stage's running probabilities (magseg.engine.maps): read by windows, written by
+    crops' owned regions, discarded once the next stage has read it."""
+
+    size: Size
+
+    def read(self, rows: slice, cols: slice) -> Tensor: ...
+    def write(self, boxes: list[CropBox], crops: Tensor) -> None: ...
+    def discard(self) -> None: ...
 
 
-def _batch_probs(
-    backbone: nn.Module, scene: Tensor, boxes: list[CropBox], pyramid: PyramidConfig, run: dict
-) -> Tensor:
-    """Backbone probabilities ``(B, classes, ch, cw)`` of a batch of crops of a stage image."""
-    crops, contexts = backbone_inputs(scene, crop_windows(boxes, pyramid.crop), run["ratios"])
-    return crop_probs(
-        backbone, crops, pyramid.input, contexts=contexts, precision=run["precision"],
-        channels_last=run["channels_last"], multiple=run["multiple"],
-    )
+@runtime_checkable
+class Sink(Protocol):
+    """Where the final class map goes, crop by crop at the image size.
 
-
-def _stitched_probs(
-    backbone: nn.Module,
-    scene: Tensor,
-    boxes: Sequence[CropBox],
-    pyramid: PyramidConfig,
-    engine: EngineConfig,
-    run: dict,
-    on_crops: Callable[[int], None] | None,
-) -> Tensor:
-    """Backbone probabilities of a whole stage image ``(C_in, h, w)``, crops stitched:
-    ``(classes, h, w)``."""
-    out: Tensor | None = None
-    for batch in _batches(boxes, engine.batch_size):
-        fine = _batch_probs(backbone, scene, batch, pyramid, run)
-        if out is None:
-            out = scene.new_zeros((fine.shape[1], *scene.shape[-2:]))
-        stitch_crops(out, fine, batch)
-        if on_crops:
-            on_crops(len(batch))
-    assert out is not None  # crop_boxes never returns an empty list
-    return out
-
-
-def _coarse_crops(y: Tensor, size: Size, boxes: list[CropBox], pyramid: PyramidConfig) -> Tensor:
-    """Y, the running ``(C, h, w)`` probabilities, upsampled to a stage's ``size`` and cut
-    at ``boxes``: ``(B, C, ch, cw)``, made crop by crop (``resized_windows``)."""
-    return resized_windows(y, size, crop_windows(boxes, pyramid.crop))
-
-
-def _refined_stage(
-    y: Tensor,
-    size: Size,
-    scene: Tensor,
-    boxes: list[CropBox],
-    chosen: list[CropBox],
-    backbone: nn.Module,
-    refiner: nn.Module | None,
-    pyramid: PyramidConfig,
-    refine: RefineConfig,
-    engine: EngineConfig,
-    run: dict,
-    *,
-    labels_only: bool,
-    picked_map: Tensor | None,
-    on_crops: Callable[[int], None] | None,
-) -> Tensor:
-    """One stage after the first: the ``chosen`` crops of ``scene`` (the image at ``size``)
-    refine the previous stage's ``y`` (C, h, w); the other boxes keep ``y`` upsampled.
-
-    Every crop reads ``y`` and writes only the pixels it owns into a new map, so overlapping
-    crops never see each other's refinements: the result does not depend on batch size or
-    order.
-
-    Returns:
-        the stage's ``(C, H, W)`` probabilities, or with ``labels_only`` its ``(H, W)`` uint8
-        labels (argmax crop by crop, while the crop is at hand).
+    ``write(boxes, labels, probs)``: ``labels`` ``(B, ch, cw)`` uint8 and, when
+    ``wants_probs``, ``probs`` ``(B, C, ch, cw)`` float32; each box's owned region is its
+    part of the result.
     """
-    if labels_only:
-        out = torch.empty((1, *size), dtype=torch.uint8, device=y.device)
-    else:
-        out = y.new_empty((y.shape[0], *size))
 
-    for batch in _batches(chosen, engine.batch_size):
-        coarse = _coarse_crops(y, size, batch, pyramid)
-        fine = _batch_probs(backbone, scene, batch, pyramid, run)
-        refined = refine_probs(refiner, fine, coarse)
-        if labels_only:
-            labels, picked = refine_labels(coarse, refined, batch, refine)
-            stitch_crops(out, labels[:, None], batch)
+    wants_probs: bool
+
+    def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None: ...
+
+
+class MemorySink:
+    """The final labels ``(H, W)`` uint8 (and probabilities ``(C, H, W)``) in memory."""
+
+    def __init__(self, size: Size, wants_probs: bool, device: torch.device) -> None:
+        self.wants_probs = wants_probs
+        self.labels = torch.empty((1, *size), dtype=torch.uint8, device=device)
+        self.probs = MemoryMap(size) if wants_probs else None
+
+    def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
+        stitch_crops(self.labels, labels[:, None], boxes)
+        if self.probs is not None:
+            self.probs.write(boxes, probs)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One run of the stage loop: the models and settings every crop batch needs, worked
+    out once (the backbone's input multiple and context ratios included)."""
+
+    backbone: nn.Module
+    refiner: nn.Module | None
+    pyramid: PyramidConfig
+    refine: RefineConfig
+    engine: EngineConfig
+    multiple: int
+    ratios: tuple[float, ...]
+    on_crops: Callable[[int], None] | None = None
+
+    @classmethod
+    def create(cls, backbone: nn.Module, pyramid: PyramidConfig, *, refiner: nn.Module | None = None,
+               refine: RefineConfig = RefineConfig(), engine: EngineConfig = EngineConfig(),
+               on_crops: Callable[[int], None] | None = None) -> "StageRun":
+        return cls(backbone, refiner, pyramid, refine, engine, input_multiple(backbone),
+                   context_ratios(backbone), on_crops)
+
+    def fine(self, image: Source, size: Size, boxes: list[CropBox]) -> Tensor:
+        """Backbone probabilities ``(B, classes, ch, cw)`` of crops of ``image`` at ``size``."""
+        windows = crop_windows(boxes, self.pyramid.crop)
+        device = self.engine.device
+        crops = resample_windows(image, size, windows).to(device)
+        contexts = [resample_windows(image, size, context_windows(windows, r)).to(device)
+                    for r in self.ratios]
+        probs = crop_probs(self.backbone, crops, self.pyramid.input, contexts=contexts or None,
+                           precision=self.engine.precision, channels_last=self.engine.channels_last,
+                           multiple=self.multiple)
+        if self.on_crops:
+            self.on_crops(len(boxes))
+        return probs
+
+    def coarse(self, y: StageMap, size: Size, boxes: list[CropBox]) -> Tensor:
+        """Y upsampled to ``size`` and cut at ``boxes``: ``(B, C, ch, cw)``."""
+        return resample_windows(y, size, crop_windows(boxes, self.pyramid.crop)).to(self.engine.device)
+
+    def first_stage(self, image: Source, size: Size, boxes: list[CropBox], out: StageMap) -> None:
+        """Stage 0, a batch of crops: the backbone's probabilities into ``out``."""
+        out.write(boxes, self.fine(image, size, boxes))
+
+    def refined_batch(self, image: Source, y: StageMap, size: Size, boxes: list[CropBox],
+                      out: StageMap | Sink, picked_map: Tensor | None = None) -> None:
+        """A stage after the first, a batch of crops: R refines the upsampled Y at the top-K
+        pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage)."""
+        coarse = self.coarse(y, size, boxes)
+        refined = refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
+        if not isinstance(out, Sink):
+            picked = refine_crops(coarse, refined, boxes, self.refine)
+            out.write(boxes, coarse)
+        elif out.wants_probs:
+            picked = refine_crops(coarse, refined, boxes, self.refine)
+            out.write(boxes, labels_of(coarse), coarse)
         else:
-            picked = refine_crops(coarse, refined, batch, refine)
-            stitch_crops(out, coarse, batch)
+            # Labels only: the argmax of R where picked, of Y elsewhere, without the select
+            # over C channels.
+            labels, picked = refine_labels(coarse, refined, boxes, self.refine)
+            out.write(boxes, labels, None)
         if picked_map is not None:
-            stitch_crops(picked_map, picked[:, None], batch)
-        if on_crops:
-            on_crops(len(batch))
-    kept = set(chosen)
-    for batch in _batches([b for b in boxes if b not in kept], engine.batch_size):
-        coarse = _coarse_crops(y, size, batch, pyramid)
-        stitch_crops(out, labels_of(coarse)[:, None] if labels_only else coarse, batch)
-    return out[0] if labels_only else out
+            stitch_crops(picked_map, picked[:, None], boxes)
+
+    def kept_batch(self, y: StageMap, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
+        """Crops that skip the backbone (adaptive mode, or the final upsampling): Y upsampled."""
+        coarse = self.coarse(y, size, boxes)
+        if isinstance(out, Sink):
+            out.write(boxes, labels_of(coarse), coarse if out.wants_probs else None)
+        else:
+            out.write(boxes, coarse)
+
+    def chosen(self, y: StageMap, size: Size, boxes: list[CropBox]) -> list[CropBox]:
+        """The crops of a stage after the first that run the backbone (all, unless adaptive
+        mode drops some; none when K is 0)."""
+        if self.refine.points == 0:
+            return []
+        if not self.engine.adaptive.enabled:
+            return boxes
+        scores = [score for batch in _batches(boxes, self.engine.batch_size)
+                  for score in crop_uncertainty(self.coarse(y, size, batch), batch)]
+        return select_crops(scores, boxes, self.engine.adaptive)
+
+
+def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], StageMap], sink: Sink,
+               trace: list[StageResult] | None = None) -> None:
+    """The stage loop over ``image`` (a normalised ``(C_in, H, W)`` source), its result
+    written to ``sink`` crop by crop at the image size.
+
+    Args:
+        new_map: ``new_map(stage, size)``, an empty map for a stage's probabilities.
+        trace: when given (maps in memory only), each stage's ``StageResult`` is appended.
+    """
+    sizes = run.pyramid.stage_sizes(tuple(image.size))
+    batch = run.engine.batch_size
+    y: StageMap | None = None
+    done = False  # the last stage wrote the sink
+    for s, size in enumerate(sizes):
+        start = time.perf_counter()
+        boxes = crop_boxes(size, run.pyramid.crop)
+        picked_map = None
+        if y is None:
+            chosen, y = boxes, new_map(s, size)
+            for part in _batches(boxes, batch):
+                run.first_stage(image, size, part, y)
+        else:
+            chosen = run.chosen(y, size, boxes)
+            if trace is not None:
+                picked_map = torch.zeros((1, *size), dtype=torch.bool, device=run.engine.device)
+            if chosen:
+                done = s == len(sizes) - 1 and tuple(size) == tuple(image.size)
+                out = sink if done else new_map(s, size)
+                for part in _batches(chosen, batch):
+                    run.refined_batch(image, y, size, part, out, picked_map)
+                kept = set(chosen)
+                for part in _batches([b for b in boxes if b not in kept], batch):
+                    run.kept_batch(y, size, part, out)
+                y.discard()
+                y = None if done else out
+            # else: nothing changes at this stage; Y stays at its own size, upsampled once at
+            # the end (so K = 0 gives exactly the stage-0 view upsampled).
+        if trace is not None:
+            trace.append(_stage_result(size, y, sink, picked_map, len(chosen), len(boxes), start))
+    if not done:
+        final = crop_boxes(tuple(image.size), run.pyramid.crop)
+        for part in _batches(final, batch):
+            run.kept_batch(y, tuple(image.size), part, sink)
+        y.discard()
+
+
+def _stage_result(size: Size, y: StageMap | None, sink: Sink, picked_map: Tensor | None,
+                  run: int, total: int, start: float) -> StageResult:
+    """A stage's ``StageResult`` (maps and sink in memory)."""
+    if y is None:  # the last stage wrote the sink
+        labels = sink.labels[0]
+    else:
+        whole = TensorSource(y.read(slice(0, y.size[0]), slice(0, y.size[1])))
+        labels = labels_of(resample_windows(whole, size, [(0, 0, *size)])[0])
+    return StageResult(size=tuple(size), labels=labels.cpu(),
+                       refined=None if picked_map is None else picked_map[0].cpu(),
+                       crops_run=run, crops_total=total, seconds=time.perf_counter() - start)
 
 
 def stage_probs(
@@ -258,9 +341,12 @@ def stage_probs(
     Returns:
         ``(classes, h, w)`` probabilities.
     """
-    run = _run_options(backbone, engine)
-    boxes = crop_boxes(tuple(scene.shape[-2:]), pyramid.crop)
-    return _stitched_probs(backbone, scene, boxes, pyramid, engine, run, None)
+    run = StageRun.create(backbone, pyramid, engine=engine)
+    size = tuple(scene.shape[-2:])
+    out = MemoryMap(size)
+    for part in _batches(crop_boxes(size, pyramid.crop), engine.batch_size):
+        run.first_stage(TensorSource(scene), size, part, out)
+    return out.tensor
 
 
 @torch.inference_mode()
@@ -295,61 +381,13 @@ def segment(
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
     device = torch.device(engine.device)
     image = image.to(device=device, dtype=torch.float32)
-    height, width = image.shape[-2:]
-    run = _run_options(backbone, engine)
-
-    y: Tensor | None = None  # the running (C, h, w) probabilities, at the last stage that ran
-    labels: Tensor | None = None  # (H, W), when the last stage wrote labels instead of y
-    sizes = pyramid.stage_sizes((height, width))
-    stages: list[StageResult] = []
-    for s, size in enumerate(sizes):
-        start = time.perf_counter()
-        boxes = crop_boxes(size, pyramid.crop)
-        picked_map = None
-        if y is None:
-            # Stage 0: the coarse view, stitched from its crops (one crop when scales[0] = crop).
-            chosen = boxes
-            y = _stitched_probs(backbone, resize(image, size), chosen, pyramid, engine, run, on_crops)
-        else:
-            chosen = [] if refine.points == 0 else boxes
-            if chosen and engine.adaptive.enabled:
-                scores = [score for batch in _batches(boxes, engine.batch_size)
-                          for score in crop_uncertainty(_coarse_crops(y, size, batch, pyramid), batch)]
-                chosen = select_crops(scores, boxes, engine.adaptive)
-            if return_stages:
-                picked_map = torch.zeros((1, *size), dtype=torch.bool, device=device)
-            if chosen:
-                # The last stage at the image size, when only labels are asked for, writes
-                # labels crop by crop: the full-size probability map is never made.
-                labels_only = s == len(sizes) - 1 and tuple(size) == (height, width) and not return_probs
-                out = _refined_stage(
-                    y, size, resize(image, size), boxes, chosen, backbone, refiner, pyramid, refine,
-                    engine, run, labels_only=labels_only, picked_map=picked_map, on_crops=on_crops,
-                )
-                if labels_only:
-                    labels = out
-                else:
-                    y = out
-            # else: nothing can change at this stage; y stays at its own resolution and is
-            # upsampled once, later (so K = 0 gives exactly the stage-0 view upsampled).
-        if return_stages:
-            stages.append(
-                StageResult(
-                    size=tuple(size),
-                    labels=(labels if labels is not None else labels_of(resize(y, size))).cpu(),
-                    refined=None if picked_map is None else picked_map[0].cpu(),
-                    crops_run=len(chosen),
-                    crops_total=len(boxes),
-                    seconds=time.perf_counter() - start,
-                )
-            )
-
-    probs = None
-    if labels is None:
-        probs = resize(y, (height, width))
-        labels = labels_of(probs)
+    run = StageRun.create(backbone, pyramid, refiner=refiner, refine=refine, engine=engine,
+                          on_crops=on_crops)
+    sink = MemorySink(tuple(image.shape[-2:]), return_probs, device)
+    stages: list[StageResult] | None = [] if return_stages else None
+    run_stages(run, TensorSource(image), lambda stage, size: MemoryMap(size), sink, stages)
     return SegmentationResult(
-        labels=labels.cpu(),
-        probs=probs.cpu() if return_probs else None,
-        stages=stages,
+        labels=sink.labels[0].cpu(),
+        probs=sink.probs.tensor.cpu() if return_probs else None,
+        stages=stages or [],
     )

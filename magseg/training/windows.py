@@ -91,7 +91,7 @@ def region_plan(src: int, dst: int, start: int, length: int) -> tuple[int, int, 
     o0 = max(start - margin, 0) // q * q
     o1 = min(-(-(start + length + margin) // q) * q, dst)
     # PyTorch's bilinear upsampling picks another kernel, with other rounding, for outputs
-    # of height + width <= 128 (see magseg.engine.pyramid._SAME_KERNEL): keep pieces above 64 a side.
+    # of height + width <= 128 (see magseg.engine.resample._SAME_KERNEL): keep pieces above 64 a side.
     while o1 - o0 < 65 and (o0 > 0 or o1 < dst):
         o0, o1 = max(o0 - q, 0), min(o1 + q, dst)
     return o0, o1, o0 * p // q, o1 * p // q

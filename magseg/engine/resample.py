@@ -1,0 +1,241 @@
+"""Resizing by windows: any window of an image resized to a stage's size, computed from just
+the source pixels it needs, and bit-identical however the image is cut into windows.
+
+The engine never makes a whole stage image or a whole upsampled map: each crop reads its
+window of the image at the stage's magnification (``resample_windows``). The same code runs
+on an image in memory (``segment``) and on a raster read window by window (``magseg
+predict``), so both give the same pixels, bit for bit, whatever the raster's size.
+
+The filter is bilinear's triangle, stretched to the source's pixel spacing when shrinking
+(antialiased, as ``F.interpolate(..., antialias=True)``), on pixel centres
+(``align_corners=False``), with edge pixels renormalised as the weights that fall outside
+the image are dropped. Output pixel ``i`` of an axis of ``n_dst`` from ``n_src`` reads source
+pixels ``j`` with ``|j + 0.5 - s (i + 0.5)| < max(s, 1)``, ``s = n_src / n_dst``.
+
+Why not ``F.interpolate`` on pieces: its weights depend on the piece's own size and origin,
+so a piece's pixels differ from the whole map's in the last bits (or more, at non-integer
+scales). Here every output pixel is the same sum, in the same order, of the same float32
+products, whatever window asks for it: rows then columns, tap by tap, each a separately
+rounded multiply and add (no fused multiply-add, whose rounding differs between vectorised
+and scalar loops).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from magseg.engine.pyramid import Size, Window
+
+
+class Source(Protocol):
+    """An image or map read by windows: ``size`` is ``(H, W)``; ``read(rows, cols)`` returns
+    ``(C, rows, cols)`` float32 for slices inside the image."""
+
+    size: Size
+
+    def read(self, rows: slice, cols: slice) -> Tensor: ...
+
+
+@dataclass
+class TensorSource:
+    """A ``(C, H, W)`` tensor as a ``Source``."""
+
+    tensor: Tensor
+
+    @property
+    def size(self) -> Size:
+        return tuple(self.tensor.shape[-2:])
+
+    def read(self, rows: slice, cols: slice) -> Tensor:
+        return self.tensor[:, rows, cols]
+
+
+@dataclass(frozen=True)
+class AxisWeights:
+    """The filter along one axis, ``n_src`` -> ``n_dst``: output pixel ``i`` is
+    ``sum_t weight[i, t] * src[first[i] + t]`` over ``taps`` taps (weights 0 past the edges).
+    ``step``: ``first[i] = step * i + first[0]`` for every ``i`` (an integer shrink), else 0."""
+
+    first: Tensor  # (n_dst,) int64, may be < 0 or reach past n_src
+    weight: Tensor  # (n_dst, taps) float32
+    taps: int
+    step: int
+
+
+@functools.lru_cache(maxsize=32)
+def axis_weights(n_src: int, n_dst: int) -> AxisWeights:
+    """The weights of one axis (cached: a run asks for the same few axes again and again)."""
+    scale = n_src / n_dst
+    support = max(scale, 1.0)
+    centre = scale * (torch.arange(n_dst, dtype=torch.float64) + 0.5) - 0.5
+    first = torch.floor(centre - support).long() + 1
+    taps = int((torch.ceil(centre + support).long() - 1 - first).max()) + 1
+    j = first[:, None] + torch.arange(taps)
+    w = (1 - ((j - centre[:, None]).abs() / support)).clamp_(min=0)
+    w[(j < 0) | (j >= n_src)] = 0
+    w /= w.sum(dim=1, keepdim=True)
+    step = round(scale) if scale >= 1 and scale == round(scale) else 0
+    if step and not torch.equal(first, first[0] + step * torch.arange(n_dst)):
+        step = 0
+    return AxisWeights(first, w.float(), taps, step)
+
+
+def _filter_axis(x: Tensor, dim: int, aw: AxisWeights, lo: int, hi: int, origin: int) -> Tensor:
+    """Output pixels ``[lo, hi)`` of axis ``dim`` from ``x``, whose index 0 along ``dim`` is
+    source pixel ``origin`` and which holds every tap they read (zeros past the image)."""
+    if dim == x.dim() - 1:
+        # Filter the last axis as rows: a tap is then whole contiguous rows, not a gather
+        # of every step-th float (four times faster, the transposes included).
+        return _filter_axis(x.transpose(-1, -2).contiguous(), dim - 1, aw, lo, hi, origin
+                            ).transpose(-1, -2).contiguous()
+    first = aw.first[lo:hi] - origin
+    weight = aw.weight[lo:hi].to(x.device)
+    shape = [1] * x.dim()
+    shape[dim] = hi - lo
+    out = term = None
+    for t in range(aw.taps):
+        if aw.step:
+            start = int(first[0]) + t
+            index = [slice(None)] * x.dim()
+            index[dim] = slice(start, start + aw.step * (hi - lo - 1) + 1, aw.step)
+            tap = x[tuple(index)]
+        else:
+            tap = x.index_select(dim, (first + t).to(x.device))
+        if out is None:
+            out = torch.mul(tap, weight[:, t].view(shape))
+            term = torch.empty_like(out)
+        else:
+            out.add_(torch.mul(tap, weight[:, t].view(shape), out=term))
+    return out
+
+
+def _source_span(aw: AxisWeights, lo: int, hi: int) -> tuple[int, int]:
+    """Source pixels ``[a, b)`` that output pixels ``[lo, hi)`` read (may reach outside)."""
+    return int(aw.first[lo]), int(aw.first[hi - 1]) + aw.taps
+
+
+def _read_padded(source: Source, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """``source`` over ``rows`` x ``cols`` (half-open), zero where they leave the image."""
+    (h, w), (r0, r1), (c0, c1) = source.size, rows, cols
+    inner = source.read(slice(max(r0, 0), min(r1, h)), slice(max(c0, 0), min(c1, w)))
+    if (r0, r1, c0, c1) == (max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)):
+        return inner.float()
+    out = inner.new_zeros((inner.shape[0], r1 - r0, c1 - c0), dtype=torch.float32)
+    out[:, max(-r0, 0) : max(-r0, 0) + inner.shape[1], max(-c0, 0) : max(-c0, 0) + inner.shape[2]] = inner
+    return out
+
+
+def _integer_factor(src: int, dst: int) -> tuple[int, bool] | None:
+    """``(f, shrink)`` when one of ``src``, ``dst`` is ``f`` times the other, else None."""
+    if src % dst == 0:
+        return src // dst, True
+    if dst % src == 0:
+        return dst // src, False
+    return None
+
+
+# PyTorch's CPU bilinear upsampling runs a different kernel, with different rounding, for
+# outputs of height + width <= 128 (``_use_vectorized_kernel_cond_2d`` in ATen's
+# UpSampleKernel.cpp); a part is at least its window's size, so windows above this size
+# upsample with the kernel the whole map would use.
+_SAME_KERNEL = 128
+
+
+def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: tuple[int, int]
+                       ) -> Tensor | None:
+    """Output pixels ``rows`` x ``cols`` (inside the ``size`` grid) by ``F.interpolate`` on
+    just the source part they read, when that is bit-identical to interpolating the whole
+    map: an integer factor on both axes, the same way on both (shrink or enlarge), and an
+    enlarged window starting on a multiple of the factor. None otherwise.
+
+    A part starts on a whole multiple of the factor and has one output pixel of margin on
+    each side (the filter reaches half a pixel, or a pixel and a half, past its own), so
+    every kept pixel sees exactly the source pixels, weights and edge clamping it sees in the
+    whole map; only the margin, which is cut off, sees the part's edge.
+    """
+    fy, fx = _integer_factor(source.size[0], size[0]), _integer_factor(source.size[1], size[1])
+    if fy is None or fx is None or fy[1] != fx[1]:
+        return None
+    (f, shrink), (g, _) = fy, fx
+    (r0, r1), (c0, c1) = rows, cols
+    if shrink:
+        o0, o1, p0, p1 = max(r0 - 1, 0), min(r1 + 1, size[0]), max(c0 - 1, 0), min(c1 + 1, size[1])
+        part = source.read(slice(o0 * f, o1 * f), slice(p0 * g, p1 * g)).float()
+        out = F.interpolate(part[None], size=(o1 - o0, p1 - p0), mode="bilinear",
+                            align_corners=False, antialias=True)[0]
+        return out[:, r0 - o0 : r1 - o0, c0 - p0 : c1 - p0]
+    if r0 % f or c0 % g or (r1 - r0) + (c1 - c0) <= _SAME_KERNEL:
+        return None
+    # Output row r reads source rows floor((r + 0.5) / f - 0.5) and the one after it.
+    y0, x0 = max(r0 // f - 1, 0), max(c0 // g - 1, 0)
+    y1, x1 = min((r1 - 1) // f + 2, source.size[0]), min((c1 - 1) // g + 2, source.size[1])
+    part = source.read(slice(y0, y1), slice(x0, x1)).float()
+    out = F.interpolate(part[None], scale_factor=(f, g), mode="bilinear", align_corners=False,
+                        recompute_scale_factor=False)[0]
+    dy, dx = r0 - y0 * f, c0 - x0 * g
+    return out[:, dy : dy + r1 - r0, dx : dx + c1 - c0]
+
+
+def resample_window(source: Source, size: Size, window: Window) -> Tensor:
+    """One ``window`` (top, left, h, w) of ``source`` resized to ``size``: ``(C, h, w)``
+    float32, zero where the window leaves the ``size`` grid.
+
+    Integer factors (every pyramid of doubling scales over a scene-sized image) take
+    ``F.interpolate`` on the window's part, which equals the whole map's ``F.interpolate``
+    (``_interpolated_part``); any other factor takes the tap-by-tap filter of this module's
+    docstring. Either way a pixel's value does not depend on the window that asks for it.
+    """
+    (top, left, h, w), (height, width) = window, size
+    r0, r1, c0, c1 = max(top, 0), min(top + h, height), max(left, 0), min(left + w, width)
+    if r1 <= r0 or c1 <= c0:
+        return _zeros(source, h, w)
+    if tuple(source.size) == (height, width):
+        inside = source.read(slice(r0, r1), slice(c0, c1)).float()
+    else:
+        inside = _interpolated_part(source, size, (r0, r1), (c0, c1))
+        if inside is None:
+            ay, ax = axis_weights(source.size[0], height), axis_weights(source.size[1], width)
+            rows, cols = _source_span(ay, r0, r1), _source_span(ax, c0, c1)
+            piece = _read_padded(source, rows, cols)
+            inside = _filter_axis(_filter_axis(piece, 1, ay, r0, r1, rows[0]), 2, ax, c0, c1, cols[0])
+    if (r0, r1, c0, c1) == (top, top + h, left, left + w):
+        return inside
+    out = inside.new_zeros((inside.shape[0], h, w))
+    out[:, r0 - top : r1 - top, c0 - left : c1 - left] = inside
+    return out
+
+
+def _zeros(source: Source, h: int, w: int) -> Tensor:
+    probe = source.read(slice(0, 1), slice(0, 1))
+    return probe.new_zeros((probe.shape[0], h, w), dtype=torch.float32)
+
+
+def resample_windows(source: Source, size: Size, windows: list[Window]) -> Tensor:
+    """Equally sized ``windows`` of ``source`` resized to ``size``: ``(B, C, h, w)`` float32.
+
+    Each pixel is exactly what any other window covering it computes (module docstring), so
+    crops cut from a stage image made this way never disagree where they overlap.
+    """
+    h, w = windows[0][2], windows[0][3]
+    if any((wh, ww) != (h, w) for _, _, wh, ww in windows):
+        raise ValueError(f"windows must share one size, got {sorted({(wh, ww) for *_, wh, ww in windows})}")
+    return torch.stack([resample_window(source, size, window) for window in windows])
+
+
+def covering_windows(size: Size, tile: int) -> list[Window]:
+    """Row-major ``tile`` x ``tile`` windows covering a ``size`` grid (the last ones clipped)."""
+    (h, w) = size
+    return [(t, l, min(tile, h - t), min(tile, w - l))
+            for t in range(0, h, tile) for l in range(0, w, tile)]
+
+
+def scale_of(src: Size, dst: Size) -> float:
+    """The larger per-axis shrink factor ``src / dst`` (1 for an upsampling)."""
+    return max(1.0, max(s / d for s, d in zip(src, dst)) if all(dst) else math.inf)

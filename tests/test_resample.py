@@ -1,0 +1,102 @@
+"""Resizing by windows (magseg.engine.resample): hand-worked weights, and every window equal,
+bit for bit, to the same pixels of the whole resized image."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from magseg.engine.pyramid import crop_boxes, crop_windows
+from magseg.engine.resample import TensorSource, axis_weights, resample_window, resample_windows
+
+
+def _whole(x, size):
+    return resample_window(TensorSource(x), size, (0, 0, *size))
+
+
+def test_hand_worked_shrink_by_one_and_a_half():
+    # 3 -> 2: scale 1.5, the triangle is 1.5 source pixels wide each side. Output 0 is centred
+    # at source 0.25: weights 1 - 0.25/1.5 on pixel 0 and 1 - 0.75/1.5 on pixel 1 (pixel -1 is
+    # outside and dropped), renormalised: 0.625 and 0.375.
+    x = torch.tensor([0.0, 8.0, 16.0]).view(1, 1, 3)
+    out = _whole(x, (1, 2))
+    assert torch.allclose(out, torch.tensor([[[3.0, 13.0]]]))
+    aw = axis_weights(3, 2)
+    assert aw.step == 0 and aw.first.tolist() == [-1, 1]
+
+
+def test_hand_worked_shrink_by_four_matches_antialiased_interpolate():
+    # 8 -> 2: output 0 reads pixels 0..5 with weights .625 .875 .875 .625 .375 .125 (pixels
+    # -2, -1 outside), sum 3.5: (0 + .875 + 1.75 + 1.875 + 1.5 + .625) / 3.5.
+    x = torch.arange(8.0).view(1, 1, 8)
+    out = _whole(x, (1, 2))
+    assert out[0, 0, 0].item() == pytest.approx(6.625 / 3.5, abs=1e-6)
+    expected = F.interpolate(x[None], size=(1, 2), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert torch.equal(out, expected)
+
+
+def test_windows_outside_the_grid_are_zero():
+    x = torch.rand(2, 10, 10)
+    out = resample_window(TensorSource(x), (5, 5), (-2, 3, 4, 4))
+    assert (out[:, :2] == 0).all() and (out[:, :, 2:] == 0).all()
+    assert torch.equal(out[:, 2:, :2], _whole(x, (5, 5))[:, :2, 3:5])
+
+
+sizes = st.integers(1, 90)
+
+
+@settings(max_examples=150, deadline=None)
+@given(src=st.tuples(sizes, sizes), dst=st.tuples(sizes, sizes), crop=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+       seed=st.integers(0, 2**16))
+def test_crop_windows_equal_the_whole_resized_image(src, dst, crop, seed):
+    # Any scale, shrinking or enlarging (non-integer factors take the tap-by-tap filter), and
+    # crops flush with the far edge that overlap their neighbours: each crop is exactly the
+    # whole image's pixels, so the way an image is cut never changes a value.
+    x = torch.rand(2, *src, generator=torch.Generator().manual_seed(seed))
+    enlarge_by_integer = any(d % s == 0 and d > s for s, d in zip(src, dst))
+    whole = _whole(x, dst)
+    for (top, left, h, w) in crop_windows(crop_boxes(dst, crop), crop):
+        got = resample_window(TensorSource(x), dst, (top, left, h, w))
+        r1, c1 = min(top + h, dst[0]), min(left + w, dst[1])
+        if enlarge_by_integer:  # F.interpolate on aligned parts vs the filter: same to float rounding
+            assert torch.allclose(got[:, : r1 - top, : c1 - left], whole[:, top:r1, left:c1], atol=1e-5)
+        else:
+            assert torch.equal(got[:, : r1 - top, : c1 - left], whole[:, top:r1, left:c1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(out=st.tuples(st.integers(1, 60), st.integers(1, 60)), factor=st.sampled_from([2, 3, 4]),
+       tiles=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_integer_shrinks_equal_antialiased_interpolate_bit_for_bit(out, factor, tiles, seed):
+    # Every pyramid of doubling scales over a scene-sized image: the stage image is exactly
+    # F.interpolate's, whichever crops ask for it.
+    x = torch.rand(3, out[0] * factor, out[1] * factor, generator=torch.Generator().manual_seed(seed))
+    expected = F.interpolate(x[None], size=out, mode="bilinear", align_corners=False, antialias=True)[0]
+    crop = (max(1, out[0] // tiles), max(1, out[1] // tiles))
+    windows = crop_windows(crop_boxes(out, crop), crop)
+    got = resample_windows(TensorSource(x), out, windows)
+    for piece, (top, left, h, w) in zip(got, windows):
+        r1, c1 = min(top + h, out[0]), min(left + w, out[1])
+        assert torch.equal(piece[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
+
+
+@pytest.mark.parametrize("source, crop", [((306, 306), 154), ((306, 306), 306), ((40, 80), 70)])
+def test_doubling_enlargements_on_even_offsets_equal_interpolate_bit_for_bit(source, crop):
+    # The engine's upsampling of Y by two, crop by crop: parts on even offsets above
+    # _SAME_KERNEL are F.interpolate's whole map exactly.
+    x = torch.rand(7, *source, generator=torch.Generator().manual_seed(0))
+    size = (source[0] * 2, source[1] * 2)
+    expected = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    for top, left, h, w in crop_windows(crop_boxes(size, (crop, crop)), (crop, crop)):
+        if top % 2 or left % 2:
+            continue
+        got = resample_window(TensorSource(x), size, (top, left, h, w))
+        r1, c1 = min(top + h, size[0]), min(left + w, size[1])
+        assert torch.equal(got[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
+
+
+def test_non_integer_scales_stay_close_to_interpolate():
+    x = torch.rand(3, 1000, 777, generator=torch.Generator().manual_seed(1))
+    expected = F.interpolate(x[None], size=(250, 194), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert (_whole(x, (250, 194)) - expected).abs().max() < 1e-5
