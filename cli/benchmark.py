@@ -7,7 +7,26 @@ from pathlib import Path
 
 import typer
 from magseg.cli.app import app
-from magseg.cli.common import EXIT_FAILED, check_device, emit, handle_errors, log, progress_bar
+from magseg.cli.common import (
+    BATCH_SIZE,
+    DEVICE,
+    EXIT_FAILED,
+    QUIET,
+    RAY_ADDRESS,
+    REMOVED_ENGINE,
+    RUNNER,
+    SETTINGS,
+    WORKERS,
+    Runner,
+    check_device,
+    config_overrides,
+    emit,
+    handle_errors,
+    load_model,
+    log,
+    out_dir_option,
+    progress_bar,
+)
 
 
 def _fractions(text: str | None) -> tuple[float, ...]:
@@ -23,54 +42,63 @@ def _fractions(text: str | None) -> tuple[float, ...]:
     return ks
 
 
+# benchmark's own options (the shared ones come from magseg.cli.common).
+CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
+DATA_ROOT = typer.Argument(
+    ..., help="Dataset root (DeepGlobe layout, or GeoTIFF pairs: images/, masks/).")
+OUT_DIR = out_dir_option("report.json, report.md and the plots")
+SPLIT = typer.Option("test", help="Split to score: train, val, test, or a path to a list of ids.")
+LAYOUT = typer.Option(
+    None, help="Data layout: deepglobe or geotiff; sets data.layout (default: the checkpoint's).")
+ADAPTIVE = typer.Option(
+    False, "--adaptive", help="Add an 'adaptive' row with the checkpoint's engine.adaptive settings.")
+ADAPTIVE_THRESHOLD = typer.Option(
+    None, help="Add an 'adaptive' row: skip crops whose mean coarse uncertainty is below this.")
+ADAPTIVE_MAX_CROPS = typer.Option(
+    None, help="Add an 'adaptive' row: run only the N most uncertain crops of each stage.")
+SWEEP_K = typer.Option(
+    None, "--sweep-k", help="Also score progressive at each of these K (fractions of a crop's "
+    "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each.")
+LIMIT = typer.Option(None, min=1, help="Only the first N scenes of the split.")
+SAMPLES = typer.Option(3, min=0, help="Sample panels to draw (the first N scenes).")
+WARMUP = typer.Option(True, help="Run every method once on the first scene, untimed, before measuring.")
+OVERWRITE = typer.Option(False, help="Replace an existing report in --out-dir.")
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  magseg benchmark runs/dg/best.ckpt /data/deepglobe --split test --out-dir bench/\n\n"
-        "  magseg benchmark runs/demo/best.ckpt data/synthetic --out-dir bench/ "
+        "  magseg benchmark runs/dg/best.ckpt /data/deepglobe --split test -o bench/\n\n"
+        "  magseg benchmark runs/demo/best.ckpt data/synthetic -o bench/ "
         "--adaptive-max-crops 4 --limit 20\n\n"
-        "  magseg benchmark model.ckpt data/ --out-dir bench/ --set refine.points=0.5 "
-        "--device cuda --batch-size 16 | jq .methods"
+        "  magseg benchmark model.ckpt data/ -o bench/ --set refine.points=0.5 "
+        "--device cuda --batch-size 16 | jq .methods\n\n"
+        "  magseg benchmark model.ckpt /shared/data/ -o bench/ --runner ray --ray-address auto"
     )
 )
 @handle_errors
 def benchmark(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint written by `magseg train`."),
-    data_root: Path = typer.Argument(..., help="Dataset root (DeepGlobe layout, or GeoTIFF pairs: images/, masks/)."),
-    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Where report.json, report.md and the plots go."),
-    split: str = typer.Option("test", help="Split to score: train, val, test, or a path to a list of ids."),
-    layout: str = typer.Option(None, help="Data layout: deepglobe or geotiff (default: the checkpoint's)."),
-    adaptive: bool = typer.Option(
-        False, "--adaptive", help="Add an 'adaptive' row with the checkpoint's engine.adaptive settings."
-    ),
-    adaptive_threshold: float = typer.Option(
-        None, help="Add an 'adaptive' row: skip crops whose mean coarse uncertainty is below this."
-    ),
-    adaptive_max_crops: int = typer.Option(
-        None, help="Add an 'adaptive' row: run only the N most uncertain crops of each stage."
-    ),
-    sweep_k: str = typer.Option(
-        None, "--sweep-k", help="Also score progressive at each of these K (fractions of a crop's "
-        "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each."),
-    limit: int = typer.Option(None, min=1, help="Only the first N scenes of the split."),
-    samples: int = typer.Option(3, min=0, help="Sample panels to draw (the first N scenes)."),
-    warmup: bool = typer.Option(
-        True, help="Run every method once on the first scene, untimed, before measuring."
-    ),
-    device: str = typer.Option(None, help="cpu or cuda (default: the checkpoint's engine.device)."),
-    batch_size: int = typer.Option(None, min=1, help="Crops per backbone batch."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Run-time override key=value (e.g. refine.points=0.5); repeatable."
-    ),
-    overwrite: bool = typer.Option(False, help="Replace an existing report in --out-dir."),
-    engine: str = typer.Option(
-        "local", "--engine", help="local: this process; ray: scenes on Ray actors that each load "
-        "the model once, confusion matrices summed (pip install 'magseg[ray]')."),
-    ray_address: str = typer.Option(
-        None, "--ray-address", help="With --engine ray: a cluster to join (e.g. auto); default: "
-        "a local Ray instance."),
-    workers: int = typer.Option(None, "--workers", min=1, help="With --engine ray: number of actors."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+    checkpoint: Path = CHECKPOINT,
+    data_root: Path = DATA_ROOT,
+    out_dir: Path = OUT_DIR,
+    split: str = SPLIT,
+    layout: str = LAYOUT,
+    adaptive: bool = ADAPTIVE,
+    adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+    adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
+    sweep_k: str = SWEEP_K,
+    limit: int = LIMIT,
+    samples: int = SAMPLES,
+    warmup: bool = WARMUP,
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    settings: list[str] = SETTINGS,
+    overwrite: bool = OVERWRITE,
+    runner: Runner = RUNNER,
+    ray_address: str = RAY_ADDRESS,
+    workers: int = WORKERS,
+    quiet: bool = QUIET,
+    old_engine: str = REMOVED_ENGINE,
 ) -> None:
     """Score the progressive method and its two baselines on a labelled split.
 
@@ -80,56 +108,41 @@ def benchmark(
     per_class_iou.png, miou_per_stage.png and samples/<id>.png to --out-dir. stdout: one JSON
     line per image, then one summary line. Exit 1 if any image failed (the others are still
     scored, and the report says which failed) or the data is bad; exit 2 when the run cannot
-    start as asked (bad option, config, device or checkpoint).
+    start as asked (bad option, config, device or checkpoint). With --runner ray, the scenes
+    run on Ray actors and their confusion matrices are summed.
     """
-    from magseg.checkpoint import load_checkpoint
     from magseg.data.scenes import list_scenes
     from magseg.errors import ConfigError
-    from magseg.evaluation.benchmark import benchmark_methods, check_scenes, run_benchmark
-    from magseg.evaluation.report import REPORT_JSON, build_report, check_outputs, write_report
-    from magseg.segmenter import Segmenter
+    from magseg.evaluation.benchmark import benchmark_methods, check_scenes
+    from magseg.evaluation.report import build_report, check_outputs, write_report
 
     check_device(device)
     check_outputs(out_dir, overwrite)
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"--engine {engine!r}: use local or ray")
-    overrides = list(set_)
-    if layout is not None:
-        if layout not in ("deepglobe", "geotiff"):
-            raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
-        overrides.append(f"data.layout={layout}")
-    if device is not None:
-        overrides.append(f"engine.device={device}")
-    if batch_size is not None:
-        overrides.append(f"engine.batch_size={batch_size}")
-    ckpt = load_checkpoint(checkpoint)
-    if engine == "ray":  # the workers build the models; here only the config is needed
-        segmenter = None
-        config = ckpt.config.override(overrides)
-    else:
-        segmenter = Segmenter.from_checkpoint(ckpt, overrides)
-        config = segmenter.config
-
-    wanted = None
-    if adaptive_threshold is not None or adaptive_max_crops is not None:
-        # Through the config schema, so these flags are checked as --set values are.
-        wanted = config.override({"engine.adaptive.threshold": adaptive_threshold,
-                                  "engine.adaptive.max_crops": adaptive_max_crops}).engine.adaptive
-    elif adaptive:
-        wanted = config.engine.adaptive
-        if not wanted.enabled:
-            raise ConfigError(
-                f"--adaptive: the checkpoint {checkpoint} sets no engine.adaptive; give "
-                "--adaptive-threshold and/or --adaptive-max-crops"
-            )
+    if layout is not None and layout not in ("deepglobe", "geotiff"):
+        raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
+    model = load_model(runner, checkpoint, config_overrides(settings, {
+        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}))
+    config = model.config
+    wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
     methods = benchmark_methods(config, wanted, _fractions(sweep_k))
-
-    scenes = list_scenes(config.data, split, data_root)
-    if limit is not None:
-        scenes = scenes[:limit]
+    scenes = list_scenes(config.data, split, data_root)[:limit]
     check_scenes(scenes, config)
     log(f"benchmark: {len(scenes)} scene(s) of split {split!r}, methods: "
         + ", ".join(m.name for m in methods), quiet)
+
+    result, failures = _score(model, scenes, methods, samples=samples, warmup=warmup,
+                              workers=workers, address=ray_address, quiet=quiet)
+    report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
+                          command=["magseg", *sys.argv[1:]])
+    write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)
+    _summarise(report, out_dir, failures, quiet)
+
+
+def _score(model, scenes, methods, *, samples: int, warmup: bool, workers: int | None,
+           address: str | None, quiet: bool):
+    """Run ``methods`` on ``scenes`` where the runner puts them (``workers``, ``address``:
+    --workers, --ray-address); one NDJSON line per image. Returns the BenchmarkResult and the ids of the failed images."""
+    from magseg.evaluation.benchmark import run_benchmark
 
     failures: list[str] = []
 
@@ -137,20 +150,40 @@ def benchmark(
         failures.append(scene.id)
         log(f"magseg: error: {error}")
 
-    from magseg.cluster import LocalPool, ScenePool
-
-    pool = (ScenePool(checkpoint, overrides, workers, ray_address, quiet=quiet) if segmenter is None
-            else LocalPool(segmenter))
-    with pool, progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
+    with model.pool(workers, address, quiet) as pool, \
+            progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
         def on_image(record) -> None:
             bar.update(1)
             emit({"id": record.id, "size": list(record.size), "methods": record.methods})
 
-        result = run_benchmark(pool, config, scenes, methods, samples=samples, warmup=warmup,
-                               checkpoint=checkpoint, on_image=on_image, on_failure=on_failure)
-    report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
-                          command=["magseg", *sys.argv[1:]])
-    write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)
+        result = run_benchmark(pool, model.config, scenes, methods, samples=samples,
+                               warmup=warmup, checkpoint=model.checkpoint, on_image=on_image,
+                               on_failure=on_failure)
+    return result, failures
+
+
+def _adaptive_row(config, checkpoint: Path, adaptive: bool, threshold: float | None,
+                  max_crops: int | None):
+    """The engine.adaptive settings of the 'adaptive' row, or None for no such row."""
+    from magseg.errors import ConfigError
+
+    if threshold is not None or max_crops is not None:
+        # Through the config schema, so these flags are checked as --set values are.
+        return config.override({"engine.adaptive.threshold": threshold,
+                                "engine.adaptive.max_crops": max_crops}).engine.adaptive
+    if not adaptive:
+        return None
+    if not config.engine.adaptive.enabled:
+        raise ConfigError(f"--adaptive: the checkpoint {checkpoint} sets no engine.adaptive; give "
+                          "--adaptive-threshold and/or --adaptive-max-crops")
+    return config.engine.adaptive
+
+
+def _summarise(report: dict, out_dir: Path, failures: list[str], quiet: bool) -> None:
+    """The summary line on stdout, a table and the report's paths on stderr; exit 1 if any
+    image failed."""
+    from magseg.evaluation.report import REPORT_JSON
+
     emit({
         "summary": True,
         "report": str(out_dir / REPORT_JSON),

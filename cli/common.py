@@ -1,5 +1,6 @@
-"""Conventions shared by every command: NDJSON on stdout, progress on stderr, input lists,
-error reporting and exit codes."""
+"""What every command shares: the options that mean the same in each (declared once, here),
+flags turned into config overrides, where scenes run, NDJSON on stdout, progress on stderr,
+input lists, error reporting and exit codes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import glob
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -179,3 +182,117 @@ def expand_inputs(items: Sequence[str], suffixes: Iterable[str], stdin=None) -> 
             # the rest of the batch still runs.
             add(path)
     return out
+
+
+# --- Options every command declares the same way -------------------------------------------
+#
+# One definition each (typer copies an option's definition per command, so a command
+# parameter takes these objects as its default): a flag spelled the same means the same in
+# train, predict and benchmark.
+
+
+class Runner(str, Enum):
+    """``--runner``: where the scenes run."""
+
+    local = "local"
+    ray = "ray"
+
+
+SETTINGS = typer.Option(
+    None, "--set", metavar="SECTION.KEY=VALUE",
+    help="Config override, e.g. --set refine.points=0.25 --set engine.adaptive.max_crops=8 "
+    "(repeatable; the value is YAML). A flag that sets the same key wins.")
+DEVICE = typer.Option(
+    None, "--device", help="cpu or cuda[:N]; sets engine.device (default: the config's).")
+BATCH_SIZE = typer.Option(
+    None, "--batch-size", min=1,
+    help="Crops per backbone batch; sets engine.batch_size (default: the config's).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
+RUNNER = typer.Option(
+    Runner.local, "--runner",
+    help="Where the scenes run. local: this process; ray: Ray actors that each load the model "
+    "once (pip install 'magseg[ray]').")
+RAY_ADDRESS = typer.Option(
+    None, "--ray-address", help="With --runner ray: a cluster to join (e.g. auto, "
+    "ray://head:10001); default: a local Ray instance.")
+WORKERS = typer.Option(
+    None, "--workers", min=1, help="With --runner ray: number of actors (default: one per CPU).")
+
+
+def out_dir_option(holds: str, required: bool = True) -> Any:
+    """``-o/--out-dir``: the directory a command writes into, created if missing. ``holds``
+    says what goes there (and the default when not ``required``)."""
+    return typer.Option(... if required else None, "--out-dir", "-o",
+                        help=f"Directory (created if missing) for {holds}.")
+
+
+def _refuse(message: str) -> Callable[[Any], Any]:
+    def callback(value: Any) -> Any:
+        if value:
+            fail(message, EXIT_USAGE)
+        return value
+
+    return callback
+
+
+def removed_option(spelling: str, message: str) -> Any:
+    """A hidden option for a spelling that went away: given, the command stops with
+    ``message`` (which names what replaces it) and exit 2, before anything else runs."""
+    return typer.Option(None, spelling, hidden=True, is_eager=True, callback=_refuse(message))
+
+
+def refuse_positional_overrides(ctx: typer.Context) -> None:
+    """Overrides are given with ``--set``: a ``section.key=value`` given on its own (the
+    command is declared with ``context_settings={"allow_extra_args": True}``, so click hands
+    it over in ``ctx.args``) stops the command with a message naming --set, exit 2."""
+    if ctx.args:
+        first = ctx.args[0]
+        fail(f"{first!r} is a positional argument; config overrides are given with --set "
+             f"(--set {first})", EXIT_USAGE)
+
+
+REMOVED_ENGINE = removed_option(
+    "--engine", "--engine is now --runner (local or ray): where the scenes run; "
+    "--set engine.* configures the progressive engine")
+
+
+def config_overrides(settings: Sequence[str] | None, flags: Mapping[str, Any]) -> list[str]:
+    """The ``--set`` values, then ``key=value`` for each flag given (``flags``: config key
+    -> the flag's value, None when not given). A flag comes last, so it wins over a
+    ``--set`` of the same key."""
+    return [*(settings or ()), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A checkpoint ready for the runner: the config with its overrides, and the Segmenter
+    when the scenes run in this process (None under ``--runner ray``, where each actor
+    builds its own from the checkpoint)."""
+
+    checkpoint: Path
+    overrides: tuple[str, ...]
+    config: Any
+    segmenter: Any | None
+
+    def pool(self, workers: int | None, address: str | None, quiet: bool) -> Any:
+        """Where the scenes run: a ``LocalPool`` on this process's Segmenter, or a
+        ``ScenePool`` of Ray actors (``workers``, ``address``: ``--workers``, ``--ray-address``)."""
+        from magseg.cluster import LocalPool, ScenePool
+
+        if self.segmenter is not None:
+            return LocalPool(self.segmenter)
+        return ScenePool(self.checkpoint, list(self.overrides), workers, address, quiet=quiet)
+
+
+def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str]) -> Model:
+    """Read ``checkpoint`` and apply ``overrides`` here, whatever the runner, so a bad file
+    or override stops the run (exit 2) before any scene or actor starts; build the models
+    only when the scenes run in this process."""
+    from magseg.checkpoint import load_checkpoint
+    from magseg.segmenter import Segmenter
+
+    ckpt = load_checkpoint(checkpoint)
+    if runner is Runner.ray:
+        return Model(checkpoint, tuple(overrides), ckpt.config.override(overrides), None)
+    segmenter = Segmenter.from_checkpoint(ckpt, overrides)
+    return Model(checkpoint, tuple(overrides), segmenter.config, segmenter)

@@ -14,16 +14,29 @@ from pathlib import Path
 import typer
 from magseg.cli.app import app
 from magseg.cli.common import (
+    BATCH_SIZE,
+    DEVICE,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    QUIET,
+    RAY_ADDRESS,
+    REMOVED_ENGINE,
+    RUNNER,
+    SETTINGS,
+    WORKERS,
+    Runner,
     check_device,
+    config_overrides,
     emit,
     expand_inputs,
     fail,
     handle_errors,
+    load_model,
     log,
+    out_dir_option,
     progress_bar,
+    removed_option,
 )
 
 
@@ -33,13 +46,6 @@ class VectorFormat(str, Enum):
     gpkg = "gpkg"
     fgb = "fgb"
     geojson = "geojson"
-
-
-class Engine(str, Enum):
-    """Where the scenes run."""
-
-    local = "local"
-    ray = "ray"
 
 
 def _parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -53,6 +59,12 @@ def _parse_bands(text: str | None) -> tuple[int, ...] | None:
     if not bands or min(bands) < 1:
         raise typer.BadParameter(f"{text!r}: bands are numbered from 1 (e.g. 1,2,3)", param_hint="--bands")
     return bands
+
+
+def _check_bands(bands: tuple[int, ...] | None, want: int, checkpoint: Path) -> None:
+    if bands is not None and len(bands) != want:
+        fail(f"--bands lists {len(bands)} band(s) but the model in {checkpoint} takes {want}",
+             EXIT_USAGE)
 
 
 def _area_of_interest(bbox: str | None, bbox_crs: str | None, aoi: Path | None):
@@ -90,11 +102,60 @@ def _check_out_dir(out_dir: Path) -> None:
              "choose another --out-dir or fix its permissions", EXIT_USAGE)
 
 
+# predict's own options (the shared ones come from magseg.cli.common).
+CHECKPOINT = typer.Argument(..., help="A checkpoint written by `magseg train`.")
+INPUTS = typer.Argument(
+    ..., help="Rasters: files, globs, directories, or - to read paths from stdin (one per line).")
+OUT_DIR = out_dir_option("the outputs; or, for exactly one input, the class map's file name "
+                         "(FILE.tif), its other outputs beside it")
+SCRATCH_DIR = typer.Option(
+    None, "--scratch-dir", file_okay=False,
+    help="Where the per-stage scratch maps go; default: beside the outputs.")
+CREATION_OPTIONS = typer.Option(
+    None, "--co", help="GDAL creation option KEY=VALUE for the GeoTIFF outputs (the COG driver's "
+    "with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable).")
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Replace existing outputs (default: skip them, so a re-run resumes).")
+PROBS = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8).")
+UNCERTAINTY = typer.Option(False, "--uncertainty", help="Also write 1 - certainty (uint8).")
+COG = typer.Option(False, "--cog", help="Cloud-optimised GeoTIFFs with overviews.")
+PREVIEW = typer.Option(
+    False, "--preview", help="A PNG beside each output: image | classes | uncertainty, downsampled.")
+VECTOR = typer.Option(
+    None, "--vector", help="Also write the class map as polygons: gpkg, fgb or geojson "
+    "(class_id, class_name, area in CRS units; made in strips, memory does not grow with the raster).")
+MIN_AREA = typer.Option(
+    0.0, "--min-area", min=0, help="With --vector: drop polygons smaller than this (CRS units squared, "
+    "m² when projected).")
+SIMPLIFY = typer.Option(
+    0.0, "--simplify", min=0, help="With --vector: simplify outlines by this tolerance (CRS units).")
+BBOX = typer.Option(
+    None, "--bbox", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
+    "CRS): read, segmented and written over it, the outputs' transform and size its window's.")
+BBOX_CRS = typer.Option(None, "--bbox-crs", help="The CRS of --bbox, e.g. EPSG:4326.")
+AOI = typer.Option(
+    None, "--aoi", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
+    "pixels outside them are nodata.")
+BANDS = typer.Option(
+    None, "--bands", help="1-based input bands in the model's order, e.g. 4,3,2 "
+    "(default: the checkpoint's data.bands).")
+ADAPTIVE_THRESHOLD = typer.Option(
+    None, "--adaptive-threshold", min=0, max=1, help="Adaptive mode: skip crops whose mean coarse "
+    "uncertainty is below this; sets engine.adaptive.threshold (default: the checkpoint's).")
+ADAPTIVE_MAX_CROPS = typer.Option(
+    None, "--adaptive-max-crops", min=0, help="Adaptive mode: run at most this many of the most "
+    "uncertain crops per stage; sets engine.adaptive.max_crops.")
+REMOVED_MARGIN = removed_option(
+    "--margin", "predict runs the pyramid over the whole raster, so there are no windows and no "
+    "margin; drop --margin")
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  magseg predict runs/dg/best.ckpt scenes/*.tif --out-dir pred/\n\n"
+        "  magseg predict runs/dg/best.ckpt scenes/*.tif -o pred/\n\n"
         "  magseg predict model.ckpt big_mosaic.tif -o pred/ --probs --uncertainty --cog\n\n"
+        "  magseg predict model.ckpt scene.tif -o pred/scene_classes.tif\n\n"
         "  find /data -name '*.jp2' | magseg predict model.ckpt - -o pred/ --bands 4,3,2\n\n"
         "  magseg predict model.ckpt s3://bucket/scene.tif -o pred/ --vector gpkg "
         "--bbox 12.40,41.80,12.60,41.95 --bbox-crs EPSG:4326\n\n"
@@ -111,97 +172,91 @@ def _check_out_dir(out_dir: Path) -> None:
 )
 @handle_errors
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `magseg train`."),
-    inputs: list[str] = typer.Argument(
-        ..., help="Rasters: files, globs, directories, or - to read paths from stdin (one per line)."
-    ),
-    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Directory for the outputs (created); "
-                                 "or, for exactly one input, the class map's file name (FILE.tif)."),
-    creation_options: list[str] = typer.Option(
-        None, "--co", help="GDAL creation option KEY=VALUE for the GeoTIFF outputs (the COG driver's "
-        "with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable)."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace existing outputs (default: skip them, so a re-run resumes)."
-    ),
-    probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8)."),
-    uncertainty: bool = typer.Option(False, "--uncertainty", help="Also write 1 - certainty (uint8)."),
-    cog: bool = typer.Option(False, "--cog", help="Cloud-optimised GeoTIFFs with overviews."),
-    preview: bool = typer.Option(
-        False, "--preview", help="A PNG beside each output: image | classes | uncertainty, downsampled."
-    ),
-    vector: VectorFormat = typer.Option(
-        None, "--vector", help="Also write the class map as polygons: gpkg, fgb or geojson "
-        "(class_id, class_name, area in CRS units; made in strips, memory does not grow with the raster)."),
-    min_area: float = typer.Option(
-        0.0, "--min-area", min=0, help="With --vector: drop polygons smaller than this (CRS units squared, "
-        "m² when projected)."),
-    simplify: float = typer.Option(
-        0.0, "--simplify", min=0, help="With --vector: simplify outlines by this tolerance (CRS units)."),
-    bbox: str = typer.Option(
-        None, "--bbox", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
-        "CRS): read, segmented and written over it, the outputs' transform and size its window's."),
-    bbox_crs: str = typer.Option(None, "--bbox-crs", help="The CRS of --bbox, e.g. EPSG:4326."),
-    aoi: Path = typer.Option(
-        None, "--aoi", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
-        "pixels outside them are nodata."),
-    bands: str = typer.Option(
-        None, "--bands", help="1-based input bands in the model's order, e.g. 4,3,2 "
-        "(default: the checkpoint's data.bands)."
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Crops per backbone batch "
-                                   "(default: the checkpoint's engine.batch_size)."),
-    device: str = typer.Option(None, help="cpu or cuda (default: the checkpoint's engine.device)."),
-    margin: int = typer.Option(
-        None, min=0, help="Minimum context margin of a window, in pixels (default: 1/8 of the scene)."
-    ),
-    settings: list[str] = typer.Option(
-        None, "--set", help="Run-time config override key=value, e.g. --set refine.points=0.25 "
-        "--set engine.adaptive.max_crops=8 (repeatable)."
-    ),
-    adaptive_threshold: float = typer.Option(
-        None, "--adaptive-threshold", min=0, max=1, help="Adaptive mode: skip crops whose mean "
-        "coarse uncertainty is below this (faster; default: the checkpoint's engine.adaptive)."),
-    adaptive_max_crops: int = typer.Option(
-        None, "--adaptive-max-crops", min=0, help="Adaptive mode: run at most this many of the "
-        "most uncertain crops per stage."),
-    engine: Engine = typer.Option(
-        Engine.local, "--engine", help="local: this process; ray: scenes on Ray actors that each "
-        "load the model once (pip install 'magseg[ray]')."),
-    ray_address: str = typer.Option(
-        None, "--ray-address", help="With --engine ray: a cluster to join (e.g. auto, "
-        "ray://head:10001); default: a local Ray instance."),
-    workers: int = typer.Option(
-        None, "--workers", min=1, help="With --engine ray: number of actors (default: one per CPU)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+    checkpoint: Path = CHECKPOINT,
+    inputs: list[str] = INPUTS,
+    out_dir: Path = OUT_DIR,
+    scratch_dir: Path = SCRATCH_DIR,
+    creation_options: list[str] = CREATION_OPTIONS,
+    overwrite: bool = OVERWRITE,
+    probs: bool = PROBS,
+    uncertainty: bool = UNCERTAINTY,
+    cog: bool = COG,
+    preview: bool = PREVIEW,
+    vector: VectorFormat = VECTOR,
+    min_area: float = MIN_AREA,
+    simplify: float = SIMPLIFY,
+    bbox: str = BBOX,
+    bbox_crs: str = BBOX_CRS,
+    aoi: Path = AOI,
+    bands: str = BANDS,
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    settings: list[str] = SETTINGS,
+    adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+    adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
+    runner: Runner = RUNNER,
+    ray_address: str = RAY_ADDRESS,
+    workers: int = WORKERS,
+    quiet: bool = QUIET,
+    old_engine: str = REMOVED_ENGINE,
+    old_margin: str = REMOVED_MARGIN,
 ) -> None:
     """Segment rasters with a trained checkpoint; one JSON line per input on stdout.
 
-    A raster larger than one scene (the pyramid's finest scale) is processed as scene-sized
-    windows with a context margin that is segmented and discarded, each window written as soon
-    as it is done, so memory does not depend on the raster's size. Input nodata (declared, or
-    pixels 0 in every band when none is declared) becomes 255. Every file is written under a
-    temporary name and renamed when complete.
+    The pyramid runs over the whole raster; the per-stage maps it keeps between stages are
+    written to scratch files (--scratch-dir), so memory does not depend on the raster's
+    size. Input nodata (declared, or pixels 0 in every band when none is declared) becomes
+    255. Every file is written under a temporary name and renamed when complete.
     """
-    from magseg.checkpoint import load_checkpoint
-    from magseg.engine.precision import runtime_info
-    from magseg.errors import CheckpointError, ConfigError
-    from magseg.io.predict import INPUT_SUFFIXES, PredictOptions, check_margin
+    check_device(device)
+    options = _predict_options(
+        probs=probs, uncertainty=uncertainty, cog=cog, preview=preview, overwrite=overwrite,
+        bands=bands, scratch_dir=scratch_dir, creation_options=creation_options or [],
+        area=(bbox, bbox_crs, aoi), vector=vector, min_area=min_area,
+        simplify=simplify)
+    paths, out_dir, options = _inputs_and_outputs(inputs, out_dir, options)
+    overrides = config_overrides(settings, {
+        "engine.batch_size": batch_size, "engine.device": device,
+        "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops})
+    model = load_model(runner, checkpoint, overrides)
+    _check_bands(options.bands, model.config.model.in_channels, checkpoint)
+
+    with _sigterm_as_interrupt():
+        if model.segmenter is None:
+            failed = _predict_all_ray(model, paths, out_dir, options, quiet, ray_address, workers)
+        else:
+            failed = _predict_all(model.segmenter, paths, out_dir, options, quiet)
+    if failed:
+        log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _predict_options(*, bands: str | None, creation_options: list[str], cog: bool, vector,
+                     min_area: float, simplify: float, area: tuple, **flags):
+    """The output flags as PredictOptions, each checked (exit 2 on a bad one) before any
+    checkpoint or raster is read. ``area``: (--bbox, --bbox-crs, --aoi); ``flags``: the
+    PredictOptions fields the CLI passes as they are."""
+    from magseg.io.predict import PredictOptions
     from magseg.io.raster import check_creation_options
     from magseg.io.vector import VectorOptions
-    from magseg.segmenter import Segmenter
 
-    check_device(device)
     if vector is None and (min_area or simplify):
         fail("--min-area and --simplify shape the polygons of --vector; add --vector gpkg (or fgb, "
              "geojson)", EXIT_USAGE)
-    area = _area_of_interest(bbox, bbox_crs, aoi)
-    gdal_options = _parse_creation_options(creation_options or [])
+    aoi = _area_of_interest(*area)
+    gdal_options = _parse_creation_options(creation_options)
     check_creation_options("COG" if cog else "GTiff", gdal_options)
-    options = PredictOptions(probs=probs, uncertainty=uncertainty, cog=cog, preview=preview,
-                             overwrite=overwrite, bands=_parse_bands(bands), margin=margin,
-                             creation_options=tuple(gdal_options.items()), aoi=area,
-                             vector=None if vector is None else VectorOptions(
-                                 vector.value, min_area=min_area, simplify=simplify))
+    polygons = None if vector is None else VectorOptions(vector.value, min_area=min_area,
+                                                         simplify=simplify)
+    return PredictOptions(cog=cog, bands=_parse_bands(bands), aoi=aoi, vector=polygons,
+                          creation_options=tuple(gdal_options.items()), **flags)
+
+
+def _inputs_and_outputs(inputs: list[str], out_dir: Path, options):
+    """``(paths, out_dir, options)``: the inputs expanded, and -o as a directory (made and
+    proved writable); ``-o FILE.tif`` for one input names its class map (``options.stem``)."""
+    from magseg.io.predict import INPUT_SUFFIXES
+
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
     if not paths:
         fail("no input rasters found in " + " ".join(inputs), EXIT_USAGE)
@@ -212,42 +267,7 @@ def predict(
         options = dataclasses.replace(options, stem=out_dir.stem)
         out_dir = out_dir.parent
     _check_out_dir(out_dir)
-
-    overrides = list(settings or [])
-    if batch_size is not None:
-        overrides.append(f"engine.batch_size={batch_size}")
-    if device is not None:
-        overrides.append(f"engine.device={device}")
-    if adaptive_threshold is not None:
-        overrides.append(f"engine.adaptive.threshold={adaptive_threshold}")
-    if adaptive_max_crops is not None:
-        overrides.append(f"engine.adaptive.max_crops={adaptive_max_crops}")
-    try:
-        if engine is Engine.ray:  # the workers build the models; here only check the file
-            segmenter = None
-            config = load_checkpoint(checkpoint).config.override(overrides)
-        else:
-            segmenter = Segmenter.from_checkpoint(checkpoint, overrides)
-            config = segmenter.config
-    except (CheckpointError, ConfigError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    want = config.model.in_channels
-    if options.bands is not None and len(options.bands) != want:
-        fail(f"--bands lists {len(options.bands)} band(s) but the model in {checkpoint} takes {want}",
-             EXIT_USAGE)
-    if margin is not None:
-        check_margin(config.pyramid, margin)
-
-    with _sigterm_as_interrupt():
-        if segmenter is None:
-            failed = _predict_all_ray(checkpoint, overrides, paths, out_dir, options, quiet,
-                                      ray_address, workers, runtime_info(config.engine.device,
-                                                                          config.engine.precision))
-        else:
-            failed = _predict_all(segmenter, paths, out_dir, options, quiet)
-    if failed:
-        log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
-    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+    return paths, out_dir, options
 
 
 def _clashing_outputs(paths: list[Path], out_dir: Path, options, runtime: dict) -> dict[Path, dict]:
@@ -301,12 +321,13 @@ def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bo
     return failed
 
 
-def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], out_dir: Path,
-                     options, quiet: bool, address: str | None, workers: int | None,
-                     runtime: dict) -> int:
+def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bool,
+                     address: str | None, workers: int | None) -> int:
     """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
-    from magseg.cluster import ScenePool
+    from magseg.engine.precision import runtime_info
     from magseg.io.predict import failed_record, output_paths, predict_input
+
+    runtime = runtime_info(model.config.engine.device, model.config.engine.precision)
 
     clashes = _clashing_outputs(paths, out_dir, options, runtime)
     todo = [p for p in paths if p not in clashes]
@@ -321,7 +342,7 @@ def _predict_all_ray(checkpoint: Path, overrides: list[str], paths: list[Path], 
                              runtime=runtime)
 
     tasks = [(path, out_dir, options) for path in todo]
-    with ScenePool(checkpoint, overrides, workers, address, quiet=quiet) as pool, \
+    with model.pool(workers, address, quiet) as pool, \
             progress_bar(len(tasks), "scenes", quiet, unit="scene") as bar:
         for number, (_, record) in enumerate(pool.map_unordered(predict_input, tasks, lost),
                                              start=len(clashes) + 1):

@@ -2,117 +2,145 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import typer
 from magseg.cli.app import app
-from magseg.cli.common import EXIT_USAGE, check_device, emit, fail, handle_errors, progress_bar
+from magseg.cli.common import (
+    DEVICE,
+    EXIT_USAGE,
+    QUIET,
+    SETTINGS,
+    check_device,
+    config_overrides,
+    emit,
+    fail,
+    handle_errors,
+    out_dir_option,
+    progress_bar,
+    refuse_positional_overrides,
+    removed_option,
+)
+
+# train's own options (the shared ones come from magseg.cli.common).
+CONFIG = typer.Option(..., "--config", "-c", help="YAML config (see configs/).")
+DATA_ROOT = typer.Option(
+    None, "--data-root", help="Dataset root with the split files (default: data.root of the config).")
+OUT_DIR = out_dir_option("best.ckpt, last.ckpt, train.log and config.yaml (default: runs/<config "
+                         "name>)", required=False)
+PHASE = typer.Option(
+    "all", help="backbone, refiner (needs a trained backbone in --out-dir) or all (both, in turn).")
+EPOCHS = typer.Option(
+    None, min=0, help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs.")
+RESUME = typer.Option(
+    False, "--resume", help="Continue from <out-dir>/last.ckpt (model, optimizer, schedule, epoch, RNG).")
+OVERWRITE = typer.Option(False, help="Start over in an --out-dir that already holds checkpoints.")
+CACHE_DIR = typer.Option(
+    None, "--cache-dir", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
+    "cached (default: <out-dir>/cache); share one between runs on the same data to decode once.")
+ENCODER_WEIGHTS = typer.Option(
+    None, help="imagenet or none; sets model.encoder_weights. Offline, imagenet works for "
+    "timm-tf_efficientnet_lite0 and tu-tf_efficientnet_lite0 only.")
+REMOVED_OUT = removed_option("--out", "--out is now --out-dir (-o), as in predict and benchmark")
 
 
 @app.command(
+    context_settings={"allow_extra_args": True},  # see refuse_positional_overrides
     epilog=(
         "Examples:\n\n"
-        "  magseg train --config configs/deepglobe.yaml --data-root /data/deepglobe --out runs/dg\n\n"
-        "  magseg train --config configs/pyramid256.yaml --data-root data/tiles --out runs/t "
-        "--phase backbone --epochs 5 train.batch_size=4 model.in_channels=4 data.bands=[1,2,3,4]\n\n"
-        "  magseg train --config configs/deepglobe.yaml --out runs/dg --resume   "
+        "  magseg train --config configs/deepglobe.yaml --data-root /data/deepglobe -o runs/dg\n\n"
+        "  magseg train --config configs/pyramid256.yaml --data-root data/tiles -o runs/t "
+        "--phase backbone --epochs 5 --set train.batch_size=4 --set model.in_channels=4 "
+        "--set data.bands=[1,2,3,4]\n\n"
+        "  magseg train --config configs/deepglobe.yaml -o runs/dg --resume   "
         "# continue an interrupted run\n\n"
         "  torchrun --nproc_per_node 2 -m magseg.cli.app train --config configs/tiny.yaml "
-        "--data-root data/ --out runs/ddp\n\n"
-        "  magseg train -c configs/deepglobe.yaml --data-root /data/dg --out runs/dg "
+        "--data-root data/ -o runs/ddp\n\n"
+        "  magseg train -c configs/deepglobe.yaml --data-root /data/dg -o runs/dg "
         "| jq -c '{phase, epoch, loss, val_miou}'"
     )
 )
 @handle_errors
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
-    overrides: list[str] = typer.Argument(
-        None, help="Config overrides key=value, e.g. train.lr=0.0005 pyramid.scales=[256,512]."
-    ),
-    data_root: Path = typer.Option(
-        None, "--data-root", help="Dataset root with the split files (default: data.root of the config)."
-    ),
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Output directory for best.ckpt, last.ckpt, train.log, config.yaml "
-        "(default: runs/<config name>)."
-    ),
-    phase: str = typer.Option(
-        "all", help="backbone, refiner (needs a trained backbone in --out) or all (both, in turn)."
-    ),
-    epochs: int = typer.Option(
-        None, min=0, help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from --out/last.ckpt (model, optimizer, schedule, epoch, RNG)."
-    ),
-    overwrite: bool = typer.Option(False, help="Start over in an --out that already holds checkpoints."),
-    cache_dir: Path = typer.Option(
-        None, "--cache-dir", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
-        "cached (default: <out>/cache); share one between runs on the same data to decode once."
-    ),
-    encoder_weights: str = typer.Option(
-        None, help="imagenet or none (default: model.encoder_weights). Offline, imagenet works for "
-        "timm-tf_efficientnet_lite0 and tu-tf_efficientnet_lite0 only."
-    ),
-    device: str = typer.Option(None, help="cpu or cuda (default: engine.device)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+    ctx: typer.Context,
+    config: Path = CONFIG,
+    settings: list[str] = SETTINGS,
+    data_root: Path = DATA_ROOT,
+    out_dir: Path = OUT_DIR,
+    phase: str = PHASE,
+    epochs: int = EPOCHS,
+    resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
+    cache_dir: Path = CACHE_DIR,
+    encoder_weights: str = ENCODER_WEIGHTS,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+    old_out: str = REMOVED_OUT,
 ) -> None:
     """Train a backbone and a refiner; one JSON line per epoch on stdout.
 
     Phase 1 trains one segmenter on windows sampled at every stage's magnification. Phase 2
-    freezes it (taken from --out/best.ckpt, or last.ckpt with train.backbone_from=last) and
-    trains the refiner on (fine, coarse) prediction pairs. Each epoch writes --out/last.ckpt
-    and, when validation mIoU improves, --out/best.ckpt; both hold the weights and the full
-    resolved config, so `magseg predict` needs nothing else. Normalisation statistics are
-    computed from the training split unless data.mean/data.std are set.
+    freezes it (taken from <out-dir>/best.ckpt, or last.ckpt with train.backbone_from=last)
+    and trains the refiner on (fine, coarse) prediction pairs. Each epoch writes
+    <out-dir>/last.ckpt and, when validation mIoU improves, <out-dir>/best.ckpt; both hold
+    the weights and the full resolved config, so `magseg predict` needs nothing else.
+    Normalisation statistics are computed from the training split unless data.mean/data.std
+    are set.
 
     Runs on several processes under torchrun (gloo on CPU, nccl on GPU); only rank 0 writes.
     Exit 2 when the run cannot start as asked (a usage or config error, a device this machine
-    lacks, a checkpoint in --out that is unreadable or does not match the config); 1 on bad
-    data (a split file, image or mask).
+    lacks, a checkpoint in --out-dir that is unreadable or does not match the config); 1 on
+    bad data (a split file, image or mask).
     """
-    from magseg.config import load_config
-    from magseg.training.distributed import launched_by_torchrun
     from magseg.training.trainer import TrainOptions
     from magseg.training.trainer import train as run_training
 
+    refuse_positional_overrides(ctx)
     check_device(device)
-    items = list(overrides or [])
+    cfg = _load_config(config, settings, phase, epochs, encoder_weights, device)
+    out_dir = out_dir if out_dir is not None else Path("runs") / cfg.name
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; give a directory (created if missing) for the "
+             "checkpoints", EXIT_USAGE)
+    with _log_to_stderr(quiet):
+        run_training(cfg, TrainOptions(
+            out=out_dir, phase=phase, resume=resume, overwrite=overwrite, data_root=data_root,
+            cache_dir=cache_dir, on_epoch=emit,
+            progress=lambda total, desc: progress_bar(total, desc, quiet, "step")))
+
+
+def _load_config(path: Path, settings: list[str] | None, phase: str, epochs: int | None,
+                 encoder_weights: str | None, device: str | None):
+    """The config file with ``--set`` and the flags that set config keys applied."""
+    from magseg.config import load_config
+
     phases = ("backbone", "refiner") if phase == "all" else (phase,)
-    if epochs is not None:
-        items += [f"train.{'epochs' if p == 'backbone' else 'refiner_epochs'}={epochs}" for p in phases]
-    if encoder_weights is not None:
-        items.append(f"model.encoder_weights={encoder_weights}")
-    if device is not None:
-        items.append(f"engine.device={device}")
-    cfg = load_config(config, items)
-    out = out if out is not None else Path("runs") / cfg.name
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a directory (created if missing) for the checkpoints",
-             EXIT_USAGE)
+    flags = {f"train.{'epochs' if p == 'backbone' else 'refiner_epochs'}": epochs for p in phases}
+    flags.update({"model.encoder_weights": encoder_weights, "engine.device": device})
+    return load_config(path, config_overrides(settings, flags))
+
+
+@contextlib.contextmanager
+def _log_to_stderr(quiet: bool):
+    """The trainer's log lines on stderr, from the main process only, unless ``quiet``."""
+    from magseg.training.distributed import launched_by_torchrun
 
     main = not launched_by_torchrun() or _rank() == 0
+    if not main or quiet:
+        yield
+        return
     logger = logging.getLogger("magseg.train")
-    handler = None
-    if main and not quiet:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("magseg: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("magseg: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        run_training(
-            cfg,
-            TrainOptions(
-                out=out, phase=phase, resume=resume, overwrite=overwrite, data_root=data_root,
-                cache_dir=cache_dir,
-                on_epoch=emit, progress=lambda total, desc: progress_bar(total, desc, quiet, "step"),
-            ),
-        )
+        yield
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
+        logger.removeHandler(handler)
 
 
 def _rank() -> int:

@@ -115,7 +115,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist (train one with `magseg train`, "
-            "which writes best.ckpt and last.ckpt in its --out directory)"
+            "which writes best.ckpt and last.ckpt in its --out-dir)"
         )
     return _parse(path, path)
 

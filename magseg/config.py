@@ -280,7 +280,7 @@ class TrainConfig:
     augment: bool = True
     # Refiner phase: samples per epoch (None: samples_per_epoch).
     refiner_samples_per_epoch: int | None = None
-    # Which checkpoint of --out the refiner phase takes its frozen backbone from.
+    # Which checkpoint of --out-dir the refiner phase takes its frozen backbone from.
     backbone_from: Literal["best", "last"] = "best"
     # Learning rate decays as (1 - step / steps) ** poly_power over a phase.
     poly_power: float = 0.9

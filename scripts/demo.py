@@ -123,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                            "--size", str(args.size), "--train", str(args.train), "--val", str(args.val),
                            "--test", str(args.test), "--seed", str(args.seed), "--overwrite", "--quiet",
                            *(["--small-objects"] if args.small_objects else [])])
-    train = [*magseg, "train", "-c", str(args.config), "--data-root", str(data), "--out", str(run),
-             "--overwrite", *args.set]
-    if args.epochs is not None:
-        train += [f"train.epochs={args.epochs}"]
+    overrides = [*args.set, *([f"train.epochs={args.epochs}"] if args.epochs is not None else [])]
+    train = [*magseg, "train", "-c", str(args.config), "--data-root", str(data), "--out-dir", str(run),
+             "--overwrite", *(arg for item in overrides for arg in ("--set", item))]
     steps.run("train", train, stdout=out / "train.ndjson")
     steps.run("benchmark", [*magseg, "benchmark", str(run / "best.ckpt"), str(data), "--split", "test",
                             "--out-dir", str(bench), "--overwrite"], stdout=out / "benchmark.ndjson")

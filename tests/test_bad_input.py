@@ -39,7 +39,7 @@ def _invoke(args, stdin=None):
 
 
 def _run(command, ckpt, tmp_path, data, raster, *extra):
-    """``command`` with ``ckpt`` as its model (train: as --out/last.ckpt under --resume)."""
+    """``command`` with ``ckpt`` as its model (train: as <out-dir>/last.ckpt under --resume)."""
     if command == "predict":
         return _invoke(["predict", ckpt, raster, "-o", tmp_path / "pred", *extra])
     if command == "benchmark":
@@ -48,8 +48,8 @@ def _run(command, ckpt, tmp_path, data, raster, *extra):
     out.mkdir(exist_ok=True)
     if ckpt is not None:
         shutil.copy(ckpt, out / "last.ckpt")
-    return _invoke(["train", "-c", CONFIGS_TINY, "--data-root", data, "--out", out, "--epochs", "1",
-                    "-q", "train.samples_per_epoch=4", *(["--resume"] if ckpt is not None else []),
+    return _invoke(["train", "-c", CONFIGS_TINY, "--data-root", data, "-o", out, "--epochs", "1",
+                    "-q", "--set", "train.samples_per_epoch=4", *(["--resume"] if ckpt is not None else []),
                     *extra])
 
 
@@ -165,33 +165,34 @@ def test_a_bad_or_absent_device_is_one_line_and_exit_2(tmp_path, make_checkpoint
                     DEVICES[device])
 
 
-@pytest.mark.parametrize("command", ["predict", "benchmark"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_bad_device_through_set_is_refused_by_the_schema(tmp_path, make_checkpoint, data, raster,
                                                            command):
-    _one_error_line(_run(command, make_checkpoint(), tmp_path, data, raster,
+    ckpt = make_checkpoint() if command != "train" else None
+    _one_error_line(_run(command, ckpt, tmp_path, data, raster,
                          "--set", "engine.device=gpu"), 2, "engine.device=gpu: not a device")
 
 
 # ------------------------------------------------------------------------------------------
-# Config files, overrides and --out of train.
+# Config files, overrides and --out-dir of train.
 
 def test_a_config_file_that_is_not_utf8(tmp_path, data):
     config = tmp_path / "tiny.yaml"
     config.write_bytes(CONFIGS_TINY.read_bytes().replace(b"name: tiny", b"name: t\xefny"))
-    result = _invoke(["train", "-c", config, "--data-root", data, "--out", tmp_path / "run"])
+    result = _invoke(["train", "-c", config, "--data-root", data, "-o", tmp_path / "run"])
     _one_error_line(result, 2, "tiny.yaml is not UTF-8 text (byte 0xef")
 
 
 def test_a_batch_size_beyond_any_machine(tmp_path, data, raster):
-    result = _run("train", None, tmp_path, data, raster, "train.batch_size=99999999999999999999")
+    result = _run("train", None, tmp_path, data, raster, "--set", "train.batch_size=99999999999999999999")
     _one_error_line(result, 2, "train.batch_size=99999999999999999999 is larger than any run can use")
 
 
 def test_train_out_that_is_a_file(tmp_path, data):
     out = tmp_path / "taken"
     out.write_text("not a directory")
-    result = _invoke(["train", "-c", CONFIGS_TINY, "--data-root", data, "--out", out, "-q"])
-    _one_error_line(result, 2, f"--out {out} is a file")
+    result = _invoke(["train", "-c", CONFIGS_TINY, "--data-root", data, "-o", out, "-q"])
+    _one_error_line(result, 2, f"--out-dir {out} is a file")
     assert out.read_text() == "not a directory"
 
 
@@ -228,13 +229,28 @@ def test_stdin_holding_a_nul_byte(tmp_path, make_checkpoint, raster):
     _one_error_line(result, 2, "line 2 of stdin holds a NUL byte")
 
 
-def test_a_margin_that_leaves_no_core_is_a_usage_error(tmp_path, make_checkpoint, raster):
-    # tiny.yaml's scene is 128 px: a margin of 64 leaves no core, 63 leaves 2 px.
-    result = _invoke(["predict", make_checkpoint(), raster, "-o", tmp_path / "out", "--margin", "64"])
-    _one_error_line(result, 2, "--margin 64 leaves no core in the model's 128x128 px scene",
-                    "use --margin 63 or less")
-    result = _invoke(["predict", make_checkpoint(), raster, "-o", tmp_path / "out", "--margin", "63"])
-    assert result.exit_code == 0, result.output
+# ------------------------------------------------------------------------------------------
+# Spellings that went away: one line naming what replaces them, exit 2, nothing written.
+
+OLD_SPELLINGS = {
+    "predict --engine": ("predict", ["--engine", "ray"], "--engine is now --runner (local or ray)"),
+    "benchmark --engine": ("benchmark", ["--engine=local"], "--engine is now --runner (local or ray)"),
+    "predict --margin": ("predict", ["--margin", "64"],
+                         ("predict runs the pyramid over the whole raster, so there are no windows "
+                          "and no margin; drop --margin")),
+    "train --out": ("train", ["--out", "elsewhere"], "--out is now --out-dir (-o)"),
+    "train positional override": ("train", ["train.epochs=3"],
+                                  "config overrides are given with --set (--set train.epochs=3)"),
+}
+
+
+@pytest.mark.parametrize("spelling", list(OLD_SPELLINGS))
+def test_an_old_spelling_names_the_new_one(tmp_path, make_checkpoint, data, raster, spelling):
+    command, extra, message = OLD_SPELLINGS[spelling]
+    ckpt = make_checkpoint() if command != "train" else None
+    _one_error_line(_run(command, ckpt, tmp_path, data, raster, *extra), 2, message)
+    written = [p for p in tmp_path.rglob("*") if p.parent.name in ("pred", "bench", "run")]
+    assert written == [] and not (tmp_path / "elsewhere").exists()
 
 
 def test_a_file_name_with_glob_characters_is_processed(tmp_path, make_checkpoint):

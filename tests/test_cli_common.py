@@ -70,3 +70,79 @@ def test_a_nul_byte_on_stdin_or_in_a_name_is_a_usage_error(tmp_path):
         expand_inputs(["-"], (".tif",), stdin=io.StringIO("a.tif\nb\0c.tif\n"))
     with pytest.raises(typer.BadParameter, match="holds a NUL byte"):
         expand_inputs(["a\0.tif"], (".tif",))
+
+
+# ------------------------------------------------------------------------------------------
+# The option registry: a shared flag is one definition, used by every command that takes it.
+
+def _commands():
+    from magseg.cli.app import _register, app
+
+    _register()
+    return typer.main.get_command(app).commands
+
+
+SHARED = {  # cli.common's definition -> the commands that take it
+    "SETTINGS": ("train", "predict", "benchmark"),
+    "DEVICE": ("train", "predict", "benchmark"),
+    "QUIET": ("train", "predict", "benchmark"),
+    "BATCH_SIZE": ("predict", "benchmark"),
+    "RUNNER": ("predict", "benchmark"),
+    "RAY_ADDRESS": ("predict", "benchmark"),
+    "WORKERS": ("predict", "benchmark"),
+    "REMOVED_ENGINE": ("predict", "benchmark"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_a_shared_option_is_the_registrys_object_in_every_command(name):
+    import inspect
+
+    from magseg.cli import common
+
+    commands = _commands()
+    for command in SHARED[name]:
+        defaults = [p.default for p in inspect.signature(commands[command].callback).parameters.values()]
+        assert any(d is getattr(common, name) for d in defaults), (name, command)
+    # ... and so the parser sees the same flag, help and default in each.
+    flag = getattr(common, name).param_decls[0]
+    seen = {(tuple(p.opts), p.help, p.default, p.hidden)
+            for c in SHARED[name] for p in commands[c].params if flag in p.opts}
+    assert len(seen) == 1, seen
+
+
+def test_out_dir_is_the_same_flag_in_every_command():
+    for name, command in _commands().items():
+        (param,) = [p for p in command.params if "-o" in p.opts]
+        assert param.opts == ["--out-dir", "-o"] and param.help.startswith("Directory (created if missing) for"), name
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--set", "-o, --out-dir", "--device", "--quiet"]),
+    ("predict", ["--set", "-o, --out-dir", "--device", "--quiet", "--runner", "--workers", "--batch-size"]),
+    ("benchmark", ["--set", "-o, --out-dir", "--device", "--quiet", "--runner", "--workers", "--batch-size"]),
+])
+def test_help_lists_the_shared_flags_and_hides_the_old_ones(command, flags):
+    from magseg.cli.app import _register, app
+    from typer.testing import CliRunner
+
+    _register()
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for flag in flags:
+        assert flag in result.stdout, (command, flag)
+    for old in ("--engine", "--margin", "--out "):
+        assert old not in result.stdout, (command, old)
+
+
+def test_flags_become_overrides_after_set_so_a_flag_wins():
+    from conftest import CONFIGS
+    from magseg.cli.common import config_overrides
+
+    from magseg.config import load_config
+
+    items = config_overrides(["engine.batch_size=2", "refine.points=0.5"],
+                             {"engine.batch_size": 7, "engine.device": None})
+    assert items == ["engine.batch_size=2", "refine.points=0.5", "engine.batch_size=7"]
+    config = load_config(CONFIGS / "tiny.yaml", items)
+    assert config.engine.batch_size == 7 and config.refine.points == 0.5

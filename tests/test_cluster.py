@@ -1,4 +1,4 @@
-"""`--engine ray`: scenes on a local Ray instance with 2 workers give the local engine's outputs."""
+"""`--runner ray`: scenes on a local Ray instance with 2 workers give the local runner's outputs."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _records(result) -> dict[str, dict]:
     return {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
 
 
-def test_ray_engine_with_two_workers_matches_the_local_engine(tmp_path, make_checkpoint):
+def test_ray_runner_with_two_workers_matches_the_local_runner(tmp_path, make_checkpoint):
     ckpt = make_checkpoint(SMALL_SCENE)
     inputs = [write_raster(tmp_path / f"scene{i}.tif", smooth_image(3, 40 + 30 * i, 90, seed=i))
               for i in range(3)]
@@ -35,7 +35,7 @@ def test_ray_engine_with_two_workers_matches_the_local_engine(tmp_path, make_che
 
     local = _predict(ckpt, *inputs, broken, "-o", tmp_path / "local", "--quiet", "--probs")
     remote = _predict(ckpt, *inputs, broken, "-o", tmp_path / "ray", "--quiet", "--probs",
-                      "--engine", "ray", "--workers", "2")
+                      "--runner", "ray", "--workers", "2")
     assert local.exit_code == remote.exit_code == 1, remote.stderr
     local_records, remote_records = _records(local), _records(remote)
     assert set(local_records) == set(remote_records) == {str(p) for p in [*inputs, broken]}
@@ -56,7 +56,7 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoin
     ckpt = make_checkpoint(SMALL_SCENE)
     image = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20, seed=0))
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    result = _predict(ckpt, image, "-o", tmp_path / "out", "--engine", "ray")
+    result = _predict(ckpt, image, "-o", tmp_path / "out", "--runner", "ray")
     assert result.exit_code == 1
     assert "pip install 'magseg[ray]'" in result.stderr
     assert not (tmp_path / "out" / "a.tif").exists()
@@ -85,7 +85,7 @@ def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_pat
         return result, json.loads((out / "report.json").read_text())
 
     local, local_report = bench(tmp_path / "local")
-    remote, remote_report = bench(tmp_path / "ray", "--engine", "ray", "--workers", "2")
+    remote, remote_report = bench(tmp_path / "ray", "--runner", "ray", "--workers", "2")
     assert local.exit_code == remote.exit_code == 1, remote.stderr
     assert [f["id"] for f in remote_report["failed"]] == ["000004"]
     assert "000004_mask.png" in remote_report["failed"][0]["error"]

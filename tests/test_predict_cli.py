@@ -437,3 +437,25 @@ def test_help_has_examples():
     result = CliRunner().invoke(app, ["predict", "--help"])
     assert result.exit_code == 0
     assert "Examples" in result.stdout and "--out-dir" in result.stdout and "| jq" in result.stdout
+
+
+def test_scratch_dir_reaches_the_predict_options(tmp_path, ckpt, monkeypatch):
+    import magseg.io.predict as predict_module
+
+    seen = []
+    real = predict_module.predict_input
+
+    def spy(segmenter, path, out_dir, options, *args, **kwargs):
+        seen.append(options.scratch_dir)
+        return real(segmenter, path, out_dir, options, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_input", spy)
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", "--scratch-dir", tmp_path / "scratch")
+    assert result.exit_code == 0, result.output
+    assert seen == [tmp_path / "scratch"] and (tmp_path / "out" / "a.tif").is_file()
+
+    (tmp_path / "a_file").write_text("x")
+    result = _predict(ckpt, path, "-o", tmp_path / "out2", "--scratch-dir", tmp_path / "a_file")
+    assert result.exit_code == 2 and "--scratch-dir" in result.stderr
+    assert not (tmp_path / "out2").exists()

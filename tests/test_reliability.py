@@ -138,8 +138,8 @@ def test_an_output_that_is_not_written_completely_fails_its_input_alone(
 
 def _train(data, out, *extra):
     return CliRunner().invoke(app, ["train", "-c", str(CONFIGS_TINY), "--data-root", str(data),
-                                    "--out", str(out), "--phase", "backbone", "-q",
-                                    "train.samples_per_epoch=4", *extra])
+                                    "--out-dir", str(out), "--phase", "backbone", "-q",
+                                    "--set", "train.samples_per_epoch=4", *extra])
 
 
 @pytest.fixture

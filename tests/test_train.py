@@ -110,9 +110,9 @@ def test_cli_trains_both_phases_and_checkpoint_is_self_contained(tmp_path, tiny_
     data = make_deepglobe(tmp_path / "data", config)
     out = tmp_path / "run"
     # No on/off choice here: best.ckpt keeps the training config (the choice has its test).
-    result = _run_cli(["-c", str(CONFIGS_TINY), "--data-root", str(data), "--out", str(out),
-                       "--epochs", "1", "train.samples_per_epoch=8", "data.mean=null",
-                       "data.std=null", "train.refiner_choice=false", "-q"])
+    result = _run_cli(["-c", str(CONFIGS_TINY), "--data-root", str(data), "--out-dir", str(out),
+                       "--epochs", "1", "--set", "train.samples_per_epoch=8", "--set", "data.mean=null",
+                       "--set", "data.std=null", "--set", "train.refiner_choice=false", "-q"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["phase"], r["epoch"]) for r in records] == [("backbone", 1), ("refiner", 1)]

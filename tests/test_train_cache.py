@@ -135,7 +135,7 @@ def test_cli_full_disk_while_caching_exits_1_without_a_traceback(tmp_path, data,
 
     monkeypatch.setattr(cache_module.np, "save", full)
     result = CliRunner().invoke(app, ["train", "-c", str(CONFIGS_TINY), "--data-root",
-                                      str(scenes[0].image.parent), "--out", str(tmp_path / "run"),
+                                      str(scenes[0].image.parent), "-o", str(tmp_path / "run"),
                                       "--cache-dir", str(tmp_path / "c"), "--epochs", "1", "-q"])
     assert result.exit_code == 1, result.output
     assert "disk is full" in result.output and "Traceback" not in result.output

@@ -23,8 +23,8 @@ def test_torchrun_two_processes(tmp_path, tiny_config):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "magseg.cli.app", "train", "-c", str(CONFIGS_TINY), "--data-root", str(data),
-           "--out", str(out), "--epochs", "1", "train.samples_per_epoch=16", "train.batch_size=4",
-           "data.mean=null", "data.std=null"]
+           "--out-dir", str(out), "--epochs", "1", "--set", "train.samples_per_epoch=16",
+           "--set", "train.batch_size=4", "--set", "data.mean=null", "--set", "data.std=null"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -19,8 +19,8 @@ def data(tmp_path, tiny_config):
 
 def _train(data, out, *extra):
     return CliRunner().invoke(app, ["train", "-c", str(CONFIGS_TINY), "--data-root", str(data),
-                                    "--out", str(out), "--epochs", "1", "-q",
-                                    "train.samples_per_epoch=4", *extra])
+                                    "--out-dir", str(out), "--epochs", "1", "-q",
+                                    "--set", "train.samples_per_epoch=4", *extra])
 
 
 def _fails(result, code, *needles):
@@ -68,7 +68,7 @@ def test_unknown_mask_colour(data, tmp_path):
 
 
 def test_bad_override_is_a_usage_error(data, tmp_path):
-    _fails(_train(data, tmp_path / "out", "train.epochz=3"), 2, "train.epochz", "unknown key")
+    _fails(_train(data, tmp_path / "out", "--set", "train.epochz=3"), 2, "train.epochz", "unknown key")
     _fails(_train(data, tmp_path / "out", "--phase", "refine"), 2, "unknown phase 'refine'")
 
 
@@ -84,8 +84,8 @@ def test_offline_imagenet_for_other_encoder(data, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    result = _train(data, tmp_path / "out", "--encoder-weights", "imagenet", "model.encoder=resnet18",
-                    "model.kwargs={}")
+    result = _train(data, tmp_path / "out", "--encoder-weights", "imagenet",
+                    "--set", "model.encoder=resnet18", "--set", "model.kwargs={}")
     _fails(result, 1, "cannot download 'imagenet' weights for encoder 'resnet18'", "encoder_weights=none")
 
 

@@ -153,7 +153,7 @@ def check_matches(asked: Config, ckpt: Checkpoint) -> Config:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not match the config asked for:\n  "
             + "\n  ".join(problems)
-            + "\nuse the config it was trained with, or another --out directory"
+            + "\nuse the config it was trained with, or another --out-dir"
         )
     return asked.override({"data.mean": list(ckpt.config.data.mean or []) or None,
                            "data.std": list(ckpt.config.data.std or []) or None})
@@ -384,7 +384,7 @@ class Trainer:
                     f"--phase backbone --resume: {last} is from the refiner phase (epoch "
                     f"{ckpt.training.get('epoch')}), which starts after the backbone phase has "
                     "finished; resume with --phase refiner or --phase all, or train a new "
-                    "backbone in another --out (or with --overwrite)"
+                    "backbone in another --out-dir (or with --overwrite)"
                 )
             self.config = check_matches(self.config, ckpt)
             return ckpt
@@ -413,7 +413,7 @@ class Trainer:
                 try:
                     self.out.mkdir(parents=True, exist_ok=True)
                 except (FileExistsError, NotADirectoryError):
-                    raise ConfigError(f"--out {self.out} is a file (or under one); give a "
+                    raise ConfigError(f"--out-dir {self.out} is a file (or under one); give a "
                                       "directory for the checkpoints") from None
             distributed.barrier(self.world)
             with _log_file(self.out / LOG, self.world.main):
