@@ -83,9 +83,9 @@ def handle_errors(func: F) -> F:
 
     - exit 2 (usage): the run cannot start as asked. The command line, a config file or an
       override is invalid (ConfigError: unknown key, bad value, a device this machine does
-      not have, a margin that leaves no core), or the model to run is unusable
-      (CheckpointError: missing, empty, corrupt, not a magseg checkpoint, weights that do
-      not fit its config, or a checkpoint in --out that does not match the config asked for).
+      not have), or the model to run is unusable (CheckpointError: missing, empty, corrupt,
+      not a magseg checkpoint, weights that do not fit its config, or a checkpoint in
+      --out-dir that does not match the config asked for).
     - exit 1 (bad input): the data the run reads or writes is at fault (DataError,
       RasterError: a raster, image, mask or split file) or an output is in the way
       (OutputExistsError); in predict the other inputs are still processed.
