@@ -2,24 +2,33 @@
 
 The public API: ``Segmenter`` (a checkpoint or config turned into models ready to run),
 ``segment`` (the stage loop on one in-memory image), ``load_config`` and the config classes,
-``predict_raster`` (one raster of any size to GeoTIFF outputs) and ``MagsegError`` (the base
-of every error magseg raises on purpose).
+``predict_raster`` (one raster of any size to GeoTIFF outputs), ``MagsegError`` (the base
+of every error magseg raises on purpose), and the contracts a model of one's own meets:
+``Backbone`` (``(B, C_in, h, w)`` images to ``(B, classes, h, w)`` logits),
+``MultiContextBackbone``, ``RefinerLike`` (``(fine, coarse)`` probabilities to logits) and
+``ProbsRefiner``.
 """
 
 from typing import Any
 
 from magseg.config import Config, EngineConfig, PyramidConfig, RefineConfig, load_config
+from magseg.engine.backbone import Backbone, MultiContextBackbone
+from magseg.engine.refiner import ProbsRefiner, RefinerLike
 from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import MagsegError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backbone",
     "Config",
     "EngineConfig",
     "MagsegError",
+    "MultiContextBackbone",
+    "ProbsRefiner",
     "PyramidConfig",
     "RefineConfig",
+    "RefinerLike",
     "SegmentationResult",
     "Segmenter",
     "load_config",

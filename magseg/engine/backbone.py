@@ -1,8 +1,11 @@
 """Backbone segmenters: any segmentation-models-pytorch model by name, or any ``nn.Module``
-mapping ``(B, C_in, h, w)`` to ``(B, classes, h, w)`` logits.
+mapping ``(B, C_in, h, w)`` to ``(B, classes, h, w)`` logits (the ``Backbone`` contract).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,36 @@ from torch import Tensor, nn
 
 from magseg.config import ModelConfig
 from magseg.errors import ModelError, WeightsUnavailableError
+
+
+class Backbone(Protocol):
+    """What the engine runs at every stage: images in, per-pixel class logits out.
+
+    ``backbone(x)``: ``x`` is ``(B, C_in, h, w)`` (normalised image crops, ``C_in`` =
+    ``model.in_channels``); returns ``(B, classes, h, w)`` logits at the same ``h, w``, or a
+    tuple/list whose first item is those logits (smp models with an auxiliary head). Usually
+    an ``nn.Module``: training updates it, prediction and the benchmark only call it.
+
+    Optional attributes, read by ``context_ratios()`` and ``input_multiple()``:
+
+    - ``context_ratios``: a multi-context backbone (``MultiContextBackbone``, e.g. FCtL) is
+      called as ``backbone(x, contexts)``, ``contexts`` one ``(B, C_in, h, w)`` batch per
+      ratio: the crop's surroundings, ``ratio`` times its extent around the same centre,
+      at the crop's size (``magseg.engine.pyramid.context_windows``).
+    - ``requires_divisible_input_shape`` (True) with ``encoder.output_stride``: ``h`` and
+      ``w`` must be multiples of that stride; ``run_backbone`` pads the input and crops the
+      logits back.
+    """
+
+    def __call__(self, x: Tensor, /, *contexts: list[Tensor]) -> Tensor | tuple[Tensor, ...]: ...
+
+
+@runtime_checkable
+class MultiContextBackbone(Backbone, Protocol):
+    """A backbone that also sees each crop's surroundings: ``backbone(x, contexts)`` with
+    one ``(B, C_in, h, w)`` batch per entry of ``context_ratios`` (FCtL)."""
+
+    context_ratios: Sequence[float]
 
 
 def architectures() -> list[str]:
@@ -66,12 +99,12 @@ def create_backbone(model: ModelConfig, classes: int) -> nn.Module:
     return net
 
 
-def context_ratios(backbone: nn.Module) -> tuple[float, ...]:
+def context_ratios(backbone: Backbone) -> tuple[float, ...]:
     """Context extents a multi-context backbone (FCtL) wants beside each crop; () for others."""
-    return tuple(getattr(backbone, "context_ratios", ()))
+    return tuple(backbone.context_ratios) if isinstance(backbone, MultiContextBackbone) else ()
 
 
-def input_multiple(backbone: nn.Module) -> int:
+def input_multiple(backbone: Backbone) -> int:
     """The factor the backbone's input height and width must be divisible by (1 if none)."""
     if not getattr(backbone, "requires_divisible_input_shape", False):
         return 1
@@ -79,7 +112,7 @@ def input_multiple(backbone: nn.Module) -> int:
 
 
 def run_backbone(
-    backbone: nn.Module, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None,
+    backbone: Backbone, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None,
     channels_last: bool = False,
 ) -> Tensor:
     """Logits of ``x`` (B, C_in, h, w) -> ``(B, classes, h, w)``, reflect-padding the input to

@@ -26,6 +26,8 @@ rest of the refinement together; the gate's cues are a few per-pixel reductions 
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,29 @@ from magseg.engine.certainty import certainty as top2_margin
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
+
+
+class RefinerLike(Protocol):
+    """What the engine runs as R, the refinement module: ``refiner(fine, coarse) -> logits``.
+
+    ``fine``: ``(B, C, h, w)`` probabilities of the stage's crops at their own resolution;
+    ``coarse``: ``(B, C, h, w)`` probabilities of the same crops from the previous stage's
+    map, resized to ``(h, w)``. Returns ``(B, C, h, w)`` refined logits; the engine takes
+    their softmax. Magseg's ``Refiner`` is one; any ``nn.Module`` with this call is another.
+    (Named ``RefinerLike`` because ``Refiner`` is magseg's own module, below.)
+    """
+
+    def __call__(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
+
+
+@runtime_checkable
+class ProbsRefiner(RefinerLike, Protocol):
+    """A refiner that also returns probabilities directly: ``refiner.probs(fine, coarse)``
+    ``-> (B, C, h, w)``, the same distribution as ``softmax(refiner(fine, coarse))`` without
+    the full-resolution log and softmax passes. The engine uses ``probs`` when a refiner has it (``isinstance(refiner,
+    ProbsRefiner)``), and the softmax of the logits otherwise."""
+
+    def probs(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
