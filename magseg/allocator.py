@@ -3,17 +3,15 @@
 glibc's malloc serves every block above its mmap threshold (32 MB at most) with a fresh
 ``mmap`` and returns it with ``munmap`` when freed. The engine's batches are such blocks: a
 batch of four 612 px crops with 7 classes is 42 MB, a ResNet-18 activation of it 67 MB. So
-every batch faulted its buffers in again, page by page, from zeroed kernel pages: on a 2-core
-CPU that was a third of the wall time of a 2448 px scene spent in the kernel (58 s of system
-time in a 156 s ``scripts/bench_engine.py --repeat 3``; 2 s with this setting, and the
-backbone itself 20 % faster).
+without this every batch faults its buffers in again, page by page, from zeroed kernel
+pages: system time that grows with the number of batches (figures:
+docs/performance.md#what-keeps-the-overhead-small).
 
 ``keep_freed_memory`` tells glibc to serve large blocks from the heap and never trim it, the
 same cure as running under jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends,
 without preloading a library. The process keeps its peak memory until it exits, and the
-peak grows a little, as freed holes in the heap are not always reused (predict's peak RSS
-went from 1120 to 1235 MB at 4096 px and from 1185 to 1263 MB at 16384 px in
-``scripts/bench_predict_memory.py``, still flat in raster size). The ``magseg``
+peak grows a little, as freed holes in the heap are not always reused; it stays flat in
+raster size (docs/performance.md#predict-memory). The ``magseg``
 command calls this at start; library users may call it themselves. Set
 ``MAGSEG_SYSTEM_MALLOC=1`` to keep glibc's defaults. A no-op off glibc.
 """

@@ -199,8 +199,8 @@ class EngineConfig:
     device: str = "cpu"
     # auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # NHWC convolutions: on a 2-core AVX2 CPU, the demo's EfficientNet-Lite0 Unet ran 15 %
-    # faster, FCtL 31 % and a ResNet-18 Unet's backbone 22 %, with identical mIoU.
+    # NHWC convolutions: the layout oneDNN's CPU convolutions run fastest in, with the same
+    # results (figures: docs/performance.md#channels-last).
     channels_last: bool = True
     adaptive: AdaptiveConfig = AdaptiveConfig()
 
@@ -286,18 +286,17 @@ class TrainConfig:
     poly_power: float = 0.9
     # Validate on at most this many scenes of the val split (None: all).
     val_max_scenes: int | None = None
-    # Train the backbone in the NHWC layout: on a 2-core AVX2 CPU, backbone epochs of the
-    # demo took 30.6 s against 36.3 s, with the same losses to 3 digits. Off by default
-    # until the demo's published figures are re-measured with it.
+    # Train the backbone in the NHWC layout: faster steps on a CPU, the same losses to three
+    # digits (docs/performance.md#channels-last). Off by default so that a run reproduces
+    # the published figures, which were trained in the standard layout, to the digit.
     channels_last: bool = False
     # Forward passes under autocast: fp32 (none), bf16, or fp16 with a gradient scaler.
     # Weights, optimiser state and checkpoints stay fp32 whichever is chosen.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Refiner loss pixels, PointRend-style: N = refiner_points * crop pixels per window,
     # the refiner_importance * N most uncertain of refiner_oversample * N random candidates
-    # plus the rest drawn uniformly. None: every pixel. Off by default: with 0.25 and
-    # refiner_balance 0.5 the demo's progressive mIoU fell 2.8 points against the dense
-    # plain loss (docs/refiner.md).
+    # plus the rest drawn uniformly. None: every pixel. Off by default: with the gate, the
+    # dense plain loss is the one that kept the demo's mIoU (docs/refiner.md#measured).
     refiner_points: float | None = None
     refiner_oversample: float = 3.0
     refiner_importance: float = 0.75

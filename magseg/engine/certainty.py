@@ -41,9 +41,10 @@ def certainty(probs: Tensor) -> Tensor:
     """
     if probs.shape[1] < 2:
         raise ValueError(f"certainty needs at least 2 classes, got {probs.shape[1]}")
-    # A running top-2 over the channels, in place: five times faster on a CPU than topk(2)
-    # over the channel dimension, and a tie at the top (e.g. all-zero padding) gives
-    # best == second, certainty 0, by construction.
+    # A running top-2 over the channels, in place: a few elementwise passes over (B, H, W)
+    # buffers, cheaper on a CPU than topk(2) along the channel dimension
+    # (docs/refiner.md#what-the-gate-costs-the-engine); and a tie at the top (e.g. all-zero
+    # padding) gives best == second, certainty 0, by construction.
     best = probs[:, 0].clone()
     second = torch.full_like(best, float("-inf"))
     low = torch.empty_like(best)
@@ -119,9 +120,9 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
     The median of a k x k window is >= t exactly when more than k*k/2 of its values are >= t.
     So the number of pixels whose blurred level is >= t is a box filter (a running count) of
     the map thresholded at t, and bisection over the 256 levels finds T, the level of the K-th
-    pixel, in 8 counts. Each costs 0.5 ms on a 612 px map, against 15 ms for OpenCV's
-    median, and no top-K over the whole map follows: every pixel above T is picked, and the
-    rest of K are the pixels at T with the highest raw score.
+    pixel, in 8 counts. A count is one box filter over a thresholded map, much cheaper than
+    a median filter of the map, and no top-K over the whole map follows: every pixel above T
+    is picked, and the rest of K are the pixels at T with the highest raw score.
 
     Args:
         raw: ``(B, H, W)`` unblurred score in [0, 1] (``error_score``).

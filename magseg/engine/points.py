@@ -5,8 +5,8 @@ Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y
 
 The engine uses only ``num_points``: it picks pixels by counting
 (``magseg.engine.certainty.top_error_pixels``) and takes R's values with one masked select. The
-top-K, ``point_sample`` and scatter here are MagNet's refinement step as the design states
-it, and tests/test_engine.py checks the engine against them.
+top-K, ``point_sample`` and scatter here are MagNet's refinement step as docs/design.md
+states it, and tests/test_engine.py checks the engine against them.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ without native bf16 (AVX512-BF16 or AMX) or fp16 emulates them, slower than fp32
 the same rounding, so every precision path can be tested on every CPU.
 
 ``auto`` picks the fastest precision the device computes natively: ``fp16`` on CUDA, ``bf16``
-on a CPU with AVX512-BF16 or AMX, else ``fp32``. On the demo's checkpoint bf16 costs about a
-tenth of an mIoU point and runs 1.5x faster (docs/precision.md); the resolved choice is named
-in every output, so a result can always be traced to what computed it.
+on a CPU with AVX512-BF16 or AMX, else ``fp32``; what that costs in accuracy and buys in
+speed is in docs/precision.md. The resolved choice is named in every output, so a result can
+always be traced to what computed it.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ scene's coarse view, the engine's stage 0 (``stage_probs`` of the scene at ``sca
 is the same for every sample of the phase. ``prepare_coarse_maps`` computes it once per
 training scene and stores it as float16 ``.npy`` under ``<cache dir>/coarse/<key>/``; a
 sample memory-maps its scene's map and upsamples only its window
-(``windows.resized_region``), where it used to run the backbone on the whole scene and
-upsample the whole map.
+(``windows.resized_region``): no backbone run and no whole-map upsampling per sample.
 
 float16 keeps probabilities within 2**-12 (values in [0.5, 1]; finer below): bilinear
 upsampling is a convex combination, so the refiner's coarse input differs from the one
-computed on the fly by at most that (tests/test_coarse_cache.py).
+computed on the fly by at most that
+(tests/test_train_cache.py::test_cached_coarse_maps_give_the_refiner_the_same_inputs).
 
 The key holds everything a map depends on: magseg's version, a hash of the backbone's
 weights, the model, pyramid, engine, normalisation and band settings; an entry's name holds

@@ -45,10 +45,10 @@ def resolve_workers(setting: int | str, cores: int | None = None, local_ranks: i
 def phase_workers(setting: int | str, phase: str, device: torch.device, cores: int | None = None,
                   local_ranks: int | None = None) -> int:
     """``resolve_workers`` for one phase. The refiner phase cuts its samples from the caches
-    (scenes and coarse maps), fast enough in the loop's own process (716 samples/s for the
-    demo's model at 92); on a CPU where ``auto`` leaves a single worker (two cores per rank),
-    that worker only takes a core from the loop's threads: the demo's refiner step took 1.29x
-    its pure forward + backward with it and 1.12x without. So there ``auto`` loads in the loop."""
+    (scenes and coarse maps), many times faster than its model consumes them, so the loop's
+    own process keeps up; on a CPU where ``auto`` leaves a single worker (two cores per
+    rank), that worker would only take a core from the loop's threads. So there ``auto``
+    loads in the loop (figures: docs/training.md#figures-on-a-shared-2-core-cpu)."""
     workers = resolve_workers(setting, cores, local_ranks)
     if setting == "auto" and phase == "refiner" and device.type == "cpu" and workers <= 1:
         return 0

@@ -347,9 +347,8 @@ class Trainer:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        """The backbone's layout in training (``train.channels_last``). NHWC made a training
-        step of the demo's model 13 % faster on a 2-core AVX2 CPU (670 against 772 ms for
-        16 windows of 128 px)."""
+        """The backbone's layout in training: NHWC with ``train.channels_last`` (faster CPU
+        convolutions, docs/performance.md#channels-last), else the standard layout."""
         return torch.channels_last if self.config.train.channels_last else torch.contiguous_format
 
     # ------------------------------------------------------------------ setup
