@@ -75,14 +75,16 @@ def median_blur(x: Tensor, kernel: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _blur_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-blur")
+def _opencv_pool() -> ThreadPoolExecutor:
+    """The process's threads for per-map OpenCV work (box-filter counts, median filters),
+    one per core, made on first use."""
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-opencv")
 
 
 def _each_map(work: Callable[[int], T], maps: int) -> list[T]:
     """``work(b)`` for maps ``0 .. maps - 1``, side by side in a thread pool: OpenCV's
     filters are single-threaded and release the GIL."""
-    return list(_blur_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
+    return list(_opencv_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
 
 
 def error_score(refined: Tensor, coarse: Tensor) -> Tensor:

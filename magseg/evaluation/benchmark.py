@@ -35,6 +35,7 @@ from torch import Tensor
 from magseg.config import AdaptiveConfig, Config, EngineConfig, PyramidConfig, RefineConfig
 from magseg.data.scenes import Scene, check_scene, read_scene
 from magseg.engine.pyramid import resize
+from magseg.engine.stages import SegmentationResult
 from magseg.errors import DataError, MagsegError
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.segmenter import Segmenter
@@ -346,8 +347,7 @@ def evaluate_scene(
     x = segmenter.normalize(image)
     if warmup and segmenter not in _WARMED:
         for m in methods:
-            segmenter.segment(x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
-                              **({} if m.refiner else {"refiner": None}))
+            _segment(segmenter, x, m)
         _WARMED.add(segmenter)
     out = SceneOutcome(index, ImageRecord(scene.id, size, {}), {}, {}, {}, None)
     predictions: dict[str, np.ndarray] = {}
@@ -358,45 +358,69 @@ def evaluate_scene(
         want_probs = sample and m.name == "progressive"
         with PeakMemory(segmenter.device) as mem:
             start = time.perf_counter()
-            result = segmenter.segment(
-                x, pyramid=m.pyramid, refine=m.refine, engine=m.engine,
-                return_stages=m.staged, return_probs=want_probs,
-                **({} if m.refiner else {"refiner": None}),
-            )
+            result = _segment(segmenter, x, m, return_stages=m.staged, return_probs=want_probs)
             seconds = time.perf_counter() - start
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
         own = confusion_matrix(result.labels, target, config.num_classes)
         out.matrices[m.name] = own
         out.record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
         if m.staged:
-            out.stages[m.name] = [
-                StageOutcome(
-                    stage.size,
-                    confusion_matrix(_labels_to(stage.labels, size), target, config.num_classes),
-                    0 if stage.refined is None else int(stage.refined.sum()),
-                    stage.crops_run, stage.crops_total, stage.seconds,
-                )
-                for stage in result.stages
-            ]
+            out.stages[m.name] = _stage_outcomes(result, target, config.num_classes)
         if sample:
             predictions[m.name] = _labels_to(result.labels, shown).numpy()
             if want_probs:
-                uncertainty = 1 - resize(result.certainty[None, None], shown)[0, 0].numpy()
-                refined = [
-                    _labels_to(s.refined.to(torch.uint8), shown).numpy().astype(bool)
-                    for s in result.stages[1:] if s.refined is not None
-                ]
+                uncertainty, refined = _progressive_panels(result, shown)
     if sample:
-        out.sample = Sample(
-            id=scene.id,
-            image=np.asarray(resize(torch.from_numpy(display_image(image)).permute(2, 0, 1).float(), shown)
-                             .round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)),
-            truth=_labels_to(target, shown).numpy(),
-            predictions=predictions,
-            uncertainty=uncertainty if uncertainty is not None else np.zeros(shown, np.float32),
-            refined=refined,
-        )
+        out.sample = _sample(scene.id, image, target, shown, predictions, uncertainty, refined)
     return out
+
+
+def _segment(segmenter: Segmenter, x: Tensor, method: Method, **kwargs: Any) -> SegmentationResult:
+    """``segmenter.segment`` of ``x`` as ``method`` runs it (without the refiner where the
+    method has none); ``kwargs``: what to return besides the labels."""
+    return segmenter.segment(x, pyramid=method.pyramid, refine=method.refine, engine=method.engine,
+                             **kwargs, **({} if method.refiner else {"refiner": None}))
+
+
+def _stage_outcomes(result: SegmentationResult, target: Tensor, classes: int) -> list[StageOutcome]:
+    """Each stage's labels scored against ``target`` (``(H, W)``), with its refined pixels,
+    crops and time."""
+    size = tuple(target.shape)
+    return [
+        StageOutcome(
+            stage.size,
+            confusion_matrix(_labels_to(stage.labels, size), target, classes),
+            0 if stage.refined is None else int(stage.refined.sum()),
+            stage.crops_run, stage.crops_total, stage.seconds,
+        )
+        for stage in result.stages
+    ]
+
+
+def _progressive_panels(result: SegmentationResult, shown: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The sample panel's uncertainty ``(h, w)`` and refined-pixel masks (one per refining
+    stage), at the display size ``shown``."""
+    uncertainty = 1 - resize(result.certainty[None, None], shown)[0, 0].numpy()
+    refined = [
+        _labels_to(s.refined.to(torch.uint8), shown).numpy().astype(bool)
+        for s in result.stages[1:] if s.refined is not None
+    ]
+    return uncertainty, refined
+
+
+def _sample(scene_id: str, image: np.ndarray, target: Tensor, shown: tuple[int, int],
+            predictions: dict[str, np.ndarray], uncertainty: np.ndarray | None,
+            refined: list[np.ndarray]) -> Sample:
+    """One scene's panels at the display size ``shown``."""
+    pixels = torch.from_numpy(display_image(image)).permute(2, 0, 1).float()
+    return Sample(
+        id=scene_id,
+        image=np.asarray(resize(pixels, shown).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)),
+        truth=_labels_to(target, shown).numpy(),
+        predictions=predictions,
+        uncertainty=uncertainty if uncertainty is not None else np.zeros(shown, np.float32),
+        refined=refined,
+    )
 
 
 def evaluate_or_fail(segmenter: Segmenter, scene: Scene, methods: Sequence[Method], index: int,

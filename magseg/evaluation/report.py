@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from magseg.config import ClassSpec
+from magseg.config import ClassSpec, Config
 from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
 from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
@@ -60,21 +60,6 @@ def build_report(
     config = result.config
     methods = {name: method_summary(t, config) for name, t in result.tallies.items()}
     how = next((t.memory_how for t in result.tallies.values()), "VmHWM")
-    margins = {}
-    if "progressive" in methods:
-        for base in ("downsample", "patch"):
-            a, b = methods["progressive"]["miou"], methods.get(base, {}).get("miou")
-            if base in methods:
-                margins[f"progressive_minus_{base}"] = None if a is None or b is None else 100 * (a - b)
-    # What the refiner adds: progressive minus the same without it, overall and per class.
-    refiner_gain = None
-    if "progressive" in methods and NO_REFINER in methods:
-        on, off = methods["progressive"], methods[NO_REFINER]
-        refiner_gain = {
-            "miou": None if on["miou"] is None or off["miou"] is None else 100 * (on["miou"] - off["miou"]),
-            "iou": {c: None if on["iou"][c] is None or off["iou"][c] is None
-                    else 100 * (on["iou"][c] - off["iou"][c]) for c in on["iou"]},
-        }
     plots = [PLOT_IOU]
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
@@ -92,37 +77,69 @@ def build_report(
         "failed": result.failed,
         "complete": not result.failed,
         "classes": [{"id": c.id, "name": c.name, "in_mean": c.in_mean} for c in config.classes],
-        "config": {
-            "name": config.name,
-            "model": {"arch": config.model.arch, "encoder": config.model.encoder},
-            "refiner": dataclasses.asdict(config.refiner),
-            "pyramid": {"scales": [list(s) for s in config.pyramid.scales], "crop": list(config.pyramid.crop),
-                        "input": list(config.pyramid.input), "scene": list(config.pyramid.scene)},
-            "refine": {"points": config.refine.points, "kernel": config.refine.kernel},
-            "engine": {"batch_size": config.engine.batch_size, "device": config.engine.device,
-                       "precision": config.engine.precision},
-        },
-        "environment": {
-            # device, resolved precision, CPU model and its bf16/AMX support
-            **runtime_info(config.engine.device, config.engine.precision),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        "config": _config_summary(config),
+        "environment": _environment(config),
         "measurement": {"time": TIME_NOTE, "memory": MEMORY_NOTE[how],
                         "miou": "one confusion matrix per method summed over the split; mean over "
                                 "the classes with in_mean (DeepGlobe: 'unknown' is counted in the "
                                 "matrix but left out of the mean)"},
         "methods": methods,
-        "margins_miou_points": margins,
-        "refiner_gain_points": refiner_gain,
+        "margins_miou_points": _margins(methods),
+        "refiner_gain_points": _refiner_gain(methods),
         "plots": plots,
         "per_image": [
             {"id": r.id, "size": list(r.size), "methods": r.methods} for r in result.images
         ],
     }
     return report
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    """``a - b`` in percentage points; None when either is undefined."""
+    return None if a is None or b is None else 100 * (a - b)
+
+
+def _margins(methods: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Progressive's mIoU minus each baseline's, in points."""
+    if "progressive" not in methods:
+        return {}
+    return {f"progressive_minus_{base}": _points(methods["progressive"]["miou"], methods[base]["miou"])
+            for base in ("downsample", "patch") if base in methods}
+
+
+def _refiner_gain(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """What the refiner adds: progressive minus the same without it, overall and per class,
+    in points (None without both rows)."""
+    if "progressive" not in methods or NO_REFINER not in methods:
+        return None
+    on, off = methods["progressive"], methods[NO_REFINER]
+    return {"miou": _points(on["miou"], off["miou"]),
+            "iou": {c: _points(on["iou"][c], off["iou"][c]) for c in on["iou"]}}
+
+
+def _config_summary(config: Config) -> dict[str, Any]:
+    """The settings that made the scores."""
+    return {
+        "name": config.name,
+        "model": {"arch": config.model.arch, "encoder": config.model.encoder},
+        "refiner": dataclasses.asdict(config.refiner),
+        "pyramid": {"scales": [list(s) for s in config.pyramid.scales], "crop": list(config.pyramid.crop),
+                    "input": list(config.pyramid.input), "scene": list(config.pyramid.scene)},
+        "refine": {"points": config.refine.points, "kernel": config.refine.kernel},
+        "engine": {"batch_size": config.engine.batch_size, "device": config.engine.device,
+                   "precision": config.engine.precision},
+    }
+
+
+def _environment(config: Config) -> dict[str, Any]:
+    """The device, resolved precision, CPU model and its bf16/AMX support, and the software."""
+    return {
+        **runtime_info(config.engine.device, config.engine.precision),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 # --------------------------------------------------------------------------- markdown
@@ -306,15 +323,16 @@ def plot_sample(sample: Sample, classes: Sequence[ClassSpec]) -> bytes:
 # --------------------------------------------------------------------------- files
 
 
-def output_paths(out_dir: str | Path) -> list[Path]:
-    """The fixed outputs of a run (samples vary with the data): checked before a run starts."""
+def report_paths(out_dir: str | Path) -> list[Path]:
+    """The report files a run always writes in ``out_dir`` (the sample panels vary with the
+    data): checked before a run starts."""
     out_dir = Path(out_dir)
     return [out_dir / REPORT_JSON, out_dir / REPORT_MD]
 
 
 def check_outputs(out_dir: str | Path, overwrite: bool) -> None:
     """Raise before any work if a report is already there and ``overwrite`` is false."""
-    existing = [p for p in output_paths(out_dir) if p.exists()]
+    existing = [p for p in report_paths(out_dir) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(
             f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to replace, "
