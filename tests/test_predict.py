@@ -1,12 +1,13 @@
-"""predict_raster: windowed prediction of GeoTIFFs, checked against in-memory references.
+"""predict_raster: the pyramid over a whole GeoTIFF, checked against in-memory references.
 
-Scenes are made small (scales 16/32/64: a 64 px scene) so that rasters of 150-300 px already
-need many windows.
+Scenes are made small (scales 16/32/64: a 64 px scene, 16 px crops) so that rasters of
+100-300 px already run hundreds of crops over three stages.
 """
 
 from __future__ import annotations
 
-import cv2
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,13 @@ from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
 from torch import nn
 
 from magseg.config import load_config
-from magseg.errors import RasterError
-from magseg.io.predict import PredictOptions, default_margin, output_paths, predict_raster
-from magseg.io.raster import NODATA, plan_scene_windows
+from magseg.engine.maps import map_bytes
+from magseg.engine.pyramid import crop_boxes
+from magseg.errors import RasterError, WriteError
+from magseg.io import streaming
+from magseg.io.atomic import partial_path
+from magseg.io.predict import PredictOptions, output_paths, predict_input, predict_raster
+from magseg.io.raster import NODATA
 from magseg.segmenter import Segmenter
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
@@ -51,7 +56,7 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
     image[:, 20:30, :] = 0                            # all-zero padding -> nodata
     path = write_raster(tmp_path / "scene.tif", image)
     result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
-    assert result.status == "ok" and result.windows == len(plan_scene_windows((150, 170), (64, 64), (8, 8))) > 4
+    assert result.status == "ok" and result.crops > 100
 
     with torch.no_grad():
         logits = conv(segmenter.normalize(image)[None])[0]
@@ -70,64 +75,127 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
                                 "water": counts[3], "nodata": 10 * 170}
 
 
-def test_windowed_raster_matches_the_whole_image_except_on_class_boundaries(tmp_path, fitted):
-    # The same image segmented whole (it fits in memory) and as 64 px windows. MagNet's coarse
-    # stage sees a window-relative view, so the two cannot be identical; measured here: they
-    # differ on ~2 % of pixels, all on class boundaries shifted by a pixel or two.
-    height, width = 160, 192
-    image = smooth_image(3, height, width, cell=16, seed=5)
+def _in_memory(segmenter, image, valid, **kwargs):
+    """``segment`` on the whole image as predict prepares it: nodata pixels set to the mean
+    (0) before the engine, and nodata again in the labels."""
+    x = segmenter.normalize(image)
+    x[:, torch.from_numpy(~valid)] = 0
+    out = segmenter.segment(x, return_probs=True, **kwargs)
+    labels = out.labels.numpy().copy()
+    labels[~valid] = NODATA
+    return labels, out.probs
+
+
+@pytest.mark.parametrize("size", [(160, 192), (101, 67), (64, 64), (13, 40), (9, 9), (130, 250)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_streamed_predict_equals_segment_on_the_whole_image_bit_for_bit(tmp_path, fitted, size, batch):
+    # The invariant that makes predict seamless: the raster read crop by crop at each stage's
+    # magnification, the stage maps on disk, equal segment() on the whole image in memory, at
+    # fp32, for odd, non-square and smaller-than-a-crop sizes, with a nodata region.
+    height, width = size
+    image = smooth_image(3, height, width, cell=16, seed=height + width)
+    image[:, height // 3 : height // 3 + 4, : width // 2] = 0  # all-zero padding: nodata
+    valid = image.any(axis=0)
+    segmenter = Segmenter(fitted.config.override([f"engine.batch_size={batch}", "engine.precision=fp32"]),
+                          fitted.backbone, fitted.refiner)
     path = write_raster(tmp_path / "scene.tif", image)
-    result = predict_raster(fitted, path, tmp_path / "out")
-    assert result.windows > 9
-    windowed = read_raster(tmp_path / "out" / "scene.tif")[0][0]
-    whole = fitted.segment(fitted.normalize(image)).labels.numpy()
-
-    differ = windowed != whole
-    assert differ.mean() <= 0.03, f"{differ.mean():.2%} of pixels differ"
-    edges = np.zeros_like(differ)
-    edges[:, 1:] |= whole[:, 1:] != whole[:, :-1]
-    edges[:, :-1] |= whole[:, 1:] != whole[:, :-1]
-    edges[1:] |= whole[1:] != whole[:-1]
-    edges[:-1] |= whole[1:] != whole[:-1]
-    to_edge = cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, 3)
-    interior = to_edge > 3
-    assert interior.mean() > 0.3          # the check below covers a good part of the image
-    assert differ[interior].mean() <= 0.001, f"{differ[interior].mean():.2%} differ off boundaries"
-    assert (to_edge[differ] <= 2).mean() >= 0.98
-    # and the fitted model does segment by content
-    assert (windowed == colour_rule(image)).mean() > 0.85
+    result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
+    labels = read_raster(tmp_path / "out" / "scene.tif")[0][0]
+    want_labels, want_probs = _in_memory(segmenter, image, valid)
+    np.testing.assert_array_equal(labels, want_labels)
+    probs = read_raster(tmp_path / "out" / "scene_probs.tif")[0]
+    want = (want_probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(probs[:, valid], want[:, valid])
+    sizes = segmenter.config.pyramid.stage_sizes(size)
+    assert result.crops == sum(len(crop_boxes(s, (16, 16))) for s in sizes)
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "out").iterdir())
 
 
-def test_neighbouring_windows_agree_at_their_shared_border(fitted):
-    # No seams: where the output switches from one window's core to the next, both windows
-    # see the pixels with context and predict (nearly) the same labels.
-    image = smooth_image(3, 128, 256, seed=7)
-    x = fitted.normalize(image)
-    plan = plan_scene_windows((128, 256), fitted.config.pyramid.scene, default_margin(fitted.config.pyramid))
-    labels = {w: fitted.segment(x[(slice(None), *w.read.slices)]).labels.numpy() for w in plan}
-    agree = []
-    for a in plan:
-        for b in plan:
-            if b.core.row == a.core.row and b.core.col == a.core.col + a.core.width:
-                border = b.core.col
-                cols = slice(border - 4, border + 4)   # +-4 px around the seam
-                rows = a.core.slices[0]
-                la = labels[a][rows.start - a.read.row : rows.stop - a.read.row,
-                               cols.start - a.read.col : cols.stop - a.read.col]
-                lb = labels[b][rows.start - b.read.row : rows.stop - b.read.row,
-                               cols.start - b.read.col : cols.stop - b.read.col]
-                agree.append((la == lb).mean())
-    assert len(agree) >= 4
-    assert np.mean(agree) >= 0.97, agree
+def test_the_fitted_model_segments_a_raster_by_content(tmp_path, fitted):
+    image = smooth_image(3, 160, 192, cell=16, seed=5)
+    predict_raster(fitted, write_raster(tmp_path / "scene.tif", image), tmp_path / "out")
+    labels = read_raster(tmp_path / "out" / "scene.tif")[0][0]
+    assert (labels == colour_rule(image)).mean() > 0.85
 
 
-def test_raster_smaller_than_a_scene_is_one_window(tmp_path, fitted):
-    image = smooth_image(3, 40, 50, seed=2)
-    path = write_raster(tmp_path / "small.tif", image)
-    result = predict_raster(fitted, path, tmp_path / "out")
-    assert result.windows == 1 and (result.height, result.width) == (40, 50)
-    labels = read_raster(tmp_path / "out" / "small.tif")[0][0]
-    np.testing.assert_array_equal(labels, fitted.segment(fitted.normalize(image)).labels.numpy())
+def test_scratch_bytes_are_the_two_largest_stage_maps_and_the_scratch_is_removed(tmp_path, fitted):
+    # 160 x 192 at scales 16/32/64 of a 64 px scene: stages 40x48, 80x96, 160x192; the last
+    # writes the outputs, so the scratch holds stages 0 and 1 at once, float32 x 4 classes.
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 160, 192, seed=3))
+    seen = []
+    original = streaming.Scratch.new_map
+
+    def spy(self, stage, size):
+        seen.append(self.directory)
+        return original(self, stage, size)
+
+    streaming.Scratch.new_map = spy
+    try:
+        result = predict_raster(fitted, path, tmp_path / "out", PredictOptions(scratch_dir=tmp_path / "scratch"))
+    finally:
+        streaming.Scratch.new_map = original
+    assert result.scratch_bytes == map_bytes((40, 48), 4) + map_bytes((80, 96), 4) == 4 * 4 * (40 * 48 + 80 * 96)
+    assert seen and all(d.parent == tmp_path / "scratch" for d in seen)
+    assert seen[0].name.startswith(".scene.tif.scratch.") and seen[0].name.endswith(".partial")
+    assert not seen[0].exists() and list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_failure_mid_run_removes_the_scratch_and_writes_nothing(tmp_path, fitted, monkeypatch):
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 100, 120, seed=3))
+    calls = 0
+    write = streaming.RasterSink.write
+
+    def fail_second(self, *args):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("the backbone fell over")
+        return write(self, *args)
+
+    monkeypatch.setattr(streaming.RasterSink, "write", fail_second)
+    with pytest.raises(RuntimeError):
+        predict_raster(fitted, path, tmp_path / "out")
+    assert calls == 2 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_killed_runs_scratch_is_removed_by_the_next_run(tmp_path, fitted):
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 50, 60, seed=3))
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = partial_path(out / "scene.tif.scratch")
+    dead = dead.with_name(dead.name.replace(f".{os.getpid()}@", ".999999999@"))
+    (dead / "stage0").mkdir(parents=True)
+    (dead / "stage0" / "0.npy").write_bytes(b"left by a SIGKILLed run")
+    assert predict_raster(fitted, path, out).status == "ok"
+    assert not dead.exists()
+
+
+def test_too_little_scratch_space_fails_that_input_alone_and_leaves_nothing(tmp_path, fitted, monkeypatch):
+    good = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 40, seed=1))
+    big = write_raster(tmp_path / "b.tif", smooth_image(3, 200, 200, seed=2))
+    # Free space for a 40 px raster's maps (4 * 4 * (10*10 + 20*20) bytes), not a 200 px one's.
+    monkeypatch.setattr(streaming, "free_bytes", lambda d: 100_000)
+    failed = predict_input(fitted, big, tmp_path / "out")
+    assert failed["status"] == "failed"
+    assert "scratch space" in failed["error"] and "--scratch-dir" in failed["error"]
+    assert "b.tif" in failed["error"]
+    assert predict_input(fitted, good, tmp_path / "out")["status"] == "ok"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "a.tif.aux.xml"]
+    with pytest.raises(WriteError):
+        predict_raster(fitted, big, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() or list((tmp_path / "out2").iterdir()) == []
+
+
+def test_the_scale_warning_comes_before_any_stage(tmp_path, fitted, monkeypatch):
+    # uint16 pixels for an 8-bit model: the warning is known from the decimated read, so it
+    # reaches the caller before the first crop runs.
+    image = (smooth_image(3, 80, 90, seed=2).astype(np.uint16) * 257)
+    path = write_raster(tmp_path / "u16.tif", image)
+    events = []
+    result = predict_raster(fitted, path, tmp_path / "out", on_window=lambda d, t: events.append("crop"),
+                            on_warning=lambda m: events.append(m))
+    assert len(result.warnings) == 1 and "another scale" in result.warnings[0]
+    assert events[0] == result.warnings[0] and events[1:] and set(events[1:]) == {"crop"}
 
 
 @pytest.mark.parametrize("dtype, factor", [(np.uint16, 257.0), (np.float32, 1 / 255)])
@@ -162,8 +230,9 @@ def test_declared_nodata_and_nan_become_255(tmp_path, fitted):
 
 def test_an_all_nodata_raster_needs_no_engine_run(tmp_path, fitted, monkeypatch):
     path = write_raster(tmp_path / "empty.tif", np.zeros((3, 130, 140), np.uint8))
-    monkeypatch.setattr(fitted, "segment", lambda *a, **k: pytest.fail("engine ran on padding"))
+    monkeypatch.setattr(fitted.backbone, "forward", lambda *a, **k: pytest.fail("engine ran on padding"))
     result = predict_raster(fitted, path, tmp_path / "out", PredictOptions(probs=True))
+    assert result.crops == 0 and result.scratch_bytes == 0
     assert result.histogram["nodata"] == 130 * 140
     assert (read_raster(tmp_path / "out" / "empty.tif")[0] == NODATA).all()
 

@@ -56,8 +56,15 @@ def test_predict_on_a_full_disk_fails_the_input_and_keeps_the_previous_output(tm
         good = (out / "a.tif").read_bytes()
         fill(disk)
 
-        # --overwrite on a full disk: the good file stays, the input is reported failed.
+        # The stage maps' scratch space is checked first, and refused on a full disk.
         result = _predict(ckpt, a, "-o", out, "--overwrite")
+        assert result.exit_code == 1 and "scratch space" in _records(result)[0]["error"]
+        assert (out / "a.tif").read_bytes() == good and _partials(out) == []
+
+        # --overwrite on a full disk (the scratch elsewhere): the good file stays, the input
+        # is reported failed.
+        scratch = ["--scratch-dir", tmp_path / "scratch"]
+        result = _predict(ckpt, a, "-o", out, "--overwrite", *scratch)
         assert result.exit_code == 1, result.output
         (record,) = _records(result)
         assert record["status"] == "failed"
@@ -68,7 +75,7 @@ def test_predict_on_a_full_disk_fails_the_input_and_keeps_the_previous_output(tm
 
         # A new output on a full disk: failed, nothing left that a re-run would skip; the
         # batch goes on (a.tif exists: skipped).
-        result = _predict(ckpt, b, a, "-o", out)
+        result = _predict(ckpt, b, a, "-o", out, *scratch)
         assert result.exit_code == 1, result.output
         first, second = _records(result)
         assert first["status"] == "failed" and "the disk is full" in first["error"]

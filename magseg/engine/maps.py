@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,10 @@ class ChunkMap:
         size: the stage size ``(h, w)``; crop: the crop size its boxes are cut with.
     """
 
-    def __init__(self, directory: Path, size: Size, crop: Size) -> None:
+    def __init__(self, directory: Path, size: Size, crop: Size,
+                 on_discard: Callable[["ChunkMap"], None] | None = None) -> None:
         self.directory = Path(directory)
+        self.on_discard = on_discard
         self.size = tuple(size)
         self.boxes = crop_boxes(self.size, crop)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,8 @@ class ChunkMap:
         return self.directory / f"{index}.npy"
 
     def discard(self) -> None:
+        if self.on_discard:
+            self.on_discard(self)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

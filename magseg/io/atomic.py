@@ -80,7 +80,10 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
         pid, at, owner_host = path.name[len(prefix) : -len(PARTIAL_SUFFIX)].partition("@")
         if at and owner_host == host and pid.isdigit() and not _running(int(pid)):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():  # a scratch directory
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 removed.append(path)
     return removed
 

@@ -1,22 +1,21 @@
-"""Segment rasters of any size with a trained model, one scene window at a time.
+"""Segment rasters of any size with a trained model: the pyramid over the whole raster.
 
-    raster --plan--> scene windows (scene-sized, core + context margin)
-        for each window:  read its bands -> normalise (nodata pixels set to the mean)
-                          -> engine (Segmenter.segment) -> keep the core
-                          -> write the core's labels (and probabilities, uncertainty)
+    raster --decimated read--> pixel-scale check and nodata statistics (a warning at once)
+    stage 0 .. n  the engine's stage loop (magseg.engine.stages.run_stages) with the raster as
+                  its image, read crop by crop at each stage's magnification, and each stage's
+                  probabilities in a scratch directory (magseg.io.streaming)
+    last stage    labels (and probabilities, uncertainty, preview) straight into the outputs
     finished files are renamed into place (and converted to COG when asked)
-    the valid pixels' statistics, summed over the windows, are checked against the
-    training data's: pixels on another scale (uint16 for an 8-bit model) give a warning
 
-Memory depends on the scene size, not on the raster's: one window is in memory at a time and
-GDAL's block cache is bounded (magseg.io.raster.io_env).
+The result is ``segment`` on the whole image, bit for bit, without windows or seams. Memory
+holds a few crop batches and GDAL's bounded block cache (magseg.io.raster.io_env), whatever
+the raster's size; the scratch space grows with it (``scratch_bytes`` in the record).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,23 +26,24 @@ import numpy as np
 import rasterio
 import torch
 
-from magseg.config import Config, PyramidConfig
-from magseg.engine.certainty import certainty
-from magseg.errors import ConfigError, MagsegError, OutputExistsError, RasterError
+from magseg.config import Config
+from magseg.engine.pyramid import crop_boxes
+from magseg.engine.stages import StageRun, run_stages
+from magseg.errors import MagsegError, OutputExistsError, RasterError
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import atomic_writes, fresh_partial_path
 from magseg.io.provenance import Provenance
 from magseg.io.raster import (
     NODATA,
     RasterReader,
+    PixelWindow,
     RasterWriter,
-    SceneWindow,
     convert_to_cog,
     io_env,
-    plan_scene_windows,
     write_categories,
 )
 from magseg.io.sources import base_name, is_virtual
+from magseg.io.streaming import RasterSink, RasterSource, Scratch, scratch_estimate, scratch_space
 from magseg.io.sources import stem as source_stem
 from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
@@ -74,8 +74,8 @@ class PredictOptions:
     """What to write for each input, and how.
 
     ``bands``: 1-based bands in the model's order (None: the checkpoint's ``data.bands``, or
-    all bands). ``margin``: the minimum context margin of a window in pixels (None:
-    ``default_margin``).
+    all bands). ``scratch_dir``: where the stage maps go while an input runs (None: beside
+    its outputs).
     """
 
     probs: bool = False
@@ -84,7 +84,6 @@ class PredictOptions:
     preview: bool = False
     overwrite: bool = False
     bands: tuple[int, ...] | None = None
-    margin: int | None = None
     preview_size: int = 512
     vector: VectorOptions | None = None  # polygons of the class map, in this format
     # GDAL creation options for the GeoTIFF outputs (--co), over magseg's defaults; with
@@ -94,6 +93,7 @@ class PredictOptions:
     stem: str | None = None
     # Only this area: read, segmented and written over its window (magseg.io.aoi).
     aoi: AreaOfInterest | None = None
+    scratch_dir: Path | None = None
 
 
 @dataclass
@@ -107,7 +107,9 @@ class PredictResult:
     width: int | None = None
     height: int | None = None
     histogram: dict[str, int] | None = None
-    windows: int = 0
+    windows: int = 0  # 1 when the raster was segmented (the whole raster is one scene)
+    crops: int = 0  # crops that went through the backbone, all stages
+    scratch_bytes: int = 0  # the most the stage maps took on disk at once
     outputs: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
     # Done, but the result is suspect: the pixels look unlike the training data's.
@@ -125,6 +127,8 @@ class PredictResult:
             "height": self.height,
             "histogram": self.histogram,
             "windows": self.windows,
+            "crops": self.crops,
+            "scratch_bytes": self.scratch_bytes,
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "error": self.error,
             "warnings": list(self.warnings),
@@ -140,36 +144,6 @@ def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions)
     suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
     return {k: Path(out_dir) / OUTPUT_NAMES[k].format(stem=stem, vector_suffix=suffix)
             for k, on in wanted.items() if on}
-
-
-def default_margin(pyramid: PyramidConfig) -> tuple[int, int]:
-    """The minimum context margin ``(H, W)`` of a scene window: 1/8 of the scene.
-
-    Why 1/8: a window's edge changes predictions well inside it (the coarsest stage sees the
-    whole window, with zero padding beyond its edge, and the refinement picks its top-K pixels
-    per crop, so a change near the edge moves picks anywhere in that crop). Measured with a
-    tiny model fitted to a colour rule (tests/fitted_model.py) on a 256 x 512 image with
-    64 px scenes, neighbouring windows agreed on 95.3 % of the pixels within 4 px of their
-    shared core border at a margin of 1/16 of the scene, 98.7 % at 1/8 and 99.6 % at 1/4, for
-    1.3x, 1.8x and 4x the work of windows without overlap; 1/8 is the knee. The plan may widen
-    the margin so that cores are whole output tiles (magseg.io.raster.plan_scene_windows).
-    """
-    return tuple(math.ceil(s / 8) for s in pyramid.scene)
-
-
-def check_margin(pyramid: PyramidConfig, margin: int) -> None:
-    """Refuse a context margin that leaves no core in the scene (``2 margin >= scene``).
-
-    Raises:
-        ConfigError: naming the scene and the largest margin it allows.
-    """
-    height, width = pyramid.scene
-    largest = (min(height, width) - 1) // 2
-    if margin > largest:
-        raise ConfigError(
-            f"--margin {margin} leaves no core in the model's {height}x{width} px scene (a window "
-            f"is its core plus the margin on both sides); use --margin {largest} or less"
-        )
 
 
 def _band_order(reader: RasterReader, segmenter: Segmenter, options: PredictOptions) -> list[int]:
@@ -210,32 +184,13 @@ def _scratch(path: Path) -> Iterator[Path]:
             path.unlink()
 
 
-def _to_uint8(values: torch.Tensor) -> np.ndarray:
-    """Values in [0, 1] -> uint8 0..255 (rounded)."""
-    return (values.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-class _Histogram:
-    """Pixel counts per class id (and nodata) over the cores written so far."""
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(256, dtype=np.int64)
-
-    def add(self, labels: np.ndarray) -> None:
-        self.counts += np.bincount(labels.ravel(), minlength=256)
-
-    def named(self, names: list[str]) -> dict[str, int]:
-        out = {name: int(self.counts[i]) for i, name in enumerate(names)}
-        out["nodata"] = int(self.counts[NODATA])
-        return out
-
-
 def predict_raster(
     segmenter: Segmenter,
     path: str | Path,
     out_dir: str | Path,
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> PredictResult:
     """Segment one raster and write its outputs into ``out_dir``.
 
@@ -245,7 +200,10 @@ def predict_raster(
     Without ``options.overwrite`` an output that another run wrote meanwhile is kept too.
 
     Args:
-        on_window: called as ``on_window(done, total)`` after each window (progress).
+        on_window: called as ``on_window(done, total)`` after each batch of crops, counted
+            over all stages (progress).
+        on_warning: called with each warning as soon as it is known (the pixel-scale check
+            runs before any stage); the warnings are in the result too.
     Returns:
         a PredictResult with status ``ok`` or ``skipped``.
     Raises:
@@ -286,9 +244,10 @@ def predict_raster(
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
-        histogram = _run(segmenter, reader, todo, options, on_window, result)
+        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning)
 
-    result.histogram = histogram.named([c.name for c in segmenter.config.classes])
+    result.histogram = {c.name: int(counts[i]) for i, c in enumerate(segmenter.config.classes)}
+    result.histogram["nodata"] = int(counts[NODATA])
     result.seconds = time.perf_counter() - start
     return result
 
@@ -299,6 +258,7 @@ def predict_input(
     out_dir: str | Path,
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``predict_raster`` for one input of a batch: never raises for that input's problems.
 
@@ -310,7 +270,7 @@ def predict_input(
     path = path if is_virtual(path) else Path(path)
     target = output_paths(path, out_dir, options)["labels"]
     try:
-        return predict_raster(segmenter, path, out_dir, options, on_window).to_record()
+        return predict_raster(segmenter, path, out_dir, options, on_window, on_warning).to_record()
     except MagsegError as exc:
         error = str(exc)
     except (KeyboardInterrupt, SystemExit):
@@ -334,14 +294,12 @@ def _run(
     options: PredictOptions,
     on_window: Callable[[int, int], None] | None,
     result: PredictResult,
-) -> _Histogram:
-    """The window loop: segment each window, write its core to every output being made."""
+    on_warning: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """The whole raster through the stage loop, its last stage written to every output
+    being made. Returns the pixel count of each class id (and nodata, 255)."""
     config = segmenter.config
-    margin = (options.margin,) * 2 if options.margin is not None else default_margin(config.pyramid)
-    plan = plan_scene_windows(reader.size, config.pyramid.scene, margin)
-    result.windows = len(plan)
-    histogram = _Histogram()
-    observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
+    any_valid = _early_look(segmenter, reader, result, on_warning)
     preview = None
     if "preview" in todo:
         from magseg.io.preview import PreviewCanvas
@@ -352,6 +310,8 @@ def _run(
         # Entered first, left last: temporaries are renamed into place only after every
         # writer below has been closed and read back (and the COG copies made); all of this
         # input's new outputs are put in place, or none.
+        # Sized and made before any output: an input without the room fails with nothing made.
+        scratch = stack.enter_context(_scratch_space(segmenter, reader, options, result)) if any_valid else None
         temps = stack.enter_context(atomic_writes(todo, options.overwrite))
         tiled = {
             k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
@@ -363,24 +323,12 @@ def _run(
         writers = {k: stack.enter_context(_writer(k, p, reader, config, provenance, gtiff_options))
                    for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
-
-        for i, window in enumerate(plan):
-            labels, probs, uncert, pixels, valid = _segment_window(
-                segmenter, reader, window, need_probs
-            )
-            histogram.add(labels)
-            if valid.any():
-                observed.update(pixels[:, valid])
-            if "labels" in writers:
-                writers["labels"].write(labels[None], window.core)
-            if "probs" in writers:
-                writers["probs"].write(probs, window.core, valid)
-            if "uncertainty" in writers:
-                writers["uncertainty"].write(uncert[None], window.core, valid)
-            if preview is not None:
-                preview.add(window.core, pixels, labels, uncert, valid)
-            if on_window:
-                on_window(i + 1, len(plan))
+        source = RasterSource(reader, segmenter.normalize)
+        sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs)
+        if scratch is not None:
+            _stages(segmenter, source, sink, scratch, result, on_window)
+        else:  # nothing to segment: no engine run at all
+            sink.write_nodata(crop_boxes(reader.size, config.pyramid.crop))
 
         for kind, writer in writers.items():
             writer.close()
@@ -391,8 +339,62 @@ def _run(
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
-    result.warnings = _scale_warnings(reader, observed, config)
-    return histogram
+    return sink.counts
+
+
+# The early look reads the raster decimated to at most this many pixels a side.
+_OVERVIEW_SIDE = 1024
+
+
+def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResult,
+                on_warning: Callable[[str], None] | None) -> bool:
+    """Before any expensive stage: the raster decimated, for the pixel-scale check (its
+    warning goes to ``on_warning`` at once and into the record) and the nodata statistics.
+    Returns whether the raster has any valid pixel (a decimated read that finds none is
+    confirmed at full resolution, so a small valid area is never missed)."""
+    pixels, valid = reader.read_overview(_OVERVIEW_SIDE)
+    observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
+    if valid.any():
+        observed.update(pixels[:, valid])
+    result.warnings = _scale_warnings(reader, observed, segmenter.config)
+    for warning in result.warnings:
+        if on_warning:
+            on_warning(warning)
+    if valid.any():
+        return True
+    height, width = reader.size
+    step = max(1, (64 << 20) // max(1, width * reader.count * 8))  # rows per read: ~64 MB
+    return any(reader.read(PixelWindow(r, 0, min(step, height - r), width))[1].any()
+               for r in range(0, height, step))
+
+
+def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictOptions,
+                   result: PredictResult):
+    """The scratch directory for this input's stage maps (``magseg.io.streaming``)."""
+    pyramid = segmenter.config.pyramid
+    needed = scratch_estimate(pyramid.stage_sizes(reader.size), reader.size, segmenter.num_classes)
+    directory = Path(options.scratch_dir) if options.scratch_dir else result.output.parent
+    return scratch_space(directory, result.output.name, needed, pyramid.crop, str(result.input))
+
+
+def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
+            result: PredictResult, on_window: Callable[[int, int], None] | None) -> None:
+    """``run_stages`` over the raster, the stage maps in ``scratch``."""
+    config = segmenter.config
+    sizes = config.pyramid.stage_sizes(source.size)
+    total = sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes)
+
+    def on_crops(n: int) -> None:
+        result.crops += n
+        if on_window:
+            on_window(result.crops, total)
+
+    run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+                          refine=config.refine, engine=config.engine, on_crops=on_crops)
+    with torch.inference_mode():
+        run_stages(run, source, scratch.new_map, sink)
+    result.scratch_bytes = scratch.peak_bytes
+    result.windows = 1
 
 
 def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
@@ -489,47 +491,3 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
                         tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
                               "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
                               **provenance}, creation_options=creation_options)
-
-
-def _segment_window(
-    segmenter: Segmenter, reader: RasterReader, window: SceneWindow, need_probs: bool
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
-    """Segment one scene window; everything returned is cut to the window's core.
-
-    Returns:
-        labels ``(h, w)`` uint8 (255 on nodata), probabilities ``(C, h, w)`` uint8 and
-        uncertainty ``(h, w)`` uint8 (when ``need_probs``), raw pixels ``(C_in, h, w)`` and the
-        validity mask ``(h, w)`` bool.
-    """
-    pixels, valid = reader.read(window.read)
-    core = window.core_in_read
-    classes = segmenter.num_classes
-    h, w = window.core.height, window.core.width
-    image = segmenter.normalize(pixels) if valid.any() else None
-    if image is not None:
-        # A pixel that is not finite once cast and normalised (1e39 in a float64 raster is
-        # inf in float32) is nodata, as NaN and Inf in the file are: it would poison every
-        # prediction around it.
-        valid &= torch.isfinite(image).all(dim=0).numpy()
-    if not valid.any():
-        # Nothing to segment (padding): no engine run at all.
-        probs = np.zeros((classes, h, w), np.uint8) if need_probs else None
-        uncert = np.zeros((h, w), np.uint8) if need_probs else None
-        return (np.full((h, w), NODATA, np.uint8), probs, uncert, pixels[(slice(None), *core)],
-                valid[core])
-    # Nodata pixels take the mean (0 after normalisation): whatever value marks them in the
-    # file (-9999, 0) would otherwise reach the model as a very dark or bright pixel.
-    image[:, torch.from_numpy(~valid)] = 0
-    out = segmenter.segment(image, normalized=True, return_probs=need_probs)
-    labels = out.labels.numpy()[core].copy()
-    # A label is a class id or nodata, whatever the model computed: a pixel whose
-    # probabilities are not finite (labels_of gives it id C) is nodata too.
-    valid_core = valid[core] & (labels < classes)
-    labels[~valid_core] = NODATA
-    probs = uncert = None
-    if need_probs:
-        p = out.probs[(slice(None), *core)]
-        invalid = torch.from_numpy(~valid_core)
-        probs = _to_uint8(p.masked_fill(invalid, 0))
-        uncert = _to_uint8((1 - certainty(p[None])[0]).masked_fill(invalid, 0))
-    return labels, probs, uncert, pixels[(slice(None), *core)], valid_core

@@ -19,6 +19,7 @@ import numpy as np
 import rasterio
 import rasterio.io
 import rasterio.shutil
+from affine import Affine
 from rasterio._err import CPLE_BaseError
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
@@ -120,112 +121,6 @@ class PixelWindow:
         return Window(self.col, self.row, self.width, self.height)
 
 
-@dataclass(frozen=True)
-class SceneWindow:
-    """One scene to segment: ``read`` is processed, only its ``core`` is written.
-
-    The part of ``read`` outside ``core`` is the context margin: it is segmented so that the
-    core's pixels see their surroundings, then discarded. Cores of a plan tile the raster.
-    """
-
-    read: PixelWindow
-    core: PixelWindow
-
-    @property
-    def core_in_read(self) -> tuple[slice, slice]:
-        return self.core.within(self.read)
-
-
-def axis_windows(length: int, scene: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
-    """One axis of a window plan: ``(start, size, core_start, core_end)`` per window.
-
-    Cores start at ``0, core, 2 core, ...`` and tile ``[0, length)``; each window is ``scene``
-    long, reaches ``margin`` beyond its core on both sides and is shifted to stay inside the
-    axis (flush with its ends). A last core shorter than ``margin`` is merged into the one
-    before it: that window's far margin already covers it, so no window is run for a sliver.
-    An axis no longer than ``scene`` is one window.
-    """
-    if length <= scene:
-        return [(0, length, 0, length)]
-    if core < 1 or core + 2 * margin > scene:
-        raise ValueError(f"core {core} + 2 x margin {margin} must fit in the scene {scene}")
-    bounds = list(range(0, length, core)) + [length]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= margin:
-        del bounds[-2]
-    out = []
-    for start, end in zip(bounds, bounds[1:]):
-        window = min(max(start - margin, 0), length - scene)
-        out.append((window, scene, start, end))
-    return out
-
-
-class WindowPlan(Sequence[SceneWindow]):
-    """The scene windows of a raster, row-major, made when asked for (by index or while
-    iterating): the plan holds its two axes, a few thousand numbers even for a 200000 x
-    200000 raster of small scenes, never a list of its millions of windows."""
-
-    def __init__(self, size: tuple[int, int], rows: list[tuple[int, int, int, int]],
-                 cols: list[tuple[int, int, int, int]]) -> None:
-        self.size = size
-        self._rows, self._cols = rows, cols
-
-    def __len__(self) -> int:
-        return len(self._rows) * len(self._cols)
-
-    def _window(self, row: tuple[int, int, int, int], col: tuple[int, int, int, int]) -> SceneWindow:
-        (r0, rs, rc0, rc1), (c0, cs, cc0, cc1) = row, col
-        return SceneWindow(
-            PixelWindow(r0, c0, min(rs, self.size[0]), min(cs, self.size[1])),
-            PixelWindow(rc0, cc0, rc1 - rc0, cc1 - cc0),
-        )
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} of a plan of {len(self)}")
-        row, col = divmod(index, len(self._cols))
-        return self._window(self._rows[row], self._cols[col])
-
-    def __iter__(self) -> Iterator[SceneWindow]:
-        for row in self._rows:
-            for col in self._cols:
-                yield self._window(row, col)
-
-
-def plan_scene_windows(
-    size: tuple[int, int], scene: tuple[int, int], min_margin: tuple[int, int], block: int = BLOCK
-) -> WindowPlan:
-    """Scene windows covering a raster of ``size`` (H, W), row-major, made on demand
-    (``WindowPlan``: its length, indexing and iteration, in memory independent of the number
-    of windows).
-
-    Per axis the core is ``scene - 2 min_margin``, rounded down to a multiple of ``block`` when
-    it is at least one block long, so every window writes whole output tiles (GDAL then never
-    keeps a half-written tile in its cache, which is what keeps memory flat in the raster's
-    width); the margin grows to fill the scene. Windows are ``scene`` sized (clipped to the
-    raster), so the engine runs every window at the pyramid's own magnification.
-    """
-    axes = []
-    for length, s, m in zip(size, scene, min_margin):
-        core = s - 2 * m
-        if core < 1:
-            raise ValueError(f"margin {m} leaves no core in a scene of {s} px")
-        if core >= block:
-            core -= core % block
-        axes.append(axis_windows(length, s, core, (s - core) // 2))
-    return WindowPlan(size, axes[0], axes[1])
-
-
-# --------------------------------------------------------------------------------------------
-# Streaming reads and writes.
-
-# GDAL's block cache defaults to 5 % of the machine's memory and fills up with every tile a
-# run touches: on a large raster that alone would make memory grow with the raster. Windows
-# are read once (plus their margins) and written as whole tiles, so a small cache loses
-# nothing.
 CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -373,6 +268,35 @@ class RasterReader:
             valid &= np.isfinite(pixels).all(axis=0)
         if self._aoi is not None:
             valid &= inside(self._aoi, window_transform(win, self._src.transform), valid.shape)
+        return pixels, valid
+
+    def read_overview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole shown raster, decimated (nearest) so that its longer side is at most
+        ``max_side``: pixels ``(C, h, w)`` and validity ``(h, w)``, as ``read`` gives them.
+        GDAL reads from overviews where the file has them; a quick look at statistics."""
+        height, width = self._extent
+        factor = max(1, -(-max(height, width) // max_side))
+        shape = (max(1, height // factor), max(1, width // factor))
+        win = self._window(PixelWindow(0, 0, height, width))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                pixels = self._src.read(self.bands, window=win, out_shape=(len(self.bands), *shape))
+                if self._declared_mask:
+                    valid = self._src.read_masks(self.bands, window=win,
+                                                 out_shape=(len(self.bands), *shape)).any(axis=0)
+                else:
+                    valid = (pixels != 0).any(axis=0)
+        except RasterioIOError as exc:
+            raise RasterError(
+                f"{self.path}: cannot read pixels, file is truncated or corrupt ({exc})"
+            ) from None
+        if pixels.dtype.kind == "f":
+            valid &= np.isfinite(pixels).all(axis=0)
+        if self._aoi is not None:
+            transform = window_transform(win, self._src.transform) * Affine.scale(
+                width / shape[1], height / shape[0])
+            valid &= inside(self._aoi, transform, valid.shape)
         return pixels, valid
 
     def close(self) -> None:

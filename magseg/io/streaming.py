@@ -1,0 +1,179 @@
+"""The stage loop over a raster on disk: the raster as the engine's image, the outputs as its
+sink, and the scratch space that holds the stage maps in between.
+
+    RasterSource   a window of the raster, normalised, nodata set to the mean (0)
+    RasterSink     the final labels (and probabilities, uncertainty, preview) of each crop,
+                   written to the output files; nodata stays nodata
+    Scratch        one directory per input for the stage maps (magseg.engine.maps.ChunkMap),
+                   sized before the run, removed however the run ends
+
+With these, ``magseg.engine.stages.run_stages`` segments a raster of any size exactly as
+``segment`` segments the same image in memory, holding a few crop batches at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from magseg.engine.certainty import certainty
+from magseg.engine.maps import ChunkMap, map_bytes
+from magseg.engine.pyramid import CropBox, Size
+from magseg.errors import WriteError
+from magseg.io.atomic import fresh_partial_path
+from magseg.io.raster import NODATA, PixelWindow, RasterReader, RasterWriter
+
+
+class RasterSource:
+    """The raster behind ``reader`` as a ``magseg.engine.resample.Source``: ``read`` gives
+    ``(C_in, h, w)`` normalised float32, 0 (the mean) on nodata pixels, including pixels
+    that are not finite once normalised (1e39 in a float64 raster is inf in float32)."""
+
+    def __init__(self, reader: RasterReader, normalize) -> None:
+        self.reader = reader
+        self.normalize = normalize
+        self.size = reader.size
+
+    def pixels(self, rows: slice, cols: slice) -> tuple[np.ndarray, Tensor, np.ndarray]:
+        """Raw pixels, normalised image and validity of a window inside the raster."""
+        window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
+        raw, valid = self.reader.read(window)
+        image = self.normalize(raw)
+        valid &= torch.isfinite(image).all(dim=0).numpy()
+        image[:, torch.from_numpy(~valid)] = 0
+        return raw, image, valid
+
+    def read(self, rows: slice, cols: slice) -> Tensor:
+        return self.pixels(rows, cols)[1]
+
+
+def _to_uint8(values: Tensor) -> np.ndarray:
+    """Values in [0, 1] -> uint8 0..255 (rounded)."""
+    return (values.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+class RasterSink:
+    """Writes each crop's owned region of the final result to the outputs being made.
+
+    Args:
+        writers: open writers by output kind (``labels``, ``probs``, ``uncertainty``).
+        preview: a ``PreviewCanvas`` or None.
+        wants_probs: the probabilities are needed (probs, uncertainty or preview).
+    """
+
+    def __init__(self, source: RasterSource, classes: int, writers: Mapping[str, RasterWriter],
+                 preview, wants_probs: bool) -> None:
+        self.source = source
+        self.classes = classes
+        self.writers = writers
+        self.preview = preview
+        self.wants_probs = wants_probs
+        self.counts = np.zeros(256, dtype=np.int64)  # pixels per class id (and nodata)
+
+    def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
+        for i, box in enumerate(boxes):
+            rows, cols = box.owned
+            raw, _, valid = self.source.pixels(rows, cols)
+            crop_part = box.owned_in_crop
+            own = labels[i][crop_part].cpu().numpy().copy()
+            # A label is a class id or nodata, whatever the model computed: a pixel whose
+            # probabilities are not finite (labels_of gives it id C) is nodata too.
+            valid &= own < self.classes
+            own[~valid] = NODATA
+            self._write(box, raw, own, None if probs is None else probs[i][(slice(None), *crop_part)], valid)
+
+    def _write(self, box: CropBox, raw: np.ndarray, labels: np.ndarray, probs: Tensor | None,
+               valid: np.ndarray) -> None:
+        window = PixelWindow(box.own_top, box.own_left, box.own_height, box.own_width)
+        self.counts += np.bincount(labels.ravel(), minlength=256)
+        uncert = None
+        if probs is not None:
+            invalid = torch.from_numpy(~valid)
+            probs = probs.float().cpu()
+            uncert = _to_uint8((1 - certainty(probs[None])[0]).masked_fill(invalid, 0))
+            if "probs" in self.writers:
+                self.writers["probs"].write(_to_uint8(probs.masked_fill(invalid, 0)), window, valid)
+        if "labels" in self.writers:
+            self.writers["labels"].write(labels[None], window)
+        if "uncertainty" in self.writers:
+            self.writers["uncertainty"].write(uncert[None], window, valid)
+        if self.preview is not None:
+            self.preview.add(window, raw, labels, uncert, valid)
+
+    def write_nodata(self, boxes: list[CropBox]) -> None:
+        """Nodata over ``boxes`` (a raster with no valid pixel: no engine run at all)."""
+        for box in boxes:
+            raw, _, valid = self.source.pixels(*box.owned)
+            labels = np.full((box.own_height, box.own_width), NODATA, np.uint8)
+            probs = torch.zeros((self.classes, box.own_height, box.own_width)) if self.wants_probs else None
+            self._write(box, raw, labels, probs, np.zeros_like(valid))
+
+
+class Scratch:
+    """The stage maps of one input, in one directory named like magseg's temporaries
+    (``.<stem>.scratch.<pid>@<host>.partial``), so the next run removes what a killed run left.
+
+    ``peak_bytes``: the most the maps took on disk at once.
+    """
+
+    def __init__(self, directory: Path, crop: Size) -> None:
+        self.directory = directory
+        self.crop = crop
+        self._live: list[ChunkMap] = []
+        self.peak_bytes = 0
+
+    def new_map(self, stage: int, size: Size) -> ChunkMap:
+        chunk_map = ChunkMap(self.directory / f"stage{stage}", size, self.crop, self._discarded)
+        self._live.append(chunk_map)
+        return chunk_map
+
+    def _discarded(self, chunk_map: ChunkMap) -> None:
+        # A map is discarded once the next stage has written its own: both are complete.
+        self.peak_bytes = max(self.peak_bytes, sum(m.bytes_written for m in self._live))
+        self._live.remove(chunk_map)
+
+
+def scratch_estimate(sizes: list[Size], image_size: Size, classes: int) -> int:
+    """Bytes the stage maps of a run need on disk at once, at most: two consecutive maps
+    (a stage reads the previous one while it writes its own). The last stage at the image
+    size writes the outputs, not a map."""
+    stored = sizes[:-1] if tuple(sizes[-1]) == tuple(image_size) else sizes
+    each = [map_bytes(size, classes) for size in stored] or [0]
+    return max([a + b for a, b in zip(each, each[1:])] + each)
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes on the filesystem of ``directory``."""
+    return shutil.disk_usage(directory).free
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
+
+
+@contextlib.contextmanager
+def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: str) -> Iterator[Scratch]:
+    """A ``Scratch`` in ``directory`` for ``needed`` bytes, removed when the block ends,
+    however it ends (an error, SIGINT, SIGTERM turned into KeyboardInterrupt).
+
+    Raises:
+        WriteError: ``directory`` has less free space than ``needed`` (nothing is made).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(directory)
+    if needed > free:
+        raise WriteError(
+            f"{source}: its stage maps need about {_gib(needed)} of scratch space in {directory}, "
+            f"which has {_gib(free)} free; free some space or pass --scratch-dir on a larger disk")
+    path = fresh_partial_path(directory / f"{stem}.scratch")
+    path.mkdir()
+    try:
+        yield Scratch(path, crop)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
