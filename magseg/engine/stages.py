@@ -227,9 +227,14 @@ class StageRun:
         """Y upsampled to ``size`` and cut at ``boxes``: ``(B, C, ch, cw)``."""
         return resample_windows(y, size, crop_windows(boxes, self.pyramid.crop)).to(self.engine.device)
 
-    def first_stage(self, image: Source, size: Size, boxes: list[CropBox], out: StageMap) -> None:
-        """Stage 0, a batch of crops: the backbone's probabilities into ``out``."""
-        out.write(boxes, self.fine(image, size, boxes))
+    def first_stage(self, image: Source, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
+        """Stage 0, a batch of crops: the backbone's probabilities into ``out`` (the sink
+        when stage 0 is the only stage and at the image size: a plain sliding window)."""
+        fine = self.fine(image, size, boxes)
+        if isinstance(out, Sink):
+            out.write(boxes, labels_of(fine), fine if out.wants_probs else None)
+        else:
+            out.write(boxes, fine)
 
     def refined_batch(self, image: Source, y: StageMap, size: Size, boxes: list[CropBox],
                       out: StageMap | Sink, picked_map: Tensor | None = None) -> None:
@@ -289,9 +294,11 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
         boxes = crop_boxes(size, run.pyramid.crop)
         picked_map = None
         if y is None:
-            chosen, y = boxes, new_map(s, size)
+            done = len(sizes) == 1 and tuple(size) == tuple(image.size)
+            chosen, out = boxes, sink if done else new_map(s, size)
             for part in _batches(boxes, batch):
-                run.first_stage(image, size, part, y)
+                run.first_stage(image, size, part, out)
+            y = None if done else out
         else:
             chosen = run.chosen(y, size, boxes)
             if trace is not None:
