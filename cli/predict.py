@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import tempfile
 import threading
 from enum import Enum
@@ -289,14 +290,16 @@ def _clashing_outputs(paths: list[Path], out_dir: Path, options, runtime: dict) 
     return clashes
 
 
-def _report(record: dict, number: int, total: int, quiet: bool) -> None:
+def _report(record: dict, number: int, total: int, quiet: bool, warned: bool = False) -> None:
+    """The record on stdout and a line on stderr (with its warnings, unless ``warned``
+    already said them as they came)."""
     emit(record)
     note = f" ({record['error']})" if record["error"] else ""
     if record["status"] == "skipped":
         note = " (outputs exist; --overwrite replaces them)"
     log(f"magseg: [{number}/{total}] {record['input']} -> {record['output']}: {record['status']}, "
         f"{record['seconds']:.1f} s{note}", quiet)
-    for warning in record["warnings"]:
+    for warning in [] if warned else record["warnings"]:
         log(f"magseg: warning: {warning}", quiet)
 
 
@@ -310,14 +313,18 @@ def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bo
     for number, path in enumerate(paths, start=1):
         record = clashes.get(path)
         if record is None:
-            with progress_bar(None, base_name(path), quiet, unit="window") as bar:
-                def on_window(done: int, total: int) -> None:
+            with progress_bar(None, base_name(path), quiet, unit="crop") as bar:
+                def on_crops(done: int, total: int) -> None:
                     bar.total = total
-                    bar.update(1)
+                    bar.update(done - bar.n)
 
-                record = predict_input(segmenter, path, out_dir, options, on_window)
+                def on_warning(message: str) -> None:  # at once, before the first stage runs
+                    if not quiet:
+                        bar.write(f"magseg: warning: {message}", file=sys.stderr)
+
+                record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
         failed += record["status"] == "failed"
-        _report(record, number, len(paths), quiet)
+        _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
     return failed
 
 

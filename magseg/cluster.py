@@ -30,7 +30,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise MagsegError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        raise MagsegError(f"--runner ray needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
 
 

@@ -269,7 +269,9 @@ def test_pixels_on_another_scale_are_segmented_with_a_warning(tmp_path, ckpt):
         ratio = (values.mean() + values.std()) / (127.5 + 64)
         assert ratio > 8 and f"band {band} mean {values.mean():.4g} " in warning
         assert f"{ratio:.3g} times training's (mean 127.5 std 64)" in warning
-    assert f"warning: {warning}" in result.stderr
+    # said once, at once: before the input's result line
+    assert result.stderr.count(f"warning: {warning}") == 1
+    assert result.stderr.index(f"warning: {warning}") < result.stderr.index("[1/1]")
 
 
 def test_missing_checkpoint_is_a_usage_error(tmp_path):

@@ -21,10 +21,10 @@ def labels_of(probs: Tensor) -> Tensor:
     """``(C, H, W)`` or ``(B, C, H, W)`` probabilities -> ``(H, W)`` or ``(B, H, W)`` uint8
     class ids: argmax over C, the first maximum on ties (a NaN pixel gets id C).
 
-    On the CPU an index-returning reduction over a non-innermost dimension is slow
-    (``argmax`` 250 ms, ``max(dim).indices`` 23 ms for 4 x 7 x 612 x 612), and ``amax`` is
-    not (1.3 ms). So: ``key[c] = c`` where class c reaches the maximum, ``C + c`` elsewhere,
-    and the id is the smallest key (12 ms in all).
+    On the CPU an index-returning reduction over a non-innermost dimension is an order of
+    magnitude slower than a value reduction such as ``amax`` (docs/performance.md). So:
+    ``key[c] = c`` where class c reaches the maximum, ``C + c`` elsewhere, and the id is the
+    smallest key: two value passes instead of an index reduction.
     """
     classes = probs.shape[-3]
     if classes > 127:  # C + c must fit in uint8
@@ -39,7 +39,6 @@ def num_points(points: int | float, available: int) -> int:
     if isinstance(points, float):
         return min(available, round(points * available))
     return min(available, int(points))
-
 
 
 def crop_uncertainty(coarse: Tensor, boxes: Sequence[CropBox]) -> list[float]:
@@ -122,9 +121,8 @@ def refine_labels(
     """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
     ``(B, ch, cw)`` uint8, and the picked map, ``coarse`` left as it is.
 
-    The argmax of R where picked and of Y elsewhere: two uint8 argmaxes and a uint8 select
-    cost less than the select over C channels and the argmax after it (21 against 27 ms
-    for 4 x 7 x 612 x 612).
+    The argmax of R where picked and of Y elsewhere: two argmaxes and a select over one uint8
+    channel move less memory than a select over C float channels followed by an argmax.
     """
     picked = picked_pixels(coarse, refined, boxes, refine)
     return torch.where(picked, labels_of(refined), labels_of(coarse)), picked

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.certainty import certainty
-from magseg.engine.precision import precision_context
 from magseg.engine.maps import MemoryMap
+from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
     CropBox,
     Size,
@@ -45,7 +45,6 @@ from magseg.engine.pyramid import (
     resize,
     stitch_crops,
 )
-from magseg.engine.resample import Source, TensorSource, resample_windows
 from magseg.engine.refine import (
     crop_uncertainty,
     labels_of,
@@ -53,6 +52,8 @@ from magseg.engine.refine import (
     refine_labels,
     select_crops,
 )
+from magseg.engine.refiner import ProbsRefiner
+from magseg.engine.resample import Source, TensorSource, resample_windows
 
 
 @dataclass
@@ -139,7 +140,7 @@ def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Ten
     """
     if refiner is None:
         return fine
-    if hasattr(refiner, "probs"):  # magseg's Refiner: probabilities without a log pass
+    if isinstance(refiner, ProbsRefiner):  # magseg's Refiner: probabilities without a log pass
         return refiner.probs(fine, coarse).float()
     return refiner(fine, coarse).float().softmax(dim=1)
 

@@ -35,16 +35,16 @@ from magseg.io.atomic import atomic_writes, fresh_partial_path
 from magseg.io.provenance import Provenance
 from magseg.io.raster import (
     NODATA,
-    RasterReader,
     PixelWindow,
+    RasterReader,
     RasterWriter,
     convert_to_cog,
     io_env,
     write_categories,
 )
 from magseg.io.sources import base_name, is_virtual
-from magseg.io.streaming import RasterSink, RasterSource, Scratch, scratch_estimate, scratch_space
 from magseg.io.sources import stem as source_stem
+from magseg.io.streaming import RasterSink, RasterSource, Scratch, scratch_estimate, scratch_space
 from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.segmenter import Segmenter
