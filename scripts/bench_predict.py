@@ -1,21 +1,22 @@
-"""Peak memory of `magseg predict` on a small and a large GeoTIFF with the same checkpoint.
+"""`magseg predict` on large GeoTIFFs: crops run, wall time, peak memory and scratch space,
+against a patch-only sliding window over the same raster, in one run.
 
-    python scripts/bench_predict_memory.py                       # 4096^2 and 16384^2
-    python scripts/bench_predict_memory.py --sizes 1024 4096     # a quicker check
-    python scripts/bench_predict_memory.py --json bench/predict_memory.json
+    python scripts/bench_predict.py                            # 4096^2, 8192^2 and 16384^2
+    python scripts/bench_predict.py --sizes 2048 4096 --baseline 4096   # a quicker check
+    python scripts/bench_predict.py --json bench/predict.json
 
-For each size: a synthetic 3-band uint8 GeoTIFF is written tile by tile (so generating it is
-flat in memory too), then `magseg predict` runs on it in a fresh process and that process's
-peak resident set size (``ru_maxrss`` from ``wait4``) is recorded with its wall time. The
-target: the larger raster needs at most 1.3 x the memory of the smaller, and under 2 GB.
+For each size a synthetic 3-band uint8 GeoTIFF is written tile by tile (flat in memory too),
+then `magseg predict` runs on it in a fresh process: its peak resident set size
+(``ru_maxrss`` from ``wait4``), wall time, crops run and ``scratch_bytes`` are recorded. At the
+``--baseline`` sizes the same command also runs patch-only (one stage at the finest scale, no
+refinement: a plain sliding window of crops, with the same reading and writing), (p).
 
-The checkpoint (made here unless --checkpoint is given) is a real smp model, Unet with a
-ResNet-18 encoder (random weights: memory and time do not depend on them), on the design's
-4-stage pyramid 256 -> 512 -> 1024 -> 2048 (crop 256, input 256: a 2048 px scene), 5 classes.
-By default the engine runs in adaptive mode (``engine.adaptive.max_crops=2``): the memory
-of a window is the same (the stage images and probability maps are full size either way),
-but a 16384^2 raster then takes minutes instead of an hour on two CPU cores. Pass
-``--set engine.adaptive.max_crops=null`` for the full method.
+The model: configs/deepglobe.yaml (612 -> 1224 -> 2448, crop 612, input 512) with Unet and a
+ResNet-18 encoder, random weights (time and memory do not depend on them), fp32.
+
+Targets: crops equal one pyramid over the whole raster (84, 261, 974 at 4896^2, 8192^2,
+16384^2); predict wall / (p) <= 1.45 at 8192^2; peak RSS at the largest size <= 1.3 x that at
+the smallest, and under 2 GB.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+MODEL = "configs/deepglobe.yaml, Unet/resnet18 (random weights), fp32"
+PATCH_ONLY = ["pyramid.scales=[2448]"]
+
+
 def make_checkpoint(path: Path) -> Path:
-    """Unet/ResNet-18 on the 256..2048 pyramid, random weights, stored normalisation."""
+    """Unet/ResNet-18 on DeepGlobe's 612..2448 pyramid, random weights, fp32."""
     from magseg.checkpoint import save_checkpoint
     from magseg.config import load_config
     from magseg.segmenter import create_refiner, create_segmenter_model
 
-    config = load_config(REPO / "configs" / "pyramid256.yaml", [
+    config = load_config(REPO / "configs" / "deepglobe.yaml", [
         "model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none",
-        "data.mean=[110.0,115.0,100.0]", "data.std=[50.0,48.0,45.0]",
+        "data.mean=[110.0,115.0,100.0]", "data.std=[50.0,48.0,45.0]", "engine.precision=fp32",
     ])
     return save_checkpoint(path, config, create_segmenter_model(config), create_refiner(config))
 
@@ -94,24 +99,29 @@ def run_predict(checkpoint: Path, raster: Path, out_dir: Path, settings: list[st
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"predict failed on {raster} (exit {code}):\n{stderr}")
+    record = json.loads(stdout.splitlines()[-1])
     return {
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),   # Linux: ru_maxrss in KiB
         "wall_s": round(wall, 1),
-        "record": json.loads(stdout.splitlines()[-1]),
+        "crops": record["crops"],
+        "scratch_bytes": record["scratch_bytes"],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs=2, default=[4096, 16384], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--baseline", type=int, nargs="*", default=[8192],
+                        help="sizes at which the patch-only sliding window runs too")
     parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of making one")
     parser.add_argument("--work-dir", type=Path, help="where rasters and outputs go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--set", dest="settings", action="append",
-                        default=None, help="run-time override for predict (repeatable)")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        help="run-time override for predict (repeatable)")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads of the predict process")
     args = parser.parse_args(argv)
-    settings = args.settings if args.settings is not None else ["engine.adaptive.max_crops=2"]
+    sys.path.insert(0, str(REPO / "scripts"))
+    from figures import report
 
     with tempfile.TemporaryDirectory(prefix="magseg-bench-") as tmp:
         work = args.work_dir or Path(tmp)
@@ -125,26 +135,26 @@ def main(argv: list[str] | None = None) -> int:
                 make_geotiff(raster, size)
                 print(f"made {raster.name} ({raster.stat().st_size / 2**20:.0f} MiB) in "
                       f"{time.perf_counter() - t:.0f} s", file=sys.stderr)
-            res = run_predict(checkpoint, raster, work / "out", settings, args.threads)
+            res = run_predict(checkpoint, raster, work / "out", args.settings, args.threads)
+            if size in args.baseline:
+                res["patch_only"] = run_predict(checkpoint, raster, work / "out_p",
+                                                args.settings + PATCH_ONLY, args.threads)
+                res["wall_over_patch_only"] = round(res["wall_s"] / res["patch_only"]["wall_s"], 3)
             results[str(size)] = res
-            print(f"{size:>6} x {size:<6} peak RSS {res['peak_rss_mb']:8.1f} MB   wall "
-                  f"{res['wall_s']:7.1f} s   windows {res['record']['windows']}")
-        small, large = (results[str(s)]["peak_rss_mb"] for s in args.sizes)
-        ratio = large / small
-        ok = ratio <= 1.3 and large < 2048
-        print(f"ratio {args.sizes[1]}^2 / {args.sizes[0]}^2: {ratio:.3f} "
-              f"(target <= 1.3 and < 2048 MB: {'met' if ok else 'NOT met'})")
-        report = {
-            "sizes": args.sizes, "results": results, "ratio": round(ratio, 3), "target_met": ok,
-            "checkpoint": str(args.checkpoint) if args.checkpoint else
-            "Unet/resnet18, pyramid 256-512-1024-2048, crop 256, input 256, 5 classes (random weights)",
-            "settings": settings, "threads": args.threads, "cpu_count": os.cpu_count(),
+            raster.unlink()  # disk: a 16384^2 raster is 768 MiB
+            print(f"{size:>6}^2  crops {res['crops']:5d}  wall {res['wall_s']:7.1f} s  peak RSS "
+                  f"{res['peak_rss_mb']:7.1f} MB  scratch {res['scratch_bytes'] / 2**20:7.1f} MiB"
+                  + (f"  (p) {res['patch_only']['wall_s']:.1f} s, ratio {res['wall_over_patch_only']}"
+                     if "patch_only" in res else ""), file=sys.stderr)
+        small, large = (results[str(s)]["peak_rss_mb"] for s in (min(args.sizes), max(args.sizes)))
+        figures = {
+            "model": MODEL, "settings": args.settings, "threads": args.threads,
+            "results": results, "rss_ratio": round(large / small, 3),
+            "rss_target_met": large / small <= 1.3 and large < 2048,
             "load_average_at_end": os.getloadavg(), "machine": platform.platform(),
         }
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if ok else 1
+        report(figures, args.json)
+    return 0
 
 
 if __name__ == "__main__":
