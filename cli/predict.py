@@ -348,6 +348,8 @@ def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bo
         return failed_record(path, output_paths(path, out_dir, options)["labels"], f"{path}: {reason}",
                              runtime=runtime)
 
+    if len(todo) == 1:
+        return failed + _predict_one_on_ray(model, todo[0], out_dir, options, quiet, address, workers)
     tasks = [(path, out_dir, options) for path in todo]
     with model.pool(workers, address, quiet) as pool, \
             progress_bar(len(tasks), "scenes", quiet, unit="scene") as bar:
@@ -357,6 +359,30 @@ def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bo
             failed += record["status"] == "failed"
             _report(record, number, len(paths), quiet)
     return failed
+
+
+def _predict_one_on_ray(model, path, out_dir: Path, options, quiet: bool, address: str | None,
+                        workers: int | None) -> int:
+    """One raster on Ray: each stage's crop batches on the actors, the outputs written here
+    (the raster and the scratch directory must be on storage every worker sees)."""
+    from magseg.io.predict import predict_input
+    from magseg.io.sources import base_name
+    from magseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(model.checkpoint, list(model.overrides))
+    with model.pool(workers, address, quiet) as pool, \
+            progress_bar(None, base_name(path), quiet, unit="crop") as bar:
+        def on_crops(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        def on_warning(message: str) -> None:
+            if not quiet:
+                bar.write(f"magseg: warning: {message}", file=sys.stderr)
+
+        record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning, pool=pool)
+    _report(record, 1, 1, quiet, warned=True)
+    return int(record["status"] == "failed")
 
 
 @contextlib.contextmanager

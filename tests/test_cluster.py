@@ -52,6 +52,28 @@ def test_ray_runner_with_two_workers_matches_the_local_runner(tmp_path, make_che
             assert meta["crs"] == meta_ray["crs"] and meta["transform"] == meta_ray["transform"]
 
 
+def test_one_raster_on_two_ray_workers_equals_the_local_run(tmp_path, make_checkpoint):
+    # One raster: its stages' crop batches go to the actors (stage maps in the scratch
+    # directory, which both see), the outputs are written by the driver, bit for bit the
+    # local run's.
+    ckpt = make_checkpoint(SMALL_SCENE + ["engine.batch_size=3"])
+    raster = write_raster(tmp_path / "big.tif", smooth_image(3, 150, 170, seed=4))
+    local = _predict(ckpt, raster, "-o", tmp_path / "local", "--quiet", "--probs", "--uncertainty")
+    remote = _predict(ckpt, raster, "-o", tmp_path / "ray", "--quiet", "--probs", "--uncertainty",
+                      "--runner", "ray", "--workers", "2", "--scratch-dir", tmp_path / "scratch")
+    assert local.exit_code == remote.exit_code == 0, remote.stderr
+    (a,), (b,) = _records(local).values(), _records(remote).values()
+    assert a["status"] == b["status"] == "ok"
+    assert a["crops"] == b["crops"] > 20 and a["scratch_bytes"] == b["scratch_bytes"] > 0
+    assert a["histogram"] == b["histogram"]
+    for name in ("big.tif", "big_probs.tif", "big_uncertainty.tif"):
+        ours, meta = read_raster(tmp_path / "local" / name)
+        theirs, meta_ray = read_raster(tmp_path / "ray" / name)
+        assert np.array_equal(ours, theirs), name
+        assert meta["transform"] == meta_ray["transform"]
+    assert list((tmp_path / "scratch").iterdir()) == []  # the stage maps are gone
+
+
 def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoint, monkeypatch):
     ckpt = make_checkpoint(SMALL_SCENE)
     image = write_raster(tmp_path / "a.tif", smooth_image(3, 20, 20, seed=0))

@@ -72,7 +72,6 @@ class ChunkMap:
         self._row_starts = [b.own_top for b in self.boxes[::columns]]
         self._col_starts = [b.own_left for b in self.boxes[:columns]]
         self._index = {box: i for i, box in enumerate(self.boxes)}
-        self.bytes_written = 0
 
     def write(self, boxes: list[CropBox], crops: Tensor) -> None:
         """Each crop's owned region, one file per crop, renamed into place complete."""
@@ -83,7 +82,6 @@ class ChunkMap:
             with open(tmp, "wb") as f:
                 np.save(f, array)
             os.replace(tmp, path)
-            self.bytes_written += array.nbytes
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         """``(C, rows, cols)`` float32 from the files the window touches."""
@@ -112,6 +110,14 @@ class ChunkMap:
 
     def _path(self, index: int) -> Path:
         return self.directory / f"{index}.npy"
+
+    def disk_bytes(self) -> int:
+        """Bytes its files take, whoever wrote them."""
+        return sum(f.stat().st_size for f in self.directory.glob("*.npy"))
+
+    def __getstate__(self) -> dict:
+        # Sent to a worker as the directory and geometry; the owner's callback stays here.
+        return {**self.__dict__, "on_discard": None}
 
     def discard(self) -> None:
         if self.on_discard:

@@ -189,6 +189,47 @@ class MemorySink:
             self.probs.write(boxes, probs)
 
 
+class CollectSink:
+    """Keeps what a batch would write to a sink, to be written elsewhere (a worker's batch
+    sent back to the process that holds the outputs): ``items`` of ``(boxes, labels, probs)``."""
+
+    def __init__(self, wants_probs: bool) -> None:
+        self.wants_probs = wants_probs
+        self.items: list[tuple[list[CropBox], Tensor, Tensor | None]] = []
+
+    def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
+        self.items.append((boxes, labels.cpu(), None if probs is None else probs.cpu()))
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch of crops of one stage, as data: what ``run_job`` does with it can run in
+    this process or in a worker that has the same image and stage maps (shared storage).
+
+    ``kind``: ``first`` (stage 0), ``refined`` (a later stage's crops that run the
+    backbone) or ``kept`` (crops that take Y upsampled). ``y``: the previous stage's map;
+    ``out``: this stage's map, or None for the sink.
+    """
+
+    kind: str
+    size: Size
+    boxes: list[CropBox]
+    y: "StageMap | None"
+    out: "StageMap | None"
+
+
+def run_job(run: "StageRun", image: Source, job: BatchJob, sink: Sink,
+            picked_map: Tensor | None = None) -> None:
+    """Do one ``BatchJob``: its crops of ``image`` into ``job.out`` or ``sink``."""
+    out = sink if job.out is None else job.out
+    if job.kind == "first":
+        run.first_stage(image, job.size, job.boxes, out)
+    elif job.kind == "refined":
+        run.refined_batch(image, job.y, job.size, job.boxes, out, picked_map)
+    else:
+        run.kept_batch(job.y, job.size, job.boxes, out)
+
+
 @dataclass(frozen=True)
 class StageRun:
     """One run of the stage loop: the models and settings every crop batch needs, worked
@@ -277,15 +318,28 @@ class StageRun:
         return select_crops(scores, boxes, self.engine.adaptive)
 
 
+Execute = Callable[[list[BatchJob], "Tensor | None"], None]
+
+
 def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], StageMap], sink: Sink,
-               trace: list[StageResult] | None = None) -> None:
+               trace: list[StageResult] | None = None, execute: Execute | None = None) -> None:
     """The stage loop over ``image`` (a normalised ``(C_in, H, W)`` source), its result
     written to ``sink`` crop by crop at the image size.
 
+    Each stage is a list of ``BatchJob``s, all done before the next stage starts (they read
+    the previous stage's map and write their own crops of the next): ``execute(jobs,
+    picked_map)`` does them, by default one after another here (``run_job``); a pool of
+    workers may do them anywhere that sees the same image and maps.
+
     Args:
         new_map: ``new_map(stage, size)``, an empty map for a stage's probabilities.
-        trace: when given (maps in memory only), each stage's ``StageResult`` is appended.
+        trace: when given (maps in memory, local execution), each stage's ``StageResult``.
     """
+    if execute is None:
+        def execute(jobs: list[BatchJob], picked_map: Tensor | None) -> None:
+            for job in jobs:
+                run_job(run, image, job, sink, picked_map)
+
     sizes = run.pyramid.stage_sizes(tuple(image.size))
     batch = run.engine.batch_size
     y: StageMap | None = None
@@ -293,35 +347,34 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
     for s, size in enumerate(sizes):
         start = time.perf_counter()
         boxes = crop_boxes(size, run.pyramid.crop)
+        last_at_image_size = s == len(sizes) - 1 and tuple(size) == tuple(image.size)
         picked_map = None
         if y is None:
-            done = len(sizes) == 1 and tuple(size) == tuple(image.size)
-            chosen, out = boxes, sink if done else new_map(s, size)
-            for part in _batches(boxes, batch):
-                run.first_stage(image, size, part, out)
-            y = None if done else out
+            chosen = boxes
+            done = last_at_image_size
+            out = None if done else new_map(s, size)
+            execute([BatchJob("first", size, part, None, out) for part in _batches(boxes, batch)], None)
+            y = out
         else:
             chosen = run.chosen(y, size, boxes)
             if trace is not None:
                 picked_map = torch.zeros((1, *size), dtype=torch.bool, device=run.engine.device)
             if chosen:
-                done = s == len(sizes) - 1 and tuple(size) == tuple(image.size)
-                out = sink if done else new_map(s, size)
-                for part in _batches(chosen, batch):
-                    run.refined_batch(image, y, size, part, out, picked_map)
+                done = last_at_image_size
+                out = None if done else new_map(s, size)
                 kept = set(chosen)
-                for part in _batches([b for b in boxes if b not in kept], batch):
-                    run.kept_batch(y, size, part, out)
+                execute([BatchJob("refined", size, part, y, out) for part in _batches(chosen, batch)]
+                        + [BatchJob("kept", size, part, y, out)
+                           for part in _batches([b for b in boxes if b not in kept], batch)], picked_map)
                 y.discard()
-                y = None if done else out
+                y = out
             # else: nothing changes at this stage; Y stays at its own size, upsampled once at
             # the end (so K = 0 gives exactly the stage-0 view upsampled).
         if trace is not None:
             trace.append(_stage_result(size, y, sink, picked_map, len(chosen), len(boxes), start))
     if not done:
         final = crop_boxes(tuple(image.size), run.pyramid.crop)
-        for part in _batches(final, batch):
-            run.kept_batch(y, tuple(image.size), part, sink)
+        execute([BatchJob("kept", tuple(image.size), part, y, None) for part in _batches(final, batch)], None)
         y.discard()
 
 

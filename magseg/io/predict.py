@@ -44,7 +44,14 @@ from magseg.io.raster import (
 )
 from magseg.io.sources import base_name, is_virtual
 from magseg.io.sources import stem as source_stem
-from magseg.io.streaming import RasterSink, RasterSource, Scratch, scratch_estimate, scratch_space
+from magseg.io.streaming import (
+    PoolStages,
+    RasterSink,
+    RasterSource,
+    Scratch,
+    scratch_estimate,
+    scratch_space,
+)
 from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.segmenter import Segmenter
@@ -191,6 +198,7 @@ def predict_raster(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    pool=None,
 ) -> PredictResult:
     """Segment one raster and write its outputs into ``out_dir``.
 
@@ -204,6 +212,9 @@ def predict_raster(
             over all stages (progress).
         on_warning: called with each warning as soon as it is known (the pixel-scale check
             runs before any stage); the warnings are in the result too.
+        pool: run each stage's crop batches on this pool's workers (``magseg.cluster``),
+            which see the raster and ``options.scratch_dir`` (or ``out_dir``); the outputs
+            are written here, identical to a run without a pool.
     Returns:
         a PredictResult with status ``ok`` or ``skipped``.
     Raises:
@@ -244,7 +255,7 @@ def predict_raster(
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
-        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning)
+        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning, pool)
 
     result.histogram = {c.name: int(counts[i]) for i, c in enumerate(segmenter.config.classes)}
     result.histogram["nodata"] = int(counts[NODATA])
@@ -259,6 +270,7 @@ def predict_input(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    pool=None,
 ) -> dict[str, Any]:
     """``predict_raster`` for one input of a batch: never raises for that input's problems.
 
@@ -270,7 +282,7 @@ def predict_input(
     path = path if is_virtual(path) else Path(path)
     target = output_paths(path, out_dir, options)["labels"]
     try:
-        return predict_raster(segmenter, path, out_dir, options, on_window, on_warning).to_record()
+        return predict_raster(segmenter, path, out_dir, options, on_window, on_warning, pool).to_record()
     except MagsegError as exc:
         error = str(exc)
     except (KeyboardInterrupt, SystemExit):
@@ -295,6 +307,7 @@ def _run(
     on_window: Callable[[int, int], None] | None,
     result: PredictResult,
     on_warning: Callable[[str], None] | None = None,
+    pool=None,
 ) -> np.ndarray:
     """The whole raster through the stage loop, its last stage written to every output
     being made. Returns the pixel count of each class id (and nodata, 255)."""
@@ -326,7 +339,7 @@ def _run(
         source = RasterSource(reader, segmenter.normalize)
         sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs)
         if scratch is not None:
-            _stages(segmenter, source, sink, scratch, result, on_window)
+            _stages(segmenter, source, sink, scratch, result, on_window, options, pool)
         else:  # nothing to segment: no engine run at all
             sink.write_nodata(crop_boxes(reader.size, config.pyramid.crop))
 
@@ -378,8 +391,10 @@ def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictO
 
 
 def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
-            result: PredictResult, on_window: Callable[[int, int], None] | None) -> None:
-    """``run_stages`` over the raster, the stage maps in ``scratch``."""
+            result: PredictResult, on_window: Callable[[int, int], None] | None,
+            options: PredictOptions, pool=None) -> None:
+    """``run_stages`` over the raster, the stage maps in ``scratch``; with ``pool``, each
+    stage's crop batches run on its workers (``PoolStages``)."""
     config = segmenter.config
     sizes = config.pyramid.stage_sizes(source.size)
     total = sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes)
@@ -391,8 +406,11 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
 
     run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
+    execute = None
+    if pool is not None:
+        execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, sink, on_crops)
     with torch.inference_mode():
-        run_stages(run, source, scratch.new_map, sink)
+        run_stages(run, source, scratch.new_map, sink, execute=execute)
     result.scratch_bytes = scratch.peak_bytes
     result.windows = 1
 

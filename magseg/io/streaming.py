@@ -4,6 +4,8 @@ sink, and the scratch space that holds the stage maps in between.
     RasterSource   a window of the raster, normalised, nodata set to the mean (0)
     RasterSink     the final labels (and probabilities, uncertainty, preview) of each crop,
                    written to the output files; nodata stays nodata
+    PoolStages     a stage's crop batches on a pool of workers (Ray actors, each holding the
+                   model once), the outputs written here: one huge raster on many machines
     Scratch        one directory per input for the stage maps (magseg.engine.maps.ChunkMap),
                    sized before the run, removed however the run ends
 
@@ -25,9 +27,11 @@ from torch import Tensor
 from magseg.engine.certainty import certainty
 from magseg.engine.maps import ChunkMap, map_bytes
 from magseg.engine.pyramid import CropBox, Size
-from magseg.errors import WriteError
+from magseg.engine.stages import BatchJob, CollectSink, StageRun, run_job
+from magseg.errors import MagsegError, WriteError
+from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
-from magseg.io.raster import NODATA, PixelWindow, RasterReader, RasterWriter
+from magseg.io.raster import NODATA, PixelWindow, RasterReader, RasterWriter, io_env
 
 
 class RasterSource:
@@ -135,7 +139,7 @@ class Scratch:
 
     def _discarded(self, chunk_map: ChunkMap) -> None:
         # A map is discarded once the next stage has written its own: both are complete.
-        self.peak_bytes = max(self.peak_bytes, sum(m.bytes_written for m in self._live))
+        self.peak_bytes = max(self.peak_bytes, sum(m.disk_bytes() for m in self._live))
         self._live.remove(chunk_map)
 
 
@@ -177,3 +181,49 @@ def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: s
         yield Scratch(path, crop)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest | None,
+              job: BatchJob, wants_probs: bool) -> list[tuple[list[CropBox], np.ndarray, np.ndarray | None]]:
+    """A worker's side of one ``BatchJob`` of a raster: opens the raster as the driver shows
+    it (bands, area of interest), does the job, and returns what goes to the outputs
+    (``(boxes, labels, probs)`` per batch; nothing for a stage map, written to shared storage)."""
+    config = segmenter.config
+    with io_env(), RasterReader(path) as reader:
+        if aoi is not None:
+            reader.restrict(aoi)
+        reader.select(bands)
+        run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+                              refine=config.refine, engine=config.engine)
+        collect = CollectSink(wants_probs)
+        with torch.inference_mode():
+            run_job(run, RasterSource(reader, segmenter.normalize), job, collect)
+    return [(boxes, labels.numpy(), None if probs is None else probs.numpy())
+            for boxes, labels, probs in collect.items]
+
+
+class PoolStages:
+    """Does a stage's ``BatchJob``s on ``pool`` (``magseg.cluster.ScenePool``: tasks
+    ``fn(segmenter, *args)``) and writes what they return to ``sink``, here; ``run_stages``
+    waits for every job of a stage before it starts the next (the barrier).
+
+    The workers must see ``path`` and the scratch directory (shared storage).
+    """
+
+    def __init__(self, pool, path: str | Path, bands: list[int], aoi: AreaOfInterest | None,
+                 sink: RasterSink, on_crops=None) -> None:
+        self.pool, self.path, self.bands, self.aoi = pool, path, bands, aoi
+        self.sink, self.on_crops = sink, on_crops
+
+    def __call__(self, jobs: list[BatchJob], picked_map: Tensor | None = None) -> None:
+        tasks = [(self.path, self.bands, self.aoi, job, self.sink.wants_probs) for job in jobs]
+
+        def lost(task: tuple, reason: str):
+            raise MagsegError(f"{self.path}: a stage's crops were lost ({reason}); run it again")
+
+        for index, items in self.pool.map_unordered(stage_job, tasks, lost):
+            for boxes, labels, probs in items:  # Ray's arrays are read-only: copies
+                self.sink.write(boxes, torch.tensor(labels),
+                                None if probs is None else torch.tensor(probs))
+            if self.on_crops and jobs[index].kind != "kept":
+                self.on_crops(len(jobs[index].boxes))
