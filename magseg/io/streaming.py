@@ -16,6 +16,7 @@ With these, ``magseg.engine.stages.run_stages`` segments a raster of any size ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,12 +50,24 @@ class RasterSource:
         window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
         raw, valid = self.reader.read(window)
         image = self.normalize(raw)
-        valid &= torch.isfinite(image).all(dim=0).numpy()
-        image[:, torch.from_numpy(~valid)] = 0
+        if not self._always_finite(raw.dtype, raw.shape[0]):
+            valid &= torch.isfinite(image).all(dim=0).numpy()
+        if not valid.all():
+            image[:, torch.from_numpy(~valid)] = 0
         return raw, image, valid
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         return self.pixels(rows, cols)[1]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019  (a few dtypes per source, for its life)
+    def _always_finite(self, dtype: np.dtype, channels: int) -> bool:
+        """Whether every value of an integer ``dtype`` normalises to a finite float32 (its
+        extremes do), so the per-pixel check can be skipped."""
+        if dtype.kind not in "ui":
+            return False
+        info = np.iinfo(dtype)
+        extremes = np.array([[[info.min, info.max]]] * channels, dtype=dtype)
+        return bool(torch.isfinite(self.normalize(extremes)).all())
 
 
 def _to_uint8(values: Tensor) -> np.ndarray:
