@@ -1,13 +1,12 @@
-"""A training sample reads and resizes only its window of the scene, and gets the pixels the
-whole-scene path gave: the scene resized to the stage's size, then the window cut out.
-
-Bit-for-bit where the scene's size over the stage's is an integer or a power of two (every
-pyramid of doubling scales on scenes of ``scales[-1]``: the filter centres are exact in
-float); for other ratios within 5e-5 of a normalised value, a few thousandths of a grey
-level (float rounding of the filter centres, see ``windows.region_plan``); masks always exact.
+"""A training sample reads and resizes only its window of the scene, and gets the pixels
+inference gets: the engine's ``resample_window`` of that window, which are the whole stage
+image's pixels cut at the window (bit for bit, at every factor of the stage tests here);
+masks (nearest-exact) always equal the whole mask resized and cut.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +17,8 @@ from test_datasets import geotiff_config, make_deepglobe, make_geotiff
 from magseg.config import load_config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes
-from magseg.engine.pyramid import resize
+from magseg.engine.pyramid import context_windows, crop_windows, resize
+from magseg.engine.resample import TensorSource, resample_window, resample_windows
 from magseg.training.samples import (
     BackboneSamples,
     EpochSampler,
@@ -33,58 +33,131 @@ from magseg.training.windows import (
     mask_window,
     nearest_indices,
     random_box,
-    region_plan,
     resize_mask,
 )
 
 
+def _stage_image(image, size):
+    """The engine's whole stage image: ``image`` (C, H, W) at ``size``."""
+    return resample_window(TensorSource(image), size, (0, 0, *size))
+
+
 def _whole_scene(image, mask, size, box, crop, ratios=()):
-    """The reference: the whole scene resized to the stage, then the window cut out."""
-    window, contexts = image_windows(resize(image, size), box, crop, ratios)
+    """The reference: the whole scene at the stage's size, then the window cut out."""
+    window, contexts = image_windows(_stage_image(image, size), box, crop, ratios)
     return window, contexts, mask_window(resize_mask(mask, size), box, crop)
 
 
+MEAN, STD = (90.0, 100.0, 110.0), (50.0, 60.0, 70.0)
+
+
 def _mean_std(config):
-    return config.override({"data.mean": [90.0, 100.0, 110.0], "data.std": [50.0, 60.0, 70.0]})
+    return config.override({"data.mean": list(MEAN), "data.std": list(STD)})
 
 
-@pytest.mark.parametrize("scene_size,stage,crop,ratios,exact", [
-    ((128, 128), (32, 32), (32, 32), (), True),       # 4x: the tiny/DeepGlobe stage 0
-    ((128, 128), (64, 64), (32, 32), (), True),       # 2x
-    ((128, 128), (128, 128), (32, 32), (), True),     # 1x: no resize
-    ((128, 96), (32, 24), (32, 32), (), True),        # a stage smaller than the crop: padding
-    ((128, 128), (64, 64), (32, 32), (2.0, 3.0), True),  # FCtL contexts reaching outside
-    ((120, 100), (48, 40), (16, 16), (), False),      # 5:2, no power of two
-    ((100, 90), (63, 71), (16, 16), (), False),       # both axes by odd ratios
-    ((64, 64), (160, 96), (32, 32), (), False),       # growing (bilinear upsampling)
-])
-def test_window_read_equals_whole_scene_resize_then_cut(scene_size, stage, crop, ratios, exact):
-    rng = np.random.default_rng(0)
+def _scene(scene_size, crop, seed=0):
+    """A random raw scene, its mask, its normalised image and a config with that crop."""
+    rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (3, *scene_size), dtype=np.uint8)
     mask = rng.integers(0, 4, scene_size, dtype=np.uint8)
-    mean, std = (90.0, 100.0, 110.0), (50.0, 60.0, 70.0)
-    config = load_config(CONFIGS / "tiny.yaml", [f"pyramid.crop={list(crop)}", f"data.mean={list(mean)}",
-                                                 f"data.std={list(std)}"])
+    config = load_config(CONFIGS / "tiny.yaml", [f"pyramid.crop={list(crop)}", f"data.mean={list(MEAN)}",
+                                                 f"data.std={list(STD)}"])
     image = torch.from_numpy(raw).float()
-    image = (image - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    image = (image - torch.tensor(MEAN).view(-1, 1, 1)) / torch.tensor(STD).view(-1, 1, 1)
+    return rng, raw, mask, image, config
+
+
+@pytest.mark.parametrize("scene_size,stage,crop,ratios", [
+    ((128, 128), (32, 32), (32, 32), ()),          # 4x: the tiny/DeepGlobe stage 0
+    ((128, 128), (64, 64), (32, 32), ()),          # 2x
+    ((128, 128), (128, 128), (32, 32), ()),        # 1x: no resize
+    ((128, 96), (32, 24), (32, 32), ()),           # a stage smaller than the crop: padding
+    ((128, 128), (64, 64), (32, 32), (2.0, 3.0)),  # FCtL contexts reaching outside
+    ((120, 100), (48, 40), (16, 16), ()),          # 5:2, no power of two
+    ((100, 90), (63, 71), (16, 16), ()),           # both axes by odd ratios
+    ((100, 90), (63, 71), (16, 16), (2.0,)),       # odd ratios, with a context
+    ((64, 64), (160, 96), (32, 32), ()),           # growing (bilinear upsampling)
+])
+def test_window_read_equals_whole_stage_image_then_cut(scene_size, stage, crop, ratios):
+    rng, raw, mask, image, config = _scene(scene_size, crop)
     scene = SceneWindows(raw, mask)
     for _ in range(12):
         box = random_box(rng, stage, crop)
         want, want_ctx, want_mask = _whole_scene(image, torch.from_numpy(mask), stage, box, crop, ratios)
         got, got_ctx = stage_crop(scene, stage, box, config, ratios)
         assert torch.equal(stage_mask(scene, stage, box, crop), want_mask)
+        assert len(got_ctx) == len(want_ctx) == len(ratios)
         for a, b in zip([got, *got_ctx], [want, *want_ctx]):
-            assert a.shape == b.shape
-            if exact:
-                assert torch.equal(a, b), (box, (a - b).abs().max())
-            else:
-                torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+            assert a.shape == b.shape and torch.equal(a, b), (box, (a - b).abs().max())
 
 
-def test_region_plan_reads_only_what_the_window_needs():
-    # DeepGlobe's stage 0: a 612 window of the 1224 stage reads at most 2 x (612 + margins).
-    o0, o1, s0, s1 = region_plan(2448, 1224, 600, 612)
-    assert o0 <= 600 and o1 >= 1212 and (s1 - s0) == 2 * (o1 - o0) and s1 - s0 < 2 * 700
+@pytest.mark.parametrize("scene_size,stage,crop,ratios", [
+    ((128, 128), (32, 32), (32, 32), (2.0,)),      # the engine's integer shrink
+    ((100, 90), (63, 71), (16, 16), (2.0, 3.0)),   # the tap-by-tap filter
+    ((64, 64), (128, 192), (32, 32), ()),          # an integer enlargement
+    ((48, 48), (144, 144), (80, 80), ()),          # an integer enlargement by F.interpolate's parts
+])
+def test_window_read_equals_the_engines_crop(scene_size, stage, crop, ratios):
+    # What StageRun.fine cuts for a crop at this box from the image in memory, at any
+    # factor, integer enlargements included (where windows and the whole map may differ in
+    # the last bits, training and inference still agree bit for bit).
+    rng, raw, mask, image, config = _scene(scene_size, crop, seed=1)
+    scene = SceneWindows(raw, mask)
+    for _ in range(8):
+        box = random_box(rng, stage, crop)
+        windows = crop_windows([box], crop)
+        got, got_ctx = stage_crop(scene, stage, box, config, ratios)
+        assert torch.equal(got, resample_windows(TensorSource(image), stage, windows)[0])
+        for r, ctx in zip(ratios, got_ctx):
+            assert torch.equal(ctx, resample_windows(TensorSource(image), stage, context_windows(windows, r))[0])
+
+
+class _ReadSpy(SceneWindows):
+    """A scene that records every ``image(rows, cols)`` read."""
+
+    def __init__(self, image, mask):
+        super().__init__(image, mask)
+        self.reads = []
+
+    def image(self, rows, cols):
+        self.reads.append((rows, cols))
+        return super().image(rows, cols)
+
+
+def _support(n_src, n_dst, start, length):
+    """Source pixels ``[a, b)`` an output range ``[start, start + length)`` of an ``n_src ->
+    n_dst`` axis may read: the filter reaches ``max(scale, 1)`` source pixels past the
+    range (one more for rounding), clipped to the grid and the axis."""
+    lo, hi = max(start, 0), min(start + length, n_dst)
+    scale = n_src / n_dst
+    reach = max(scale, 1.0)
+    return max(math.floor(lo * scale - reach) - 1, 0), min(math.ceil(hi * scale + reach) + 1, n_src)
+
+
+@pytest.mark.parametrize("scene_size,stage,crop,ratios", [
+    ((2448, 2448), (1224, 1224), (612, 612), ()),  # DeepGlobe's stage 1
+    ((2448, 2448), (612, 612), (306, 306), ()),    # DeepGlobe's stage 0 with a smaller crop
+    ((120, 100), (48, 40), (16, 16), (2.0,)),      # 5:2 with a context
+    ((100, 90), (63, 71), (16, 16), ()),           # odd ratios
+    ((64, 64), (160, 96), (32, 32), ()),           # growing
+])
+def test_a_sample_reads_only_the_pixels_its_windows_need(scene_size, stage, crop, ratios):
+    rng, raw, mask, _, config = _scene(scene_size, crop, seed=2)
+    for _ in range(4):
+        scene = _ReadSpy(raw, mask)
+        box = random_box(rng, stage, crop)
+        (window,) = crop_windows([box], crop)
+        windows = [window] + [w for r in ratios for w in context_windows([window], r)]
+        stage_crop(scene, stage, box, config, ratios)
+        assert scene.reads
+        supports = [(_support(scene_size[0], stage[0], t, h), _support(scene_size[1], stage[1], l, w))
+                    for t, l, h, w in windows]
+        for rows, cols in scene.reads:
+            assert any(r0 <= rows.start and rows.stop <= r1 and c0 <= cols.start and cols.stop <= c1
+                       for (r0, r1), (c0, c1) in supports), (rows, cols, supports)
+        # In all, no more pixels than the windows' supports hold.
+        read = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in scene.reads)
+        assert read <= sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in supports)
     assert nearest_indices(8, 4).tolist() == resize_mask(torch.arange(8)[None].repeat(8, 1), (4, 4))[0].tolist()
 
 
@@ -123,7 +196,7 @@ def test_samples_equal_the_whole_scene_path(tmp_path, tiny_config, layout):
         window, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
         item = refiner[index]
         assert torch.equal(item["fine"], window) and torch.equal(item["mask"], target)
-        assert torch.equal(item["scene0"], resize(image, sizes[0]))
+        assert torch.equal(item["scene0"], _stage_image(image, sizes[0]))
     if layout == "deepglobe":
         assert len(list((tmp_path / "cache" / "scenes").glob("*.npy"))) == len(scenes)
     else:  # GeoTIFFs are read by windows: nothing cached

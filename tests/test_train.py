@@ -19,12 +19,14 @@ from typer.testing import CliRunner
 from magseg.checkpoint import load_checkpoint
 from magseg.config import config_from_dict
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.engine.pyramid import resize
-from magseg.engine.stages import segment, stage_probs
+from magseg.engine.maps import MemoryMap
+from magseg.engine.pyramid import CropBox, crop_boxes, crop_windows, resize
+from magseg.engine.resample import TensorSource, resample_window, resample_windows
+from magseg.engine.stages import StageRun, segment, stage_probs
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
 from magseg.training.resume import seed_everything
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
-from magseg.training.trainer import TrainOptions, backbone_loss, refiner_loss, train
+from magseg.training.trainer import TrainOptions, backbone_loss, coarse_inputs, refiner_loss, train
 
 CPU = torch.device("cpu")
 
@@ -92,13 +94,50 @@ def test_refiner_loss_goes_down(tmp_path, tiny_config, points):
 
 def test_refiner_coarse_input_is_the_engines_stage_zero(tiny_config, tmp_path):
     # The coarse map the refiner trains on is what the engine's stage 0 computes:
-    # segment() with a one-stage pyramid gives stage 0 upsampled to the image.
+    # segment() with a one-stage pyramid gives stage 0 upsampled to the image (crop by crop,
+    # so the whole map upsampled at once agrees to float rounding).
     config = tiny_config
     backbone = create_segmenter_model(config).eval()
     image = torch.randn(3, 128, 128)
-    y0 = stage_probs(backbone, resize(image, (32, 32)), config.pyramid)
+    y0 = stage_probs(backbone, resample_window(TensorSource(image), (32, 32), (0, 0, 32, 32)), config.pyramid)
     want = segment(image, backbone, config.pyramid.downsample_only(), return_probs=True).probs
-    torch.testing.assert_close(resize(y0, (128, 128)), want)
+    torch.testing.assert_close(resample_window(TensorSource(y0), (128, 128), (0, 0, 128, 128)), want)
+
+
+@pytest.mark.parametrize("layout", ["deepglobe", "geotiff"])
+def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
+    # At the same box, the refiner trains on what inference computes, bit for bit: the fine
+    # window as StageRun.fine cuts it from the image, the coarse view as StageRun.coarse
+    # upsamples the engine's stage 0 (computed without coarse maps, which are float16).
+    # The GeoTIFF scenes (96 x 112 for scales of a 128 scene) take non-integer factors.
+    if layout == "deepglobe":
+        config = tiny_config.override({"data.mean": [80, 100, 100], "data.std": [80, 80, 80]})
+        root = make_deepglobe(tmp_path, config, counts=(("train", 1),))
+    else:
+        config = geotiff_config(tiny_config, bands=4).override(
+            {"data.mean": [3200.0] * 4, "data.std": [3200.0] * 4})
+        root = make_geotiff(tmp_path, config, counts=(("train", 1),))
+    scenes = list_scenes(config.data, "train", root)
+    backbone = create_segmenter_model(config).eval().requires_grad_(False)
+    items = RefinerSamples(scenes, config, 6, seed=0)
+    batch = collate_refiner([items[i] for i in range(len(items))])
+    got = coarse_inputs(backbone, batch, config, CPU)
+
+    image, _ = load_scene(scenes[0], config)
+    pyramid, source = config.pyramid, TensorSource(image)
+    run = StageRun.create(backbone, pyramid, engine=config.engine)
+    size0 = pyramid.stage_sizes(tuple(image.shape[-2:]))[0]
+    y0, boxes = MemoryMap(size0), crop_boxes(size0, pyramid.crop)
+    with torch.inference_mode():
+        for start in range(0, len(boxes), config.engine.batch_size):
+            run.first_stage(source, size0, boxes[start : start + config.engine.batch_size], y0)
+    for i in range(len(items)):
+        size = tuple(batch["size"][i].tolist())
+        top, left, h, w = batch["box"][i].tolist()
+        box = CropBox(top, left, h, w, top, left, h, w)
+        fine = resample_windows(source, size, crop_windows([box], pyramid.crop))[0]
+        assert torch.equal(batch["fine"][i], fine)
+        assert torch.equal(got[i], run.coarse(y0, size, [box])[0])
 
 
 def _run_cli(args):

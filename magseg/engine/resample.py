@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +56,16 @@ class TensorSource:
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         return self.tensor[:, rows, cols]
+
+
+@dataclass(frozen=True)
+class ReadSource:
+    """A ``Source`` of ``size`` (H, W) whose pieces come from ``read(rows, cols)`` ->
+    ``(C, h, w)`` tensor: a scene read from a file or a memory map, or one normalised on
+    the fly, without a wrapper class per kind."""
+
+    size: Size
+    read: Callable[[slice, slice], Tensor]
 
 
 @dataclass(frozen=True)

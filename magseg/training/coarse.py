@@ -4,8 +4,9 @@ The refiner learns ``refiner(fine, coarse) -> mask`` with the backbone frozen, s
 scene's coarse view, the engine's stage 0 (``stage_probs`` of the scene at ``scales[0]``),
 is the same for every sample of the phase. ``prepare_coarse_maps`` computes it once per
 training scene and stores it as float16 ``.npy`` under ``<cache dir>/coarse/<key>/``; a
-sample memory-maps its scene's map and upsamples only its window
-(``windows.resized_region``): no backbone run and no whole-map upsampling per sample.
+sample memory-maps its scene's map and upsamples only its window, as the engine upsamples a
+crop's coarse view (``resample_window``, reading just the map pixels the window needs): no
+backbone run and no whole-map upsampling per sample.
 
 float16 keeps probabilities within 2**-12 (values in [0.5, 1]; finer below): bilinear
 upsampling is a convex combination, so the refiner's coarse input differs from the one
@@ -31,13 +32,13 @@ from magseg.config import Config
 from magseg.data.cache import OpenEntries, SceneCache, cached_npy, digest, file_stamp, load_npy
 from magseg.data.scenes import Scene
 from magseg.engine.precision import precision_context
-from magseg.engine.pyramid import CropBox, extract_windows
+from magseg.engine.pyramid import CropBox, crop_windows
+from magseg.engine.resample import ReadSource, resample_window
 from magseg.engine.stages import stage_probs
 from magseg.errors import DataError
 from magseg.training import distributed
 from magseg.training.distributed import World
 from magseg.training.samples import open_scene, stage_image
-from magseg.training.windows import resized_region, window_regions
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -62,8 +63,9 @@ class CoarseMaps:
         return self.directory / f"{digest(file_stamp(scene.image))}.npy"
 
     def window(self, scene: Scene, size: tuple[int, int], box: CropBox) -> Tensor:
-        """``(classes, ch, cw)``: stage 0 upsampled to the stage ``size``, cut at ``box`` as
-        the engine cuts a crop (zero beyond the stage image)."""
+        """``(classes, ch, cw)``: stage 0 upsampled to the stage ``size`` at ``box``'s crop
+        window, as ``StageRun.coarse`` makes a crop's coarse view (zero beyond the stage
+        image)."""
         path = self.path(scene)
         y0 = self._open.get(path)
         if y0 is None:
@@ -73,10 +75,10 @@ class CoarseMaps:
         if y0 is None:
             raise DataError(f"{scene.image}: its coarse map {self.path(scene)} is missing; "
                             "the refiner phase computes them before its first epoch")
-        region, windows = window_regions(box, self.config.pyramid.crop, size)
-        piece = resized_region(lambda r, c: torch.from_numpy(np.array(y0[:, r, c], dtype=np.float32)),
-                               (int(y0.shape[1]), int(y0.shape[2])), size, region)
-        return extract_windows(piece, windows)[0]
+        source = ReadSource((int(y0.shape[1]), int(y0.shape[2])),
+                            lambda r, c: torch.from_numpy(np.array(y0[:, r, c], dtype=np.float32)))
+        (window,) = crop_windows([box], self.config.pyramid.crop)
+        return resample_window(source, tuple(size), window)
 
 
 def coarse_key(backbone: nn.Module, config: Config) -> str:

@@ -9,8 +9,9 @@ dataset, still sample the epoch the main process is in.
 
 A sample reads only its window of the scene: a GeoTIFF by a windowed read, a JPEG/PNG scene
 from its decoded copy in the scene cache (``magseg.data.cache``, memory-mapped), and resizes
-only that window (``windows.resized_region``): the same pixels as resizing the whole scene to
-the stage's size and cutting the window out, at the cost of the window.
+it with the engine's ``resample_window``, reading just the source pixels the window needs:
+exactly the pixels the engine's crop at that box gets at prediction, which are those of the
+whole stage image cut at the window.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from magseg.config import Config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
-from magseg.engine.pyramid import CropBox, Size, resize
-from magseg.engine.stages import backbone_inputs
+from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, resize
+from magseg.engine.resample import ReadSource, resample_window
 from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.normalization import normalize
 from magseg.training.augment import augment_pair, create_augmentation
@@ -36,8 +37,6 @@ from magseg.training.windows import (
     nearest_indices,
     random_box,
     resize_mask,
-    resized_region,
-    window_regions,
 )
 
 BACKBONE, REFINER = 0, 1
@@ -120,18 +119,25 @@ class GeoTiffWindows(SceneWindows):
         return mask.astype(np.uint8)
 
 
+def scene_source(scene: SceneWindows, config: Config) -> ReadSource:
+    """The scene's normalised image ``(C, H, W)`` as an engine ``Source``, read piece by piece.
+
+    Normalising each piece before resizing, as the engine resizes an image normalised
+    whole: normalisation is per pixel, so a piece's values are the whole image's."""
+    data = config.data
+    return ReadSource(scene.size, lambda rows, cols: normalize(scene.image(rows, cols), data.mean, data.std))
+
+
 def stage_crop(scene: SceneWindows, size: Size, box: CropBox, config: Config,
                ratios: tuple[float, ...] = ()) -> tuple[Tensor, list[Tensor]]:
-    """The window ``box`` of the scene resized to the stage ``size``, normalised, as the
-    crop ``(C, ch, cw)`` and its FCtL context windows: what ``image_windows`` cuts from the
-    whole stage image, from only the pixels the windows need."""
-    data, crop = config.data, config.pyramid.crop
-    region, windows = window_regions(box, crop, size, ratios)
-    # Normalising before resizing, as load_scene then resize did: the same float steps.
-    piece = resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
-                           scene.size, size, region)
-    crops, contexts = backbone_inputs(piece, windows, ratios)
-    return crops[0], [c[0] for c in contexts or []]
+    """The window ``box`` of the scene at the stage ``size``, normalised: the crop
+    ``(C, ch, cw)`` and one FCtL context window ``(C, r*ch, r*cw)`` per ratio, each made as
+    ``StageRun.fine`` makes it (``resample_window`` of the window), from only the source
+    pixels it needs."""
+    source = scene_source(scene, config)
+    (window,) = crop_windows([box], config.pyramid.crop)
+    contexts = [resample_window(source, size, w) for r in ratios for w in context_windows([window], r)]
+    return resample_window(source, size, window), contexts
 
 
 def stage_mask(scene: SceneWindows, size: Size, box: CropBox, crop: Size) -> Tensor:
@@ -159,10 +165,11 @@ def open_scene(scene: Scene, config: Config, cache: SceneCache | None = None) ->
 
 
 def stage_image(scene: SceneWindows, size: Size, config: Config) -> Tensor:
-    """The whole scene resized to ``size``, normalised (``resize(load_scene(...)[0], size)``)."""
-    data = config.data
-    return resized_region(lambda r, c: normalize(scene.image(r, c), data.mean, data.std),
-                          scene.size, size, (0, 0, *size))
+    """The whole scene at the stage ``size``, normalised: ``(C, h, w)``, the engine's
+    ``resample_window`` over the whole stage grid. Its crops are the engine's crops bit for
+    bit when the stage shrinks the scene or scales it by a non-integer factor; an integer
+    enlargement (a stage larger than the scene) agrees to float rounding."""
+    return resample_window(scene_source(scene, config), size, (0, 0, *size))
 
 
 class _Samples(Dataset):

@@ -37,7 +37,8 @@ from magseg.data.scenes import IGNORE, Scene, check_scene, list_scenes, read_sce
 from magseg.device import resolve_device
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.precision import precision_context
-from magseg.engine.pyramid import CropBox, extract_crops, resize
+from magseg.engine.pyramid import CropBox, crop_windows
+from magseg.engine.resample import TensorSource, resample_window
 from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
 from magseg.io.atomic import atomic_write
@@ -303,9 +304,10 @@ def coarse_inputs(backbone: nn.Module, batch: dict[str, Any], config: Config, de
     for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
         y0 = stage_probs(backbone, scene0.to(device), config.pyramid, config.engine)
         top, left, height, width = (int(v) for v in box)
-        crop_box = CropBox(top, left, height, width, top, left, height, width)
-        stage = resize(y0, tuple(int(v) for v in size))
-        coarse.append(extract_crops(stage, [crop_box], config.pyramid.crop)[0])  # as the engine does
+        (window,) = crop_windows([CropBox(top, left, height, width, top, left, height, width)],
+                                 config.pyramid.crop)
+        # As StageRun.coarse upsamples a crop's coarse view: only the window, by the engine's filter.
+        coarse.append(resample_window(TensorSource(y0), tuple(int(v) for v in size), window))
     return torch.stack(coarse)
 
 
