@@ -7,13 +7,19 @@ Times, interleaved over ``--repeat`` rounds (median reported):
   (b) engine:   the full progressive method (pyramid, refiner, error map, top-K, stitching);
   (c) patch:    the patch-only sliding window at the finest scale;
   (d) adaptive: the engine in adaptive mode (crops skipped by coarse uncertainty).
-Prints the figures and the ratios b/a, b/c and d/b as one JSON object on stdout (and to
---json), plus a paired view of the overhead: the backbone's time measured inside each engine
-run (forward hooks), the engine's own seconds beside it and their median ratio. Models come
-from --checkpoint, or from the config with random weights (speed does not depend on them);
-the scene is --image (any raster magseg reads) or random pixels.
+Each precision in --precision (default: fp32 and what ``auto`` resolves to on this machine,
+its fastest, when that is another) gets its own models and figures; the rounds interleave the
+precisions, so their ratios come from the same minutes of the same run. Prints the figures
+and the ratios b/a, b/c and d/b per precision as one JSON object on stdout (and to --json),
+with the CPU (model, torch's kernel level, the flags that decide the precisions), plus a
+paired view of the overhead: the backbone's time measured inside each engine run (forward
+hooks), the engine's own seconds beside it and their median ratio. Models come from
+--checkpoint, or from the config with random weights (speed does not depend on them); the
+scene is --image (any raster magseg reads) or random pixels.
 
     python scripts/bench_engine.py                                  # 2448^2, Unet-ResNet18
+    python scripts/bench_engine.py --precision bf16                 # one precision only
+    python scripts/bench_engine.py --precision fp32 --precision bf16 refiner.gate=false
     python scripts/bench_engine.py --arch FPN --encoder resnet50 --repeat 3
     python scripts/bench_engine.py --checkpoint runs/demo/best.ckpt --image scene.tif \\
         --adaptive-threshold 0.1
@@ -43,8 +49,34 @@ from magseg.engine.precision import precision_context, resolve_precision  # noqa
 from magseg.segmenter import Segmenter  # noqa: E402
 
 
-def _segmenter(args: argparse.Namespace) -> Segmenter:
-    overrides = [f"engine.{k}={v}" for k, v in (("device", args.device), ("precision", args.precision),
+# The /proc/cpuinfo flags that decide which precisions a CPU computes natively.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:
+    """A segmenter for each precision asked for, by resolved name, without repeats: fp32 and
+    the machine's fastest by default (one of them when ``auto`` is fp32)."""
+    segmenters: dict[str, Segmenter] = {}
+    for choice in args.precision or ["fp32", "auto"]:
+        segmenter = _segmenter(args, choice)
+        segmenters.setdefault(resolve_precision(segmenter.device, choice), segmenter)
+    return segmenters
+
+
+def _segmenter(args: argparse.Namespace, precision: str) -> Segmenter:
+    torch.manual_seed(0)  # the same random weights at every precision
+    overrides = [f"engine.{k}={v}" for k, v in (("device", args.device), ("precision", precision),
                                                  ("batch_size", args.batch_size)) if v is not None]
     if args.channels_last is not None:
         overrides.append(f"engine.channels_last={str(args.channels_last).lower()}")
@@ -74,129 +106,208 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2448, help="random scene height and width")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", action="append", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC convolutions (default: the config's engine.channels_last)")
     parser.add_argument("--adaptive-threshold", type=float, default=None)
     parser.add_argument("--adaptive-max-crops", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--sections", action="store_true",
+                        help="after the rounds, one engine run per precision timed helper by helper")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args()
-
     # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
     malloc_kept = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    segmenter = _segmenter(args)
-    config = segmenter.config
-    image = _image(args, segmenter)
-    adaptive = AdaptiveConfig(threshold=args.adaptive_threshold, max_crops=args.adaptive_max_crops)
-    if not adaptive.enabled:
-        adaptive = config.engine.adaptive if config.engine.adaptive.enabled else AdaptiveConfig(threshold=0.05)
-    adaptive_engine = dataclasses.replace(config.engine, adaptive=adaptive)
-
-    # Warm-up run of the engine, recording every backbone call's arguments.
-    calls: list[tuple] = []
-    hook = segmenter.backbone.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs))
-    warm = segmenter.segment(image, return_stages=True)
-    hook.remove()
-    device = segmenter.device
-
-    def sync() -> None:  # CUDA runs asynchronously: wait for it before reading the clock
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def backbone_alone() -> None:
-        with torch.inference_mode(), precision_context(device, config.engine.precision):
-            for inputs in calls:
-                segmenter.backbone(*inputs)
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-
-    # The backbone's share of each timed engine run, measured inside it (forward hooks): the
-    # paired view of (b) - (a), immune to the two being timed at different moments.
-    inside: list[float] = []
-
-    def engine_run() -> None:
-        open_calls: list[float] = []
-        spent = [0.0]
-
-        def pre(_module, _inputs) -> None:
-            sync()
-            open_calls.append(time.perf_counter())
-
-        def post(_module, _inputs, _output) -> None:
-            sync()
-            spent[0] += time.perf_counter() - open_calls.pop()
-
-        handles = [segmenter.backbone.register_forward_pre_hook(pre),
-                   segmenter.backbone.register_forward_hook(post)]
-        try:
-            segmenter.segment(image)
-        finally:
-            for handle in handles:
-                handle.remove()
-        inside.append(spent[0])
-
-    methods = {
-        "backbone": backbone_alone,
-        "engine": engine_run,
-        "patch_only": lambda: segmenter.segment(image, pyramid=config.pyramid.patch_only()),
-        "adaptive": lambda: segmenter.segment(image, engine=adaptive_engine),
-    }
-    for fn in methods.values():  # warm every path once (kernels, allocator)
-        fn()
-    inside.clear()
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.repeat):
-        for name, fn in methods.items():
-            seconds[name].append(timed(fn))
-    med = {name: statistics.median(values) for name, values in seconds.items()}
-    fast = segmenter.segment(image, engine=adaptive_engine, return_stages=True)
-
+    benches = {precision: _Bench(args, precision, segmenter)
+               for precision, segmenter in _segmenters(args).items()}
+    for bench in benches.values():  # warm every path once (kernels, allocator)
+        bench.warm()
+    for _ in range(args.repeat):  # precisions interleaved: their ratios share the run's drift
+        for bench in benches.values():
+            bench.round()
+    runs = {precision: bench.figures() for precision, bench in benches.items()}
+    if args.sections:
+        for precision, bench in benches.items():
+            runs[precision]["sections"] = _sections(bench)
+    first = next(iter(benches.values()))
+    config = first.config
     figures = {
-        "scene": list(image.shape[-2:]),
+        "scene": list(first.image.shape[-2:]),
         "model": f"{config.model.arch}/{config.model.encoder}",
         "trained": bool(args.checkpoint),
         "scales": [list(s) for s in config.pyramid.scales],
         "crop": list(config.pyramid.crop),
         "input": list(config.pyramid.input),
         "refine": {"points": config.refine.points, "kernel": config.refine.kernel},
-        "refiner": segmenter.refiner is not None,
+        "refiner": first.segmenter.refiner is not None,
         "batch_size": config.engine.batch_size,
-        "precision": resolve_precision(device, config.engine.precision),
         "channels_last": config.engine.channels_last,
-        "adaptive": dataclasses.asdict(adaptive),
-        "backbone_calls": len(calls),
-        "crops": {"engine": [s.crops_run for s in warm.stages], "adaptive": [s.crops_run for s in fast.stages]},
-        "seconds": {name: round(v, 3) for name, v in med.items()},
-        "seconds_all_rounds": {name: [round(v, 3) for v in vs] for name, vs in seconds.items()},
-        "ratios": {
-            "engine_over_backbone": round(med["engine"] / med["backbone"], 3),
-            "engine_over_patch_only": round(med["engine"] / med["patch_only"], 3),
-            "adaptive_over_engine": round(med["adaptive"] / med["engine"], 3),
-            # median over rounds of (engine run) / (backbone time inside that run)
-            "engine_over_backbone_inside": round(
-                statistics.median(e / b for e, b in zip(seconds["engine"], inside)), 3),
-        },
-        "backbone_inside_engine_seconds": round(statistics.median(inside), 3),
-        "engine_own_seconds": round(statistics.median(e - b for e, b in zip(seconds["engine"], inside)), 3),
-        "engine_stage_seconds": [round(s.seconds, 3) for s in warm.stages],
-        "device": str(device),
+        "adaptive": dataclasses.asdict(first.adaptive),
+        "engine_over_backbone": {p: run["ratios"]["engine_over_backbone"] for p, run in runs.items()},
+        "engine_over_backbone_inside": {p: run["ratios"]["engine_over_backbone_inside"]
+                                        for p, run in runs.items()},
+        "engine_own_seconds": {p: run["engine_own_seconds"] for p, run in runs.items()},
+        "fastest": resolve_precision(first.device, "auto"),
+        "runs": runs,
+        "device": str(first.device),
         "threads": torch.get_num_threads(),
         "malloc_kept": malloc_kept,
         "cpus": os.cpu_count(),
+        "cpu_flags": _cpu_flags(),
         "machine": platform.machine(),
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()),
     }
     report_figures(figures, args.json)
+
+
+# The engine's helpers timed by --sections, by module: each call's inclusive seconds (they
+# nest: crop_probs holds run_backbone, refine_labels holds error_score and top_error_pixels).
+SECTIONS = {
+    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "refine_probs",
+                             "refine_crops", "refine_labels", "labels_of"),
+    "magseg.engine.refine": ("error_score", "top_error_pixels", "labels_of"),
+}
+
+
+def _sections(bench: "_Bench") -> dict[str, dict[str, float]]:
+    """One engine run with each helper in SECTIONS wrapped by a timer: seconds and calls."""
+    import importlib
+
+    spent: dict[str, list[float]] = {}
+    saved = []
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                bench.sync()
+                spent.setdefault(name, []).append(time.perf_counter() - start)
+        return wrapper
+
+    for module_name, names in SECTIONS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, timed(name, getattr(module, name)))
+    try:
+        start = time.perf_counter()
+        bench.segmenter.segment(bench.image)
+        bench.sync()
+        total = time.perf_counter() - start
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+    sections = {name: {"seconds": round(sum(v), 3), "calls": len(v)} for name, v in spent.items()}
+    sections["segment"] = {"seconds": round(total, 3), "calls": 1}
+    return sections
+
+
+class _Bench:
+    """The four timed methods of one precision, with its own models."""
+
+    def __init__(self, args: argparse.Namespace, precision: str, segmenter: Segmenter) -> None:
+        self.precision = precision
+        self.segmenter = segmenter
+        self.config = config = segmenter.config
+        self.image = image = _image(args, segmenter)
+        adaptive = AdaptiveConfig(threshold=args.adaptive_threshold, max_crops=args.adaptive_max_crops)
+        if not adaptive.enabled:
+            adaptive = config.engine.adaptive if config.engine.adaptive.enabled else AdaptiveConfig(threshold=0.05)
+        self.adaptive = adaptive
+        self.adaptive_engine = adaptive_engine = dataclasses.replace(config.engine, adaptive=adaptive)
+
+        # Warm-up run of the engine, recording every backbone call's arguments.
+        self.calls = calls = []
+        hook = segmenter.backbone.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs))
+        self.warm_result = segmenter.segment(image, return_stages=True)
+        hook.remove()
+        self.device = device = segmenter.device
+        # The backbone's share of each timed engine run, measured inside it (forward hooks):
+        # the paired view of (b) - (a), immune to the two being timed at different moments.
+        self.inside: list[float] = []
+
+        def backbone_alone() -> None:
+            with torch.inference_mode(), precision_context(device, config.engine.precision):
+                for inputs in calls:
+                    segmenter.backbone(*inputs)
+
+        def engine_run() -> None:
+            open_calls: list[float] = []
+            spent = [0.0]
+
+            def pre(_module, _inputs) -> None:
+                self.sync()
+                open_calls.append(time.perf_counter())
+
+            def post(_module, _inputs, _output) -> None:
+                self.sync()
+                spent[0] += time.perf_counter() - open_calls.pop()
+
+            handles = [segmenter.backbone.register_forward_pre_hook(pre),
+                       segmenter.backbone.register_forward_hook(post)]
+            try:
+                segmenter.segment(image)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self.inside.append(spent[0])
+
+        self.methods = {
+            "backbone": backbone_alone,
+            "engine": engine_run,
+            "patch_only": lambda: segmenter.segment(image, pyramid=config.pyramid.patch_only()),
+            "adaptive": lambda: segmenter.segment(image, engine=adaptive_engine),
+        }
+        self.seconds: dict[str, list[float]] = {name: [] for name in self.methods}
+
+    def sync(self) -> None:  # CUDA runs asynchronously: wait for it before reading the clock
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def warm(self) -> None:
+        for fn in self.methods.values():
+            fn()
+        self.inside.clear()
+
+    def round(self) -> None:
+        for name, fn in self.methods.items():
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            self.seconds[name].append(time.perf_counter() - start)
+
+    def figures(self) -> dict:
+        seconds, inside = self.seconds, self.inside
+        med = {name: statistics.median(values) for name, values in seconds.items()}
+        fast = self.segmenter.segment(self.image, engine=self.adaptive_engine, return_stages=True)
+        return {
+            "precision": self.precision,
+            "backbone_calls": len(self.calls),
+            "crops": {"engine": [s.crops_run for s in self.warm_result.stages],
+                      "adaptive": [s.crops_run for s in fast.stages]},
+            "seconds": {name: round(v, 3) for name, v in med.items()},
+            "seconds_all_rounds": {name: [round(v, 3) for v in vs] for name, vs in seconds.items()},
+            "ratios": {
+                "engine_over_backbone": round(med["engine"] / med["backbone"], 3),
+                "engine_over_patch_only": round(med["engine"] / med["patch_only"], 3),
+                "adaptive_over_engine": round(med["adaptive"] / med["engine"], 3),
+                # median over rounds of (engine run) / (backbone time inside that run)
+                "engine_over_backbone_inside": round(
+                    statistics.median(e / b for e, b in zip(seconds["engine"], inside)), 3),
+            },
+            "backbone_inside_engine_seconds": round(statistics.median(inside), 3),
+            "engine_own_seconds": round(statistics.median(e - b for e, b in zip(seconds["engine"], inside)), 3),
+            "engine_stage_seconds": [round(s.seconds, 3) for s in self.warm_result.stages],
+        }
 
 
 if __name__ == "__main__":
