@@ -120,7 +120,8 @@ def test_the_fitted_model_segments_a_raster_by_content(tmp_path, fitted):
 
 def test_scratch_bytes_are_the_two_largest_stage_maps_and_the_scratch_is_removed(tmp_path, fitted):
     # 160 x 192 at scales 16/32/64 of a 64 px scene: stages 40x48, 80x96, 160x192; the last
-    # writes the outputs, so the scratch holds stages 0 and 1 at once, float32 x 4 classes.
+    # writes the outputs, so the scratch holds stages 0 and 1 at once, float32 x 4 classes,
+    # in one .npy per 16 px crop (3 x 3 and 5 x 6 of them, 128 bytes of header each).
     path = write_raster(tmp_path / "scene.tif", smooth_image(3, 160, 192, seed=3))
     seen = []
     original = streaming.Scratch.new_map
@@ -134,7 +135,8 @@ def test_scratch_bytes_are_the_two_largest_stage_maps_and_the_scratch_is_removed
         result = predict_raster(fitted, path, tmp_path / "out", PredictOptions(scratch_dir=tmp_path / "scratch"))
     finally:
         streaming.Scratch.new_map = original
-    assert result.scratch_bytes == map_bytes((40, 48), 4) + map_bytes((80, 96), 4) == 4 * 4 * (40 * 48 + 80 * 96)
+    assert map_bytes((40, 48), 4) + map_bytes((80, 96), 4) == 4 * 4 * (40 * 48 + 80 * 96)
+    assert result.scratch_bytes == 4 * 4 * (40 * 48 + 80 * 96) + 128 * (9 + 30)
     assert seen and all(d.parent == tmp_path / "scratch" for d in seen)
     assert seen[0].name.startswith(".scene.tif.scratch.") and seen[0].name.endswith(".partial")
     assert not seen[0].exists() and list((tmp_path / "scratch").iterdir()) == []

@@ -66,7 +66,7 @@ def test_crop_windows_equal_the_whole_resized_image(src, dst, crop, seed):
 
 
 @settings(max_examples=100, deadline=None)
-@given(out=st.tuples(st.integers(1, 60), st.integers(1, 60)), factor=st.sampled_from([2, 3, 4]),
+@given(out=st.tuples(st.integers(2, 60), st.integers(2, 60)), factor=st.sampled_from([2, 3, 4]),
        tiles=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_integer_shrinks_equal_antialiased_interpolate_bit_for_bit(out, factor, tiles, seed):
     # Every pyramid of doubling scales over a scene-sized image: the stage image is exactly
@@ -94,6 +94,17 @@ def test_doubling_enlargements_on_even_offsets_equal_interpolate_bit_for_bit(sou
         got = resample_window(TensorSource(x), size, (top, left, h, w))
         r1, c1 = min(top + h, size[0]), min(left + w, size[1])
         assert torch.equal(got[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
+
+
+def test_an_axis_shrunk_to_one_pixel_takes_the_filter():
+    # 6 x 2 -> 3 x 1: PyTorch's antialiased kernel gives three equal rows here; the filter
+    # gives each row its own neighbourhood. x[r, c] = 2r + c. Row 1 is centred on source row
+    # 2.5 and reads rows 1..4 with weights 1/8, 3/8, 3/8, 1/8 (mean row 2.5); the one column
+    # is centred on 0.5 and reads columns 0 and 1 equally: 2 * 2.5 + 0.5.
+    x = torch.arange(12.0).view(1, 6, 2)
+    out = _whole(x, (3, 1))[0, :, 0]
+    assert out[1].item() == pytest.approx(5.5, abs=1e-6)
+    assert out[0] < out[1] < out[2]
 
 
 def test_non_integer_scales_stay_close_to_interpolate():

@@ -172,7 +172,10 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     whole map; only the margin, which is cut off, sees the part's edge.
     """
     fy, fx = _integer_factor(source.size[0], size[0]), _integer_factor(source.size[1], size[1])
-    if fy is None or fx is None or fy[1] != fx[1]:
+    # An axis shrunk to one pixel: PyTorch's antialiased kernel spreads the other axis's
+    # weights too (every row of a 6 x 2 -> 3 x 1 resize comes out the same), so the filter
+    # below handles such grids.
+    if fy is None or fx is None or fy[1] != fx[1] or min(size) == 1:
         return None
     (f, shrink), (g, _) = fy, fx
     (r0, r1), (c0, c1) = rows, cols
