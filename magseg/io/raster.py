@@ -251,24 +251,7 @@ class RasterReader:
         Raises:
             RasterError: truncated or corrupt data.
         """
-        win = self._window(window)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                pixels = self._src.read(self.bands, window=win)
-                if self._declared_mask:
-                    valid = self._src.read_masks(self.bands, window=win).any(axis=0)
-                else:
-                    valid = (pixels != 0).any(axis=0)
-        except RasterioIOError as exc:
-            raise RasterError(
-                f"{self.path}: cannot read pixels, file is truncated or corrupt ({exc})"
-            ) from None
-        if pixels.dtype.kind == "f":
-            valid &= np.isfinite(pixels).all(axis=0)
-        if self._aoi is not None:
-            valid &= inside(self._aoi, window_transform(win, self._src.transform), valid.shape)
-        return pixels, valid
+        return self._read(self._window(window), (window.height, window.width))
 
     def read_overview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole shown raster, decimated (nearest) so that its longer side is at most
@@ -277,14 +260,17 @@ class RasterReader:
         height, width = self._extent
         factor = max(1, -(-max(height, width) // max_side))
         shape = (max(1, height // factor), max(1, width // factor))
-        win = self._window(PixelWindow(0, 0, height, width))
+        return self._read(self._window(PixelWindow(0, 0, height, width)), shape)
+
+    def _read(self, win: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``win`` of the file read at ``shape`` (its own size, or decimated)."""
+        out_shape = (len(self.bands), *shape)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                pixels = self._src.read(self.bands, window=win, out_shape=(len(self.bands), *shape))
+                pixels = self._src.read(self.bands, window=win, out_shape=out_shape)
                 if self._declared_mask:
-                    valid = self._src.read_masks(self.bands, window=win,
-                                                 out_shape=(len(self.bands), *shape)).any(axis=0)
+                    valid = self._src.read_masks(self.bands, window=win, out_shape=out_shape).any(axis=0)
                 else:
                     valid = (pixels != 0).any(axis=0)
         except RasterioIOError as exc:
@@ -295,7 +281,7 @@ class RasterReader:
             valid &= np.isfinite(pixels).all(axis=0)
         if self._aoi is not None:
             transform = window_transform(win, self._src.transform) * Affine.scale(
-                width / shape[1], height / shape[0])
+                win.width / shape[1], win.height / shape[0])
             valid &= inside(self._aoi, transform, valid.shape)
         return pixels, valid
 
