@@ -28,7 +28,7 @@ def normalize(pixels: np.ndarray | Tensor, mean: tuple[float, ...], std: tuple[f
         )
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).clamp_min(1e-8)
-    return (x - m) / s
+    return torch.sub(x, m).div_(s)  # one new tensor, not two
 
 
 class ChannelStats:
