@@ -125,8 +125,11 @@ def crop_probs(
         logits = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
     # reduces over or gathers along channels, which is slow in the channels-last layout
-    # (with it, the engine's own share of a 2448 px scene doubled).
-    logits = logits.float().contiguous()
+    # (with it, the engine's own share of a 2448 px scene doubled). And to float32 whatever
+    # the backbone's precision: on a CPU, torch's bf16 softmax, bilinear resize and per-pixel
+    # reductions are no faster than float32's, the resize much slower (docs/performance.md).
+    # One copy does both (``.float().contiguous()`` makes two from a bf16 channels-last map).
+    logits = logits.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the
     # input, and bilinear weights sum to 1, so the result is still a distribution.
     return resize(logits.softmax(dim=1), tuple(crops.shape[-2:]))
