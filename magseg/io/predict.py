@@ -228,19 +228,7 @@ def predict_raster(
     targets = output_paths(path, out_dir, options)
     result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
                            runtime=segmenter.runtime)
-    if not is_virtual(path) and path.exists() and targets["labels"].resolve() == path.resolve():
-        raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
-    for target in targets.values():
-        if target.is_dir():
-            raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
-                              "or choose another --out-dir")
-    todo = _outputs_to_make(targets, options, segmenter.provenance)
-    if todo:
-        try:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RasterError(f"cannot create output directory {out_dir}: {exc.strerror}") from None
-
+    todo = _prepare_outputs(path, out_dir, targets, options, segmenter)
     with io_env(), RasterReader(path) as reader:
         if options.aoi is not None:
             reader.restrict(options.aoi)
@@ -413,6 +401,25 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
         run_stages(run, source, scratch.new_map, sink, execute=execute)
     result.scratch_bytes = scratch.peak_bytes
     result.windows = 1
+
+
+def _prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
+                     options: PredictOptions, segmenter: Segmenter) -> dict[str, Path]:
+    """The outputs to make (``_outputs_to_make``), after refusing targets that would replace
+    the input or are directories; ``out_dir`` is created when there is anything to make."""
+    if not is_virtual(path) and Path(path).exists() and targets["labels"].resolve() == Path(path).resolve():
+        raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
+    for target in targets.values():
+        if target.is_dir():
+            raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
+                              "or choose another --out-dir")
+    todo = _outputs_to_make(targets, options, segmenter.provenance)
+    if todo:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RasterError(f"cannot create output directory {out_dir}: {exc.strerror}") from None
+    return todo
 
 
 def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
