@@ -553,44 +553,14 @@ class Trainer:
         return cache
 
     def _build_phase(self, name: Phase, resume: Checkpoint | None) -> _PhaseRun:
-        config, train, world = self.config, self.config.train, self.world
+        train, world = self.config.train, self.world
         distributed.barrier(world)  # the main process may just have written best.ckpt
         seed_everything(train.seed)
         if name == "backbone":
-            backbone = create_segmenter_model(config, pretrained=resume is None)
-            if resume is not None:
-                load_state(backbone, resume.backbone, "backbone", resume.path)
-            backbone.to(self.device, memory_format=self.memory_format).train()
-            refiner = None
-            trained: nn.Module = backbone
-            dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
-                                      augment=train.augment, ratios=context_ratios(backbone),
-                                      cache=self._scene_cache())
+            backbone, refiner, trained, dataset = self._backbone_phase_parts(resume)
             epochs, lr, collate = train.epochs, train.lr, None
         else:
-            base = resume or self._base or self._backbone_checkpoint()
-            self._base = None
-            backbone = create_segmenter_model(config, pretrained=False)
-            load_state(backbone, base.backbone, "backbone", base.path)
-            backbone.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
-            refiner = create_refiner(self.config)
-            assert refiner is not None  # _phases drops the refiner phase when disabled
-            if resume is not None:
-                if resume.refiner is None:
-                    raise CheckpointError(f"{resume.path} is a refiner-phase checkpoint without a refiner")
-                load_state(refiner, resume.refiner, "refiner", resume.path)
-            refiner.to(self.device).train()
-            trained = refiner
-            length = train.refiner_samples_per_epoch or train.samples_per_epoch
-            cache = self._scene_cache()
-            bar = self._progress(len(self.train_scenes), "coarse maps")
-            try:
-                coarse = prepare_coarse_maps(backbone, self.train_scenes, self.config, self._cache_root,
-                                             self.device, world, cache, on_scene=lambda: bar.update(1))
-            finally:
-                bar.close()
-            dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed,
-                                     ratios=context_ratios(backbone), cache=cache, coarse=coarse)
+            backbone, refiner, trained, dataset = self._refiner_phase_parts(resume)
             epochs, lr, collate = train.refiner_epochs, train.refiner_lr, collate_refiner
 
         if world.distributed:
@@ -616,20 +586,66 @@ class Trainer:
         run = _PhaseRun(name, epochs, backbone, refiner, trained, loader, dataset, optimizer, scheduler,
                         scaler)
         if resume is not None:
-            state = resume.training
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            # The schedule is a function of (step, total steps): with the planned total this
-            # gives the stored rate again; with more --epochs the decay stretches from here.
-            for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * fn(scheduler.last_epoch)
-            run.start_epoch = int(state["epoch"])
-            run.best_miou = float(state.get("best_miou", -math.inf))
-            set_rng_state(state["rng"])
-            if state.get("scaler"):  # absent or empty: written without a loss scale
-                scaler.load_state_dict(state["scaler"])
-            logger.info("resumed %s phase from %s after epoch %d", name, resume.path, run.start_epoch)
+            self._restore(run, resume)
         return run
+
+    def _backbone_phase_parts(self, resume: Checkpoint | None):
+        """The backbone phase's models and samples: ``(backbone, None, trained, dataset)``."""
+        config, train = self.config, self.config.train
+        backbone = create_segmenter_model(config, pretrained=resume is None)
+        if resume is not None:
+            load_state(backbone, resume.backbone, "backbone", resume.path)
+        backbone.to(self.device, memory_format=self.memory_format).train()
+        dataset = BackboneSamples(self.train_scenes, config, train.samples_per_epoch, train.seed,
+                                  augment=train.augment, ratios=context_ratios(backbone),
+                                  cache=self._scene_cache())
+        return backbone, None, backbone, dataset
+
+    def _refiner_phase_parts(self, resume: Checkpoint | None):
+        """The refiner phase's models and samples, the frozen backbone's coarse maps made
+        first: ``(backbone, refiner, trained, dataset)``."""
+        train, world = self.config.train, self.world
+        base = resume or self._base or self._backbone_checkpoint()
+        self._base = None
+        backbone = create_segmenter_model(self.config, pretrained=False)
+        load_state(backbone, base.backbone, "backbone", base.path)
+        backbone.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+        refiner = create_refiner(self.config)
+        assert refiner is not None  # _phases drops the refiner phase when disabled
+        if resume is not None:
+            if resume.refiner is None:
+                raise CheckpointError(f"{resume.path} is a refiner-phase checkpoint without a refiner")
+            load_state(refiner, resume.refiner, "refiner", resume.path)
+        refiner.to(self.device).train()
+        length = train.refiner_samples_per_epoch or train.samples_per_epoch
+        cache = self._scene_cache()
+        bar = self._progress(len(self.train_scenes), "coarse maps")
+        try:
+            coarse = prepare_coarse_maps(backbone, self.train_scenes, self.config, self._cache_root,
+                                         self.device, world, cache, on_scene=lambda: bar.update(1))
+        finally:
+            bar.close()
+        dataset = RefinerSamples(self.train_scenes, self.config, length, train.seed,
+                                 ratios=context_ratios(backbone), cache=cache, coarse=coarse)
+        return backbone, refiner, refiner, dataset
+
+    @staticmethod
+    def _restore(run: _PhaseRun, resume: Checkpoint) -> None:
+        """Optimiser, schedule, epoch, best score, RNG and loss scale from ``resume``."""
+        state = resume.training
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of (step, total steps): with the planned total this
+        # gives the stored rate again; with more --epochs the decay stretches from here.
+        for group, base, fn in zip(run.optimizer.param_groups, run.scheduler.base_lrs,
+                                   run.scheduler.lr_lambdas):
+            group["lr"] = base * fn(run.scheduler.last_epoch)
+        run.start_epoch = int(state["epoch"])
+        run.best_miou = float(state.get("best_miou", -math.inf))
+        set_rng_state(state["rng"])
+        if state.get("scaler"):  # absent or empty: written without a loss scale
+            run.scaler.load_state_dict(state["scaler"])
+        logger.info("resumed %s phase from %s after epoch %d", run.name, resume.path, run.start_epoch)
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self, run: _PhaseRun, epoch: int) -> None:
