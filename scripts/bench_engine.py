@@ -10,12 +10,13 @@ Times, interleaved over ``--repeat`` rounds (median reported):
 Each precision in --precision (default: fp32 and what ``auto`` resolves to on this machine,
 its fastest, when that is another) gets its own models and figures; the rounds interleave the
 precisions, so their ratios come from the same minutes of the same run. Prints the figures
-and the ratios b/a, b/c and d/b per precision as one JSON object on stdout (and to --json),
-with the CPU (model, torch's kernel level, the flags that decide the precisions), plus a
-paired view of the overhead: the backbone's time measured inside each engine run (forward
-hooks), the engine's own seconds beside it and their median ratio. Models come from
---checkpoint, or from the config with random weights (speed does not depend on them); the
-scene is --image (any raster magseg reads) or random pixels.
+and the ratios b/a, b/c and d/b per precision (under ``runs``, or at the top level when one
+precision is measured) as one JSON object on stdout (and to --json), with the CPU (model,
+torch's kernel level, the flags that decide the precisions), plus a paired view of the
+overhead: the backbone's time measured inside each engine run (forward hooks), the engine's
+own seconds beside it and their median ratio. Models come from --checkpoint, or from the
+config with random weights (speed does not depend on them); the scene is --image (any
+raster magseg reads) or random pixels.
 
     python scripts/bench_engine.py                                  # 2448^2, Unet-ResNet18
     python scripts/bench_engine.py --precision bf16                 # one precision only
@@ -148,12 +149,7 @@ def main() -> None:
         "batch_size": config.engine.batch_size,
         "channels_last": config.engine.channels_last,
         "adaptive": dataclasses.asdict(first.adaptive),
-        "engine_over_backbone": {p: run["ratios"]["engine_over_backbone"] for p, run in runs.items()},
-        "engine_over_backbone_inside": {p: run["ratios"]["engine_over_backbone_inside"]
-                                        for p, run in runs.items()},
-        "engine_own_seconds": {p: run["engine_own_seconds"] for p, run in runs.items()},
         "fastest": resolve_precision(first.device, "auto"),
-        "runs": runs,
         "device": str(first.device),
         "threads": torch.get_num_threads(),
         "malloc_kept": malloc_kept,
@@ -163,6 +159,16 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()),
     }
+    if len(runs) == 1:  # one precision: its figures at the top level, as scripts/gpu_check.sh reads them
+        figures.update(next(iter(runs.values())))
+    else:
+        figures.update({
+            "engine_over_backbone": {p: run["ratios"]["engine_over_backbone"] for p, run in runs.items()},
+            "engine_over_backbone_inside": {p: run["ratios"]["engine_over_backbone_inside"]
+                                            for p, run in runs.items()},
+            "engine_own_seconds": {p: run["engine_own_seconds"] for p, run in runs.items()},
+            "runs": runs,
+        })
     report_figures(figures, args.json)
 
 
