@@ -12,9 +12,6 @@ of every error magseg raises on purpose), and the contracts a model of one's own
 from typing import Any
 
 from magseg.config import Config, EngineConfig, PyramidConfig, RefineConfig, load_config
-from magseg.engine.backbone import Backbone, MultiContextBackbone
-from magseg.engine.refiner import ProbsRefiner, RefinerLike
-from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import MagsegError
 
 __version__ = "0.1.0"
@@ -36,9 +33,18 @@ __all__ = [
     "segment",
 ]
 
-# Imported when first used: they pull in segmentation-models-pytorch and rasterio, which
-# `magseg --help` and the config tools do not need.
-_LAZY = {"Segmenter": "magseg.segmenter", "predict_raster": "magseg.io.predict"}
+# Imported when first used: they pull in torch, segmentation-models-pytorch and rasterio,
+# which `magseg --version`, `--help` and the config tools do not need.
+_LAZY = {
+    "Backbone": "magseg.engine.backbone",
+    "MultiContextBackbone": "magseg.engine.backbone",
+    "ProbsRefiner": "magseg.engine.refiner",
+    "RefinerLike": "magseg.engine.refiner",
+    "SegmentationResult": "magseg.engine.stages",
+    "segment": "magseg.engine.stages",
+    "Segmenter": "magseg.segmenter",
+    "predict_raster": "magseg.io.predict",
+}
 
 
 def __getattr__(name: str) -> Any:
