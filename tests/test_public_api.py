@@ -21,6 +21,20 @@ def test_the_python_example_runs_on_a_tiny_model():
     assert [tuple(s.refined.shape) for s in result.stages[1:]] == [s.size for s in result.stages[1:]]
 
 
+def test_the_version_and_config_tools_need_no_torch():
+    # `magseg --version` and load_config must not pay for torch, smp and rasterio.
+    import subprocess
+    import sys
+
+    code = ("import sys; from magseg.cli.app import main; import magseg; magseg.load_config; "
+            "sys.argv = ['magseg', '--version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'rasterio', 'segmentation_models_pytorch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert "magseg " + magseg.__version__ in out.stdout
+
+
 def test_all_names_each_public_name_once():
     assert len(set(magseg.__all__)) == len(magseg.__all__)
     assert all(not name.startswith("_") for name in magseg.__all__)
