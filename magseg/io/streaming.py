@@ -56,6 +56,15 @@ class RasterSource:
             image[:, torch.from_numpy(~valid)] = 0
         return raw, image, valid
 
+    def validity(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Raw pixels and validity of a window, as ``pixels`` gives them, normalising only
+        where that decides validity (a float raster's values that overflow float32)."""
+        window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
+        raw, valid = self.reader.read(window)
+        if not self._always_finite(raw.dtype, raw.shape[0]):
+            valid &= torch.isfinite(self.normalize(raw)).all(dim=0).numpy()
+        return raw, valid
+
     def read(self, rows: slice, cols: slice) -> Tensor:
         return self.pixels(rows, cols)[1]
 
@@ -95,8 +104,7 @@ class RasterSink:
 
     def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
         for i, box in enumerate(boxes):
-            rows, cols = box.owned
-            raw, _, valid = self.source.pixels(rows, cols)
+            raw, valid = self.source.validity(*box.owned)
             crop_part = box.owned_in_crop
             own = labels[i][crop_part].cpu().numpy().copy()
             # A label is a class id or nodata, whatever the model computed: a pixel whose
@@ -126,7 +134,7 @@ class RasterSink:
     def write_nodata(self, boxes: list[CropBox]) -> None:
         """Nodata over ``boxes`` (a raster with no valid pixel: no engine run at all)."""
         for box in boxes:
-            raw, _, valid = self.source.pixels(*box.owned)
+            raw, valid = self.source.validity(*box.owned)
             labels = np.full((box.own_height, box.own_width), NODATA, np.uint8)
             probs = torch.zeros((self.classes, box.own_height, box.own_width)) if self.wants_probs else None
             self._write(box, raw, labels, probs, np.zeros_like(valid))
