@@ -23,7 +23,6 @@ and scalar loops).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -241,15 +240,3 @@ def resample_windows(source: Source, size: Size, windows: list[Window]) -> Tenso
     if any((wh, ww) != (h, w) for _, _, wh, ww in windows):
         raise ValueError(f"windows must share one size, got {sorted({(wh, ww) for *_, wh, ww in windows})}")
     return torch.stack([resample_window(source, size, window) for window in windows])
-
-
-def covering_windows(size: Size, tile: int) -> list[Window]:
-    """Row-major ``tile`` x ``tile`` windows covering a ``size`` grid (the last ones clipped)."""
-    (h, w) = size
-    return [(t, l, min(tile, h - t), min(tile, w - l))
-            for t in range(0, h, tile) for l in range(0, w, tile)]
-
-
-def scale_of(src: Size, dst: Size) -> float:
-    """The larger per-axis shrink factor ``src / dst`` (1 for an upsampling)."""
-    return max(1.0, max(s / d for s, d in zip(src, dst)) if all(dst) else math.inf)
