@@ -188,6 +188,32 @@ def test_too_little_scratch_space_fails_that_input_alone_and_leaves_nothing(tmp_
     assert not (tmp_path / "out2").exists() or list((tmp_path / "out2").iterdir()) == []
 
 
+def test_a_disk_that_fills_during_the_stages_fails_that_input_cleanly(tmp_path, fitted, monkeypatch):
+    # The space check passed, then the disk filled (another process): one clear line naming
+    # the input and --scratch-dir, no partial chunk, no scratch, no output.
+    import errno
+
+    import numpy as np_module
+
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 100, 120, seed=3))
+    saves = 0
+    real_save = np_module.save
+
+    def full_after_two(f, array):
+        nonlocal saves
+        saves += 1
+        if saves > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(f, array)
+
+    monkeypatch.setattr("magseg.engine.maps.np.save", full_after_two)
+    record = predict_input(fitted, path, tmp_path / "out")
+    assert record["status"] == "failed" and saves == 3
+    assert record["error"].startswith(f"{path}: its stage maps could not be written")
+    assert "No space left on device" in record["error"] and "--scratch-dir" in record["error"]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_the_scale_warning_comes_before_any_stage(tmp_path, fitted, monkeypatch):
     # uint16 pixels for an 8-bit model: the warning is known from the decimated read, so it
     # reaches the caller before the first crop runs.

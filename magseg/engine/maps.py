@@ -79,9 +79,13 @@ class ChunkMap:
             array = np.ascontiguousarray(crop[(slice(None), *box.owned_in_crop)].cpu().numpy(), DTYPE)
             path = self._path(self._index[box])
             tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, array)
+                os.replace(tmp, path)
+            except OSError as exc:  # a full disk: say which file, leave no partial one
+                tmp.unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         """``(C, rows, cols)`` float32 from the files the window touches."""

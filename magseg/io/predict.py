@@ -29,7 +29,7 @@ import torch
 from magseg.config import Config
 from magseg.engine.pyramid import crop_boxes
 from magseg.engine.stages import StageRun, run_stages
-from magseg.errors import MagsegError, OutputExistsError, RasterError
+from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import atomic_writes, fresh_partial_path
 from magseg.io.provenance import Provenance
@@ -397,8 +397,18 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
     execute = None
     if pool is not None:
         execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, sink, on_crops)
-    with torch.inference_mode():
-        run_stages(run, source, scratch.new_map, sink, execute=execute)
+    try:
+        with torch.inference_mode():
+            run_stages(run, source, scratch.new_map, sink, execute=execute)
+    except OSError as exc:
+        if not str(exc.filename or "").startswith(str(scratch.directory)):
+            raise
+        failure = WriteError(
+            f"{result.input}: its stage maps could not be written in {scratch.directory.parent} "
+            f"({exc.strerror}); free some space there or pass --scratch-dir on a larger disk; "
+            "nothing was written")
+        failure.target = result.output  # attributed: the outputs' own handler keeps this message
+        raise failure from None
     result.scratch_bytes = scratch.peak_bytes
     result.windows = 1
 
