@@ -303,25 +303,34 @@ def _report(record: dict, number: int, total: int, quiet: bool, warned: bool = F
         log(f"magseg: warning: {warning}", quiet)
 
 
+@contextlib.contextmanager
+def _input_progress(path, quiet: bool):
+    """One input's progress bar (in crops, over all stages) and where its warnings go: at
+    once, above the bar, before the first stage runs. Yields ``(on_crops, on_warning)``."""
+    from magseg.io.sources import base_name
+
+    with progress_bar(None, base_name(path), quiet, unit="crop") as bar:
+        def on_crops(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        def on_warning(message: str) -> None:
+            if not quiet:
+                bar.write(f"magseg: warning: {message}", file=sys.stderr)
+
+        yield on_crops, on_warning
+
+
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
     """Predict each input in turn, one NDJSON line each; returns how many failed."""
     from magseg.io.predict import predict_input
-    from magseg.io.sources import base_name
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
     for number, path in enumerate(paths, start=1):
         record = clashes.get(path)
         if record is None:
-            with progress_bar(None, base_name(path), quiet, unit="crop") as bar:
-                def on_crops(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
-
-                def on_warning(message: str) -> None:  # at once, before the first stage runs
-                    if not quiet:
-                        bar.write(f"magseg: warning: {message}", file=sys.stderr)
-
+            with _input_progress(path, quiet) as (on_crops, on_warning):
                 record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
         failed += record["status"] == "failed"
         _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
@@ -366,20 +375,11 @@ def _predict_one_on_ray(model, path, out_dir: Path, options, quiet: bool, addres
     """One raster on Ray: each stage's crop batches on the actors, the outputs written here
     (the raster and the scratch directory must be on storage every worker sees)."""
     from magseg.io.predict import predict_input
-    from magseg.io.sources import base_name
     from magseg.segmenter import Segmenter
 
     segmenter = Segmenter.from_checkpoint(model.checkpoint, list(model.overrides))
     with model.pool(workers, address, quiet) as pool, \
-            progress_bar(None, base_name(path), quiet, unit="crop") as bar:
-        def on_crops(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        def on_warning(message: str) -> None:
-            if not quiet:
-                bar.write(f"magseg: warning: {message}", file=sys.stderr)
-
+            _input_progress(path, quiet) as (on_crops, on_warning):
         record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning, pool=pool)
     _report(record, 1, 1, quiet, warned=True)
     return int(record["status"] == "failed")
