@@ -47,11 +47,7 @@ class RasterSource:
 
     def pixels(self, rows: slice, cols: slice) -> tuple[np.ndarray, Tensor, np.ndarray]:
         """Raw pixels, normalised image and validity of a window inside the raster."""
-        window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
-        raw, valid = self.reader.read(window)
-        image = self.normalize(raw)
-        if not self._always_finite(raw.dtype, raw.shape[0]):
-            valid &= torch.isfinite(image).all(dim=0).numpy()
+        raw, image, valid = self._read(rows, cols, normalized=True)
         if not valid.all():
             image[:, torch.from_numpy(~valid)] = 0
         return raw, image, valid
@@ -59,11 +55,20 @@ class RasterSource:
     def validity(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Raw pixels and validity of a window, as ``pixels`` gives them, normalising only
         where that decides validity (a float raster's values that overflow float32)."""
+        raw, _, valid = self._read(rows, cols, normalized=False)
+        return raw, valid
+
+    def _read(self, rows: slice, cols: slice, normalized: bool
+              ) -> tuple[np.ndarray, Tensor | None, np.ndarray]:
+        """A window's raw pixels, its normalised image (when asked, or needed to decide
+        validity) and its validity: the file's, and finite once normalised."""
         window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
         raw, valid = self.reader.read(window)
-        if not self._always_finite(raw.dtype, raw.shape[0]):
-            valid &= torch.isfinite(self.normalize(raw)).all(dim=0).numpy()
-        return raw, valid
+        check = not self._always_finite(raw.dtype, raw.shape[0])
+        image = self.normalize(raw) if normalized or check else None
+        if check:
+            valid &= torch.isfinite(image).all(dim=0).numpy()
+        return raw, image, valid
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         return self.pixels(rows, cols)[1]
