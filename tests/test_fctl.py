@@ -4,11 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from stage_cuts import backbone_inputs
 from torch import nn
 
 from magseg.config import PyramidConfig, RefineConfig
 from magseg.engine.pyramid import context_windows, crop_boxes, crop_windows, extract_windows
-from magseg.engine.stages import backbone_inputs, segment
+from magseg.engine.stages import segment
 from magseg.errors import ModelError
 from magseg.models.fctl import MultiContextFusion, aligned_windows, create_fctl
 

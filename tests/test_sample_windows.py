@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS
+from stage_cuts import image_windows
 from test_datasets import geotiff_config, make_deepglobe, make_geotiff
 
 from magseg.config import load_config
@@ -29,7 +30,6 @@ from magseg.training.samples import (
     stage_mask,
 )
 from magseg.training.windows import (
-    image_windows,
     mask_window,
     nearest_indices,
     random_box,

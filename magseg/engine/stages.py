@@ -37,11 +37,9 @@ from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
     CropBox,
     Size,
-    Window,
     context_windows,
     crop_boxes,
     crop_windows,
-    extract_windows,
     resize,
     stitch_crops,
 )
@@ -82,19 +80,6 @@ class SegmentationResult:
         if self.probs is None:
             raise ValueError("segment(..., return_probs=True) is needed for certainty")
         return certainty(self.probs[None])[0]
-
-
-def backbone_inputs(
-    image: Tensor, windows: list[Window], ratios: tuple[float, ...] = ()
-) -> tuple[Tensor, list[Tensor] | None]:
-    """The crops a backbone needs for ``windows`` of ``image`` (C, H, W): the crops
-    ``(B, C, h, w)`` and, for a multi-context backbone, one batch of context crops
-    ``(B, C, r*h, r*w)`` per ratio ``r`` (None for a plain backbone). Shared by the engine
-    and training, so both cut contexts the same way."""
-    crops = extract_windows(image, windows)
-    if not ratios:
-        return crops, None
-    return crops, [extract_windows(image, context_windows(windows, r)) for r in ratios]
 
 
 def crop_probs(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from magseg.data.scenes import IGNORE
-from magseg.engine.pyramid import CropBox, Size, crop_windows, resize
+from magseg.engine.pyramid import CropBox, Size, resize
 
 
 def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
@@ -41,16 +41,6 @@ def mask_window(mask: Tensor, box: CropBox, crop: Size) -> Tensor:
     out = torch.full(tuple(crop), IGNORE, dtype=torch.long)
     out[: box.height, : box.width] = mask[box.window]
     return out
-
-
-def image_windows(stage_image: Tensor, box: CropBox, crop: Size, ratios: tuple[float, ...] = ()
-                  ) -> tuple[Tensor, list[Tensor]]:
-    """The window ``(C, ch, cw)`` and, for a multi-context backbone (FCtL), one context window
-    per ratio ``(C, r*ch, r*cw)``, cut by the engine's own ``backbone_inputs``."""
-    from magseg.engine.stages import backbone_inputs
-
-    crops, contexts = backbone_inputs(stage_image, crop_windows([box], crop), ratios)
-    return crops[0], [c[0] for c in contexts or []]
 
 
 @functools.lru_cache(maxsize=256)
