@@ -180,7 +180,7 @@ def test_train_on_a_full_disk_exits_1_and_keeps_its_checkpoints(tmp_path, data):
         assert not _partials(disk / "run")
 
 
-def test_train_that_cannot_write_a_checkpoint_exits_1_and_keeps_the_earlier_ones(
+def test_train_that_cannot_write_a_checkpoint_exits_1_and_keeps_the_previous_ones(
         tmp_path, data, monkeypatch):
     real_save, calls = magseg.checkpoint.torch.save, []
 
