@@ -357,15 +357,31 @@ _TRACK = (178.0, 166.0, 140.0)
 
 
 def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
-    """The RGB image ``(H, W, 3)`` uint8 of a layout."""
-    labels, cell, rim = layout.labels, layout.cell, layout.rim
-    size = labels.shape
+    """The RGB image ``(H, W, 3)`` uint8 of a layout.
+
+    The painting steps draw from ``rng`` in a fixed order (fields, margins and cover, urban,
+    small buildings, thin structures, grain): changing it changes every scene of a seed.
+    """
+    labels = layout.labels
+    h, w = labels.shape
+    img = np.zeros((h, w, 3), dtype=np.float32)
+    _paint_fields(rng, img, layout)
+    _paint_cover(rng, img, layout)
+    _paint_urban(rng, img, labels == URBAN)
+    if layout.buildings is not None:
+        _paint_buildings(rng, img, labels, layout.buildings)
+    _paint_thin(rng, img, layout)
+    return _optics(rng, img, labels)
+
+
+def _paint_fields(rng: np.random.Generator, img: np.ndarray, layout: Layout) -> None:
+    """Paint every cell of ``img`` ``(H, W, 3)`` float32 as a field, in place: per cell a
+    base colour, crop rows (direction, spacing) and mottling, all drawn from the same
+    distributions for agriculture and rangeland. Non-field cells are painted over later."""
+    cell = layout.cell
+    size = cell.shape
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), dtype=np.float32)
-
-    # Fields: per cell a base colour, crop rows (direction, spacing) and mottling, all drawn
-    # from the same distributions for agriculture and rangeland.
     mottle = 14 * smooth_noise(rng, size, 24) + 7 * smooth_noise(rng, size, 6)
     for i in range(len(layout.cell_class)):
         where = cell == i
@@ -376,38 +392,60 @@ def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
         rows = 9 * np.sin(2 * math.pi * (xx[where] * math.cos(angle) + yy[where] * math.sin(angle)) / period + phase)
         img[where] = base + (rows + mottle[where])[:, None]
 
-    def layer(mask: np.ndarray, color, fine_cell: float, fine_amp: float, coarse_amp: float) -> None:
-        if not mask.any():
-            return
-        tex = fine_amp * smooth_noise(rng, size, fine_cell) + coarse_amp * smooth_noise(rng, size, 20)
-        jitter = rng.normal(0, 6, 3).astype(np.float32)
-        img[mask] = np.asarray(color, np.float32) + jitter + tex[mask][:, None]
 
+def _paint_layer(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, color,
+                 fine_cell: float, fine_amp: float, coarse_amp: float) -> None:
+    """Paint the ``(H, W)`` bool ``mask`` of ``img`` ``(H, W, 3)`` float32 in place: ``color``
+    (RGB) jittered per layer, plus fine (``fine_cell`` px) and coarse (20 px) texture.
+
+    An empty mask draws nothing from ``rng``.
+    """
+    if not mask.any():
+        return
+    size = mask.shape
+    tex = fine_amp * smooth_noise(rng, size, fine_cell) + coarse_amp * smooth_noise(rng, size, 20)
+    jitter = rng.normal(0, 6, 3).astype(np.float32)
+    img[mask] = np.asarray(color, np.float32) + jitter + tex[mask][:, None]
+
+
+def _paint_cover(rng: np.random.Generator, img: np.ndarray, layout: Layout) -> None:
+    """Paint the field margins (hedgerow for agriculture, verge for rangeland), forest and
+    barren land over the fields of ``img`` ``(H, W, 3)`` float32, in place."""
+    labels, cell, rim = layout.labels, layout.cell, layout.rim
     agri_rim = rim & (np.asarray(layout.cell_class)[cell] == AGRICULTURE)
     range_rim = rim & ~agri_rim
-    layer(agri_rim, _HEDGE, 3, 22, 8)
-    layer(range_rim, _VERGE, 3, 22, 8)
-    layer(labels == FOREST, _FOREST, 4, 24, 10)
-    layer(labels == BARREN, _BARREN, 10, 10, 12)
-    urban = labels == URBAN
-    if urban.any():
-        layer(urban, _URBAN, 5, 8, 6)
-        # Buildings: a jittered grid of rectangles in a few shades.
-        blocks = np.zeros(size, dtype=np.float32)
-        step = 14
-        for by in range(0, h, step):
-            for bx in range(0, w, step):
-                if rng.random() < 0.7:
-                    bh, bw = rng.integers(5, step - 2, size=2)
-                    blocks[by : by + bh, bx : bx + bw] = rng.normal(0, 45)
-        img[urban] += blocks[urban][:, None]
+    _paint_layer(rng, img, agri_rim, _HEDGE, 3, 22, 8)
+    _paint_layer(rng, img, range_rim, _VERGE, 3, 22, 8)
+    _paint_layer(rng, img, labels == FOREST, _FOREST, 4, 24, 10)
+    _paint_layer(rng, img, labels == BARREN, _BARREN, 10, 10, 12)
 
-    if layout.buildings is not None:
-        _paint_buildings(rng, img, labels, layout.buildings)
 
-    # Water and tracks: distinct colours (water must not pass for urban grey), but 1.5-3 px
-    # wide: at a quarter of the resolution a line is a fraction of a pixel, blended with the
-    # fields around it, and the coarse prediction upsampled cannot follow it.
+def _paint_urban(rng: np.random.Generator, img: np.ndarray, urban: np.ndarray) -> None:
+    """Paint the ``(H, W)`` bool ``urban`` pixels of ``img`` ``(H, W, 3)`` float32 in place:
+    a grey layer with buildings on it, a jittered grid of rectangles in a few shades."""
+    if not urban.any():
+        return
+    _paint_layer(rng, img, urban, _URBAN, 5, 8, 6)
+    h, w = urban.shape
+    blocks = np.zeros((h, w), dtype=np.float32)
+    step = 14
+    for by in range(0, h, step):
+        for bx in range(0, w, step):
+            if rng.random() < 0.7:
+                bh, bw = rng.integers(5, step - 2, size=2)
+                blocks[by : by + bh, bx : bx + bw] = rng.normal(0, 45)
+    img[urban] += blocks[urban][:, None]
+
+
+def _paint_thin(rng: np.random.Generator, img: np.ndarray, layout: Layout) -> None:
+    """Paint water and tracks over ``img`` ``(H, W, 3)`` float32, in place.
+
+    Distinct colours (water must not pass for urban grey), but 1.5-3 px wide: at a quarter
+    of the resolution a line is a fraction of a pixel, blended with the fields around it,
+    and the coarse prediction upsampled cannot follow it.
+    """
+    labels = layout.labels
+    size = labels.shape
     water = labels == WATER
     if water.any():
         img[water] = np.asarray(_WATER, np.float32) + 6 * smooth_noise(rng, size, 8)[water][:, None]
@@ -415,8 +453,13 @@ def paint(rng: np.random.Generator, layout: Layout) -> np.ndarray:
     if track.any():
         img[track] = np.asarray(_TRACK, np.float32) + 6 * smooth_noise(rng, size, 8)[track][:, None]
 
+
+def _optics(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The painted ``img`` ``(H, W, 3)`` float32 as the sensor sees it: a slight blur, then
+    grain; no-data pixels stay black. Returns ``(H, W, 3)`` uint8."""
     img[labels == UNKNOWN] = 0
-    # Optics and sensor: a slight blur, then grain.
+    # Zeroed before the blur, so pixels next to no-data blend towards black, and again after
+    # it, since the blur and the grain reach into no-data.
     img = cv2.GaussianBlur(img, (0, 0), 0.6)
     img += rng.normal(0, 3, img.shape).astype(np.float32)
     img[labels == UNKNOWN] = 0
