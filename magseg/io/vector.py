@@ -181,6 +181,64 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
     return group
 
 
+def _open_class_map(labels: str | Path) -> rasterio.DatasetReader:
+    """The class map opened for reading; VectorError when rasterio cannot open it."""
+    try:
+        return rasterio.open(labels)
+    except rasterio.errors.RasterioIOError as exc:
+        raise VectorError(f"cannot read class map {labels}: {exc}") from exc
+
+
+def _group_strip(strip: np.ndarray, top: int, height: int, nodata: int | None,
+                 open_parts: list[tuple[shapely.Polygon, _Group]],
+                 ) -> tuple[list[_Group], list[tuple[shapely.Polygon, _Group]]]:
+    """Join the regions of ``strip`` ``(rows, W)`` class ids (first row: row ``top`` of a
+    raster ``height`` rows high) to the open parts of the strip above.
+
+    Returns every group this strip may finish (those of ``open_parts`` and the new ones) and
+    the parts that touch the strip's bottom row, with their groups.
+    """
+    bottom = top + strip.shape[0]
+    index = shapely.STRtree([part for part, _ in open_parts]) if open_parts else None
+    groups = [group for _, group in open_parts]
+    touching: list[tuple[shapely.Polygon, _Group]] = []
+    for value, polygon in _strip_polygons(strip, top, nodata):
+        group = _join(polygon, value, top, open_parts, index)
+        if group is None:
+            group = _Group(value, [polygon])
+            groups.append(group)
+        if polygon.bounds[3] == bottom and bottom < height:
+            touching.append((polygon, group))
+    return groups, touching
+
+
+def _finished(groups: list[_Group], touching: list[tuple[shapely.Polygon, _Group]]) -> list[_Group]:
+    """The root groups of ``groups`` that none of the ``touching`` parts continues into the
+    next strip, each once, in the order of ``groups`` (the order they are written in)."""
+    alive = {id(group.root()) for _, group in touching}
+    roots = {id(g.root()): g.root() for g in groups}
+    return [group for key, group in roots.items() if key not in alive]
+
+
+def _write_region(group: _Group, transform: Affine, options: VectorOptions, writer: _Writer,
+                  summary: VectorSummary) -> None:
+    """Union the parts of a finished group, move it to the CRS by ``transform``, and hand it
+    to ``writer`` (counted in ``summary``) unless it is under ``options.min_area``.
+
+    The area is taken before simplifying, so --min-area and the summary see the exact region.
+    """
+    region = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
+    region = _to_crs(region, transform)
+    area = float(shapely.area(region))
+    if area < options.min_area:
+        return
+    if options.simplify > 0:
+        region = shapely.simplify(region, options.simplify, preserve_topology=True)
+    writer.add(region, group.value)
+    summary.polygons += 1
+    summary.area[group.value] = summary.area.get(group.value, 0.0) + area
+
+
 def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
                options: VectorOptions = VectorOptions(),
                metadata: Mapping[str, str] | None = None) -> VectorSummary:
@@ -197,48 +255,20 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
     """
     driver = VECTOR_FORMATS[options.format][0]
     summary = VectorSummary()
-    try:
-        src = rasterio.open(labels)
-    except rasterio.errors.RasterioIOError as exc:
-        raise VectorError(f"cannot read class map {labels}: {exc}") from exc
-    with src:
+    with _open_class_map(labels) as src:
         height, width = src.height, src.width
         transform, nodata = src.transform, src.nodata
         crs = src.crs.to_wkt() if src.crs else None
         rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
         writer = _Writer(Path(out), driver, crs, class_names, metadata)
-
-        def finish(group: _Group) -> None:
-            region = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
-            region = _to_crs(region, transform)
-            area = float(shapely.area(region))
-            if area < options.min_area:
-                return
-            if options.simplify > 0:
-                region = shapely.simplify(region, options.simplify, preserve_topology=True)
-            writer.add(region, group.value)
-            summary.polygons += 1
-            summary.area[group.value] = summary.area.get(group.value, 0.0) + area
-
         # The parts of the previous strip that touch its bottom row, with their groups.
         open_parts: list[tuple[shapely.Polygon, _Group]] = []
         for top, bottom in _strips(height, rows):
             strip = src.read(1, window=Window(0, top, width, bottom - top))
-            index = shapely.STRtree([part for part, _ in open_parts]) if open_parts else None
-            groups = [group for _, group in open_parts]  # every group this strip may finish
-            touching: list[tuple[shapely.Polygon, _Group]] = []
-            for value, polygon in _strip_polygons(strip, top, nodata):
-                group = _join(polygon, value, top, open_parts, index)
-                if group is None:
-                    group = _Group(value, [polygon])
-                    groups.append(group)
-                if polygon.bounds[3] == bottom and bottom < height:
-                    touching.append((polygon, group))
+            groups, touching = _group_strip(strip, top, height, nodata, open_parts)
             # A group is finished when none of its parts reaches into the next strip.
-            alive = {id(group.root()) for _, group in touching}
-            for group in {id(g.root()): g.root() for g in groups}.values():
-                if id(group) not in alive:
-                    finish(group)
+            for group in _finished(groups, touching):
+                _write_region(group, transform, options, writer, summary)
             open_parts = [(part, group.root()) for part, group in touching]
         writer.flush(final=True)
     return summary
