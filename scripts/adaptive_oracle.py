@@ -107,26 +107,70 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("data_root")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N scenes")
-    parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points below the full method")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+class _Subsets:
+    """mIoU of the result when only a subset of the last stage's crops runs.
 
-    keep_freed_memory()  # time the engine as the magseg command runs it
-    segmenter = Segmenter.from_checkpoint(args.checkpoint)
-    in_mean = [c.in_mean for c in segmenter.config.classes]
-    data = crop_outcomes(segmenter, args.data_root, args.split, args.limit)
-    full, skip = np.array(data["full"]), np.array(data["skip"])
-    n = len(full)
+    ``full``, ``skip``: ``(n, C, C)`` confusion matrices of each of the ``n`` last-stage
+    crops, with the last stage run and skipped; ``in_mean``: which of the ``C`` classes count
+    in the mean. A selection is an ``(n,)`` bool array, True for the crops that run.
+    """
 
-    def miou(selected: np.ndarray) -> float:
-        return 100 * scores(np.where(selected[:, None, None], full, skip).sum(0), in_mean)["miou"]
+    def __init__(self, full: np.ndarray, skip: np.ndarray, in_mean: list[bool]) -> None:
+        self.full, self.skip, self.in_mean = full, skip, in_mean
+        self.n = len(full)
 
+    def miou(self, selected: np.ndarray) -> float:
+        """mIoU points with the ``selected`` crops run and the others skipped."""
+        return 100 * scores(np.where(selected[:, None, None], self.full, self.skip).sum(0), self.in_mean)["miou"]
+
+    def needed(self, order: list[int], goal: float) -> int:
+        """How many crops, taken in ``order``, reach ``goal`` mIoU (``n`` when none do)."""
+        selected = np.zeros(self.n, bool)
+        if self.miou(selected) >= goal:
+            return 0
+        for k, i in enumerate(order, 1):
+            selected[i] = True
+            if self.miou(selected) >= goal:
+                return k
+        return self.n
+
+    def greedy_oracle(self, goal: float) -> int:
+        """How many crops reach ``goal`` when each next crop is the one that raises the mIoU
+        most, knowing the ground truth (``n`` when none do)."""
+        n = self.n
+        selected = np.zeros(n, bool)
+        for k in range(1, n + 1):
+            gains = {}
+            for i in np.flatnonzero(~selected):
+                selected[i] = True
+                gains[i] = self.miou(selected)
+                selected[i] = False
+            best = max(gains, key=gains.get)
+            selected[best] = True
+            if gains[best] >= goal:
+                return k
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+    """Seconds per image: ``total`` of all stages, ``last`` of the last stage in full, and the
+    last stage modelled as ``fixed + per_crop * crops run``; ``scenes`` measured."""
+
+    total: float
+    last: float
+    fixed: float
+    per_crop: float
+    scenes: int
+
+    def speed_up(self, k: int) -> float:
+        """The full method's time over the time with ``k`` last-stage crops run (all scenes)."""
+        return self.total / (self.total - self.last + self.fixed + self.per_crop * k / self.scenes)
+
+
+def _timing(data: dict, n: int) -> _Timing:
+    """The timing model from the measured seconds of ``crop_outcomes`` (``n``: last-stage
+    crops over all scenes)."""
     seconds = data["stage_seconds"]
     total, last = sum(seconds), seconds[-1]
     per_scene = n / data["scenes"]  # last-stage crops per scene
@@ -136,45 +180,41 @@ def main() -> None:
         fixed = max(last - per_crop * per_scene, 0.0)
     else:  # no timing run (an earlier stage has as many crops as the last): all per crop
         per_crop, fixed = last / per_scene, 0.0
+    return _Timing(total=total, last=last, fixed=fixed, per_crop=per_crop, scenes=data["scenes"])
 
-    def speed_up(k: int) -> float:
-        return total / (total - last + fixed + per_crop * k / data["scenes"])
 
-    reference = miou(np.ones(n, bool))
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("data_root")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N scenes")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points below the full method")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    keep_freed_memory()  # time the engine as the magseg command runs it
+    segmenter = Segmenter.from_checkpoint(args.checkpoint)
+    in_mean = [c.in_mean for c in segmenter.config.classes]
+    data = crop_outcomes(segmenter, args.data_root, args.split, args.limit)
+    subsets = _Subsets(np.array(data["full"]), np.array(data["skip"]), in_mean)
+    n = subsets.n
+    timing = _timing(data, n)
+    reference = subsets.miou(np.ones(n, bool))
     goal = reference - args.tolerance
-
-    def needed(order: list[int]) -> int:
-        selected = np.zeros(n, bool)
-        if miou(selected) >= goal:
-            return 0
-        for k, i in enumerate(order, 1):
-            selected[i] = True
-            if miou(selected) >= goal:
-                return k
-        return n
-
-    def greedy_oracle() -> int:
-        selected = np.zeros(n, bool)
-        for k in range(1, n + 1):
-            gains = {}
-            for i in np.flatnonzero(~selected):
-                selected[i] = True
-                gains[i] = miou(selected)
-                selected[i] = False
-            best = max(gains, key=gains.get)
-            selected[best] = True
-            if gains[best] >= goal:
-                return k
-        return n
-
-    rules = {name: needed(list(np.argsort(data[name])[::-1])) for name in ("mean_uncertainty", "changed")}
-    rules["oracle"] = greedy_oracle()
+    rules = {name: subsets.needed(list(np.argsort(data[name])[::-1]), goal)
+             for name in ("mean_uncertainty", "changed")}
+    rules["oracle"] = subsets.greedy_oracle(goal)
+    speed_up = timing.speed_up
     two_x = max(k for k in range(n + 1) if speed_up(k) >= 2) if speed_up(0) >= 2 else None
     report = {
         "checkpoint": args.checkpoint, "split": args.split, "scenes": data["scenes"],
-        "last_stage_crops": n, "stage_seconds_per_image": [round(s, 4) for s in seconds],
-        "last_stage_seconds_model": {"fixed": round(fixed, 4), "per_crop": round(per_crop, 4)},
-        "miou_full": round(reference, 2), "miou_last_stage_skipped": round(miou(np.zeros(n, bool)), 2),
+        "last_stage_crops": n, "stage_seconds_per_image": [round(s, 4) for s in data["stage_seconds"]],
+        "last_stage_seconds_model": {"fixed": round(timing.fixed, 4), "per_crop": round(timing.per_crop, 4)},
+        "miou_full": round(reference, 2), "miou_last_stage_skipped": round(subsets.miou(np.zeros(n, bool)), 2),
         "tolerance_points": args.tolerance, "crops_allowed_at_2x": two_x,
         "rules": {name: {"crops_needed": k, "fraction": round(k / n, 3), "speed_up": round(speed_up(k), 2)}
                   for name, k in rules.items()},
