@@ -49,7 +49,6 @@ from magseg.config import AdaptiveConfig, load_config  # noqa: E402
 from magseg.engine.precision import precision_context, resolve_precision  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
-
 # The /proc/cpuinfo flags that decide which precisions a CPU computes natively.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
@@ -97,7 +96,7 @@ def _image(args: argparse.Namespace, segmenter: Segmenter) -> torch.Tensor:
     return torch.randn(segmenter.config.model.in_channels, args.size, args.size, generator=g)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "deepglobe.yaml"))
     parser.add_argument("--arch", default="Unet")
@@ -119,13 +118,12 @@ def main() -> None:
                         help="after the rounds, one engine run per precision timed helper by helper")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args()
-    # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
-    malloc_kept = keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    benches = {precision: _Bench(args, precision, segmenter)
-               for precision, segmenter in _segmenters(args).items()}
+    return parser
+
+
+def _measure(args: argparse.Namespace, benches: dict[str, "_Bench"]) -> dict[str, dict]:
+    """Warm every bench, time ``args.repeat`` rounds, and return each precision's figures
+    (with its --sections timings when asked for)."""
     for bench in benches.values():  # warm every path once (kernels, allocator)
         bench.warm()
     for _ in range(args.repeat):  # precisions interleaved: their ratios share the run's drift
@@ -135,9 +133,16 @@ def main() -> None:
     if args.sections:
         for precision, bench in benches.items():
             runs[precision]["sections"] = _sections(bench)
-    first = next(iter(benches.values()))
+    return runs
+
+
+def _setup(args: argparse.Namespace, first: "_Bench", malloc_kept: bool) -> dict:
+    """What was measured and on what: scene, model, pyramid, engine settings, the machine.
+
+    Read after the rounds, so the load average is the one the rounds ran under.
+    """
     config = first.config
-    figures = {
+    return {
         "scene": list(first.image.shape[-2:]),
         "model": f"{config.model.arch}/{config.model.encoder}",
         "trained": bool(args.checkpoint),
@@ -159,16 +164,33 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()),
     }
-    if len(runs) == 1:  # one precision: its figures at the top level, as scripts/gpu_check.sh reads them
-        figures.update(next(iter(runs.values())))
-    else:
-        figures.update({
-            "engine_over_backbone": {p: run["ratios"]["engine_over_backbone"] for p, run in runs.items()},
-            "engine_over_backbone_inside": {p: run["ratios"]["engine_over_backbone_inside"]
-                                            for p, run in runs.items()},
-            "engine_own_seconds": {p: run["engine_own_seconds"] for p, run in runs.items()},
-            "runs": runs,
-        })
+
+
+def _by_precision(runs: dict[str, dict]) -> dict:
+    """The figures of the precisions: one precision's at the top level (as
+    scripts/gpu_check.sh reads them), else the headline ratios side by side and every run."""
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    return {
+        "engine_over_backbone": {p: run["ratios"]["engine_over_backbone"] for p, run in runs.items()},
+        "engine_over_backbone_inside": {p: run["ratios"]["engine_over_backbone_inside"]
+                                        for p, run in runs.items()},
+        "engine_own_seconds": {p: run["engine_own_seconds"] for p, run in runs.items()},
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
+    malloc_kept = keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    benches = {precision: _Bench(args, precision, segmenter)
+               for precision, segmenter in _segmenters(args).items()}
+    runs = _measure(args, benches)
+    figures = _setup(args, next(iter(benches.values())), malloc_kept)
+    figures.update(_by_precision(runs))
     report_figures(figures, args.json)
 
 
