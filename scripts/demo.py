@@ -35,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,22 @@ def write_geotiff(jpeg: Path, target: Path) -> None:
         dst.write(pixels)
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class _Dirs:
+    """Where the demo writes: everything under ``out``, one folder per kind of output."""
+
+    out: Path
+    data: Path
+    run: Path
+    bench: Path
+    pred: Path
+
+    @classmethod
+    def under(cls, out: Path) -> _Dirs:
+        return cls(out, out / "data", out / "run", out / "benchmark", out / "prediction")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="everything goes here")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
@@ -110,15 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-objects", action="store_true",
                         help="small-objects scenes (make_synthetic.py --small-objects) and their check")
     parser.add_argument("set", nargs="*", help="config overrides key=value for training")
-    args = parser.parse_args(argv)
+    return parser
 
-    out = args.out.resolve()
-    data, run, bench, pred = out / "data", out / "run", out / "benchmark", out / "prediction"
-    out.mkdir(parents=True, exist_ok=True)
-    steps = Steps()
+
+def _run_steps(args: argparse.Namespace, dirs: _Dirs, steps: Steps) -> Path:
+    """Generate, train, benchmark, write the GeoTIFF and predict it; returns that GeoTIFF."""
+    data, run, out = dirs.data, dirs.run, dirs.out
     magseg = _magseg()
-    total = time.perf_counter()
-
     steps.run("generate", [sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "--out", str(data),
                            "--size", str(args.size), "--train", str(args.train), "--val", str(args.val),
                            "--test", str(args.test), "--seed", str(args.seed), "--overwrite", "--quiet",
@@ -128,21 +142,22 @@ def main(argv: list[str] | None = None) -> int:
              "--overwrite", *(arg for item in overrides for arg in ("--set", item))]
     steps.run("train", train, stdout=out / "train.ndjson")
     steps.run("benchmark", [*magseg, "benchmark", str(run / "best.ckpt"), str(data), "--split", "test",
-                            "--out-dir", str(bench), "--overwrite"], stdout=out / "benchmark.ndjson")
+                            "--out-dir", str(dirs.bench), "--overwrite"], stdout=out / "benchmark.ndjson")
 
     test_ids = (data / "test.txt").read_text().split()
-    scene = pred / "input" / f"{test_ids[0]}.tif"
+    scene = dirs.pred / "input" / f"{test_ids[0]}.tif"
     start, cpu = time.perf_counter(), time.process_time()
     write_geotiff(data / f"{test_ids[0]}_sat.jpg", scene)
     steps.add("geotiff", time.perf_counter() - start, time.process_time() - cpu)
-    steps.run("predict", [*magseg, "predict", str(run / "best.ckpt"), str(scene), "--out-dir", str(pred),
+    steps.run("predict", [*magseg, "predict", str(run / "best.ckpt"), str(scene), "--out-dir", str(dirs.pred),
                           "--uncertainty", "--preview", "--overwrite"], stdout=out / "predict.ndjson")
-    total = time.perf_counter() - total
+    return scene
 
-    report = json.loads((bench / "report.json").read_text())
-    methods = report["methods"]
-    margins = report["margins_miou_points"]
-    predicted = [json.loads(line) for line in (out / "predict.ndjson").read_text().splitlines() if line.strip()]
+
+def _print_results(dirs: _Dirs, report: dict, predicted: list[dict], steps: Steps, total: float,
+                   scene: Path) -> None:
+    """The benchmark's tables, the time of each step, and where the outputs are."""
+    bench = dirs.bench
     # The methods table and the per-stage table (the rest of report.md is in the file).
     print((bench / "report.md").read_text().split("\n## Margins")[0].strip())
     print()
@@ -152,23 +167,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:     {bench / 'report.md'}  (and report.json)")
     print(f"Plots:      {', '.join(str(bench / p) for p in report['plots'])}")
     outputs = [path for rec in predicted for path in (rec.get("outputs") or {}).values()]
-    print(f"Prediction: {', '.join(map(str, outputs)) if outputs else pred}  (from {scene})")
-    print(f"Checkpoint: {run / 'best.ckpt'}")
-    if args.small_objects:
-        prog, patch = methods["progressive"], methods["patch"]
-        d_miou = 100 * (prog["miou"] - patch["miou"])
-        d_class = 100 * ((prog["iou"][SMALL_CLASS] or 0) - (patch["iou"][SMALL_CLASS] or 0))
-        ok = d_miou >= -SMALL_MIOU_SLACK and d_class >= -SMALL_CLASS_SLACK
-        print(f"\nprogressive - patch-only: {d_miou:+.1f} mIoU points (at least -{SMALL_MIOU_SLACK}), "
-              f"{d_class:+.1f} {SMALL_CLASS} IoU points (at least -{SMALL_CLASS_SLACK}): "
-              f"{'met' if ok else 'NOT met'}")
-    else:
-        ok = all(m is not None and m >= MARGIN for m in margins.values())
-        print(f"\nprogressive mIoU {100 * methods['progressive']['miou']:.1f}: "
-              + ", ".join(f"{k.replace('progressive_minus_', '+')} {v:+.1f} points" for k, v in margins.items())
-              + f" -> margin of {MARGIN:.0f} points over both baselines: {'met' if ok else 'NOT met'}")
-    (out / "timings.json").write_text(json.dumps({"steps": steps.times, "total_wall_s": round(total, 1)},
-                                                 indent=2) + "\n")
+    print(f"Prediction: {', '.join(map(str, outputs)) if outputs else dirs.pred}  (from {scene})")
+    print(f"Checkpoint: {dirs.run / 'best.ckpt'}")
+
+
+def _small_objects_met(methods: dict) -> bool:
+    """Progressive within the slacks of patch-only on mIoU and on SMALL_CLASS; printed."""
+    prog, patch = methods["progressive"], methods["patch"]
+    d_miou = 100 * (prog["miou"] - patch["miou"])
+    d_class = 100 * ((prog["iou"][SMALL_CLASS] or 0) - (patch["iou"][SMALL_CLASS] or 0))
+    ok = d_miou >= -SMALL_MIOU_SLACK and d_class >= -SMALL_CLASS_SLACK
+    print(f"\nprogressive - patch-only: {d_miou:+.1f} mIoU points (at least -{SMALL_MIOU_SLACK}), "
+          f"{d_class:+.1f} {SMALL_CLASS} IoU points (at least -{SMALL_CLASS_SLACK}): "
+          f"{'met' if ok else 'NOT met'}")
+    return ok
+
+
+def _margin_met(methods: dict, margins: dict[str, float | None]) -> bool:
+    """Progressive at least MARGIN mIoU points over every baseline; printed."""
+    ok = all(m is not None and m >= MARGIN for m in margins.values())
+    print(f"\nprogressive mIoU {100 * methods['progressive']['miou']:.1f}: "
+          + ", ".join(f"{k.replace('progressive_minus_', '+')} {v:+.1f} points" for k, v in margins.items())
+          + f" -> margin of {MARGIN:.0f} points over both baselines: {'met' if ok else 'NOT met'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    dirs = _Dirs.under(args.out.resolve())
+    dirs.out.mkdir(parents=True, exist_ok=True)
+    steps = Steps()
+    total = time.perf_counter()
+    scene = _run_steps(args, dirs, steps)
+    total = time.perf_counter() - total
+
+    report = json.loads((dirs.bench / "report.json").read_text())
+    methods = report["methods"]
+    margins = report["margins_miou_points"]
+    predicted = [json.loads(line) for line in (dirs.out / "predict.ndjson").read_text().splitlines() if line.strip()]
+    _print_results(dirs, report, predicted, steps, total, scene)
+    ok = _small_objects_met(methods) if args.small_objects else _margin_met(methods, margins)
+    (dirs.out / "timings.json").write_text(json.dumps({"steps": steps.times, "total_wall_s": round(total, 1)},
+                                                      indent=2) + "\n")
     return 0 if ok else 1
 
 
