@@ -22,8 +22,8 @@ from magseg.io.raster import NODATA
 
 IMAGE = smooth_image(3, 60, 80, seed=11)
 # Rows 10..30 and columns 20..50 of the raster, in its CRS (10 m pixels).
-X0, Y0 = TRANSFORM * (20, 10)
-X1, Y1 = TRANSFORM * (50, 30)
+X0, Y0 = TRANSFORM @ (20, 10)
+X1, Y1 = TRANSFORM @ (50, 30)
 
 
 def _predict(*args):
@@ -75,7 +75,7 @@ def test_aoi_polygons_leave_everything_outside_them_nodata(tmp_path, fitted_chec
     labels, profile = read_raster(tmp_path / "out" / "scene.tif")
     assert labels.shape == (1, 20, 30)
     rows, cols = np.mgrid[0:20, 0:30]
-    xs, ys = profile["transform"] * (cols + 0.5, rows + 0.5)
+    xs, ys = profile["transform"] @ (cols + 0.5, rows + 0.5)
     centre_inside = shapely.contains_xy(triangle, xs, ys)
     assert (labels[0][~centre_inside] == NODATA).all()
     assert (labels[0][centre_inside] != NODATA).all()
@@ -83,7 +83,7 @@ def test_aoi_polygons_leave_everything_outside_them_nodata(tmp_path, fitted_chec
 
 def test_an_aoi_outside_the_raster_fails_that_input_alone(tmp_path, fitted_checkpoint):
     inside = write_raster(tmp_path / "inside.tif", IMAGE)
-    far = write_raster(tmp_path / "far.tif", IMAGE, transform=TRANSFORM * TRANSFORM.translation(10_000, 0))
+    far = write_raster(tmp_path / "far.tif", IMAGE, transform=TRANSFORM @ TRANSFORM.translation(10_000, 0))
     result = _predict(fitted_checkpoint, inside, far, "-o", tmp_path / "out", "--bbox", f"{X0},{Y1},{X1},{Y0}")
     assert result.exit_code == 1, result.output
     records = {r["input"]: r for r in _records(result)}

@@ -280,7 +280,7 @@ class RasterReader:
         if pixels.dtype.kind == "f":
             valid &= np.isfinite(pixels).all(axis=0)
         if self._aoi is not None:
-            transform = window_transform(win, self._src.transform) * Affine.scale(
+            transform = window_transform(win, self._src.transform) @ Affine.scale(
                 win.width / shape[1], win.height / shape[0])
             valid &= inside(self._aoi, transform, valid.shape)
         return pixels, valid
