@@ -2,8 +2,9 @@
 enters, end-to-end segmentation, predict and training at fp32, bf16 and fp16, and the
 records and reports that say which one ran.
 
-A CPU without native bf16 or fp16 emulates them: slower, with the same rounding, so these
-tests hold on AVX2-only machines and on AVX512-BF16/AMX ones alike.
+A CPU without native bf16 or fp16 emulates them: slower, and rounded differently (an
+AVX2-only CPU's emulated bf16 is not AVX512-BF16's native one, nor AVX512 forced to AVX2
+kernels), so these tests compare with fp32 only through bounds that hold for either.
 """
 
 from __future__ import annotations
