@@ -18,6 +18,7 @@ from magseg.cli.common import (
     SETTINGS,
     WORKERS,
     Runner,
+    check_checkpoint,
     check_device,
     config_overrides,
     emit,
@@ -111,17 +112,20 @@ def benchmark(
     start as asked (bad option, config, device or checkpoint). With --runner ray, the scenes
     run on Ray actors and their confusion matrices are summed.
     """
-    from magseg.data.scenes import list_scenes
     from magseg.errors import ConfigError
+
+    check_checkpoint(checkpoint, settings)  # before torch is imported: a missing file costs nothing
+    if layout is not None and layout not in ("deepglobe", "geotiff"):
+        raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
+    check_device(device)
+
+    from magseg.data.scenes import list_scenes
     from magseg.evaluation.benchmark import benchmark_methods, check_scenes
     from magseg.evaluation.report import build_report, check_outputs, write_report
 
-    check_device(device)
     check_outputs(out_dir, overwrite)
-    if layout is not None and layout not in ("deepglobe", "geotiff"):
-        raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
     model = load_model(runner, checkpoint, config_overrides(settings, {
-        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}))
+        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}), quiet)
     config = model.config
     wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
     methods = benchmark_methods(config, wanted, _fractions(sweep_k))

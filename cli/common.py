@@ -284,15 +284,31 @@ class Model:
         return ScenePool(self.checkpoint, list(self.overrides), workers, address, quiet=quiet)
 
 
-def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str]) -> Model:
+def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet: bool = False) -> Model:
     """Read ``checkpoint`` and apply ``overrides`` here, whatever the runner, so a bad file
     or override stops the run (exit 2) before any scene or actor starts; build the models
-    only when the scenes run in this process."""
-    from magseg.checkpoint import load_checkpoint
+    only when the scenes run in this process. What the loader noticed (a backbone-phase
+    checkpoint run without its refiner) is said on stderr, one warning line each."""
+    from magseg.checkpoint import load_checkpoint, run_config
     from magseg.segmenter import Segmenter
 
     ckpt = load_checkpoint(checkpoint)
     if runner is Runner.ray:
-        return Model(checkpoint, tuple(overrides), ckpt.config.override(overrides), None)
-    segmenter = Segmenter.from_checkpoint(ckpt, overrides)
-    return Model(checkpoint, tuple(overrides), segmenter.config, segmenter)
+        model = Model(checkpoint, tuple(overrides), run_config(ckpt, overrides), None)
+    else:
+        segmenter = Segmenter.from_checkpoint(ckpt, overrides)
+        model = Model(checkpoint, tuple(overrides), segmenter.config, segmenter)
+    for warning in ckpt.warnings:
+        log(f"magseg: warning: {warning}", quiet)
+    return model
+
+
+def check_checkpoint(checkpoint: Path, settings: Sequence[str] | None) -> None:
+    """What can be checked of a run's model before torch is imported: the checkpoint file
+    (present, a checkpoint, undamaged: ``magseg.checkpoint.check_checkpoint_file``) and the
+    ``--set`` values (``key=value``, YAML). A usage error found here costs no torch import."""
+    from magseg.checkpoint import check_checkpoint_file
+    from magseg.config import parse_overrides
+
+    parse_overrides(list(settings or ()))
+    check_checkpoint_file(checkpoint)

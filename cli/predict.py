@@ -27,6 +27,7 @@ from magseg.cli.common import (
     SETTINGS,
     WORKERS,
     Runner,
+    check_checkpoint,
     check_device,
     config_overrides,
     emit,
@@ -92,13 +93,18 @@ def _parse_creation_options(items: list[str]) -> dict[str, str]:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove it writable before any work (exit 2 if not)."""
+    """Create ``out_dir`` and prove it writable before any work (exit 2 if not, with the
+    directories it made removed again: exit 2 leaves nothing behind)."""
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".magseg-probe-", dir=out_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        for directory in made:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         fail(f"output directory {out_dir} is not writable ({exc.strerror}); "
              "choose another --out-dir or fix its permissions", EXIT_USAGE)
 
@@ -209,6 +215,7 @@ def predict(
     size. Input nodata (declared, or pixels 0 in every band when none is declared) becomes
     255. Every file is written under a temporary name and renamed when complete.
     """
+    check_checkpoint(checkpoint, settings)  # before torch is imported: a missing file costs nothing
     check_device(device)
     options = _predict_options(
         probs=probs, uncertainty=uncertainty, cog=cog, preview=preview, overwrite=overwrite,
@@ -219,8 +226,9 @@ def predict(
     overrides = config_overrides(settings, {
         "engine.batch_size": batch_size, "engine.device": device,
         "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops})
-    model = load_model(runner, checkpoint, overrides)
+    model = load_model(runner, checkpoint, overrides, quiet)
     _check_bands(options.bands, model.config.model.in_channels, checkpoint)
+    _check_out_dir(out_dir)  # the first thing created: every usage error is found before it
 
     with _sigterm_as_interrupt():
         if model.segmenter is None:
@@ -254,8 +262,8 @@ def _predict_options(*, bands: str | None, creation_options: list[str], cog: boo
 
 
 def _inputs_and_outputs(inputs: list[str], out_dir: Path, options):
-    """``(paths, out_dir, options)``: the inputs expanded, and -o as a directory (made and
-    proved writable); ``-o FILE.tif`` for one input names its class map (``options.stem``)."""
+    """``(paths, out_dir, options)``: the inputs expanded, and -o as a directory (made later,
+    by ``_check_out_dir``); ``-o FILE.tif`` for one input names its class map (``options.stem``)."""
     from magseg.io.predict import INPUT_SUFFIXES
 
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
@@ -267,7 +275,6 @@ def _inputs_and_outputs(inputs: list[str], out_dir: Path, options):
                  "directory for several", EXIT_USAGE)
         options = dataclasses.replace(options, stem=out_dir.stem)
         out_dir = out_dir.parent
-    _check_out_dir(out_dir)
     return paths, out_dir, options
 
 

@@ -95,12 +95,13 @@ def train(
     lacks, a checkpoint in --out-dir that is unreadable or does not match the config); 1 on
     bad data (a split file, image or mask).
     """
+    refuse_positional_overrides(ctx)
+    check_device(device)
+    cfg = _load_config(config, settings, phase, epochs, encoder_weights, device)  # needs no torch
+
     from magseg.training.trainer import TrainOptions
     from magseg.training.trainer import train as run_training
 
-    refuse_positional_overrides(ctx)
-    check_device(device)
-    cfg = _load_config(config, settings, phase, epochs, encoder_weights, device)
     out_dir = out_dir if out_dir is not None else Path("runs") / cfg.name
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out-dir {out_dir} is a file; give a directory (created if missing) for the "

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import io
 import pickle
+import stat
 import zipfile
-from dataclasses import dataclass
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from magseg.config import Config, config_from_dict
 from magseg.errors import CheckpointError, ConfigError, WriteError
 from magseg.io.atomic import atomic_write
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: checking a
+    import torch   # path (check_checkpoint_file) costs no torch import
+    from torch import nn
 
 FORMAT = "magseg-checkpoint"
 VERSION = 1
@@ -43,6 +47,9 @@ class Checkpoint:
     refiner: dict[str, torch.Tensor] | None
     meta: dict[str, Any]
     training: dict[str, Any] | None
+    # What the loader changed or noticed, one line each, for the CLI to show (e.g. a
+    # backbone-phase checkpoint run without its refiner).
+    warnings: list[str] = field(default_factory=list)
 
 
 def save_checkpoint(
@@ -61,6 +68,8 @@ def save_checkpoint(
         WriteError: the file could not be written completely (the message names ``path``
             and, for a full disk, says so).
     """
+    import torch
+
     from magseg import __version__
 
     payload = {
@@ -87,11 +96,7 @@ def save_checkpoint(
 def _check_written(path: Path) -> None:
     """Read a checkpoint just written back as a zip archive and check every member's CRC:
     a file cut short by a failed write is never put in place."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        bad = f"{type(exc).__name__}: {exc}"
+    bad = zip_damage(path)
     if bad is not None:
         error = WriteError(f"{path}: does not read back complete after writing ({bad})")
         error.path = path  # type: ignore[attr-defined]
@@ -106,31 +111,151 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint file.
+    """Read and validate a checkpoint file (``check_checkpoint_file`` first).
 
     Raises:
-        CheckpointError: missing, unreadable, not a magseg checkpoint, or an invalid config.
+        CheckpointError: missing, unreadable, damaged, not a magseg checkpoint, or an
+            invalid config.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist (train one with `magseg train`, "
-            "which writes best.ckpt and last.ckpt in its --out-dir)"
-        )
+    check_checkpoint_file(path)
     return _parse(path, path)
 
 
 def checkpoint_from_bytes(data: bytes, name: str | Path) -> Checkpoint:
     """A checkpoint from the bytes of its file (e.g. shipped to a remote worker); ``name``
     is the file it came from, for messages."""
-    return _parse(io.BytesIO(data), Path(name))
+    source = io.BytesIO(data)
+    _check_contents(source, Path(name))
+    return _parse(source, Path(name))
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Everything about a checkpoint file that can be checked without torch: it is a regular
+    file, readable, not empty, a zip archive as ``torch.save`` writes it (not a raster, a
+    raw pickle, text...), and every entry's CRC-32 matches what was written, so a file
+    changed by one byte since it was saved is refused before any of it is used.
+
+    Reads the whole file once (the CRCs); imports no torch, so the CLI refuses a bad
+    checkpoint in a fraction of a second.
+
+    Raises:
+        CheckpointError: what is wrong, naming ``path``.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (train one with `magseg train`, "
+            "which writes best.ckpt and last.ckpt in its --out-dir)") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        inside = [n for n in ("best.ckpt", "last.ckpt") if (path / n).is_file()]
+        hint = f"; give {path / inside[0]}" if inside else "; give the .ckpt file written by `magseg train`"
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a device, pipe or socket); "
+                              "give the .ckpt file written by `magseg train`")
+    try:
+        with open(path, "rb") as file:
+            _check_contents(file, path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+
+
+# File signatures of what is given as a checkpoint by mistake: (first bytes, what it is).
+_SIGNATURES = (
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+    (b"II+\x00", "a BigTIFF image"), (b"MM\x00+", "a BigTIFF image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"), (b"\xff\x4f\xff\x51", "a JPEG 2000 codestream"),
+    (b"\x1f\x8b", "a gzip-compressed file"), (b"PK\x05\x06", "an empty zip archive"),
+    (b"\x89HDF", "an HDF5 file (Keras/TensorFlow weights?)"),
+)
+
+
+def _what_it_is(head: bytes) -> tuple[str, str]:
+    """What a file starting with ``head`` (not a zip archive) is, in words, and what more to
+    say about it ("" or "; ...")."""
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name, "; the checkpoint comes first, then the rasters" if "image" in name else ""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return ("a raw pickle (pickle.dump, or torch.save's legacy format)",
+                "; magseg never unpickles such files: it can run code")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "a text file", ""
+    return f"an unknown kind of file (it starts with bytes {head[:8].hex(' ')})", ""
+
+
+def _check_contents(file: Any, path: Path) -> None:
+    """``file`` (binary, seekable) holds a complete, undamaged torch zip archive; left at 0."""
+    head = file.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is an empty file (0 bytes): a run stopped while "
+                              "writing it, or it is not a checkpoint")
+    file.seek(0)
+    if not head.startswith(b"PK\x03\x04"):
+        what, more = _what_it_is(head)
+        raise CheckpointError(f"checkpoint {path} is {what}, not a magseg checkpoint (the zip "
+                              f"archive `magseg train` writes){more}")
+    damage = zip_damage(file, require_torch=True)
+    file.seek(0)
+    if damage is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {damage}; it changed after it was "
+                              "written: use another copy, or train again")
+
+
+def zip_damage(source: str | Path | Any, require_torch: bool = False) -> str | None:
+    """Why ``source`` (a path or binary file) is not a complete, undamaged zip archive as
+    ``torch.save`` writes it, in words; None when it is. Every entry is read through, so each
+    one's CRC-32 is checked; memory stays at one 1 MiB chunk. ``require_torch``: also refuse
+    archives that torch did not write (no ``data.pkl``, compressed entries)."""
+    name = None
+    try:
+        with zipfile.ZipFile(source) as archive:
+            entries = archive.infolist()
+            if require_torch:
+                if not any(e.filename.rpartition("/")[2] == "data.pkl" for e in entries):
+                    return "it is a zip archive but not a PyTorch file (it has no data.pkl)"
+                packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
+                if packed is not None:
+                    return (f"its entry {_entry(packed.filename)} is compressed, which torch.save "
+                            "never does: it is not a file torch wrote")
+            for entry in entries:
+                name = _entry(entry.filename)
+                with archive.open(entry) as member:
+                    while member.read(1 << 20):
+                        pass
+    except zipfile.BadZipFile as exc:
+        if name is not None and "CRC" in str(exc):
+            return f"its entry {name} fails its CRC-32 check"
+        if name is None and str(exc) == "File is not a zip file":
+            return "it is cut short (the zip directory that ends the archive is missing)"
+        where = f"at its entry {name}: " if name is not None else ""
+        return f"not a complete zip archive ({where}{_first_line(exc)})"
+    except (EOFError, OSError, zlib.error, NotImplementedError, ValueError, RuntimeError) as exc:
+        where = f" at its entry {name}" if name is not None else ""
+        return f"not a complete zip archive ({type(exc).__name__}{where}: {_first_line(exc)})"
+    return None
+
+
+def _entry(filename: str) -> str:
+    # torch names every entry "<archive name>/...": the name part is the file's (or its
+    # temporary name's) and says nothing about the damage.
+    return repr(filename.partition("/")[2] or filename)
 
 
 def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
-    empty = (source.stat().st_size if isinstance(source, Path) else len(source.getbuffer())) == 0
-    if empty:
-        raise CheckpointError(f"checkpoint {path} is an empty file (0 bytes): a run stopped while "
-                              "writing it, or it is not a checkpoint")
+    """The checkpoint in ``source`` (checked by ``_check_contents`` already)."""
+    import torch
+
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -175,14 +300,49 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
         config = config_from_dict(stored, source=f"in checkpoint {path}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    return Checkpoint(
-        path=path,
-        config=config,
-        backbone=payload["backbone"],
-        refiner=payload.get("refiner"),
-        meta=payload.get("meta") or {},
-        training=payload.get("training"),
-    )
+    meta = payload.get("meta") or {}
+    training = payload.get("training")
+    config, warnings = _backbone_phase_without_refiner(config, payload.get("refiner"), meta,
+                                                       training, path)
+    return Checkpoint(path=path, config=config, backbone=payload["backbone"],
+                      refiner=payload.get("refiner"), meta=meta, training=training,
+                      warnings=warnings)
+
+
+def _backbone_phase_without_refiner(config: Config, refiner: dict | None, meta: dict,
+                                    training: dict | None, path: Path) -> tuple[Config, list[str]]:
+    """A checkpoint the backbone phase wrote keeps the run's config, refiner.enabled: true
+    included, but holds no refiner weights yet: its config is read with refiner.enabled:
+    false (so its config digest is not that of the model with the refiner), and a warning
+    says so. Any other file that promises a refiner it lacks is refused by ``run_config``."""
+    phase = meta.get("phase") if isinstance(meta, dict) else None
+    if isinstance(training, dict):
+        phase = training.get("phase", phase)
+    if refiner is not None or not config.refiner.enabled or phase != "backbone":
+        return config, []
+    return config.override({"refiner.enabled": False}), [
+        f"checkpoint {path} was written by the backbone phase and holds no refiner weights: "
+        "it segments without the refiner (read as refiner.enabled: false); train the refiner "
+        "with `magseg train --phase refiner` for the full model"]
+
+
+def run_config(ckpt: Checkpoint, overrides: Mapping[str, Any] | Sequence[str] = ()) -> Config:
+    """The checkpoint's config with run-time ``overrides`` applied, as predict and benchmark
+    run it.
+
+    Raises:
+        ConfigError: a bad override.
+        CheckpointError: the config enables the refiner but the file holds no refiner
+            weights (the model it promises is not in it).
+    """
+    config = ckpt.config.override(overrides) if overrides else ckpt.config
+    if config.refiner.enabled and ckpt.refiner is None:
+        asked = "--set refiner.enabled=true" if not ckpt.config.refiner.enabled else "its config"
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds no refiner weights, but {asked} enables the refiner; "
+            "run the backbone alone with --set refiner.enabled=false, or use a checkpoint the "
+            "refiner phase wrote")
+    return config
 
 
 def _first_line(exc: BaseException) -> str:

@@ -451,11 +451,32 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+        if any("\udc80" <= c <= "\udcff" for c in item):
+            # A command-line byte that is not UTF-8 arrives as a lone surrogate (PEP 383).
+            raise ConfigError(f"override {item!r} holds bytes that are not UTF-8 text; give the "
+                              "value in UTF-8")
         try:
             parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return parsed
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line, column: 1-based) and what; its own message
+    spans several lines, with the offending text and a caret under it."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    if isinstance(exc, yaml.reader.ReaderError):
+        problem = f"character {exc.character:#x} is not allowed ({exc.reason})"
+    elif problem and "constructor for the tag" in problem:
+        tag = problem.rpartition("tag ")[2].strip("'").replace("tag:yaml.org,2002:", "!!")
+        problem = f"the tag {tag} is not allowed (magseg reads plain YAML values only)"
+    context = getattr(exc, "context", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return where + (f"{problem} ({context})" if context else problem)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
@@ -476,7 +497,7 @@ def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections at the top level")
     items = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(overrides).items()

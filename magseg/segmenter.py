@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from magseg.checkpoint import Checkpoint, load_checkpoint, load_state
+from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, run_config
 from magseg.config import Config
 from magseg.device import resolve_device
 from magseg.engine.backbone import create_backbone
@@ -71,13 +71,18 @@ class Segmenter:
     def from_checkpoint(
         cls, path: str | Path | Checkpoint, overrides: Mapping[str, Any] | Sequence[str] = ()
     ) -> "Segmenter":
-        """Load a checkpoint; ``overrides`` adjust run-time keys (``engine.*``, ``refine.*``)."""
+        """Load a checkpoint; ``overrides`` adjust run-time keys (``engine.*``, ``refine.*``).
+
+        Raises:
+            CheckpointError: unusable file, or a refiner enabled that the file lacks
+                (``magseg.checkpoint.run_config``).
+        """
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-        config = ckpt.config.override(overrides) if overrides else ckpt.config
+        config = run_config(ckpt, overrides)
         backbone = create_segmenter_model(config, pretrained=False)
         load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
         refiner = None
-        if ckpt.refiner is not None and config.refiner.enabled:
+        if config.refiner.enabled:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         segmenter = cls(config, backbone, refiner)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from magseg.config import ClassSpec, Config, DataConfig
 from magseg.errors import DataError
@@ -225,6 +227,15 @@ def check_scene(scene: Scene, config: Config) -> tuple[int, int]:
     # the wrong pixels.
     for what, mine, theirs in (("CRS", grid[0], mask_grid[0]), ("transform", grid[1], mask_grid[1])):
         if mine != theirs:
-            raise DataError(f"{scene.mask}: its {what} ({theirs}) is not its image's ({mine}, "
-                            f"{scene.image}); warp one onto the other's grid (gdalwarp)")
+            raise DataError(f"{scene.mask}: its {what} ({_one_line(theirs)}) is not its image's "
+                            f"({_one_line(mine)}, {scene.image}); warp one onto the other's grid "
+                            "(gdalwarp)")
     return size
+
+
+def _one_line(value: Any) -> str:
+    """A CRS or an affine transform on one line: an Affine prints as a 3-row matrix, and its
+    six coefficients (GDAL's order: a, b, c, d, e, f) are what tells two grids apart."""
+    if isinstance(value, Affine):
+        return ", ".join(f"{v:.12g}" for v in tuple(value)[:6])
+    return " ".join(str(value).split())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
@@ -126,6 +127,9 @@ def _crs(text: str | None, flag: str) -> str | None:
     if text is None:
         return None
     try:
-        return CRS.from_user_input(text).to_string()
+        # Inside an Env, GDAL's errors reach rasterio's handler (and this exception) instead
+        # of being printed as an "ERROR 1: PROJ: ..." line before magseg's own.
+        with rasterio.Env():
+            return CRS.from_user_input(text).to_string()
     except (CRSError, ValueError) as exc:  # ValueError: "EPSG:" followed by no number
         raise ConfigError(f"{flag} {text!r}: not a CRS GDAL knows ({exc}); e.g. EPSG:4326") from None

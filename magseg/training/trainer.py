@@ -410,6 +410,12 @@ class Trainer:
         try:
             self.device = _device(config, self.world)
             phases = self._phases()
+            # Every check that reads what is there comes before anything is created: a run
+            # that cannot start (exit 2) leaves no directory and no train.log behind.
+            resume = self._check_outputs(phases)
+            if resume is None and phases[0] == "refiner":
+                # Before the statistics: the backbone's own normalisation is used.
+                self._base = self._backbone_checkpoint()
             if self.world.main:
                 try:
                     self.out.mkdir(parents=True, exist_ok=True)
@@ -418,10 +424,8 @@ class Trainer:
                                       "directory for the checkpoints") from None
             distributed.barrier(self.world)
             with _log_file(self.out / LOG, self.world.main):
-                resume = self._check_outputs(phases)
-                if resume is None and phases[0] == "refiner":
-                    # Before the statistics: the backbone's own normalisation is used.
-                    self._base = self._backbone_checkpoint()
+                if self._base is not None:
+                    logger.info("refiner phase: frozen backbone from %s", self._base.path)
                 root = self.options.data_root
                 self.train_scenes = _scenes(self.config, "train", root)
                 self.val_scenes = _scenes(self.config, "val", root, config.train.val_max_scenes)
@@ -525,7 +529,6 @@ class Trainer:
             )
         ckpt = load_checkpoint(path)
         self.config = check_matches(self.config, ckpt)
-        logger.info("refiner phase: frozen backbone from %s", path)
         return ckpt
 
     @property
@@ -605,7 +608,10 @@ class Trainer:
         """The refiner phase's models and samples, the frozen backbone's coarse maps made
         first: ``(backbone, refiner, trained, dataset)``."""
         train, world = self.config.train, self.world
-        base = resume or self._base or self._backbone_checkpoint()
+        base = resume or self._base
+        if base is None:
+            base = self._backbone_checkpoint()
+            logger.info("refiner phase: frozen backbone from %s", base.path)
         self._base = None
         backbone = create_segmenter_model(self.config, pretrained=False)
         load_state(backbone, base.backbone, "backbone", base.path)
