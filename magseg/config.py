@@ -203,6 +203,12 @@ class EngineConfig:
     # results (figures: docs/performance.md#channels-last).
     channels_last: bool = True
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    # What runs the backbone: torch eager, or an exported graph in ONNX Runtime or OpenVINO
+    # (the extras magseg[onnx], magseg[openvino]); auto: the fastest installed for the device
+    # (magseg.engine.runtime, docs/runtimes.md).
+    runtime: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"
+    # Where exported graphs are kept (None: $MAGSEG_CACHE_DIR, else the user cache directory).
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         from magseg.device import check_device_name

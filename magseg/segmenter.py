@@ -21,6 +21,13 @@ from magseg.device import resolve_device
 from magseg.engine.backbone import create_backbone
 from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner import Refiner
+from magseg.engine.runtime import (
+    RuntimeBackbone,
+    resolve_runtime,
+    runtime_backbone,
+    runtime_precision,
+    state_sha256,
+)
 from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import ConfigError
 from magseg.io.provenance import Provenance, config_sha256, file_sha256
@@ -48,6 +55,17 @@ def create_segmenter_model(config: Config, pretrained: bool = True) -> nn.Module
     return create_backbone(model, config.num_classes)
 
 
+def _resolve_runtime(config: Config, device: torch.device) -> str:
+    return resolve_runtime(config.engine.runtime, device, config.model.arch.lower() == "fctl")
+
+
+def _runtime_backbone(runtime: str, config: Config, device: torch.device, digest: str,
+                      build) -> RuntimeBackbone:
+    precision = resolve_precision(device, config.engine.precision)
+    return runtime_backbone(runtime, weights_sha256=digest, config=config, build_torch=build,
+                            precision=precision)
+
+
 class Segmenter:
     """Segments raw or normalised images with a backbone, an optional refiner and a config."""
 
@@ -57,6 +75,12 @@ class Segmenter:
         # provenance tags; "none" for models built otherwise.
         self.checkpoint_sha256 = "none"
         self.device = resolve_device(config.engine.device)
+        # What runs the backbone (engine.runtime resolved): a torch module handed over is
+        # run from its exported graph when the runtime is another (magseg.engine.runtime).
+        self.backbone_runtime = _resolve_runtime(config, self.device)
+        if self.backbone_runtime != "torch" and not isinstance(backbone, RuntimeBackbone):
+            backbone = _runtime_backbone(self.backbone_runtime, config, self.device,
+                                         state_sha256(backbone), lambda model=backbone: model)
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
         if config.engine.channels_last:
@@ -79,15 +103,28 @@ class Segmenter:
         """
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         config = run_config(ckpt, overrides)
-        backbone = create_segmenter_model(config, pretrained=False)
-        load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
+
+        def build() -> nn.Module:
+            model = create_segmenter_model(config, pretrained=False)
+            load_state(model, ckpt.backbone, "backbone", ckpt.path)
+            return model
+
+        digest = file_sha256(ckpt.path) if ckpt.path.is_file() else None
+        runtime = _resolve_runtime(config, resolve_device(config.engine.device))
+        if runtime == "torch":
+            backbone = build()
+        else:  # from the cached graph: the torch model is built only if it must be exported
+            if digest is None:
+                digest = state_sha256(build())
+            backbone = _runtime_backbone(runtime, config, resolve_device(config.engine.device),
+                                         digest, build)
         refiner = None
         if config.refiner.enabled:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         segmenter = cls(config, backbone, refiner)
         if ckpt.path.is_file():
-            segmenter.checkpoint_sha256 = file_sha256(ckpt.path)
+            segmenter.checkpoint_sha256 = digest
         return segmenter
 
     @property
@@ -96,13 +133,22 @@ class Segmenter:
         from magseg import __version__
 
         return Provenance(__version__, self.checkpoint_sha256, config_sha256(self.config),
-                          str(self.device), resolve_precision(self.device, self.config.engine.precision))
+                          str(self.device), self.precision)
+
+    @property
+    def precision(self) -> str:
+        """The precision the backbone computes in: ``engine.precision`` resolved for the
+        device, as the backbone's runtime runs it (ONNX Runtime: fp32)."""
+        resolved = resolve_precision(self.device, self.config.engine.precision)
+        return runtime_precision(self.backbone_runtime, resolved)
 
     @property
     def runtime(self) -> dict[str, Any]:
-        """What computes this segmenter's results: device, resolved precision and the CPU
-        (``magseg.engine.precision.runtime_info``), for records and reports."""
-        return runtime_info(self.device, self.config.engine.precision)
+        """What computes this segmenter's results: device, resolved precision, the CPU
+        (``magseg.engine.precision.runtime_info``) and the backbone's runtime, for records
+        and reports."""
+        info = runtime_info(self.device, self.config.engine.precision)
+        return {**info, "precision": self.precision, "backbone_runtime": self.backbone_runtime}
 
     @property
     def num_classes(self) -> int:

@@ -106,6 +106,9 @@ def context_ratios(backbone: Backbone) -> tuple[float, ...]:
 
 def input_multiple(backbone: Backbone) -> int:
     """The factor the backbone's input height and width must be divisible by (1 if none)."""
+    recorded = getattr(backbone, "input_multiple", None)  # a RuntimeBackbone knows its own
+    if isinstance(recorded, int):
+        return recorded
     if not getattr(backbone, "requires_divisible_input_shape", False):
         return 1
     return int(getattr(getattr(backbone, "encoder", None), "output_stride", 1))

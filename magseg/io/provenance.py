@@ -25,7 +25,7 @@ _NOT_RESULTS = {
     "name": None,
     "train": None,
     "data": ("root", "layout", "train_split", "val_split", "test_split"),
-    "engine": ("batch_size", "device", "precision", "channels_last"),
+    "engine": ("batch_size", "device", "precision", "channels_last", "runtime", "cache_dir"),
 }
 _TAGS = {"version": "MAGSEG_VERSION", "checkpoint_sha256": "MAGSEG_CHECKPOINT_SHA256",
          "config_sha256": "MAGSEG_CONFIG_SHA256", "device": "MAGSEG_DEVICE", "precision": "MAGSEG_PRECISION"}

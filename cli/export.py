@@ -1,0 +1,54 @@
+"""``magseg export``: a checkpoint's backbone as an ONNX file (or OpenVINO IR) with its
+metadata, for ONNX Runtime, OpenVINO or QGIS's Deepness plugin (docs/runtimes.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from magseg.cli.app import app
+from magseg.cli.common import QUIET, emit, handle_errors, log
+
+# export's own options.
+CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
+OUTPUT = typer.Option(..., "--output", "-o", help="The model file to write, e.g. model.onnx "
+                      "(with --format openvino: model.xml and model.bin).")
+FORMAT = typer.Option("onnx", "--format", help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
+INPUT = typer.Option(None, "--input", min=1, help="Input height and width N of the exported model "
+                     "(default: the pyramid's input size, what the backbone sees at every stage).")
+OVERWRITE = typer.Option(False, help="Replace existing output files.")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  magseg export runs/dg/best.ckpt -o deepglobe.onnx\n\n"
+        "  magseg export runs/dg/best.ckpt -o deepglobe.onnx --input 512\n\n"
+        "  magseg export runs/dg/best.ckpt -o deepglobe.xml --format openvino"
+    )
+)
+@handle_errors
+def export(
+    checkpoint: Path = CHECKPOINT,
+    output: Path = OUTPUT,
+    format: str = FORMAT,  # noqa: A002 - the flag's name
+    input: int = INPUT,  # noqa: A002 - the flag's name
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+) -> None:
+    """Export the checkpoint's backbone: a normalised (B, C_in, N, N) float32 batch in,
+    (B, classes, N, N) class probabilities out, batch size free.
+
+    The file carries its classes, colours, bands, normalisation, pyramid, K, magseg version
+    and checkpoint digest as metadata, plus the keys QGIS's Deepness plugin reads
+    (model_type, class_names, tiles_size, standardization_mean/std); a STAC MLM JSON
+    (<name>.mlm.json) is written beside it. stdout: one JSON line naming the files. Exit 2
+    when the checkpoint, format or input size cannot be exported; exit 1 when an output
+    exists (--overwrite replaces it).
+    """
+    from magseg.export import export_model
+
+    log(f"export: {checkpoint} -> {output} ({format})", quiet)
+    result = export_model(checkpoint, output, fmt=format, input_size=input, overwrite=overwrite)
+    emit({"files": [str(p) for p in result.files], "mlm": str(result.mlm),
+          "input": [result.input_size, result.input_size], "format": format})

@@ -1,0 +1,338 @@
+"""What runs the backbone: torch eager, or its exported ONNX graph in ONNX Runtime or OpenVINO.
+
+``engine.runtime``:
+
+- ``torch``: the ``nn.Module`` itself (training always uses it);
+- ``onnxruntime`` / ``openvino``: the backbone exported once to ONNX (opset 18, dynamic
+  batch, fixed input size) and kept in a cache; ``RuntimeBackbone`` runs that graph and
+  looks like any other backbone to the engine;
+- ``auto``: the fastest one installed for the device (``resolve_runtime``).
+
+The cache (``GraphCache``) is one folder per model, named by a digest of its weights (the
+checkpoint file's SHA-256) and the model config, holding one graph per input size
+(``<h>x<w>.onnx``), each with a JSON sidecar recording its own SHA-256. A graph whose
+sidecar is missing, unreadable, of another key or size, or whose bytes do not hash to the
+recorded digest is rebuilt from the torch model, never trusted; so is one the runtime cannot
+load. ``model.json`` records the backbone's input multiple, so a warm cache needs no torch
+model at all: a run from it imports neither segmentation-models-pytorch nor timm.
+
+The refiner stays in torch: it is a few small convolutions on the picked crops, and the
+copies in and out of a runtime would cost about what it saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from magseg.errors import ConfigError
+from magseg.io.atomic import atomic_write
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+# The Python module each runtime needs, and the extra that installs it.
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_EXTRAS = {"onnxruntime": "magseg[onnx]", "openvino": "magseg[openvino]"}
+# Bumped whenever what export_onnx writes changes: older cache entries are then rebuilt.
+GRAPH_FORMAT = 1
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def exporter_installed() -> bool:
+    """Whether a backbone can be exported to ONNX here (torch's exporter needs onnxscript)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
+
+
+def installed(runtime: str) -> bool:
+    """Whether ``runtime`` can run here: torch always; the others when their package and the
+    exporter are (both extras bring it)."""
+    if runtime == "torch":
+        return True
+    return importlib.util.find_spec(_MODULES[runtime]) is not None and exporter_installed()
+
+
+def resolve_runtime(choice: str, device: torch.device, multi_context: bool = False) -> str:
+    """The runtime ``engine.runtime=choice`` means for ``device``.
+
+    ``auto`` on a CPU: OpenVINO, else ONNX Runtime, else torch (fastest first: both ran
+    Unet-ResNet18 and FPN-ResNet50 in 0.6-0.7x torch eager's time, OpenVINO a little ahead,
+    docs/runtimes.md); on CUDA, and for multi-context backbones (FCtL, two inputs), torch.
+
+    Raises:
+        ConfigError: an explicit runtime that is not installed, or cannot run this backbone
+            on this device (the message names the key and the fix).
+    """
+    if choice == "auto":
+        if device.type != "cpu" or multi_context:
+            return "torch"
+        return next((r for r in ("openvino", "onnxruntime") if installed(r)), "torch")
+    if choice == "torch":
+        return choice
+    if choice not in RUNTIMES:
+        raise ConfigError(f"engine.runtime={choice}: choose torch, onnxruntime, openvino or auto")
+    if not installed(choice):
+        raise ConfigError(f"engine.runtime={choice} needs {_MODULES[choice]}, onnx and onnxscript: "
+                          f"pip install '{_EXTRAS[choice]}', or use engine.runtime=torch")
+    if device.type != "cpu":
+        raise ConfigError(f"engine.runtime={choice} runs on the CPU here; with "
+                          f"engine.device={device} use engine.runtime=torch (or auto)")
+    if multi_context:
+        raise ConfigError(f"engine.runtime={choice} runs single-input backbones; a "
+                          "multi-context one (model.arch=fctl) needs engine.runtime=torch (or auto)")
+    return choice
+
+
+def runtime_precision(runtime: str, precision: str) -> str:
+    """The precision a runtime computes in, for the resolved ``precision``: ONNX Runtime's
+    CPU kernels are fp32; OpenVINO runs bf16 when asked for it (native on AVX512-BF16/AMX),
+    else fp32; torch runs what was asked."""
+    if runtime == "onnxruntime":
+        return "fp32"
+    if runtime == "openvino":
+        return "bf16" if precision == "bf16" else "fp32"
+    return precision
+
+
+def cache_root(configured: str | None = None) -> Path:
+    """Where exported graphs are kept: ``$MAGSEG_CACHE_DIR``, else ``engine.cache_dir``, else
+    ``$XDG_CACHE_HOME/magseg`` (``~/.cache/magseg``); graphs under ``graphs/`` in it."""
+    base = os.environ.get("MAGSEG_CACHE_DIR") or configured
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = str(Path(xdg) / "magseg")
+    return Path(base).expanduser() / "graphs"
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, shapes, dtypes, bytes): the cache key of a
+    model that did not come from a checkpoint file."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def graph_key(weights_sha256: str, model_config: dict[str, Any], classes: int) -> str:
+    """The cache folder of a model: its weights, the config that builds it, the format."""
+    text = json.dumps({"weights": weights_sha256, "model": model_config, "classes": classes,
+                       "format": GRAPH_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    from magseg.io.provenance import file_sha256
+
+    return file_sha256(path)
+
+
+class _Logits(nn.Module):
+    """The exported function: ``(B, C_in, h, w)`` -> ``(B, classes, h, w)`` logits (the first
+    output of smp models with an auxiliary head), or probabilities with ``softmax``."""
+
+    def __init__(self, backbone: nn.Module, softmax: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.softmax = backbone, softmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.backbone(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.softmax(dim=1) if self.softmax else out
+
+
+def export_onnx(
+    backbone: nn.Module, path: Path, in_channels: int, size: tuple[int, int], *,
+    softmax: bool = False, metadata: dict[str, str] | None = None, output_name: str = OUTPUT_NAME,
+) -> None:
+    """Write ``backbone`` as one self-contained ONNX file (opset 18, batch dynamic, input
+    ``(B, in_channels, *size)`` named ``image``), atomically, with ``metadata`` as its
+    ``metadata_props``.
+
+    torch's ``torch.export``-based exporter (``dynamo=True``; it works offline and names
+    every output dimension), its weights kept inside the file rather than beside it.
+    """
+    import onnx
+
+    was_training = backbone.training
+    backbone = backbone.float().eval()  # a channels-last or half model exports the same graph
+    example = torch.randn(2, in_channels, *size)  # batch 2: batch 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                _Logits(backbone, softmax).eval(), (example,), dynamo=True, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[output_name],
+                dynamic_shapes=({0: batch},), verbose=False,
+            )
+    finally:
+        backbone.train(was_training)
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_write(path) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+
+
+class GraphCache:
+    """One model's exported graphs, one per input size, each checked before it is used."""
+
+    def __init__(self, root: Path, key: str, in_channels: int) -> None:
+        self.dir = root / key
+        self.key = key
+        self.in_channels = in_channels
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == self.key else None
+
+    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({"key": self.key, "format": GRAPH_FORMAT, **data}))
+
+    def input_multiple(self) -> int | None:
+        """The backbone's input multiple as recorded (None when not yet, or unreadable)."""
+        data = self._read_json(self.dir / "model.json")
+        multiple = None if data is None else data.get("input_multiple")
+        return multiple if isinstance(multiple, int) and multiple >= 1 else None
+
+    def record_input_multiple(self, multiple: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_json(self.dir / "model.json", {"input_multiple": multiple})
+
+    def paths(self, size: tuple[int, int]) -> tuple[Path, Path]:
+        name = f"{size[0]}x{size[1]}"
+        return self.dir / f"{name}.onnx", self.dir / f"{name}.json"
+
+    def valid_graph(self, size: tuple[int, int]) -> Path | None:
+        """The graph for ``size`` if its sidecar vouches for exactly these bytes, else None."""
+        graph, sidecar = self.paths(size)
+        data = self._read_json(sidecar)
+        if (data is None or data.get("format") != GRAPH_FORMAT or data.get("size") != list(size)
+                or data.get("in_channels") != self.in_channels or not graph.is_file()):
+            return None
+        return graph if _file_sha256(graph) == data.get("sha256") else None
+
+    def build(self, size: tuple[int, int], backbone: nn.Module) -> Path:
+        """Export ``backbone`` for ``size`` and record the file's digest (replacing whatever
+        was there)."""
+        graph, sidecar = self.paths(size)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sidecar.unlink(missing_ok=True)  # a crash between the two writes leaves no voucher
+        export_onnx(backbone, graph, self.in_channels, size)
+        self._write_json(sidecar, {"size": list(size), "in_channels": self.in_channels,
+                                   "sha256": _file_sha256(graph), "opset": OPSET,
+                                   "torch": torch.__version__})
+        return graph
+
+
+def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # as many as torch's: the engine's thread budget
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    # The precision is explicit: OpenVINO's CPU default is bf16 wherever the CPU has it.
+    hint = "bf16" if precision == "bf16" else "f32"
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                          "INFERENCE_PRECISION_HINT": hint})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+class RuntimeBackbone(nn.Module):
+    """A backbone run by ONNX Runtime or OpenVINO from its cached exported graph.
+
+    ``backbone(x)``: ``x`` ``(B, C_in, h, w)`` float -> ``(B, classes, h, w)`` float32 logits,
+    as the torch module would return them. A graph per ``(h, w)`` is loaded on first use,
+    exported first when the cache has no valid one (``build_torch`` makes the torch model
+    then, and only then).
+    """
+
+    def __init__(self, runtime: str, cache: GraphCache, build_torch: Callable[[], nn.Module],
+                 precision: str = "fp32", threads: int | None = None) -> None:
+        super().__init__()
+        self.runtime, self.cache, self.precision = runtime, cache, precision
+        self.threads = threads or torch.get_num_threads()
+        self._build_torch = build_torch
+        self._torch: nn.Module | None = None
+        self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+    def torch_model(self) -> nn.Module:
+        """The torch backbone (built on first need: exporting, or learning its multiple)."""
+        if self._torch is None:
+            self._torch = self._build_torch().eval()
+        return self._torch
+
+    @property
+    def input_multiple(self) -> int:
+        """What the input's height and width must be divisible by (``run_backbone`` pads)."""
+        multiple = self.cache.input_multiple()
+        if multiple is None:
+            from magseg.engine.backbone import input_multiple
+
+            multiple = input_multiple(self.torch_model())
+            self.cache.record_input_multiple(multiple)
+        return multiple
+
+    def _load(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+        if self.runtime == "onnxruntime":
+            return _ort_runner(path, self.threads)
+        return _openvino_runner(path, self.threads, self.precision)
+
+    def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+        """The loaded graph for inputs of ``size``: from the cache if it checks out, else
+        exported anew; a cached file the runtime cannot load is rebuilt once."""
+        if size not in self._runners:
+            graph = self.cache.valid_graph(size)
+            if graph is not None:
+                try:
+                    self._runners[size] = self._load(graph)
+                except Exception:  # noqa: BLE001 - any load failure means: rebuild it
+                    graph = None
+            if graph is None:
+                self._runners[size] = self._load(self.cache.build(size, self.torch_model()))
+        return self._runners[size]
+
+    def forward(self, x: Tensor) -> Tensor:
+        run = self.runner((int(x.shape[-2]), int(x.shape[-1])))
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(run(array))
+
+
+def runtime_backbone(
+    runtime: str, *, weights_sha256: str, config: Any, build_torch: Callable[[], nn.Module],
+    precision: str,
+) -> RuntimeBackbone:
+    """The ``RuntimeBackbone`` of ``config``'s model with these weights, on its cache."""
+    key = graph_key(weights_sha256, config.to_dict()["model"], config.num_classes)
+    cache = GraphCache(cache_root(config.engine.cache_dir), key, config.model.in_channels)
+    return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision))

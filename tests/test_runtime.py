@@ -1,0 +1,216 @@
+"""engine.runtime: the backbone run from its exported graph in ONNX Runtime / OpenVINO, the
+graph cache (keyed, checked, rebuilt when stale or corrupt), and a start-up from a warm cache
+that imports neither smp nor timm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from magseg.engine import runtime as rt
+from magseg.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not rt.installed("onnxruntime"),
+                                reason="onnxruntime, onnx and onnxscript not installed (magseg[onnx])")
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A tiny checkpoint, its exported graph in a cache folder, the torch engine's result on
+    a 128 px scene (the reference), and the scene. One export for the whole module."""
+    from magseg.checkpoint import save_checkpoint
+    from magseg.config import load_config
+    from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+
+    root = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"))
+    ckpt = save_checkpoint(root / "tiny.ckpt", config, create_segmenter_model(config),
+                           create_refiner(config))
+    scene = torch.randn(3, 128, 128, generator=torch.Generator().manual_seed(1))
+    reference = Segmenter.from_checkpoint(ckpt).segment(scene, return_probs=True)
+    cache = root / "cache"
+    ort = Segmenter.from_checkpoint(ckpt, ["engine.runtime=onnxruntime", f"engine.cache_dir={cache}"])
+    result = ort.segment(scene, return_probs=True)
+    return {"ckpt": ckpt, "cache": cache, "scene": scene, "reference": reference,
+            "result": result, "segmenter": ort}
+
+
+def _graph_dir(cache) -> "os.PathLike":
+    (folder,) = (cache / "graphs").iterdir()
+    return folder
+
+
+def test_onnxruntime_reproduces_the_torch_engine(warm):
+    ref, got = warm["reference"], warm["result"]
+    assert warm["segmenter"].backbone_runtime == "onnxruntime"
+    assert warm["segmenter"].runtime["precision"] == "fp32"
+    assert (got.probs - ref.probs).abs().max().item() < 1e-4
+    assert (got.labels == ref.labels).float().mean().item() >= 0.999
+
+
+def test_cache_holds_one_checked_graph_per_input_size(warm):
+    folder = _graph_dir(warm["cache"])
+    assert sorted(p.name for p in folder.iterdir()) == ["32x32.json", "32x32.onnx", "model.json"]
+    sidecar = json.loads((folder / "32x32.json").read_text())
+    assert sidecar["size"] == [32, 32] and sidecar["in_channels"] == 3
+    from magseg.io.provenance import file_sha256
+
+    assert sidecar["sha256"] == file_sha256(folder / "32x32.onnx")
+    from magseg.engine.backbone import input_multiple
+
+    torch_model = warm["segmenter"].backbone.torch_model()
+    assert json.loads((folder / "model.json").read_text())["input_multiple"] == input_multiple(torch_model)
+
+
+def _cache_copy(warm, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(warm["cache"], cache)
+    folder = _graph_dir(cache)
+    return rt.GraphCache(cache / "graphs", folder.name, 3), folder
+
+
+def _no_torch_model():
+    raise AssertionError("the torch model was built although the cache was valid")
+
+
+def test_a_warm_cache_is_used_without_the_torch_model(warm, tmp_path):
+    cache, _ = _cache_copy(warm, tmp_path)
+    backbone = rt.RuntimeBackbone("onnxruntime", cache, _no_torch_model)
+    x = torch.randn(3, 3, 32, 32)
+    assert backbone.input_multiple == cache.input_multiple() >= 1
+    assert torch.allclose(backbone(x), warm["segmenter"].backbone(x), atol=0)
+
+
+@pytest.mark.parametrize("damage", ["no sidecar", "sidecar cut short", "other size",
+                                    "other key", "graph missing", "graph bytes changed"])
+def test_a_stale_or_damaged_entry_is_not_trusted(warm, tmp_path, damage):
+    cache, folder = _cache_copy(warm, tmp_path)
+    graph, sidecar = folder / "32x32.onnx", folder / "32x32.json"
+    data = json.loads(sidecar.read_text())
+    if damage == "no sidecar":
+        sidecar.unlink()
+    elif damage == "sidecar cut short":
+        sidecar.write_text(sidecar.read_text()[:20])
+    elif damage == "other size":
+        sidecar.write_text(json.dumps({**data, "size": [64, 64]}))
+    elif damage == "other key":
+        sidecar.write_text(json.dumps({**data, "key": "0" * 32}))
+    elif damage == "graph missing":
+        graph.unlink()
+    else:
+        blob = bytearray(graph.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        graph.write_bytes(bytes(blob))
+    assert cache.valid_graph((32, 32)) is None
+
+
+def test_a_corrupt_graph_is_rebuilt_and_then_right(warm, tmp_path):
+    from magseg.segmenter import Segmenter
+
+    cache, folder = _cache_copy(warm, tmp_path)
+    graph = folder / "32x32.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # cut short
+    segmenter = Segmenter.from_checkpoint(
+        warm["ckpt"], ["engine.runtime=onnxruntime", f"engine.cache_dir={tmp_path / 'cache'}"])
+    result = segmenter.segment(warm["scene"], return_probs=True)
+    assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
+    assert cache.valid_graph((32, 32)) == graph
+
+
+def test_a_vouched_graph_the_runtime_cannot_load_is_rebuilt_once(warm, tmp_path):
+    cache, folder = _cache_copy(warm, tmp_path)
+    good = (folder / "32x32.onnx").read_bytes()
+    (folder / "32x32.onnx").write_bytes(b"not an onnx graph")
+    cache._write_json(folder / "32x32.json", {"size": [32, 32], "in_channels": 3,
+                                              "sha256": rt._file_sha256(folder / "32x32.onnx")})
+    built = []
+
+    def build(size, _model):  # stands in for the export: the good bytes, counted
+        built.append(size)
+        (folder / "32x32.onnx").write_bytes(good)
+        return folder / "32x32.onnx"
+
+    cache.build = build
+    backbone = rt.RuntimeBackbone("onnxruntime", cache, lambda: torch.nn.Identity())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(backbone(x), warm["segmenter"].backbone(x), atol=0)
+    assert built == [(32, 32)]
+
+
+def test_other_weights_get_another_cache_entry(tiny_config):
+    from magseg.segmenter import create_segmenter_model
+
+    a, b = create_segmenter_model(tiny_config), create_segmenter_model(tiny_config)
+    model = tiny_config.to_dict()["model"]
+    assert rt.state_sha256(a) == rt.state_sha256(a)
+    assert rt.graph_key(rt.state_sha256(a), model, 4) != rt.graph_key(rt.state_sha256(b), model, 4)
+    assert rt.graph_key("x", model, 4) != rt.graph_key("x", {**model, "encoder": "resnet18"}, 4)
+
+
+def test_cache_root_env_over_config_over_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("MAGSEG_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert rt.cache_root() == tmp_path / "xdg" / "magseg" / "graphs"
+    assert rt.cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg" / "graphs"
+    monkeypatch.setenv("MAGSEG_CACHE_DIR", str(tmp_path / "env"))
+    assert rt.cache_root(str(tmp_path / "cfg")) == tmp_path / "env" / "graphs"
+
+
+def test_resolve_runtime(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(rt, "installed", lambda r: r in ("torch", "onnxruntime"))
+    assert rt.resolve_runtime("auto", cpu) == "onnxruntime"
+    assert rt.resolve_runtime("auto", cpu, multi_context=True) == "torch"
+    assert rt.resolve_runtime("auto", cuda) == "torch"
+    assert rt.resolve_runtime("torch", cuda) == "torch"
+    with pytest.raises(ConfigError, match=r"magseg\[openvino\]"):
+        rt.resolve_runtime("openvino", cpu)
+    with pytest.raises(ConfigError, match="engine.runtime=torch"):
+        rt.resolve_runtime("onnxruntime", cuda)
+    with pytest.raises(ConfigError, match="fctl"):
+        rt.resolve_runtime("onnxruntime", cpu, multi_context=True)
+    monkeypatch.setattr(rt, "installed", lambda r: True)
+    assert rt.resolve_runtime("auto", cpu) == "openvino"
+
+
+def test_runtime_precision():
+    assert rt.runtime_precision("onnxruntime", "bf16") == "fp32"
+    assert rt.runtime_precision("openvino", "bf16") == "bf16"
+    assert rt.runtime_precision("openvino", "fp16") == "fp32"
+    assert rt.runtime_precision("torch", "bf16") == "bf16"
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
+def test_openvino_reproduces_the_torch_engine(warm, tmp_path):
+    from magseg.segmenter import Segmenter
+
+    shutil.copytree(warm["cache"], tmp_path / "cache")
+    segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
+        "engine.runtime=openvino", "engine.precision=fp32", f"engine.cache_dir={tmp_path / 'cache'}"])
+    result = segmenter.segment(warm["scene"], return_probs=True)
+    assert segmenter.runtime["backbone_runtime"] == "openvino"
+    assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
+
+
+def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
+    """The predict path (checkpoint -> Segmenter -> segment) with a cached graph."""
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from magseg.segmenter import Segmenter
+        s = Segmenter.from_checkpoint({str(warm['ckpt'])!r},
+            ["engine.runtime=onnxruntime", "engine.cache_dir={warm['cache']}"])
+        s.segment(torch.zeros(3, 128, 128))
+        print(sorted(m for m in ("segmentation_models_pytorch", "timm", "torchvision")
+                     if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
