@@ -110,12 +110,17 @@ class PyramidConfig:
     ``scene``: the reference scene size the scales are given for (default: the finest
     scale, i.e. magnification 1 at the last stage). An image of another size keeps the same
     magnifications (see ``magseg.engine.pyramid.stage_sizes``).
+
+    ``margin``: context each crop's backbone sees beyond the crop on every side where the
+    stage image has pixels, a ``float`` fraction in [0, 1) of the crop or an ``int`` count
+    of stage pixels; the crop keeps only its own part (``magseg.engine.pyramid.grown_windows``).
     """
 
     scales: tuple[Size, ...]
     crop: Size
     input: Size
     scene: Size | None = None
+    margin: int | float = 0
 
     def __post_init__(self) -> None:
         if not self.scales:
@@ -131,6 +136,16 @@ class PyramidConfig:
         object.__setattr__(self, "input", _positive_size(self.input))
         scene = scales[-1] if self.scene is None else _positive_size(self.scene)
         object.__setattr__(self, "scene", scene)
+        if isinstance(self.margin, bool) or self.margin < 0 or (isinstance(self.margin, float) and self.margin >= 1):
+            raise ValueError(f"pyramid.margin must be a fraction in [0, 1) of the crop or a count of "
+                             f"stage pixels >= 0, got {self.margin}")
+
+    @property
+    def margin_pixels(self) -> tuple[int, int]:
+        """The margin in stage pixels ``(rows, cols)``: a fraction of the crop rounded."""
+        if isinstance(self.margin, float):
+            return round(self.margin * self.crop[0]), round(self.margin * self.crop[1])
+        return int(self.margin), int(self.margin)
 
     def stage_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Each stage's size for an image of ``image_size`` (H, W)."""
@@ -140,11 +155,13 @@ class PyramidConfig:
 
     def downsample_only(self) -> "PyramidConfig":
         """Baseline: the stage-0 view alone (upsampled to the image by the engine)."""
-        return PyramidConfig(scales=self.scales[:1], crop=self.crop, input=self.input, scene=self.scene)
+        return PyramidConfig(scales=self.scales[:1], crop=self.crop, input=self.input, scene=self.scene,
+                             margin=self.margin)
 
     def patch_only(self) -> "PyramidConfig":
         """Baseline: the finest scale alone, crops stitched, no context."""
-        return PyramidConfig(scales=self.scales[-1:], crop=self.crop, input=self.input, scene=self.scene)
+        return PyramidConfig(scales=self.scales[-1:], crop=self.crop, input=self.input, scene=self.scene,
+                             margin=self.margin)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -198,3 +198,55 @@ def owned_mask(boxes: list[CropBox], crop: Size, device: torch.device | None = N
     for i, box in enumerate(boxes):
         mask[(i, *box.owned_in_crop)] = True
     return mask
+
+
+def grown_extent(length: int, crop: int, margin: int) -> int:
+    """The window a crop's backbone sees along an axis of ``length``: the crop and ``margin``
+    pixels each side, no longer than the axis (only real pixels), and the crop itself when
+    the axis is no longer than a crop (one crop, zero-padded as without a margin)."""
+    if margin <= 0 or length <= crop:
+        return crop
+    return min(crop + 2 * margin, length)
+
+
+def _grown_start(start: int, length: int, crop: int, margin: int) -> int:
+    """Where the grown window of a crop starting at ``start`` begins: ``margin`` before it,
+    moved inside the axis where that would leave it (the margin then all on the inner side)."""
+    extent = grown_extent(length, crop, margin)
+    if extent == crop:
+        return start
+    return min(max(start - margin, 0), length - extent)
+
+
+def grown_windows(boxes: list[CropBox], crop: Size, size: Size, margin: Size
+                  ) -> tuple[list[Window], list[tuple[int, int]], Size]:
+    """The windows the backbone sees for ``boxes`` of a stage of ``size`` with ``margin``
+    ``(my, mx)`` stage pixels of context: ``(windows, offsets, extent)``.
+
+    Every window has the one ``extent`` (``grown_extent`` per axis, the same for every crop of
+    a stage, so crops batch), lies inside the stage image wherever the image is at least that
+    large, and holds its crop at ``offsets[i]`` ``(dy, dx)``. Without a margin these are the
+    crops' own windows (``crop_windows``) at offset 0.
+    """
+    (h, w), (ch, cw), (my, mx) = size, crop, margin
+    extent = (grown_extent(h, ch, my), grown_extent(w, cw, mx))
+    windows, offsets = [], []
+    for b in boxes:
+        top, left = _grown_start(b.top, h, ch, my), _grown_start(b.left, w, cw, mx)
+        windows.append((top, left, *extent))
+        offsets.append((b.top - top, b.left - left))
+    return windows, offsets, extent
+
+
+def grown_input(input_size: Size, crop: Size, extent: Size) -> Size:
+    """The backbone input for a window of ``extent``: ``input_size`` scaled as the window is
+    to the crop, so the magnification is the one the backbone was trained at (exactly when
+    ``margin * input / crop`` is whole)."""
+    return tuple(round(i * e / c) for i, e, c in zip(input_size, extent, crop))
+
+
+def cut_crops(windows: Tensor, offsets: list[tuple[int, int]], crop: Size) -> Tensor:
+    """Each crop's own part ``(B, C, ch, cw)`` of its grown window ``(B, C, eh, ew)``."""
+    if tuple(windows.shape[-2:]) == tuple(crop):
+        return windows
+    return torch.stack([w[:, dy : dy + crop[0], dx : dx + crop[1]] for w, (dy, dx) in zip(windows, offsets)])

@@ -40,6 +40,9 @@ from magseg.engine.pyramid import (
     context_windows,
     crop_boxes,
     crop_windows,
+    cut_crops,
+    grown_input,
+    grown_windows,
     resize,
     stitch_crops,
 )
@@ -240,18 +243,21 @@ class StageRun:
                    context_ratios(backbone), on_crops)
 
     def fine(self, image: Source, size: Size, boxes: list[CropBox]) -> Tensor:
-        """Backbone probabilities ``(B, classes, ch, cw)`` of crops of ``image`` at ``size``."""
-        windows = crop_windows(boxes, self.pyramid.crop)
+        """Backbone probabilities ``(B, classes, ch, cw)`` of crops of ``image`` at ``size``:
+        each crop's window grown by ``pyramid.margin`` where the stage has pixels, run at the
+        trained magnification, and cut back to the crop (``magseg.engine.pyramid.grown_windows``)."""
+        crop = self.pyramid.crop
+        windows, offsets, extent = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
         device = self.engine.device
         crops = resample_windows(image, size, windows).to(device)
         contexts = [resample_windows(image, size, context_windows(windows, r)).to(device)
                     for r in self.ratios]
-        probs = crop_probs(self.backbone, crops, self.pyramid.input, contexts=contexts or None,
-                           precision=self.engine.precision, channels_last=self.engine.channels_last,
-                           multiple=self.multiple)
+        probs = crop_probs(self.backbone, crops, grown_input(self.pyramid.input, crop, extent),
+                           contexts=contexts or None, precision=self.engine.precision,
+                           channels_last=self.engine.channels_last, multiple=self.multiple)
         if self.on_crops:
             self.on_crops(len(boxes))
-        return probs
+        return cut_crops(probs, offsets, crop)
 
     def coarse(self, y: StageMap, size: Size, boxes: list[CropBox]) -> Tensor:
         """Y upsampled to ``size`` and cut at ``boxes``: ``(B, C, ch, cw)``."""

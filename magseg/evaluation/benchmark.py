@@ -38,6 +38,7 @@ from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
 from magseg.errors import DataError, MagsegError
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
+from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines
 from magseg.segmenter import Segmenter
 
 NO_REFINER = "progressive, no refiner"
@@ -184,6 +185,8 @@ class MethodTally:
     peak_increase_mb: float = 0.0
     gpu_peak_mb: float | None = None
     memory_how: str = "VmHWM"
+    # The final labels' seam score across each stage's crop borders (the config's pyramid).
+    seams: list[SeamTally] = field(default_factory=list)
 
 
 @dataclass
@@ -312,6 +315,7 @@ class SceneOutcome:
     stages: dict[str, list[StageOutcome]]
     memory: dict[str, tuple[float, float, str, float | None]]  # peak, increase, how, gpu peak
     sample: Sample | None
+    seams: dict[str, list[SeamTally]] = field(default_factory=dict)  # per method, per stage
 
 
 # Segmenters that have run every method once (the first call of a method pays for allocator
@@ -364,6 +368,7 @@ def evaluate_scene(
         own = confusion_matrix(result.labels, target, config.num_classes)
         out.matrices[m.name] = own
         out.record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
+        out.seams[m.name] = seam_tallies(result.labels.numpy(), config.pyramid)
         if m.staged:
             out.stages[m.name] = _stage_outcomes(result, target, config.num_classes)
         if sample:
@@ -373,6 +378,19 @@ def evaluate_scene(
     if sample:
         out.sample = _sample(scene.id, image, target, shown, predictions, uncertainty, refined)
     return out
+
+
+def seam_tallies(labels: np.ndarray, pyramid: PyramidConfig) -> list[SeamTally]:
+    """One ``SeamTally`` per stage of ``pyramid`` for final labels ``(H, W)``: every method
+    is scored on the same grids (the checkpoint's), so a baseline's column says whether its
+    map shows the progressive method's crop borders."""
+    changes = line_changes(labels)
+    tallies = []
+    for rows, cols in pyramid_border_lines(pyramid.scales, pyramid.crop, labels.shape, pyramid.scene):
+        tally = SeamTally()
+        tally.add(changes, rows, cols)
+        tallies.append(tally)
+    return tallies
 
 
 def _segment(segmenter: Segmenter, x: Tensor, method: Method, **kwargs: Any) -> SegmentationResult:
@@ -452,6 +470,7 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
         tally.memory_how = how
         if gpu is not None:
             tally.gpu_peak_mb = max(tally.gpu_peak_mb or 0.0, gpu)
+        _add_seams(tally, outcome.seams.get(name, []))
         for k, stage in enumerate(outcome.stages.get(name, [])):
             if len(tally.stages) <= k:
                 tally.stages.append(StageTally(stage.size, ConfusionMatrix(config.num_classes, in_mean)))
@@ -462,6 +481,14 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
             st.crops_run += stage.crops_run
             st.crops_total += stage.crops_total
             st.seconds += stage.seconds
+
+
+def _add_seams(tally: MethodTally, seams: list[SeamTally]) -> None:
+    """Merge one scene's per-stage seam tallies into a method's."""
+    for k, seam in enumerate(seams):
+        if len(tally.seams) <= k:
+            tally.seams.append(SeamTally())
+        tally.seams[k].merge(seam)
 
 
 def run_benchmark(
@@ -550,6 +577,8 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
         "peak_gpu_memory_mb": tally.gpu_peak_mb,
         "images": len(seconds),
         "confusion_matrix": tally.matrix.matrix.tolist(),
+        # Per stage of the config's pyramid, coarse to fine (None: a stage of one crop).
+        "seam_scores": [defined(s.score()) for s in tally.seams],
     }
     if tally.stages:
         images = max(len(seconds), 1)

@@ -198,6 +198,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{st['seconds_per_image']:.2f} |"
             )
         lines.append("")
+    lines += _seam_lines(report)
     if report["margins_miou_points"]:
         lines += ["## Margins", ""]
         lines += [f"- {k.replace('_', ' ')}: {v:+.1f} mIoU points" if v is not None else f"- {k}: n/a"
@@ -218,6 +219,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["Command:", "", "    " + " ".join(report["command"]), ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines)
+
+
+def _seam_lines(report: dict[str, Any]) -> list[str]:
+    """The seam table: each method's final labels across each stage's crop borders."""
+    scales = report["config"]["pyramid"]["scales"]
+    rows = [(name, m.get("seam_scores")) for name, m in report["methods"].items()]
+    if not any(scores for _, scores in rows):
+        return []
+    header = ["method", *("x".join(map(str, s)) for s in scales)]
+    lines = ["## Seams: label changes across each stage's crop borders", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, scores in rows:
+        cells = ["-" if v is None else f"{v:.2f}" for v in (scores or [None] * len(scales))]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return lines + ["", "Change rate across the crop borders of each stage of the pyramid, over the "
+                    "median change rate of all lines of the map (1.00: no seam; - : one crop, no "
+                    "border); magseg.evaluation.seams.", ""]
 
 
 # --------------------------------------------------------------------------- plots

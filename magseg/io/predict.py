@@ -42,6 +42,7 @@ from magseg.io.raster import (
     io_env,
     write_categories,
 )
+from magseg.io.seam_record import finest_seam_scores
 from magseg.io.sources import base_name, is_virtual
 from magseg.io.sources import stem as source_stem
 from magseg.io.streaming import (
@@ -123,6 +124,8 @@ class PredictResult:
     warnings: list[str] = field(default_factory=list)
     # What computed it: device, resolved precision, CPU (magseg.engine.precision.runtime_info).
     runtime: dict[str, Any] = field(default_factory=dict)
+    # The finest stage's seam score on the class map and uncertainty (magseg.io.seam_record).
+    seam_score: dict[str, Any] | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -139,6 +142,7 @@ class PredictResult:
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "error": self.error,
             "warnings": list(self.warnings),
+            "seam_score": self.seam_score,
             **self.runtime,
         }
 
@@ -340,6 +344,7 @@ def _run(
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
+        result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid)
     return sink.counts
 
 

@@ -1,0 +1,144 @@
+"""Context margins (``pyramid.margin``): each crop's backbone sees its window grown by the
+margin where the stage has pixels and keeps its own part. Windows by hand; a model whose
+output depends on a neighbourhood gives the whole image's result with the margin and not
+without; the invariants (K = 1 without a refiner = patch-only, streamed = in memory) hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS
+from geotiff import read_raster, smooth_image, write_raster
+from torch import nn
+
+from magseg.config import EngineConfig, PyramidConfig, RefineConfig, load_config
+from magseg.engine.pyramid import crop_boxes, grown_extent, grown_input, grown_windows
+from magseg.engine.stages import segment
+from magseg.io.predict import PredictOptions, predict_raster
+from magseg.io.raster import NODATA
+from magseg.segmenter import Segmenter
+
+FP32 = EngineConfig(precision="fp32")
+
+
+def test_margin_config_in_pixels_or_a_fraction_of_the_crop():
+    p = PyramidConfig(scales=[(64, 64)], crop=(16, 32), input=(16, 32), margin=0.25)
+    assert p.margin_pixels == (4, 8)
+    assert PyramidConfig(scales=[(64, 64)], crop=16, input=16, margin=3).margin_pixels == (3, 3)
+    assert p.patch_only().margin == p.downsample_only().margin == 0.25
+    for bad in (-1, 1.0, 2.5):
+        with pytest.raises(ValueError, match="pyramid.margin"):
+            PyramidConfig(scales=[(64, 64)], crop=16, input=16, margin=bad)
+
+
+def test_grown_windows_by_hand():
+    assert grown_extent(100, 16, 4) == 24 and grown_extent(20, 16, 4) == 20
+    assert grown_extent(16, 16, 4) == 16 and grown_extent(10, 16, 4) == 16 and grown_extent(100, 16, 0) == 16
+    # 40 px in crops of 16: crops at 0, 16, 24; windows of 24 start at 0, 12, 16.
+    boxes = crop_boxes((40, 16), (16, 16))
+    windows, offsets, extent = grown_windows(boxes, (16, 16), (40, 16), (4, 4))
+    assert extent == (24, 16)
+    assert [w[:2] for w in windows] == [(0, 0), (12, 0), (16, 0)]
+    assert offsets == [(0, 0), (4, 0), (8, 0)]
+    # Without a margin: the crops' own windows.
+    assert grown_windows(boxes, (16, 16), (40, 16), (0, 0)) == (
+        [(b.top, b.left, 16, 16) for b in boxes], [(0, 0)] * 3, (16, 16))
+    assert grown_input((32, 32), (16, 16), (24, 16)) == (48, 32)
+
+
+@pytest.mark.parametrize("size", [(40, 40), (100, 90), (77, 131), (20, 45), (64, 17)])
+@pytest.mark.parametrize("margin", [1, 3, 6])
+def test_every_window_holds_its_crop_inside_the_image(size, margin):
+    crop = (16, 16)
+    boxes = crop_boxes(size, crop)
+    windows, offsets, extent = grown_windows(boxes, crop, size, (margin, margin))
+    for b, (top, left, eh, ew), (dy, dx) in zip(boxes, windows, offsets):
+        assert (top + dy, left + dx) == (b.top, b.left)
+        assert 0 <= dy and dy + 16 <= eh and 0 <= dx and dx + 16 <= ew
+        for start, e, length in ((top, eh, size[0]), (left, ew, size[1])):
+            if length > 16:  # only real pixels; an axis of one crop is padded as without a margin
+                assert 0 <= start and start + e <= length and e == min(16 + 2 * margin, length)
+
+
+def _box_filter_backbone(classes: int = 3, k: int = 5) -> nn.Module:
+    """A backbone whose logits at a pixel are a mean over a k x k neighbourhood (zero padded):
+    a crop's border pixels need ``k // 2`` pixels of context to be the whole image's."""
+    conv = nn.Conv2d(3, classes, k, padding=k // 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(classes, 3, 1, 1).expand(classes, 3, k, k) / k**2 * 4)
+    return conv.eval()
+
+
+def test_with_a_margin_crops_give_the_whole_images_result():
+    torch.manual_seed(0)
+    backbone = _box_filter_backbone()
+    image = torch.randn(3, 70, 53)
+    whole = backbone(image[None])[0].softmax(0)
+    pyramid = PyramidConfig(scales=[(70, 53)], crop=16, input=16)
+    without = segment(image, backbone, pyramid, engine=FP32, return_probs=True).probs
+    with_margin = segment(image, backbone, PyramidConfig(scales=[(70, 53)], crop=16, input=16, margin=2),
+                          engine=FP32, return_probs=True).probs
+    torch.testing.assert_close(with_margin, whole, atol=1e-5, rtol=0)
+    assert (without - whole).abs().amax() > 1e-2  # the crop borders, without context
+
+
+@pytest.mark.parametrize("margin", [2, 0.25])
+@pytest.mark.parametrize("size", [(128, 128), (100, 90), (20, 45)])
+def test_k_all_without_refiner_is_patch_only_with_margins(size, margin, tiny_segmenter):
+    pyramid = PyramidConfig(scales=[(32, 32), (64, 64), (128, 128)], crop=32, input=32, margin=margin)
+    image = torch.randn(3, *size)
+    backbone = tiny_segmenter.backbone
+    progressive = segment(image, backbone, pyramid, refine=RefineConfig(points=1.0), engine=FP32,
+                          return_probs=True, return_stages=True)
+    patch = segment(image, backbone, pyramid.patch_only(), engine=FP32, return_probs=True)
+    assert torch.equal(progressive.probs, patch.probs)
+    # The crop counts are the crops of each stage, margins or not.
+    sizes = pyramid.stage_sizes(size)
+    assert [s.crops_run for s in progressive.stages] == [len(crop_boxes(s, (32, 32))) for s in sizes]
+
+
+def test_pixel_local_model_with_margins_labels_every_pixel_exactly(tmp_path):
+    # A misplaced offset into the grown window would move these labels.
+    config = load_config(CONFIGS / "tiny.yaml", [
+        "pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=16", "pyramid.margin=3",
+        "refine.points=1.0", "refiner.enabled=false", "engine.precision=fp32"])
+    conv = nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [-1, -1, -1]])[..., None, None])
+        conv.bias.copy_(torch.tensor([0.0, 0.1, -0.1, -0.5]))
+    segmenter = Segmenter(config, conv.eval())
+    image = smooth_image(3, 150, 170, seed=1)
+    path = write_raster(tmp_path / "scene.tif", image)
+    result = predict_raster(segmenter, path, tmp_path / "out")
+    with torch.no_grad():
+        expected = conv(segmenter.normalize(image)[None])[0].argmax(0).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(read_raster(tmp_path / "out" / "scene.tif")[0][0], expected)
+    assert result.crops == sum(len(crop_boxes(s, (16, 16))) for s in config.pyramid.stage_sizes((150, 170)))
+
+
+@pytest.mark.parametrize("size", [(160, 192), (101, 67), (13, 40)])
+@pytest.mark.parametrize("margin", [4, 0.25])
+def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitted_checkpoint, size, margin):
+    fitted = Segmenter.from_checkpoint(fitted_checkpoint)
+    height, width = size
+    image = smooth_image(3, height, width, cell=16, seed=height + width)
+    image[:, height // 3 : height // 3 + 4, : width // 2] = 0  # nodata
+    valid = image.any(axis=0)
+    segmenter = Segmenter(fitted.config.override(["engine.batch_size=3", "engine.precision=fp32",
+                                                  f"pyramid.margin={margin}"]),
+                          fitted.backbone, fitted.refiner)
+    path = write_raster(tmp_path / "scene.tif", image)
+    predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
+    x = segmenter.normalize(image)
+    x[:, torch.from_numpy(~valid)] = 0
+    want = segmenter.segment(x, return_probs=True)
+    want_labels = want.labels.numpy().copy()
+    want_labels[~valid] = NODATA
+    np.testing.assert_array_equal(read_raster(tmp_path / "out" / "scene.tif")[0][0], want_labels)
+    probs = read_raster(tmp_path / "out" / "scene_probs.tif")[0]
+    np.testing.assert_array_equal(probs[:, valid],
+                                  (want.probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()[:, valid])
+    # The margin changed the result (the model sees context it did not see without).
+    plain = Segmenter(fitted.config.override(["engine.precision=fp32"]), fitted.backbone, fitted.refiner)
+    assert not torch.equal(plain.segment(x, return_probs=True).probs, want.probs)
