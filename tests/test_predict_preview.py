@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from magseg.config import ClassSpec
 from magseg.io.preview import PreviewCanvas
-from magseg.io.raster import NODATA, PixelWindow
+from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow
 
 
 @settings(max_examples=60, deadline=None)
@@ -31,7 +31,7 @@ def test_windows_fill_the_canvas_with_nearest_samples(h, w, side):
     np.testing.assert_array_equal(canvas.labels, labels[np.ix_(rows, cols)])
     expected = np.where(valid[np.ix_(rows, cols)], pixels[0][np.ix_(rows, cols)], np.nan)
     np.testing.assert_array_equal(canvas.image[0], expected)
-    assert np.allclose(canvas.uncertainty[valid[np.ix_(rows, cols)]], 0.2)
+    assert np.allclose(canvas.uncertainty[valid[np.ix_(rows, cols)]], 51 / VALUE_MAX)
 
 
 def test_preview_png_has_three_panels(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from magseg.config import ClassSpec
-from magseg.io.raster import NODATA, PixelWindow
+from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow
 
 # Shown where the input has no data.
 _NODATA_RGB = (0.85, 0.85, 0.85)
@@ -54,7 +54,8 @@ class PreviewCanvas:
         Args:
             pixels: ``(C, h, w)`` raw input pixels of the core (the first three bands are
                 shown as RGB, a single band as grey).
-            labels: ``(h, w)`` class ids; uncertainty: ``(h, w)`` uint8; valid: ``(h, w)`` bool.
+            labels: ``(h, w)`` class ids; uncertainty: ``(h, w)`` uint8, (1 - certainty) x
+                ``VALUE_MAX``; valid: ``(h, w)`` bool.
         """
         ri = np.flatnonzero((self.rows >= core.row) & (self.rows < core.row + core.height))
         ci = np.flatnonzero((self.cols >= core.col) & (self.cols < core.col + core.width))
@@ -68,7 +69,7 @@ class PreviewCanvas:
             self.image[b][at] = np.where(ok, bands[b][r, c], np.nan)
         self.labels[at] = labels[r, c]
         if uncertainty is not None:
-            self.uncertainty[at] = np.where(ok, uncertainty[r, c] / 255.0, np.nan)
+            self.uncertainty[at] = np.where(ok, uncertainty[r, c] / VALUE_MAX, np.nan)
 
     def image_rgb(self) -> np.ndarray:
         """``(h, w, 3)`` in [0, 1]: each band stretched between its 2nd and 98th percentile
