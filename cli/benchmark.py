@@ -197,8 +197,10 @@ def _summarise(report: dict, out_dir: Path, failures: list[str], quiet: bool) ->
                         "peak_memory_mb": m["peak_memory_mb"]} for n, m in report["methods"].items()},
         "margins_miou_points": report["margins_miou_points"],
     })
+    from magseg.evaluation.metrics import percent
+
     for name, m in report["methods"].items():
-        log(f"  {name:12s} mIoU {100 * (m['miou'] or 0):5.1f}  {m['seconds_per_image']:.2f} s/image", quiet)
+        log(f"  {name:12s} mIoU {percent(m['miou']):>6s}  {m['seconds_per_image']:.2f} s/image", quiet)
     log(f"report: {out_dir / REPORT_JSON}, {out_dir / 'report.md'}", quiet)
     if failures:
         log(f"magseg: {len(failures)} image(s) failed: {', '.join(failures)}", quiet)

@@ -85,15 +85,22 @@ def test_report_has_every_field(ckpt, data, tmp_path):
     assert {"time", "memory", "miou"} <= set(report["measurement"])
     assert report["config"]["pyramid"]["scales"] == [[32, 32], [64, 64], [128, 128]]
 
-    assert report["plots"] == ["per_class_iou.png", "miou_per_stage.png",
+    assert report["plots"] == ["per_class_iou.png", "confusion_matrix.png", "miou_per_stage.png",
                                "samples/000001.png", "samples/000002.png"]
     for plot in report["plots"]:
         image = cv2.imread(str(out / plot))
         assert image is not None and min(image.shape[:2]) > 100, plot
     md = (out / "report.md").read_text()
-    for name in report["methods"]:
-        assert f"| {name} | **{100 * report['methods'][name]['miou']:.1f}** |" in md
-    assert "after each stage" in md
+    best = max(m["miou"] for m in report["methods"].values())
+    for name, m in report["methods"].items():
+        miou = f"{100 * m['miou']:.1f}"
+        # Only the best mIoU is bold (ties as shown all are).
+        bold = miou == f"{100 * best:.1f}"
+        assert any(line.startswith(f"| {name} ") and f" | {'**' + miou + '**' if bold else miou} |" in line
+                   for line in md.splitlines()), name
+        assert set(m["producer_accuracy"]) == set(m["user_accuracy"]) == set(NAMES)
+        assert m["kappa"] is None or -1 <= m["kappa"] <= 1
+    assert "after each stage" in md and "## Accuracy assessment: progressive" in md
 
 
 def _global_scores(seg: Segmenter, scenes, **kwargs):
@@ -135,7 +142,8 @@ def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
     gain = report["refiner_gain_points"]
     assert gain["miou"] == pytest.approx(100 * (full["miou"] - bare["miou"]))
     md = (out / "report.md").read_text()
-    assert f"| {NO_REFINER} | **{100 * bare['miou']:.1f}** |" in md and "What the refiner adds" in md
+    assert any(line.startswith(f"| {NO_REFINER}") and f"{100 * bare['miou']:.1f}" in line
+               for line in md.splitlines()) and "What the refiner adds" in md
 
 
 def test_existing_report_is_kept_without_overwrite(ckpt, data, tmp_path):

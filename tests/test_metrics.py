@@ -138,3 +138,28 @@ def test_matrix_matches_a_pixel_loop(n, data):
             assert math.isnan(s["iou"][c])
         else:
             assert s["iou"][c] == pytest.approx(tp / union)
+
+
+def test_accuracy_assessment_by_hand():
+    # The matrix above: [[0, 1, 0], [0, 2, 1], [0, 0, 2]].
+    s = scores(confusion_matrix(PRED, TARGET, 3), IN_MEAN)
+    # Producer's: diagonal / row total (ground truth): 0/1, 2/3, 2/2.
+    assert s["producer_accuracy"] == pytest.approx([0.0, 2 / 3, 1.0])
+    # User's: diagonal / column total (prediction, unknown's row included): 0/0 undefined,
+    # 2/3, 2/3.
+    assert math.isnan(s["user_accuracy"][0])
+    assert s["user_accuracy"][1:] == pytest.approx([2 / 3, 2 / 3])
+    # Kappa over the 5 pixels of counted ground truth: p_o = 4/5; row totals (0, 3, 2),
+    # column totals over those rows (0, 2, 3): p_e = (0 + 3*2 + 2*3) / 25 = 12/25;
+    # kappa = (4/5 - 12/25) / (1 - 12/25) = 8/13.
+    assert s["kappa"] == pytest.approx(8 / 13)
+
+
+def test_kappa_textbook_example_and_edges():
+    from magseg.evaluation.metrics import kappa
+
+    # Two raters, 50 items: [[20, 5], [10, 15]]: p_o = 0.7, p_e = 0.5 * 0.6 + 0.5 * 0.4 = 0.5.
+    assert kappa([[20, 5], [10, 15]]) == pytest.approx(0.4)
+    assert kappa([[7, 0], [0, 5]]) == pytest.approx(1.0)
+    assert math.isnan(kappa([[0, 0], [0, 0]]))
+    assert math.isnan(kappa([[9, 0], [0, 0]]))  # one class only: chance agrees totally

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import rasterio
 import pytest
 import torch
 from conftest import CONFIGS
@@ -23,7 +24,7 @@ from magseg.errors import RasterError, WriteError
 from magseg.io import streaming
 from magseg.io.atomic import partial_path
 from magseg.io.predict import PredictOptions, output_paths, predict_input, predict_raster
-from magseg.io.raster import NODATA
+from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.segmenter import Segmenter
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
@@ -66,8 +67,13 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
     np.testing.assert_array_equal(labels[0], expected)
 
     probs, pprofile = read_raster(tmp_path / "out" / "scene_probs.tif")
-    want = (logits.softmax(0) * 255).round().numpy()
+    want = (logits.softmax(0) * VALUE_MAX).round().numpy()
     valid = pprofile["masks"][0] > 0
+    # Nodata marked by value as well as by the mask (GDAL < 3.8 statistics read only the value).
+    assert pprofile["nodata"] == NODATA and (probs[:, ~valid] == NODATA).all()
+    with rasterio.open(tmp_path / "out" / "scene_probs.tif") as src:
+        src.statistics(1, approx=False)  # what gdalinfo -stats prints
+        assert float(src.tags(1)["STATISTICS_VALID_PERCENT"]) == pytest.approx(100 * valid.mean(), abs=0.01)
     assert not valid[20:30].any() and valid[30:].all()
     assert np.abs(probs.astype(float) - want)[:, valid].max() <= 1
     counts = np.bincount(expected.ravel(), minlength=256)
@@ -104,7 +110,7 @@ def test_streamed_predict_equals_segment_on_the_whole_image_bit_for_bit(tmp_path
     want_labels, want_probs = _in_memory(segmenter, image, valid)
     np.testing.assert_array_equal(labels, want_labels)
     probs = read_raster(tmp_path / "out" / "scene_probs.tif")[0]
-    want = (want_probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    want = (want_probs.clamp(0, 1) * VALUE_MAX).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(probs[:, valid], want[:, valid])
     sizes = segmenter.config.pyramid.stage_sizes(size)
     assert result.crops == sum(len(crop_boxes(s, (16, 16))) for s in sizes)
@@ -276,11 +282,13 @@ def test_probabilities_and_uncertainty_agree_with_the_labels(tmp_path, fitted):
         assert profile["crs"] == UTM33 and profile["transform"] == TRANSFORM
         assert (profile["height"], profile["width"]) == (100, 120) and profile["dtype"] == "uint8"
     assert probs.shape == (4, 100, 120) and pp["descriptions"] == ("unknown", "field", "road", "water")
-    p = probs.astype(float) / 255
-    assert np.abs(p.sum(0) - 1).max() <= 4 / 255                  # rounding of 4 values
+    assert pp["nodata"] == up["nodata"] == NODATA
+    assert probs.max() <= VALUE_MAX and uncert.max() <= VALUE_MAX  # 255 is nodata only
+    p = probs.astype(float) / VALUE_MAX
+    assert np.abs(p.sum(0) - 1).max() <= 4 / VALUE_MAX             # rounding of 4 values
     top2 = np.sort(p, axis=0)[-2:]
-    assert np.abs((1 - (top2[1] - top2[0])) - uncert[0] / 255).max() <= 3 / 255
-    sure = (top2[1] - top2[0]) > 3 / 255                           # no tie after rounding
+    assert np.abs((1 - (top2[1] - top2[0])) - uncert[0] / VALUE_MAX).max() <= 3 / VALUE_MAX
+    sure = (top2[1] - top2[0]) > 3 / VALUE_MAX                     # no tie after rounding
     assert (p.argmax(0) == labels[0])[sure].all()
 
 

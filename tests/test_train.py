@@ -168,6 +168,8 @@ def test_cli_trains_both_phases_and_checkpoint_is_self_contained(tmp_path, tiny_
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["coarse", "scenes"]
     log = (out / "train.log").read_text()
     assert "backbone epoch 1/1" in log and "refiner epoch 1/1" in log
+    for r in records:  # the unit people read everywhere: %, one decimal (JSON keeps 0-1)
+        assert f"val mIoU {100 * r['val_miou']:.1f}%" in log
 
     # One file, loadable without unpickling code, with the whole resolved config.
     raw = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)

@@ -6,7 +6,8 @@ different pyramid, so the comparison isolates what the pyramid and the refiner c
 - ``progressive``: the checkpoint's pyramid, refiner and K (the full method, adaptive mode off);
   the prediction after every stage is scored too (resized nearest to the image size).
 - ``progressive, no refiner``: the same without the refiner (refined = fine), so the two rows
-  side by side, per class, show what the refiner adds on this data.
+  side by side, per class, show what the refiner adds on this data (only when the config
+  enables the refiner: otherwise it would repeat ``progressive``).
 - ``downsample``: ``pyramid.downsample_only()``: the stage-0 view of the whole scene, upsampled.
 - ``patch``: ``pyramid.patch_only()``: the finest scale alone, crops stitched, no context.
 - ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
@@ -73,8 +74,9 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
     methods = [
         Method("progressive", f"progressive refinement, stages {sizes}, K={config.refine.points}, {refiner}",
                p, config.refine, full),
-        Method(NO_REFINER, f"progressive without the refiner (refined = fine), K={config.refine.points}",
-               p, config.refine, full, refiner=False),
+        # Without a refiner, this row would be progressive's again.
+        *([Method(NO_REFINER, f"progressive without the refiner (refined = fine), K={config.refine.points}",
+                  p, config.refine, full, refiner=False)] if config.refiner.enabled else []),
         Method("downsample", f"downsample-only: the stage-0 view ({p.scales[0][0]}x{p.scales[0][1]}) upsampled",
                p.downsample_only(), config.refine, full),
         Method("patch", f"patch-only: finest scale ({p.scales[-1][0]}x{p.scales[-1][1]}) in "

@@ -10,6 +10,7 @@ IoU is left out of the mean. Classes with ``in_mean`` false are treated that way
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,15 +37,21 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 
 def scores(matrix: Tensor | np.ndarray, in_mean: Sequence[bool] | None = None) -> dict[str, Any]:
-    """mIoU, per-class IoU, overall accuracy and frequency-weighted IoU of a confusion matrix.
+    """mIoU, per-class IoU, overall accuracy and frequency-weighted IoU of a confusion matrix,
+    and remote sensing's accuracy assessment: producer's and user's accuracy per class and
+    Cohen's kappa.
 
     Args:
         matrix: ``(C, C)`` counts, rows ground truth.
         in_mean: which classes count in the means (default all).
     Returns:
-        ``{"miou", "iou": [C], "accuracy", "fwiou", "pixels"}``. A class absent from both
-        ground truth and prediction has IoU NaN and is left out of the mean. ``accuracy`` and
-        ``fwiou`` are over pixels whose ground truth is a counted class.
+        ``{"miou", "iou": [C], "accuracy", "fwiou", "producer_accuracy": [C],
+        "user_accuracy": [C], "kappa", "pixels"}``. A class absent from both ground truth and
+        prediction has IoU NaN and is left out of the mean. ``accuracy``, ``fwiou`` and
+        ``kappa`` are over pixels whose ground truth is a counted class. Producer's accuracy
+        of class k is the share of its ground-truth pixels predicted k (1 - omission error;
+        recall), user's accuracy the share of pixels predicted k that are k (1 - commission
+        error; precision), both NaN where the class has no such pixels.
     """
     m = torch.as_tensor(np.asarray(matrix), dtype=torch.float64)
     c = m.shape[0]
@@ -59,13 +66,41 @@ def scores(matrix: Tensor | np.ndarray, in_mean: Sequence[bool] | None = None) -
     accuracy = float(tp[counted].sum() / gt_counted) if gt_counted > 0 else float("nan")
     weights = torch.where(counted, gt, torch.zeros_like(gt))
     fw = (weights * torch.nan_to_num(iou)).sum() / gt_counted if gt_counted > 0 else float("nan")
+    predicted = m.sum(0)
+    producer = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, float("nan")))
+    user = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.full_like(tp, float("nan")))
     return {
         "miou": miou,
         "iou": [float(v) for v in iou],
         "accuracy": accuracy,
         "fwiou": float(fw),
+        "producer_accuracy": [float(v) for v in producer],
+        "user_accuracy": [float(v) for v in user],
+        "kappa": kappa(m, counted),
         "pixels": int(m.sum()),
     }
+
+
+def kappa(matrix: Tensor | np.ndarray, rows: Sequence[bool] | Tensor | None = None) -> float:
+    """Cohen's kappa of a ``(C, C)`` confusion matrix over the pixels whose ground truth is
+    one of ``rows`` (default all): ``(p_o - p_e) / (1 - p_e)``, with ``p_o`` the share of
+    those pixels on the diagonal and ``p_e`` the agreement expected by chance from their row
+    and column totals. NaN without pixels, or when chance agreement is total (``p_e = 1``)."""
+    m = torch.as_tensor(np.asarray(matrix), dtype=torch.float64)
+    if rows is not None:
+        m = torch.where(torch.as_tensor(rows, dtype=torch.bool)[:, None], m, torch.zeros_like(m))
+    total = m.sum()
+    if total <= 0:
+        return float("nan")
+    observed = float(m.diag().sum() / total)
+    chance = float((m.sum(1) * m.sum(0)).sum() / total**2)
+    return float("nan") if chance >= 1 else (observed - chance) / (1 - chance)
+
+
+def percent(value: float | None) -> str:
+    """A score for people to read: ``0.4220`` -> ``42.2%``. Every log line and report.md
+    shows scores so; JSON (NDJSON records, report.json, checkpoints) keeps fractions 0-1."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 class ConfusionMatrix:

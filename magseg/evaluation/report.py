@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,15 @@ import torch
 from magseg.config import ClassSpec, Config
 from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
-from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
+from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, defined, method_summary
+from magseg.evaluation.metrics import scores
 from magseg.io.atomic import atomic_write
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_IOU = "per_class_iou.png"
 PLOT_STAGES = "miou_per_stage.png"
+PLOT_CONFUSION = "confusion_matrix.png"
 SAMPLES_DIR = "samples"
 
 TIME_NOTE = (
@@ -58,9 +62,10 @@ def build_report(
     """The content of ``report.json``: every method's scores, time and memory, the stages of
     the staged methods, the settings that made them, and the plot files."""
     config = result.config
-    methods = {name: method_summary(t, config) for name, t in result.tallies.items()}
+    methods = {name: {**method_summary(t, config), **accuracy_assessment(t.matrix.matrix, config)}
+               for name, t in result.tallies.items()}
     how = next((t.memory_how for t in result.tallies.values()), "VmHWM")
-    plots = [PLOT_IOU]
+    plots = [PLOT_IOU, PLOT_CONFUSION]
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
     plots += [sample_plot_name(s.id) for s in result.samples]
@@ -92,6 +97,16 @@ def build_report(
         ],
     }
     return report
+
+
+def accuracy_assessment(matrix: Any, config: Config) -> dict[str, Any]:
+    """Producer's and user's accuracy per class name and Cohen's kappa of one method's
+    confusion matrix (``magseg.evaluation.metrics.scores``; None where undefined)."""
+    s = scores(matrix, [c.in_mean for c in config.classes])
+    names = [c.name for c in config.classes]
+    return {"producer_accuracy": {n: defined(v) for n, v in zip(names, s["producer_accuracy"])},
+            "user_accuracy": {n: defined(v) for n, v in zip(names, s["user_accuracy"])},
+            "kappa": defined(s["kappa"])}
 
 
 def _points(a: float | None, b: float | None) -> float | None:
@@ -146,7 +161,130 @@ def _environment(config: Config) -> dict[str, Any]:
 
 
 def _pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal: the one unit of every score people read
+    (report.md, the command's summary, the training log); JSON keeps fractions."""
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _coefficient(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a report.md table: its ``title``, the cell's number from a row's dict
+    (None: undefined), how that number is shown, and whether the highest (``max``) or
+    lowest (``min``) value is the column's best (bold), or None for no best."""
+
+    title: str
+    value: Callable[[dict[str, Any]], float | None]
+    show: Callable[[float | None], str] = _pct
+    best: str | None = "max"
+
+
+def render_table(rows: dict[str, dict[str, Any]], columns: Sequence[Column], first: str = "method",
+                 labels: dict[str, str] | None = None) -> list[str]:
+    """A markdown table, one row per entry of ``rows`` (its name in the first column, or
+    ``labels[name]``), with the best value of each column in bold: every cell that shows
+    what the best shows (74.04 and 73.96 both show 74.0, both bold), none where all rows
+    show the same."""
+    cells = {name: [c.show(c.value(row)) for c in columns] for name, row in rows.items()}
+    best: list[str | None] = []
+    for column in columns:
+        values = [v for v in (column.value(row) for row in rows.values()) if v is not None]
+        if column.best is None or len(rows) < 2 or not values:
+            best.append(None)
+        else:
+            top = column.show(max(values) if column.best == "max" else min(values))
+            # A column where every row ties has no best.
+            best.append(None if all(cells[n][len(best)] == top for n in rows) else top)
+    header = [first, *(c.title for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, texts in cells.items():
+        texts = [f"**{t}**" if t == b else t for t, b in zip(texts, best)]
+        lines.append("| " + " | ".join([(labels or {}).get(name, name), *texts]) + " |")
+    return lines
+
+
+def method_columns(report: dict[str, Any]) -> list[Column]:
+    """The methods table's columns: mIoU, IoU of each counted class, overall accuracy,
+    FWIoU, kappa, time and memory. A new score is one more Column here."""
+    counted = [c["name"] for c in report["classes"] if c["in_mean"]]
+    return [
+        Column("mIoU", lambda m: m["miou"]),
+        *(Column(c, lambda m, c=c: m["iou"][c]) for c in counted),
+        Column("OA", lambda m: m["accuracy"]),
+        Column("FWIoU", lambda m: m["fwiou"]),
+        Column("kappa", lambda m: m.get("kappa"), _coefficient),
+        Column("s/image", lambda m: m["seconds_per_image"], _seconds, "min"),
+        Column("peak MB", lambda m: m["peak_memory_mb"], lambda v: "n/a" if v is None else f"{v:.0f}", "min"),
+    ]
+
+
+def refiner_ran(report: dict[str, Any]) -> bool:
+    """Whether the benchmark ran a refiner: the checkpoint's config enables it, and a row
+    without it was scored (a checkpoint with the refiner switched off has neither)."""
+    return bool(report["config"].get("refiner", {}).get("enabled", True)) and NO_REFINER in report["methods"]
+
+
+def same_rows(report: dict[str, Any]) -> dict[str, str]:
+    """Methods whose confusion matrix (and so every score) equals an earlier method's: name
+    -> that method's name. Their rows are labelled ``(= name)``."""
+    return identical_to({n: [float(v) for row in m["confusion_matrix"] for v in row]
+                         for n, m in report["methods"].items() if "confusion_matrix" in m})
+
+
+def _methods_table(report: dict[str, Any]) -> list[str]:
+    """The methods table: without the no-refiner row where no refiner ran (it would repeat
+    progressive), rows identical to another marked ``(= other)``."""
+    rows = {n: m for n, m in report["methods"].items() if n != NO_REFINER or refiner_ran(report)}
+    same = same_rows(report)
+    labels = {n: f"{n} (= {same[n]})" for n in rows if n in same}
+    lines = render_table(rows, method_columns(report), labels=labels)
+    notes = ["IoU, OA (overall accuracy) and FWIoU in %, kappa is Cohen's; the best of each column in bold."]
+    if not refiner_ran(report):
+        notes.append(f"No refiner ran (refiner.enabled is false in the checkpoint), so there is no "
+                     f"`{NO_REFINER}` row.")
+    notes += [f"`{n}`: {m['description']}." for n, m in rows.items()]
+    return [*lines, "", " ".join(notes), ""]
+
+
+def _accuracy_table(report: dict[str, Any], name: str) -> list[str]:
+    """Producer's and user's accuracy per class of one method, in %."""
+    m = report["methods"][name]
+    if "producer_accuracy" not in m:
+        return []
+    classes = {c["name"]: {"producer": m["producer_accuracy"][c["name"]], "user": m["user_accuracy"][c["name"]]}
+               for c in report["classes"]}
+    columns = [Column("producer's accuracy", lambda r: r["producer"], best=None),
+               Column("user's accuracy", lambda r: r["user"], best=None)]
+    return [f"## Accuracy assessment: {name}", "",
+            *render_table(classes, columns, first="class"), "",
+            "Producer's accuracy: the share of a class's ground-truth pixels predicted as it "
+            "(100 - omission error). User's accuracy: the share of the pixels predicted as a class "
+            f"that are it (100 - commission error). In %. Cohen's kappa: {_coefficient(m.get('kappa'))}.", ""]
+
+
+def _stages_tables(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    same = same_rows(report)
+    for name, m in report["methods"].items():
+        if "stages" not in m or name in same or (name == NO_REFINER and not refiner_ran(report)):
+            continue
+        lines += [f"## {name}: after each stage", "",
+                  "| stage | size | mIoU | pixels refined | crops run | s/image |", "|---|---|---|---|---|---|"]
+        for st in m["stages"]:
+            lines.append(
+                f"| {st['stage']} | {'x'.join(map(str, st['size']))} | {_pct(st['miou'])} | "
+                f"{100 * st['refined_fraction']:.1f}% | {st['crops_run']}/{st['crops_total']} | "
+                f"{st['seconds_per_image']:.2f} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _machine(env: dict[str, Any]) -> str:
@@ -160,7 +298,8 @@ def _machine(env: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: the methods table, the stages table, the margins and the plots."""
+    """``report.md``: the methods table, the accuracy assessment, the stages tables, the
+    margins, what the refiner adds (where one ran) and the plots."""
     counted = [c["name"] for c in report["classes"] if c["in_mean"]]
     lines = [
         f"# magseg benchmark: {report['split']} split of {report['data_root']}",
@@ -174,30 +313,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["failed"]:
         lines += [f"**Incomplete: {len(report['failed'])} image(s) failed** (scores are over the others):", ""]
         lines += [f"- `{f['id']}`: {f['error']}" for f in report["failed"]] + [""]
-    header = ["method", "mIoU", *counted, "OA", "FWIoU", "s/image", "peak MB"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, m in report["methods"].items():
-        row = [name, f"**{_pct(m['miou'])}**", *(_pct(m["iou"][c]) for c in counted),
-               _pct(m["accuracy"]), _pct(m["fwiou"]),
-               "n/a" if m["seconds_per_image"] is None else f"{m['seconds_per_image']:.2f}",
-               f"{m['peak_memory_mb']:.0f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    lines.append("IoU and accuracy in %. " + " ".join(
-        f"`{n}`: {m['description']}." for n, m in report["methods"].items()))
-    lines.append("")
-    for name, m in report["methods"].items():
-        if "stages" not in m:
-            continue
-        lines += [f"## {name}: after each stage", "",
-                  "| stage | size | mIoU | pixels refined | crops run | s/image |", "|---|---|---|---|---|---|"]
-        for st in m["stages"]:
-            lines.append(
-                f"| {st['stage']} | {'x'.join(map(str, st['size']))} | {_pct(st['miou'])} | "
-                f"{100 * st['refined_fraction']:.1f}% | {st['crops_run']}/{st['crops_total']} | "
-                f"{st['seconds_per_image']:.2f} |"
-            )
-        lines.append("")
+    lines += _methods_table(report)
+    lines += _accuracy_table(report, confusion_method(report))
+    lines += _stages_tables(report)
     lines += _seam_lines(report)
     if report["margins_miou_points"]:
         lines += ["## Margins", ""]
@@ -205,12 +323,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                   for k, v in report["margins_miou_points"].items()]
         lines.append("")
     gain = report.get("refiner_gain_points")
-    if gain is not None:
+    if gain is not None and refiner_ran(report):
         per_class = ", ".join(f"{c} {v:+.1f}" for c, v in gain["iou"].items() if v is not None and c in counted)
+        same = same_rows(report).get(NO_REFINER) == "progressive"
         lines += ["## What the refiner adds", "",
                   f"`progressive` minus `{NO_REFINER}`: "
                   + ("n/a" if gain["miou"] is None else f"{gain['miou']:+.1f} mIoU points")
-                  + (f"; IoU points per class: {per_class}." if per_class else "."), ""]
+                  + (f"; IoU points per class: {per_class}." if per_class else ".")
+                  + (" The two predictions are identical on this split." if same else ""), ""]
     lines += ["## How this was measured", "",
               f"- mIoU: {report['measurement']['miou']}.",
               f"- Time: {report['measurement']['time']}.",
@@ -259,12 +379,34 @@ def _pyplot():
     return plt
 
 
+def method_colours(report: dict[str, Any]) -> dict[str, str]:
+    """One colour per method, the same in every plot (matplotlib's ten-colour cycle, in
+    the report's order; beyond ten, a second cycle)."""
+    cycle = [f"C{k}" for k in range(10)] + [f"tab:{c}" for c in ("olive", "cyan", "pink", "gray")]
+    return {name: cycle[k % len(cycle)] for k, name in enumerate(report["methods"])}
+
+
+def identical_to(series: dict[str, Sequence[float | None]]) -> dict[str, str]:
+    """For each series equal to an earlier one (value by value), the name of the first
+    series it equals: those would be drawn exactly on top of each other."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for name, values in series.items():
+        key = tuple(None if v is None else round(v, 9) for v in values)
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
+    return out
+
+
 def plot_per_class_iou(report: dict[str, Any]) -> bytes:
     """Grouped bars: IoU of every counted class (and mIoU) for every method."""
     plt = _pyplot()
     counted = [c["name"] for c in report["classes"] if c["in_mean"]]
     groups = [*counted, "mIoU"]
     methods = list(report["methods"])
+    colours = method_colours(report)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(methods)) / 2), 4))
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(groups))
@@ -272,7 +414,7 @@ def plot_per_class_iou(report: dict[str, Any]) -> bytes:
         m = report["methods"][name]
         values = [m["iou"][c] for c in counted] + [m["miou"]]
         heights = [0 if v is None else 100 * v for v in values]
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=name)
+        ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=name, color=colours[name])
     ax.set_xticks(x, groups, rotation=20)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
@@ -282,26 +424,57 @@ def plot_per_class_iou(report: dict[str, Any]) -> bytes:
     return _figure_bytes(fig)
 
 
+# Line styles for a series drawn on top of an identical one: the later one dotted and with
+# hollow markers, so both stay visible.
+_SAME_STYLE = {"linestyle": ":", "marker": "s", "markerfacecolor": "none", "markersize": 9, "linewidth": 2.5}
+
+
 def plot_miou_per_stage(report: dict[str, Any]) -> bytes:
-    """mIoU after each stage of the staged methods; the baselines as horizontal lines."""
+    """``figure_miou_per_stage`` as PNG bytes."""
+    return _figure_bytes(figure_miou_per_stage(report))
+
+
+def figure_miou_per_stage(report: dict[str, Any]):
+    """mIoU after each stage of the staged methods; the baselines as horizontal lines.
+
+    Every method has its own colour; a series identical to another is drawn dotted over it
+    and labelled ``(= other)``. The y-axis is zoomed to the values, and its label says
+    where it starts when that is not 0.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in report["methods"].items():
-        if "stages" in m:
-            xs = [st["stage"] for st in m["stages"]]
-            ys = [None if st["miou"] is None else 100 * st["miou"] for st in m["stages"]]
-            ax.plot(xs, ys, marker="o", label=name)
-            ax.set_xticks(xs, ["x".join(map(str, st["size"])) for st in m["stages"]])
-    for k, name in enumerate(n for n, m in report["methods"].items() if "stages" not in m):
-        v = report["methods"][name]["miou"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = method_colours(report)
+    staged = {n: m for n, m in report["methods"].items() if "stages" in m}
+    lines = {n: [None if st["miou"] is None else 100 * st["miou"] for st in m["stages"]]
+             for n, m in staged.items()}
+    flat = {n: [None if m["miou"] is None else 100 * m["miou"]]
+            for n, m in report["methods"].items() if n not in staged}
+    same = {**identical_to(lines), **identical_to(flat)}
+    for name, ys in lines.items():
+        xs = [st["stage"] for st in staged[name]["stages"]]
+        style = _SAME_STYLE if name in same else {"marker": "o"}
+        label = f"{name} (= {same[name]})" if name in same else name
+        ax.plot(xs, ys, color=colours[name], label=label, **style)
+        ax.set_xticks(xs, ["x".join(map(str, st["size"])) for st in staged[name]["stages"]])
+    for name, (v,) in flat.items():
         if v is not None:
-            ax.axhline(100 * v, linestyle="--", color=f"C{k + 3}", label=f"{name} (baseline)")
+            label = f"{name} (baseline" + (f", = {same[name]})" if name in same else ")")
+            ax.axhline(v, color=colours[name], linestyle=":" if name in same else "--",
+                       linewidth=2.5 if name in same else 1.5, label=label)
+    values = [v for ys in [*lines.values(), *flat.values()] for v in ys if v is not None]
+    if values:
+        lo, hi = min(values), max(values)
+        margin = max(2.0, 0.1 * (hi - lo))
+        bottom = max(0.0, 5 * math.floor((lo - margin) / 5))
+        ax.set_ylim(bottom, min(100.0, hi + margin))
+        ax.set_ylabel("mIoU (%)" + (f", axis starts at {bottom:g}" if bottom > 0 else ""))
+    else:
+        ax.set_ylabel("mIoU (%)")
     ax.set_xlabel("stage (size)")
-    ax.set_ylabel("mIoU (%)")
     ax.set_title("mIoU after each stage")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _figure_bytes(fig)
+    return fig
 
 
 def colorize(labels: np.ndarray, classes: Sequence[ClassSpec]) -> np.ndarray:
@@ -312,9 +485,18 @@ def colorize(labels: np.ndarray, classes: Sequence[ClassSpec]) -> np.ndarray:
     return palette[labels]
 
 
+SAMPLE_COLUMNS = 5  # at most this many panels per row of a sample plot
+
+
 def plot_sample(sample: Sample, classes: Sequence[ClassSpec]) -> bytes:
-    """One row: image, ground truth, each method's prediction, uncertainty, refined pixels per
-    stage."""
+    """``figure_sample`` as PNG bytes."""
+    return _figure_bytes(figure_sample(sample, classes))
+
+
+def figure_sample(sample: Sample, classes: Sequence[ClassSpec]):
+    """Image, ground truth, each method's prediction, uncertainty (with its colour bar) and
+    refined pixels per stage, at most ``SAMPLE_COLUMNS`` panels per row (rows filled evenly);
+    a legend of the classes and of the refined masks."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -326,16 +508,63 @@ def plot_sample(sample: Sample, classes: Sequence[ClassSpec]) -> bytes:
     panels.append(("uncertainty (progressive)", sample.uncertainty, {"cmap": "magma", "vmin": 0, "vmax": 1}))
     panels += [(f"refined at stage {k + 1}", mask, {"cmap": "gray", "vmin": 0, "vmax": 1})
                for k, mask in enumerate(sample.refined)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0))
-    for ax, (title, data, kw) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(data, interpolation="nearest", **kw)
+    rows = math.ceil(len(panels) / SAMPLE_COLUMNS)
+    cols = math.ceil(len(panels) / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, (title, data, kw) in zip(axes.flat, panels):
+        shown = ax.imshow(data, interpolation="nearest", **kw)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])  # keep the frame: white (barren) must not melt into the page
         ax.set_yticks([])
+        if title.startswith("uncertainty"):
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, ticks=[0, 0.5, 1])
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label("1 - certainty", fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
     handles = [Patch(facecolor=np.asarray(c.color) / 255, edgecolor="k", label=c.name) for c in classes]
-    fig.legend(handles=handles, loc="lower center", ncol=len(classes), fontsize=7, frameon=False)
+    if sample.refined:
+        handles += [Patch(facecolor="white", edgecolor="k", label="refined (R's label)"),
+                    Patch(facecolor="black", edgecolor="k", label="kept (coarser stage)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7,
+               frameon=False)
     fig.suptitle(f"scene {sample.id}", fontsize=9)
-    return _figure_bytes(fig)
+    return fig
+
+
+def confusion_method(report: dict[str, Any]) -> str:
+    """The method the confusion-matrix plot shows: progressive, else the first."""
+    return "progressive" if "progressive" in report["methods"] else next(iter(report["methods"]))
+
+
+def plot_confusion(report: dict[str, Any]) -> bytes:
+    """``figure_confusion`` as PNG bytes."""
+    return _figure_bytes(figure_confusion(report))
+
+
+def figure_confusion(report: dict[str, Any]):
+    """The confusion matrix of ``confusion_method`` normalised by ground truth: row k is
+    where the pixels of class k went (the diagonal is producer's accuracy), in %."""
+    plt = _pyplot()
+    name = confusion_method(report)
+    matrix = np.asarray(report["methods"][name]["confusion_matrix"], dtype=np.float64)
+    names = [c["name"] for c in report["classes"]]
+    keep = matrix.sum(1) > 0  # classes with ground truth pixels (rows); all columns
+    rows = 100 * matrix[keep] / matrix[keep].sum(1, keepdims=True)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.9 + 0.6 * max(int(keep.sum()), 1)))
+    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=100, aspect="auto")
+    for (i, j), v in np.ndenumerate(rows):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8,
+                color="white" if v > 60 else "black")
+    ax.set_xticks(range(n), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(int(keep.sum())), [m for m, k in zip(names, keep) if k], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"{name}: confusion matrix, % of each ground-truth class", fontsize=9)
+    fig.colorbar(shown, ax=ax, label="% of the row")
+    return fig
 
 
 # --------------------------------------------------------------------------- files
@@ -370,7 +599,8 @@ def write_report(
     out_dir = Path(out_dir)
     check_outputs(out_dir, overwrite)
     (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-    files: list[tuple[Path, bytes]] = [(out_dir / PLOT_IOU, plot_per_class_iou(report))]
+    files: list[tuple[Path, bytes]] = [(out_dir / PLOT_IOU, plot_per_class_iou(report)),
+                                       (out_dir / PLOT_CONFUSION, plot_confusion(report))]
     if PLOT_STAGES in report["plots"]:
         files.append((out_dir / PLOT_STAGES, plot_miou_per_stage(report)))
     files += [(out_dir / sample_plot_name(s.id), plot_sample(s, classes)) for s in samples]

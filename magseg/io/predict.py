@@ -35,6 +35,7 @@ from magseg.io.atomic import atomic_writes, fresh_partial_path
 from magseg.io.provenance import Provenance
 from magseg.io.raster import (
     NODATA,
+    VALUE_MAX,
     PixelWindow,
     RasterReader,
     RasterWriter,
@@ -522,12 +523,12 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
                             colors=[c.color for c in config.classes], descriptions=["class"],
                             creation_options=creation_options)
     if kind == "probs":
-        return RasterWriter(path, reader.size, len(names), geo, nodata=None, mask=True,
-                            descriptions=names, scale=1 / 255,
-                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path),
+        return RasterWriter(path, reader.size, len(names), geo, nodata=NODATA, mask=True,
+                            descriptions=names, scale=1 / VALUE_MAX,
+                            tags={"MAGSEG_VALUES": f"probability x {VALUE_MAX}", "MAGSEG_SOURCE": base_name(reader.path),
                                   **provenance}, creation_options=creation_options)
-    return RasterWriter(path, reader.size, 1, geo, nodata=None, mask=True,
-                        descriptions=["uncertainty"], scale=1 / 255,
-                        tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
+    return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, mask=True,
+                        descriptions=["uncertainty"], scale=1 / VALUE_MAX,
+                        tags={"MAGSEG_VALUES": f"(1 - certainty) x {VALUE_MAX}; certainty = top-1 minus "
                               "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
                               **provenance}, creation_options=creation_options)

@@ -297,6 +297,10 @@ class RasterReader:
 
 # The nodata value of class maps: class ids are 0..254.
 NODATA = 255
+# Continuous outputs (probabilities, uncertainty) store value x VALUE_MAX, 0..254, so that
+# 255 is free to be their nodata too: GDAL before 3.8 computes statistics (and QGIS draws
+# transparency) from the nodata value alone, not from the internal mask.
+VALUE_MAX = 254
 
 
 def colormap(colors: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int, int, int]]:

@@ -32,7 +32,7 @@ from magseg.engine.stages import BatchJob, CollectSink, StageRun, run_job
 from magseg.errors import MagsegError, WriteError
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
-from magseg.io.raster import NODATA, PixelWindow, RasterReader, RasterWriter, io_env
+from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow, RasterReader, RasterWriter, io_env
 
 
 class RasterSource:
@@ -84,9 +84,11 @@ class RasterSource:
         return bool(torch.isfinite(self.normalize(extremes)).all())
 
 
-def _to_uint8(values: Tensor) -> np.ndarray:
-    """Values in [0, 1] -> uint8 0..255 (rounded)."""
-    return (values.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+def _to_uint8(values: Tensor, invalid: Tensor) -> np.ndarray:
+    """Values in [0, 1] -> uint8 ``0..VALUE_MAX`` (rounded); ``NODATA`` where ``invalid``
+    (``(h, w)`` bool, broadcast over leading dimensions)."""
+    out = (values.clamp(0, 1) * VALUE_MAX).round().to(torch.uint8)
+    return out.masked_fill(invalid, NODATA).numpy()
 
 
 class RasterSink:
@@ -126,9 +128,9 @@ class RasterSink:
         if probs is not None:
             invalid = torch.from_numpy(~valid)
             probs = probs.float().cpu()
-            uncert = _to_uint8((1 - certainty(probs[None])[0]).masked_fill(invalid, 0))
+            uncert = _to_uint8(1 - certainty(probs[None])[0].nan_to_num(1.0), invalid)
             if "probs" in self.writers:
-                self.writers["probs"].write(_to_uint8(probs.masked_fill(invalid, 0)), window, valid)
+                self.writers["probs"].write(_to_uint8(probs.nan_to_num(0.0), invalid), window, valid)
         if "labels" in self.writers:
             self.writers["labels"].write(labels[None], window)
         if "uncertainty" in self.writers:

@@ -41,6 +41,7 @@ from magseg.engine.pyramid import CropBox, crop_windows
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
+from magseg.evaluation.metrics import percent
 from magseg.io.atomic import atomic_write
 from magseg.normalization import ChannelStats
 from magseg.segmenter import create_refiner, create_segmenter_model
@@ -495,8 +496,8 @@ class Trainer:
                     finally:
                         bar.close()
                 sweep.append({"refiner": enabled, "k": k, "val_miou": miou})
-                logger.info("refinement sweep: K=%s, refiner %s: val mIoU %.4f", k,
-                            "on" if enabled else "off", miou)
+                logger.info("refinement sweep: K=%s, refiner %s: val mIoU %s", k,
+                            "on" if enabled else "off", percent(miou))
         pick = max(sweep, key=lambda s: (s["val_miou"] if math.isfinite(s["val_miou"]) else -math.inf,
                                          not s["refiner"], s["k"] == own_k))
         at_own_k = {s["refiner"]: s["val_miou"] for s in sweep if s["k"] == own_k}
@@ -504,8 +505,8 @@ class Trainer:
                   "val_miou_refiner": at_own_k[True], "val_miou_no_refiner": at_own_k[False],
                   "sweep": sweep}
         self.result.refiner_choice = choice
-        logger.info("refinement chosen: K=%s, refiner %s (val mIoU %.4f), stored in %s", pick["k"],
-                    "on" if pick["refiner"] else "off", pick["val_miou"], self.out / BEST)
+        logger.info("refinement chosen: K=%s, refiner %s (val mIoU %s), stored in %s", pick["k"],
+                    "on" if pick["refiner"] else "off", percent(pick["val_miou"]), self.out / BEST)
         if not self.world.main:
             return
         if self.options.on_epoch:
@@ -703,7 +704,7 @@ class Trainer:
         self.result.records.append(record)
         logger.info("%s epoch %d/%d: loss %.4f%s (%.1f s)%s", run.name, epoch + 1, run.epochs,
                     record["loss"],
-                    f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "",
+                    f", val mIoU {percent(record['val_miou'])}" if "val_miou" in record else "",
                     record["seconds"], " best" if improved else "")
         if world.main and self.options.on_epoch:
             self.options.on_epoch(record)
