@@ -37,6 +37,7 @@ from magseg.data.scenes import Scene, check_scene, read_scene
 from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
 from magseg.errors import DataError, MagsegError
+from magseg.evaluation.boundary import BoundaryTally, boundary_counts
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.segmenter import Segmenter
 
@@ -184,6 +185,7 @@ class MethodTally:
     peak_increase_mb: float = 0.0
     gpu_peak_mb: float | None = None
     memory_how: str = "VmHWM"
+    boundary: BoundaryTally | None = None  # boundary IoU and F counts (magseg.evaluation.boundary)
 
 
 @dataclass
@@ -312,6 +314,7 @@ class SceneOutcome:
     stages: dict[str, list[StageOutcome]]
     memory: dict[str, tuple[float, float, str, float | None]]  # peak, increase, how, gpu peak
     sample: Sample | None
+    boundary: dict[str, Tensor] = field(default_factory=dict)  # (C, 6) boundary counts per method
 
 
 # Segmenters that have run every method once (the first call of a method pays for allocator
@@ -363,6 +366,7 @@ def evaluate_scene(
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
         own = confusion_matrix(result.labels, target, config.num_classes)
         out.matrices[m.name] = own
+        out.boundary[m.name] = boundary_counts(result.labels, target, config.num_classes)
         out.record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
         if m.staged:
             out.stages[m.name] = _stage_outcomes(result, target, config.num_classes)
@@ -437,7 +441,8 @@ def evaluate_or_fail(segmenter: Segmenter, scene: Scene, methods: Sequence[Metho
 def new_tallies(config: Config, methods: Sequence[Method]) -> dict[str, MethodTally]:
     """Empty per-method tallies to ``add_scene`` into."""
     in_mean = [c.in_mean for c in config.classes]
-    return {m.name: MethodTally(m, ConfusionMatrix(config.num_classes, in_mean)) for m in methods}
+    return {m.name: MethodTally(m, ConfusionMatrix(config.num_classes, in_mean),
+                                boundary=BoundaryTally(config.num_classes, in_mean)) for m in methods}
 
 
 def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Config) -> None:
@@ -445,6 +450,8 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
     in_mean = [c.in_mean for c in config.classes]
     for name, tally in tallies.items():
         tally.matrix += outcome.matrices[name]
+        if tally.boundary is not None and name in outcome.boundary:
+            tally.boundary += outcome.boundary[name]
         tally.seconds.append(outcome.record.methods[name]["seconds"])
         peak, increase, how, gpu = outcome.memory[name]
         tally.peak_mb = max(tally.peak_mb, peak)
@@ -551,6 +558,8 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
         "images": len(seconds),
         "confusion_matrix": tally.matrix.matrix.tolist(),
     }
+    if tally.boundary is not None:
+        out.update(_boundary_summary(tally.boundary, names))
     if tally.stages:
         images = max(len(seconds), 1)
         stages = []
@@ -566,3 +575,15 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
             })
         out["stages"] = stages
     return out
+
+
+def _boundary_summary(tally: BoundaryTally, names: Sequence[str]) -> dict[str, Any]:
+    """Boundary IoU and F (means over the counted classes, and per class), None where undefined."""
+    b = tally.scores()
+    return {
+        "boundary_miou": defined(b["boundary_miou"]),
+        "boundary_iou": {n: defined(v) for n, v in zip(names, b["boundary_iou"])},
+        "boundary_mf": defined(b["boundary_mf"]),
+        "boundary_f": {n: defined(v) for n, v in zip(names, b["boundary_f"])},
+        "boundary_counts": tally.counts.tolist(),
+    }
