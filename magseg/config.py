@@ -165,15 +165,54 @@ class PyramidConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class CrfConfig:
+    """A CRF over the final probabilities, guided by the image (magseg.engine.crf,
+    docs/crf.md); off by default.
+
+    Mean-field inference of a Potts CRF with a Gaussian (position) and a bilateral (position
+    and pixel values) kernel, as DeepLab runs Krähenbühl and Koltun's dense CRF; the defaults
+    are DeepLab's (its run_densecrf.sh: 10 iterations, Gaussian 3 / 3, bilateral 49 / 5 / 4).
+    ``method``: ``local`` (pure torch, each pixel's kernels over a ``window`` x ``window``
+    square, ConvCRF-style; any device) or ``dense`` (pydensecrf2, the ``magseg[densecrf]``
+    extra; fully connected within each tile). ``bilateral_srgb`` is in the raster's own pixel
+    units (DeepLab's 5 is for 8-bit RGB).
+    """
+
+    enabled: bool = False
+    method: Literal["local", "dense"] = "local"
+    iterations: int = 10
+    window: int = 7
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 49.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.iterations <= 100:
+            raise ValueError(f"refine.crf.iterations must be in 1..100, got {self.iterations}")
+        if self.window < 3 or self.window % 2 == 0 or self.window > 31:
+            raise ValueError(f"refine.crf.window must be odd, 3..31, got {self.window}")
+        for key in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"refine.crf.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("gaussian_compat", "bilateral_compat"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"refine.crf.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True, config=_STRICT)
 class RefineConfig:
     """Which pixels take the refined prediction at each stage.
 
     ``points``: K, an ``int`` count per crop, or a ``float`` fraction in [0, 1] of the pixels a
-    crop owns. ``kernel``: median-blur size for the error map (odd; 1 = no blur).
+    crop owns. ``kernel``: median-blur size for the error map (odd; 1 = no blur). ``crf``: a
+    CRF over the final probabilities (off by default).
     """
 
     points: int | float = 0.75
     kernel: int = 11
+    crf: CrfConfig = CrfConfig()
 
     def __post_init__(self) -> None:
         if isinstance(self.points, bool) or self.points < 0:

@@ -19,6 +19,7 @@ from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, run_confi
 from magseg.config import Config
 from magseg.device import resolve_device
 from magseg.engine.backbone import create_backbone
+from magseg.engine.crf import check_crf
 from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner import Refiner
 from magseg.engine.runtime import (
@@ -81,6 +82,7 @@ class Segmenter:
         if self.backbone_runtime != "torch" and not isinstance(backbone, RuntimeBackbone):
             backbone = _runtime_backbone(self.backbone_runtime, config, self.device,
                                          state_sha256(backbone), lambda model=backbone: model)
+        check_crf(config.refine.crf)  # a dense CRF without its extra fails here, before any work
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
         if config.engine.channels_last:
@@ -166,7 +168,7 @@ class Segmenter:
     def segment(self, image: Tensor, *, normalized: bool = True, **kwargs: Any) -> SegmentationResult:
         """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.stages.segment``
         (``return_probs``, ``return_stages``, ``on_crops``, or a ``pyramid``/``refine``/
-        ``engine`` to use instead of the config's)."""
+        ``engine`` to use instead of the config's; ``pixel_std`` is ``data.std``)."""
         if not normalized:
             image = self.normalize(image)
         cfg = self.config
@@ -174,4 +176,5 @@ class Segmenter:
         kwargs.setdefault("refine", cfg.refine)
         kwargs.setdefault("engine", cfg.engine)
         kwargs.setdefault("refiner", self.refiner)
+        kwargs.setdefault("pixel_std", cfg.data.std)  # the CRF's pixel units
         return segment(image, self.backbone, **kwargs)

@@ -18,6 +18,7 @@ from magseg.config import RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.evaluation.benchmark import NO_REFINER
+from magseg.evaluation.boundary import BoundaryTally
 from magseg.evaluation.metrics import ConfusionMatrix
 from magseg.segmenter import Segmenter
 
@@ -25,7 +26,8 @@ _register()
 DEEPGLOBE = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}
 NAMES = [c.name for c in DEEPGLOBE_CLASSES]
 METHOD_FIELDS = {"miou", "iou", "accuracy", "fwiou", "seconds_per_image", "peak_memory_mb",
-                 "peak_memory_increase_mb", "confusion_matrix", "description"}
+                 "peak_memory_increase_mb", "confusion_matrix", "description",
+                 "boundary_miou", "boundary_iou", "boundary_mf", "boundary_f", "boundary_counts"}
 
 
 @pytest.fixture
@@ -85,7 +87,8 @@ def test_report_has_every_field(ckpt, data, tmp_path):
     assert {"time", "memory", "miou"} <= set(report["measurement"])
     assert report["config"]["pyramid"]["scales"] == [[32, 32], [64, 64], [128, 128]]
 
-    assert report["plots"] == ["per_class_iou.png", "confusion_matrix.png", "miou_per_stage.png",
+    assert report["plots"] == ["per_class_iou.png", "confusion_matrix.png", "per_class_boundary_iou.png",
+                               "miou_per_stage.png",
                                "samples/000001.png", "samples/000002.png"]
     for plot in report["plots"]:
         image = cv2.imread(str(out / plot))
@@ -101,14 +104,22 @@ def test_report_has_every_field(ckpt, data, tmp_path):
         assert set(m["producer_accuracy"]) == set(m["user_accuracy"]) == set(NAMES)
         assert m["kappa"] is None or -1 <= m["kappa"] <= 1
     assert "after each stage" in md and "## Accuracy assessment: progressive" in md
+    assert "## Boundaries" in md and "boundary" in report["measurement"]
+    for name, m in report["methods"].items():
+        assert list(m["boundary_iou"]) == NAMES and 0 <= m["boundary_miou"] <= 1, name
+        assert f"| {name} | {100 * m['boundary_miou']:.1f} | {100 * m['boundary_mf']:.1f} |" in md
 
 
 def _global_scores(seg: Segmenter, scenes, **kwargs):
-    acc = ConfusionMatrix(seg.num_classes, [c.in_mean for c in seg.config.classes])
+    in_mean = [c.in_mean for c in seg.config.classes]
+    acc = ConfusionMatrix(seg.num_classes, in_mean)
+    edges = BoundaryTally(seg.num_classes, in_mean)
     for scene in scenes:
         image, mask = read_scene(scene, seg.config)
-        acc.update(seg.segment(image, normalized=False, **kwargs).labels, torch.from_numpy(mask))
-    return acc.scores()
+        labels = seg.segment(image, normalized=False, **kwargs).labels
+        acc.update(labels, torch.from_numpy(mask))
+        edges.update(labels, torch.from_numpy(mask))
+    return {**acc.scores(), **edges.scores()}
 
 
 def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
@@ -129,6 +140,9 @@ def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
     assert methods["downsample"]["miou"] == pytest.approx(down["miou"])
     assert methods["patch"]["miou"] == pytest.approx(patch["miou"])
     assert methods["patch"]["accuracy"] == pytest.approx(patch["accuracy"])
+    # Boundary scores from counts summed over the split, as the engine's labels give them.
+    assert methods["progressive"]["boundary_miou"] == pytest.approx(full["boundary_miou"])
+    assert methods["patch"]["boundary_mf"] == pytest.approx(patch["boundary_mf"])
     # The last stage is the final prediction (images are the scene size).
     assert methods["progressive"]["stages"][-1]["miou"] == pytest.approx(full["miou"])
     # The matrix counts every pixel of the split once.

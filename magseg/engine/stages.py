@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.certainty import certainty
+from magseg.engine.crf import CrfSink
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -416,6 +417,7 @@ def segment(
     return_probs: bool = False,
     return_stages: bool = False,
     on_crops: Callable[[int], None] | None = None,
+    pixel_std: Sequence[float] | None = None,
 ) -> SegmentationResult:
     """Segment one in-memory image through the scale pyramid.
 
@@ -429,6 +431,8 @@ def segment(
         return_probs: also return the final ``(C, H, W)`` probabilities.
         return_stages: also return per-stage labels and refined-pixel maps.
         on_crops: called with the number of crops each batch ran (for progress bars).
+        pixel_std: per band, the normalisation's std, which turns ``image`` back into pixel
+            units for the CRF's bilateral kernel (``refine.crf``; None: normalised units).
     Returns:
         a SegmentationResult with ``labels`` ``(H, W)`` uint8.
     """
@@ -440,7 +444,12 @@ def segment(
                           on_crops=on_crops)
     sink = MemorySink(tuple(image.shape[-2:]), return_probs, device)
     stages: list[StageResult] | None = [] if return_stages else None
-    run_stages(run, TensorSource(image), lambda stage, size: MemoryMap(size), sink, stages)
+    # With the CRF, the engine's final probabilities go to a map first (magseg.engine.crf).
+    final = (CrfSink(sink, TensorSource(image), MemoryMap(sink.labels.shape[-2:]), refine.crf, pixel_std,
+                     device) if refine.crf.enabled else sink)
+    run_stages(run, TensorSource(image), lambda stage, size: MemoryMap(size), final, stages)
+    if final is not sink:
+        final.finish()
     return SegmentationResult(
         labels=sink.labels[0].cpu(),
         probs=sink.probs.tensor.cpu() if return_probs else None,

@@ -38,6 +38,7 @@ from magseg.data.scenes import Scene, check_scene, read_scene
 from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
 from magseg.errors import DataError, MagsegError
+from magseg.evaluation.boundary import BoundaryTally, boundary_counts
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines
 from magseg.segmenter import Segmenter
@@ -189,6 +190,7 @@ class MethodTally:
     memory_how: str = "VmHWM"
     # The final labels' seam score across each stage's crop borders (the config's pyramid).
     seams: list[SeamTally] = field(default_factory=list)
+    boundary: BoundaryTally | None = None  # boundary IoU and F counts (magseg.evaluation.boundary)
 
 
 @dataclass
@@ -318,6 +320,7 @@ class SceneOutcome:
     memory: dict[str, tuple[float, float, str, float | None]]  # peak, increase, how, gpu peak
     sample: Sample | None
     seams: dict[str, list[SeamTally]] = field(default_factory=dict)  # per method, per stage
+    boundary: dict[str, Tensor] = field(default_factory=dict)  # (C, 6) boundary counts per method
 
 
 # Segmenters that have run every method once (the first call of a method pays for allocator
@@ -369,6 +372,7 @@ def evaluate_scene(
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
         own = confusion_matrix(result.labels, target, config.num_classes)
         out.matrices[m.name] = own
+        out.boundary[m.name] = boundary_counts(result.labels, target, config.num_classes)
         out.record.methods[m.name] = {"miou": _per_image(own, in_mean), "seconds": seconds}
         out.seams[m.name] = seam_tallies(result.labels.numpy(), config.pyramid)
         if m.staged:
@@ -457,7 +461,8 @@ def evaluate_or_fail(segmenter: Segmenter, scene: Scene, methods: Sequence[Metho
 def new_tallies(config: Config, methods: Sequence[Method]) -> dict[str, MethodTally]:
     """Empty per-method tallies to ``add_scene`` into."""
     in_mean = [c.in_mean for c in config.classes]
-    return {m.name: MethodTally(m, ConfusionMatrix(config.num_classes, in_mean)) for m in methods}
+    return {m.name: MethodTally(m, ConfusionMatrix(config.num_classes, in_mean),
+                                boundary=BoundaryTally(config.num_classes, in_mean)) for m in methods}
 
 
 def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Config) -> None:
@@ -465,6 +470,8 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
     in_mean = [c.in_mean for c in config.classes]
     for name, tally in tallies.items():
         tally.matrix += outcome.matrices[name]
+        if tally.boundary is not None and name in outcome.boundary:
+            tally.boundary += outcome.boundary[name]
         tally.seconds.append(outcome.record.methods[name]["seconds"])
         peak, increase, how, gpu = outcome.memory[name]
         tally.peak_mb = max(tally.peak_mb, peak)
@@ -582,6 +589,8 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
         # Per stage of the config's pyramid, coarse to fine (None: a stage of one crop).
         "seam_scores": [defined(s.score()) for s in tally.seams],
     }
+    if tally.boundary is not None:
+        out.update(_boundary_summary(tally.boundary, names))
     if tally.stages:
         images = max(len(seconds), 1)
         stages = []
@@ -597,3 +606,15 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
             })
         out["stages"] = stages
     return out
+
+
+def _boundary_summary(tally: BoundaryTally, names: Sequence[str]) -> dict[str, Any]:
+    """Boundary IoU and F (means over the counted classes, and per class), None where undefined."""
+    b = tally.scores()
+    return {
+        "boundary_miou": defined(b["boundary_miou"]),
+        "boundary_iou": {n: defined(v) for n, v in zip(names, b["boundary_iou"])},
+        "boundary_mf": defined(b["boundary_mf"]),
+        "boundary_f": {n: defined(v) for n, v in zip(names, b["boundary_f"])},
+        "boundary_counts": tally.counts.tolist(),
+    }

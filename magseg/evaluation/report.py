@@ -32,6 +32,7 @@ REPORT_MD = "report.md"
 PLOT_IOU = "per_class_iou.png"
 PLOT_STAGES = "miou_per_stage.png"
 PLOT_CONFUSION = "confusion_matrix.png"
+PLOT_BOUNDARY = "per_class_boundary_iou.png"
 SAMPLES_DIR = "samples"
 
 TIME_NOTE = (
@@ -45,6 +46,13 @@ MEMORY_NOTE = {
     "ru_maxrss": "peak resident set size of the process since it started (ru_maxrss): an upper "
                  "bound, because this system cannot reset the peak between methods",
 }
+BOUNDARY_NOTE = (
+    "boundary IoU (Cheng et al. 2021): per class, the IoU of the truth's and the prediction's "
+    "pixels within d of their own contours (square neighbourhood, the image frame counts), "
+    "d = 2 % of the image diagonal; boundary F: contour pixels (4-neighbour) matched within 0.8 % "
+    "of the diagonal, F of precision and recall; both from counts summed over the split, "
+    "means over the classes with in_mean"
+)
 
 
 def sample_plot_name(sample_id: str) -> str:
@@ -66,6 +74,8 @@ def build_report(
                for name, t in result.tallies.items()}
     how = next((t.memory_how for t in result.tallies.values()), "VmHWM")
     plots = [PLOT_IOU, PLOT_CONFUSION]
+    if any("boundary_iou" in m for m in methods.values()):
+        plots.append(PLOT_BOUNDARY)
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
     plots += [sample_plot_name(s.id) for s in result.samples]
@@ -87,7 +97,8 @@ def build_report(
         "measurement": {"time": TIME_NOTE, "memory": MEMORY_NOTE[how],
                         "miou": "one confusion matrix per method summed over the split; mean over "
                                 "the classes with in_mean (DeepGlobe: 'unknown' is counted in the "
-                                "matrix but left out of the mean)"},
+                                "matrix but left out of the mean)",
+                        "boundary": BOUNDARY_NOTE},
         "methods": methods,
         "margins_miou_points": _margins(methods),
         "refiner_gain_points": _refiner_gain(methods),
@@ -322,6 +333,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {k.replace('_', ' ')}: {v:+.1f} mIoU points" if v is not None else f"- {k}: n/a"
                   for k, v in report["margins_miou_points"].items()]
         lines.append("")
+    lines += _boundary_lines(report, counted)
     gain = report.get("refiner_gain_points")
     if gain is not None and refiner_ran(report):
         per_class = ", ".join(f"{c} {v:+.1f}" for c, v in gain["iou"].items() if v is not None and c in counted)
@@ -333,6 +345,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   + (" The two predictions are identical on this split." if same else ""), ""]
     lines += ["## How this was measured", "",
               f"- mIoU: {report['measurement']['miou']}.",
+              *([f"- Boundaries: {report['measurement']['boundary']}."]
+                if "boundary" in report["measurement"] else []),
               f"- Time: {report['measurement']['time']}.",
               f"- Memory: {report['measurement']['memory']}.", ""]
     if report.get("command"):
@@ -356,6 +370,17 @@ def _seam_lines(report: dict[str, Any]) -> list[str]:
     return lines + ["", "Change rate across the crop borders of each stage of the pyramid, over the "
                     "median change rate of all lines of the map (1.00: no seam; - : one crop, no "
                     "border); magseg.evaluation.seams.", ""]
+def _boundary_lines(report: dict[str, Any], counted: Sequence[str]) -> list[str]:
+    """The boundary table: each method's boundary mIoU and mean F, and boundary IoU per class."""
+    rows = {n: m for n, m in report["methods"].items() if "boundary_iou" in m}
+    if not rows:
+        return []
+    header = ["method", "boundary mIoU", "boundary F", *counted]
+    lines = ["## Boundaries", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in rows.items():
+        lines.append("| " + " | ".join([name, _pct(m["boundary_miou"]), _pct(m["boundary_mf"]),
+                                        *(_pct(m["boundary_iou"][c]) for c in counted)]) + " |")
+    return lines + ["", "Boundary IoU per class and the means in %; how they are measured is below.", ""]
 
 
 # --------------------------------------------------------------------------- plots
@@ -400,11 +425,13 @@ def identical_to(series: dict[str, Sequence[float | None]]) -> dict[str, str]:
     return out
 
 
-def plot_per_class_iou(report: dict[str, Any]) -> bytes:
-    """Grouped bars: IoU of every counted class (and mIoU) for every method."""
+def plot_per_class_iou(report: dict[str, Any], key: str = "iou", mean: str = "miou",
+                       title: str = "Per-class IoU by method") -> bytes:
+    """Grouped bars: IoU of every counted class (and mIoU) for every method; ``key``,
+    ``mean`` and ``title`` draw another per-class score (boundary IoU) the same way."""
     plt = _pyplot()
     counted = [c["name"] for c in report["classes"] if c["in_mean"]]
-    groups = [*counted, "mIoU"]
+    groups = [*counted, "mean" if mean != "miou" else "mIoU"]
     methods = list(report["methods"])
     colours = method_colours(report)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(methods)) / 2), 4))
@@ -412,13 +439,13 @@ def plot_per_class_iou(report: dict[str, Any]) -> bytes:
     x = np.arange(len(groups))
     for k, name in enumerate(methods):
         m = report["methods"][name]
-        values = [m["iou"][c] for c in counted] + [m["miou"]]
+        values = [m[key][c] for c in counted] + [m[mean]]
         heights = [0 if v is None else 100 * v for v in values]
         ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=name, color=colours[name])
     ax.set_xticks(x, groups, rotation=20)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Per-class IoU by method")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _figure_bytes(fig)
@@ -601,6 +628,9 @@ def write_report(
     (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     files: list[tuple[Path, bytes]] = [(out_dir / PLOT_IOU, plot_per_class_iou(report)),
                                        (out_dir / PLOT_CONFUSION, plot_confusion(report))]
+    if PLOT_BOUNDARY in report["plots"]:
+        files.append((out_dir / PLOT_BOUNDARY, plot_per_class_iou(
+            report, "boundary_iou", "boundary_miou", "Per-class boundary IoU by method")))
     if PLOT_STAGES in report["plots"]:
         files.append((out_dir / PLOT_STAGES, plot_miou_per_stage(report)))
     files += [(out_dir / sample_plot_name(s.id), plot_sample(s, classes)) for s in samples]

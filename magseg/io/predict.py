@@ -27,6 +27,7 @@ import rasterio
 import torch
 
 from magseg.config import Config
+from magseg.engine.crf import CrfSink
 from magseg.engine.pyramid import crop_boxes
 from magseg.engine.stages import StageRun, run_stages
 from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
@@ -379,7 +380,8 @@ def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictO
                    result: PredictResult):
     """The scratch directory for this input's stage maps (``magseg.io.streaming``)."""
     pyramid = segmenter.config.pyramid
-    needed = scratch_estimate(pyramid.stage_sizes(reader.size), reader.size, segmenter.num_classes)
+    needed = scratch_estimate(pyramid.stage_sizes(reader.size), reader.size, segmenter.num_classes,
+                              final_map=segmenter.config.refine.crf.enabled)
     directory = Path(options.scratch_dir) if options.scratch_dir else result.output.parent
     return scratch_space(directory, result.output.name, needed, pyramid.crop, str(result.input))
 
@@ -400,12 +402,19 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
 
     run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
+    crf = config.refine.crf
+    # With the CRF, the final probabilities go to one more map in the scratch space, then
+    # through the CRF tile by tile (with its margin) into the outputs: as segment does.
+    final = (CrfSink(sink, source, scratch.new_map(len(sizes), source.size), crf, config.data.std,
+                     config.engine.device) if crf.enabled else sink)
     execute = None
     if pool is not None:
-        execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, sink, on_crops)
+        execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, final, on_crops)
     try:
         with torch.inference_mode():
-            run_stages(run, source, scratch.new_map, sink, execute=execute)
+            run_stages(run, source, scratch.new_map, final, execute=execute)
+            if final is not sink:
+                final.finish()
     except OSError as exc:
         if not str(exc.filename or "").startswith(str(scratch.directory)):
             raise

@@ -42,7 +42,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def config_sha256(config: Config) -> str:
     """SHA-256 of the config keys that decide the pixels (classes, model, pyramid, refiner,
-    K and kernel, normalisation, bands, adaptive mode), in canonical JSON."""
+    K and kernel, the CRF when on, normalisation, bands, adaptive mode), in canonical JSON."""
     data = config.to_dict()
     for section, keys in _NOT_RESULTS.items():
         if keys is None:
@@ -50,6 +50,10 @@ def config_sha256(config: Config) -> str:
         else:
             for key in keys:
                 data.get(section, {}).pop(key, None)
+    # A CRF that is off decides nothing: its settings stay out, so a config without the
+    # section hashes as it always has.
+    if not data.get("refine", {}).get("crf", {}).get("enabled", False):
+        data.get("refine", {}).pop("crf", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 

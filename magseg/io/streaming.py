@@ -171,11 +171,14 @@ class Scratch:
         self._live.remove(chunk_map)
 
 
-def scratch_estimate(sizes: list[Size], image_size: Size, classes: int) -> int:
+def scratch_estimate(sizes: list[Size], image_size: Size, classes: int, final_map: bool = False) -> int:
     """Bytes the stage maps of a run need on disk at once, at most: two consecutive maps
     (a stage reads the previous one while it writes its own). The last stage at the image
-    size writes the outputs, not a map."""
+    size writes the outputs, not a map; unless ``final_map`` (the CRF's input, one more map
+    at the image size)."""
     stored = sizes[:-1] if tuple(sizes[-1]) == tuple(image_size) else sizes
+    if final_map:
+        stored = [*stored, tuple(image_size)]
     each = [map_bytes(size, classes) for size in stored] or [0]
     return max([a + b for a, b in zip(each, each[1:])] + each)
 
