@@ -34,7 +34,7 @@ from magseg.config import load_config, parse_overrides
 from magseg.data.scenes import check_scene, list_scenes
 from magseg.errors import CheckpointError, ConfigError, DataError
 from magseg.io.provenance import config_sha256
-from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+from magseg.segmenter import Segmenter, create_segmenter_model
 
 
 @pytest.fixture
