@@ -13,13 +13,13 @@ import magseg.cli.predict  # noqa: F401  (registers the command)
 import magseg.cli.train  # noqa: F401  (registers the command)
 import pytest
 import rasterio
+import torch
 from geotiff import read_raster, smooth_image, write_raster
 from magseg.cli.app import app
 from small_fs import fill, small_filesystem
 from test_datasets import CONFIGS_TINY, make_deepglobe
 from typer.testing import CliRunner
 
-import magseg.checkpoint
 import magseg.io.atomic
 from magseg.checkpoint import load_checkpoint
 from magseg.io.predict import PredictOptions, predict_raster
@@ -182,7 +182,7 @@ def test_train_on_a_full_disk_exits_1_and_keeps_its_checkpoints(tmp_path, data):
 
 def test_train_that_cannot_write_a_checkpoint_exits_1_and_keeps_the_previous_ones(
         tmp_path, data, monkeypatch):
-    real_save, calls = magseg.checkpoint.torch.save, []
+    real_save, calls = torch.save, []  # magseg.checkpoint imports torch where it saves
 
     def save(obj, f, *args, **kwargs):
         calls.append(f)
@@ -191,7 +191,7 @@ def test_train_that_cannot_write_a_checkpoint_exits_1_and_keeps_the_previous_one
             os.truncate(f, 1000)
             raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
 
-    monkeypatch.setattr(magseg.checkpoint.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
     result = _train(data, out, "--epochs", "2")
     _assert_one_clear_line(result, f"{out / 'last.ckpt'}: not written", "file write failed",

@@ -34,7 +34,7 @@ from magseg.config import load_config, parse_overrides
 from magseg.data.scenes import check_scene, list_scenes
 from magseg.errors import CheckpointError, ConfigError, DataError
 from magseg.io.provenance import config_sha256
-from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+from magseg.segmenter import Segmenter, create_segmenter_model
 
 
 @pytest.fixture
@@ -276,6 +276,22 @@ def test_a_train_usage_error_creates_nothing(tmp_path, data, args, message, exis
         out.mkdir()
     _one_error_line(_train(data, out, *args), 2, message)
     assert (list(out.iterdir()) == []) if exists else not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["a directory", "damaged"])
+def test_train_resume_names_what_last_ckpt_is_and_creates_nothing(tmp_path, data, make_checkpoint, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    last = out / "last.ckpt"
+    if kind == "damaged":
+        last.write_bytes(make_checkpoint().read_bytes())
+        _flip_byte(last)
+        message = "is damaged: its entry"
+    else:
+        last.mkdir()
+        message = "is a directory, not a checkpoint file"
+    _one_error_line(_train(data, out, "--resume"), 2, f"checkpoint {last} {message}")
+    assert [p.name for p in out.iterdir()] == ["last.ckpt"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ class Trainer:
         """The checkpoint to resume from (or None), after checking ``out`` is usable."""
         last = self.out / LAST
         if self.options.resume:
-            if not last.is_file():
+            if not last.exists():  # anything else there is named by load_checkpoint
                 raise CheckpointError(f"nothing to resume: {last} does not exist")
             ckpt = load_checkpoint(last)
             if not ckpt.training:
@@ -522,7 +522,7 @@ class Trainer:
     def _backbone_checkpoint(self) -> Checkpoint:
         """The checkpoint whose backbone the refiner phase builds on, from ``out``."""
         order = [BEST, LAST] if self.config.train.backbone_from == "best" else [LAST]
-        path = next((self.out / n for n in order if (self.out / n).is_file()), None)
+        path = next((self.out / n for n in order if (self.out / n).exists()), None)
         if path is None:
             raise CheckpointError(
                 f"the refiner phase needs a trained backbone in {self.out / order[0]}; "
