@@ -144,8 +144,12 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> It
         if not overwrite:
             _unpublish(published)
         # Described before the temporaries go: a full disk is still full.
-        failure = next((f for key, target in targets.items()
-                        if (f := _write_failure(target, temps[key], exc)) is not None), None)
+        # The target whose own temporary failed first: a name such as ``x.tif.aux.xml``
+        # also looks like a temporary of ``x.tif``.
+        named = getattr(exc, "path", None) or getattr(exc, "filename", None)
+        order = sorted(targets, key=lambda key: named is None or Path(os.fsdecode(named)) != temps[key])
+        failure = next((f for key in order
+                        if (f := _write_failure(targets[key], temps[key], exc)) is not None), None)
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -29,7 +29,7 @@ from affine import Affine
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from magseg.errors import MagsegError
+from magseg.errors import MagsegError, WriteError
 
 # --vector FORMAT -> (OGR driver, file suffix).
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "fgb": ("FlatGeobuf", ".fgb"), "geojson": ("GeoJSON", ".geojson")}
@@ -44,6 +44,15 @@ FLUSH_EVERY = 20_000
 
 class VectorError(MagsegError):
     """The class map could not be polygonised or written."""
+
+
+class VectorWriteError(VectorError, WriteError):
+    """The polygons could not be written (``path``: the file being written), e.g. a full
+    disk: magseg.io.atomic names the output and says whether the disk is full."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ class _Writer:
                     layer_metadata=None if self.started else self.metadata,
                 )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
-            raise VectorError(f"cannot write polygons to {self.path}: {exc}") from exc
+            raise VectorWriteError(f"cannot write polygons to {self.path}: {exc}", self.path) from exc
         self.started = True
         self.geometries.clear()
         self.values.clear()
