@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,10 +114,13 @@ def atomic_write(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> Iterator[dict[K, Path]]:
+def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool | Collection[K] = True
+                  ) -> Iterator[dict[K, Path]]:
     """``atomic_write`` for files that belong together (one input's outputs): yield their
     temporary paths; when the block succeeds, sync them all, then publish them in order.
 
+    ``overwrite``: True or False for all targets, or the keys of those that may be replaced
+    (a vector layer made again with other options, while the rest must not exist).
     Without ``overwrite``, when one cannot be published (it appeared meanwhile), the ones
     this block already published are removed again: none of the new files is left. With
     ``overwrite`` those already published stay (each is complete).
@@ -126,10 +129,10 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> It
         as ``atomic_write``, for the first target the failure concerns.
     """
     targets = {key: Path(path) for key, path in targets.items()}
-    if not overwrite:
-        for target in targets.values():
-            if target.exists():
-                raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
+    replace = {key: overwrite if isinstance(overwrite, bool) else key in overwrite for key in targets}
+    for key, target in targets.items():
+        if not replace[key] and target.exists():
+            raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
     temps = {key: fresh_partial_path(target) for key, target in targets.items()}
     published: list[tuple[Path, int]] = []
     try:
@@ -138,12 +141,11 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> It
             _finish(temps[key], _fsync)
         for key, target in targets.items():
             inode = os.stat(temps[key]).st_ino
-            _finish(temps[key], lambda tmp, target=target: publish(tmp, target, overwrite))
-            published.append((target, inode))
+            _finish(temps[key], lambda tmp, target=target, key=key: publish(tmp, target, replace[key]))
+            if not replace[key]:
+                published.append((target, inode))
     except BaseException as exc:
-        if not overwrite:
-            _unpublish(published)
-        # Described before the temporaries go: a full disk is still full.
+        _unpublish(published)
         # The target whose own temporary failed first: a name such as ``x.tif.aux.xml``
         # also looks like a temporary of ``x.tif``.
         named = getattr(exc, "path", None) or getattr(exc, "filename", None)

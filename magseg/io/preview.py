@@ -8,7 +8,7 @@ read of it nor more memory than the picture itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +82,10 @@ class PreviewCanvas:
             palette[c.id] = np.array(c.color, np.float32) / 255
         return palette[self.labels]
 
-    def save(self, path: str | Path, classes: Sequence[ClassSpec], title: str = "") -> None:
-        """Render the three panels and a class legend to a PNG at ``path``."""
+    def save(self, path: str | Path, classes: Sequence[ClassSpec], title: str = "",
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Render the three panels and a class legend to a PNG at ``path``; ``metadata``:
+        text chunks (what made it: magseg.io.provenance tags)."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -112,6 +114,6 @@ class PreviewCanvas:
                        fontsize=8, frameon=False)
             if title:
                 fig.suptitle(title, fontsize=10)
-            fig.savefig(path, format="png")
+            fig.savefig(path, format="png", metadata=dict(metadata or {}))
         finally:
             plt.close(fig)
