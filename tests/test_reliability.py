@@ -350,3 +350,45 @@ def test_an_output_that_appeared_while_predict_wrote_it_is_kept(tmp_path, ckpt, 
     assert second["status"] == "ok"
     assert (out / "a.tif").read_bytes() == theirs["bytes"]
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "a.tif.aux.xml", "b.tif", "b.tif.aux.xml"]
+
+
+# ------------------------------------------------------------------ leftovers of killed runs
+def test_a_skipping_rerun_removes_what_killed_runs_left_and_keeps_a_live_runs_files(tmp_path, ckpt):
+    """After a SIGKILLed --overwrite run, a re-run that skips left the dead run's temporaries
+    and scratch folder in place. Whatever the re-run decides, a dead process's leftovers go;
+    a running process's files stay (it is still writing them)."""
+    import socket
+    import subprocess
+    import sys
+
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50, seed=1))
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    assert _predict(ckpt, a, "-o", out).exit_code == 0
+    scratch.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    try:
+        host = socket.gethostname()
+        leftovers = [out / f".a.tif.{dead}@{host}.partial", out / f".a_probs.tif.{dead}@{host}.partial",
+                     out / f".a.tif.tiled.{dead}@{host}.partial",
+                     out / f".a.fgb.{dead}@{host}.partial.fgb",
+                     out / f".a.gpkg.{dead}@{host}.partial.gpkg-journal"]
+        for path in leftovers:
+            path.write_bytes(b"half a file")
+        stage_maps = scratch / f".a.tif.scratch.{dead}@{host}.partial"
+        (stage_maps / "stage0").mkdir(parents=True)
+        (stage_maps / "stage0" / "chunk").write_bytes(b"x")
+        running = [out / f".a.tif.{live.pid}@{host}.partial", scratch / f".a.tif.scratch.{live.pid}@{host}.partial",
+                   out / f".a.tif.{dead}@otherhost.partial", out / "a.tif.notes.partial"]
+        for path in running:
+            path.write_bytes(b"being written")
+
+        result = _predict(ckpt, a, "-o", out, "--scratch-dir", scratch)
+        assert result.exit_code == 0 and _records(result)[0]["status"] == "skipped"
+        assert not any(p.exists() for p in [*leftovers, stage_maps])
+        assert all(p.exists() for p in running)
+    finally:
+        live.stdin.close()
+        live.wait()

@@ -68,7 +68,9 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
     """Remove the temporary files that killed runs left for ``target``.
 
     Only names ``partial_path`` makes for this host whose process no longer exists are
-    removed; a live process's file, another host's, and anything else are kept.
+    removed (also with a format's suffix after them, ``….partial.fgb``, and a library's
+    journal beside them, ``….partial.gpkg-wal``); a live process's file, another host's,
+    and anything else are kept.
 
     Returns:
         the removed paths.
@@ -76,8 +78,11 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
     target = Path(target)
     prefix, host = f".{target.name}.", _host()
     removed = []
-    for path in target.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX):
-        pid, at, owner_host = path.name[len(prefix) : -len(PARTIAL_SUFFIX)].partition("@")
+    for path in target.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX + "*"):
+        owner, _, after = path.name[len(prefix):].rpartition(PARTIAL_SUFFIX)
+        if after and not re.fullmatch(r"\.\w+(-\w+)?", after):
+            continue
+        pid, at, owner_host = owner.partition("@")
         if at and owner_host == host and pid.isdigit() and not _running(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 if path.is_dir() and not path.is_symlink():  # a scratch directory

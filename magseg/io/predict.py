@@ -31,7 +31,7 @@ from magseg.engine.pyramid import crop_boxes
 from magseg.engine.stages import StageRun, run_stages
 from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
 from magseg.io.aoi import AreaOfInterest
-from magseg.io.atomic import atomic_writes, fresh_partial_path
+from magseg.io.atomic import atomic_writes, fresh_partial_path, remove_stale_partials
 from magseg.io.provenance import Provenance, output_tags
 from magseg.io.raster import (
     NODATA,
@@ -232,6 +232,7 @@ def predict_raster(
     targets = output_paths(path, out_dir, options)
     result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
                            runtime=segmenter.runtime)
+    _remove_leftovers(_possible_outputs(path, out_dir, options), options.scratch_dir)
     todo, replace = _prepare_outputs(path, out_dir, targets, options, segmenter)
     with io_env(), RasterReader(path) as reader:
         if options.aoi is not None:
@@ -423,6 +424,18 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
     result.windows = 1
 
 
+def _remove_leftovers(outputs: Mapping[str, Path], scratch_dir: Path | None) -> None:
+    """Remove what runs that were killed (SIGKILL, the OOM killer) left for this input's
+    ``outputs`` (``_possible_outputs``): temporaries, COG intermediates and the stage-map
+    scratch folder, whatever this run then decides (a run that skips cleans up too). A
+    live run's files are kept (magseg.io.atomic.remove_stale_partials)."""
+    labels = outputs["labels"]
+    for target in outputs.values():
+        remove_stale_partials(target)
+        remove_stale_partials(target.with_name(target.name + ".tiled"))
+    remove_stale_partials((Path(scratch_dir) if scratch_dir else labels.parent) / f"{labels.name}.scratch")
+
+
 def _prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
                      options: PredictOptions, segmenter: Segmenter) -> tuple[dict[str, Path], set[str]]:
     """The outputs to make and those of them that replace a file (``_outputs_to_make``),
@@ -503,20 +516,22 @@ def _existing(kind: str, path: Path, mine: Provenance, options: PredictOptions) 
     return "mine"
 
 
+def _possible_outputs(path: str | Path, out_dir: str | Path, options: PredictOptions) -> dict[str, Path]:
+    """Every file a predict run may make for this input, whatever its flags, by kind
+    (polygons in each format as ``vector <format>``)."""
+    stem = options.stem or source_stem(path)
+    names = {k: n for k, n in OUTPUT_NAMES.items() if k != "vector"}
+    names.update({f"vector {f}": "{stem}" + suffix for f, (_, suffix) in VECTOR_FORMATS.items()})
+    return {kind: Path(out_dir) / name.format(stem=stem) for kind, name in names.items()}
+
+
 def _companions(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
                 options: PredictOptions) -> dict[str, Path]:
     """The files an earlier run may have made for this input that this run does not write
     (extras not asked for now, polygons in another format), by kind."""
-    stem = options.stem or source_stem(path)
-    names = {k: n for k, n in OUTPUT_NAMES.items() if k not in ("vector", "categories")}
-    names.update({f"vector {f}": "{stem}" + suffix for f, (_, suffix) in VECTOR_FORMATS.items()})
     wanted = set(targets.values())
-    found = {}
-    for kind, name in names.items():
-        candidate = Path(out_dir) / name.format(stem=stem)
-        if candidate not in wanted and candidate.is_file():
-            found[kind] = candidate
-    return found
+    return {kind: candidate for kind, candidate in _possible_outputs(path, out_dir, options).items()
+            if kind != "categories" and candidate not in wanted and candidate.is_file()}
 
 
 def _check_companions(companions: Mapping[str, Path], mine: Provenance) -> None:
