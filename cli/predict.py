@@ -304,6 +304,9 @@ def _report(record: dict, number: int, total: int, quiet: bool, warned: bool = F
     note = f" ({record['error']})" if record["error"] else ""
     if record["status"] == "skipped":
         note = " (outputs exist; --overwrite replaces them)"
+    if record.get("removed"):
+        note += f" (removed {len(record['removed'])} output(s) another model made: " \
+                f"{', '.join(record['removed'])})"
     log(f"magseg: [{number}/{total}] {record['input']} -> {record['output']}: {record['status']}, "
         f"{record['seconds']:.1f} s{note}", quiet)
     for warning in [] if warned else record["warnings"]:

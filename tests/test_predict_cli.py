@@ -312,14 +312,17 @@ def test_existing_output_is_skipped_unless_overwrite(tmp_path, ckpt):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.tif").write_bytes(b"precious")
-    result = _predict(ckpt, path, "-o", out)
-    assert result.exit_code == 0
+    result = _predict(ckpt, path, "-o", out)  # not magseg's output: in the way, kept
+    assert result.exit_code == 1
     (record,) = _records(result)
-    assert record["status"] == "skipped" and "--overwrite" in result.stderr
+    assert record["status"] == "failed" and "is in the way" in record["error"]
     assert (out / "a.tif").read_bytes() == b"precious"
     result = _predict(ckpt, path, "-o", out, "--overwrite")
     assert result.exit_code == 0 and _records(result)[0]["status"] == "ok"
     assert read_raster(out / "a.tif")[0].shape == (1, 30, 30)
+    result = _predict(ckpt, path, "-o", out)  # this model's output: skipped
+    assert result.exit_code == 0 and _records(result)[0]["status"] == "skipped"
+    assert "--overwrite" in result.stderr
 
 
 def test_two_inputs_with_the_same_name_do_not_overwrite_each_other(tmp_path, ckpt):

@@ -75,3 +75,81 @@ def test_a_rerun_skips_only_outputs_of_the_same_model(tmp_path, fitted_checkpoin
     assert _record(replaced)["status"] == "ok"
     with rasterio.open(out / "a.tif") as src:
         assert src.tags()["MAGSEG_CHECKPOINT_SHA256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+
+
+def _tif_without_tags(path):
+    with rasterio.open(path, "w", driver="GTiff", height=40, width=50, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(1, 0, 0, 0, -1, 40)) as dst:
+        dst.write(smooth_image(1, 40, 50))
+    return path
+
+
+def test_a_file_magseg_did_not_write_is_in_the_way_not_finished(tmp_path, fitted_checkpoint):
+    """Garbage bytes, or a GeoTIFF without magseg's tags, at an output's name were taken as
+    a finished output (skipped, exit 0): only outputs with this run's digests are kept."""
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, make in (("a.tif", lambda p: p.write_bytes(b"\x00garbage" * 100)),
+                       ("a.tif", _tif_without_tags),
+                       ("a_probs.tif", _tif_without_tags),
+                       ("a_preview.png", lambda p: p.write_bytes(b"\x89PNG not really"))):
+        for stale in out.iterdir():
+            stale.unlink()
+        if name != "a.tif":  # the class map itself is this model's, its extra is not
+            assert _predict(fitted_checkpoint, path, "-o", out).exit_code == 0
+        make(out / name)
+        before = (out / name).read_bytes()
+        result = _predict(fitted_checkpoint, path, "-o", out, "--probs", "--preview")
+        assert result.exit_code == 1, (name, result.output)
+        record = _record(result)
+        assert record["status"] == "failed" and record["error"].startswith(f"{out / name} is in the way")
+        assert "--overwrite" in record["error"]
+        assert (out / name).read_bytes() == before
+        replaced = _predict(fitted_checkpoint, path, "-o", out, "--probs", "--preview", "--overwrite")
+        assert _record(replaced)["status"] == "ok"
+        assert _record(_predict(fitted_checkpoint, path, "-o", out, "--probs", "--preview"))["status"] == "skipped"
+
+
+def test_overwrite_with_another_model_removes_the_old_models_extras(tmp_path, fitted_checkpoint,
+                                                                    make_checkpoint):
+    """--overwrite with another checkpoint replaced the class map but left the old model's
+    _uncertainty.tif and _preview.png beside it: they are removed, and the record says so.
+    Without --overwrite, a new class map is not written beside them."""
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    assert _predict(fitted_checkpoint, path, "-o", out, "--uncertainty", "--preview", "--vector",
+                    "gpkg").exit_code == 0
+    other = make_checkpoint(["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"])
+
+    (out / "a.tif").unlink()  # a new class map, the old model's extras still there
+    refused = _predict(other, path, "-o", out)
+    assert refused.exit_code == 1 and "would stay beside this run's outputs" in _record(refused)["error"]
+    assert not (out / "a.tif").exists()
+
+    result = _predict(other, path, "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    record = _record(result)
+    stale = [out / "a_uncertainty.tif", out / "a_preview.png", out / "a.gpkg"]
+    assert sorted(record["removed"]) == sorted(map(str, stale))
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "a.tif.aux.xml"]
+    # The same model's extras are kept by a later --overwrite that does not ask for them.
+    assert _predict(other, path, "-o", out, "--probs").exit_code == 0
+    assert _record(_predict(other, path, "-o", out, "--overwrite"))["removed"] == []
+    assert (out / "a_probs.tif").exists()
+
+
+def test_other_polygon_options_remake_the_layer_from_the_class_map(tmp_path, fitted_checkpoint):
+    """Changing only --min-area or --simplify on a finished input reported skipped: the layer
+    is made again from the class map on disk, nothing segmented again."""
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    assert _predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg").exit_code == 0
+    labels = (out / "a.tif").read_bytes()
+    full = pyogrio.read_info(out / "a.gpkg", layer=LAYER)["features"]
+    again = _record(_predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg", "--min-area", "1e9"))
+    assert again["status"] == "ok" and again["windows"] == 0 and again["crops"] == 0
+    assert pyogrio.read_info(out / "a.gpkg", layer=LAYER)["features"] == 0 < full
+    assert (out / "a.tif").read_bytes() == labels
+    same = _predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg", "--min-area", "1e9")
+    assert _record(same)["status"] == "skipped"

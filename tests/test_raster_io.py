@@ -200,3 +200,69 @@ def test_writing_on_a_real_full_filesystem_is_an_error(tmp_path):
         with pytest.raises(RasterWriteError, match="out.tif"):
             with io_env(), RasterWriter(disk / "out.tif", (120, 130), 3, GeoInfo(None, None)) as w:
                 w.write(smooth_image(3, 120, 130), PixelWindow(0, 0, 120, 130))
+
+
+_CLOSE_AFTER_FAILED_MASK = """
+import sys, numpy as np, rasterio
+from rasterio.windows import Window
+from magseg.io import gdal_lib
+path = sys.argv[1]
+with rasterio.Env():
+    dst = rasterio.open(path, "w", driver="GTiff", height=600, width=600, count=4, dtype="uint8",
+                        tiled=True, blockxsize=256, blockysize=256)
+    dst.write(np.ones((4, 100, 100), np.uint8), window=Window(0, 0, 100, 100))
+    try:
+        dst.write_mask(np.full((100, 100), 255, np.uint8), window=Window(0, 0, 100, 100))
+    except rasterio.errors.RasterioIOError as exc:
+        print("write failed:", exc)
+    print("dropped", gdal_lib.drop_cache(path))
+    dst.close()
+print("closed")
+"""
+
+
+def test_a_dataset_whose_write_failed_is_released_without_writing_again(tmp_path):
+    """GDAL 3.10 corrupts the heap when a GeoTIFF whose mask band could not be made on a full
+    disk is closed with its blocks still cached (``malloc(): invalid size``, exit 134):
+    dropping the cached blocks first (gdal_lib.drop_cache) lets it close. In a child
+    process, since the crash it guards against kills the process."""
+    import subprocess
+    import sys
+
+    with small_filesystem(tmp_path / "disk", size="1m") as disk:
+        fill(disk)
+        run = subprocess.run([sys.executable, "-c", _CLOSE_AFTER_FAILED_MASK, str(disk / "x.tif")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "write failed" in run.stdout and "dropped 1" in run.stdout and "closed" in run.stdout
+
+
+def test_a_masked_writer_on_a_full_filesystem_raises_and_closes(tmp_path):
+    """The writer makes its mask band before any pixel (so the state above never arises) and
+    reports the failure as a RasterWriteError naming the file; the process lives on."""
+    with small_filesystem(tmp_path / "disk", size="1m") as disk:
+        fill(disk)
+        with pytest.raises(RasterWriteError, match="out.tif: cannot create output raster"):
+            with io_env():
+                RasterWriter(disk / "out.tif", (600, 600), 4, GeoInfo(None, None), nodata=None,
+                             mask=True)
+
+
+def test_a_gdal_failure_recorded_but_not_raised_fails_the_write_at_once(tmp_path, monkeypatch):
+    """GDAL may record a failure (CPLGetLastErrorType) without rasterio raising: the write
+    raises then, and the dataset is not written again; close releases it and raises too."""
+    from magseg.io import gdal_lib
+
+    calls = []
+    monkeypatch.setattr(gdal_lib, "last_failure", lambda: calls.append(1) or (
+        "_tiffWriteProc: No space left on device" if len(calls) == 3 else None))
+    with io_env():
+        writer = RasterWriter(tmp_path / "out.tif", (64, 64), 1, GeoInfo(None, None))  # call 1
+        writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(0, 0, 32, 64))  # call 2
+        with pytest.raises(RasterWriteError, match="out.tif: cannot write output .*No space left"):
+            writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(32, 0, 32, 64))
+        with pytest.raises(RasterWriteError, match="after a failed write"):
+            writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(32, 0, 32, 64))
+        with pytest.raises(RasterWriteError, match="not written completely"):
+            writer.close()
+    assert writer._dst.closed

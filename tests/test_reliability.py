@@ -84,6 +84,125 @@ def test_predict_on_a_full_disk_fails_the_input_and_keeps_the_previous_output(tm
         assert sorted(p.name for p in out.iterdir()) == ["a.tif", "a.tif.aux.xml"]
 
 
+@pytest.mark.parametrize("leave", [2 * 1024, 120 * 1024])
+def test_probs_on_a_full_disk_fail_cleanly_and_the_batch_goes_on(tmp_path, ckpt, leave):
+    """GDAL crashed (malloc abort, segfault) when a dataset whose write had failed was
+    closed: with --probs on a nearly full disk, the batch died without b's record. Each
+    input must fail on its own, with its record, the summary line, and nothing left behind."""
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 300, 340, seed=1))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 40, 50, seed=2))
+    with small_filesystem(tmp_path / "disk", size="3m") as disk:
+        fill(disk, leave=leave)
+        scratch = tmp_path / "scratch"
+        result = _predict(ckpt, a, b, "-o", disk / "o", "--probs", "--scratch-dir", scratch)
+        assert result.exit_code == 1, result.output
+        records = _records(result)
+        assert [r["input"] for r in records] == [str(a), str(b)]
+        assert records[0]["status"] == "failed" and "the disk is full" in records[0]["error"]
+        assert "magseg: 1 of 2 input(s) failed" in result.stderr or \
+            "magseg: 2 of 2 input(s) failed" in result.stderr
+        assert _partials(disk / "o") == [] and list(scratch.iterdir()) == []
+        for record in records:
+            if record["status"] == "ok":  # what was published reads back complete
+                assert read_raster(record["outputs"]["probs"])[0].shape[0] == 4
+
+
+class _FailingWrites:
+    """Makes GDAL's writes to output ``name``'s temporary file fail as on a full disk, and
+    records any call on that dataset after the failure (there must be none but the
+    release: magseg.io.gdal_lib.drop_cache, then close)."""
+
+    def __init__(self, monkeypatch, name):
+        self.name, self.failed, self.after = name, False, []
+        real_write, real_mask = rasterio.io.DatasetWriter.write, rasterio.io.DatasetWriter.write_mask
+
+        def wrap(real):
+            def call(dataset, *args, **kwargs):
+                if os.path.basename(dataset.name).startswith(f".{self.name}."):
+                    if self.failed:
+                        self.after.append(real.__name__)
+                    self.failed = True
+                    raise rasterio.errors.RasterioIOError("_tiffWriteProc: No space left on device")
+                return real(dataset, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(rasterio.io.DatasetWriter, "write", wrap(real_write))
+        monkeypatch.setattr(rasterio.io.DatasetWriter, "write_mask", wrap(real_mask))
+
+
+def _fail_cog(monkeypatch, name):
+    real_copy = rasterio.shutil.copy
+
+    def copy(src, dst, **kwargs):
+        if os.path.basename(str(dst)).startswith(f".{name}."):
+            raise rasterio.errors.RasterioIOError("_tiffWriteProc: No space left on device")
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(rasterio.shutil, "copy", copy)
+
+
+def _fail_open_for_writing(monkeypatch, module, name):
+    """``open`` of ``module`` (or ElementTree's) failing with ENOSPC for ``name``'s temporary."""
+    import builtins
+
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(str(file)).startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("kind", ["labels", "probs", "uncertainty", "cog", "vector", "preview",
+                                  "categories"])
+def test_a_failed_write_of_any_output_fails_its_input_alone(tmp_path, ckpt, monkeypatch, kind):
+    """A write failure injected into each kind of output: the input fails with one line
+    naming that output, the batch goes on, nothing half-written is left, and the dataset
+    whose write failed is never written again."""
+    import pyogrio.raw
+
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 60, 70, seed=1))
+    b = write_raster(tmp_path / "b.tif", smooth_image(3, 40, 50, seed=2))
+    out = tmp_path / "out"
+    names = {"labels": "a.tif", "probs": "a_probs.tif", "uncertainty": "a_uncertainty.tif",
+             "cog": "a_probs.tif", "vector": "a.gpkg", "preview": "a_preview.png",
+             "categories": "a.tif.aux.xml"}
+    failing = None
+    if kind in ("labels", "probs", "uncertainty"):
+        failing = _FailingWrites(monkeypatch, names[kind])
+    elif kind == "cog":
+        _fail_cog(monkeypatch, names[kind])
+    elif kind == "vector":
+        real_write = pyogrio.raw.write
+
+        def write(path, *args, **kwargs):
+            if os.path.basename(str(path)).startswith(".a.gpkg."):
+                raise pyogrio.errors.DataSourceError("sqlite3_exec(INSERT) failed: database or disk is full")
+            return real_write(path, *args, **kwargs)
+
+        monkeypatch.setattr(pyogrio.raw, "write", write)
+    else:
+        _fail_open_for_writing(monkeypatch, None, names[kind])
+    extra = ["--probs", "--uncertainty", "--preview", "--vector", "gpkg"]
+    if kind == "cog":
+        extra.append("--cog")
+    scratch = tmp_path / "scratch"
+    result = _predict(ckpt, a, b, "-o", out, "--scratch-dir", scratch, *extra)
+    assert result.exit_code == 1, result.output
+    first, second = _records(result)
+    assert first["status"] == "failed", first
+    assert first["error"].startswith(f"{out / names[kind]}: not written"), first["error"]
+    assert "\n" not in first["error"] and ".partial" not in first["error"]
+    assert second["status"] == "ok", second
+    assert "magseg: 1 of 2 input(s) failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("a")) == []
+    assert _partials(out) == [] and list(scratch.iterdir()) == []
+    if failing is not None:
+        assert failing.failed and failing.after == []
+
+
 def _gdal_close_cuts_short(name):
     """rasterio.open whose write-mode datasets for output ``name`` lose their end at close
     without an error: what GDAL does on a full disk (it only prints a message)."""
@@ -231,3 +350,45 @@ def test_an_output_that_appeared_while_predict_wrote_it_is_kept(tmp_path, ckpt, 
     assert second["status"] == "ok"
     assert (out / "a.tif").read_bytes() == theirs["bytes"]
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "a.tif.aux.xml", "b.tif", "b.tif.aux.xml"]
+
+
+# ------------------------------------------------------------------ leftovers of killed runs
+def test_a_skipping_rerun_removes_what_killed_runs_left_and_keeps_a_live_runs_files(tmp_path, ckpt):
+    """After a SIGKILLed --overwrite run, a re-run that skips left the dead run's temporaries
+    and scratch folder in place. Whatever the re-run decides, a dead process's leftovers go;
+    a running process's files stay (it is still writing them)."""
+    import socket
+    import subprocess
+    import sys
+
+    a = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50, seed=1))
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    assert _predict(ckpt, a, "-o", out).exit_code == 0
+    scratch.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    try:
+        host = socket.gethostname()
+        leftovers = [out / f".a.tif.{dead}@{host}.partial", out / f".a_probs.tif.{dead}@{host}.partial",
+                     out / f".a.tif.tiled.{dead}@{host}.partial",
+                     out / f".a.fgb.{dead}@{host}.partial.fgb",
+                     out / f".a.gpkg.{dead}@{host}.partial.gpkg-journal"]
+        for path in leftovers:
+            path.write_bytes(b"half a file")
+        stage_maps = scratch / f".a.tif.scratch.{dead}@{host}.partial"
+        (stage_maps / "stage0").mkdir(parents=True)
+        (stage_maps / "stage0" / "chunk").write_bytes(b"x")
+        running = [out / f".a.tif.{live.pid}@{host}.partial", scratch / f".a.tif.scratch.{live.pid}@{host}.partial",
+                   out / f".a.tif.{dead}@otherhost.partial", out / "a.tif.notes.partial"]
+        for path in running:
+            path.write_bytes(b"being written")
+
+        result = _predict(ckpt, a, "-o", out, "--scratch-dir", scratch)
+        assert result.exit_code == 0 and _records(result)[0]["status"] == "skipped"
+        assert not any(p.exists() for p in [*leftovers, stage_maps])
+        assert all(p.exists() for p in running)
+    finally:
+        live.stdin.close()
+        live.wait()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 from scipy import ndimage
 
-from magseg.io.vector import LAYER, VectorError, VectorOptions, polygonize
+from magseg.io.vector import LAYER, VECTOR_FORMATS, VectorError, VectorOptions, polygonize
 
 NAMES = ["background", "building", "road"]
 PIXEL = 0.5  # metres, UTM 33N
@@ -101,6 +101,22 @@ def test_every_format_opens_with_the_crs_and_class_names(tmp_path, fmt):
     assert sorted(columns["class_name"]) == ["background", "building", "road"]
 
 
+@pytest.mark.parametrize("fmt", ["gpkg", "fgb", "geojson"])
+def test_a_temporary_name_still_gives_one_file_of_the_format(tmp_path, fmt, monkeypatch):
+    """magseg writes under ``.<name>.<pid>@<host>.partial``: FlatGeobuf made a directory of
+    layers for a name without ``.fgb``, and the published ``<stem>.fgb`` was a directory.
+    Appends (several flushes) included."""
+    import magseg.io.vector
+
+    monkeypatch.setattr(magseg.io.vector, "FLUSH_EVERY", 1)
+    labels = np.array([[0, 0, 1], [2, 2, 1]], np.uint8)
+    temp = tmp_path / f".labels.{fmt}.123@host.partial"
+    polygonize(_labels(tmp_path / "l.tif", labels), temp, NAMES, VectorOptions(format=fmt))
+    assert temp.is_file() and sorted(p.name for p in tmp_path.iterdir()) == sorted(["l.tif", temp.name])
+    assert pyogrio.read_info(temp, layer=LAYER)["features"] == 3
+    assert VECTOR_FORMATS[fmt][0] in pyogrio.list_drivers()
+
+
 def test_min_area_and_simplify(tmp_path):
     labels = np.zeros((20, 20), np.uint8)
     labels[2:4, 2:4] = 1            # 4 px = 1 m²
@@ -165,6 +181,7 @@ def test_predict_writes_the_polygons_of_its_class_map(tmp_path, fitted_checkpoin
     record = json.loads(again.stdout.splitlines()[0])
     assert record["status"] == "ok" and record["windows"] == 0
     assert pyogrio.read_info(out / "scene.fgb", layer=LAYER)["features"] == len(polygons)
+    assert (out / "scene.fgb").is_file()  # one file, as the README says, not a directory
 
 
 def test_polygon_options_without_vector_are_a_usage_error(tmp_path, fitted_checkpoint):

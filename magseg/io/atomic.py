@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,7 +68,9 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
     """Remove the temporary files that killed runs left for ``target``.
 
     Only names ``partial_path`` makes for this host whose process no longer exists are
-    removed; a live process's file, another host's, and anything else are kept.
+    removed (also with a format's suffix after them, ``….partial.fgb``, and a library's
+    journal beside them, ``….partial.gpkg-wal``); a live process's file, another host's,
+    and anything else are kept.
 
     Returns:
         the removed paths.
@@ -76,8 +78,11 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
     target = Path(target)
     prefix, host = f".{target.name}.", _host()
     removed = []
-    for path in target.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX):
-        pid, at, owner_host = path.name[len(prefix) : -len(PARTIAL_SUFFIX)].partition("@")
+    for path in target.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX + "*"):
+        owner, _, after = path.name[len(prefix):].rpartition(PARTIAL_SUFFIX)
+        if after and not re.fullmatch(r"\.\w+(-\w+)?", after):
+            continue
+        pid, at, owner_host = owner.partition("@")
         if at and owner_host == host and pid.isdigit() and not _running(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 if path.is_dir() and not path.is_symlink():  # a scratch directory
@@ -114,10 +119,13 @@ def atomic_write(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> Iterator[dict[K, Path]]:
+def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool | Collection[K] = True
+                  ) -> Iterator[dict[K, Path]]:
     """``atomic_write`` for files that belong together (one input's outputs): yield their
     temporary paths; when the block succeeds, sync them all, then publish them in order.
 
+    ``overwrite``: True or False for all targets, or the keys of those that may be replaced
+    (a vector layer made again with other options, while the rest must not exist).
     Without ``overwrite``, when one cannot be published (it appeared meanwhile), the ones
     this block already published are removed again: none of the new files is left. With
     ``overwrite`` those already published stay (each is complete).
@@ -126,10 +134,10 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> It
         as ``atomic_write``, for the first target the failure concerns.
     """
     targets = {key: Path(path) for key, path in targets.items()}
-    if not overwrite:
-        for target in targets.values():
-            if target.exists():
-                raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
+    replace = {key: overwrite if isinstance(overwrite, bool) else key in overwrite for key in targets}
+    for key, target in targets.items():
+        if not replace[key] and target.exists():
+            raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
     temps = {key: fresh_partial_path(target) for key, target in targets.items()}
     published: list[tuple[Path, int]] = []
     try:
@@ -138,14 +146,17 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool = True) -> It
             _finish(temps[key], _fsync)
         for key, target in targets.items():
             inode = os.stat(temps[key]).st_ino
-            _finish(temps[key], lambda tmp, target=target: publish(tmp, target, overwrite))
-            published.append((target, inode))
+            _finish(temps[key], lambda tmp, target=target, key=key: publish(tmp, target, replace[key]))
+            if not replace[key]:
+                published.append((target, inode))
     except BaseException as exc:
-        if not overwrite:
-            _unpublish(published)
-        # Described before the temporaries go: a full disk is still full.
-        failure = next((f for key, target in targets.items()
-                        if (f := _write_failure(target, temps[key], exc)) is not None), None)
+        _unpublish(published)
+        # The target whose own temporary failed first: a name such as ``x.tif.aux.xml``
+        # also looks like a temporary of ``x.tif``.
+        named = getattr(exc, "path", None) or getattr(exc, "filename", None)
+        order = sorted(targets, key=lambda key: named is None or Path(os.fsdecode(named)) != temps[key])
+        failure = next((f for key in order
+                        if (f := _write_failure(targets[key], temps[key], exc)) is not None), None)
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -32,8 +32,8 @@ from magseg.engine.pyramid import crop_boxes
 from magseg.engine.stages import StageRun, run_stages
 from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
 from magseg.io.aoi import AreaOfInterest
-from magseg.io.atomic import atomic_writes, fresh_partial_path
-from magseg.io.provenance import Provenance
+from magseg.io.atomic import atomic_writes, fresh_partial_path, remove_stale_partials
+from magseg.io.provenance import Provenance, output_tags
 from magseg.io.raster import (
     NODATA,
     VALUE_MAX,
@@ -128,6 +128,9 @@ class PredictResult:
     runtime: dict[str, Any] = field(default_factory=dict)
     # The finest stage's seam score on the class map and uncertainty (magseg.io.seam_record).
     seam_score: dict[str, Any] | None = None
+    # Outputs of this input another model (or no magseg run) made, removed so that all of
+    # the input's outputs come from this run's model (--overwrite).
+    removed: list[Path] = field(default_factory=list)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,7 @@ class PredictResult:
             "error": self.error,
             "warnings": list(self.warnings),
             "seam_score": self.seam_score,
+            "removed": [str(p) for p in self.removed],
             **self.runtime,
         }
 
@@ -234,7 +238,8 @@ def predict_raster(
     targets = output_paths(path, out_dir, options)
     result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
                            runtime=segmenter.runtime)
-    todo = _prepare_outputs(path, out_dir, targets, options, segmenter)
+    _remove_leftovers(_possible_outputs(path, out_dir, options), options.scratch_dir)
+    todo, replace = _prepare_outputs(path, out_dir, targets, options, segmenter)
     with io_env(), RasterReader(path) as reader:
         if options.aoi is not None:
             reader.restrict(options.aoi)
@@ -243,13 +248,16 @@ def predict_raster(
             result.status = "skipped"
             result.seconds = time.perf_counter() - start
             return result
+        overwrite = options.overwrite or replace
         if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
-            with atomic_writes(todo, options.overwrite) as temps:
+            with atomic_writes(todo, overwrite) as temps:
                 _from_class_map(targets["labels"], temps, segmenter, options)
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
-        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning, pool)
+        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning, pool, overwrite)
+    if options.overwrite:
+        result.removed = _remove_stale(path, out_dir, targets, options, segmenter.provenance)
 
     result.histogram = {c.name: int(counts[i]) for i, c in enumerate(segmenter.config.classes)}
     result.histogram["nodata"] = int(counts[NODATA])
@@ -302,9 +310,11 @@ def _run(
     result: PredictResult,
     on_warning: Callable[[str], None] | None = None,
     pool=None,
+    overwrite: bool | set[str] = False,
 ) -> np.ndarray:
     """The whole raster through the stage loop, its last stage written to every output
-    being made. Returns the pixel count of each class id (and nodata, 255)."""
+    being made (``overwrite``: as ``atomic_writes``). Returns the pixel count of each class
+    id (and nodata, 255)."""
     config = segmenter.config
     any_valid = _early_look(segmenter, reader, result, on_warning)
     preview = None
@@ -319,7 +329,7 @@ def _run(
         # input's new outputs are put in place, or none.
         # Sized and made before any output: an input without the room fails with nothing made.
         scratch = stack.enter_context(_scratch_space(segmenter, reader, options, result)) if any_valid else None
-        temps = stack.enter_context(atomic_writes(todo, options.overwrite))
+        temps = stack.enter_context(atomic_writes(todo, overwrite))
         tiled = {
             k: stack.enter_context(_scratch(fresh_partial_path(p.with_name(p.name + ".tiled"))))
             if options.cog else temps[k]
@@ -343,7 +353,8 @@ def _run(
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind],
                                dict(options.creation_options))
         if preview is not None:
-            preview.save(temps["preview"], config.classes, title=base_name(reader.path))
+            preview.save(temps["preview"], config.classes, title=base_name(reader.path),
+                         metadata=segmenter.provenance.tags())
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
         result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid)
@@ -428,53 +439,139 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
     result.windows = 1
 
 
+def _remove_leftovers(outputs: Mapping[str, Path], scratch_dir: Path | None) -> None:
+    """Remove what runs that were killed (SIGKILL, the OOM killer) left for this input's
+    ``outputs`` (``_possible_outputs``): temporaries, COG intermediates and the stage-map
+    scratch folder, whatever this run then decides (a run that skips cleans up too). A
+    live run's files are kept (magseg.io.atomic.remove_stale_partials)."""
+    labels = outputs["labels"]
+    for target in outputs.values():
+        remove_stale_partials(target)
+        remove_stale_partials(target.with_name(target.name + ".tiled"))
+    remove_stale_partials((Path(scratch_dir) if scratch_dir else labels.parent) / f"{labels.name}.scratch")
+
+
 def _prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
-                     options: PredictOptions, segmenter: Segmenter) -> dict[str, Path]:
-    """The outputs to make (``_outputs_to_make``), after refusing targets that would replace
-    the input or are directories; ``out_dir`` is created when there is anything to make."""
+                     options: PredictOptions, segmenter: Segmenter) -> tuple[dict[str, Path], set[str]]:
+    """The outputs to make and those of them that replace a file (``_outputs_to_make``),
+    after refusing targets that would replace the input or are directories; ``out_dir`` is
+    created when there is anything to make."""
     if not is_virtual(path) and Path(path).exists() and targets["labels"].resolve() == Path(path).resolve():
         raise RasterError(f"{path}: the output would replace the input; choose another --out-dir")
     for target in targets.values():
         if target.is_dir():
             raise RasterError(f"{path}: its output {target} is a directory; remove or rename it, "
                               "or choose another --out-dir")
-    todo = _outputs_to_make(targets, options, segmenter.provenance)
+    todo, replace = _outputs_to_make(targets, options, segmenter.provenance)
+    if todo and not options.overwrite:
+        # The class map is made now: no companion of another model may stay beside it.
+        _check_companions(_companions(path, out_dir, targets, options), segmenter.provenance)
     if todo:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RasterError(f"cannot create output directory {out_dir}: {exc.strerror}") from None
-    return todo
+    return todo, replace
+
+
+# Outputs whose tags say which model made them: a file of these kinds without them is not
+# magseg's (the class names sidecar goes with the class map, and is made again with it).
+_TAGGED = {"labels", "probs", "uncertainty", "preview", "vector"}
+# The tag that records the polygon options a vector layer was made with.
+VECTOR_OPTIONS_TAG = "MAGSEG_VECTOR_OPTIONS"
+
+
+def _vector_options_tag(options: VectorOptions) -> str:
+    return json.dumps({"min_area": options.min_area, "simplify": options.simplify}, sort_keys=True)
 
 
 def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
-                     mine: Provenance) -> dict[str, Path]:
-    """The outputs this run writes: all with ``--overwrite``, else those missing; existing
-    ones must be this model's (``_check_provenance``)."""
+                     mine: Provenance) -> tuple[dict[str, Path], set[str]]:
+    """The outputs this run writes: all with ``--overwrite``; else those missing, and a
+    vector layer this model made with other polygon options (or that cannot say which: a
+    GeoJSON), made again from the class map (the second value: the kinds it replaces).
+    Every other existing output must be this model's (``_existing``), or the input fails."""
     if options.overwrite:
-        return dict(targets)
+        return dict(targets), set()
     todo = {k: p for k, p in targets.items() if not p.exists()}
     if "labels" not in todo:  # the class names go with the class map they describe
         todo.pop("categories", None)
-    _check_provenance({k: p for k, p in targets.items() if k not in todo}, mine)
-    return todo
-
-
-def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
-    """Refuse to keep (skip) outputs another model made: an existing GeoTIFF output whose
-    provenance tags name another checkpoint or config fails this input."""
-    for kind, path in existing.items():
-        if path.suffix.lower() not in (".tif", ".tiff"):
+    replace = set()
+    for kind, path in targets.items():
+        if kind in todo or kind not in _TAGGED:
             continue
-        try:
-            with rasterio.open(path) as src:
-                theirs = Provenance.from_tags(src.tags())
-        except rasterio.errors.RasterioIOError:
-            continue  # unreadable: --overwrite replaces it; reading the input reports the rest
+        state = _existing(kind, path, mine, options)
+        if state == "remake":
+            todo[kind] = path
+            replace.add(kind)
+        elif state != "mine":
+            raise OutputExistsError(state)
+    return todo, replace
+
+
+def _existing(kind: str, path: Path, mine: Provenance, options: PredictOptions) -> str:
+    """``"mine"`` when the output at ``path`` carries this run's checkpoint and config
+    digests (and, for polygons, this run's options), ``"remake"`` for polygons of this model
+    with other options or none recorded, else the reason it cannot be kept (a message)."""
+    tags = output_tags(path)
+    if tags is None:
+        return (f"{path} is in the way: it is not a readable {path.suffix} file, so not an output "
+                "of magseg; move it away, or pass --overwrite to replace it")
+    theirs = Provenance.from_tags(tags)
+    if theirs is None and not (kind == "vector" and path.suffix.lower() == ".geojson"):
+        return (f"{path} is in the way: it has no magseg provenance tags, so not an output of "
+                "this model; move it away, or pass --overwrite to replace it")
+    if theirs is not None and not theirs.same_model(mine):
+        return (f"{path} was made by another model ({theirs.describe()}); this run is "
+                f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
+    if kind == "vector":
+        assert options.vector is not None
+        if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != _vector_options_tag(options.vector):
+            return "remake"
+    return "mine"
+
+
+def _possible_outputs(path: str | Path, out_dir: str | Path, options: PredictOptions) -> dict[str, Path]:
+    """Every file a predict run may make for this input, whatever its flags, by kind
+    (polygons in each format as ``vector <format>``)."""
+    stem = options.stem or source_stem(path)
+    names = {k: n for k, n in OUTPUT_NAMES.items() if k != "vector"}
+    names.update({f"vector {f}": "{stem}" + suffix for f, (_, suffix) in VECTOR_FORMATS.items()})
+    return {kind: Path(out_dir) / name.format(stem=stem) for kind, name in names.items()}
+
+
+def _companions(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
+                options: PredictOptions) -> dict[str, Path]:
+    """The files an earlier run may have made for this input that this run does not write
+    (extras not asked for now, polygons in another format), by kind."""
+    wanted = set(targets.values())
+    return {kind: candidate for kind, candidate in _possible_outputs(path, out_dir, options).items()
+            if kind != "categories" and candidate not in wanted and candidate.is_file()}
+
+
+def _check_companions(companions: Mapping[str, Path], mine: Provenance) -> None:
+    """Refuse to write a class map beside another model's outputs of the same input."""
+    for kind, companion in companions.items():
+        theirs = Provenance.from_tags(output_tags(companion) or {})
         if theirs is not None and not theirs.same_model(mine):
             raise OutputExistsError(
-                f"{path} was made by another model ({theirs.describe()}); this run is "
-                f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
+                f"{companion} was made by another model ({theirs.describe()}) and would stay beside "
+                f"this run's outputs ({mine.describe()}); pass --overwrite to replace this input's "
+                "outputs and remove it, or choose another --out-dir")
+
+
+def _remove_stale(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
+                  options: PredictOptions, mine: Provenance) -> list[Path]:
+    """After --overwrite made this input's outputs: remove the other files of this input
+    (``_companions``) that do not carry this model's digests. Returns the removed paths."""
+    removed = []
+    for companion in _companions(path, out_dir, targets, options).values():
+        theirs = Provenance.from_tags(output_tags(companion) or {})
+        if theirs is None or not theirs.same_model(mine):
+            with contextlib.suppress(FileNotFoundError):
+                companion.unlink()
+                removed.append(companion)
+    return removed
 
 
 def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
@@ -487,7 +584,8 @@ def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmente
     if "vector" in temps:
         assert options.vector is not None
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
-                   metadata=segmenter.provenance.tags())
+                   metadata={**segmenter.provenance.tags(),
+                             VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)})
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

@@ -8,7 +8,7 @@ read of it nor more memory than the picture itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +128,11 @@ class PreviewCanvas:
             fig.suptitle(title, fontsize=10, y=1 - _PAD / layout.height, va="top")
         return fig
 
-    def save(self, path: str | Path, classes: Sequence[ClassSpec], title: str = "") -> None:
-        """Render the three panels, a colour bar and a class legend to a PNG at ``path``."""
-        self.figure(classes, title).savefig(path, format="png")
+    def save(self, path: str | Path, classes: Sequence[ClassSpec], title: str = "",
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Render the three panels, a colour bar and a class legend to a PNG at ``path``;
+        ``metadata``: text chunks (what made it: magseg.io.provenance tags)."""
+        self.figure(classes, title).savefig(path, format="png", metadata=dict(metadata or {}))
 
 
 class PreviewLayout:

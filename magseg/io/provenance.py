@@ -84,3 +84,32 @@ class Provenance:
 
     def describe(self) -> str:
         return f"checkpoint sha256 {self.checkpoint_sha256[:12]}, config {self.config_sha256[:12]}"
+
+
+def output_tags(path: str | Path, layer: str = "classes") -> dict[str, str] | None:
+    """The metadata an existing output file carries, by its kind: a raster's dataset tags,
+    a PNG's text chunks, a vector layer's metadata (GeoPackage and FlatGeobuf keep it,
+    GeoJSON keeps none: ``{}``). None when the file does not open as that kind at all."""
+    import warnings
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if suffix in (".tif", ".tiff"):
+                import rasterio
+
+                with rasterio.open(path) as src:
+                    return dict(src.tags())
+            if suffix == ".png":
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    image.load()
+                    return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+            import pyogrio
+
+            return dict(pyogrio.read_info(path, layer=layer).get("layer_metadata") or {})
+    except Exception:  # noqa: BLE001  whatever the library: it is not such a file
+        return None

@@ -416,6 +416,7 @@ class RasterWriter:
             profile["rpcs"] = geo.rpcs
         self._masked = mask
         self._size, self._count = (int(size[0]), int(size[1])), count
+        self._failed = False
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -423,37 +424,75 @@ class RasterWriter:
         except (RasterioIOError, OSError) as exc:
             raise _write_error(self.path, f"cannot create output raster ({exc})") from None
         dst = self._dst
-        if colors is not None:
-            dst.write_colormap(1, colormap(colors))
-        if tags:
-            dst.update_tags(**{k: str(v) for k, v in tags.items()})
-        for i, text in enumerate(descriptions or (), start=1):
-            dst.set_band_description(i, text)
-        if scale is not None:
-            dst.scales = (scale,) * count
+        try:
+            with _gdal_call(self.path, "cannot create output raster"):
+                if mask:
+                    # The mask band before any pixel: GDAL creating it on a full disk after
+                    # blocks were cached leaves a dataset that crashes when closed.
+                    dst.write_mask(np.full((1, 1), 255, np.uint8), window=Window(0, 0, 1, 1))
+                if colors is not None:
+                    dst.write_colormap(1, colormap(colors))
+                if tags:
+                    dst.update_tags(**{k: str(v) for k, v in tags.items()})
+                for i, text in enumerate(descriptions or (), start=1):
+                    dst.set_band_description(i, text)
+                if scale is not None:
+                    dst.scales = (scale,) * count
+        except RasterWriteError:
+            self._abandon()
+            raise
 
     def write(self, array: np.ndarray, window: PixelWindow, valid: np.ndarray | None = None) -> None:
         """Write ``array`` ``(count, h, w)`` uint8 at ``window``; ``valid`` ``(h, w)`` bool
-        feeds the internal mask (writers made with ``mask=True``; None = all valid)."""
+        feeds the internal mask (writers made with ``mask=True``; None = all valid).
+
+        Raises:
+            RasterWriteError: GDAL failed to write (raised or only recorded as its last
+                error); the writer is then failed: no further write, and ``close`` only
+                releases the file (its cached blocks dropped, never written again).
+        """
+        if self._failed:
+            raise _write_error(self.path, "cannot write output after a failed write")
         try:
-            self._dst.write(array, window=window.to_rasterio())
-            if self._masked:
-                mask = np.full(array.shape[-2:], 255, np.uint8) if valid is None else valid * np.uint8(255)
-                self._dst.write_mask(mask, window=window.to_rasterio())
-        except (RasterioIOError, OSError) as exc:
-            raise _write_error(self.path, f"cannot write output ({exc})") from None
+            with _gdal_call(self.path, "cannot write output"):
+                self._dst.write(array, window=window.to_rasterio())
+                if self._masked:
+                    mask = np.full(array.shape[-2:], 255, np.uint8) if valid is None else valid * np.uint8(255)
+                    self._dst.write_mask(mask, window=window.to_rasterio())
+        except RasterWriteError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
         """Flush, close and read the file back (``verify_raster``): it is complete afterwards.
 
         Raises:
-            RasterWriteError: closing failed, or the file does not read back complete.
+            RasterWriteError: a write failed before, closing failed, or the file does not
+                read back complete.
         """
+        if self._failed:
+            self._abandon()
+            raise _write_error(self.path, "not written completely (a write failed)")
         try:
-            self._dst.close()
-        except (RasterioError, CPLE_BaseError, OSError) as exc:
-            raise _write_error(self.path, f"cannot finish writing output ({exc})") from None
+            with _gdal_call(self.path, "cannot finish writing output"):
+                self._dst.close()
+        except RasterWriteError:
+            self._failed = True
+            self._abandon()
+            raise
         verify_raster(self.path, self._size, self._count, self._masked)
+
+    def _abandon(self) -> None:
+        """Release a file that will be thrown away: its cached blocks dropped unwritten
+        (magseg.io.gdal_lib.drop_cache), then closed, errors ignored."""
+        if self._dst.closed:
+            return
+        from magseg.io import gdal_lib
+
+        with contextlib.suppress(Exception):
+            gdal_lib.drop_cache(self.path)
+        with contextlib.suppress(Exception):
+            self._dst.close()
 
     def __enter__(self) -> "RasterWriter":
         return self
@@ -463,10 +502,26 @@ class RasterWriter:
             return
         if exc_type is not None:
             # Already failing: release the file, nothing more (the caller removes it).
-            with contextlib.suppress(Exception):
-                self._dst.close()
+            self._abandon()
             return
         self.close()
+
+
+@contextlib.contextmanager
+def _gdal_call(path: Path, what: str) -> Iterator[None]:
+    """GDAL calls on the dataset writing ``path``: a failure, whether rasterio raises it or
+    GDAL only records it as its last error, becomes a RasterWriteError ``what (...)`` at once,
+    before the dataset is touched again."""
+    from magseg.io import gdal_lib
+
+    gdal_lib.reset_error()
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError, OSError) as exc:
+        raise _write_error(path, f"{what} ({exc})") from None
+    failure = gdal_lib.last_failure()
+    if failure is not None:
+        raise _write_error(path, f"{what} ({failure})")
 
 
 def write_categories(path: str | Path, classes: Sequence[tuple[int, str, tuple[int, int, int]]]) -> None:

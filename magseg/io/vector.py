@@ -16,7 +16,10 @@ pyogrio rather than fiona: it writes whole arrays of WKB geometries and columns 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from affine import Affine
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from magseg.errors import MagsegError
+from magseg.errors import MagsegError, WriteError
 
 # --vector FORMAT -> (OGR driver, file suffix).
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "fgb": ("FlatGeobuf", ".fgb"), "geojson": ("GeoJSON", ".geojson")}
@@ -44,6 +47,15 @@ FLUSH_EVERY = 20_000
 
 class VectorError(MagsegError):
     """The class map could not be polygonised or written."""
+
+
+class VectorWriteError(VectorError, WriteError):
+    """The polygons could not be written (``path``: the file being written), e.g. a full
+    disk: magseg.io.atomic names the output and says whether the disk is full."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,11 @@ class _Writer:
     def __init__(self, path: Path, driver: str, crs: str | None, names: Sequence[str],
                  metadata: Mapping[str, str] | None = None) -> None:
         self.path, self.driver, self.crs, self.names = path, driver, crs, names
+        # GDAL picks the layout by the name: FlatGeobuf makes a directory of layers for a
+        # name without ``.fgb`` (magseg's temporary names end in ``.partial``). Written under
+        # a name with the format's suffix, renamed to ``path`` when finished (``finish``).
+        suffix = next(s for d, s in VECTOR_FORMATS.values() if d == driver)
+        self.gdal_path = path if path.suffix.lower() == suffix else path.with_name(path.name + suffix)
         self.metadata = dict(metadata) if metadata else None
         self.geometries: list[shapely.Geometry] = []
         self.values: list[int] = []
@@ -145,17 +162,30 @@ class _Writer:
                 # the name does not end in .gpkg; the published file does.
                 warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
                 pyogrio.raw.write(
-                    str(self.path), shapely.to_wkb(geometries),
+                    str(self.gdal_path), shapely.to_wkb(geometries),
                     [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
                     layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
                     crs=self.crs, append=self.started,
                     layer_metadata=None if self.started else self.metadata,
                 )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
-            raise VectorError(f"cannot write polygons to {self.path}: {exc}") from exc
+            raise VectorWriteError(f"cannot write polygons to {self.path}: {exc}", self.path) from exc
         self.started = True
         self.geometries.clear()
         self.values.clear()
+
+    def finish(self) -> None:
+        """Write what is buffered and put the file at ``path``."""
+        self.flush(final=True)
+        if self.gdal_path != self.path:
+            os.replace(self.gdal_path, self.path)
+
+    def discard(self) -> None:
+        """Remove the file of a write that failed (``path`` is its caller's to remove)."""
+        if self.gdal_path != self.path:
+            for leftover in (self.gdal_path, *self.gdal_path.parent.glob(glob.escape(self.gdal_path.name) + "-*")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
 
 def _join(polygon: shapely.Polygon, value: int, top: int,
@@ -261,14 +291,18 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
         crs = src.crs.to_wkt() if src.crs else None
         rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
         writer = _Writer(Path(out), driver, crs, class_names, metadata)
-        # The parts of the previous strip that touch its bottom row, with their groups.
-        open_parts: list[tuple[shapely.Polygon, _Group]] = []
-        for top, bottom in _strips(height, rows):
-            strip = src.read(1, window=Window(0, top, width, bottom - top))
-            groups, touching = _group_strip(strip, top, height, nodata, open_parts)
-            # A group is finished when none of its parts reaches into the next strip.
-            for group in _finished(groups, touching):
-                _write_region(group, transform, options, writer, summary)
-            open_parts = [(part, group.root()) for part, group in touching]
-        writer.flush(final=True)
+        try:
+            # The parts of the previous strip that touch its bottom row, with their groups.
+            open_parts: list[tuple[shapely.Polygon, _Group]] = []
+            for top, bottom in _strips(height, rows):
+                strip = src.read(1, window=Window(0, top, width, bottom - top))
+                groups, touching = _group_strip(strip, top, height, nodata, open_parts)
+                # A group is finished when none of its parts reaches into the next strip.
+                for group in _finished(groups, touching):
+                    _write_region(group, transform, options, writer, summary)
+                open_parts = [(part, group.root()) for part, group in touching]
+            writer.finish()
+        except BaseException:
+            writer.discard()
+            raise
     return summary
