@@ -228,3 +228,37 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
         stage = resample_window(TensorSource(image), size, (0, 0, *size))
         want = run.fine(TensorSource(stage), size, [CropBox(top, left, h, w, top, left, h, w)])
         torch.testing.assert_close(seen["fine"][i], want[0], atol=1e-5, rtol=0)
+
+
+def test_border_band_and_the_border_term_picks_border_pixels_last():
+    from magseg.engine.refine import border_band, picked_pixels
+
+    boxes = crop_boxes((16, 24), (8, 8))  # 2 x 3 crops
+    band = border_band(boxes, (8, 8), (16, 24), 2)
+    # The top-left crop borders others below and to the right only.
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[6:, :] = True
+    expect[:, 6:] = True
+    assert torch.equal(band[0], expect)
+    # The middle crop of the bottom row: above, left and right.
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[:2, :] = True
+    expect[:, :2] = True
+    expect[:, 6:] = True
+    assert torch.equal(band[4], expect)
+
+    torch.manual_seed(0)
+    coarse = torch.rand(6, 3, 8, 8).softmax(1)
+    refined = torch.rand(6, 3, 8, 8).softmax(1)
+    inner = (~band).flatten(1).sum(1)
+    for k in (10, 40, 60):
+        picked = picked_pixels(coarse, refined, boxes, RefineConfig(points=k, kernel=3, border=2), (16, 24))
+        assert picked.flatten(1).sum(1).tolist() == [k] * 6
+        for i in range(6):
+            if k <= inner[i]:
+                assert not (picked[i] & band[i]).any()
+            else:
+                assert picked[i][~band[i]].all()
+    # Without the stage size (or border 0) the pick is the plain top-K.
+    plain = picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3))
+    assert torch.equal(plain, picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3, border=2)))

@@ -279,15 +279,15 @@ class StageRun:
         coarse = self.coarse(y, size, boxes)
         refined = refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
         if not isinstance(out, Sink):
-            picked = refine_crops(coarse, refined, boxes, self.refine)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size)
             out.write(boxes, coarse)
         elif out.wants_probs:
-            picked = refine_crops(coarse, refined, boxes, self.refine)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size)
             out.write(boxes, labels_of(coarse), coarse)
         else:
             # Labels only: the argmax of R where picked, of Y elsewhere, without the select
             # over C channels.
-            labels, picked = refine_labels(coarse, refined, boxes, self.refine)
+            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size)
             out.write(boxes, labels, None)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], boxes)
