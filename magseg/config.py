@@ -206,13 +206,16 @@ class RefineConfig:
     """Which pixels take the refined prediction at each stage.
 
     ``points``: K, an ``int`` count per crop, or a ``float`` fraction in [0, 1] of the pixels a
-    crop owns. ``kernel``: median-blur size for the error map (odd; 1 = no blur). ``crf``: a
-    CRF over the final probabilities (off by default).
+    crop owns. ``kernel``: median-blur size for the error map (odd; 1 = no blur).
+    ``border``: pixels within this many stage pixels of a crop border inside the image are
+    picked last (the coarser stage, which saw across the border, keeps them unless K needs
+    them); 0 = no border term. ``crf``: a CRF over the final probabilities (off by default).
     """
 
     points: int | float = 0.75
     kernel: int = 11
     crf: CrfConfig = CrfConfig()
+    border: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.points, bool) or self.points < 0:
@@ -224,6 +227,8 @@ class RefineConfig:
             )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"refine.kernel must be odd and >= 1, got {self.kernel}")
+        if self.border < 0:
+            raise ValueError(f"refine.border is a count of stage pixels >= 0, got {self.border}")
 
 
 @dataclass(frozen=True, config=_STRICT)

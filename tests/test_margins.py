@@ -142,3 +142,123 @@ def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitt
     # The margin changed the result (the model sees context it did not see without).
     plain = Segmenter(fitted.config.override(["engine.precision=fp32"]), fitted.backbone, fitted.refiner)
     assert not torch.equal(plain.segment(x, return_probs=True).probs, want.probs)
+
+
+def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config):
+    # Backbone samples: a random window of crop + 2 margins at the stage's magnification,
+    # at the grown input (the engine's scale). Refiner samples: the engine's grown window of
+    # the crop, the crop at ``offset`` in it, mask and box the crop's own.
+    from test_datasets import make_deepglobe
+
+    from magseg.data.scenes import list_scenes
+    from magseg.engine.pyramid import resize
+    from magseg.engine.resample import TensorSource, resample_window
+    from magseg.training.samples import BackboneSamples, RefinerSamples, load_scene
+    from magseg.training.windows import mask_window, random_box, resize_mask
+
+    config = tiny_config.override({"data.mean": [90.0, 100.0, 110.0], "data.std": [50.0, 60.0, 70.0],
+                                   "pyramid.margin": 4})
+    root = make_deepglobe(tmp_path / "data", config)
+    scenes = list_scenes(config.data, "train", root)
+    pyramid = config.pyramid  # 32 -> 64 -> 128, crop 32, input 32; windows of 40 at input 40
+    backbone = BackboneSamples(scenes, config, 6, seed=3, augment=False)
+    refiner = RefinerSamples(scenes, config, 6, seed=3)
+    for index in range(6):
+        rng = backbone._rng(index)
+        image, mask = load_scene(scenes[int(rng.integers(len(scenes)))], config)
+        sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
+        size = sizes[int(rng.integers(len(sizes)))]
+        box = random_box(rng, size, (40, 40))
+        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        window = torch.zeros(3, 40, 40)
+        window[:, : box.height, : box.width] = stage[(slice(None), *box.window)]
+        target = mask_window(resize_mask(mask, size), box, (40, 40))
+        crop, got = backbone[index]
+        assert crop.shape[-2:] == (40, 40)
+        assert torch.equal(crop, resize(window, (40, 40))) and torch.equal(got, target)
+
+        item = refiner[index]
+        rng = refiner._rng(index)
+        image, mask = load_scene(scenes[int(rng.integers(len(scenes)))], config)
+        sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
+        size = sizes[1 + int(rng.integers(len(sizes) - 1))]
+        box = random_box(rng, size, pyramid.crop)
+        (grown,), (offset,), extent = grown_windows([box], pyramid.crop, size, (4, 4))
+        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        assert item["fine"].shape[-2:] == (40, 40) and tuple(item["offset"].tolist()) == offset
+        top, left = grown[:2]
+        assert torch.equal(item["fine"][:, : extent[0], : extent[1]],
+                           stage[:, top : top + extent[0], left : left + extent[1]])
+        dy, dx = offset
+        assert torch.equal(item["fine"][:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window)])
+
+
+def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_config):
+    from test_datasets import make_deepglobe
+
+    from magseg.data.scenes import list_scenes
+    from magseg.engine.pyramid import CropBox
+    from magseg.engine.resample import TensorSource, resample_window
+    from magseg.engine.stages import StageRun
+    from magseg.segmenter import create_segmenter_model
+    from magseg.training import trainer
+    from magseg.training.samples import RefinerSamples, collate_refiner, load_scene
+
+    config = tiny_config.override({"data.mean": [90.0, 100.0, 110.0], "data.std": [50.0, 60.0, 70.0],
+                                   "pyramid.margin": 4, "engine.precision": "fp32"})
+    root = make_deepglobe(tmp_path / "data", config)
+    scenes = list_scenes(config.data, "train", root)
+    backbone = create_segmenter_model(config).eval()
+    samples = RefinerSamples(scenes, config, 3, seed=1)
+    batch = collate_refiner([samples[i] for i in range(3)])
+    seen = {}
+
+    def refiner(fine, coarse):
+        seen["fine"] = fine
+        return torch.zeros_like(fine, requires_grad=True)
+
+    trainer.refiner_loss(refiner, backbone, batch, config, torch.device("cpu"))
+    # The engine's fine view of the same crop: its stage image, the crop's box, StageRun.fine.
+    run = StageRun.create(backbone, config.pyramid, engine=config.engine)
+    for i in range(3):
+        rng = samples._rng(i)
+        image, _ = load_scene(scenes[int(rng.integers(len(scenes)))], config)
+        size = tuple(int(v) for v in batch["size"][i])
+        top, left, h, w = (int(v) for v in batch["box"][i])
+        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        want = run.fine(TensorSource(stage), size, [CropBox(top, left, h, w, top, left, h, w)])
+        torch.testing.assert_close(seen["fine"][i], want[0], atol=1e-5, rtol=0)
+
+
+def test_border_band_and_the_border_term_picks_border_pixels_last():
+    from magseg.engine.refine import border_band, picked_pixels
+
+    boxes = crop_boxes((16, 24), (8, 8))  # 2 x 3 crops
+    band = border_band(boxes, (8, 8), (16, 24), 2)
+    # The top-left crop borders others below and to the right only.
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[6:, :] = True
+    expect[:, 6:] = True
+    assert torch.equal(band[0], expect)
+    # The middle crop of the bottom row: above, left and right.
+    expect = torch.zeros(8, 8, dtype=torch.bool)
+    expect[:2, :] = True
+    expect[:, :2] = True
+    expect[:, 6:] = True
+    assert torch.equal(band[4], expect)
+
+    torch.manual_seed(0)
+    coarse = torch.rand(6, 3, 8, 8).softmax(1)
+    refined = torch.rand(6, 3, 8, 8).softmax(1)
+    inner = (~band).flatten(1).sum(1)
+    for k in (10, 40, 60):
+        picked = picked_pixels(coarse, refined, boxes, RefineConfig(points=k, kernel=3, border=2), (16, 24))
+        assert picked.flatten(1).sum(1).tolist() == [k] * 6
+        for i in range(6):
+            if k <= inner[i]:
+                assert not (picked[i] & band[i]).any()
+            else:
+                assert picked[i][~band[i]].all()
+    # Without the stage size (or border 0) the pick is the plain top-K.
+    plain = picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3))
+    assert torch.equal(plain, picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3, border=2)))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.engine.certainty import certainty, error_score, top_error_pixels
-from magseg.engine.pyramid import CropBox, owned_mask
+from magseg.engine.pyramid import CropBox, Size, owned_mask
 
 
 def labels_of(probs: Tensor) -> Tensor:
@@ -75,11 +75,32 @@ def select_crops(scores: Sequence[float], boxes: Sequence[CropBox], adaptive: Ad
     return [boxes[i] for i in sorted(order)]
 
 
+def border_band(boxes: Sequence[CropBox], crop: Size, size: Size, width: int,
+                device: torch.device | None = None) -> Tensor:
+    """``(B, ch, cw)`` bool: the pixels each crop owns within ``width`` of an edge of its
+    owned region that borders another crop (not the image's edge) in a stage of ``size``."""
+    band = torch.zeros((len(boxes), *crop), dtype=torch.bool, device=device)
+    for i, b in enumerate(boxes):
+        rows, cols = b.owned_in_crop
+        y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
+        if b.own_top > 0:
+            band[i, y0 : y0 + width, x0:x1] = True
+        if b.own_top + b.own_height < size[0]:
+            band[i, max(y1 - width, y0) : y1, x0:x1] = True
+        if b.own_left > 0:
+            band[i, y0:y1, x0 : x0 + width] = True
+        if b.own_left + b.own_width < size[1]:
+            band[i, y0:y1, max(x1 - width, x0) : x1] = True
+    return band
+
+
 def picked_pixels(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
+    size: Size | None = None,
 ) -> Tensor:
     """The pixels that take the refined values: the top-K of each crop's error map, among
-    the pixels the crop owns (K counts only those).
+    the pixels the crop owns (K counts only those). With ``refine.border`` (and the stage
+    ``size``), pixels near a crop border are picked only once every other owned pixel is.
 
     Args:
         coarse, refined: ``(B, C, ch, cw)`` probabilities Y and R of the crops.
@@ -92,11 +113,26 @@ def picked_pixels(
     # Crops that own every pixel (inside the image, no overlap) need no mask.
     owns_all = all((box.own_height, box.own_width) == crop for box in boxes)
     owned = None if owns_all else owned_mask(list(boxes), crop, device=coarse.device)
-    return top_error_pixels(error_score(refined, coarse), refine.kernel, ks, owned)
+    raw = error_score(refined, coarse)
+    if not refine.border or size is None:
+        return top_error_pixels(raw, refine.kernel, ks, owned)
+    # The border term: the inner pixels first, then the band for what K has left.
+    if owned is None:
+        owned = torch.ones((len(boxes), *crop), dtype=torch.bool, device=coarse.device)
+    band = border_band(boxes, crop, size, refine.border, coarse.device) & owned
+    inner = owned & ~band
+    counts = inner.flatten(1).sum(1).tolist()
+    first = [min(k, n) for k, n in zip(ks, counts)]
+    picked = top_error_pixels(raw, refine.kernel, first, inner)
+    rest = [k - f for k, f in zip(ks, first)]
+    if any(rest):
+        picked |= top_error_pixels(raw, refine.kernel, rest, band)
+    return picked
 
 
 def refine_crops(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
+    size: Size | None = None,
 ) -> Tensor:
     """Give the top-K pixels of each crop's error map the refined values, in place.
 
@@ -108,7 +144,7 @@ def refine_crops(
     Returns:
         ``(B, ch, cw)`` bool map of the pixels that took the refined values.
     """
-    picked = picked_pixels(coarse, refined, boxes, refine)
+    picked = picked_pixels(coarse, refined, boxes, refine, size)
     # R lives on the crop's own grid, so point_sample at the pixel centres followed by a
     # scatter is a masked select: one pass over the C channels (a test checks they agree).
     torch.where(picked[:, None], refined, coarse, out=coarse)
@@ -116,7 +152,8 @@ def refine_crops(
 
 
 def refine_labels(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig
+    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
+    size: Size | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
     ``(B, ch, cw)`` uint8, and the picked map, ``coarse`` left as it is.
@@ -124,5 +161,5 @@ def refine_labels(
     The argmax of R where picked and of Y elsewhere: two argmaxes and a select over one uint8
     channel move less memory than a select over C float channels followed by an argmax.
     """
-    picked = picked_pixels(coarse, refined, boxes, refine)
+    picked = picked_pixels(coarse, refined, boxes, refine, size)
     return torch.where(picked, labels_of(refined), labels_of(coarse)), picked

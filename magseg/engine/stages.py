@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,9 @@ from magseg.engine.refine import (
 )
 from magseg.engine.refiner import ProbsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
+
+if TYPE_CHECKING:
+    from magseg.engine.clip import ClipPlan
 
 
 @dataclass
@@ -280,15 +283,15 @@ class StageRun:
         coarse = self.coarse(y, size, boxes)
         refined = refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
         if not isinstance(out, Sink):
-            picked = refine_crops(coarse, refined, boxes, self.refine)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size)
             out.write(boxes, coarse)
         elif out.wants_probs:
-            picked = refine_crops(coarse, refined, boxes, self.refine)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size)
             out.write(boxes, labels_of(coarse), coarse)
         else:
             # Labels only: the argmax of R where picked, of Y elsewhere, without the select
             # over C channels.
-            labels, picked = refine_labels(coarse, refined, boxes, self.refine)
+            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size)
             out.write(boxes, labels, None)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], boxes)
@@ -317,7 +320,8 @@ Execute = Callable[[list[BatchJob], "Tensor | None"], None]
 
 
 def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], StageMap], sink: Sink,
-               trace: list[StageResult] | None = None, execute: Execute | None = None) -> None:
+               trace: list[StageResult] | None = None, execute: Execute | None = None,
+               plan: "ClipPlan | None" = None) -> None:
     """The stage loop over ``image`` (a normalised ``(C_in, H, W)`` source), its result
     written to ``sink`` crop by crop at the image size.
 
@@ -329,6 +333,8 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
     Args:
         new_map: ``new_map(stage, size)``, an empty map for a stage's probabilities.
         trace: when given (maps in memory, local execution), each stage's ``StageResult``.
+        plan: run only these crops of each stage (``magseg.engine.clip``: a window of the
+            result, which then equals the whole run's there); None runs them all.
     """
     if execute is None:
         def execute(jobs: list[BatchJob], picked_map: Tensor | None) -> None:
@@ -341,7 +347,7 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
     done = False  # the last stage wrote the sink
     for s, size in enumerate(sizes):
         start = time.perf_counter()
-        boxes = crop_boxes(size, run.pyramid.crop)
+        boxes = crop_boxes(size, run.pyramid.crop) if plan is None else plan.stages[s]
         last_at_image_size = s == len(sizes) - 1 and tuple(size) == tuple(image.size)
         picked_map = None
         if y is None:
@@ -368,7 +374,7 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
         if trace is not None:
             trace.append(_stage_result(size, y, sink, picked_map, len(chosen), len(boxes), start))
     if not done:
-        final = crop_boxes(tuple(image.size), run.pyramid.crop)
+        final = crop_boxes(tuple(image.size), run.pyramid.crop) if plan is None else plan.final
         execute([BatchJob("kept", tuple(image.size), part, y, None) for part in _batches(final, batch)], None)
         y.discard()
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from magseg.config import Config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
-from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, resize
+from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, grown_input, grown_windows, resize
 from magseg.engine.resample import ReadSource, resample_window
 from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.normalization import normalize
@@ -128,14 +128,27 @@ def scene_source(scene: SceneWindows, config: Config) -> ReadSource:
     return ReadSource(scene.size, lambda rows, cols: normalize(scene.image(rows, cols), data.mean, data.std))
 
 
+def training_window(config: Config) -> Size:
+    """The window a training sample's backbone sees: the crop grown by ``pyramid.margin``
+    on both sides (the engine's window for a crop with a full margin of real pixels)."""
+    (ch, cw), (my, mx) = config.pyramid.crop, config.pyramid.margin_pixels
+    return ch + 2 * my, cw + 2 * mx
+
+
+def training_input(config: Config) -> Size:
+    """The backbone input of a ``training_window``: the trained magnification."""
+    p = config.pyramid
+    return grown_input(p.input, p.crop, training_window(config))
+
+
 def stage_crop(scene: SceneWindows, size: Size, box: CropBox, config: Config,
-               ratios: tuple[float, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+               ratios: tuple[float, ...] = (), crop: Size | None = None) -> tuple[Tensor, list[Tensor]]:
     """The window ``box`` of the scene at the stage ``size``, normalised: the crop
-    ``(C, ch, cw)`` and one FCtL context window ``(C, r*ch, r*cw)`` per ratio, each made as
-    ``StageRun.fine`` makes it (``resample_window`` of the window), from only the source
-    pixels it needs."""
+    ``(C, ch, cw)`` (``crop``, default ``pyramid.crop``, zero-padded past the image) and one
+    FCtL context window ``(C, r*ch, r*cw)`` per ratio, each made as ``StageRun.fine`` makes
+    it (``resample_window`` of the window), from only the source pixels it needs."""
     source = scene_source(scene, config)
-    (window,) = crop_windows([box], config.pyramid.crop)
+    (window,) = crop_windows([box], crop or config.pyramid.crop)
     contexts = [resample_window(source, size, w) for r in ratios for w in context_windows([window], r)]
     return resample_window(source, size, window), contexts
 
@@ -255,12 +268,15 @@ class BackboneSamples(_Samples):
         _, scene = self._scene(rng)
         sizes = pyramid.stage_sizes(scene.size)
         size = sizes[int(rng.integers(len(sizes)))]
-        box = random_box(rng, size, pyramid.crop)
-        crop, contexts = stage_crop(scene, size, box, self.config, self.ratios)
-        target = stage_mask(scene, size, box, pyramid.crop)
+        # A crop with its margins (pyramid.margin), as the engine's backbone sees it.
+        window = training_window(self.config)
+        box = random_box(rng, size, window)
+        crop, contexts = stage_crop(scene, size, box, self.config, self.ratios, window)
+        target = stage_mask(scene, size, box, window)
         # The backbone sees every crop resized to the input size (as engine.crop_probs does).
-        crop, target = resize(crop, pyramid.input), resize_mask(target, pyramid.input)
-        contexts = [resize(c, pyramid.input) for c in contexts]
+        inp = training_input(self.config)
+        crop, target = resize(crop, inp), resize_mask(target, inp)
+        contexts = [resize(c, inp) for c in contexts]
         if self.augmentation is not None:
             crop, target, contexts = augment_pair(self.augmentation, crop, target,
                                                   int(rng.integers(2**31)), contexts)
@@ -302,9 +318,15 @@ class RefinerSamples(_Samples):
         sizes = pyramid.stage_sizes(scene.size)
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
-        fine, contexts = stage_crop(scene, size, box, self.config, self.ratios)
+        # The fine view's window grown by the margin as the engine grows it (engine.pyramid.
+        # grown_windows), at the training window's extent; the crop sits at ``offset`` in it.
+        (grown,), ((dy, dx),), _ = grown_windows([box], pyramid.crop, size, pyramid.margin_pixels)
+        window = training_window(self.config)
+        at = CropBox(grown[0], grown[1], *window, grown[0], grown[1], *window)
+        fine, contexts = stage_crop(scene, size, at, self.config, self.ratios, window)
         item = {
             "fine": fine,
+            "offset": torch.tensor([dy, dx]),
             "mask": stage_mask(scene, size, box, pyramid.crop),
             "size": torch.tensor(size),
             "box": torch.tensor([box.top, box.left, box.height, box.width]),
@@ -323,7 +345,7 @@ def collate_refiner(items: list[dict[str, Tensor]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "scene0" in items[0]:
         out["scene0"] = [item["scene0"] for item in items]
-    for key in ("fine", "mask", "size", "box", "coarse"):
+    for key in ("fine", "offset", "mask", "size", "box", "coarse"):
         if key in items[0]:
             out[key] = torch.stack([item[key] for item in items])
     if "contexts" in items[0]:  # one batch per ratio

@@ -37,7 +37,7 @@ from magseg.data.scenes import IGNORE, Scene, check_scene, list_scenes, read_sce
 from magseg.device import resolve_device
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.precision import precision_context
-from magseg.engine.pyramid import CropBox, crop_windows
+from magseg.engine.pyramid import CropBox, crop_windows, cut_crops
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
@@ -56,7 +56,13 @@ from magseg.training.losses import (
     uncertain_points,
 )
 from magseg.training.resume import rng_state, seed_everything, set_rng_state
-from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples, collate_refiner
+from magseg.training.samples import (
+    BackboneSamples,
+    EpochSampler,
+    RefinerSamples,
+    collate_refiner,
+    training_input,
+)
 from magseg.training.validation import validate
 
 logger = logging.getLogger("magseg.train")
@@ -326,8 +332,10 @@ def refiner_loss(model: nn.Module, backbone: nn.Module, batch: dict[str, Any], c
     with torch.no_grad():
         coarse = coarse_inputs(backbone, batch, config, device)
         contexts = [c.to(device) for c in batch["contexts"]] if "contexts" in batch else None
-        fine = crop_probs(backbone, batch["fine"].to(device), pyramid.input, contexts=contexts,
+        fine = crop_probs(backbone, batch["fine"].to(device), training_input(config), contexts=contexts,
                           precision=engine.precision, multiple=input_multiple(backbone))
+        # The crop's own part of its grown window (pyramid.margin), as StageRun.fine cuts it.
+        fine = cut_crops(fine, [tuple(int(v) for v in o) for o in batch["offset"]], pyramid.crop)
     logits = model(fine, coarse)
     mask = batch["mask"].to(device)
     return refiner_point_loss(logits, mask, config), mask.shape[0]
