@@ -24,6 +24,14 @@ raster magseg reads) or random pixels.
     python scripts/bench_engine.py --arch FPN --encoder resnet50 --repeat 3
     python scripts/bench_engine.py --checkpoint runs/demo/best.ckpt --image scene.tif \\
         --adaptive-threshold 0.1
+    python scripts/bench_engine.py --runtime torch --runtime onnxruntime --runtime openvino \\
+        --precision fp32 --precision bf16 --methods backbone,engine
+
+--runtime (repeatable, default torch) adds the backbone runtimes (engine.runtime): each
+runtime x precision gets its own models and figures, named by the precision for torch and
+``<runtime>-<precision it computes in>`` for the others, all interleaved in one run; then
+``vs_torch_fp32`` gives each one's backbone and engine time over torch fp32's, and the share
+of pixels whose labels agree with torch fp32's.
 """
 
 from __future__ import annotations
@@ -65,19 +73,25 @@ def _cpu_flags() -> list[str]:
 
 
 def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:
-    """A segmenter for each precision asked for, by resolved name, without repeats: fp32 and
-    the machine's fastest by default (one of them when ``auto`` is fp32)."""
+    """A segmenter for each runtime x precision asked for, by the name of what it computes
+    (``fp32``, ``bf16`` for torch; ``onnxruntime-fp32``, ``openvino-bf16``, ...), without
+    repeats: fp32 and the machine's fastest by default (one of them when ``auto`` is fp32)."""
     segmenters: dict[str, Segmenter] = {}
-    for choice in args.precision or ["fp32", "auto"]:
-        segmenter = _segmenter(args, choice)
-        segmenters.setdefault(resolve_precision(segmenter.device, choice), segmenter)
+    for runtime in args.runtime or ["torch"]:
+        for choice in args.precision or ["fp32", "auto"]:
+            segmenter = _segmenter(args, choice, runtime)
+            name = resolve_precision(segmenter.device, choice)
+            if segmenter.backbone_runtime != "torch":
+                name = f"{segmenter.backbone_runtime}-{segmenter.precision}"
+            segmenters.setdefault(name, segmenter)
     return segmenters
 
 
-def _segmenter(args: argparse.Namespace, precision: str) -> Segmenter:
+def _segmenter(args: argparse.Namespace, precision: str, runtime: str = "torch") -> Segmenter:
     torch.manual_seed(0)  # the same random weights at every precision
     overrides = [f"engine.{k}={v}" for k, v in (("device", args.device), ("precision", precision),
-                                                 ("batch_size", args.batch_size)) if v is not None]
+                                                 ("batch_size", args.batch_size),
+                                                 ("runtime", runtime)) if v is not None]
     if args.channels_last is not None:
         overrides.append(f"engine.channels_last={str(args.channels_last).lower()}")
     overrides += args.overrides
@@ -96,6 +110,14 @@ def _image(args: argparse.Namespace, segmenter: Segmenter) -> torch.Tensor:
     return torch.randn(segmenter.config.model.in_channels, args.size, args.size, generator=g)
 
 
+def _methods(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(METHODS)}")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "deepglobe.yaml"))
@@ -108,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", action="append", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest)")
+    parser.add_argument("--runtime", action="append", default=None,
+                        choices=["torch", "onnxruntime", "openvino"],
+                        help="a backbone runtime to measure, repeatable (default: torch)")
+    parser.add_argument("--methods", type=_methods, default=list(METHODS),
+                        help=f"what to time each round, comma-separated (default: {','.join(METHODS)})")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC convolutions (default: the config's engine.channels_last)")
@@ -130,17 +157,35 @@ def _measure(args: argparse.Namespace, benches: dict[str, "_Bench"]) -> dict[str
         for bench in benches.values():
             bench.round()
     runs = {precision: bench.figures() for precision, bench in benches.items()}
+    _versus_torch_fp32(benches, runs)
     if args.sections:
         for precision, bench in benches.items():
             runs[precision]["sections"] = _sections(bench)
     return runs
 
 
-def _setup(args: argparse.Namespace, first: "_Bench", malloc_kept: bool) -> dict:
+def _versus_torch_fp32(benches: dict[str, "_Bench"], runs: dict[str, dict]) -> None:
+    """Each run's backbone and engine medians over torch fp32's, and how many of its labels
+    agree with torch fp32's (from the warm-up runs), when torch fp32 was measured."""
+    reference = benches.get("fp32")
+    if reference is None or len(benches) < 2:
+        return
+    base = runs["fp32"]["seconds"]
+    for name, bench in benches.items():
+        seconds = runs[name]["seconds"]
+        runs[name]["vs_torch_fp32"] = {
+            **{m: round(seconds[m] / base[m], 3) for m in seconds if base.get(m)},
+            "labels_agree": round(float((bench.warm_result.labels == reference.warm_result.labels)
+                                        .float().mean()), 6),
+        }
+
+
+def _setup(args: argparse.Namespace, benches: dict[str, "_Bench"], malloc_kept: bool) -> dict:
     """What was measured and on what: scene, model, pyramid, engine settings, the machine.
 
     Read after the rounds, so the load average is the one the rounds ran under.
     """
+    first = next(iter(benches.values()))
     config = first.config
     return {
         "scene": list(first.image.shape[-2:]),
@@ -153,6 +198,7 @@ def _setup(args: argparse.Namespace, first: "_Bench", malloc_kept: bool) -> dict
         "refiner": first.segmenter.refiner is not None,
         "batch_size": config.engine.batch_size,
         "channels_last": config.engine.channels_last,
+        "runtimes": sorted({bench.segmenter.backbone_runtime for bench in benches.values()}),
         "adaptive": dataclasses.asdict(first.adaptive),
         "fastest": resolve_precision(first.device, "auto"),
         "device": str(first.device),
@@ -189,10 +235,13 @@ def main() -> None:
     benches = {precision: _Bench(args, precision, segmenter)
                for precision, segmenter in _segmenters(args).items()}
     runs = _measure(args, benches)
-    figures = _setup(args, next(iter(benches.values())), malloc_kept)
+    figures = _setup(args, benches, malloc_kept)
     figures.update(_by_precision(runs))
     report_figures(figures, args.json)
 
+
+# What a round can time (--methods).
+METHODS = ("backbone", "engine", "patch_only", "adaptive")
 
 # The engine's helpers timed by --sections, by module: each call's inclusive seconds (they
 # nest: crop_probs holds run_backbone, refine_labels holds error_score and top_error_pixels).
@@ -289,12 +338,13 @@ class _Bench:
                     handle.remove()
             self.inside.append(spent[0])
 
-        self.methods = {
+        methods = {
             "backbone": backbone_alone,
             "engine": engine_run,
             "patch_only": lambda: segmenter.segment(image, pyramid=config.pyramid.patch_only()),
             "adaptive": lambda: segmenter.segment(image, engine=adaptive_engine),
         }
+        self.methods = {name: fn for name, fn in methods.items() if name in args.methods}
         self.seconds: dict[str, list[float]] = {name: [] for name in self.methods}
 
     def sync(self) -> None:  # CUDA runs asynchronously: wait for it before reading the clock
@@ -316,24 +366,32 @@ class _Bench:
     def figures(self) -> dict:
         seconds, inside = self.seconds, self.inside
         med = {name: statistics.median(values) for name, values in seconds.items()}
-        fast = self.segmenter.segment(self.image, engine=self.adaptive_engine, return_stages=True)
+        fast = (self.segmenter.segment(self.image, engine=self.adaptive_engine, return_stages=True)
+                if "adaptive" in med else None)
+
+        def ratio(a: str, b: str) -> float | None:
+            return round(med[a] / med[b], 3) if a in med and b in med else None
+
+        paired = (round(statistics.median(e / b for e, b in zip(seconds["engine"], inside)), 3)
+                  if "engine" in med else None)
         return {
             "precision": self.precision,
             "backbone_calls": len(self.calls),
             "crops": {"engine": [s.crops_run for s in self.warm_result.stages],
-                      "adaptive": [s.crops_run for s in fast.stages]},
+                      "adaptive": None if fast is None else [s.crops_run for s in fast.stages]},
             "seconds": {name: round(v, 3) for name, v in med.items()},
             "seconds_all_rounds": {name: [round(v, 3) for v in vs] for name, vs in seconds.items()},
             "ratios": {
-                "engine_over_backbone": round(med["engine"] / med["backbone"], 3),
-                "engine_over_patch_only": round(med["engine"] / med["patch_only"], 3),
-                "adaptive_over_engine": round(med["adaptive"] / med["engine"], 3),
+                "engine_over_backbone": ratio("engine", "backbone"),
+                "engine_over_patch_only": ratio("engine", "patch_only"),
+                "adaptive_over_engine": ratio("adaptive", "engine"),
                 # median over rounds of (engine run) / (backbone time inside that run)
-                "engine_over_backbone_inside": round(
-                    statistics.median(e / b for e, b in zip(seconds["engine"], inside)), 3),
+                "engine_over_backbone_inside": paired,
             },
-            "backbone_inside_engine_seconds": round(statistics.median(inside), 3),
-            "engine_own_seconds": round(statistics.median(e - b for e, b in zip(seconds["engine"], inside)), 3),
+            "runtime": self.segmenter.backbone_runtime,
+            "backbone_inside_engine_seconds": round(statistics.median(inside), 3) if inside else None,
+            "engine_own_seconds": (round(statistics.median(e - b for e, b in zip(seconds["engine"], inside)), 3)
+                                   if inside else None),
             "engine_stage_seconds": [round(s.seconds, 3) for s in self.warm_result.stages],
         }
 

@@ -119,8 +119,11 @@ def test_a_corrupt_graph_is_rebuilt_and_then_right(warm, tmp_path):
     cache, folder = _cache_copy(warm, tmp_path)
     graph = folder / "32x32.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # cut short
-    segmenter = Segmenter.from_checkpoint(
-        warm["ckpt"], ["engine.runtime=onnxruntime", f"engine.cache_dir={tmp_path / 'cache'}"])
+    # engine.precision=bf16: the rebuild happens on the engine's first backbone call, under
+    # its bf16 autocast, which must not leak into the graph (ONNX Runtime runs it in fp32).
+    segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
+        "engine.runtime=onnxruntime", "engine.precision=bf16",
+        f"engine.cache_dir={tmp_path / 'cache'}"])
     result = segmenter.segment(warm["scene"], return_probs=True)
     assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
     assert cache.valid_graph((32, 32)) == graph

@@ -169,7 +169,10 @@ def export_onnx(
     example = torch.randn(2, in_channels, *size)  # batch 2: batch 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        with torch.no_grad():
+        # Autocast off: the engine's first call, which may export, runs under the engine's
+        # bf16/fp16 autocast, and a graph traced there would hold its casts.
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), \
+                torch.autocast("cuda", enabled=False):
             program = torch.onnx.export(
                 _Logits(backbone, softmax).eval(), (example,), dynamo=True, opset_version=OPSET,
                 input_names=[INPUT_NAME], output_names=[output_name],
