@@ -200,3 +200,16 @@ def test_writing_on_a_real_full_filesystem_is_an_error(tmp_path):
         with pytest.raises(RasterWriteError, match="out.tif"):
             with io_env(), RasterWriter(disk / "out.tif", (120, 130), 3, GeoInfo(None, None)) as w:
                 w.write(smooth_image(3, 120, 130), PixelWindow(0, 0, 120, 130))
+
+
+def test_raster_style_is_a_paletted_qgis_style_with_names_and_colours():
+    from xml.etree import ElementTree
+
+    from magseg.io.raster import raster_style
+
+    qml = raster_style([(1, "road", (255, 255, 255)), (0, "field", (0, 128, 16))])
+    assert qml.startswith("<!DOCTYPE qgis")
+    renderer = ElementTree.fromstring(qml.split("\n", 1)[1]).find("pipe/rasterrenderer")
+    assert renderer.get("type") == "paletted" and renderer.get("band") == "1"
+    assert [(e.get("value"), e.get("color"), e.get("label")) for e in renderer.find("colorPalette")] == [
+        ("0", "#008010", "field"), ("1", "#ffffff", "road")]
