@@ -89,7 +89,7 @@ class AreaOfInterest:
 
 def _bounds(box: Sequence[float]) -> str:
     """``minx,miny,maxx,maxy`` as --bbox takes it."""
-    return ",".join(f"{v:.6g}" for v in box)
+    return ",".join(f"{v:.10g}" for v in box)
 
 
 def inside(shapes: Sequence[dict[str, Any]], transform: Affine, shape: tuple[int, int]) -> np.ndarray:
