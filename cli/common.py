@@ -53,9 +53,12 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def log(message: str, quiet: bool = False) -> None:
-    """A human-readable line on stderr (silenced by --quiet)."""
+    """A human-readable line on stderr (silenced by --quiet), printed above any progress bars
+    that are showing (tqdm clears and redraws them) rather than through them."""
     if not quiet:
-        typer.echo(message, err=True)
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
 
 
 def show_progress(quiet: bool) -> bool:

@@ -322,18 +322,22 @@ def _input_progress(path, quiet: bool):
 
 
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
-    """Predict each input in turn, one NDJSON line each; returns how many failed."""
+    """Predict each input in turn, one NDJSON line each; returns how many failed. A batch
+    gets one overall bar (inputs, with an ETA) above each input's own (crops)."""
     from magseg.io.predict import predict_input
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
-    for number, path in enumerate(paths, start=1):
-        record = clashes.get(path)
-        if record is None:
-            with _input_progress(path, quiet) as (on_crops, on_warning):
-                record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
-        failed += record["status"] == "failed"
-        _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
+    batch = progress_bar(len(paths), "inputs", quiet or len(paths) < 2, unit="input")
+    with batch:
+        for number, path in enumerate(paths, start=1):
+            record = clashes.get(path)
+            if record is None:
+                with _input_progress(path, quiet) as (on_crops, on_warning):
+                    record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
+            failed += record["status"] == "failed"
+            batch.update(1)
+            _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
     return failed
 
 
@@ -361,7 +365,7 @@ def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bo
         return failed + _predict_one_on_ray(model, todo[0], out_dir, options, quiet, address, workers)
     tasks = [(path, out_dir, options) for path in todo]
     with model.pool(workers, address, quiet) as pool, \
-            progress_bar(len(tasks), "scenes", quiet, unit="scene") as bar:
+            progress_bar(len(tasks), "inputs", quiet, unit="input") as bar:
         for number, (_, record) in enumerate(pool.map_unordered(predict_input, tasks, lost),
                                              start=len(clashes) + 1):
             bar.update(1)
