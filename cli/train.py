@@ -44,7 +44,8 @@ CACHE_DIR = typer.Option(
     None, "--cache-dir", metavar="DIR", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
     "cached (default: <out-dir>/cache); share one between runs on the same data to decode once.")
 ENCODER_WEIGHTS = typer.Option(
-    None, metavar="imagenet|none|FILE", help="imagenet or none; sets model.encoder_weights. Offline, imagenet works for "
+    None, metavar="imagenet|none|FILE", help="imagenet, none, or a state dict file (timm, "
+    "torchgeo: see docs/training.md); sets model.encoder_weights. Offline, imagenet works for "
     "timm-tf_efficientnet_lite0 and tu-tf_efficientnet_lite0 only.")
 REMOVED_OUT = removed_option("--out", "--out is now --out-dir (-o), as in predict and benchmark")
 
