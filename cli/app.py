@@ -6,11 +6,85 @@ Exit codes: 0 all good, 1 some input failed, 2 usage error.
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from magseg import __version__
 
+# click's ClickException, the base of the usage errors typer raises (typer re-exports only
+# some of click's exceptions, and the CLI never imports click itself).
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(TyperGroup):
+    """The magseg command group: usage errors found while parsing the command line (an
+    unknown option, a missing argument, a value of the wrong type) print one
+    ``magseg: error: ...`` line, as every other error does (``cli.common.fail``), not
+    click's usage block and ``Error:``; exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as exc:
+            if not standalone_mode:
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `magseg`: the help, as asked
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            words = list(sys.argv[1:] if args is None else args)
+            command = next((w for w in words if w in self.commands), None)
+            path = ctx.command_path if ctx is not None else " ".join(filter(None, ["magseg", command]))
+            hint = f" (see '{path} --help')"
+            typer.echo(f"magseg: error: {exc.format_message().rstrip('.')}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("magseg: interrupted", err=True)
+            sys.exit(130)
+        if standalone_mode:
+            # Not standalone, click returns a command's exit code instead of exiting.
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+def _argument_name(param: Any) -> str:
+    return param.display_name_raw.upper() + ("..." if param.nargs != 1 else "")
+
+
+class Command(TyperCommand):
+    """A magseg command's help in click's plain style: arguments as ``CHECKPOINT
+    INPUTS...`` in the usage line and the Arguments section (typer would write
+    ``{checkpoint}`` and ``checkpoint <path>``); options show their metavars
+    (``--workers N``), which every value option sets."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = _argument_name(param)
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        params = self.get_params(ctx)
+        arguments = [(_argument_name(p), p.help or "") for p in params
+                     if p.param_type_name == "argument" and not p.hidden]
+        options = [record for p in params if p.param_type_name == "option"
+                   for record in [p.get_help_record(ctx)] if record is not None]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="magseg",
     help="Progressive (MagNet-style) segmentation of ultra-high-resolution images and GeoTIFFs.",
     no_args_is_help=True,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
-from magseg.cli.app import app
+from magseg.cli.app import Command, app
 from magseg.cli.common import (
     BATCH_SIZE,
     DEVICE,
@@ -22,10 +22,12 @@ from magseg.cli.common import (
     check_device,
     config_overrides,
     emit,
+    examples,
     handle_errors,
     load_model,
     log,
     out_dir_option,
+    overwrite_option,
     progress_bar,
 )
 
@@ -44,39 +46,35 @@ def _fractions(text: str | None) -> tuple[float, ...]:
 
 
 # benchmark's own options (the shared ones come from magseg.cli.common).
-CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
+CHECKPOINT = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint written by `magseg train`.")
 DATA_ROOT = typer.Argument(
-    ..., help="Dataset root (DeepGlobe layout, or GeoTIFF pairs: images/, masks/).")
+    ..., metavar="DATA_ROOT", help="Dataset root (DeepGlobe layout, or GeoTIFF pairs: images/, masks/).")
 OUT_DIR = out_dir_option("report.json, report.md and the plots")
-SPLIT = typer.Option("test", help="Split to score: train, val, test, or a path to a list of ids.")
+SPLIT = typer.Option("test", metavar="SPLIT", help="Split to score: train, val, test, or a path to a list of ids.")
 LAYOUT = typer.Option(
-    None, help="Data layout: deepglobe or geotiff; sets data.layout (default: the checkpoint's).")
+    None, metavar="deepglobe|geotiff", help="Data layout: deepglobe or geotiff; sets data.layout (default: the checkpoint's).")
 ADAPTIVE = typer.Option(
     False, "--adaptive", help="Add an 'adaptive' row with the checkpoint's engine.adaptive settings.")
 ADAPTIVE_THRESHOLD = typer.Option(
-    None, help="Add an 'adaptive' row: skip crops whose mean coarse uncertainty is below this.")
+    None, metavar="X", help="Add an 'adaptive' row: skip crops whose mean coarse uncertainty is below this.")
 ADAPTIVE_MAX_CROPS = typer.Option(
-    None, help="Add an 'adaptive' row: run only the N most uncertain crops of each stage.")
+    None, metavar="N", help="Add an 'adaptive' row: run only the N most uncertain crops of each stage.")
 SWEEP_K = typer.Option(
-    None, "--sweep-k", help="Also score progressive at each of these K (fractions of a crop's "
+    None, "--sweep-k", metavar="K,K,...", help="Also score progressive at each of these K (fractions of a crop's "
     "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each.")
-LIMIT = typer.Option(None, min=1, help="Only the first N scenes of the split.")
-SAMPLES = typer.Option(3, min=0, help="Sample panels to draw (the first N scenes).")
+LIMIT = typer.Option(None, min=1, metavar="N", help="Only the first N scenes of the split.")
+SAMPLES = typer.Option(3, min=0, metavar="N", help="Sample panels to draw (the first N scenes).")
 WARMUP = typer.Option(True, help="Run every method once on the first scene, untimed, before measuring.")
-OVERWRITE = typer.Option(False, help="Replace an existing report in --out-dir.")
+OVERWRITE = overwrite_option("an existing report in --out-dir")
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  magseg benchmark runs/dg/best.ckpt /data/deepglobe --split test -o bench/\n\n"
-        "  magseg benchmark runs/demo/best.ckpt data/synthetic -o bench/ "
-        "--adaptive-max-crops 4 --limit 20\n\n"
-        "  magseg benchmark model.ckpt data/ -o bench/ --set refine.points=0.5 "
-        "--device cuda --batch-size 16 | jq .methods\n\n"
-        "  magseg benchmark model.ckpt /shared/data/ -o bench/ --runner ray --ray-address auto"
-    )
-)
+@app.command(cls=Command, epilog=examples([
+    "magseg benchmark runs/dg/best.ckpt /data/deepglobe --split test -o bench/",
+    "magseg benchmark runs/demo/best.ckpt data/synthetic -o bench/ --adaptive-max-crops 4 --limit 20",
+    "magseg benchmark model.ckpt data/ -o bench/ --set refine.points=0.5 --device cuda "
+    "--batch-size 16 | jq .methods",
+    "magseg benchmark model.ckpt /shared/data/ -o bench/ --runner ray --ray-address auto",
+]))
 @handle_errors
 def benchmark(
     checkpoint: Path = CHECKPOINT,

@@ -53,9 +53,12 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def log(message: str, quiet: bool = False) -> None:
-    """A human-readable line on stderr (silenced by --quiet)."""
+    """A human-readable line on stderr (silenced by --quiet), printed above any progress bars
+    that are showing (tqdm clears and redraws them) rather than through them."""
     if not quiet:
-        typer.echo(message, err=True)
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
 
 
 def show_progress(quiet: bool) -> bool:
@@ -203,27 +206,43 @@ SETTINGS = typer.Option(
     help="Config override, e.g. --set refine.points=0.25 --set engine.adaptive.max_crops=8 "
     "(repeatable; the value is YAML). A flag that sets the same key wins.")
 DEVICE = typer.Option(
-    None, "--device", help="cpu or cuda[:N]; sets engine.device (default: the config's).")
+    None, "--device", metavar="DEVICE",
+    help="cpu or cuda[:N]; sets engine.device (default: the config's).")
 BATCH_SIZE = typer.Option(
-    None, "--batch-size", min=1,
+    None, "--batch-size", min=1, metavar="N",
     help="Crops per backbone batch; sets engine.batch_size (default: the config's).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
 RUNNER = typer.Option(
-    Runner.local, "--runner",
+    Runner.local, "--runner", metavar="local|ray",
     help="Where the scenes run. local: this process; ray: Ray actors that each load the model "
     "once (pip install 'magseg[ray]').")
 RAY_ADDRESS = typer.Option(
-    None, "--ray-address", help="With --runner ray: a cluster to join (e.g. auto, "
+    None, "--ray-address", metavar="ADDRESS", help="With --runner ray: a cluster to join (e.g. auto, "
     "ray://head:10001); default: a local Ray instance.")
 WORKERS = typer.Option(
-    None, "--workers", min=1, help="With --runner ray: number of actors (default: one per CPU).")
+    None, "--workers", min=1, metavar="N",
+    help="With --runner ray: number of actors (default: one per CPU).")
 
 
 def out_dir_option(holds: str, required: bool = True) -> Any:
     """``-o/--out-dir``: the directory a command writes into, created if missing. ``holds``
     says what goes there (and the default when not ``required``)."""
-    return typer.Option(... if required else None, "--out-dir", "-o",
+    return typer.Option(... if required else None, "--out-dir", "-o", metavar="DIR",
                         help=f"Directory (created if missing) for {holds}.")
+
+
+def overwrite_option(replaces: str) -> Any:
+    """``--overwrite``: a plain flag in every command (no ``--no-overwrite``: not replacing
+    is the default); ``replaces`` says what it replaces."""
+    return typer.Option(False, "--overwrite", help=f"Replace {replaces}.")
+
+
+def examples(commands: Sequence[str], after: Sequence[str] = ()) -> str:
+    """A command's epilog: ``commands`` one per line, kept as written (click's ``\\b``
+    marker stops it re-wrapping them in the middle of a flag; a terminal narrower than a
+    line wraps it, a copy keeps it whole), then the paragraphs ``after``, wrapped."""
+    kept = "\n".join(f"  {c}" for c in commands)
+    return "Examples:\n\n\b\n" + kept + "".join(f"\n\n{p}" for p in after)
 
 
 def _refuse(message: str) -> Callable[[Any], Any]:

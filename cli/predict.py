@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from magseg.cli.app import app
+from magseg.cli.app import Command, app
 from magseg.cli.common import (
     BATCH_SIZE,
     DEVICE,
@@ -31,12 +31,14 @@ from magseg.cli.common import (
     check_device,
     config_overrides,
     emit,
+    examples,
     expand_inputs,
     fail,
     handle_errors,
     load_model,
     log,
     out_dir_option,
+    overwrite_option,
     progress_bar,
     removed_option,
 )
@@ -110,73 +112,71 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 # predict's own options (the shared ones come from magseg.cli.common).
-CHECKPOINT = typer.Argument(..., help="A checkpoint written by `magseg train`.")
+CHECKPOINT = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint written by `magseg train`.")
 INPUTS = typer.Argument(
-    ..., help="Rasters: files, globs, directories, or - to read paths from stdin (one per line).")
+    ..., metavar="INPUTS", help="Rasters: files, globs, directories, or - to read paths from stdin (one per line).")
 OUT_DIR = out_dir_option("the outputs; or, for exactly one input, the class map's file name "
                          "(FILE.tif), its other outputs beside it")
 SCRATCH_DIR = typer.Option(
-    None, "--scratch-dir", file_okay=False,
+    None, "--scratch-dir", file_okay=False, metavar="DIR",
     help="Where the per-stage scratch maps go; default: beside the outputs.")
 CREATION_OPTIONS = typer.Option(
-    None, "--co", help="GDAL creation option KEY=VALUE for the GeoTIFF outputs (the COG driver's "
-    "with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable).")
-OVERWRITE = typer.Option(
-    False, "--overwrite", help="Replace existing outputs (default: skip them, so a re-run resumes).")
+    None, "--co", "-co", metavar="KEY=VALUE", help="GDAL creation option for the GeoTIFF outputs "
+    "(the COG driver's with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable; "
+    "-co, GDAL's spelling, too).")
+OVERWRITE = overwrite_option("existing outputs (default: skip them, so a re-run resumes)")
 PROBS = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8).")
 UNCERTAINTY = typer.Option(False, "--uncertainty", help="Also write 1 - certainty (uint8).")
 COG = typer.Option(False, "--cog", help="Cloud-optimised GeoTIFFs with overviews.")
 PREVIEW = typer.Option(
     False, "--preview", help="A PNG beside each output: image | classes | uncertainty, downsampled.")
 VECTOR = typer.Option(
-    None, "--vector", help="Also write the class map as polygons: gpkg, fgb or geojson "
+    None, "--vector", metavar="gpkg|fgb|geojson", help="Also write the class map as polygons: gpkg, fgb or geojson "
     "(class_id, class_name, area in CRS units; made in strips, memory does not grow with the raster).")
 MIN_AREA = typer.Option(
-    0.0, "--min-area", min=0, help="With --vector: drop polygons smaller than this (CRS units squared, "
+    0.0, "--min-area", min=0, metavar="AREA", help="With --vector: drop polygons smaller than this (CRS units squared, "
     "m² when projected).")
 SIMPLIFY = typer.Option(
-    0.0, "--simplify", min=0, help="With --vector: simplify outlines by this tolerance (CRS units).")
+    0.0, "--simplify", min=0, metavar="TOLERANCE", help="With --vector: simplify outlines by this tolerance (CRS units).")
 BBOX = typer.Option(
-    None, "--bbox", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
+    None, "--bbox", metavar="MINX,MINY,MAXX,MAXY", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
     "CRS): read, segmented and written over it, the outputs' transform and size its window's.")
-BBOX_CRS = typer.Option(None, "--bbox-crs", help="The CRS of --bbox, e.g. EPSG:4326.")
+BBOX_CRS = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bbox, e.g. EPSG:4326.")
 AOI = typer.Option(
-    None, "--aoi", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
+    None, "--aoi", metavar="FILE", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
     "pixels outside them are nodata.")
 BANDS = typer.Option(
-    None, "--bands", help="1-based input bands in the model's order, e.g. 4,3,2 "
+    None, "--bands", metavar="B,B,...", help="1-based input bands in the model's order, e.g. 4,3,2 "
     "(default: the checkpoint's data.bands).")
 ADAPTIVE_THRESHOLD = typer.Option(
-    None, "--adaptive-threshold", min=0, max=1, help="Adaptive mode: skip crops whose mean coarse "
+    None, "--adaptive-threshold", min=0, max=1, metavar="X", help="Adaptive mode: skip crops whose mean coarse "
     "uncertainty is below this; sets engine.adaptive.threshold (default: the checkpoint's).")
 ADAPTIVE_MAX_CROPS = typer.Option(
-    None, "--adaptive-max-crops", min=0, help="Adaptive mode: run at most this many of the most "
+    None, "--adaptive-max-crops", min=0, metavar="N", help="Adaptive mode: run at most this many of the most "
     "uncertain crops per stage; sets engine.adaptive.max_crops.")
 REMOVED_MARGIN = removed_option(
     "--margin", "predict runs the pyramid over the whole raster, so there are no windows and no "
     "margin; drop --margin")
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  magseg predict runs/dg/best.ckpt scenes/*.tif -o pred/\n\n"
-        "  magseg predict model.ckpt big_mosaic.tif -o pred/ --probs --uncertainty --cog\n\n"
-        "  magseg predict model.ckpt scene.tif -o pred/scene_classes.tif\n\n"
-        "  find /data -name '*.jp2' | magseg predict model.ckpt - -o pred/ --bands 4,3,2\n\n"
-        "  magseg predict model.ckpt s3://bucket/scene.tif -o pred/ --vector gpkg "
-        "--bbox 12.40,41.80,12.60,41.95 --bbox-crs EPSG:4326\n\n"
-        "  magseg predict model.ckpt tiles/ -o pred/ --preview | jq -c 'select(.status==\"failed\")'\n\n"
-        "Outputs per input <stem>: <stem>.tif (uint8 class ids, nodata 255, colour table and class "
-        "names from the checkpoint, same size, CRS and transform as the input); with --probs "
-        "<stem>_probs.tif (one band per class, probability x 254, nodata 255); with --uncertainty "
-        "<stem>_uncertainty.tif ((1 - certainty) x 254, nodata 255); with --preview <stem>_preview.png; with "
-        "--vector gpkg|fgb|geojson <stem>.gpkg (etc.): one polygon per class region, with class_id, "
-        "class_name and area in CRS units. "
-        "Exit status: 0 all inputs done (or already done), 1 some input failed (the others are "
-        "still processed), 2 usage error."
-    )
-)
+@app.command(cls=Command, epilog=examples([
+    "magseg predict runs/dg/best.ckpt scenes/*.tif -o pred/",
+    "magseg predict model.ckpt big_mosaic.tif -o pred/ --probs --uncertainty --cog",
+    "magseg predict model.ckpt scene.tif -o pred/scene_classes.tif -co COMPRESS=LZW",
+    "find /data -name '*.jp2' | magseg predict model.ckpt - -o pred/ --bands 4,3,2",
+    "magseg predict model.ckpt s3://bucket/scene.tif -o pred/ --vector gpkg "
+    "--bbox 12.40,41.80,12.60,41.95 --bbox-crs EPSG:4326",
+    "magseg predict model.ckpt tiles/ -o pred/ --preview | jq -c 'select(.status==\"failed\")'",
+], after=[
+    "Outputs per input <stem>: <stem>.tif (uint8 class ids, nodata 255, colour table and class "
+    "names from the checkpoint, same size, CRS and transform as the input) with <stem>.qml (its "
+    "QGIS style); with --probs <stem>_probs.tif (one band per class, probability x 254, nodata "
+    "255); with --uncertainty <stem>_uncertainty.tif ((1 - certainty) x 254, nodata 255); with "
+    "--preview <stem>_preview.png; with --vector gpkg|fgb|geojson <stem>.gpkg (etc.): one polygon "
+    "per class region, with class_id, class_name and area in CRS units.",
+    "Exit status: 0 all inputs done (or already done), 1 some input failed (the others are "
+    "still processed), 2 usage error.",
+]))
 @handle_errors
 def predict(
     checkpoint: Path = CHECKPOINT,
@@ -332,18 +332,22 @@ def _input_progress(path, quiet: bool):
 
 
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
-    """Predict each input in turn, one NDJSON line each; returns how many failed."""
+    """Predict each input in turn, one NDJSON line each; returns how many failed. A batch
+    gets one overall bar (inputs, with an ETA) above each input's own (crops)."""
     from magseg.io.predict import predict_input
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
-    for number, path in enumerate(paths, start=1):
-        record = clashes.get(path)
-        if record is None:
-            with _input_progress(path, quiet) as (on_crops, on_warning):
-                record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
-        failed += record["status"] == "failed"
-        _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
+    batch = progress_bar(len(paths), "inputs", quiet or len(paths) < 2, unit="input")
+    with batch:
+        for number, path in enumerate(paths, start=1):
+            record = clashes.get(path)
+            if record is None:
+                with _input_progress(path, quiet) as (on_crops, on_warning):
+                    record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning)
+            failed += record["status"] == "failed"
+            batch.update(1)
+            _report(record, number, len(paths), quiet, warned=clashes.get(path) is None)
     return failed
 
 
@@ -371,7 +375,7 @@ def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bo
         return failed + _predict_one_on_ray(model, todo[0], out_dir, options, quiet, address, workers)
     tasks = [(path, out_dir, options) for path in todo]
     with model.pool(workers, address, quiet) as pool, \
-            progress_bar(len(tasks), "scenes", quiet, unit="scene") as bar:
+            progress_bar(len(tasks), "inputs", quiet, unit="input") as bar:
         for number, (_, record) in enumerate(pool.map_unordered(predict_input, tasks, lost),
                                              start=len(clashes) + 1):
             bar.update(1)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
-from magseg.cli.app import app
+from magseg.cli.app import Command, app
 from magseg.cli.common import (
     DEVICE,
     EXIT_USAGE,
@@ -17,51 +17,54 @@ from magseg.cli.common import (
     check_device,
     config_overrides,
     emit,
+    examples,
     fail,
     handle_errors,
     out_dir_option,
+    overwrite_option,
     progress_bar,
     refuse_positional_overrides,
     removed_option,
 )
 
 # train's own options (the shared ones come from magseg.cli.common).
-CONFIG = typer.Option(..., "--config", "-c", help="YAML config (see configs/).")
+CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config (see configs/).")
 DATA_ROOT = typer.Option(
-    None, "--data-root", help="Dataset root with the split files (default: data.root of the config).")
+    None, "--data-root", metavar="DIR", help="Dataset root with the split files (default: data.root of the config).")
 OUT_DIR = out_dir_option("best.ckpt, last.ckpt, train.log and config.yaml (default: runs/<config "
                          "name>)", required=False)
 PHASE = typer.Option(
-    "all", help="backbone, refiner (needs a trained backbone in --out-dir) or all (both, in turn).")
+    "all", metavar="backbone|refiner|all", help="backbone, refiner (needs a trained backbone in --out-dir) or all (both, in turn).")
 EPOCHS = typer.Option(
-    None, min=0, help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs.")
+    None, min=0, metavar="N", help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs.")
 RESUME = typer.Option(
     False, "--resume", help="Continue from <out-dir>/last.ckpt (model, optimizer, schedule, epoch, RNG).")
-OVERWRITE = typer.Option(False, help="Start over in an --out-dir that already holds checkpoints.")
+OVERWRITE = overwrite_option("the checkpoints in --out-dir: start over")
 CACHE_DIR = typer.Option(
-    None, "--cache-dir", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
+    None, "--cache-dir", metavar="DIR", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
     "cached (default: <out-dir>/cache); share one between runs on the same data to decode once.")
 ENCODER_WEIGHTS = typer.Option(
-    None, help="imagenet or none; sets model.encoder_weights. Offline, imagenet works for "
+    None, metavar="imagenet|none|FILE", help="imagenet, none, or a state dict file (timm, "
+    "torchgeo: see docs/training.md); sets model.encoder_weights. Offline, imagenet works for "
     "timm-tf_efficientnet_lite0 and tu-tf_efficientnet_lite0 only.")
 REMOVED_OUT = removed_option("--out", "--out is now --out-dir (-o), as in predict and benchmark")
 
 
 @app.command(
+    cls=Command,
     context_settings={"allow_extra_args": True},  # see refuse_positional_overrides
-    epilog=(
-        "Examples:\n\n"
-        "  magseg train --config configs/deepglobe.yaml --data-root /data/deepglobe -o runs/dg\n\n"
-        "  magseg train --config configs/pyramid256.yaml --data-root data/tiles -o runs/t "
+    epilog=examples([
+        "magseg train --config configs/deepglobe.yaml --data-root /data/deepglobe -o runs/dg",
+        "magseg train --config configs/pyramid256.yaml --data-root data/tiles -o runs/t "
         "--phase backbone --epochs 5 --set train.batch_size=4 --set model.in_channels=4 "
-        "--set data.bands=[1,2,3,4]\n\n"
-        "  magseg train --config configs/deepglobe.yaml -o runs/dg --resume   "
-        "# continue an interrupted run\n\n"
-        "  torchrun --nproc_per_node 2 -m magseg.cli.app train --config configs/tiny.yaml "
-        "--data-root data/ -o runs/ddp\n\n"
-        "  magseg train -c configs/deepglobe.yaml --data-root /data/dg -o runs/dg "
-        "| jq -c '{phase, epoch, loss, val_miou}'"
-    )
+        "--set data.bands=[1,2,3,4]",
+        "magseg train --config configs/deepglobe.yaml -o runs/dg --resume   "
+        "# continue an interrupted run",
+        "torchrun --nproc_per_node 2 -m magseg.cli.app train --config configs/tiny.yaml "
+        "--data-root data/ -o runs/ddp",
+        "magseg train -c configs/deepglobe.yaml --data-root /data/dg -o runs/dg "
+        "| jq -c '{phase, epoch, loss, val_miou}'",
+    ]),
 )
 @handle_errors
 def train(

@@ -71,7 +71,8 @@ class ModelConfig:
 
     arch: str = "Unet"
     encoder: str = "resnet18"
-    # "imagenet" (needs a network, except for timm-tf_efficientnet_lite0) or None.
+    # "imagenet" (needs a network, except for timm-tf_efficientnet_lite0), a state dict file
+    # (timm, torchgeo or smp names: magseg.models.pretrained) or None.
     encoder_weights: str | None = None
     in_channels: int = 3
     # Extra keyword arguments for the smp constructor (e.g. decoder_channels).

@@ -102,3 +102,23 @@ def test_bad_areas_are_usage_errors(tmp_path, fitted_checkpoint, args, message):
     path = write_raster(tmp_path / "scene.tif", IMAGE)
     result = _predict(fitted_checkpoint, path, "-o", tmp_path / "out", *args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_bbox_outside_the_raster_names_the_raster_extent_in_both_crs():
+    from magseg.io.aoi import bbox
+    from magseg.errors import RasterError
+    from rasterio.crs import CRS
+
+    crs = CRS.from_user_input(UTM33)
+    west, north = TRANSFORM @ (0, 0)
+    east, south = TRANSFORM @ (80, 60)
+    with pytest.raises(RasterError) as err:
+        bbox(f"{east + 100},{south},{east + 200},{north}").window(TRANSFORM, (60, 80), crs, "s.tif")
+    message = str(err.value)
+    assert "outside the raster" in message and f"--bbox {east + 100:g}" in message
+    assert f"the raster covers {west:.10g},{south:.10g},{east:.10g},{north:.10g} in EPSG:32633" in message
+    # A box in another CRS: the extent in that CRS too, to copy into --bbox.
+    lon = transform_bounds(crs, "EPSG:4326", west, south, east, north)
+    with pytest.raises(RasterError, match="in EPSG:4326") as err:
+        bbox("0,0,1,1", "EPSG:4326").window(TRANSFORM, (60, 80), crs, "s.tif")
+    assert ",".join(f"{v:.10g}" for v in lon) in str(err.value)

@@ -273,3 +273,28 @@ def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
 def test_a_bad_sweep_k_is_a_usage_error(ckpt, data, tmp_path, value):
     result, _ = run(ckpt, data, "--out-dir", tmp_path / "bench", "--sweep-k", value)
     assert result.exit_code == 2 and "--sweep-k" in result.output
+
+
+def test_one_overall_bar_over_the_scenes(ckpt, data, tmp_path, monkeypatch):
+    import magseg.cli.benchmark as benchmark_cli
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, quiet, unit="it"):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+
+    monkeypatch.setattr(benchmark_cli, "progress_bar", Bar)
+    result, _ = run(ckpt, data, "--out-dir", tmp_path / "b", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    assert [(b.desc, b.total, b.n) for b in bars] == [("benchmark", 2, 2)]  # scenes: an ETA

@@ -7,10 +7,11 @@ Scenes are made small (scales 16/32/64: a 64 px scene, 16 px crops) so that rast
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
-import rasterio
 import pytest
+import rasterio
 import torch
 from conftest import CONFIGS
 from fitted_model import colour_rule
@@ -71,8 +72,9 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
     valid = pprofile["masks"][0] > 0
     # Nodata marked by value as well as by the mask (GDAL < 3.8 statistics read only the value).
     assert pprofile["nodata"] == NODATA and (probs[:, ~valid] == NODATA).all()
-    with rasterio.open(tmp_path / "out" / "scene_probs.tif") as src:
-        src.statistics(1, approx=False)  # what gdalinfo -stats prints
+    with rasterio.open(tmp_path / "out" / "scene_probs.tif") as src, warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.RasterioDeprecationWarning)
+        src.statistics(1, approx=False)  # GDALComputeRasterStatistics, as gdalinfo -stats
         assert float(src.tags(1)["STATISTICS_VALID_PERCENT"]) == pytest.approx(100 * valid.mean(), abs=0.01)
     assert not valid[20:30].any() and valid[30:].all()
     assert np.abs(probs.astype(float) - want)[:, valid].max() <= 1
@@ -188,7 +190,7 @@ def test_too_little_scratch_space_fails_that_input_alone_and_leaves_nothing(tmp_
     assert "scratch space" in failed["error"] and "--scratch-dir" in failed["error"]
     assert "b.tif" in failed["error"]
     assert predict_input(fitted, good, tmp_path / "out")["status"] == "ok"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "a.tif.aux.xml"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml"]
     with pytest.raises(WriteError):
         predict_raster(fitted, big, tmp_path / "out2")
     assert not (tmp_path / "out2").exists() or list((tmp_path / "out2").iterdir()) == []
@@ -342,5 +344,5 @@ def test_output_names():
     assert {k: str(v) for k, v in paths.items()} == {
         "labels": "/out/a.b.tif", "probs": "/out/a.b_probs.tif",
         "uncertainty": "/out/a.b_uncertainty.tif", "preview": "/out/a.b_preview.png",
-        "categories": "/out/a.b.tif.aux.xml",
+        "categories": "/out/a.b.tif.aux.xml", "style": "/out/a.b.qml",
     }

@@ -84,7 +84,7 @@ def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_pa
     assert preview is not None and preview.shape[1] > 2 * preview.shape[0] // 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{s}{x}" for s in ("big", "small")
-        for x in (".tif", ".tif.aux.xml", "_probs.tif", "_uncertainty.tif", "_preview.png"))
+        for x in (".tif", ".tif.aux.xml", ".qml", "_probs.tif", "_uncertainty.tif", "_preview.png"))
 
 
 def test_preview_of_a_large_raster_is_downsampled(tmp_path, ckpt):
@@ -248,7 +248,7 @@ def test_a_bad_input_fails_alone(tmp_path, ckpt, kind):
     assert first["status"] == "failed" and "bad.tif" in first["error"] and message in first["error"]
     assert second["status"] == "ok" and (out / "good.tif").exists()
     assert "bad.tif" in result.stderr and "1 of 2 input(s) failed" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["good.tif", "good.tif.aux.xml"]  # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == ["good.qml", "good.tif", "good.tif.aux.xml"]  # nothing half-written
 
 
 def test_pixels_on_another_scale_are_segmented_with_a_warning(tmp_path, ckpt):
@@ -427,7 +427,7 @@ def test_a_killed_run_leaves_no_finished_looking_output_and_a_rerun_completes(tm
     result = _predict(ckpt, path, "-o", out, "--probs")
     assert result.exit_code == 0, result.output
     # The re-run removed the killed run's temporaries (raster, probabilities, scratch).
-    assert sorted(p.name for p in out.iterdir()) == ["big.tif", "big.tif.aux.xml", "big_probs.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["big.qml", "big.tif", "big.tif.aux.xml", "big_probs.tif"]
     labels, profile = read_raster(out / "big.tif")
     assert labels.shape == (1, 150, 170) and profile["crs"] == UTM33
     assert (labels != NODATA).all()

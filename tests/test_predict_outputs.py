@@ -23,7 +23,7 @@ def test_o_file_tif_with_one_input_writes_that_file(tmp_path, fitted_checkpoint)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["output"] == str(tmp_path / "out" / "result.tif")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.tif", "result.tif.aux.xml",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["result.qml", "result.tif", "result.tif.aux.xml",
                                                                  "result_probs.tif"]
     with rasterio.open(tmp_path / "out" / "result.tif") as src:
         assert (src.height, src.width) == (40, 50)

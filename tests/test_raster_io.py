@@ -266,3 +266,14 @@ def test_a_gdal_failure_recorded_but_not_raised_fails_the_write_at_once(tmp_path
         with pytest.raises(RasterWriteError, match="not written completely"):
             writer.close()
     assert writer._dst.closed
+def test_raster_style_is_a_paletted_qgis_style_with_names_and_colours():
+    from xml.etree import ElementTree
+
+    from magseg.io.raster import raster_style
+
+    qml = raster_style([(1, "road", (255, 255, 255)), (0, "field", (0, 128, 16))])
+    assert qml.startswith("<!DOCTYPE qgis")
+    renderer = ElementTree.fromstring(qml.split("\n", 1)[1]).find("pipe/rasterrenderer")
+    assert renderer.get("type") == "paletted" and renderer.get("band") == "1"
+    assert [(e.get("value"), e.get("color"), e.get("label")) for e in renderer.find("colorPalette")] == [
+        ("0", "#008010", "field"), ("1", "#ffffff", "road")]

@@ -99,7 +99,7 @@ def test_predict_reads_rasters_over_http_and_a_missing_one_fails_alone(tmp_path,
     records = {r["input"]: r for r in _records(result)}
     assert [records[n]["status"] for n in names] == ["ok", "failed", "ok"]
     assert "missing.tif" in records[names[1]]["error"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "a.tif.aux.xml", "b.tif",
-                                                                    "b.tif.aux.xml"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml",
+                                                                    "b.qml", "b.tif", "b.tif.aux.xml"]
     labels, _ = read_raster(tmp_path / "out" / "b.tif")
     assert labels.shape == (1, 50, 40)

@@ -37,6 +37,22 @@ def small(config, **overrides):
     return config.override({**base, **overrides})
 
 
+class _Bar:
+    """A progress bar that records what it was told."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
 def _steps(loss_fn, model, backbone, batches, config, lr=1e-2):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
@@ -274,10 +290,22 @@ def test_training_stores_the_refiner_on_off_choice(tmp_path, tiny_config):
     # A refiner trained with a zero learning rate is still the identity: without it the
     # validation mIoU is the same, so the choice is "off" (the simpler model), stored in
     # best.ckpt's config; predict follows it and --set refiner.enabled=true overrides it.
-    config = small(tiny_config, **{"train.refiner_lr": 0.0, "train.weight_decay": 0.0})
+    config = small(tiny_config, **{"train.refiner_lr": 0.0, "train.weight_decay": 0.0,
+                                   "train.epochs": 2})
     data = make_deepglobe(tmp_path / "data", config)
     out = tmp_path / "run"
-    result = train(config, TrainOptions(out=out, data_root=data))
+    bars = []
+    result = train(config, TrainOptions(out=out, data_root=data,
+                                        progress=lambda total, desc: bars.append(_Bar(total, desc)) or bars[-1]))
+    # One bar for the whole run (2 backbone + 1 refiner epochs), one for the sweep after it
+    # (K and refiner on/off, less the pair the best epoch validated), each run to its end.
+    overall = next(b for b in bars if b.desc == "training")
+    assert overall.total == 3 and overall.n == 3 and overall.closed
+    sweep = [b for b in bars if b.desc == "refinement sweep"]
+    ks = sorted({*config.train.choose_k, config.refine.points})
+    assert len(sweep) == 1 and sweep[0].total == (2 * len(ks) - 1) * 2  # 2 validation scenes
+    assert sweep[0].n == sweep[0].total and sweep[0].closed
+    assert not [b for b in bars if b.desc.startswith("validation, K=")]
     choice = result.refiner_choice
     assert choice is not None and choice["enabled"] is False
     assert choice["val_miou_no_refiner"] == pytest.approx(choice["val_miou_refiner"])

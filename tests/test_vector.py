@@ -3,6 +3,9 @@ connected components and pixel areas counted on the raster."""
 
 from __future__ import annotations
 
+import struct
+from xml.etree import ElementTree
+
 import numpy as np
 import pyogrio
 import pyogrio.raw
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 from scipy import ndimage
 
-from magseg.io.vector import LAYER, VECTOR_FORMATS, VectorError, VectorOptions, polygonize
+from magseg.io.vector import LAYER, STYLES_LAYER, VECTOR_FORMATS, VectorError, VectorOptions, polygonize
 
 NAMES = ["background", "building", "road"]
 PIXEL = 0.5  # metres, UTM 33N
@@ -166,6 +169,13 @@ def test_predict_writes_the_polygons_of_its_class_map(tmp_path, fitted_checkpoin
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.splitlines()[0])
     assert record["outputs"]["vector"] == str(out / "scene.gpkg")
+    # Both open styled in QGIS: the class map by scene.qml beside it, the polygons by the
+    # GeoPackage's layer_styles.
+    assert record["outputs"]["style"] == str(out / "scene.qml")
+    palette = ElementTree.parse(out / "scene.qml").getroot().find("pipe/rasterrenderer/colorPalette")
+    assert [(e.get("value"), e.get("label")) for e in palette] == [("0", "unknown"), ("1", "field"),
+                                                                   ("2", "road"), ("3", "water")]
+    assert STYLES_LAYER in pyogrio.list_layers(out / "scene.gpkg")[:, 0]
     labels, profile = read_raster(out / "scene.tif")
     _, polygons, columns = _read(out / "scene.gpkg")
     pixel = abs(profile["transform"].a * profile["transform"].e)
@@ -187,3 +197,29 @@ def test_predict_writes_the_polygons_of_its_class_map(tmp_path, fitted_checkpoin
 def test_polygon_options_without_vector_are_a_usage_error(tmp_path, fitted_checkpoint):
     result = _predict(fitted_checkpoint, tmp_path / "x.tif", "-o", tmp_path / "out", "--min-area", "5")
     assert result.exit_code == 2 and "--vector" in result.output
+
+
+def test_geopackage_is_version_1_2_and_carries_its_qgis_style(tmp_path):
+    labels = np.array([[0, 0, 1], [2, 2, 1]], np.uint8)
+    colours = [(10, 20, 30), (200, 0, 0), (0, 128, 255)]
+    polygonize(_labels(tmp_path / "l.tif", labels), tmp_path / "out.gpkg", NAMES, colors=colours)
+    header = (tmp_path / "out.gpkg").read_bytes()[:100]
+    # application_id 'GPKG' and user_version 10200: GDAL 3.6 reads 1.2 without its "only
+    # partially supported" warning about 1.4.
+    assert header[68:72] == b"GPKG" and struct.unpack(">i", header[60:64])[0] == 10200
+    _, _, _, fields = pyogrio.raw.read(tmp_path / "out.gpkg", layer=STYLES_LAYER)
+    meta = pyogrio.read_info(tmp_path / "out.gpkg", layer=STYLES_LAYER)
+    row = {name: values[0] for name, values in zip(meta["fields"], fields)}
+    assert row["f_table_name"] == LAYER and row["f_geometry_column"] == "geom" and row["useAsDefault"]
+    qml = ElementTree.fromstring(row["styleQML"].split("\n", 1)[1])
+    renderer = qml.find("renderer-v2")
+    assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_id"
+    assert [(c.get("value"), c.get("label")) for c in renderer.find("categories")] == [
+        ("0", "background"), ("1", "building"), ("2", "road")]
+    fills = [s.find("layer/Option/Option[@name='color']").get("value") for s in renderer.find("symbols")]
+    assert fills == ["10,20,30,255", "200,0,0,255", "0,128,255,255"]
+    # The polygons are as they were: the style is one more table.
+    assert len(_read(tmp_path / "out.gpkg")[1]) == 3
+    # Without colours (the library call of old), no style table.
+    polygonize(tmp_path / "l.tif", tmp_path / "plain.gpkg", NAMES)
+    assert STYLES_LAYER not in pyogrio.list_layers(tmp_path / "plain.gpkg")[:, 0]

@@ -76,11 +76,12 @@ def create_backbone(model: ModelConfig, classes: int) -> nn.Module:
     from magseg.models import pretrained
 
     offline = weights is not None and pretrained.has_offline_weights(model.encoder, weights)
+    local = pretrained.is_weights_file(weights)  # a state dict the user brings
     try:
         net = smp.create_model(
             model.arch,
             encoder_name=model.encoder,
-            encoder_weights=None if offline else weights,
+            encoder_weights=None if offline or local else weights,
             in_channels=model.in_channels,
             classes=classes,
             **model.kwargs,
@@ -96,6 +97,8 @@ def create_backbone(model: ModelConfig, classes: int) -> nn.Module:
         ) from None
     if offline:
         pretrained.load_offline_weights(net, model.encoder, weights, model.in_channels)
+    elif local:
+        pretrained.load_weights_file(net.encoder, model.encoder, weights, model.in_channels)
     return net
 
 

@@ -68,9 +68,29 @@ class AreaOfInterest:
         row1, col1 = min(row1, size[0]), min(col1, size[1])
         if row1 <= row0 or col1 <= col0:
             raise RasterError(f"{raster}: the area of interest ({self.source}) lies outside the raster "
-                              f"(its bounds in the raster's CRS: {min(xs):.6g}, {min(ys):.6g}, "
-                              f"{max(xs):.6g}, {max(ys):.6g})")
+                              f"(its bounds in the raster's CRS: {_bounds((min(xs), min(ys), max(xs), max(ys)))}; "
+                              f"{self._extent(transform, size, crs)})")
         return Window(col0, row0, col1 - col0, row1 - row0), shapes
+
+
+    def _extent(self, transform: Affine, size: tuple[int, int], crs: CRS | None) -> str:
+        """The raster's extent, in its CRS, and in the AOI's CRS where that is another."""
+        from rasterio.transform import array_bounds
+        from rasterio.warp import transform_bounds
+
+        west, south, east, north = array_bounds(size[0], size[1], transform)
+        text = f"the raster covers {_bounds((west, south, east, north))}"
+        if crs is not None:
+            text += f" in {crs.to_string() or 'its CRS'}"
+            if self.crs is not None and CRS.from_user_input(self.crs) != crs:
+                theirs = transform_bounds(crs, self.crs, west, south, east, north)
+                text += f", {_bounds(theirs)} in {self.crs}"
+        return text
+
+
+def _bounds(box: Sequence[float]) -> str:
+    """``minx,miny,maxx,maxy`` as --bbox takes it."""
+    return ",".join(f"{v:.10g}" for v in box)
 
 
 def inside(shapes: Sequence[dict[str, Any]], transform: Affine, shape: tuple[int, int]) -> np.ndarray:

@@ -43,6 +43,7 @@ from magseg.io.raster import (
     convert_to_cog,
     io_env,
     write_categories,
+    write_raster_style,
 )
 from magseg.io.seam_record import finest_seam_scores
 from magseg.io.sources import base_name, is_virtual
@@ -67,9 +68,10 @@ OUTPUT_NAMES = {
     "preview": "{stem}_preview.png",
     "vector": "{stem}{vector_suffix}",  # --vector: polygons of the class map
     "categories": "{stem}.tif.aux.xml",  # class names for GIS tools (GDAL's PAM sidecar)
+    "style": "{stem}.qml",  # the class map's QGIS style (colours and names), applied on opening
 }
 # Outputs not written window by window: the preview, and those made from the class map alone.
-_FROM_CLASS_MAP = {"vector", "categories"}
+_FROM_CLASS_MAP = {"vector", "categories", "style"}
 _NOT_WINDOWED = _FROM_CLASS_MAP | {"preview"}
 
 # Inputs a directory argument is searched for.
@@ -157,7 +159,8 @@ def output_paths(path: str | Path, out_dir: str | Path, options: PredictOptions)
     """The files predict writes for input ``path``: ``labels`` always, the others when asked."""
     stem = options.stem or source_stem(path)
     wanted = {"labels": True, "probs": options.probs, "uncertainty": options.uncertainty,
-              "preview": options.preview, "vector": options.vector is not None, "categories": True}
+              "preview": options.preview, "vector": options.vector is not None, "categories": True,
+              "style": True}
     suffix = VECTOR_FORMATS[options.vector.format][1] if options.vector else ""
     return {k: Path(out_dir) / OUTPUT_NAMES[k].format(stem=stem, vector_suffix=suffix)
             for k, on in wanted.items() if on}
@@ -494,8 +497,9 @@ def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
     if options.overwrite:
         return dict(targets), set()
     todo = {k: p for k, p in targets.items() if not p.exists()}
-    if "labels" not in todo:  # the class names go with the class map they describe
+    if "labels" not in todo:  # the class names and style go with the class map they describe
         todo.pop("categories", None)
+        todo.pop("style", None)
     replace = set()
     for kind, path in targets.items():
         if kind in todo or kind not in _TAGGED:
@@ -577,15 +581,19 @@ def _remove_stale(path: str | Path, out_dir: str | Path, targets: Mapping[str, P
 def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
                     options: PredictOptions) -> None:
     """The outputs made from the finished class map ``labels``: the class names for GIS
-    tools (``categories``) and, with ``--vector``, its polygons (magseg.io.vector)."""
+    tools (``categories``), its QGIS style (``style``) and, with ``--vector``, its polygons
+    (magseg.io.vector, styled too)."""
     classes = segmenter.config.classes
     if "categories" in temps:
         write_categories(temps["categories"], [(c.id, c.name, tuple(c.color)) for c in classes])
+    if "style" in temps:
+        write_raster_style(temps["style"], [(c.id, c.name, tuple(c.color)) for c in classes])
     if "vector" in temps:
         assert options.vector is not None
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
                    metadata={**segmenter.provenance.tags(),
-                             VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)})
+                             VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)},
+                   colors=[tuple(c.color) for c in classes])
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

@@ -560,6 +560,37 @@ def write_categories(path: str | Path, classes: Sequence[tuple[int, str, tuple[i
         raise _write_error(Path(path), f"cannot write the class names ({exc.strerror})") from None
 
 
+def raster_style(classes: Sequence[tuple[int, str, tuple[int, int, int]]]) -> str:
+    """A QGIS style (``.qml``) for a class map: a paletted renderer of band 1 with each
+    class's colour and name; nodata (255) stays transparent. QGIS applies ``<map>.qml``
+    beside ``<map>.tif`` when it opens the map.
+
+    Args:
+        classes: ``(id, name, (r, g, b))`` per class.
+    """
+    from xml.etree import ElementTree as ET
+
+    qgis = ET.Element("qgis", version="3.28", styleCategories="Symbology")
+    pipe = ET.SubElement(qgis, "pipe")
+    renderer = ET.SubElement(pipe, "rasterrenderer", type="paletted", band="1", opacity="1",
+                             alphaBand="-1", nodataColor="")
+    ET.SubElement(renderer, "rasterTransparency")
+    palette = ET.SubElement(renderer, "colorPalette")
+    for i, name, (r, g, b) in sorted(classes):
+        ET.SubElement(palette, "paletteEntry", value=str(i), color=f"#{r:02x}{g:02x}{b:02x}", label=name,
+                      alpha="255")
+    ET.indent(qgis)
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, "unicode") + "\n"
+
+
+def write_raster_style(path: str | Path, classes: Sequence[tuple[int, str, tuple[int, int, int]]]) -> None:
+    """``raster_style`` written to ``path`` (``<map>.qml``)."""
+    try:
+        Path(path).write_text(raster_style(classes), encoding="utf-8")
+    except OSError as exc:
+        raise _write_error(Path(path), f"cannot write the QGIS style ({exc.strerror})") from None
+
+
 def check_creation_options(driver: str, options: Mapping[str, str]) -> None:
     """Refuse creation options ``driver`` does not take, with GDAL's own message, before any
     work: GDAL itself only warns about an unknown key and then ignores it.

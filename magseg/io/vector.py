@@ -43,6 +43,11 @@ LAYER = "classes"
 STRIP_PIXELS = 1 << 22
 # Features handed to pyogrio per append.
 FLUSH_EVERY = 20_000
+# GeoPackage 1.2: GDAL's default (1.4 since GDAL 3.7) makes GDAL 3.6 and older warn that the
+# file "may be only partially supported"; nothing here needs a later version.
+GPKG_VERSION = "1.2"
+# The table QGIS reads a GeoPackage layer's default style from (and writes it to).
+STYLES_LAYER = "layer_styles"
 
 
 class VectorError(MagsegError):
@@ -129,6 +134,7 @@ class _Writer:
 
     def __init__(self, path: Path, driver: str, crs: str | None, names: Sequence[str],
                  metadata: Mapping[str, str] | None = None) -> None:
+        self.options = {"VERSION": GPKG_VERSION} if driver == "GPKG" else None
         self.path, self.driver, self.crs, self.names = path, driver, crs, names
         # GDAL picks the layout by the name: FlatGeobuf makes a directory of layers for a
         # name without ``.fgb`` (magseg's temporary names end in ``.partial``). Written under
@@ -167,6 +173,7 @@ class _Writer:
                     layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
                     crs=self.crs, append=self.started,
                     layer_metadata=None if self.started else self.metadata,
+                    dataset_options=None if self.started else self.options,
                 )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
             raise VectorWriteError(f"cannot write polygons to {self.path}: {exc}", self.path) from exc
@@ -269,15 +276,68 @@ def _write_region(group: _Group, transform: Affine, options: VectorOptions, writ
     summary.area[group.value] = summary.area.get(group.value, 0.0) + area
 
 
+def vector_style(names: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
+    """A QGIS style (QML) for the ``classes`` layer: polygons filled with their class's
+    colour (categorised on ``class_id``), labelled by class name in the legend."""
+    from xml.etree import ElementTree as ET
+
+    qgis = ET.Element("qgis", version="3.28", styleCategories="Symbology")
+    renderer = ET.SubElement(qgis, "renderer-v2", type="categorizedSymbol", attr="class_id",
+                             symbollevels="0", enableorderby="0", forceraster="0")
+    categories = ET.SubElement(renderer, "categories")
+    symbols = ET.SubElement(renderer, "symbols")
+    for i, (name, (r, g, b)) in enumerate(zip(names, colors)):
+        ET.SubElement(categories, "category", value=str(i), label=name, symbol=str(i), render="true")
+        symbol = ET.SubElement(symbols, "symbol", type="fill", name=str(i), alpha="1",
+                               clip_to_extent="1", force_rhr="0")
+        layer = ET.SubElement(symbol, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0",
+                                                "pass": "0"})
+        props = {"color": f"{r},{g},{b},255", "outline_color": "35,35,35,255", "outline_style": "solid",
+                 "outline_width": "0.1", "outline_width_unit": "MM", "style": "solid"}
+        option = ET.SubElement(layer, "Option", type="Map")  # QGIS >= 3.26
+        for k, v in props.items():
+            ET.SubElement(option, "Option", type="QString", name=k, value=v)
+        for k, v in props.items():  # earlier QGIS 3 reads these
+            ET.SubElement(layer, "prop", k=k, v=v)
+    ET.indent(qgis)
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, "unicode") + "\n"
+
+
+def _write_style(path: Path, qml: str) -> None:
+    """``qml`` as the default style of the ``classes`` layer of the GeoPackage at ``path``:
+    a row of QGIS's ``layer_styles`` table, which QGIS applies when it opens the layer."""
+    import datetime
+
+    import pyogrio.raw
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    row = {"f_table_catalog": "", "f_table_schema": "", "f_table_name": LAYER, "f_geometry_column": "geom",
+           "styleName": "magseg classes", "styleQML": qml, "styleSLD": "", "useAsDefault": True,
+           "description": "class colours and names (magseg)", "owner": "", "ui": "", "update_time": now}
+    try:
+        with warnings.catch_warnings():
+            # The temporary name again (see _Writer.flush), as GDAL words it when reopening.
+            warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+            warnings.filterwarnings("ignore", ".*non conformant file extension", RuntimeWarning)
+            pyogrio.raw.write(str(path), None, [np.asarray([v]) if isinstance(v, bool) else
+                                                np.asarray([v], dtype=object) for v in row.values()],
+                              list(row), layer=STYLES_LAYER, driver="GPKG")
+    except Exception as exc:  # pyogrio/GDAL errors of any kind
+        raise VectorError(f"cannot write the layer style to {path}: {exc}") from exc
+
+
 def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
                options: VectorOptions = VectorOptions(),
-               metadata: Mapping[str, str] | None = None) -> VectorSummary:
+               metadata: Mapping[str, str] | None = None,
+               colors: Sequence[tuple[int, int, int]] | None = None) -> VectorSummary:
     """Polygonise the class map ``labels`` (one band of class ids; its nodata left out) into
     the vector file ``out`` (one layer ``classes``: ``class_id``, ``class_name``, ``area``).
 
     Args:
         class_names: names of class ids ``0..n-1`` (ids beyond get their number as name).
         metadata: the layer's metadata (e.g. magseg.io.provenance tags; GeoPackage keeps it).
+        colors: the classes' colours: a GeoPackage gets them as the layer's QGIS style
+            (``layer_styles``).
     Returns:
         the polygon count and the total area per class written.
     Raises:
@@ -305,4 +365,6 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
         except BaseException:
             writer.discard()
             raise
+    if colors is not None and driver == "GPKG":
+        _write_style(Path(out), vector_style(class_names, colors))
     return summary

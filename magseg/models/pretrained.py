@@ -1,4 +1,14 @@
-"""Pretrained encoder weights available without a network.
+"""Pretrained encoder weights available without a network: shipped in a package, or a file
+the user brings.
+
+``model.encoder_weights`` may name a local state dict (``.pth``, ``.pt``, ``.bin``,
+``.ckpt`` or ``.safetensors``): timm's, torchgeo's (remote-sensing weights, e.g. a ResNet-18
+on all 13 Sentinel-2 bands), or an smp encoder's own. ``load_weights_file`` unwraps it
+(``{"state_dict": ...}``, ``{"model": ...}``), maps its keys onto the encoder (a wrapper
+prefix such as ``module.`` or ``backbone.`` dropped; ``model.`` added for smp's ``tu-``
+encoders, which hold the timm model under that name; classifier keys the encoder lacks
+left out), adapts a 3-band first convolution to ``model.in_channels`` as smp does, and
+refuses, in one line, a file that does not fit.
 
 A registry from ``(encoder, weights)`` to a loader that maps weights shipped inside an
 installed package onto smp's encoder. ``create_backbone`` consults it before asking smp to
@@ -20,6 +30,8 @@ layout (``blocks.<stage>.<index>.conv_dw`` ...), which both of smp's encoders us
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +53,107 @@ _IR_BLOCK = {
     "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
 }
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+
+
+# A value of model.encoder_weights ending so names a file.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# Containers a state dict comes wrapped in (Lightning, timm's training scripts, ...).
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net")
+# Prefixes a saved model may put before the encoder's own names.
+_PREFIXES = ("", "module.", "model.", "encoder.", "backbone.", "module.model.", "model.encoder.",
+             "module.encoder.", "model.backbone.")
+
+
+def is_weights_file(weights: str | None) -> bool:
+    """Whether ``model.encoder_weights`` names a file (a path, or a weights suffix) rather
+    than a named set of weights such as ``imagenet``."""
+    if not weights:
+        return False
+    return weights.lower().endswith(WEIGHT_FILE_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a weights file, unwrapped from a training checkpoint's container.
+
+    Raises:
+        WeightsUnavailableError: missing, unreadable, or holding no tensors.
+    """
+    path = Path(path)
+    where = f"model.encoder_weights {path}"
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{where}: no such file; give the path of a state dict "
+                                      "(.pth, .safetensors) or imagenet or none")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and safetensors errors all mean the same
+        raise WeightsUnavailableError(f"{where}: cannot read it as a state dict "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
+        if isinstance(state, dict):
+            inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), dict)), None)
+            if inner is not None and not any(isinstance(v, Tensor) for v in state.values()):
+                state = inner
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise WeightsUnavailableError(f"{where}: holds no tensors (not a state dict)")
+    return tensors
+
+
+def map_state_dict(state: dict[str, Tensor], target: set[str]) -> dict[str, Tensor]:
+    """``state`` with its keys renamed to the ``target`` keys (an encoder's): of every way
+    to drop a wrapper prefix (``_PREFIXES``) and add ``model.`` or not, the one that names
+    most target keys. Keys that then name nothing in ``target`` (a classifier) are left out."""
+    best: dict[str, Tensor] = {}
+    for strip in _PREFIXES:
+        for add in ("", "model."):
+            mapped = {add + k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+            if len(target & mapped.keys()) > len(target & best.keys()):
+                best = mapped
+    return {k: v for k, v in best.items() if k in target}
+
+
+def load_weights_file(encoder: nn.Module, name: str, path: str | Path, in_channels: int) -> None:
+    """Load the state dict at ``path`` into ``encoder`` (smp encoder ``name``), mapping its
+    keys (``map_state_dict``) and adapting a 3-band first convolution to ``in_channels``.
+
+    Raises:
+        WeightsUnavailableError: the file cannot be read.
+        ModelError: it does not fit the encoder (one line: how many tensors are missing or
+            of another shape, with an example of each).
+    """
+    own = encoder.state_dict()
+    state = map_state_dict(read_state_dict(path), set(own))
+    where = f"model.encoder_weights {path}"
+    wrong = []
+    for key in sorted(own.keys() & state.keys()):
+        theirs, mine = state[key], own[key]
+        if theirs.shape == mine.shape:
+            continue
+        if theirs.dim() == 4 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:] \
+                and theirs.shape[1] != mine.shape[1]:
+            if theirs.shape[1] != 3:
+                raise ModelError(f"{where}: its first convolution ({key}) takes {theirs.shape[1]} bands, "
+                                 f"model.in_channels is {in_channels}; set model.in_channels="
+                                 f"{theirs.shape[1]} (and data.bands) to use it")
+            state[key] = adapt_first_conv(theirs, in_channels)
+            continue
+        wrong.append(f"{key}: file {tuple(theirs.shape)}, encoder {tuple(mine.shape)}")
+    # BatchNorm's step counters are bookkeeping, not weights: absent from some exports.
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the encoder's {len(own)} tensors are not in it (e.g. {missing[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} have another shape (e.g. {wrong[0]})")
+        raise ModelError(f"{where} does not fit encoder {name!r}: {'; '.join(parts)}. Is it a "
+                         f"state dict of this architecture (timm, torchgeo or smp names)?")
+    encoder.load_state_dict({k: state.get(k, own[k]) for k in own}, strict=True)
 
 
 def has_offline_weights(encoder: str, weights: str) -> bool:

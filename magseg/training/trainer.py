@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -353,6 +353,7 @@ class Trainer:
         self.train_scenes: list[Scene] = []
         self.val_scenes: list[Scene] = []
         self.result = TrainResult(config)
+        self._overall: Progress = Progress()  # the whole run, phases x epochs (in run())
         # The refiner phase's backbone checkpoint, when it was read before the first phase.
         self._base: Checkpoint | None = None
 
@@ -447,12 +448,23 @@ class Trainer:
                 self._write_config()
                 if resume is not None and resume.training.get("phase") == "refiner":
                     phases = [p for p in phases if p == "refiner"]
-                for name in phases:
-                    ckpt = resume if resume is not None and resume.training.get("phase") == name else None
-                    self._train_phase(name, ckpt)
+                self._overall = self._progress(self._epochs_to_run(phases, resume), "training")
+                try:
+                    for name in phases:
+                        ckpt = resume if resume is not None and resume.training.get("phase") == name else None
+                        self._train_phase(name, ckpt)
+                finally:
+                    self._overall.close()
         finally:
             distributed.close_world(self.world)
         return self.result
+
+    def _epochs_to_run(self, phases: Sequence[Phase], resume: Checkpoint | None) -> int:
+        """Epochs this run trains, all phases together (the overall progress bar's total):
+        each phase's epochs, less those a resumed phase already has."""
+        planned = {"backbone": self.config.train.epochs, "refiner": self.config.train.refiner_epochs}
+        done = int(resume.training.get("epoch", 0)) if resume is not None else 0
+        return max(0, sum(planned[p] for p in phases) - done)
 
     def _train_phase(self, name: Phase, resume: Checkpoint | None) -> None:
         run = self._build_phase(name, resume)
@@ -489,23 +501,27 @@ class Trainer:
         load_state(refiner, best.refiner, "refiner", best.path)
         refiner.to(self.device)
         own_k = self.config.refine.points
+        ks = sorted({*self.config.train.choose_k, own_k})
+        runs = 2 * len(ks) - 1  # every (refiner, K) but the one the best epoch validated
+        logger.info("refinement sweep: validating K in %s with and without the refiner (%d runs "
+                    "over %d scene(s))", ks, runs, len(self.val_scenes))
         sweep = []
-        for enabled in (True, False):
-            for k in sorted({*self.config.train.choose_k, own_k}):
-                if enabled and k == own_k:
-                    miou = run.best_miou  # the best epoch's own validation
-                else:
-                    label = f"validation, K={k}, refiner {'on' if enabled else 'off'}"
-                    bar = self._progress(len(self.val_scenes), label)
-                    try:
+        bar = self._progress(runs * len(self.val_scenes), "refinement sweep")
+        try:
+            for enabled in (True, False):
+                for k in ks:
+                    if enabled and k == own_k:
+                        miou = run.best_miou  # the best epoch's own validation
+                    else:
+                        bar.set_postfix_str(f"K={k}, refiner {'on' if enabled else 'off'}")
                         miou = validate(self.config.override({"refine.points": k}), self.val_scenes,
                                         run.backbone, refiner if enabled else None, self.world, self.device,
                                         on_scene=lambda: bar.update(1))["miou"]
-                    finally:
-                        bar.close()
-                sweep.append({"refiner": enabled, "k": k, "val_miou": miou})
-                logger.info("refinement sweep: K=%s, refiner %s: val mIoU %s", k,
-                            "on" if enabled else "off", percent(miou))
+                    sweep.append({"refiner": enabled, "k": k, "val_miou": miou})
+                    logger.info("refinement sweep: K=%s, refiner %s: val mIoU %s", k,
+                                "on" if enabled else "off", percent(miou))
+        finally:
+            bar.close()
         pick = max(sweep, key=lambda s: (s["val_miou"] if math.isfinite(s["val_miou"]) else -math.inf,
                                          not s["refiner"], s["k"] == own_k))
         at_own_k = {s["refiner"]: s["val_miou"] for s in sweep if s["k"] == own_k}
@@ -714,6 +730,7 @@ class Trainer:
                     record["loss"],
                     f", val mIoU {percent(record['val_miou'])}" if "val_miou" in record else "",
                     record["seconds"], " best" if improved else "")
+        self._overall.update(1)
         if world.main and self.options.on_epoch:
             self.options.on_epoch(record)
 
