@@ -62,6 +62,9 @@ ADAPTIVE_MAX_CROPS = typer.Option(
 SWEEP_K = typer.Option(
     None, "--sweep-k", metavar="K,K,...", help="Also score progressive at each of these K (fractions of a crop's "
     "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each.")
+CRF = typer.Option(
+    False, "--crf", help="Add rows 'progressive + CRF' and 'patch + CRF': the checkpoint's refine.crf "
+    "settings (DeepLab's by default; change them with --set refine.crf.KEY=VALUE), switched on.")
 LIMIT = typer.Option(None, min=1, metavar="N", help="Only the first N scenes of the split.")
 SAMPLES = typer.Option(3, min=0, metavar="N", help="Sample panels to draw (the first N scenes).")
 WARMUP = typer.Option(True, help="Run every method once on the first scene, untimed, before measuring.")
@@ -86,6 +89,7 @@ def benchmark(
     adaptive_threshold: float = ADAPTIVE_THRESHOLD,
     adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
     sweep_k: str = SWEEP_K,
+    crf: bool = CRF,
     limit: int = LIMIT,
     samples: int = SAMPLES,
     warmup: bool = WARMUP,
@@ -103,7 +107,8 @@ def benchmark(
 
     Runs, with the checkpoint's backbone: the full progressive method (and its mIoU after
     every stage), downsample-only (the stage-0 view upsampled) and patch-only (finest scale,
-    crops stitched, no context); optionally the adaptive mode. Writes report.json, report.md,
+    crops stitched, no context); optionally the adaptive mode, and progressive and patch-only
+    with the CRF (--crf). Writes report.json, report.md,
     per_class_iou.png, miou_per_stage.png and samples/<id>.png to --out-dir. stdout: one JSON
     line per image, then one summary line. Exit 1 if any image failed (the others are still
     scored, and the report says which failed) or the data is bad; exit 2 when the run cannot
@@ -126,7 +131,7 @@ def benchmark(
         "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}), quiet)
     config = model.config
     wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
-    methods = benchmark_methods(config, wanted, _fractions(sweep_k))
+    methods = benchmark_methods(config, wanted, _fractions(sweep_k), crf)
     scenes = list_scenes(config.data, split, data_root)[:limit]
     check_scenes(scenes, config)
     log(f"benchmark: {len(scenes)} scene(s) of split {split!r}, methods: "

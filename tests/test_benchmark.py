@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from magseg.config import RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
-from magseg.evaluation.benchmark import NO_REFINER
+from magseg.evaluation.benchmark import NO_REFINER, PATCH_CRF, PROGRESSIVE_CRF
 from magseg.evaluation.boundary import BoundaryTally
 from magseg.evaluation.metrics import ConfusionMatrix
 from magseg.segmenter import Segmenter
@@ -267,6 +267,27 @@ def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
     # K = 1 with an untrained refiner (refined = fine) is patch-only, pixel for pixel.
     assert methods["progressive (K=1.0)"]["confusion_matrix"] == methods["patch"]["confusion_matrix"]
     assert "progressive (K=0.5)" in (tmp_path / "bench" / "report.md").read_text()
+
+
+def test_crf_adds_progressive_and_patch_rows_with_the_crf(ckpt, data, tmp_path):
+    out = tmp_path / "bench"
+    result, _ = run(ckpt, data, "--out-dir", out, "--crf", "--set", "refine.crf.iterations=2", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    methods = json.loads((out / "report.json").read_text())["methods"]
+    assert {PROGRESSIVE_CRF, PATCH_CRF} <= set(methods)
+    assert "2 iterations" in methods[PROGRESSIVE_CRF]["description"]
+    seg = Segmenter.from_checkpoint(ckpt)
+    scenes = list_scenes(seg.config.data, "test", data)
+    crf = dataclasses.replace(seg.config.refine, crf=dataclasses.replace(seg.config.refine.crf, enabled=True,
+                                                                         iterations=2))
+    by_hand = _global_scores(seg, scenes, refine=crf)
+    assert methods[PROGRESSIVE_CRF]["miou"] == pytest.approx(by_hand["miou"])
+    assert methods[PROGRESSIVE_CRF]["boundary_miou"] == pytest.approx(by_hand["boundary_miou"])
+    patch = _global_scores(seg, scenes, refine=crf, pyramid=seg.config.pyramid.patch_only())
+    assert methods[PATCH_CRF]["miou"] == pytest.approx(patch["miou"])
+    assert methods[PATCH_CRF]["seconds_per_image"] > 0 and methods[PATCH_CRF]["peak_memory_mb"] > 50
+    md = (out / "report.md").read_text()
+    assert f"| {PROGRESSIVE_CRF} |" in md and f"| {PATCH_CRF} |" in md
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "a,b", ","])

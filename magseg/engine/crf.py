@@ -83,12 +83,19 @@ def local_kernels(guide: Tensor, cfg: CrfConfig) -> Tensor:
     offsets = _offsets(radius)
     gauss = guide.new_empty((b, len(offsets), h, w))
     bilateral = torch.empty_like(gauss)
+    half = len(offsets) // 2  # offsets[-1 - k] is -offsets[k]
     for k, (dy, dx) in enumerate(offsets):
         d2 = float(dy * dy + dx * dx)
         there = _shifted(inside, radius, dy, dx, (h, w))
         torch.mul(there, float(np.exp(-d2 / (2 * cfg.gaussian_sxy ** 2))), out=gauss[:, k])
-        # Squared pixel-value distance, band by band into one buffer (no (B, G, H, W) temporaries).
         dist = bilateral[:, k]
+        if k >= half:
+            # The kernel is symmetric: pixel i's weight at offset o is that of i + o at -o,
+            # already computed (bit for bit: (a - b)² is (b - a)²).
+            mirror = torch.nn.functional.pad(bilateral[:, len(offsets) - 1 - k], pad)
+            dist.copy_(_shifted(mirror, radius, dy, dx, (h, w)))
+            continue
+        # Squared pixel-value distance, band by band into one buffer (no (B, G, H, W) temporaries).
         dist.zero_()
         for band in range(bands):
             diff = guide[:, band] - _shifted(padded[:, band], radius, dy, dx, (h, w))

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from magseg.config import AdaptiveConfig, Config, EngineConfig, PyramidConfig, RefineConfig
 from magseg.data.scenes import Scene, check_scene, read_scene
+from magseg.engine.crf import check_crf
 from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
 from magseg.errors import DataError, MagsegError
@@ -44,6 +45,7 @@ from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_line
 from magseg.segmenter import Segmenter
 
 NO_REFINER = "progressive, no refiner"
+PROGRESSIVE_CRF, PATCH_CRF = "progressive + CRF", "patch + CRF"
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ class Method:
 
 
 def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
-                      sweep_k: Sequence[float] = ()) -> list[Method]:
+                      sweep_k: Sequence[float] = (), crf: bool = False) -> list[Method]:
     """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive,
-    + ``progressive (K=k)`` for each k of ``sweep_k``)."""
+    + ``progressive (K=k)`` for each k of ``sweep_k``, + ``progressive + CRF`` and
+    ``patch + CRF`` with ``crf``: the config's ``refine.crf`` switched on)."""
     full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig())
     p = config.pyramid
     sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
@@ -86,6 +89,8 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
     for k in sweep_k:
         methods.append(Method(f"progressive (K={k})", f"progressive refinement, K={k}, {refiner}", p,
                               dataclasses.replace(config.refine, points=k), full))
+    if crf:
+        methods += _crf_methods(config, full)
     if adaptive is not None and adaptive.enabled:
         methods.append(
             Method("adaptive", f"progressive, adaptive (threshold={adaptive.threshold}, "
@@ -93,6 +98,19 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
                    dataclasses.replace(config.engine, adaptive=adaptive))
         )
     return methods
+
+
+def _crf_methods(config: Config, engine: EngineConfig) -> list[Method]:
+    """``progressive + CRF`` and ``patch + CRF``: the two rows with the CRF over their final
+    probabilities (its time inside the timed engine call)."""
+    c = dataclasses.replace(config.refine.crf, enabled=True)
+    check_crf(c)
+    refine = dataclasses.replace(config.refine, crf=c)
+    what = (f"{c.method} CRF ({c.iterations} iterations, window {c.window}, Gaussian {c.gaussian_sxy:g}/"
+            f"{c.gaussian_compat:g}, bilateral {c.bilateral_sxy:g}/{c.bilateral_srgb:g}/{c.bilateral_compat:g})")
+    p = config.pyramid
+    return [Method(PROGRESSIVE_CRF, f"progressive, then a {what}", p, refine, engine),
+            Method(PATCH_CRF, f"patch-only, then a {what}", p.patch_only(), refine, engine)]
 
 
 # --------------------------------------------------------------------------- memory
