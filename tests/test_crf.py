@@ -17,7 +17,7 @@ from magseg.engine.crf import dense_crf, local_crf, reach
 from magseg.errors import ConfigError
 from magseg.io.predict import PredictOptions, predict_raster
 from magseg.io.provenance import config_sha256
-from magseg.io.raster import NODATA
+from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.segmenter import Segmenter
 
 CRF = CrfConfig(enabled=True)
@@ -119,7 +119,7 @@ def test_streamed_predict_with_the_crf_equals_segment_in_memory(tmp_path, fitted
     want_labels[~valid] = NODATA
     np.testing.assert_array_equal(read_raster(tmp_path / "out" / "scene.tif")[0][0], want_labels)
     probs = read_raster(tmp_path / "out" / "scene_probs.tif")[0]
-    expected = (want.probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    expected = (want.probs.clamp(0, 1) * VALUE_MAX).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(probs[:, valid], expected[:, valid])
     # The CRF's map at the image size was in the scratch space too, and is gone.
     assert list((tmp_path / "scratch").iterdir()) == []

@@ -16,7 +16,7 @@ from magseg.config import EngineConfig, PyramidConfig, RefineConfig, load_config
 from magseg.engine.pyramid import crop_boxes, grown_extent, grown_input, grown_windows
 from magseg.engine.stages import segment
 from magseg.io.predict import PredictOptions, predict_raster
-from magseg.io.raster import NODATA
+from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.segmenter import Segmenter
 
 FP32 = EngineConfig(precision="fp32")
@@ -138,7 +138,7 @@ def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitt
     np.testing.assert_array_equal(read_raster(tmp_path / "out" / "scene.tif")[0][0], want_labels)
     probs = read_raster(tmp_path / "out" / "scene_probs.tif")[0]
     np.testing.assert_array_equal(probs[:, valid],
-                                  (want.probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()[:, valid])
+                                  (want.probs.clamp(0, 1) * VALUE_MAX).round().to(torch.uint8).numpy()[:, valid])
     # The margin changed the result (the model sees context it did not see without).
     plain = Segmenter(fitted.config.override(["engine.precision=fp32"]), fitted.backbone, fitted.refiner)
     assert not torch.equal(plain.segment(x, return_probs=True).probs, want.probs)
