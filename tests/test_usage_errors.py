@@ -401,7 +401,7 @@ def _best_inside(path):
 KINDS = {
     "missing": (lambda p: None, "m.ckpt does not exist"),
     "a directory": (lambda p: p.mkdir(), "m.ckpt is a directory, not a checkpoint file"),
-    "a run directory": (_best_inside, f"is a directory, not a checkpoint file; give {Path('m.ckpt') / 'best.ckpt'}"),
+    "a run directory": (_best_inside, "is a directory, not a checkpoint file; give /"),
     "empty": (lambda p: p.write_bytes(b""), "m.ckpt is an empty file (0 bytes)"),
     "random bytes": (lambda p: _random(p, None), "m.ckpt is an unknown kind of file (it starts with bytes"),
     "a TIFF": (_tiff, "m.ckpt is a TIFF image, not a magseg checkpoint"),
@@ -419,6 +419,8 @@ def test_what_is_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, kind):
         check_checkpoint_file(tmp_path / "m.ckpt")
     assert message in str(caught.value)
     assert "pickled Python objects" not in str(caught.value)
+    if kind == "a run directory":
+        assert str(caught.value).endswith(f"give {tmp_path / 'm.ckpt' / 'best.ckpt'}")
 
 
 _NO_TORCH = (
