@@ -136,6 +136,33 @@ def test_a_damaged_checkpoint_is_exit_2_naming_the_file(tmp_path, damaged, data,
     assert not (tmp_path / "out").exists()
 
 
+def test_every_one_bit_change_is_refused_or_loads_the_same_checkpoint(tmp_path, tiny_config):
+    """Exhaustive over a small checkpoint (about 4 KiB): a bit flipped anywhere (weights,
+    pickled structure, zip headers and directory) is refused, or it is in bytes that hold no
+    data (padding, dates) and what loads is exactly what was saved."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "small.ckpt", tiny_config, nn.Linear(3, 2), nn.Conv2d(2, 2, 1),
+                           meta={"phase": "refiner", "epoch": 1})
+    data = path.read_bytes()
+    saved = checkpoint_from_bytes(data, path)
+    refused = 0
+    for offset in range(len(data)):
+        changed = bytearray(data)
+        changed[offset] ^= 0x01
+        try:
+            loaded = checkpoint_from_bytes(bytes(changed), path)
+        except CheckpointError:
+            refused += 1
+            continue
+        assert (loaded.config, loaded.meta, loaded.training) == (saved.config, saved.meta, saved.training)
+        for got, want in ((loaded.backbone, saved.backbone), (loaded.refiner, saved.refiner)):
+            assert got.keys() == want.keys(), offset
+            assert all(torch.equal(got[k], want[k]) for k in want), offset
+    assert refused > len(data) // 2  # most bytes are data, the names and the directory
+
+
 def test_an_intact_checkpoint_passes_and_its_bytes_load_the_same(make_checkpoint):
     path = make_checkpoint()
     check_checkpoint_file(path)
@@ -401,7 +428,7 @@ def _best_inside(path):
 KINDS = {
     "missing": (lambda p: None, "m.ckpt does not exist"),
     "a directory": (lambda p: p.mkdir(), "m.ckpt is a directory, not a checkpoint file"),
-    "a run directory": (_best_inside, f"is a directory, not a checkpoint file; give {Path('m.ckpt') / 'best.ckpt'}"),
+    "a run directory": (_best_inside, "is a directory, not a checkpoint file; give /"),
     "empty": (lambda p: p.write_bytes(b""), "m.ckpt is an empty file (0 bytes)"),
     "random bytes": (lambda p: _random(p, None), "m.ckpt is an unknown kind of file (it starts with bytes"),
     "a TIFF": (_tiff, "m.ckpt is a TIFF image, not a magseg checkpoint"),
@@ -419,6 +446,8 @@ def test_what_is_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, kind):
         check_checkpoint_file(tmp_path / "m.ckpt")
     assert message in str(caught.value)
     assert "pickled Python objects" not in str(caught.value)
+    if kind == "a run directory":
+        assert str(caught.value).endswith(f"give {tmp_path / 'm.ckpt' / 'best.ckpt'}")
 
 
 _NO_TORCH = (
