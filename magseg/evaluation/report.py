@@ -500,9 +500,11 @@ def figure_sample(sample: Sample, classes: Sequence[ClassSpec]):
         ax.set_xticks([])  # keep the frame: white (barren) must not melt into the page
         ax.set_yticks([])
         if title.startswith("uncertainty"):
-            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, ticks=[0, 0.5, 1])
+            # Under the panel: beside it, the colour bar would widen its whole column.
+            cax = ax.inset_axes([0.05, -0.09, 0.9, 0.05])
+            bar = fig.colorbar(shown, cax=cax, orientation="horizontal", ticks=[0, 0.5, 1])
             bar.ax.tick_params(labelsize=7)
-            bar.set_label("1 - certainty", fontsize=7)
+            bar.ax.set_xlabel("1 - certainty", fontsize=7, labelpad=1)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
     handles = [Patch(facecolor=np.asarray(c.color) / 255, edgecolor="k", label=c.name) for c in classes]
