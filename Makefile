@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.magseg-installed
 PYTEST_ARGS ?=
+OUT    ?= demo_out
 
 .PHONY: install test demo bench clean
 
@@ -21,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# make demo OUT=/tmp/demo: where the demo writes (replaced on every run).
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

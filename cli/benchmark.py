@@ -108,8 +108,9 @@ def benchmark(
     Runs, with the checkpoint's backbone: the full progressive method (and its mIoU after
     every stage), downsample-only (the stage-0 view upsampled) and patch-only (finest scale,
     crops stitched, no context); optionally the adaptive mode, and progressive and patch-only
-    with the CRF (--crf). Writes report.json, report.md,
-    per_class_iou.png, miou_per_stage.png and samples/<id>.png to --out-dir. stdout: one JSON
+    with the CRF (--crf). Writes report.json, report.md, per_class_iou.png,
+    confusion_matrix.png, per_class_boundary_iou.png, miou_per_stage.png and samples/<id>.png
+    to --out-dir. stdout: one JSON
     line per image, then one summary line. Exit 1 if any image failed (the others are still
     scored, and the report says which failed) or the data is bad; exit 2 when the run cannot
     start as asked (bad option, config, device or checkpoint). With --runner ray, the scenes

@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from make_synthetic import write_geotiff  # noqa: E402  (the script beside this one)
 MARGIN = 3.0  # mIoU points progressive must beat each baseline by for the demo to pass
 # --small-objects: how far progressive may stay below patch-only, in mIoU and urban IoU points.
 SMALL_MIOU_SLACK, SMALL_CLASS_SLACK, SMALL_CLASS = 0.5, 1.0, "urban"
@@ -80,22 +83,6 @@ class Steps:
     def add(self, name: str, wall: float, cpu: float) -> None:
         self.times.append({"step": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
         print(f"== {name}: {wall:.0f} s ({cpu:.0f} s CPU)", file=sys.stderr, flush=True)
-
-
-def write_geotiff(jpeg: Path, target: Path) -> None:
-    """A JPEG scene as a tiled 3-band GeoTIFF with a real CRS (what `magseg predict` takes)."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    from magseg.io.raster import read_array
-
-    pixels = read_array(jpeg)
-    profile = dict(driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=pixels.shape[0],
-                   dtype="uint8", crs="EPSG:32633", transform=from_origin(500000.0, 4650000.0, 0.5, 0.5),
-                   tiled=True, blockxsize=256, blockysize=256, compress="deflate")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(target, "w", **profile) as dst:
-        dst.write(pixels)
 
 
 @dataclass(frozen=True)

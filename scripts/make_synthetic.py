@@ -12,6 +12,10 @@ Scenes need context (fields that look alike up close and differ by their margins
     python scripts/make_synthetic.py --out data/small --size 512 --train 60 --val 6 --test 12 --seed 3
     python scripts/make_synthetic.py --out data/odd --size 300x500 --cells 6
     python scripts/make_synthetic.py --out data/buildings --size 512 --small-objects   # 4-30 px buildings
+    python scripts/make_synthetic.py --out data/quick --size 512 --geotiff   # + <out>/geotiff/<id>.tif
+
+With --geotiff the test scenes are also written as GeoTIFFs with a CRS (UTM 33N, 0.5 m
+pixels) under <out>/geotiff/, to try `magseg predict` on what it is made for.
 
 stdout: one JSON line (root, ids per split, the scene settings); progress on stderr.
 Exit 0 done, 1 outputs exist (without --overwrite), 2 bad arguments.
@@ -45,6 +49,24 @@ def _size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def write_geotiff(jpeg: Path, target: Path) -> None:
+    """A JPEG scene as a tiled 3-band GeoTIFF with a real CRS (what `magseg predict` takes):
+    UTM zone 33N, 0.5 m pixels."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from magseg.io.atomic import atomic_write
+    from magseg.io.raster import read_array
+
+    pixels = read_array(jpeg)
+    profile = dict(driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=pixels.shape[0],
+                   dtype="uint8", crs="EPSG:32633", transform=from_origin(500000.0, 4650000.0, 0.5, 0.5),
+                   tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target, overwrite=True) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(pixels)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="dataset root to write")
@@ -61,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                              "their own look, not by context")
     parser.add_argument("--jpeg-quality", type=int, default=95)
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    parser.add_argument("--geotiff", action="store_true",
+                        help="also write the test scenes as georeferenced GeoTIFFs in <out>/geotiff/")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
 
@@ -88,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except MagsegError as exc:
         print(f"make_synthetic: error: {exc}", file=sys.stderr)
         return 1
+    if args.geotiff:
+        for sid in ids["test"]:
+            write_geotiff(args.out / f"{sid}_sat.jpg", args.out / "geotiff" / f"{sid}.tif")
     if not args.quiet:
         print(f"\rwrote {total} scenes to {args.out} in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)

@@ -132,10 +132,23 @@ def plots(out: Path, prefix: str) -> list[Path]:
     return [out / n for n in made]
 
 
+def shrink(path: Path, width: int) -> None:
+    """``path`` (a PNG) scaled down to ``width`` px wide if wider, and stored with a
+    256-colour palette: small enough for docs/."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    if image.width > width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
     parser.add_argument("--prefix", default="", help="prefix of every file name (e.g. before_)")
+    parser.add_argument("--max-width", type=int, default=None,
+                        help="shrink wider pictures to this width (area-averaged), e.g. for docs/")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -144,6 +157,9 @@ def main() -> None:
         preview(path, w, h)
         written.append(path)
     written += plots(args.out, args.prefix)
+    if args.max_width:
+        for path in written:
+            shrink(path, args.max_width)
     print(json.dumps({str(p): p.stat().st_size for p in written}, indent=1))
 
 

@@ -151,7 +151,8 @@ def test_sample_panels_wrap_and_refined_masks_have_a_legend():
     assert max(c for _, c in places) + 1 <= 5 and max(r for r, _ in places) + 1 == 2
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:3] == NAMES and "refined (R's label)" in legend and "kept (coarser stage)" in legend
-    assert any(ax.get_ylabel() == "1 - certainty" for ax in fig.axes)  # the uncertainty's colour bar
+    bars = [child for ax in fig.axes for child in ax.child_axes]  # the uncertainty's colour bar
+    assert [b.get_xlabel() for b in bars] == ["1 - certainty"]
     height, width = _png(fig).shape[:2]
     assert width < 2 * height * 2  # no longer one 2016 x 340 row
 

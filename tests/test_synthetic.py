@@ -219,3 +219,31 @@ def test_make_synthetic_small_objects_option(tmp_path):
                            "--small-objects", "--quiet"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert '"small_objects": [0.02, 0.05]' in done.stdout
+
+
+def test_make_synthetic_geotiff_option_writes_georeferenced_test_scenes(tmp_path):
+    # The README's quick start predicts these: no DeepGlobe, no other tool needed.
+    import rasterio
+
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "--out",
+                           str(tmp_path), "--size", "48x64", "--train", "1", "--val", "0", "--test", "2",
+                           "--geotiff", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "geotiff").iterdir()) == ["000001.tif", "000002.tif"]
+    with rasterio.open(tmp_path / "geotiff" / "000002.tif") as src:
+        assert src.crs.to_epsg() == 32633 and src.res == (0.5, 0.5) and (src.height, src.width) == (48, 64)
+        pixels = src.read()
+    # The scene's picture (JPEG decoders differ in chroma upsampling by a few levels).
+    jpeg = cv2.imread(str(tmp_path / "000002_sat.jpg"))[..., ::-1].transpose(2, 0, 1)
+    assert np.abs(pixels.astype(int) - jpeg).mean() < 6 and np.corrcoef(pixels.ravel(), jpeg.ravel())[0, 1] > 0.95
+
+
+def test_make_demo_writes_where_out_says():
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "demo", "OUT=/tmp/somewhere else"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert 'scripts/demo.py --out "/tmp/somewhere else"' in dry.stdout

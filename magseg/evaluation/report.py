@@ -204,21 +204,25 @@ def render_table(rows: dict[str, dict[str, Any]], columns: Sequence[Column], fir
     what the best shows (74.04 and 73.96 both show 74.0, both bold), none where all rows
     show the same."""
     cells = {name: [c.show(c.value(row)) for c in columns] for name, row in rows.items()}
-    best: list[str | None] = []
-    for column in columns:
-        values = [v for v in (column.value(row) for row in rows.values()) if v is not None]
-        if column.best is None or len(rows) < 2 or not values:
-            best.append(None)
-        else:
-            top = column.show(max(values) if column.best == "max" else min(values))
-            # A column where every row ties has no best.
-            best.append(None if all(cells[n][len(best)] == top for n in rows) else top)
+    best = [_best_shown(column, list(rows.values())) for column in columns]
+    for k, top in enumerate(best):
+        if all(texts[k] == top for texts in cells.values()):
+            best[k] = None  # every row ties: no best
     header = [first, *(c.title for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, texts in cells.items():
         texts = [f"**{t}**" if t == b else t for t, b in zip(texts, best)]
         lines.append("| " + " | ".join([(labels or {}).get(name, name), *texts]) + " |")
     return lines
+
+
+def _best_shown(column: Column, rows: Sequence[dict[str, Any]]) -> str | None:
+    """How the column's best value is shown; None where it has no best (no ranking, one
+    row, or no values)."""
+    values = [v for v in (column.value(row) for row in rows) if v is not None]
+    if column.best is None or len(rows) < 2 or not values:
+        return None
+    return column.show(max(values) if column.best == "max" else min(values))
 
 
 def method_columns(report: dict[str, Any]) -> list[Column]:
@@ -545,9 +549,11 @@ def figure_sample(sample: Sample, classes: Sequence[ClassSpec]):
         ax.set_xticks([])  # keep the frame: white (barren) must not melt into the page
         ax.set_yticks([])
         if title.startswith("uncertainty"):
-            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, ticks=[0, 0.5, 1])
+            # Under the panel: beside it, the colour bar would widen its whole column.
+            cax = ax.inset_axes([0.05, -0.09, 0.9, 0.05])
+            bar = fig.colorbar(shown, cax=cax, orientation="horizontal", ticks=[0, 0.5, 1])
             bar.ax.tick_params(labelsize=7)
-            bar.set_label("1 - certainty", fontsize=7)
+            bar.ax.set_xlabel("1 - certainty", fontsize=7, labelpad=1)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
     handles = [Patch(facecolor=np.asarray(c.color) / 255, edgecolor="k", label=c.name) for c in classes]
