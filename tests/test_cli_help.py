@@ -51,16 +51,18 @@ def test_overwrite_is_the_same_plain_flag_everywhere(command):
     assert re.search(r"^  --overwrite  ", text, re.M) and "--no-overwrite" not in text
 
 
-def test_gdal_spelling_of_creation_options_is_accepted(tmp_path):
+def test_gdal_spelling_of_creation_options_is_accepted(tmp_path, make_checkpoint):
     runner = CliRunner()
+    ckpt = str(make_checkpoint())
     # -co as GDAL spells it reaches magseg's own check of the option (before any file is read).
-    bad = runner.invoke(app, ["predict", str(tmp_path / "m.ckpt"), str(tmp_path / "a.tif"),
+    bad = runner.invoke(app, ["predict", ckpt, str(tmp_path / "a.tif"),
                               "-o", str(tmp_path / "out"), "-co", "NOT_AN_OPTION=1"])
     assert bad.exit_code == 2 and "No such option" not in bad.output
     assert "--co" in bad.output and "NOT_AN_OPTION" in bad.output
-    good = runner.invoke(app, ["predict", str(tmp_path / "m.ckpt"), str(tmp_path / "a.tif"),
+    assert not (tmp_path / "out").exists()
+    good = runner.invoke(app, ["predict", ckpt, str(tmp_path / "a.tif"),
                                "-o", str(tmp_path / "out"), "-co", "COMPRESS=LZW"])
-    assert "No such option" not in good.output and "m.ckpt" in good.output  # next: the checkpoint
+    assert "No such option" not in good.output and "a.tif" in good.output  # next: the input
 
 
 @pytest.mark.parametrize("args, says", [

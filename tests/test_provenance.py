@@ -132,7 +132,7 @@ def test_overwrite_with_another_model_removes_the_old_models_extras(tmp_path, fi
     record = _record(result)
     stale = [out / "a_uncertainty.tif", out / "a_preview.png", out / "a.gpkg"]
     assert sorted(record["removed"]) == sorted(map(str, stale))
-    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "a.tif.aux.xml"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml"]
     # The same model's extras are kept by a later --overwrite that does not ask for them.
     assert _predict(other, path, "-o", out, "--probs").exit_code == 0
     assert _record(_predict(other, path, "-o", out, "--overwrite"))["removed"] == []
