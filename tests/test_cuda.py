@@ -69,3 +69,22 @@ def test_training_on_cuda_at_each_precision(tmp_path, tiny_config, precision):
     ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
     assert all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32)
                for t in ckpt.backbone.values())
+
+
+def test_the_local_crf_on_cuda_agrees_with_the_cpu(fitted_checkpoint):
+    # The CRF's kernels and mean-field steps are plain tensor arithmetic: the same marginals
+    # on the GPU up to float rounding (exp, sums in another order).
+    from magseg.config import CrfConfig
+    from magseg.engine.crf import local_crf
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand((2, 5, 70, 90), generator=gen).softmax(1)
+    image = torch.rand((2, 3, 70, 90), generator=gen) * 40
+    cfg = CrfConfig(enabled=True)
+    cpu = local_crf(probs, image, cfg)
+    gpu = local_crf(probs.cuda(), image.cuda(), cfg).cpu()
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+    segmenter = Segmenter.from_checkpoint(fitted_checkpoint, ["engine.device=cuda", "engine.precision=fp32",
+                                                              "refine.crf.enabled=true"])
+    x = segmenter.normalize(smooth_image(3, 150, 170, seed=3))
+    assert segmenter.segment(x).labels.shape == (150, 170)
