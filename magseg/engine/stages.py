@@ -15,7 +15,7 @@ they own (magseg.engine.pyramid) into the stage's new map, so the result does no
 size or crop order. Nothing is made whole: crops read the image and Y window by window
 (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
-image in memory; ``magseg.io.predict`` on a raster of any size, with the same ``run_stages``.
+image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
 

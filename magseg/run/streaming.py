@@ -234,7 +234,7 @@ def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest
 
 
 class PoolStages:
-    """Does a stage's ``BatchJob``s on ``pool`` (``magseg.cluster.ScenePool``: tasks
+    """Does a stage's ``BatchJob``s on ``pool`` (``magseg.run.pools.ScenePool``: tasks
     ``fn(segmenter, *args)``) and writes what they return to ``sink``, here; ``run_stages``
     waits for every job of a stage before it starts the next (the barrier).
 
