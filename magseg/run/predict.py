@@ -58,6 +58,7 @@ from magseg.run.streaming import (
 )
 from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
+from magseg.run.pools import Pool
 from magseg.segmenter import Segmenter
 
 # What predict writes for an input <stem>: the class map and the optional extras.
@@ -211,7 +212,7 @@ def predict_raster(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
 ) -> PredictResult:
     """Segment one raster and write its outputs into ``out_dir``.
 
@@ -275,7 +276,7 @@ def predict_input(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
 ) -> dict[str, Any]:
     """``predict_raster`` for one input of a batch: never raises for that input's problems.
 
@@ -312,7 +313,7 @@ def _run(
     on_window: Callable[[int, int], None] | None,
     result: PredictResult,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
     overwrite: bool | set[str] = False,
 ) -> np.ndarray:
     """The whole raster through the stage loop, its last stage written to every output
@@ -402,7 +403,7 @@ def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictO
 
 def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
             result: PredictResult, on_window: Callable[[int, int], None] | None,
-            options: PredictOptions, pool=None) -> None:
+            options: PredictOptions, pool: Pool | None = None) -> None:
     """``run_stages`` over the raster, the stage maps in ``scratch``; with ``pool``, each
     stage's crop batches run on its workers (``PoolStages``)."""
     config = segmenter.config
