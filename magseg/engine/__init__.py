@@ -6,7 +6,8 @@
     pyramid    stage sizes, crop boxes, cutting and stitching
     resample   antialiased resizing of any window of a stage, bit-identical to the whole map
     certainty  top-1 minus top-2, the error map and its top K per crop
-    points     PointRend's top-K, ``point_sample`` and scatter, the method as stated
+    pointrend_reference  PointRend's top-K, ``point_sample`` and scatter as stated: the
+               reference the tests check the engine against, not on its path
     refiner    the refinement module; backbone: the Backbone contract and how to call one
     precision  fp32/bf16/fp16, autocast, the hardware description of a run
 
