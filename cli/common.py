@@ -296,7 +296,7 @@ class Model:
     def pool(self, workers: int | None, address: str | None, quiet: bool) -> Any:
         """Where the scenes run: a ``LocalPool`` on this process's Segmenter, or a
         ``ScenePool`` of Ray actors (``workers``, ``address``: ``--workers``, ``--ray-address``)."""
-        from magseg.cluster import LocalPool, ScenePool
+        from magseg.run.pools import LocalPool, ScenePool
 
         if self.segmenter is not None:
             return LocalPool(self.segmenter)

@@ -245,7 +245,7 @@ def _predict_options(*, bands: str | None, creation_options: list[str], cog: boo
     """The output flags as PredictOptions, each checked (exit 2 on a bad one) before any
     checkpoint or raster is read. ``area``: (--bbox, --bbox-crs, --aoi); ``flags``: the
     PredictOptions fields the CLI passes as they are."""
-    from magseg.io.predict import PredictOptions
+    from magseg.run.predict import PredictOptions
     from magseg.io.raster import check_creation_options
     from magseg.io.vector import VectorOptions
 
@@ -264,7 +264,7 @@ def _predict_options(*, bands: str | None, creation_options: list[str], cog: boo
 def _inputs_and_outputs(inputs: list[str], out_dir: Path, options):
     """``(paths, out_dir, options)``: the inputs expanded, and -o as a directory (made later,
     by ``_check_out_dir``); ``-o FILE.tif`` for one input names its class map (``options.stem``)."""
-    from magseg.io.predict import INPUT_SUFFIXES
+    from magseg.run.predict import INPUT_SUFFIXES
 
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
     if not paths:
@@ -281,7 +281,7 @@ def _inputs_and_outputs(inputs: list[str], out_dir: Path, options):
 def _clashing_outputs(paths: list[Path], out_dir: Path, options, runtime: dict) -> dict[Path, dict]:
     """Failed records for inputs whose output name is already an earlier input's (two
     ``a.tif`` from different folders into one --out-dir), keyed by input."""
-    from magseg.io.predict import failed_record, output_paths
+    from magseg.run.predict import failed_record, output_paths
 
     claimed: dict[Path, Path] = {}
     clashes: dict[Path, dict] = {}
@@ -334,7 +334,7 @@ def _input_progress(path, quiet: bool):
 def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bool) -> int:
     """Predict each input in turn, one NDJSON line each; returns how many failed. A batch
     gets one overall bar (inputs, with an ETA) above each input's own (crops)."""
-    from magseg.io.predict import predict_input
+    from magseg.run.predict import predict_input
 
     clashes = _clashing_outputs(paths, out_dir, options, segmenter.runtime)
     failed = 0
@@ -355,7 +355,7 @@ def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bo
                      address: str | None, workers: int | None) -> int:
     """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
     from magseg.engine.precision import runtime_info
-    from magseg.io.predict import failed_record, output_paths, predict_input
+    from magseg.run.predict import failed_record, output_paths, predict_input
 
     runtime = runtime_info(model.config.engine.device, model.config.engine.precision)
 
@@ -388,7 +388,7 @@ def _predict_one_on_ray(model, path, out_dir: Path, options, quiet: bool, addres
                         workers: int | None) -> int:
     """One raster on Ray: each stage's crop batches on the actors, the outputs written here
     (the raster and the scratch directory must be on storage every worker sees)."""
-    from magseg.io.predict import predict_input
+    from magseg.run.predict import predict_input
     from magseg.segmenter import Segmenter
 
     segmenter = Segmenter.from_checkpoint(model.checkpoint, list(model.overrides))

@@ -43,7 +43,7 @@ _LAZY = {
     "SegmentationResult": "magseg.engine.stages",
     "segment": "magseg.engine.stages",
     "Segmenter": "magseg.segmenter",
-    "predict_raster": "magseg.io.predict",
+    "predict_raster": "magseg.run.predict",
 }
 
 

@@ -104,6 +104,22 @@ class RefinerConfig:
             raise ValueError("refiner.channels and refiner.context_stride must be >= 1")
 
 
+def stage_sizes(scales: tuple[tuple[int, int], ...], image_size: tuple[int, int],
+                scene: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """The size of each stage for an image of ``image_size``.
+
+    ``scales`` are the stage sizes of a reference scene of size ``scene`` (default
+    ``scales[-1]``); an image of another size keeps the same magnifications, so each stage
+    is scaled per axis by ``image_size / scene`` (a 2448 image with scales 612/1224/2448
+    gets exactly those).
+    """
+    (h, w) = image_size
+    (sh, sw) = scene if scene is not None else scales[-1]
+    if (h, w) == (sh, sw):
+        return [tuple(s) for s in scales]
+    return [(max(1, round(h * s[0] / sh)), max(1, round(w * s[1] / sw))) for s in scales]
+
+
 @dataclass(frozen=True, config=_STRICT)
 class PyramidConfig:
     """Stage sizes coarse to fine, the crop size at every stage, and the backbone input size.
@@ -150,8 +166,6 @@ class PyramidConfig:
 
     def stage_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Each stage's size for an image of ``image_size`` (H, W)."""
-        from magseg.engine.pyramid import stage_sizes
-
         return stage_sizes(self.scales, image_size, self.scene)
 
     def downsample_only(self) -> "PyramidConfig":

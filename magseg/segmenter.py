@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state, run_config
 from magseg.config import Config
 from magseg.device import resolve_device
-from magseg.engine.backbone import create_backbone
 from magseg.engine.crf import check_crf
 from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner import Refiner
@@ -32,6 +31,7 @@ from magseg.engine.runtime import (
 from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import ConfigError
 from magseg.io.provenance import Provenance, config_sha256, file_sha256
+from magseg.models.smp import create_backbone
 from magseg.normalization import normalize
 
 

@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 
 from bench_engine import _cpu_flags  # noqa: E402
 
-from magseg.engine.certainty import error_score  # noqa: E402
+from magseg.engine.certainty import certainty, error_score  # noqa: E402
 from magseg.engine.precision import cpu_info  # noqa: E402
 from magseg.engine.refine import labels_of  # noqa: E402
-from magseg.engine.refiner import Refiner, RefinerGate, _tv_distance, top2_margin  # noqa: E402
+from magseg.engine.refiner import Refiner, RefinerGate, _tv_distance  # noqa: E402
 
 
 def _constant_gate(gate: RefinerGate):
@@ -41,7 +41,7 @@ def _constant_gate(gate: RefinerGate):
     bias = float(gate.bias.detach()) * gate.SCALE
 
     def from_maps(fine: torch.Tensor, coarse: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-        logit = top2_margin(fine).mul_(w0).add_(bias)
+        logit = certainty(fine).mul_(w0).add_(bias)
         if w1:
             logit.add_(_tv_distance(fine, coarse), alpha=w1)
         if w2:

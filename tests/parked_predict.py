@@ -18,7 +18,7 @@ import sys
 
 from magseg.cli.app import main
 
-from magseg.io import streaming
+from magseg.run import streaming
 
 PARKED_AT_BATCH = 2
 NEVER_SIGNALLED_S = 300

@@ -15,7 +15,7 @@ from magseg.config import CrfConfig, RefineConfig
 from magseg.engine import crf as crf_module
 from magseg.engine.crf import dense_crf, local_crf, reach
 from magseg.errors import ConfigError
-from magseg.io.predict import PredictOptions, predict_raster
+from magseg.run.predict import PredictOptions, predict_raster
 from magseg.io.provenance import config_sha256
 from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.segmenter import Segmenter

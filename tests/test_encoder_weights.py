@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from magseg.config import ModelConfig
-from magseg.engine.backbone import create_backbone
+from magseg.models.smp import create_backbone
 from magseg.errors import ModelError, WeightsUnavailableError
 from magseg.models.pretrained import adapt_first_conv, is_weights_file
 

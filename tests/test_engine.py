@@ -11,7 +11,7 @@ from torch import nn
 
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.certainty import error_map
-from magseg.engine.points import pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.engine.pointrend_reference import pixel_centres, point_sample, scatter_points, top_k_points
 from magseg.engine.pyramid import crop_boxes, extract_crops, owned_mask
 from magseg.engine.refine import (
     crop_uncertainty,

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from magseg.config import load_config
-from magseg.io.predict import PredictOptions, predict_input, predict_raster
+from magseg.run.predict import PredictOptions, predict_input, predict_raster
 from magseg.io.raster import NODATA
 from magseg.segmenter import Segmenter
 

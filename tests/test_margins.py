@@ -15,8 +15,8 @@ from torch import nn
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig, load_config
 from magseg.engine.pyramid import crop_boxes, grown_extent, grown_input, grown_windows
 from magseg.engine.stages import segment
-from magseg.io.predict import PredictOptions, predict_raster
 from magseg.io.raster import NODATA, VALUE_MAX
+from magseg.run.predict import PredictOptions, predict_raster
 from magseg.segmenter import Segmenter
 
 FP32 = EngineConfig(precision="fp32")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magseg.engine.points import pixel_centres, point_sample, scatter_points, top_k_points
+from magseg.engine.pointrend_reference import pixel_centres, point_sample, scatter_points, top_k_points
 from magseg.engine.refine import num_points
 
 

@@ -27,7 +27,7 @@ from magseg.checkpoint import load_checkpoint
 from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.engine import precision
 from magseg.engine.precision import cpu_info, precision_context, resolve_precision, runtime_info
-from magseg.io.predict import predict_raster
+from magseg.run.predict import predict_raster
 from magseg.segmenter import Segmenter, create_segmenter_model
 from magseg.training.resume import seed_everything
 from magseg.training.trainer import TrainOptions, train

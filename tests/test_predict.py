@@ -22,9 +22,9 @@ from magseg.config import load_config
 from magseg.engine.maps import map_bytes
 from magseg.engine.pyramid import crop_boxes
 from magseg.errors import RasterError, WriteError
-from magseg.io import streaming
+from magseg.run import streaming
 from magseg.io.atomic import partial_path
-from magseg.io.predict import PredictOptions, output_paths, predict_input, predict_raster
+from magseg.run.predict import PredictOptions, output_paths, predict_input, predict_raster
 from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.segmenter import Segmenter
 

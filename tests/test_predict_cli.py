@@ -447,7 +447,7 @@ def test_help_has_examples():
 
 
 def test_scratch_dir_reaches_the_predict_options(tmp_path, ckpt, monkeypatch):
-    import magseg.io.predict as predict_module
+    import magseg.run.predict as predict_module
 
     seen = []
     real = predict_module.predict_input

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from magseg.config import ModelConfig
-from magseg.engine.backbone import create_backbone
 from magseg.errors import WeightsUnavailableError
 from magseg.models import pretrained
+from magseg.models.smp import create_backbone
 
 efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -133,7 +133,7 @@ def test_missing_weight_package_is_a_clear_error(monkeypatch):
 def test_imagenet_for_another_encoder_offline_is_a_clear_error(tmp_path):
     # smp really tries the hub; offline mode and an empty cache make that fail at once.
     code = (
-        "from magseg.engine.backbone import create_backbone\n"
+        "from magseg.models.smp import create_backbone\n"
         "from magseg.config import ModelConfig\n"
         "from magseg.errors import WeightsUnavailableError\n"
         "try:\n"

@@ -59,7 +59,8 @@ def test_magsegs_refiner_meets_the_refiner_contracts_and_a_plain_one_only_the_fi
 def test_a_backbone_with_context_ratios_is_multi_context(tiny_config):
     import dataclasses
 
-    from magseg.engine.backbone import context_ratios, create_backbone
+    from magseg.engine.backbone import context_ratios
+    from magseg.models.smp import create_backbone
     from magseg.models.fctl import create_fctl
 
     model = dataclasses.replace(tiny_config.model, arch="fctl", kwargs={

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import magseg.io.atomic
 from magseg.checkpoint import load_checkpoint
-from magseg.io.predict import PredictOptions, predict_raster
+from magseg.run.predict import PredictOptions, predict_raster
 from magseg.io.raster import RasterWriter
 from magseg.segmenter import Segmenter
 

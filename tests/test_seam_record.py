@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from magseg.checkpoint import load_checkpoint
 from magseg.evaluation.seams import SeamTally, crop_border_lines, line_changes
 from magseg.io.raster import NODATA
-from magseg.io.seam_record import finest_seam_scores
+from magseg.run.seam_record import finest_seam_scores
 
 SMALL_SCENE = ["pyramid.scales=[16,32,64]", "pyramid.crop=16", "pyramid.input=32"]
 

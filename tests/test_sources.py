@@ -19,7 +19,7 @@ from magseg.cli.app import app
 from magseg.cli.common import expand_inputs
 from typer.testing import CliRunner
 
-from magseg.io.predict import INPUT_SUFFIXES
+from magseg.run.predict import INPUT_SUFFIXES
 from magseg.io.sources import base_name, gdal_name, is_virtual, stem
 
 

@@ -6,10 +6,12 @@
     pyramid    stage sizes, crop boxes, cutting and stitching
     resample   antialiased resizing of any window of a stage, bit-identical to the whole map
     certainty  top-1 minus top-2, the error map and its top K per crop
-    points     PointRend's top-K, ``point_sample`` and scatter, the method as stated
-    refiner    the refinement module; backbone: backbones and how to call them
+    pointrend_reference  PointRend's top-K, ``point_sample`` and scatter as stated: the
+               reference the tests check the engine against, not on its path
+    refiner    the refinement module; backbone: the Backbone contract and how to call one
     precision  fp32/bf16/fp16, autocast, the hardware description of a run
 
-Imports only torch, numpy, OpenCV, segmentation-models-pytorch and ``magseg.config``,
-``magseg.errors``, ``magseg.models``: never raster I/O, so it runs wherever torch does.
+Imports only torch, numpy, OpenCV and ``magseg.config``, ``magseg.errors``, and from
+``magseg.io`` the atomic writes and provenance of exported graphs (``runtime``): never raster
+I/O, so it runs wherever torch does, and never ``magseg.models``: it runs what was built.
 """

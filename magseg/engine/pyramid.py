@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# How pyramid.scales and pyramid.scene size the stages of any image: config's to say, the
+# engine's to use (magseg.engine.pyramid.stage_sizes, as callers name it).
+from magseg.config import stage_sizes  # noqa: F401
+
 Size = tuple[int, int]
 
 
@@ -93,21 +97,6 @@ def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
                 )
             )
     return boxes
-
-
-def stage_sizes(scales: tuple[Size, ...], image_size: Size, scene: Size | None = None) -> list[Size]:
-    """The size of each stage for an image of ``image_size``.
-
-    ``scales`` are the stage sizes of a reference scene of size ``scene`` (default
-    ``scales[-1]``); an image of another size keeps the same magnifications, so each stage
-    is scaled per axis by ``image_size / scene`` (a 2448 image with scales 612/1224/2448
-    gets exactly those).
-    """
-    (h, w) = image_size
-    (sh, sw) = scene if scene is not None else scales[-1]
-    if (h, w) == (sh, sw):
-        return [tuple(s) for s in scales]
-    return [(max(1, round(h * s[0] / sh)), max(1, round(w * s[1] / sw))) for s in scales]
 
 
 def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:

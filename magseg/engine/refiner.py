@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magseg.engine.certainty import certainty as top2_margin
+from magseg.engine.certainty import certainty
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -85,7 +85,7 @@ def gate_cues(fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
       the correction's 1/stride grid sees it (large on small objects and thin lines, which
       a correction at that grid cannot follow).
     """
-    return torch.stack([top2_margin(fine), _tv_distance(fine, coarse), _tv_distance(fine, smooth)], dim=1)
+    return torch.stack([certainty(fine), _tv_distance(fine, coarse), _tv_distance(fine, smooth)], dim=1)
 
 
 def _tv_distance(p: Tensor, q: Tensor) -> Tensor:
@@ -125,7 +125,7 @@ class RefinerGate(nn.Module):
         """``forward(gate_cues(fine, coarse, smooth))`` without autograd, accumulated in
         place on one ``(B, 1, H, W)`` buffer (the engine's path: no stacked cues)."""
         w0, w1, w2 = (float(v) * self.SCALE for v in self.weight)
-        logit = top2_margin(fine).mul_(w0).add_(float(self.bias) * self.SCALE)
+        logit = certainty(fine).mul_(w0).add_(float(self.bias) * self.SCALE)
         if w1:
             logit.add_(_tv_distance(fine, coarse), alpha=w1)
         if w2:

@@ -15,7 +15,7 @@ they own (magseg.engine.pyramid) into the stage's new map, so the result does no
 size or crop order. Nothing is made whole: crops read the image and Y window by window
 (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
-image in memory; ``magseg.io.predict`` on a raster of any size, with the same ``run_stages``.
+image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
 
@@ -117,9 +117,9 @@ def crop_probs(
         logits = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
     # reduces over or gathers along channels, which is slow in the channels-last layout
-    # (with it, the engine's own share of a 2448 px scene doubled). And to float32 whatever
-    # the backbone's precision: on a CPU, torch's bf16 softmax, bilinear resize and per-pixel
-    # reductions are no faster than float32's, the resize much slower (docs/performance.md).
+    # (docs/performance.md#channels-last). And to float32 whatever the backbone's precision:
+    # on a CPU, torch's bf16 softmax, bilinear resize and per-pixel reductions are no faster
+    # than float32's (docs/performance.md#on-a-cpu-with-native-bf16).
     # One copy does both (``.float().contiguous()`` makes two from a bf16 channels-last map).
     logits = logits.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the

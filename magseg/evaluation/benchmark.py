@@ -532,7 +532,7 @@ def run_benchmark(
 ) -> BenchmarkResult:
     """Run every method on every scene and score them.
 
-    ``pool`` runs the scenes: ``magseg.cluster.LocalPool`` in this process, or a
+    ``pool`` runs the scenes: ``magseg.run.pools.LocalPool`` in this process, or a
     ``ScenePool`` of Ray workers. Confusion matrices come back per scene and are summed
     here in scene order, so the report does not depend on which worker finished first.
 

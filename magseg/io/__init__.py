@@ -1,5 +1,6 @@
-"""Files in and out: rasters through rasterio/GDAL, predict over rasters of any size,
-previews, polygons, areas of interest, provenance tags and atomic writes.
+"""File primitives: rasters through rasterio/GDAL, polygons, previews, areas of interest,
+input names, provenance tags and atomic writes.
 
-May import ``magseg.engine`` and ``magseg.segmenter``; the engine never imports this package.
+Imports only ``magseg.errors`` and ``magseg.config``: the engine, checkpoints and the
+segmenter write through it, and predict over a raster lives above them, in ``magseg.run``.
 """

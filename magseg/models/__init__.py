@@ -1,1 +1,5 @@
-"""Model parts beyond smp's: offline pretrained weights, the FCtL multi-context segmenter."""
+"""Networks built from ``model.*``: smp backbones by name (``smp``), offline pretrained weights
+(``pretrained``), the FCtL multi-context segmenter (``fctl``).
+
+Imports only ``magseg.config`` and ``magseg.errors``; the engine runs what this package builds.
+"""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from magseg.config import ModelConfig
 from magseg.errors import ModelError
+from magseg.models.smp import create_backbone
 
 # model.kwargs keys FCtL takes for itself; the rest go to the smp decoder architecture.
 _FCTL_KEYS = ("decoder", "contexts", "key_channels", "window")
@@ -142,8 +143,6 @@ def create_fctl(model: ModelConfig, classes: int) -> FCtL:
     """FCtL from ``model`` (``arch: fctl``); ``model.kwargs``: ``decoder`` (an smp
     architecture, default Unet), ``contexts`` (ratios, default [2, 3]), ``key_channels``,
     ``window``; other kwargs go to the decoder architecture."""
-    from magseg.engine.backbone import create_backbone
-
     kwargs = dict(model.kwargs)
     decoder = kwargs.pop("decoder", "Unet")
     ratios = kwargs.pop("contexts", [2, 3])

@@ -16,8 +16,7 @@ from magseg.errors import MagsegError
 # its own open files): a sample is a window read and a resize of that window.
 MAX_AUTO_WORKERS = 8
 # Batches each worker keeps ready. Two hide the jitter of one slow sample (a cold page of
-# the scene cache, a large stage); more only holds memory (DeepGlobe's batch of 8 x 512 px
-# inputs is 25 MB, pinned on CUDA).
+# the scene cache, a large stage); more only holds memory (docs/training.md#loader-defaults).
 PREFETCH_FACTOR = 2
 
 

@@ -33,6 +33,7 @@ from magseg.errors import MagsegError, WriteError
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
 from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow, RasterReader, RasterWriter, io_env
+from magseg.run.pools import Pool
 
 
 class RasterSource:
@@ -234,14 +235,14 @@ def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest
 
 
 class PoolStages:
-    """Does a stage's ``BatchJob``s on ``pool`` (``magseg.cluster.ScenePool``: tasks
-    ``fn(segmenter, *args)``) and writes what they return to ``sink``, here; ``run_stages``
+    """Does a stage's ``BatchJob``s on ``pool`` (a ``magseg.run.pools.Pool``, usually a
+    ``ScenePool``: tasks ``fn(segmenter, *args)``) and writes what they return to ``sink``, here; ``run_stages``
     waits for every job of a stage before it starts the next (the barrier).
 
     The workers must see ``path`` and the scratch directory (shared storage).
     """
 
-    def __init__(self, pool, path: str | Path, bands: list[int], aoi: AreaOfInterest | None,
+    def __init__(self, pool: Pool, path: str | Path, bands: list[int], aoi: AreaOfInterest | None,
                  sink: RasterSink, on_crops=None) -> None:
         self.pool, self.path, self.bands, self.aoi = pool, path, bands, aoi
         self.sink, self.on_crops = sink, on_crops

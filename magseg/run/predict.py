@@ -3,7 +3,7 @@
     raster --decimated read--> pixel-scale check and nodata statistics (a warning at once)
     stage 0 .. n  the engine's stage loop (magseg.engine.stages.run_stages) with the raster as
                   its image, read crop by crop at each stage's magnification, and each stage's
-                  probabilities in a scratch directory (magseg.io.streaming)
+                  probabilities in a scratch directory (magseg.run.streaming)
     last stage    labels (and probabilities, uncertainty, preview) straight into the outputs
     finished files are renamed into place (and converted to COG when asked)
 
@@ -45,10 +45,10 @@ from magseg.io.raster import (
     write_categories,
     write_raster_style,
 )
-from magseg.io.seam_record import finest_seam_scores
+from magseg.run.seam_record import finest_seam_scores
 from magseg.io.sources import base_name, is_virtual
 from magseg.io.sources import stem as source_stem
-from magseg.io.streaming import (
+from magseg.run.streaming import (
     PoolStages,
     RasterSink,
     RasterSource,
@@ -58,6 +58,7 @@ from magseg.io.streaming import (
 )
 from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
+from magseg.run.pools import Pool
 from magseg.segmenter import Segmenter
 
 # What predict writes for an input <stem>: the class map and the optional extras.
@@ -128,7 +129,7 @@ class PredictResult:
     warnings: list[str] = field(default_factory=list)
     # What computed it: device, resolved precision, CPU (magseg.engine.precision.runtime_info).
     runtime: dict[str, Any] = field(default_factory=dict)
-    # The finest stage's seam score on the class map and uncertainty (magseg.io.seam_record).
+    # The finest stage's seam score on the class map and uncertainty (magseg.run.seam_record).
     seam_score: dict[str, Any] | None = None
     # Outputs of this input another model (or no magseg run) made, removed so that all of
     # the input's outputs come from this run's model (--overwrite).
@@ -211,7 +212,7 @@ def predict_raster(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
 ) -> PredictResult:
     """Segment one raster and write its outputs into ``out_dir``.
 
@@ -225,7 +226,7 @@ def predict_raster(
             over all stages (progress).
         on_warning: called with each warning as soon as it is known (the pixel-scale check
             runs before any stage); the warnings are in the result too.
-        pool: run each stage's crop batches on this pool's workers (``magseg.cluster``),
+        pool: run each stage's crop batches on this pool's workers (``magseg.run.pools``),
             which see the raster and ``options.scratch_dir`` (or ``out_dir``); the outputs
             are written here, identical to a run without a pool.
     Returns:
@@ -275,7 +276,7 @@ def predict_input(
     options: PredictOptions = PredictOptions(),
     on_window: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
 ) -> dict[str, Any]:
     """``predict_raster`` for one input of a batch: never raises for that input's problems.
 
@@ -312,7 +313,7 @@ def _run(
     on_window: Callable[[int, int], None] | None,
     result: PredictResult,
     on_warning: Callable[[str], None] | None = None,
-    pool=None,
+    pool: Pool | None = None,
     overwrite: bool | set[str] = False,
 ) -> np.ndarray:
     """The whole raster through the stage loop, its last stage written to every output
@@ -392,7 +393,7 @@ def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResul
 
 def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictOptions,
                    result: PredictResult):
-    """The scratch directory for this input's stage maps (``magseg.io.streaming``)."""
+    """The scratch directory for this input's stage maps (``magseg.run.streaming``)."""
     pyramid = segmenter.config.pyramid
     needed = scratch_estimate(pyramid.stage_sizes(reader.size), reader.size, segmenter.num_classes,
                               final_map=segmenter.config.refine.crf.enabled)
@@ -402,7 +403,7 @@ def _scratch_space(segmenter: Segmenter, reader: RasterReader, options: PredictO
 
 def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
             result: PredictResult, on_window: Callable[[int, int], None] | None,
-            options: PredictOptions, pool=None) -> None:
+            options: PredictOptions, pool: Pool | None = None) -> None:
     """``run_stages`` over the raster, the stage maps in ``scratch``; with ``pool``, each
     stage's crop batches run on its workers (``PoolStages``)."""
     config = segmenter.config

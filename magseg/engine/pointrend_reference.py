@@ -1,12 +1,12 @@
-"""PointRend-style point selection, sampling and scattering on per-crop maps.
+"""The reference for the refine step, not on the engine's path: PointRend-style point
+selection, sampling and scattering on per-crop maps, MagNet's refinement step as
+docs/design.md states it. tests/test_engine.py checks the engine against it.
 
 Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y)`` in
 [0, 1] as ``grid_sample`` expects; a pixel's centre is ``((col + 0.5) / W, (row + 0.5) / H)``.
 
-The engine uses only ``num_points``: it picks pixels by counting
-(``magseg.engine.certainty.top_error_pixels``) and takes R's values with one masked select. The
-top-K, ``point_sample`` and scatter here are MagNet's refinement step as docs/design.md
-states it, and tests/test_engine.py checks the engine against them.
+The engine itself takes K from ``magseg.engine.refine.num_points``, picks pixels by counting
+(``magseg.engine.certainty.top_error_pixels``) and takes R's values with one masked select.
 """
 
 from __future__ import annotations

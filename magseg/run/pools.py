@@ -1,4 +1,5 @@
-"""Many scenes on many machines: a pool of Ray actors, each holding the model once.
+"""Where scenes run: the ``Pool`` contract, met in this process (``LocalPool``) and on many
+machines by a pool of Ray actors, each holding the model once (``ScenePool``).
 
     driver: checkpoint bytes -> Ray object store -> N actors (one Segmenter each)
             tasks fn(segmenter, *args) -> results streamed back as they finish
@@ -9,7 +10,9 @@ travels through the object store, so workers on other machines need no copy of i
 rasters a task reads and writes are paths, which need the same filesystem view on every
 machine (shared storage), as usual for a cluster.
 
-Ray is an optional extra (``pip install 'magseg[ray]'``); only this module imports it.
+Both pools meet the ``Pool`` contract, so a caller has one code path for a run in this process
+(``LocalPool``) and one on Ray (``ScenePool``). Ray is an optional extra
+(``pip install 'magseg[ray]'``); only this module imports it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from magseg.errors import MagsegError
+
+if TYPE_CHECKING:
+    from magseg.segmenter import Segmenter
 
 INSTALL_HINT = "pip install 'magseg[ray]' (or: pip install ray)"
 
@@ -32,6 +38,28 @@ def require_ray():
     except ImportError:
         raise MagsegError(f"--runner ray needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
+
+
+Result = TypeVar("Result")
+
+
+@runtime_checkable
+class Pool(Protocol):
+    """Where scenes run, as a context manager (``with pool: ...`` starts and ends its workers).
+
+    ``map_unordered(fn, tasks, on_lost)`` calls ``fn(segmenter, *task)`` for each task, on a
+    ``Segmenter`` the pool holds (``fn`` importable by name), and yields ``(task index,
+    result)`` as each finishes; a task lost with its worker yields ``on_lost(task, reason)``
+    in its place, so one lost scene does not end the batch.
+    """
+
+    def __enter__(self) -> Pool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def map_unordered(
+        self, fn: Callable[..., Result], tasks: Iterable[tuple], on_lost: Callable[[tuple, str], Result]
+    ) -> Iterator[tuple[int, Result]]: ...
 
 
 class SceneWorker:
@@ -54,10 +82,10 @@ class SceneWorker:
 
 
 class LocalPool:
-    """``ScenePool``'s interface in this process: the tasks run one after another, in order,
-    on one Segmenter (so callers have one code path for local and distributed runs)."""
+    """A ``Pool`` in this process: the tasks run one after another, in order, on one
+    Segmenter; none is ever lost, so ``on_lost`` is never called."""
 
-    def __init__(self, segmenter: Any) -> None:
+    def __init__(self, segmenter: Segmenter) -> None:
         self.segmenter = segmenter
 
     def __enter__(self) -> "LocalPool":
@@ -74,7 +102,7 @@ class LocalPool:
 
 
 class ScenePool:
-    """Ray actors that run ``fn(segmenter, *args)`` tasks, results as they complete.
+    """A ``Pool`` of Ray actors running ``fn(segmenter, *args)`` tasks, results as they finish.
 
     Args:
         checkpoint: the checkpoint file (read once here, shipped through the object store).
