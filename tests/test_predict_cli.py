@@ -465,3 +465,29 @@ def test_scratch_dir_reaches_the_predict_options(tmp_path, ckpt, monkeypatch):
     result = _predict(ckpt, path, "-o", tmp_path / "out2", "--scratch-dir", tmp_path / "a_file")
     assert result.exit_code == 2 and "--scratch-dir" in result.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_file_name_that_is_not_utf8_works_and_its_record_is_json(tmp_path, ckpt):
+    """A valid raster named with bytes that are not UTF-8 failed with UnicodeEncodeError
+    (rasterio encodes names as UTF-8). Every output is written, and the record is JSON
+    whose names give the file's bytes back (os.fsencode)."""
+    source = write_raster(tmp_path / "src.tif", smooth_image(3, 40, 50, seed=3))
+    name = os.fsdecode(b"sc\xe8ne\xff.tif")
+    path = tmp_path / name
+    source.rename(path)
+    out = tmp_path / "out"
+    result = _predict(ckpt, path, "-o", out, "--probs", "--preview", "--vector", "gpkg", "--cog")
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in result.stdout.encode("ascii").splitlines()]
+    assert record["status"] == "ok" and record["input"] == str(path)
+    assert os.fsencode(record["output"]) == os.fsencode(out / name)
+    stem = os.fsencode(name)[:-4]
+    made = sorted(os.fsencode(p.name) for p in out.iterdir())
+    assert made == sorted(stem + s for s in (b".gpkg", b".tif", b".tif.aux.xml", b"_preview.png",
+                                             b"_probs.tif"))
+    from magseg.io.sources import gdal_path
+
+    with gdal_path(out / name) as readable:  # rasterio itself cannot open such a name
+        assert read_raster(readable)[0].shape == (1, 40, 50)
+    again = _predict(ckpt, path, "-o", out, "--probs", "--preview", "--vector", "gpkg", "--cog")
+    assert json.loads(again.stdout)["status"] == "skipped", again.output

@@ -42,7 +42,7 @@ from magseg.io.raster import (
     io_env,
     write_categories,
 )
-from magseg.io.sources import base_name, is_virtual
+from magseg.io.sources import base_name, is_virtual, readable_name
 from magseg.io.sources import stem as source_stem
 from magseg.io.streaming import (
     PoolStages,
@@ -347,7 +347,7 @@ def _run(
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind],
                                dict(options.creation_options))
         if preview is not None:
-            preview.save(temps["preview"], config.classes, title=base_name(reader.path),
+            preview.save(temps["preview"], config.classes, title=readable_name(base_name(reader.path)),
                          metadata=segmenter.provenance.tags())
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
@@ -608,7 +608,7 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
             "MAGSEG_CLASSES": json.dumps(
                 [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes]
             ),
-            "MAGSEG_SOURCE": base_name(reader.path),
+            "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
             **{f"CLASS_{c.id}": c.name for c in config.classes},
         }
         return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, tags=tags,
@@ -617,10 +617,10 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
     if kind == "probs":
         return RasterWriter(path, reader.size, len(names), geo, nodata=None, mask=True,
                             descriptions=names, scale=1 / 255,
-                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": base_name(reader.path),
+                            tags={"MAGSEG_VALUES": "probability x 255", "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
                                   **provenance}, creation_options=creation_options)
     return RasterWriter(path, reader.size, 1, geo, nodata=None, mask=True,
                         descriptions=["uncertainty"], scale=1 / 255,
                         tags={"MAGSEG_VALUES": "(1 - certainty) x 255; certainty = top-1 minus "
-                              "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
+                              "top-2 probability", "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
                               **provenance}, creation_options=creation_options)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from rasterio.windows import transform as window_transform
 
 from magseg.errors import ConfigError, RasterError, RasterWriteError
 from magseg.io.aoi import AreaOfInterest, inside
-from magseg.io.sources import gdal_name, is_virtual
+from magseg.io.sources import gdal_name, gdal_path, is_virtual
 
 
 def open_raster(path: str | Path):
@@ -49,12 +50,18 @@ def open_raster(path: str | Path):
         raise RasterError(f"{path}: is a directory, not a raster")
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes), not a raster")
+    # A name that is not UTF-8 is opened through a link with a UTF-8 name (gdal_path),
+    # kept while the dataset lives.
+    names = contextlib.ExitStack()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            dataset = rasterio.open(names.enter_context(gdal_path(path)))
     except RasterioIOError as exc:
+        names.close()
         raise RasterError(f"{path}: not a readable raster ({exc})") from None
+    weakref.finalize(dataset, names.close)
+    return dataset
 
 
 def select_bands(path: str | Path, count: int, bands: tuple[int, ...] | None) -> list[int]:

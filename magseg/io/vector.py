@@ -213,9 +213,12 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
 
 def _open_class_map(labels: str | Path) -> rasterio.DatasetReader:
     """The class map opened for reading; VectorError when rasterio cannot open it."""
+    from magseg.errors import RasterError
+    from magseg.io.raster import open_raster
+
     try:
-        return rasterio.open(labels)
-    except rasterio.errors.RasterioIOError as exc:
+        return open_raster(labels)  # also a name that is not UTF-8
+    except RasterError as exc:
         raise VectorError(f"cannot read class map {labels}: {exc}") from exc
 
 
