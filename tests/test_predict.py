@@ -226,6 +226,22 @@ def test_the_scale_warning_comes_before_any_stage(tmp_path, fitted, monkeypatch)
     assert events[0] == result.warnings[0] and events[1:] and set(events[1:]) == {"crop"}
 
 
+def test_the_scale_check_sees_only_the_pixels_that_are_segmented(tmp_path, fitted):
+    """Pixels beyond float32 (1e39 in a float64 raster) are nodata to the stages, but they
+    entered the scale check (``band 1 mean 5e+35 ... times training's``)."""
+    image = smooth_image(3, 80, 90, seed=2).astype(np.float64)
+    image[:, :4, :] = 1e39
+    path = write_raster(tmp_path / "f64.tif", image)
+    result = predict_raster(fitted, path, tmp_path / "out")
+    assert result.warnings == []
+    assert result.histogram["nodata"] == 4 * 90
+    # The same raster on another scale is still told.
+    image[:, 4:, :] *= 1000
+    result = predict_raster(fitted, write_raster(tmp_path / "big.tif", image), tmp_path / "out")
+    assert len(result.warnings) == 1 and "another scale" in result.warnings[0]
+    assert "e+35" not in result.warnings[0] and "e+36" not in result.warnings[0]
+
+
 @pytest.mark.parametrize("dtype, factor", [(np.uint16, 257.0), (np.float32, 1 / 255)])
 def test_uint16_and_float_inputs_use_the_stored_normalisation(tmp_path, fitted_checkpoint, dtype, factor):
     # The same picture stored as uint16 (x 257) or float (/ 255), with the checkpoint's

@@ -365,6 +365,8 @@ def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResul
     Returns whether the raster has any valid pixel (a decimated read that finds none is
     confirmed at full resolution, so a small valid area is never missed)."""
     pixels, valid = reader.read_overview(_OVERVIEW_SIDE)
+    if pixels.dtype.kind == "f":  # valid as the stages see it: finite once normalised
+        valid &= torch.isfinite(segmenter.normalize(pixels)).all(dim=0).numpy()
     observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
     if valid.any():
         observed.update(pixels[:, valid])
