@@ -54,7 +54,7 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
     segmenter, conv = _pixel_model()
     image = smooth_image(3, 150, 170, seed=1)
     image[:, 20:30, :] = 0                            # all-zero padding -> nodata
-    path = write_raster(tmp_path / "scene.tif", image)
+    path = write_raster(tmp_path / "scene.tif", image, nodata=0)
     result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
     assert result.status == "ok" and result.crops > 100
 
@@ -98,7 +98,7 @@ def test_streamed_predict_equals_segment_on_the_whole_image_bit_for_bit(tmp_path
     valid = image.any(axis=0)
     segmenter = Segmenter(fitted.config.override([f"engine.batch_size={batch}", "engine.precision=fp32"]),
                           fitted.backbone, fitted.refiner)
-    path = write_raster(tmp_path / "scene.tif", image)
+    path = write_raster(tmp_path / "scene.tif", image, nodata=0)
     result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
     labels = read_raster(tmp_path / "out" / "scene.tif")[0][0]
     want_labels, want_probs = _in_memory(segmenter, image, valid)
@@ -273,7 +273,7 @@ def test_declared_nodata_and_nan_become_255(tmp_path, fitted):
 
 
 def test_an_all_nodata_raster_needs_no_engine_run(tmp_path, fitted, monkeypatch):
-    path = write_raster(tmp_path / "empty.tif", np.zeros((3, 130, 140), np.uint8))
+    path = write_raster(tmp_path / "empty.tif", np.zeros((3, 130, 140), np.uint8), nodata=0)
     monkeypatch.setattr(fitted.backbone, "forward", lambda *a, **k: pytest.fail("engine ran on padding"))
     result = predict_raster(fitted, path, tmp_path / "out", PredictOptions(probs=True))
     assert result.crops == 0 and result.scratch_bytes == 0

@@ -48,11 +48,12 @@ def _records(result):
 
 def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_path, ckpt):
     image = smooth_image(3, 150, 170, seed=1)
-    image[:, :, :5] = 0                                     # padding -> nodata
+    image[:, :, :5] = 0                                     # padding -> nodata (--nodata 0)
     big = write_raster(tmp_path / "big.tif", image)
     small = write_raster(tmp_path / "small.tif", smooth_image(3, 30, 40, seed=2))
     out = tmp_path / "out"
-    result = _predict(ckpt, big, small, "--out-dir", out, "--probs", "--uncertainty", "--preview")
+    result = _predict(ckpt, big, small, "--out-dir", out, "--probs", "--uncertainty", "--preview",
+                      "--nodata", "0")
     assert result.exit_code == 0, result.output
     records = _records(result)
     assert [r["input"] for r in records] == [str(big), str(small)]

@@ -101,6 +101,8 @@ class PredictOptions:
     # Only this area: read, segmented and written over its window (magseg.io.aoi).
     aoi: AreaOfInterest | None = None
     scratch_dir: Path | None = None
+    # --nodata: pixels equal to it on every band are nodata, whatever the file declares.
+    nodata: float | None = None
 
 
 @dataclass
@@ -234,7 +236,7 @@ def predict_raster(
                            runtime=segmenter.runtime)
     _remove_leftovers(_possible_outputs(path, out_dir, options), options.scratch_dir)
     todo, replace = _prepare_outputs(path, out_dir, targets, options, segmenter)
-    with io_env(), RasterReader(path) as reader:
+    with io_env(), RasterReader(path, nodata=options.nodata) as reader:
         if options.aoi is not None:
             reader.restrict(options.aoi)
         result.height, result.width = reader.size

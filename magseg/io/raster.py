@@ -171,8 +171,11 @@ class RasterReader:
         RasterError: missing, empty or not a raster; bands out of range.
     """
 
-    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+    def __init__(self, path: str | Path, bands: Sequence[int] | None = None,
+                 nodata: float | None = None):
         self.path = path if is_virtual(path) else Path(path)
+        # A nodata value the user declares (--nodata), over whatever the file declares.
+        self.nodata = nodata
         self._src = open_raster(self.path)
         # The part of the file this reader shows (restrict): its top-left and the AOI's
         # polygons in the raster's CRS; the whole file by default.
@@ -251,9 +254,11 @@ class RasterReader:
     def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``(C, h, w)`` in the file's dtype and a validity mask ``(h, w)`` bool.
 
-        Invalid (nodata) pixels: those the file declares invalid (nodata value on every band,
-        alpha 0, internal mask); when it declares nothing, pixels that are 0 on every band
-        (the black padding around a reprojected scene). Non-finite floats are always invalid.
+        Invalid (nodata) pixels, by GDAL's rule: those the file declares invalid (a nodata
+        value on every band, alpha 0, an internal or ``.msk`` mask); when it declares nothing,
+        none. A ``nodata`` given to the reader replaces what the file declares: pixels equal
+        to it on every band (NaN: NaN on every band) are invalid. Non-finite floats are
+        always invalid.
 
         Raises:
             RasterError: truncated or corrupt data.
@@ -276,10 +281,13 @@ class RasterReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 pixels = self._src.read(self.bands, window=win, out_shape=out_shape)
-                if self._declared_mask:
+                if self.nodata is not None:
+                    nodata = np.isnan(pixels) if np.isnan(self.nodata) else pixels == self.nodata
+                    valid = ~nodata.all(axis=0)
+                elif self._declared_mask:
                     valid = self._src.read_masks(self.bands, window=win, out_shape=out_shape).any(axis=0)
                 else:
-                    valid = (pixels != 0).any(axis=0)
+                    valid = np.ones(shape, bool)
         except RasterioIOError as exc:
             raise RasterError(
                 f"{self.path}: cannot read pixels, file is truncated or corrupt ({exc})"
