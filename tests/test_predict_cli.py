@@ -492,3 +492,20 @@ def test_a_file_name_that_is_not_utf8_works_and_its_record_is_json(tmp_path, ckp
         assert read_raster(readable)[0].shape == (1, 40, 50)
     again = _predict(ckpt, path, "-o", out, "--probs", "--preview", "--vector", "gpkg", "--cog")
     assert json.loads(again.stdout)["status"] == "skipped", again.output
+
+
+def test_a_raster_without_georeference_gets_one_warning_in_its_record(tmp_path, ckpt):
+    """No CRS, transform, GCPs or RPCs: the record had no warning, and rasterio and pyogrio
+    printed their own lines on stderr instead. One warning, in the record and on stderr."""
+    path = tmp_path / "plain.png"
+    cv2.imwrite(str(path), smooth_image(3, 40, 50, seed=1).transpose(1, 2, 0))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", "--probs", "--vector", "gpkg", "--cog")
+    assert result.exit_code == 0, result.output
+    (record,) = _records(result)
+    (warning,) = record["warnings"]
+    assert warning.startswith(f"{path}: has no georeference") and "pixel coordinates" in warning
+    assert [line for line in result.stderr.splitlines() if not line.startswith("magseg: ")] == []
+    assert result.stderr.count("has no georeference") == 1
+    # A georeferenced raster gets none.
+    geo = write_raster(tmp_path / "geo.tif", smooth_image(3, 40, 50, seed=1))
+    assert _records(_predict(ckpt, geo, "-o", tmp_path / "out"))[0]["warnings"] == []

@@ -245,6 +245,7 @@ def predict_raster(
             result.seconds = time.perf_counter() - start
             return result
         overwrite = options.overwrite or replace
+        _warn(result, _georeference_warnings(reader), on_warning)
         if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
             with atomic_writes(todo, overwrite) as temps:
                 _from_class_map(targets["labels"], temps, segmenter, options)
@@ -372,10 +373,7 @@ def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResul
     observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
     if valid.any():
         observed.update(pixels[:, valid])
-    result.warnings = _scale_warnings(reader, observed, segmenter.config)
-    for warning in result.warnings:
-        if on_warning:
-            on_warning(warning)
+    _warn(result, _scale_warnings(reader, observed, segmenter.config), on_warning)
     if valid.any():
         return True
     height, width = reader.size
@@ -575,6 +573,25 @@ def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmente
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
                    metadata={**segmenter.provenance.tags(),
                              VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)})
+
+
+def _warn(result: PredictResult, warnings: list[str], on_warning: Callable[[str], None] | None) -> None:
+    """Add ``warnings`` to the record, and tell ``on_warning`` each at once."""
+    for warning in warnings:
+        result.warnings.append(warning)
+        if on_warning:
+            on_warning(warning)
+
+
+def _georeference_warnings(reader: RasterReader) -> list[str]:
+    """A warning for a raster that says nowhere where it lies: its outputs are in pixel
+    coordinates (GDAL and pyogrio would each print their own lines about it)."""
+    if reader.geo.georeferenced:
+        return []
+    return [f"{reader.path}: has no georeference (no CRS, transform, GCPs or RPCs), so its "
+            "outputs are in pixel coordinates, polygons included, and do not line up with other "
+            "data in a GIS; georeference the input first (e.g. gdal_translate -a_srs -a_ullr) "
+            "if they must"]
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

@@ -161,6 +161,8 @@ class _Writer:
                 # Written under a temporary name (magseg.io.atomic): GDAL's GPKG driver warns that
                 # the name does not end in .gpkg; the published file does.
                 warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+                # A class map without a CRS: predict's record says so, once.
+                warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
                 pyogrio.raw.write(
                     str(self.gdal_path), shapely.to_wkb(geometries),
                     [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
