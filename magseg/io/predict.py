@@ -52,7 +52,7 @@ from magseg.io.streaming import (
     scratch_estimate,
     scratch_space,
 )
-from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
+from magseg.io.vector import VECTOR_FORMATS, VECTOR_OPTIONS_TAG, VectorOptions, options_tag, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.segmenter import Segmenter
 
@@ -464,14 +464,6 @@ def _prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str
 # Outputs whose tags say which model made them: a file of these kinds without them is not
 # magseg's (the class names sidecar goes with the class map, and is made again with it).
 _TAGGED = {"labels", "probs", "uncertainty", "preview", "vector"}
-# The tag that records the polygon options a vector layer was made with.
-VECTOR_OPTIONS_TAG = "MAGSEG_VECTOR_OPTIONS"
-
-
-def _vector_options_tag(options: VectorOptions) -> str:
-    return json.dumps({"min_area": options.min_area, "simplify": options.simplify}, sort_keys=True)
-
-
 def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
                      mine: Provenance) -> tuple[dict[str, Path], set[str]]:
     """The outputs this run writes: all with ``--overwrite``; else those missing, and a
@@ -513,7 +505,7 @@ def _existing(kind: str, path: Path, mine: Provenance, options: PredictOptions) 
                 f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
     if kind == "vector":
         assert options.vector is not None
-        if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != _vector_options_tag(options.vector):
+        if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != options_tag(options.vector):
             return "remake"
     return "mine"
 
@@ -572,7 +564,7 @@ def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmente
         assert options.vector is not None
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
                    metadata={**segmenter.provenance.tags(),
-                             VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)})
+                             VECTOR_OPTIONS_TAG: options_tag(options.vector)})
 
 
 def _warn(result: PredictResult, warnings: list[str], on_warning: Callable[[str], None] | None) -> None:
