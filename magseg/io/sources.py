@@ -90,17 +90,20 @@ def encodable(name: Source) -> bool:
 def gdal_path(path: Source) -> Iterator[str]:
     """A name GDAL can open for the local file ``path``: ``path`` itself, or, for a name that
     is not UTF-8, a symbolic link to it with a UTF-8 name in a temporary folder, with links to
-    its sidecars (``<name>.aux.xml``, ``.msk``, ``.ovr``) beside it; removed afterwards."""
+    its sidecars beside it (``<name>.aux.xml``, ``.msk``, ``.ovr``, and world files
+    ``<stem>.tfw``, ``.pgw``...); removed afterwards."""
     if is_virtual(path) or encodable(path):
         yield os.fspath(path)
         return
     path = Path(os.path.abspath(path))
     folder = tempfile.mkdtemp(prefix="magseg-name-")
     try:
+        stem = path.name[: len(path.name) - len(path.suffix)]
         link = Path(folder) / ("file" + readable_name(path.suffix))
-        os.symlink(path, link)
-        for sidecar in path.parent.glob(glob.escape(path.name) + ".*"):
-            os.symlink(sidecar, Path(folder) / (link.name + readable_name(sidecar.name[len(path.name):])))
+        for sibling in [path, *path.parent.glob(glob.escape(stem) + ".*")]:
+            name = link.with_name("file" + readable_name(sibling.name[len(stem):]))
+            if not os.path.lexists(name):
+                os.symlink(sibling, name)
         yield str(link)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
