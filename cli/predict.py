@@ -145,6 +145,10 @@ BBOX_CRS = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bb
 AOI = typer.Option(
     None, "--aoi", metavar="FILE", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
     "pixels outside them are nodata.")
+NODATA = typer.Option(
+    None, "--nodata", help="Pixels equal to this value in every band are nodata (255 in the class "
+    "map), whatever the file declares; e.g. --nodata 0 for black padding, --nodata nan. Default: "
+    "GDAL's rule (the file's nodata value, then its mask or alpha band, else every pixel is valid).")
 BANDS = typer.Option(
     None, "--bands", metavar="B,B,...", help="1-based input bands in the model's order, e.g. 4,3,2 "
     "(default: the checkpoint's data.bands).")
@@ -196,6 +200,7 @@ def predict(
     bbox_crs: str = BBOX_CRS,
     aoi: Path = AOI,
     bands: str = BANDS,
+    nodata: float = NODATA,
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     settings: list[str] = SETTINGS,
@@ -212,7 +217,7 @@ def predict(
 
     The pyramid runs over the whole raster; the per-stage maps it keeps between stages are
     written to scratch files (--scratch-dir), so memory does not depend on the raster's
-    size. Input nodata (declared, or pixels 0 in every band when none is declared) becomes
+    size. Input nodata (the file's nodata value, mask or alpha band, or --nodata) becomes
     255. Every file is written under a temporary name and renamed when complete.
     """
     check_checkpoint(checkpoint, settings)  # before torch is imported: a missing file costs nothing
@@ -221,7 +226,7 @@ def predict(
         probs=probs, uncertainty=uncertainty, cog=cog, preview=preview, overwrite=overwrite,
         bands=bands, scratch_dir=scratch_dir, creation_options=creation_options or [],
         area=(bbox, bbox_crs, aoi), vector=vector, min_area=min_area,
-        simplify=simplify)
+        simplify=simplify, nodata=nodata)
     paths, out_dir, options = _inputs_and_outputs(inputs, out_dir, options)
     overrides = config_overrides(settings, {
         "engine.batch_size": batch_size, "engine.device": device,

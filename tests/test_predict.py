@@ -56,7 +56,7 @@ def test_pixel_local_model_labels_every_pixel_exactly(tmp_path):
     segmenter, conv = _pixel_model()
     image = smooth_image(3, 150, 170, seed=1)
     image[:, 20:30, :] = 0                            # all-zero padding -> nodata
-    path = write_raster(tmp_path / "scene.tif", image)
+    path = write_raster(tmp_path / "scene.tif", image, nodata=0)
     result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
     assert result.status == "ok" and result.crops > 100
 
@@ -106,7 +106,7 @@ def test_streamed_predict_equals_segment_on_the_whole_image_bit_for_bit(tmp_path
     valid = image.any(axis=0)
     segmenter = Segmenter(fitted.config.override([f"engine.batch_size={batch}", "engine.precision=fp32"]),
                           fitted.backbone, fitted.refiner)
-    path = write_raster(tmp_path / "scene.tif", image)
+    path = write_raster(tmp_path / "scene.tif", image, nodata=0)
     result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
     labels = read_raster(tmp_path / "out" / "scene.tif")[0][0]
     want_labels, want_probs = _in_memory(segmenter, image, valid)
@@ -234,6 +234,22 @@ def test_the_scale_warning_comes_before_any_stage(tmp_path, fitted, monkeypatch)
     assert events[0] == result.warnings[0] and events[1:] and set(events[1:]) == {"crop"}
 
 
+def test_the_scale_check_sees_only_the_pixels_that_are_segmented(tmp_path, fitted):
+    """Pixels beyond float32 (1e39 in a float64 raster) are nodata to the stages, but they
+    entered the scale check (``band 1 mean 5e+35 ... times training's``)."""
+    image = smooth_image(3, 80, 90, seed=2).astype(np.float64)
+    image[:, :4, :] = 1e39
+    path = write_raster(tmp_path / "f64.tif", image)
+    result = predict_raster(fitted, path, tmp_path / "out")
+    assert result.warnings == []
+    assert result.histogram["nodata"] == 4 * 90
+    # The same raster on another scale is still told.
+    image[:, 4:, :] *= 1000
+    result = predict_raster(fitted, write_raster(tmp_path / "big.tif", image), tmp_path / "out")
+    assert len(result.warnings) == 1 and "another scale" in result.warnings[0]
+    assert "e+35" not in result.warnings[0] and "e+36" not in result.warnings[0]
+
+
 @pytest.mark.parametrize("dtype, factor", [(np.uint16, 257.0), (np.float32, 1 / 255)])
 def test_uint16_and_float_inputs_use_the_stored_normalisation(tmp_path, fitted_checkpoint, dtype, factor):
     # The same picture stored as uint16 (x 257) or float (/ 255), with the checkpoint's
@@ -265,7 +281,7 @@ def test_declared_nodata_and_nan_become_255(tmp_path, fitted):
 
 
 def test_an_all_nodata_raster_needs_no_engine_run(tmp_path, fitted, monkeypatch):
-    path = write_raster(tmp_path / "empty.tif", np.zeros((3, 130, 140), np.uint8))
+    path = write_raster(tmp_path / "empty.tif", np.zeros((3, 130, 140), np.uint8), nodata=0)
     monkeypatch.setattr(fitted.backbone, "forward", lambda *a, **k: pytest.fail("engine ran on padding"))
     result = predict_raster(fitted, path, tmp_path / "out", PredictOptions(probs=True))
     assert result.crops == 0 and result.scratch_bytes == 0

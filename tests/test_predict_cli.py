@@ -48,11 +48,12 @@ def _records(result):
 
 def test_outputs_are_georeferenced_like_the_input_and_described_in_ndjson(tmp_path, ckpt):
     image = smooth_image(3, 150, 170, seed=1)
-    image[:, :, :5] = 0                                     # padding -> nodata
+    image[:, :, :5] = 0                                     # padding -> nodata (--nodata 0)
     big = write_raster(tmp_path / "big.tif", image)
     small = write_raster(tmp_path / "small.tif", smooth_image(3, 30, 40, seed=2))
     out = tmp_path / "out"
-    result = _predict(ckpt, big, small, "--out-dir", out, "--probs", "--uncertainty", "--preview")
+    result = _predict(ckpt, big, small, "--out-dir", out, "--probs", "--uncertainty", "--preview",
+                      "--nodata", "0")
     assert result.exit_code == 0, result.output
     records = _records(result)
     assert [r["input"] for r in records] == [str(big), str(small)]
@@ -466,3 +467,46 @@ def test_scratch_dir_reaches_the_predict_options(tmp_path, ckpt, monkeypatch):
     result = _predict(ckpt, path, "-o", tmp_path / "out2", "--scratch-dir", tmp_path / "a_file")
     assert result.exit_code == 2 and "--scratch-dir" in result.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_file_name_that_is_not_utf8_works_and_its_record_is_json(tmp_path, ckpt):
+    """A valid raster named with bytes that are not UTF-8 failed with UnicodeEncodeError
+    (rasterio encodes names as UTF-8). Every output is written, and the record is JSON
+    whose names give the file's bytes back (os.fsencode)."""
+    source = write_raster(tmp_path / "src.tif", smooth_image(3, 40, 50, seed=3))
+    name = os.fsdecode(b"sc\xe8ne\xff.tif")
+    path = tmp_path / name
+    source.rename(path)
+    out = tmp_path / "out"
+    result = _predict(ckpt, path, "-o", out, "--probs", "--preview", "--vector", "gpkg", "--cog")
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in result.stdout.encode("ascii").splitlines()]
+    assert record["status"] == "ok" and record["input"] == str(path)
+    assert os.fsencode(record["output"]) == os.fsencode(out / name)
+    stem = os.fsencode(name)[:-4]
+    made = sorted(os.fsencode(p.name) for p in out.iterdir())
+    assert made == sorted(stem + s for s in (b".gpkg", b".tif", b".tif.aux.xml", b"_preview.png",
+                                             b"_probs.tif"))
+    from magseg.io.sources import gdal_path
+
+    with gdal_path(out / name) as readable:  # rasterio itself cannot open such a name
+        assert read_raster(readable)[0].shape == (1, 40, 50)
+    again = _predict(ckpt, path, "-o", out, "--probs", "--preview", "--vector", "gpkg", "--cog")
+    assert json.loads(again.stdout)["status"] == "skipped", again.output
+
+
+def test_a_raster_without_georeference_gets_one_warning_in_its_record(tmp_path, ckpt):
+    """No CRS, transform, GCPs or RPCs: the record had no warning, and rasterio and pyogrio
+    printed their own lines on stderr instead. One warning, in the record and on stderr."""
+    path = tmp_path / "plain.png"
+    cv2.imwrite(str(path), smooth_image(3, 40, 50, seed=1).transpose(1, 2, 0))
+    result = _predict(ckpt, path, "-o", tmp_path / "out", "--probs", "--vector", "gpkg", "--cog")
+    assert result.exit_code == 0, result.output
+    (record,) = _records(result)
+    (warning,) = record["warnings"]
+    assert warning.startswith(f"{path}: has no georeference") and "pixel coordinates" in warning
+    assert [line for line in result.stderr.splitlines() if not line.startswith("magseg: ")] == []
+    assert result.stderr.count("has no georeference") == 1
+    # A georeferenced raster gets none.
+    geo = write_raster(tmp_path / "geo.tif", smooth_image(3, 40, 50, seed=1))
+    assert _records(_predict(ckpt, geo, "-o", tmp_path / "out"))[0]["warnings"] == []

@@ -40,19 +40,45 @@ def test_windowed_reads_give_back_the_pixels_in_band_order(tmp_path):
         assert reader.geo.crs == UTM33 and reader.geo.transform == TRANSFORM
 
 
-def test_all_zero_pixels_are_invalid_when_nothing_is_declared(tmp_path):
+def test_every_pixel_is_valid_when_nothing_is_declared(tmp_path):
+    """GDAL's rule: without a nodata value, mask or alpha band, every pixel is valid. Pixels
+    0 in every band were taken for nodata: a JPEG mosaic lost 3,139 of them, ragged."""
     image = smooth_image(3, 20, 20, seed=2)
-    image[:, :4, :] = 0        # padding: 0 in every band
-    image[0, 10, 10] = 0       # 0 in one band only: valid
+    image[:, :4, :] = 0        # 0 in every band: a real black pixel
     path = write_raster(tmp_path / "a.tif", image)
     with RasterReader(path) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+        assert valid.all()
+        _, valid = reader.read_overview(10)
+        assert valid.all()
+
+
+@pytest.mark.parametrize("declared", [None, 7])
+def test_a_nodata_value_given_to_the_reader_replaces_the_files(tmp_path, declared):
+    """--nodata VALUE: pixels equal to it in every band are nodata, whatever the file says."""
+    image = smooth_image(3, 20, 20, seed=2)
+    image[image == 7] = 8
+    image[:, :4, :] = 0        # padding: 0 in every band
+    image[0, 10, 10] = 0       # 0 in one band only: valid
+    image[:, 15, 15] = 7       # the file's nodata value: valid under --nodata 0
+    path = write_raster(tmp_path / "a.tif", image, nodata=declared)
+    with RasterReader(path, nodata=0) as reader:
         _, valid = reader.read(PixelWindow(0, 0, 20, 20))
     expected = np.ones((20, 20), bool)
     expected[:4] = False
     np.testing.assert_array_equal(valid, expected)
 
 
-def test_declared_nodata_wins_over_the_zero_rule(tmp_path):
+def test_a_nan_nodata_value(tmp_path):
+    image = smooth_image(2, 10, 10, seed=4).astype(np.float32)
+    image[:, 1, 1] = np.nan
+    image[0, 2, 2] = np.nan   # one band only: still invalid, as every non-finite float
+    with RasterReader(write_raster(tmp_path / "a.tif", image), nodata=float("nan")) as reader:
+        _, valid = reader.read(PixelWindow(0, 0, 10, 10))
+    assert not valid[1, 1] and not valid[2, 2] and valid.sum() == 98
+
+
+def test_declared_nodata_is_nodata_and_real_zeros_are_valid(tmp_path):
     image = smooth_image(3, 20, 20, seed=3).astype(np.int16)
     image[:, 5, :] = -9999      # nodata in every band
     image[:, 6, :] = 0          # real zeros: valid, because a nodata value is declared

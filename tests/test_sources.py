@@ -5,6 +5,7 @@ byte ranges on 127.0.0.1 that the test starts."""
 from __future__ import annotations
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -103,3 +104,29 @@ def test_predict_reads_rasters_over_http_and_a_missing_one_fails_alone(tmp_path,
                                                                     "b.qml", "b.tif", "b.tif.aux.xml"]
     labels, _ = read_raster(tmp_path / "out" / "b.tif")
     assert labels.shape == (1, 50, 40)
+
+
+def test_a_name_that_is_not_utf8_opens_with_its_sidecars(tmp_path):
+    """rasterio encodes names as UTF-8: such a name is opened through a link with a UTF-8
+    name, and the files GDAL looks for beside it (a world file, a .msk) come along."""
+    import numpy as np
+    import rasterio
+
+    from magseg.io.sources import encodable, gdal_path
+
+    name = os.fsdecode(b"sc\xe8ne")
+    image = np.full((3, 4, 5), 9, np.uint8)
+    with rasterio.open(tmp_path / "plain.png", "w", driver="PNG", width=5, height=4, count=3,
+                       dtype="uint8", transform=rasterio.Affine(2, 0, 0, 0, -2, 0)) as dst:
+        dst.write(image)
+    (tmp_path / "plain.png.aux.xml").unlink(missing_ok=True)
+    (tmp_path / "plain.png").rename(tmp_path / f"{name}.png")
+    (tmp_path / f"{name}.pgw").write_text("10\n0\n0\n-10\n500000\n4000000\n")  # the world file
+    assert not encodable(tmp_path / f"{name}.png")
+    with gdal_path(tmp_path / f"{name}.png") as readable:
+        with rasterio.open(readable) as src:
+            assert src.transform.c == 500000 - 5 and src.transform.a == 10
+            np.testing.assert_array_equal(src.read(), image)
+    assert not os.path.exists(readable)
+    with gdal_path(tmp_path / "other.tif") as same:  # a UTF-8 name is given as it is
+        assert same == str(tmp_path / "other.tif")

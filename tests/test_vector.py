@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 from xml.etree import ElementTree
+import json
+import warnings
 
 import numpy as np
 import pyogrio
@@ -116,7 +118,9 @@ def test_a_temporary_name_still_gives_one_file_of_the_format(tmp_path, fmt, monk
     temp = tmp_path / f".labels.{fmt}.123@host.partial"
     polygonize(_labels(tmp_path / "l.tif", labels), temp, NAMES, VectorOptions(format=fmt))
     assert temp.is_file() and sorted(p.name for p in tmp_path.iterdir()) == sorted(["l.tif", temp.name])
-    assert pyogrio.read_info(temp, layer=LAYER)["features"] == 3
+    with warnings.catch_warnings():  # GDAL reading a GeoPackage named .partial says so
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert pyogrio.read_info(temp, layer=LAYER)["features"] == 3
     assert VECTOR_FORMATS[fmt][0] in pyogrio.list_drivers()
 
 
@@ -223,3 +227,65 @@ def test_geopackage_is_version_1_2_and_carries_its_qgis_style(tmp_path):
     # Without colours (the library call of old), no style table.
     polygonize(tmp_path / "l.tif", tmp_path / "plain.gpkg", NAMES)
     assert STYLES_LAYER not in pyogrio.list_layers(tmp_path / "plain.gpkg")[:, 0]
+def _vectorize(*args):
+    import magseg.cli.vectorize  # noqa: F401  (registers the command)
+    from magseg.cli.app import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, ["vectorize", *map(str, args)])
+
+
+def test_vectorize_makes_predicts_layer_from_the_class_map_on_disk(tmp_path, fitted_checkpoint):
+    """`magseg vectorize LABELS.tif`: the polygons predict --vector makes, from the class map
+    alone, with the same options; a re-run skips, other options remake the layer, and a file
+    magseg did not make is in the way unless --overwrite."""
+    import json
+
+    from geotiff import smooth_image, write_raster
+
+    path = write_raster(tmp_path / "scene.tif", smooth_image(3, 90, 110, seed=5))
+    out = tmp_path / "out"
+    assert _predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg", "--min-area", "2").exit_code == 0
+    _, expected, expected_columns = _read(out / "scene.gpkg")
+
+    layers = tmp_path / "layers"
+    result = _vectorize(out / "scene.tif", "-o", layers, "--min-area", "2")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["status"] == "ok" and record["output"] == str(layers / "scene.gpkg")
+    _, polygons, columns = _read(layers / "scene.gpkg")
+    assert record["polygons"] == len(polygons) == len(expected)
+    assert sorted(columns["class_name"]) == sorted(expected_columns["class_name"])
+    assert shapely.area(polygons).sum() == pytest.approx(shapely.area(expected).sum())
+    assert sum(record["area"].values()) == pytest.approx(shapely.area(polygons).sum())
+    metadata = pyogrio.read_info(layers / "scene.gpkg", layer=LAYER)["layer_metadata"]
+    with rasterio.open(out / "scene.tif") as src:
+        assert metadata["MAGSEG_CHECKPOINT_SHA256"] == src.tags()["MAGSEG_CHECKPOINT_SHA256"]
+
+    assert json.loads(_vectorize(out / "scene.tif", "-o", layers, "--min-area", "2").stdout)["status"] == "skipped"
+    fewer = json.loads(_vectorize(out / "scene.tif", "-o", layers, "--min-area", "1e9").stdout)
+    assert fewer["status"] == "ok" and fewer["polygons"] == 0
+    assert pyogrio.read_info(layers / "scene.gpkg", layer=LAYER)["features"] == 0
+
+    (layers / "scene.fgb").write_bytes(b"not a layer")
+    refused = _vectorize(out / "scene.tif", "-o", layers, "--format", "fgb")
+    assert refused.exit_code == 1 and "is in the way" in json.loads(refused.stdout)["error"]
+    assert (layers / "scene.fgb").read_bytes() == b"not a layer"
+    replaced = _vectorize(out / "scene.tif", "-o", layers, "--format", "fgb", "--overwrite")
+    assert replaced.exit_code == 0 and (layers / "scene.fgb").is_file()
+    assert pyogrio.read_info(layers / "scene.fgb", layer=LAYER)["features"] == len(expected)
+
+
+def test_vectorize_refuses_what_is_not_a_class_map_alone(tmp_path):
+    from geotiff import smooth_image, write_raster
+
+    image = write_raster(tmp_path / "image.tif", smooth_image(3, 20, 20))
+    labels = _labels(tmp_path / "l.tif", np.array([[0, 1], [1, 1]], np.uint8))
+    result = _vectorize(image, labels)
+    assert result.exit_code == 1
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["status"] == "failed" and "not a class map" in first["error"]
+    assert second["status"] == "ok" and (tmp_path / "l.gpkg").is_file()
+    assert "1 of 2 class map(s) failed" in result.stderr
+    missing = _vectorize(tmp_path / "missing.tif")
+    assert missing.exit_code == 1 and "no such file" in json.loads(missing.stdout)["error"]

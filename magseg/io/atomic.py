@@ -51,7 +51,17 @@ def partial_path(target: str | Path) -> Path:
     """The temporary name used while ``target`` is being written:
     ``.<name>.<pid>@<host>.partial``."""
     target = Path(target)
-    return target.with_name(f".{target.name}.{os.getpid()}@{_host()}{PARTIAL_SUFFIX}")
+    return target.with_name(f".{_temporary_stem(target.name)}.{os.getpid()}@{_host()}{PARTIAL_SUFFIX}")
+
+
+def _temporary_stem(name: str) -> str:
+    """``name`` in temporary names: as it is, or, when its bytes are not UTF-8 (GDAL and
+    pyogrio cannot be given such a name), with those bytes as ``#xx``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(f"#{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in name)
+    return name
 
 
 def _running(pid: int) -> bool:
@@ -76,7 +86,7 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
         the removed paths.
     """
     target = Path(target)
-    prefix, host = f".{target.name}.", _host()
+    prefix, host = f".{_temporary_stem(target.name)}.", _host()
     removed = []
     for path in target.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX + "*"):
         owner, _, after = path.name[len(prefix):].rpartition(PARTIAL_SUFFIX)
@@ -220,7 +230,8 @@ def _is_ours(path: str | Path | None, target: Path) -> bool:
         return True
     path = Path(os.fsdecode(path))
     return (path == target or path.parent == target.parent
-            and path.name.startswith(f".{target.name}.") and path.name.endswith(PARTIAL_SUFFIX))
+            and path.name.startswith(f".{_temporary_stem(target.name)}.")
+            and path.name.endswith(PARTIAL_SUFFIX))
 
 
 def _describe(target: Path, tmp: Path, exc: BaseException) -> WriteError:
@@ -234,7 +245,8 @@ def _describe(target: Path, tmp: Path, exc: BaseException) -> WriteError:
             f"elsewhere) and run again; {kept}"
         )
     # The temporary files' names mean nothing to a reader: the message names the target.
-    temporary = re.escape(f"{target.parent}{os.sep}.{target.name}.") + r"\S*?" + re.escape(PARTIAL_SUFFIX)
+    temporary = (re.escape(f"{target.parent}{os.sep}.{_temporary_stem(target.name)}.") + r"\S*?"
+                 + re.escape(PARTIAL_SUFFIX))
     detail = re.sub(temporary + ": ", "", str(exc))
     detail = re.sub(temporary, "the temporary file", detail)
     return WriteError(f"{target}: not written ({detail}); {kept}")

@@ -92,15 +92,17 @@ def output_tags(path: str | Path, layer: str = "classes") -> dict[str, str] | No
     GeoJSON keeps none: ``{}``). None when the file does not open as that kind at all."""
     import warnings
 
+    from magseg.io.sources import gdal_path
+
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gdal_path(path) as name:
             warnings.simplefilter("ignore")
             if suffix in (".tif", ".tiff"):
                 import rasterio
 
-                with rasterio.open(path) as src:
+                with rasterio.open(name) as src:
                     return dict(src.tags())
             if suffix == ".png":
                 from PIL import Image
@@ -110,6 +112,6 @@ def output_tags(path: str | Path, layer: str = "classes") -> dict[str, str] | No
                     return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
             import pyogrio
 
-            return dict(pyogrio.read_info(path, layer=layer).get("layer_metadata") or {})
+            return dict(pyogrio.read_info(name, layer=layer).get("layer_metadata") or {})
     except Exception:  # noqa: BLE001  whatever the library: it is not such a file
         return None

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from rasterio.windows import transform as window_transform
 
 from magseg.errors import ConfigError, RasterError, RasterWriteError
 from magseg.io.aoi import AreaOfInterest, inside
-from magseg.io.sources import gdal_name, is_virtual
+from magseg.io.sources import gdal_name, gdal_path, is_virtual
 
 
 def open_raster(path: str | Path):
@@ -49,12 +50,18 @@ def open_raster(path: str | Path):
         raise RasterError(f"{path}: is a directory, not a raster")
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes), not a raster")
+    # A name that is not UTF-8 is opened through a link with a UTF-8 name (gdal_path),
+    # kept while the dataset lives.
+    names = contextlib.ExitStack()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            dataset = rasterio.open(names.enter_context(gdal_path(path)))
     except RasterioIOError as exc:
+        names.close()
         raise RasterError(f"{path}: not a readable raster ({exc})") from None
+    weakref.finalize(dataset, names.close)
+    return dataset
 
 
 def select_bands(path: str | Path, count: int, bands: tuple[int, ...] | None) -> list[int]:
@@ -164,8 +171,11 @@ class RasterReader:
         RasterError: missing, empty or not a raster; bands out of range.
     """
 
-    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+    def __init__(self, path: str | Path, bands: Sequence[int] | None = None,
+                 nodata: float | None = None):
         self.path = path if is_virtual(path) else Path(path)
+        # A nodata value the user declares (--nodata), over whatever the file declares.
+        self.nodata = nodata
         self._src = open_raster(self.path)
         # The part of the file this reader shows (restrict): its top-left and the AOI's
         # polygons in the raster's CRS; the whole file by default.
@@ -244,9 +254,11 @@ class RasterReader:
     def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``(C, h, w)`` in the file's dtype and a validity mask ``(h, w)`` bool.
 
-        Invalid (nodata) pixels: those the file declares invalid (nodata value on every band,
-        alpha 0, internal mask); when it declares nothing, pixels that are 0 on every band
-        (the black padding around a reprojected scene). Non-finite floats are always invalid.
+        Invalid (nodata) pixels, by GDAL's rule: those the file declares invalid (a nodata
+        value on every band, alpha 0, an internal or ``.msk`` mask); when it declares nothing,
+        none. A ``nodata`` given to the reader replaces what the file declares: pixels equal
+        to it on every band (NaN: NaN on every band) are invalid. Non-finite floats are
+        always invalid.
 
         Raises:
             RasterError: truncated or corrupt data.
@@ -269,10 +281,13 @@ class RasterReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 pixels = self._src.read(self.bands, window=win, out_shape=out_shape)
-                if self._declared_mask:
+                if self.nodata is not None:
+                    nodata = np.isnan(pixels) if np.isnan(self.nodata) else pixels == self.nodata
+                    valid = ~nodata.all(axis=0)
+                elif self._declared_mask:
                     valid = self._src.read_masks(self.bands, window=win, out_shape=out_shape).any(axis=0)
                 else:
-                    valid = (pixels != 0).any(axis=0)
+                    valid = np.ones(shape, bool)
         except RasterioIOError as exc:
             raise RasterError(
                 f"{self.path}: cannot read pixels, file is truncated or corrupt ({exc})"

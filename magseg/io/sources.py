@@ -9,7 +9,12 @@ no. So names are kept as strings, and only these functions look inside them.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -63,3 +68,42 @@ def stem(name: Source) -> str:
 def source_key(name: Source) -> str:
     """One key per raster, to drop duplicates from an input list."""
     return gdal_name(name) if is_virtual(name) else os.path.abspath(name)
+
+
+def readable_name(name: Source) -> str:
+    """``name`` as text that can be encoded anywhere (GeoTIFF tags, a PNG title): a file
+    name's bytes that are not UTF-8 (Python keeps them as surrogates) become U+FFFD."""
+    return os.fsencode(os.fspath(name)).decode("utf-8", "replace")
+
+
+def encodable(name: Source) -> bool:
+    """Whether GDAL can be given ``name``: rasterio and pyogrio encode names as UTF-8, and a
+    file name whose bytes are not UTF-8 fails there (UnicodeEncodeError)."""
+    try:
+        os.fspath(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def gdal_path(path: Source) -> Iterator[str]:
+    """A name GDAL can open for the local file ``path``: ``path`` itself, or, for a name that
+    is not UTF-8, a symbolic link to it with a UTF-8 name in a temporary folder, with links to
+    its sidecars beside it (``<name>.aux.xml``, ``.msk``, ``.ovr``, and world files
+    ``<stem>.tfw``, ``.pgw``...); removed afterwards."""
+    if is_virtual(path) or encodable(path):
+        yield os.fspath(path)
+        return
+    path = Path(os.path.abspath(path))
+    folder = tempfile.mkdtemp(prefix="magseg-name-")
+    try:
+        stem = path.name[: len(path.name) - len(path.suffix)]
+        link = Path(folder) / ("file" + readable_name(path.suffix))
+        for sibling in [path, *path.parent.glob(glob.escape(stem) + ".*")]:
+            name = link.with_name("file" + readable_name(sibling.name[len(stem):]))
+            if not os.path.lexists(name):
+                os.symlink(sibling, name)
+        yield str(link)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

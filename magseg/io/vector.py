@@ -167,6 +167,8 @@ class _Writer:
                 # Written under a temporary name (magseg.io.atomic): GDAL's GPKG driver warns that
                 # the name does not end in .gpkg; the published file does.
                 warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+                # A class map without a CRS: predict's record says so, once.
+                warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
                 pyogrio.raw.write(
                     str(self.gdal_path), shapely.to_wkb(geometries),
                     [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
@@ -220,9 +222,12 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
 
 def _open_class_map(labels: str | Path) -> rasterio.DatasetReader:
     """The class map opened for reading; VectorError when rasterio cannot open it."""
+    from magseg.errors import RasterError
+    from magseg.io.raster import open_raster
+
     try:
-        return rasterio.open(labels)
-    except rasterio.errors.RasterioIOError as exc:
+        return open_raster(labels)  # also a name that is not UTF-8
+    except RasterError as exc:
         raise VectorError(f"cannot read class map {labels}: {exc}") from exc
 
 
@@ -368,3 +373,99 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
     if colors is not None and driver == "GPKG":
         _write_style(Path(out), vector_style(class_names, colors))
     return summary
+
+
+# The layer metadata that records the polygon options a layer was made with (predict and
+# ``magseg vectorize`` make a layer again when they differ).
+VECTOR_OPTIONS_TAG = "MAGSEG_VECTOR_OPTIONS"
+
+
+def options_tag(options: VectorOptions) -> str:
+    """``VECTOR_OPTIONS_TAG``'s value for ``options`` (the format is the file's suffix)."""
+    import json
+
+    return json.dumps({"min_area": options.min_area, "simplify": options.simplify}, sort_keys=True)
+
+
+def class_names(tags: Mapping[str, str]) -> list[str]:
+    """The class names of a class map from its tags (predict writes ``MAGSEG_CLASSES``, and
+    ``CLASS_<id>`` for other tools); none when it has neither (ids are then the names)."""
+    import json
+
+    try:
+        classes = json.loads(tags.get("MAGSEG_CLASSES", "[]"))
+        names = {int(c["id"]): str(c["name"]) for c in classes}
+    except (ValueError, TypeError, KeyError):
+        names = {}
+    names = names or {int(k[6:]): v for k, v in tags.items() if k.startswith("CLASS_") and k[6:].isdigit()}
+    return [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
+
+
+@dataclass
+class VectorizeResult:
+    """One class map's outcome in ``magseg vectorize``: ``status`` ``ok``, ``skipped`` (the
+    layer there was made from this class map with these options) or ``failed``."""
+
+    input: Path
+    output: Path
+    status: str
+    seconds: float = 0.0
+    polygons: int | None = None
+    area: dict[str, float] | None = None  # per class name, CRS units squared
+    error: str | None = None
+
+    def to_record(self) -> dict:
+        return {"input": str(self.input), "output": str(self.output), "status": self.status,
+                "seconds": round(self.seconds, 3), "polygons": self.polygons, "area": self.area,
+                "error": self.error}
+
+
+def vectorize(labels: str | Path, out_dir: str | Path | None, options: VectorOptions,
+              overwrite: bool = False) -> VectorizeResult:
+    """The polygons of the class map ``labels`` as ``<out_dir>/<stem><suffix>`` (beside the
+    class map when ``out_dir`` is None), with the class map's provenance tags and the
+    options in the layer's metadata, written atomically (magseg.io.atomic).
+
+    An existing layer made from this class map (same provenance) with the same options is
+    kept (``skipped``); one magseg made otherwise is replaced; any other file there fails
+    the class map unless ``overwrite``.
+
+    Raises:
+        MagsegError: the class map cannot be read, the file is in the way, or it cannot be
+            written (WriteError).
+    """
+    import time
+
+    from magseg.io.atomic import atomic_write
+    from magseg.io.provenance import Provenance, output_tags
+
+    start = time.perf_counter()
+    labels = Path(labels)
+    target = Path(out_dir or labels.parent) / (labels.stem + VECTOR_FORMATS[options.format][1])
+    result = VectorizeResult(labels, target, "ok")
+    with _open_class_map(labels) as src:
+        tags = dict(src.tags())
+        if src.count != 1 or src.dtypes[0] not in ("uint8", "uint16", "int16", "int32", "uint32"):
+            raise VectorError(f"{labels}: not a class map (one band of integer class ids); it has "
+                              f"{src.count} band(s) of {src.dtypes[0]}")
+    provenance = Provenance.from_tags(tags)
+    metadata = {**(provenance.tags() if provenance else {}), VECTOR_OPTIONS_TAG: options_tag(options)}
+    replace = overwrite
+    if target.exists() and not overwrite:
+        theirs = output_tags(target)
+        if theirs is None or VECTOR_OPTIONS_TAG not in theirs:
+            raise VectorError(f"{target} is in the way: it is not a layer magseg made; move it away, "
+                              "or pass --overwrite to replace it")
+        if all(theirs.get(k) == v for k, v in metadata.items()):
+            result.status = "skipped"
+            result.seconds = time.perf_counter() - start
+            return result
+        replace = True  # magseg's layer, of another class map or with other options
+    Path(target.parent).mkdir(parents=True, exist_ok=True)
+    names = class_names(tags)
+    with atomic_write(target, replace) as temporary:
+        summary = polygonize(labels, temporary, names, options, metadata=metadata)
+    result.polygons = summary.polygons
+    result.area = {(names[i] if i < len(names) else str(i)): a for i, a in sorted(summary.area.items())}
+    result.seconds = time.perf_counter() - start
+    return result

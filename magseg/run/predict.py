@@ -45,8 +45,8 @@ from magseg.io.raster import (
     write_categories,
     write_raster_style,
 )
+from magseg.io.sources import base_name, is_virtual, readable_name
 from magseg.run.seam_record import finest_seam_scores
-from magseg.io.sources import base_name, is_virtual
 from magseg.io.sources import stem as source_stem
 from magseg.run.streaming import (
     PoolStages,
@@ -56,7 +56,7 @@ from magseg.run.streaming import (
     scratch_estimate,
     scratch_space,
 )
-from magseg.io.vector import VECTOR_FORMATS, VectorOptions, polygonize
+from magseg.io.vector import VECTOR_FORMATS, VECTOR_OPTIONS_TAG, VectorOptions, options_tag, polygonize
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 from magseg.run.pools import Pool
 from magseg.segmenter import Segmenter
@@ -107,6 +107,8 @@ class PredictOptions:
     # Only this area: read, segmented and written over its window (magseg.io.aoi).
     aoi: AreaOfInterest | None = None
     scratch_dir: Path | None = None
+    # --nodata: pixels equal to it on every band are nodata, whatever the file declares.
+    nodata: float | None = None
 
 
 @dataclass
@@ -244,7 +246,7 @@ def predict_raster(
                            runtime=segmenter.runtime)
     _remove_leftovers(_possible_outputs(path, out_dir, options), options.scratch_dir)
     todo, replace = _prepare_outputs(path, out_dir, targets, options, segmenter)
-    with io_env(), RasterReader(path) as reader:
+    with io_env(), RasterReader(path, nodata=options.nodata) as reader:
         if options.aoi is not None:
             reader.restrict(options.aoi)
         result.height, result.width = reader.size
@@ -253,6 +255,7 @@ def predict_raster(
             result.seconds = time.perf_counter() - start
             return result
         overwrite = options.overwrite or replace
+        _warn(result, _georeference_warnings(reader), on_warning)
         if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
             with atomic_writes(todo, overwrite) as temps:
                 _from_class_map(targets["labels"], temps, segmenter, options)
@@ -357,7 +360,7 @@ def _run(
                 convert_to_cog(tiled[kind], temps[kind], _COG_RESAMPLING[kind],
                                dict(options.creation_options))
         if preview is not None:
-            preview.save(temps["preview"], config.classes, title=base_name(reader.path),
+            preview.save(temps["preview"], config.classes, title=readable_name(base_name(reader.path)),
                          metadata=segmenter.provenance.tags())
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
@@ -376,13 +379,12 @@ def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResul
     Returns whether the raster has any valid pixel (a decimated read that finds none is
     confirmed at full resolution, so a small valid area is never missed)."""
     pixels, valid = reader.read_overview(_OVERVIEW_SIDE)
+    if pixels.dtype.kind == "f":  # valid as the stages see it: finite once normalised
+        valid &= torch.isfinite(segmenter.normalize(pixels)).all(dim=0).numpy()
     observed = ChannelStats(reader.count)  # the valid pixels' statistics, raw units
     if valid.any():
         observed.update(pixels[:, valid])
-    result.warnings = _scale_warnings(reader, observed, segmenter.config)
-    for warning in result.warnings:
-        if on_warning:
-            on_warning(warning)
+    _warn(result, _scale_warnings(reader, observed, segmenter.config), on_warning)
     if valid.any():
         return True
     height, width = reader.size
@@ -481,14 +483,6 @@ def _prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str
 # Outputs whose tags say which model made them: a file of these kinds without them is not
 # magseg's (the class names sidecar goes with the class map, and is made again with it).
 _TAGGED = {"labels", "probs", "uncertainty", "preview", "vector"}
-# The tag that records the polygon options a vector layer was made with.
-VECTOR_OPTIONS_TAG = "MAGSEG_VECTOR_OPTIONS"
-
-
-def _vector_options_tag(options: VectorOptions) -> str:
-    return json.dumps({"min_area": options.min_area, "simplify": options.simplify}, sort_keys=True)
-
-
 def _outputs_to_make(targets: Mapping[str, Path], options: PredictOptions,
                      mine: Provenance) -> tuple[dict[str, Path], set[str]]:
     """The outputs this run writes: all with ``--overwrite``; else those missing, and a
@@ -531,7 +525,7 @@ def _existing(kind: str, path: Path, mine: Provenance, options: PredictOptions) 
                 f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
     if kind == "vector":
         assert options.vector is not None
-        if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != _vector_options_tag(options.vector):
+        if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != options_tag(options.vector):
             return "remake"
     return "mine"
 
@@ -593,8 +587,27 @@ def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmente
         assert options.vector is not None
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
                    metadata={**segmenter.provenance.tags(),
-                             VECTOR_OPTIONS_TAG: _vector_options_tag(options.vector)},
+                             VECTOR_OPTIONS_TAG: options_tag(options.vector)},
                    colors=[tuple(c.color) for c in classes])
+
+
+def _warn(result: PredictResult, warnings: list[str], on_warning: Callable[[str], None] | None) -> None:
+    """Add ``warnings`` to the record, and tell ``on_warning`` each at once."""
+    for warning in warnings:
+        result.warnings.append(warning)
+        if on_warning:
+            on_warning(warning)
+
+
+def _georeference_warnings(reader: RasterReader) -> list[str]:
+    """A warning for a raster that says nowhere where it lies: its outputs are in pixel
+    coordinates (GDAL and pyogrio would each print their own lines about it)."""
+    if reader.geo.georeferenced:
+        return []
+    return [f"{reader.path}: has no georeference (no CRS, transform, GCPs or RPCs), so its "
+            "outputs are in pixel coordinates, polygons included, and do not line up with other "
+            "data in a GIS; georeference the input first (e.g. gdal_translate -a_srs -a_ullr) "
+            "if they must"]
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:
@@ -632,7 +645,7 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
             "MAGSEG_CLASSES": json.dumps(
                 [{"id": c.id, "name": c.name, "color": list(c.color)} for c in config.classes]
             ),
-            "MAGSEG_SOURCE": base_name(reader.path),
+            "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
             **{f"CLASS_{c.id}": c.name for c in config.classes},
         }
         return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, tags=tags,
@@ -641,10 +654,10 @@ def _writer(kind: str, path: Path, reader: RasterReader, config: Config,
     if kind == "probs":
         return RasterWriter(path, reader.size, len(names), geo, nodata=NODATA, mask=True,
                             descriptions=names, scale=1 / VALUE_MAX,
-                            tags={"MAGSEG_VALUES": f"probability x {VALUE_MAX}", "MAGSEG_SOURCE": base_name(reader.path),
+                            tags={"MAGSEG_VALUES": f"probability x {VALUE_MAX}", "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
                                   **provenance}, creation_options=creation_options)
     return RasterWriter(path, reader.size, 1, geo, nodata=NODATA, mask=True,
                         descriptions=["uncertainty"], scale=1 / VALUE_MAX,
                         tags={"MAGSEG_VALUES": f"(1 - certainty) x {VALUE_MAX}; certainty = top-1 minus "
-                              "top-2 probability", "MAGSEG_SOURCE": base_name(reader.path),
+                              "top-2 probability", "MAGSEG_SOURCE": readable_name(base_name(reader.path)),
                               **provenance}, creation_options=creation_options)

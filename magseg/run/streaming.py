@@ -216,12 +216,13 @@ def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: s
 
 
 def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest | None,
-              job: BatchJob, wants_probs: bool) -> list[tuple[list[CropBox], np.ndarray, np.ndarray | None]]:
+              job: BatchJob, wants_probs: bool, nodata: float | None = None
+              ) -> list[tuple[list[CropBox], np.ndarray, np.ndarray | None]]:
     """A worker's side of one ``BatchJob`` of a raster: opens the raster as the driver shows
     it (bands, area of interest), does the job, and returns what goes to the outputs
     (``(boxes, labels, probs)`` per batch; nothing for a stage map, written to shared storage)."""
     config = segmenter.config
-    with io_env(), RasterReader(path) as reader:
+    with io_env(), RasterReader(path, nodata=nodata) as reader:
         if aoi is not None:
             reader.restrict(aoi)
         reader.select(bands)
@@ -248,7 +249,8 @@ class PoolStages:
         self.sink, self.on_crops = sink, on_crops
 
     def __call__(self, jobs: list[BatchJob], picked_map: Tensor | None = None) -> None:
-        tasks = [(self.path, self.bands, self.aoi, job, self.sink.wants_probs) for job in jobs]
+        nodata = self.sink.source.reader.nodata
+        tasks = [(self.path, self.bands, self.aoi, job, self.sink.wants_probs, nodata) for job in jobs]
 
         def lost(task: tuple, reason: str):
             raise MagsegError(f"{self.path}: a stage's crops were lost ({reason}); run it again")
