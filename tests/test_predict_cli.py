@@ -485,7 +485,7 @@ def test_a_file_name_that_is_not_utf8_works_and_its_record_is_json(tmp_path, ckp
     assert os.fsencode(record["output"]) == os.fsencode(out / name)
     stem = os.fsencode(name)[:-4]
     made = sorted(os.fsencode(p.name) for p in out.iterdir())
-    assert made == sorted(stem + s for s in (b".gpkg", b".tif", b".tif.aux.xml", b"_preview.png",
+    assert made == sorted(stem + s for s in (b".gpkg", b".qml", b".tif", b".tif.aux.xml", b"_preview.png",
                                              b"_probs.tif"))
     from magseg.io.sources import gdal_path
 
