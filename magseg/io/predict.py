@@ -32,6 +32,7 @@ from magseg.engine.stages import StageRun, run_stages
 from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import atomic_writes, fresh_partial_path
+from magseg.io.clip import ClipSink, clip_stages
 from magseg.io.provenance import Provenance
 from magseg.io.raster import (
     NODATA,
@@ -389,8 +390,20 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
     """``run_stages`` over the raster, the stage maps in ``scratch``; with ``pool``, each
     stage's crop batches run on its workers (``PoolStages``)."""
     config = segmenter.config
+    with contextlib.ExitStack() as stack:
+        plan = None
+        if options.aoi is not None:  # a clip of the whole raster's result (magseg.io.clip)
+            source, plan, window = stack.enter_context(clip_stages(source.reader, config, segmenter.normalize))
+            sink = ClipSink(sink, window)
+        _run_stages(segmenter, source, sink, scratch, result, on_window, options, pool, plan)
+
+
+def _run_stages(segmenter: Segmenter, source: RasterSource, sink, scratch: Scratch, result: PredictResult,
+                on_window: Callable[[int, int], None] | None, options: PredictOptions, pool, plan) -> None:
+    config = segmenter.config
     sizes = config.pyramid.stage_sizes(source.size)
-    total = sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes)
+    total = (sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes) if plan is None
+             else plan.crops)
 
     def on_crops(n: int) -> None:
         result.crops += n
@@ -401,10 +414,12 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
     execute = None
     if pool is not None:
-        execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, sink, on_crops)
+        # A clip's workers read the whole raster (plan is not None), as the engine here does.
+        aoi = options.aoi if plan is None else None
+        execute = PoolStages(pool, source.reader.path, source.reader.bands, aoi, sink, on_crops)
     try:
         with torch.inference_mode():
-            run_stages(run, source, scratch.new_map, sink, execute=execute)
+            run_stages(run, source, scratch.new_map, sink, execute=execute, plan=plan)
     except OSError as exc:
         if not str(exc.filename or "").startswith(str(scratch.directory)):
             raise

@@ -221,6 +221,12 @@ class RasterReader:
         return self._extent
 
     @property
+    def origin(self) -> tuple[int, int]:
+        """``(row, col)`` of the shown part's top-left pixel in the file ((0, 0) unless
+        ``restrict``ed)."""
+        return self._origin
+
+    @property
     def count(self) -> int:
         """Number of bands read (after band selection)."""
         return len(self.bands)
