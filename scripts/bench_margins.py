@@ -40,6 +40,10 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in v.split(":")) for v in text.split(",") if v.strip()]
+
+
 def backbone_pixels(pyramid, size) -> int:
     """Stage pixels the backbone reads for an image of ``size``, margins included (every
     crop of every stage)."""
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--margins", type=_ints, default=[0, 8, 16, 32], help="pyramid.margin values, stage pixels")
     parser.add_argument("--borders", type=_ints, default=[8, 16], help="refine.border values (with margin 0)")
+    parser.add_argument("--both", type=_pairs, default=[], help="margin:border pairs, e.g. 16:8,32:8")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Segmenter.from_checkpoint(args.checkpoint, ["engine.precision=fp32"])
     config = base.config
-    settings = [(m, 0) for m in args.margins] + [(0, b) for b in args.borders]
+    settings = [(m, 0) for m in args.margins] + [(0, b) for b in args.borders] + list(args.both)
     runs = {}
     for margin, border in settings:
         pyramid = dataclasses.replace(config.pyramid, margin=margin)

@@ -345,7 +345,9 @@ def _run(
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
-        result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid)
+        whole = None if options.aoi is None else (reader.file_size, reader.origin)  # a clip's grid
+        result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid,
+                                               whole=whole)
     return sink.counts
 
 
