@@ -7,7 +7,8 @@
     last stage    labels (and probabilities, uncertainty, preview) straight into the outputs
     finished files are renamed into place (and converted to COG when asked)
 
-The result is ``segment`` on the whole image, bit for bit, without windows or seams. Memory
+The result is ``segment`` on the whole image, bit for bit, without windows to stitch (an
+AOI is a clip of it, magseg.io.clip; crop borders inside a stage: pyramid.margin). Memory
 holds a few crop batches and GDAL's bounded block cache (magseg.io.raster.io_env), whatever
 the raster's size; the scratch space grows with it (``scratch_bytes`` in the record).
 """
