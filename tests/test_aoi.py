@@ -1,5 +1,6 @@
-"""Area-of-interest predict: --bbox (in the raster's CRS or another) and --aoi polygons read,
-segment and write only their window; pixels outside the polygons are nodata."""
+"""Area-of-interest predict: --bbox (in the raster's CRS or another) and --aoi polygons write
+only their window, whose labels are the whole raster's there (a clip: only the crops the
+window depends on run); pixels outside the polygons are nodata."""
 
 from __future__ import annotations
 
@@ -34,21 +35,23 @@ def _records(result):
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_a_bbox_predicts_exactly_the_raster_cut_to_it(tmp_path, fitted_checkpoint):
+def test_a_bbox_is_a_clip_of_the_whole_rasters_labels(tmp_path, fitted_checkpoint):
     path = write_raster(tmp_path / "scene.tif", IMAGE)
-    result = _predict(fitted_checkpoint, path, "-o", tmp_path / "aoi", "--bbox", f"{X0},{Y1},{X1},{Y0}")
+    fp32 = ("--set", "engine.precision=fp32")
+    result = _predict(fitted_checkpoint, path, "-o", tmp_path / "aoi", "--bbox", f"{X0},{Y1},{X1},{Y0}", *fp32)
     assert result.exit_code == 0, result.output
     [record] = _records(result)
     assert (record["height"], record["width"]) == (20, 30)
     labels, profile = read_raster(tmp_path / "aoi" / "scene.tif")
     window = Window(20, 10, 30, 20)
     assert profile["transform"] == window_transform(window, TRANSFORM) and profile["crs"] == UTM33
-    # The same pixels written as a raster of their own give the same labels: only the window
-    # was read and segmented.
-    cut = write_raster(tmp_path / "cut.tif", IMAGE[:, 10:30, 20:50],
-                       transform=window_transform(window, TRANSFORM))
-    assert _predict(fitted_checkpoint, cut, "-o", tmp_path / "cut").exit_code == 0
-    np.testing.assert_array_equal(labels, read_raster(tmp_path / "cut" / "cut.tif")[0])
+    # The whole raster's labels on those pixels, bit for bit: the window was segmented as
+    # part of the whole raster (its stages' crops and context), not as a scene of its own.
+    whole = _predict(fitted_checkpoint, path, "-o", tmp_path / "whole", *fp32)
+    assert whole.exit_code == 0, whole.output
+    np.testing.assert_array_equal(labels[0], read_raster(tmp_path / "whole" / "scene.tif")[0][0, 10:30, 20:50])
+    # Only the crops the window depends on ran.
+    assert 0 < record["crops"] < _records(whole)[0]["crops"]
 
 
 def test_a_bbox_in_another_crs_covers_the_area_it_names(tmp_path, fitted_checkpoint):
@@ -79,6 +82,11 @@ def test_aoi_polygons_leave_everything_outside_them_nodata(tmp_path, fitted_chec
     centre_inside = shapely.contains_xy(triangle, xs, ys)
     assert (labels[0][~centre_inside] == NODATA).all()
     assert (labels[0][centre_inside] != NODATA).all()
+    # Inside the polygons: the whole raster's labels (the engine saw the pixels outside them).
+    whole = _predict(fitted_checkpoint, path, "-o", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    want = read_raster(tmp_path / "whole" / "scene.tif")[0][0, 10:30, 20:50]
+    np.testing.assert_array_equal(labels[0][centre_inside], want[centre_inside])
 
 
 def test_an_aoi_outside_the_raster_fails_that_input_alone(tmp_path, fitted_checkpoint):

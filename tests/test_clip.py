@@ -94,3 +94,31 @@ def test_a_small_window_runs_few_crops_and_adaptive_runs_all(tiny_segmenter):
     labels, _ = segment_window(image, tiny_segmenter.backbone, pyramid, (100, 90, 30, 40), refine=refine,
                                engine=engine)
     assert torch.equal(labels, whole.labels[100:130, 90:130])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_predict_with_a_bbox_equals_segment_of_the_whole_raster_on_it(tmp_path, fitted_checkpoint, seed):
+    from geotiff import TRANSFORM, read_raster, smooth_image, write_raster
+
+    from magseg.io.aoi import AreaOfInterest
+    from magseg.run.predict import PredictOptions, predict_raster
+    from magseg.segmenter import Segmenter
+
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(40, 200)), int(rng.integers(40, 200)))
+    h, w = int(rng.integers(1, size[0] // 2)), int(rng.integers(1, size[1] // 2))
+    top, left = int(rng.integers(0, size[0] - h)), int(rng.integers(0, size[1] - w))
+    fitted = Segmenter.from_checkpoint(fitted_checkpoint)
+    segmenter = Segmenter(fitted.config.override(["engine.precision=fp32", f"engine.batch_size={1 + seed}",
+                                                  f"pyramid.margin={[0, 4][seed % 2]}"]),
+                          fitted.backbone, fitted.refiner)
+    image = smooth_image(3, *size, cell=16, seed=seed)
+    path = write_raster(tmp_path / "scene.tif", image)
+    (x0, y0), (x1, y1) = TRANSFORM @ (left + 0.25, top + 0.25), TRANSFORM @ (left + w - 0.25, top + h - 0.25)
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    aoi = AreaOfInterest(({"type": "Polygon", "coordinates": [ring]},))
+    result = predict_raster(segmenter, path, tmp_path / "out", PredictOptions(aoi=aoi))
+    assert (result.height, result.width) == (h, w)
+    labels = read_raster(tmp_path / "out" / "scene.tif")[0][0]
+    whole = segmenter.segment(segmenter.normalize(image)).labels.numpy()
+    np.testing.assert_array_equal(labels, whole[top : top + h, left : left + w])

@@ -46,3 +46,21 @@ def test_predict_records_the_finest_stages_seam_score(tmp_path, make_checkpoint)
     # Read back in strips of any height: the same.
     again = finest_seam_scores(record["output"], record["outputs"]["uncertainty"], (150, 170), pyramid, strip=7)
     assert again == seam
+
+
+def test_a_clips_seam_score_uses_the_whole_rasters_grid(tmp_path, make_checkpoint):
+    import rasterio
+
+    ckpt = make_checkpoint(SMALL_SCENE)
+    pyramid = load_checkpoint(ckpt).config.pyramid
+    assert pyramid.stage_sizes((64, 64))[-1] == (32, 32)  # tiny.yaml's scene is 128: crops of 16
+    labels = np.random.default_rng(0).integers(0, 3, (40, 50)).astype(np.uint8)
+    path = tmp_path / "clip.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=40, width=50, count=1, dtype="uint8") as dst:
+        dst.write(labels, 1)
+    # A 40 x 50 clip at (10, 7) of a 64 x 64 raster: the finest grid's border at stage pixel
+    # 16 is image pixel 32, clip row 22 and column 25.
+    got = finest_seam_scores(path, None, (40, 50), pyramid, whole=((64, 64), (10, 7)))
+    tally = SeamTally()
+    tally.add(line_changes(labels), [22], [25])
+    assert got["stage"] == [32, 32] and got["labels"] == pytest.approx(tally.score(), abs=1e-4)

@@ -150,8 +150,9 @@ def _config_summary(config: Config) -> dict[str, Any]:
         "model": {"arch": config.model.arch, "encoder": config.model.encoder},
         "refiner": dataclasses.asdict(config.refiner),
         "pyramid": {"scales": [list(s) for s in config.pyramid.scales], "crop": list(config.pyramid.crop),
-                    "input": list(config.pyramid.input), "scene": list(config.pyramid.scene)},
-        "refine": {"points": config.refine.points, "kernel": config.refine.kernel},
+                    "input": list(config.pyramid.input), "scene": list(config.pyramid.scene),
+                    "margin": config.pyramid.margin, "margin_pixels": list(config.pyramid.margin_pixels)},
+        "refine": {"points": config.refine.points, "kernel": config.refine.kernel, "border": config.refine.border},
         "engine": {"batch_size": config.engine.batch_size, "device": config.engine.device,
                    "precision": config.engine.precision},
     }
@@ -322,6 +323,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Checkpoint `{report['checkpoint']}`, {report['images']} image(s), "
         f"pyramid {' -> '.join('x'.join(map(str, s)) for s in report['config']['pyramid']['scales'])}, "
         f"crop {'x'.join(map(str, report['config']['pyramid']['crop']))}, "
+        f"margin {report['config']['pyramid'].get('margin', 0)}, "
         f"K = {report['config']['refine']['points']}, {_machine(report['environment'])}.",
         "",
     ]

@@ -231,6 +231,17 @@ class RasterReader:
         return self._extent
 
     @property
+    def file_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the whole file, ``restrict`` or not."""
+        return self._src.height, self._src.width
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """``(row, col)`` of the shown part's top-left pixel in the file ((0, 0) unless
+        ``restrict``ed)."""
+        return self._origin
+
+    @property
     def count(self) -> int:
         """Number of bands read (after band selection)."""
         return len(self.bands)

@@ -7,7 +7,8 @@
     last stage    labels (and probabilities, uncertainty, preview) straight into the outputs
     finished files are renamed into place (and converted to COG when asked)
 
-The result is ``segment`` on the whole image, bit for bit, without windows or seams. Memory
+The result is ``segment`` on the whole image, bit for bit, without windows to stitch (an
+AOI is a clip of it, magseg.run.clip; crop borders inside a stage: pyramid.margin). Memory
 holds a few crop batches and GDAL's bounded block cache (magseg.io.raster.io_env), whatever
 the raster's size; the scratch space grows with it (``scratch_bytes`` in the record).
 """
@@ -34,6 +35,7 @@ from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteErro
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import atomic_writes, fresh_partial_path, remove_stale_partials
 from magseg.io.provenance import Provenance, output_tags
+from magseg.run.clip import ClipSink, clip_stages
 from magseg.io.raster import (
     NODATA,
     VALUE_MAX,
@@ -364,7 +366,9 @@ def _run(
                          metadata=segmenter.provenance.tags())
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
         _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
-        result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid)
+        whole = None if options.aoi is None else (reader.file_size, reader.origin)  # a clip's grid
+        result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid,
+                                               whole=whole)
     return sink.counts
 
 
@@ -409,8 +413,20 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
     """``run_stages`` over the raster, the stage maps in ``scratch``; with ``pool``, each
     stage's crop batches run on its workers (``PoolStages``)."""
     config = segmenter.config
+    with contextlib.ExitStack() as stack:
+        plan = None
+        if options.aoi is not None:  # a clip of the whole raster's result (magseg.run.clip)
+            source, plan, window = stack.enter_context(clip_stages(source.reader, config, segmenter.normalize))
+            sink = ClipSink(sink, window)
+        _run_stages(segmenter, source, sink, scratch, result, on_window, options, pool, plan)
+
+
+def _run_stages(segmenter: Segmenter, source: RasterSource, sink, scratch: Scratch, result: PredictResult,
+                on_window: Callable[[int, int], None] | None, options: PredictOptions, pool, plan) -> None:
+    config = segmenter.config
     sizes = config.pyramid.stage_sizes(source.size)
-    total = sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes)
+    total = (sum(len(crop_boxes(size, config.pyramid.crop)) for size in sizes) if plan is None
+             else plan.crops)
 
     def on_crops(n: int) -> None:
         result.crops += n
@@ -426,10 +442,12 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
                      config.engine.device) if crf.enabled else sink)
     execute = None
     if pool is not None:
-        execute = PoolStages(pool, source.reader.path, source.reader.bands, options.aoi, final, on_crops)
+        # A clip's workers read the whole raster (plan is not None), as the engine here does.
+        aoi = options.aoi if plan is None else None
+        execute = PoolStages(pool, source.reader.path, source.reader.bands, aoi, final, on_crops)
     try:
         with torch.inference_mode():
-            run_stages(run, source, scratch.new_map, final, execute=execute)
+            run_stages(run, source, scratch.new_map, final, execute=execute, plan=plan)
             if final is not sink:
                 final.finish()
     except OSError as exc:

@@ -18,12 +18,17 @@ STRIP_ROWS = 512
 
 
 def finest_seam_scores(labels: Path, uncertainty: Path | None, size: Size, pyramid: PyramidConfig,
-                       strip: int = STRIP_ROWS) -> dict[str, Any]:
+                       strip: int = STRIP_ROWS, whole: tuple[Size, Size] | None = None) -> dict[str, Any]:
     """``{"stage": [h, w], "labels": score, "uncertainty": score}`` for the finest stage's
     crop grid on the outputs of an image of ``size`` (None: a stage of one crop, or no
-    uncertainty raster). Nodata pixels of the class map are left out of both."""
-    stage = pyramid.stage_sizes(tuple(size))[-1]
-    rows, cols = crop_border_lines(stage, pyramid.crop, tuple(size))
+    uncertainty raster). Nodata pixels of the class map are left out of both. ``whole``:
+    ``(raster size, origin)`` when the outputs are a clip of a larger raster at ``origin``
+    (the grid is the whole raster's)."""
+    full, (r0, c0) = whole if whole is not None else (tuple(size), (0, 0))
+    stage = pyramid.stage_sizes(tuple(full))[-1]
+    rows, cols = crop_border_lines(stage, pyramid.crop, tuple(full))
+    rows = [r - r0 for r in rows if 0 < r - r0 < size[0]]
+    cols = [c - c0 for c in cols if 0 < c - c0 < size[1]]
     out: dict[str, Any] = {"stage": list(stage), "labels": None, "uncertainty": None}
     if not rows and not cols:
         return out
