@@ -283,7 +283,8 @@ class EngineConfig:
     # (the extras magseg[onnx], magseg[openvino]); auto: the fastest installed for the device
     # (magseg.engine.runtime, docs/runtimes.md).
     runtime: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"
-    # Where exported graphs are kept (None: $MAGSEG_CACHE_DIR, else the user cache directory).
+    # Where exported graphs are kept (None: $MAGSEG_CACHE_DIR, else the user cache directory,
+    # ~/.cache/magseg).
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -159,13 +159,13 @@ def test_other_weights_get_another_cache_entry(tiny_config):
     assert rt.graph_key("x", model, 4) != rt.graph_key("x", {**model, "encoder": "resnet18"}, 4)
 
 
-def test_cache_root_env_over_config_over_user_cache(monkeypatch, tmp_path):
+def test_cache_root_config_over_env_over_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MAGSEG_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert rt.cache_root() == tmp_path / "xdg" / "magseg" / "graphs"
-    assert rt.cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg" / "graphs"
     monkeypatch.setenv("MAGSEG_CACHE_DIR", str(tmp_path / "env"))
-    assert rt.cache_root(str(tmp_path / "cfg")) == tmp_path / "env" / "graphs"
+    assert rt.cache_root() == tmp_path / "env" / "graphs"
+    assert rt.cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg" / "graphs"
 
 
 def test_resolve_runtime(monkeypatch):

@@ -103,9 +103,9 @@ def runtime_precision(runtime: str, precision: str) -> str:
 
 
 def cache_root(configured: str | None = None) -> Path:
-    """Where exported graphs are kept: ``$MAGSEG_CACHE_DIR``, else ``engine.cache_dir``, else
+    """Where exported graphs are kept: ``engine.cache_dir``, else ``$MAGSEG_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/magseg`` (``~/.cache/magseg``); graphs under ``graphs/`` in it."""
-    base = os.environ.get("MAGSEG_CACHE_DIR") or configured
+    base = configured or os.environ.get("MAGSEG_CACHE_DIR")
     if not base:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         base = str(Path(xdg) / "magseg")
