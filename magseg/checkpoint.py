@@ -10,12 +10,15 @@ the file is ever unpickled as code)::
       "refiner": state_dict | None,        # None until phase 2 has run
       "meta": {...},                       # epoch, metrics, magseg version: informational
       "training": {...} | None,            # optimizer/scheduler/RNG state for --resume
+      "calibration": {...} | None,         # {"temperature": T, ...} fitted on validation;
+                                           # absent (older files) or None: T = 1
     }
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -43,6 +46,13 @@ class Checkpoint:
     refiner: dict[str, torch.Tensor] | None
     meta: dict[str, Any]
     training: dict[str, Any] | None
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def temperature(self) -> float:
+        """The temperature fitted on validation (``magseg.evaluation.calibration``); 1 when
+        the checkpoint has none."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
 
 def save_checkpoint(
@@ -53,6 +63,7 @@ def save_checkpoint(
     *,
     meta: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: a crash, a full disk or any failure to write leaves any
     previous file intact.
@@ -71,6 +82,7 @@ def save_checkpoint(
         "refiner": None if refiner is None else _cpu_state(refiner),
         "meta": {"magseg_version": __version__, **(meta or {})},
         "training": training,
+        "calibration": calibration,
     }
     path = Path(path)
     with atomic_write(path) as tmp:
@@ -158,7 +170,8 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
             f"checkpoint {path} has format version {payload.get('version')}; "
             f"this magseg reads version {VERSION}"
         )
-    for key, needed in (("config", True), ("backbone", True), ("refiner", False), ("training", False)):
+    for key, needed in (("config", True), ("backbone", True), ("refiner", False), ("training", False),
+                        ("calibration", False)):
         value = payload.get(key)
         if not isinstance(value, dict) and (needed or value is not None):
             found = "nothing" if value is None else f"a {type(value).__name__}"
@@ -182,7 +195,19 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
         refiner=payload.get("refiner"),
         meta=payload.get("meta") or {},
         training=payload.get("training"),
+        calibration=_calibration(payload.get("calibration"), path),
     )
+
+
+def _calibration(value: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+    """The stored calibration, its temperature checked (a finite number > 0)."""
+    if value is None:
+        return None
+    t = value.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise CheckpointError(f"checkpoint {path} is damaged: its calibration temperature {t!r} "
+                              "is not a number > 0; use a checkpoint written by `magseg train`")
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

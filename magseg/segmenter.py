@@ -23,6 +23,7 @@ from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner import Refiner
 from magseg.engine.stages import SegmentationResult, segment
 from magseg.errors import ConfigError
+from magseg.evaluation.calibration import apply_temperature
 from magseg.io.provenance import Provenance, config_sha256, file_sha256
 from magseg.normalization import normalize
 
@@ -56,6 +57,9 @@ class Segmenter:
         # SHA-256 of the checkpoint file the weights came from (from_checkpoint), for outputs'
         # provenance tags; "none" for models built otherwise.
         self.checkpoint_sha256 = "none"
+        # The checkpoint's temperature (magseg.evaluation.calibration): applied to the
+        # probabilities and uncertainty this segmenter outputs, never to its labels.
+        self.temperature = 1.0
         self.device = resolve_device(config.engine.device)
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
@@ -81,6 +85,7 @@ class Segmenter:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         segmenter = cls(config, backbone, refiner)
+        segmenter.temperature = ckpt.temperature
         if ckpt.path.is_file():
             segmenter.checkpoint_sha256 = file_sha256(ckpt.path)
         return segmenter
@@ -112,10 +117,12 @@ class Segmenter:
             )
         return normalize(pixels, data.mean, data.std)
 
-    def segment(self, image: Tensor, *, normalized: bool = True, **kwargs: Any) -> SegmentationResult:
+    def segment(self, image: Tensor, *, normalized: bool = True, calibrated: bool = True,
+                **kwargs: Any) -> SegmentationResult:
         """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.stages.segment``
         (``return_probs``, ``return_stages``, ``on_crops``, or a ``pyramid``/``refine``/
-        ``engine`` to use instead of the config's)."""
+        ``engine`` to use instead of the config's). ``calibrated``: the probabilities with
+        the checkpoint's temperature (False: as the engine made them); labels are the same."""
         if not normalized:
             image = self.normalize(image)
         cfg = self.config
@@ -123,4 +130,7 @@ class Segmenter:
         kwargs.setdefault("refine", cfg.refine)
         kwargs.setdefault("engine", cfg.engine)
         kwargs.setdefault("refiner", self.refiner)
-        return segment(image, self.backbone, **kwargs)
+        result = segment(image, self.backbone, **kwargs)
+        if calibrated and result.probs is not None:
+            result.probs = apply_temperature(result.probs, self.temperature)
+        return result

@@ -325,7 +325,8 @@ def _run(
                    for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
         source = RasterSource(reader, segmenter.normalize)
-        sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs)
+        sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs,
+                          temperature=segmenter.temperature)
         if scratch is not None:
             _stages(segmenter, source, sink, scratch, result, on_window, options, pool)
         else:  # nothing to segment: no engine run at all
