@@ -10,6 +10,7 @@ from magseg.cli.app import app
 from magseg.cli.common import (
     BATCH_SIZE,
     DEVICE,
+    TTA,
     EXIT_FAILED,
     QUIET,
     RAY_ADDRESS,
@@ -92,6 +93,7 @@ def benchmark(
     warmup: bool = WARMUP,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    tta: str = TTA,
     settings: list[str] = SETTINGS,
     overwrite: bool = OVERWRITE,
     runner: Runner = RUNNER,
@@ -114,6 +116,7 @@ def benchmark(
     from magseg.data.scenes import list_scenes
     from magseg.errors import ConfigError
     from magseg.evaluation.benchmark import benchmark_methods, check_scenes
+    from magseg.evaluation.reliability import training_choice
     from magseg.evaluation.report import build_report, check_outputs, write_report
 
     check_device(device)
@@ -121,7 +124,8 @@ def benchmark(
     if layout is not None and layout not in ("deepglobe", "geotiff"):
         raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
     model = load_model(runner, checkpoint, config_overrides(settings, {
-        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}))
+        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size,
+        "engine.tta": tta}))
     config = model.config
     wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
     methods = benchmark_methods(config, wanted, _fractions(sweep_k))
@@ -134,6 +138,7 @@ def benchmark(
                               workers=workers, address=ray_address, quiet=quiet)
     report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
                           command=["magseg", *sys.argv[1:]])
+    report["training_choice"] = training_choice(checkpoint)
     write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)
     _summarise(report, out_dir, failures, quiet)
 

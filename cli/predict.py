@@ -17,6 +17,7 @@ from magseg.cli.app import app
 from magseg.cli.common import (
     BATCH_SIZE,
     DEVICE,
+    TTA,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -192,6 +193,7 @@ def predict(
     bands: str = BANDS,
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
+    tta: str = TTA,
     settings: list[str] = SETTINGS,
     adaptive_threshold: float = ADAPTIVE_THRESHOLD,
     adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
@@ -217,7 +219,7 @@ def predict(
         simplify=simplify)
     paths, out_dir, options = _inputs_and_outputs(inputs, out_dir, options)
     overrides = config_overrides(settings, {
-        "engine.batch_size": batch_size, "engine.device": device,
+        "engine.batch_size": batch_size, "engine.device": device, "engine.tta": tta,
         "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops})
     model = load_model(runner, checkpoint, overrides)
     _check_bands(options.bands, model.config.model.in_channels, checkpoint)

@@ -203,6 +203,9 @@ class EngineConfig:
     # results (figures: docs/performance.md#channels-last).
     channels_last: bool = True
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    # Test-time augmentation: every crop's probabilities averaged over left-right flips
+    # (flip, 2 backbone runs per crop) or the 8 flips and rotations (d4); magseg.engine.tta.
+    tta: Literal["none", "flip", "d4"] = "none"
 
     def __post_init__(self) -> None:
         from magseg.device import check_device_name

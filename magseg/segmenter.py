@@ -22,6 +22,7 @@ from magseg.engine.backbone import create_backbone
 from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner import Refiner
 from magseg.engine.stages import SegmentationResult, segment
+from magseg.engine.tta import with_tta
 from magseg.errors import ConfigError
 from magseg.evaluation.calibration import apply_temperature
 from magseg.io.provenance import Provenance, config_sha256, file_sha256
@@ -99,6 +100,11 @@ class Segmenter:
                           str(self.device), resolve_precision(self.device, self.config.engine.precision))
 
     @property
+    def stage_backbone(self) -> nn.Module:
+        """The backbone the engine calls: with ``engine.tta``'s transforms around it."""
+        return with_tta(self.backbone, self.config.engine.tta)
+
+    @property
     def runtime(self) -> dict[str, Any]:
         """What computes this segmenter's results: device, resolved precision and the CPU
         (``magseg.engine.precision.runtime_info``), for records and reports."""
@@ -130,7 +136,7 @@ class Segmenter:
         kwargs.setdefault("refine", cfg.refine)
         kwargs.setdefault("engine", cfg.engine)
         kwargs.setdefault("refiner", self.refiner)
-        result = segment(image, self.backbone, **kwargs)
+        result = segment(image, with_tta(self.backbone, kwargs["engine"].tta), **kwargs)
         if calibrated and result.probs is not None:
             result.probs = apply_temperature(result.probs, self.temperature)
         return result

@@ -17,6 +17,7 @@ brings them together.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,20 @@ class ReliabilityBins:
                          "confidence": float(self.confidence[b] / n) if n else None,
                          "accuracy": float(self.correct[b] / n) if n else None})
         return {"ece": self.ece(), "bins": rows}
+
+
+def scored_pixels(target: Tensor, in_mean: Sequence[bool]) -> Tensor:
+    """``(H, W)`` bool: pixels whose truth is a class counted in the scores (ids outside
+    the classes, e.g. 255 nodata, are not)."""
+    counted = torch.tensor(list(in_mean) + [False] * (256 - len(in_mean)))
+    return counted[target.long().clamp(0, 255)]
+
+
+def calibration_summary(tempered: ReliabilityBins, raw: ReliabilityBins, temperature: float) -> dict[str, Any]:
+    """A report's calibration entry: the temperature, the ECE with it and without (T = 1),
+    and the reliability bins with it."""
+    return {"temperature": temperature, "ece": tempered.ece(), "ece_uncalibrated": raw.ece(),
+            "bins": tempered.to_dict()["bins"], "bins_uncalibrated": raw.to_dict()["bins"]}
 
 
 def nll(logp: Tensor, target: Tensor, temperature: float) -> float:

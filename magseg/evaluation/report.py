@@ -22,6 +22,7 @@ from magseg.config import ClassSpec, Config
 from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
 from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, method_summary
+from magseg.evaluation.reliability import PLOT_RELIABILITY, calibration_markdown, reliability_figure
 from magseg.io.atomic import atomic_write
 
 REPORT_JSON = "report.json"
@@ -63,6 +64,8 @@ def build_report(
     plots = [PLOT_IOU]
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
+    if any(m.get("calibration") for m in methods.values()):
+        plots.append(PLOT_RELIABILITY)
     plots += [sample_plot_name(s.id) for s in result.samples]
     from magseg import __version__
 
@@ -210,6 +213,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"`progressive` minus `{NO_REFINER}`: "
                   + ("n/a" if gain["miou"] is None else f"{gain['miou']:+.1f} mIoU points")
                   + (f"; IoU points per class: {per_class}." if per_class else "."), ""]
+    lines += calibration_markdown(report)
     lines += ["## How this was measured", "",
               f"- mIoU: {report['measurement']['miou']}.",
               f"- Time: {report['measurement']['time']}.",
@@ -355,6 +359,8 @@ def write_report(
     files: list[tuple[Path, bytes]] = [(out_dir / PLOT_IOU, plot_per_class_iou(report))]
     if PLOT_STAGES in report["plots"]:
         files.append((out_dir / PLOT_STAGES, plot_miou_per_stage(report)))
+    if PLOT_RELIABILITY in report["plots"]:
+        files.append((out_dir / PLOT_RELIABILITY, _figure_bytes(reliability_figure(report, _pyplot()))))
     files += [(out_dir / sample_plot_name(s.id), plot_sample(s, classes)) for s in samples]
     files.append((out_dir / REPORT_MD, render_markdown(report).encode()))
     files.append((out_dir / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode()))

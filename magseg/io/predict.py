@@ -393,7 +393,7 @@ def _stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratc
         if on_window:
             on_window(result.crops, total)
 
-    run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+    run = StageRun.create(segmenter.stage_backbone, config.pyramid, refiner=segmenter.refiner,
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
     execute = None
     if pool is not None:

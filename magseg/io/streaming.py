@@ -223,7 +223,7 @@ def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest
         if aoi is not None:
             reader.restrict(aoi)
         reader.select(bands)
-        run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+        run = StageRun.create(segmenter.stage_backbone, config.pyramid, refiner=segmenter.refiner,
                               refine=config.refine, engine=config.engine)
         collect = CollectSink(wants_probs)
         with torch.inference_mode():

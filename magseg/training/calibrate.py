@@ -18,17 +18,17 @@ from torch import nn
 from magseg.config import Config
 from magseg.data.scenes import Scene
 from magseg.engine.stages import segment
-from magseg.evaluation.calibration import ReliabilityBins, apply_temperature, fit_temperature, sample_pixels
+from magseg.evaluation.calibration import (
+    ReliabilityBins,
+    apply_temperature,
+    fit_temperature,
+    sample_pixels,
+    scored_pixels,
+)
 from magseg.training.samples import load_scene
 
 # Enough pixels for a one-parameter fit, few enough to hold for any validation split.
 PIXELS_PER_SCENE = 100_000
-
-
-def scored_pixels(target: torch.Tensor, config: Config) -> torch.Tensor:
-    """``(H, W)`` bool: pixels whose truth is a class counted in the scores."""
-    counted = torch.tensor([c.in_mean for c in config.classes] + [False] * (256 - config.num_classes))
-    return counted[target.long().clamp(0, 255)]
 
 
 def validation_pixels(config: Config, scenes: list[Scene], backbone: nn.Module, refiner: nn.Module | None,
@@ -47,7 +47,7 @@ def validation_pixels(config: Config, scenes: list[Scene], backbone: nn.Module, 
                 result = segment(image, backbone, config.pyramid, refiner=refiner, refine=config.refine,
                                  engine=engine, return_probs=True)
             assert result.probs is not None
-            p, t = sample_pixels(result.probs.cpu(), mask, scored_pixels(mask, config), PIXELS_PER_SCENE,
+            p, t = sample_pixels(result.probs.cpu(), mask, scored_pixels(mask, [c.in_mean for c in config.classes]), PIXELS_PER_SCENE,
                                  generator)
             probs.append(p)
             targets.append(t)
