@@ -25,7 +25,7 @@ def _register() -> None:
     # inside the commands so `magseg --help` stays fast.
     import importlib
 
-    for name in ("train", "predict", "benchmark"):
+    for name in ("train", "predict", "benchmark", "suggest"):
         try:
             importlib.import_module(f"magseg.cli.{name}")
         except ModuleNotFoundError as exc:

@@ -17,7 +17,6 @@ from magseg.cli.app import app
 from magseg.cli.common import (
     BATCH_SIZE,
     DEVICE,
-    TTA,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -26,6 +25,7 @@ from magseg.cli.common import (
     REMOVED_ENGINE,
     RUNNER,
     SETTINGS,
+    TTA,
     WORKERS,
     Runner,
     check_device,

@@ -1,0 +1,126 @@
+"""``magseg suggest``: the windows of a batch of rasters where the model is least sure, ranked,
+as a GeoPackage a labeller opens in QGIS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from magseg.cli.app import app
+from magseg.cli.common import (
+    BATCH_SIZE,
+    DEVICE,
+    EXIT_FAILED,
+    EXIT_OK,
+    QUIET,
+    SETTINGS,
+    TTA,
+    check_device,
+    config_overrides,
+    emit,
+    expand_inputs,
+    handle_errors,
+    load_model,
+    log,
+)
+
+# suggest's own options (the shared ones come from magseg.cli.common).
+CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
+RASTERS = typer.Argument(..., help="Rasters (files, directories of .tif, globs, or - for stdin).")
+OUTPUT = typer.Option(..., "--output", "-o", help="GeoPackage to write (e.g. to_label.gpkg).")
+N = typer.Option(50, "--n", min=1, help="How many windows to suggest (over all rasters).")
+SIZE = typer.Option(None, "--size", min=1, help="Window side in pixels (default 256).")
+GROUND_SIZE = typer.Option(
+    None, "--ground-size", min=0.0, help="Window side in metres (projected rasters): --size from each "
+    "raster's pixel size.")
+PREDICTIONS = typer.Option(
+    None, "--predictions", help="Directory where `magseg predict --uncertainty` wrote <stem>.tif and "
+    "<stem>_uncertainty.tif: reused when their provenance names this checkpoint (default: the "
+    "GeoPackage's directory); otherwise predict runs into a scratch directory.")
+OVERWRITE = typer.Option(False, help="Replace an existing GeoPackage.")
+
+SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@handle_errors
+def suggest(
+    checkpoint: Path = CHECKPOINT,
+    rasters: list[str] = RASTERS,
+    output: Path = OUTPUT,
+    n: int = N,
+    size: int = SIZE,
+    ground_size: float = GROUND_SIZE,
+    predictions: Path = PREDICTIONS,
+    overwrite: bool = OVERWRITE,
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    tta: str = TTA,
+    settings: list[str] = SETTINGS,
+    quiet: bool = QUIET,
+) -> None:
+    """Suggest where to label next: the N non-overlapping windows with the highest mean
+    uncertainty over all RASTERS, ranked, with each window's predicted class shares.
+
+    stdout: one JSON line per raster (whether predict's uncertainty was reused), then one
+    summary line. Exit 1 when a raster failed (the others are still ranked and written).
+    """
+    from magseg.errors import OutputExistsError
+
+    check_device(device)
+    if size is not None and ground_size is not None:
+        raise typer.BadParameter("give --size or --ground-size, not both", param_hint="--size")
+    if output.suffix.lower() != ".gpkg":
+        raise typer.BadParameter(f"{output}: the output is a GeoPackage; name it *.gpkg", param_hint="-o")
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    paths = [Path(p) for p in expand_inputs(rasters, SUFFIXES)]
+    if not paths:
+        raise typer.BadParameter("no rasters given", param_hint="RASTERS")
+    model = load_model(_local(), checkpoint, config_overrides(settings, {
+        "engine.batch_size": batch_size, "engine.device": device, "engine.tta": tta}))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    found = _prepare_all(model.segmenter, paths, predictions or output.parent, output.parent, size,
+                         ground_size, n, output, overwrite, quiet)
+    raise typer.Exit(EXIT_FAILED if found else EXIT_OK)
+
+
+def _local():
+    from magseg.cli.common import Runner
+
+    return Runner.local
+
+
+def _prepare_all(segmenter, paths, predictions: Path, near: Path, size, ground_size, n: int,
+                 output: Path, overwrite: bool, quiet: bool) -> int:
+    """Each raster's class map and uncertainty (reused or predicted), then the ranking and
+    the GeoPackage; returns how many rasters failed."""
+    from magseg.io.predict import PredictOptions, predict_input
+    from magseg.io.suggest import SCORE_NOTE, prepare, scratch_directory, top_windows, write_layer
+
+    options = PredictOptions(uncertainty=True)
+    prepared, failed = [], 0
+    with scratch_directory(near) as scratch:
+        for path in paths:
+            try:
+                pred = prepare(segmenter, path, predictions, scratch, size, ground_size,
+                               lambda raster, where: predict_input(segmenter, raster, where, options))
+            except Exception as exc:  # noqa: BLE001  one bad raster never stops the batch
+                from magseg.io.suggest import describe_failure
+
+                failed += 1
+                message = describe_failure(path, exc)
+                log(f"magseg: error: {message}", quiet)
+                emit({"input": str(path), "status": "failed", "error": message})
+                continue
+            prepared.append(pred)
+            emit({"input": str(path), "status": "ok", "uncertainty": "reused" if pred.reused else "computed",
+                  "window_px": pred.size})
+        chosen = top_windows(prepared, n)
+        metadata = {**segmenter.provenance.tags(), "MAGSEG_SCORE": SCORE_NOTE}
+        records = write_layer(output, prepared, chosen, [c.name for c in segmenter.config.classes],
+                              metadata, overwrite)
+    emit({"summary": True, "output": str(output), "windows": len(records), "rasters": len(prepared),
+          "failed": failed, "top": records[:3]})
+    log(f"magseg: {len(records)} window(s) to label in {output}", quiet)
+    return failed
