@@ -170,3 +170,57 @@ def test_predict_writes_the_polygons_of_its_class_map(tmp_path, fitted_checkpoin
 def test_polygon_options_without_vector_are_a_usage_error(tmp_path, fitted_checkpoint):
     result = _predict(fitted_checkpoint, tmp_path / "x.tif", "-o", tmp_path / "out", "--min-area", "5")
     assert result.exit_code == 2 and "--vector" in result.output
+
+
+def _uncertainty(path, values):
+    height, width = values.shape
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, PIXEL, PIXEL)) as dst:
+        dst.write(values, 1)
+    return path
+
+
+@settings(max_examples=20, deadline=None)
+@given(height=st.integers(1, 40), width=st.integers(1, 40), rows=st.sampled_from([1, 3, 7, None]),
+       seed=st.integers(0, 2**16))
+def test_polygons_carry_mean_and_least_confidence_of_their_pixels(tmp_path_factory, height, width, rows, seed):
+    # Each polygon's confidence (1 - uncertainty / 255) is its region's, counted on the
+    # raster by 4-connected components, however the strips cut the regions.
+    rng = np.random.default_rng(seed)
+    labels = _random_labels(rng, height, width)
+    uncert = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    tmp = tmp_path_factory.mktemp("c")
+    polygonize(_labels(tmp / "labels.tif", labels), tmp / "out.gpkg", NAMES, VectorOptions(strip_rows=rows),
+               uncertainty=_uncertainty(tmp / "u.tif", uncert))
+    meta, _, columns = _read(tmp / "out.gpkg")
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area", "mean_confidence", "min_confidence"]
+    got = sorted(zip(columns["class_id"].tolist(), np.round(columns["area"] / PIXEL**2).astype(int).tolist(),
+                     np.round(columns["mean_confidence"], 9).tolist(), np.round(columns["min_confidence"], 9).tolist()))
+    confidence = 1 - uncert / 255
+    expected = []
+    for c in range(len(NAMES)):
+        components, n = ndimage.label(labels == c)  # 4-connectivity
+        for k in range(1, n + 1):
+            px = confidence[components == k]
+            expected.append((c, px.size, round(float(px.mean()), 9), round(float(px.min()), 9)))
+    assert got == sorted(expected)
+
+
+def test_predict_vector_with_uncertainty_has_confidence_columns(tmp_path, fitted_checkpoint):
+    import magseg.cli.predict  # noqa: F401  (registers the command)
+    from geotiff import smooth_image, write_raster
+    from magseg.cli.app import app
+    from typer.testing import CliRunner
+
+    scene = write_raster(tmp_path / "scene.tif", smooth_image(3, 40, 50))
+    result = CliRunner().invoke(app, ["predict", str(fitted_checkpoint), str(scene), "-o", str(tmp_path / "out"),
+                                      "--vector", "gpkg", "--uncertainty"])
+    assert result.exit_code == 0, result.output
+    _, _, columns = _read(tmp_path / "out" / "scene.gpkg")
+    assert (columns["min_confidence"] <= columns["mean_confidence"] + 1e-12).all()
+    assert ((columns["min_confidence"] >= 0) & (columns["mean_confidence"] <= 1)).all()
+    result = CliRunner().invoke(app, ["predict", str(fitted_checkpoint), str(scene), "-o", str(tmp_path / "plain"),
+                                      "--vector", "gpkg"])
+    assert result.exit_code == 0, result.output
+    meta, _, _ = _read(tmp_path / "plain" / "scene.gpkg")
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area"]  # no uncertainty, no columns

@@ -239,7 +239,8 @@ def predict_raster(
             return result
         if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
             with atomic_writes(todo, options.overwrite) as temps:
-                _from_class_map(targets["labels"], temps, segmenter, options)
+                _from_class_map(targets["labels"], temps, segmenter, options,
+                                targets.get("uncertainty"))
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
@@ -340,7 +341,9 @@ def _run(
         if preview is not None:
             preview.save(temps["preview"], config.classes, title=base_name(reader.path))
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
-        _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
+        uncertainty = temps.get("uncertainty", result.outputs.get("uncertainty"))
+        _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options,
+                        uncertainty)
     return sink.counts
 
 
@@ -464,16 +467,17 @@ def _check_provenance(existing: Mapping[str, Path], mine: Provenance) -> None:
 
 
 def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
-                    options: PredictOptions) -> None:
+                    options: PredictOptions, uncertainty: Path | None = None) -> None:
     """The outputs made from the finished class map ``labels``: the class names for GIS
-    tools (``categories``) and, with ``--vector``, its polygons (magseg.io.vector)."""
+    tools (``categories``) and, with ``--vector``, its polygons (magseg.io.vector), with
+    their mean and least confidence when there is an ``uncertainty`` raster (--uncertainty)."""
     classes = segmenter.config.classes
     if "categories" in temps:
         write_categories(temps["categories"], [(c.id, c.name, tuple(c.color)) for c in classes])
     if "vector" in temps:
         assert options.vector is not None
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
-                   metadata=segmenter.provenance.tags())
+                   metadata=segmenter.provenance.tags(), uncertainty=uncertainty)
 
 
 def _scale_warnings(reader: RasterReader, observed: ChannelStats, config: Config) -> list[str]:

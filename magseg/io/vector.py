@@ -16,6 +16,7 @@ pyogrio rather than fiona: it writes whole arrays of WKB geometries and columns 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,11 +79,18 @@ class VectorSummary:
 
 @dataclass(eq=False)
 class _Group:
-    """Parts of one region (pixel coordinates); ``into`` is the group it was merged into."""
+    """Parts of one region (pixel coordinates); ``into`` is the group it was merged into.
+    ``confidence``: its pixels' (count, sum, minimum) confidence, when there is a raster of it."""
 
     value: int
     parts: list[shapely.Polygon]
     into: "_Group | None" = None
+    confidence: tuple[int, float, float] | None = None
+
+    def add_confidence(self, stats: tuple[int, float, float] | None) -> None:
+        if stats is not None:
+            mine = self.confidence or (0, 0.0, math.inf)
+            self.confidence = (mine[0] + stats[0], mine[1] + stats[1], min(mine[2], stats[2]))
 
     def root(self) -> "_Group":
         group = self
@@ -105,6 +113,34 @@ def _strip_polygons(labels: np.ndarray, top: int, nodata: int | None) -> list[tu
                                       transform=Affine.translation(0, top))]
 
 
+def _strip_regions(labels: np.ndarray, top: int, nodata: int | None, confidence: np.ndarray
+                   ) -> list[tuple[int, shapely.Polygon, tuple[int, float, float]]]:
+    """``_strip_polygons`` with each region's (pixel count, summed and minimum confidence)
+    from ``confidence`` ``(rows, W)`` in [0, 1]: the strip's 4-connected regions of one
+    class are labelled (OpenCV), and their polygons traced from the region ids."""
+    import cv2
+
+    ids = np.zeros(labels.shape, np.int32)
+    classes = [0]  # class of each region id (id 0: none)
+    for value in np.unique(labels):
+        if nodata is not None and value == nodata:
+            continue
+        count, comp = cv2.connectedComponents((labels == value).astype(np.uint8), connectivity=4,
+                                              ltype=cv2.CV_32S)
+        inside = comp > 0
+        ids[inside] = comp[inside] + len(classes) - 1
+        classes += [int(value)] * (count - 1)
+    n = len(classes)
+    flat, conf = ids.ravel(), confidence.ravel().astype(np.float64)
+    counts = np.bincount(flat, minlength=n)
+    sums = np.bincount(flat, weights=conf, minlength=n)
+    mins = np.full(n, math.inf)
+    np.minimum.at(mins, flat, conf)
+    return [(classes[int(i)], shapely.geometry.shape(geom), (int(counts[int(i)]), float(sums[int(i)]),
+                                                             float(mins[int(i)])))
+            for geom, i in shapes(ids, mask=ids > 0, connectivity=4, transform=Affine.translation(0, top))]
+
+
 def _to_crs(geometry: shapely.Geometry, transform: Affine) -> shapely.Geometry:
     """Pixel coordinates -> the raster's CRS by its affine transform."""
     a, b, c, d, e, f = transform[:6]
@@ -121,11 +157,16 @@ class _Writer:
         self.metadata = dict(metadata) if metadata else None
         self.geometries: list[shapely.Geometry] = []
         self.values: list[int] = []
+        self.confidence: list[tuple[float, float]] | None = None  # (mean, min) per polygon
         self.started = False
 
-    def add(self, geometry: shapely.Geometry, value: int) -> None:
+    def add(self, geometry: shapely.Geometry, value: int,
+            confidence: tuple[int, float, float] | None = None) -> None:
         self.geometries.append(geometry)
         self.values.append(value)
+        if self.confidence is not None:
+            n, total, low = confidence or (0, 0.0, math.nan)
+            self.confidence.append((total / n if n else math.nan, low))
         if len(self.geometries) >= FLUSH_EVERY:
             self.flush()
 
@@ -139,14 +180,19 @@ class _Writer:
         names = np.asarray([self.names[v] if 0 <= v < len(self.names) else str(v) for v in self.values],
                            dtype=object)
         areas = shapely.area(geometries) if len(geometries) else np.zeros(0)
+        columns = [values, names, np.asarray(areas, np.float64)]
+        fields = ["class_id", "class_name", "area"]
+        if self.confidence is not None:
+            pairs = np.asarray(self.confidence, np.float64).reshape(-1, 2)
+            columns += [pairs[:, 0], pairs[:, 1]]
+            fields += ["mean_confidence", "min_confidence"]
         try:
             with warnings.catch_warnings():
                 # Written under a temporary name (magseg.io.atomic): GDAL's GPKG driver warns that
                 # the name does not end in .gpkg; the published file does.
                 warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
                 pyogrio.raw.write(
-                    str(self.path), shapely.to_wkb(geometries),
-                    [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
+                    str(self.path), shapely.to_wkb(geometries), columns, fields,
                     layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
                     crs=self.crs, append=self.started,
                     layer_metadata=None if self.started else self.metadata,
@@ -156,6 +202,8 @@ class _Writer:
         self.started = True
         self.geometries.clear()
         self.values.clear()
+        if self.confidence is not None:
+            self.confidence.clear()
 
 
 def _join(polygon: shapely.Polygon, value: int, top: int,
@@ -177,7 +225,8 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
             group.parts.append(polygon)
         else:
             group.parts.extend(other.parts)
-            other.parts, other.into = [], group
+            group.add_confidence(other.confidence)
+            other.parts, other.into, other.confidence = [], group, None
     return group
 
 
@@ -191,6 +240,7 @@ def _open_class_map(labels: str | Path) -> rasterio.DatasetReader:
 
 def _group_strip(strip: np.ndarray, top: int, height: int, nodata: int | None,
                  open_parts: list[tuple[shapely.Polygon, _Group]],
+                 confidence: np.ndarray | None = None,
                  ) -> tuple[list[_Group], list[tuple[shapely.Polygon, _Group]]]:
     """Join the regions of ``strip`` ``(rows, W)`` class ids (first row: row ``top`` of a
     raster ``height`` rows high) to the open parts of the strip above.
@@ -202,11 +252,14 @@ def _group_strip(strip: np.ndarray, top: int, height: int, nodata: int | None,
     index = shapely.STRtree([part for part, _ in open_parts]) if open_parts else None
     groups = [group for _, group in open_parts]
     touching: list[tuple[shapely.Polygon, _Group]] = []
-    for value, polygon in _strip_polygons(strip, top, nodata):
+    regions = (_strip_regions(strip, top, nodata, confidence) if confidence is not None else
+               [(value, polygon, None) for value, polygon in _strip_polygons(strip, top, nodata)])
+    for value, polygon, stats in regions:
         group = _join(polygon, value, top, open_parts, index)
         if group is None:
             group = _Group(value, [polygon])
             groups.append(group)
+        group.add_confidence(stats)
         if polygon.bounds[3] == bottom and bottom < height:
             touching.append((polygon, group))
     return groups, touching
@@ -234,20 +287,25 @@ def _write_region(group: _Group, transform: Affine, options: VectorOptions, writ
         return
     if options.simplify > 0:
         region = shapely.simplify(region, options.simplify, preserve_topology=True)
-    writer.add(region, group.value)
+    writer.add(region, group.value, group.confidence)
     summary.polygons += 1
     summary.area[group.value] = summary.area.get(group.value, 0.0) + area
 
 
 def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
                options: VectorOptions = VectorOptions(),
-               metadata: Mapping[str, str] | None = None) -> VectorSummary:
+               metadata: Mapping[str, str] | None = None,
+               uncertainty: str | Path | None = None) -> VectorSummary:
     """Polygonise the class map ``labels`` (one band of class ids; its nodata left out) into
     the vector file ``out`` (one layer ``classes``: ``class_id``, ``class_name``, ``area``).
 
     Args:
         class_names: names of class ids ``0..n-1`` (ids beyond get their number as name).
         metadata: the layer's metadata (e.g. magseg.io.provenance tags; GeoPackage keeps it).
+        uncertainty: predict's uncertainty raster of the same grid (``(1 - certainty) x
+            255``): each polygon then also carries ``mean_confidence`` and
+            ``min_confidence``, the mean and least certainty (top-1 minus top-2
+            probability) of its pixels, so polygons can be filtered by trust.
     Returns:
         the polygon count and the total area per class written.
     Raises:
@@ -255,17 +313,22 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
     """
     driver = VECTOR_FORMATS[options.format][0]
     summary = VectorSummary()
-    with _open_class_map(labels) as src:
+    with _open_class_map(labels) as src, contextlib.ExitStack() as stack:
+        conf_src = None if uncertainty is None else stack.enter_context(_open_class_map(uncertainty))
         height, width = src.height, src.width
         transform, nodata = src.transform, src.nodata
         crs = src.crs.to_wkt() if src.crs else None
         rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
         writer = _Writer(Path(out), driver, crs, class_names, metadata)
+        if conf_src is not None:
+            writer.confidence = []
         # The parts of the previous strip that touch its bottom row, with their groups.
         open_parts: list[tuple[shapely.Polygon, _Group]] = []
         for top, bottom in _strips(height, rows):
             strip = src.read(1, window=Window(0, top, width, bottom - top))
-            groups, touching = _group_strip(strip, top, height, nodata, open_parts)
+            confidence = None if conf_src is None else \
+                1 - conf_src.read(1, window=Window(0, top, width, bottom - top)).astype(np.float64) / 255
+            groups, touching = _group_strip(strip, top, height, nodata, open_parts, confidence)
             # A group is finished when none of its parts reaches into the next strip.
             for group in _finished(groups, touching):
                 _write_region(group, transform, options, writer, summary)
