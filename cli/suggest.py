@@ -42,7 +42,14 @@ OVERWRITE = typer.Option(False, help="Replace an existing GeoPackage.")
 SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  magseg predict runs/dg/best.ckpt scenes/*.tif -o pred/ --uncertainty\n\n"
+        "  magseg suggest runs/dg/best.ckpt scenes/*.tif --predictions pred/ -o to_label.gpkg --n 50\n\n"
+        "  magseg suggest model.ckpt tiles/ -o batch2/to_label.gpkg --ground-size 200 --tta flip"
+    )
+)
 @handle_errors
 def suggest(
     checkpoint: Path = CHECKPOINT,
@@ -70,6 +77,8 @@ def suggest(
     check_device(device)
     if size is not None and ground_size is not None:
         raise typer.BadParameter("give --size or --ground-size, not both", param_hint="--size")
+    if ground_size is not None and not ground_size > 0:
+        raise typer.BadParameter(f"{ground_size}: give a window side > 0 metres", param_hint="--ground-size")
     if output.suffix.lower() != ".gpkg":
         raise typer.BadParameter(f"{output}: the output is a GeoPackage; name it *.gpkg", param_hint="-o")
     if output.exists() and not overwrite:
