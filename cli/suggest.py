@@ -22,12 +22,13 @@ from magseg.cli.common import (
     handle_errors,
     load_model,
     log,
+    out_dir_option,
 )
 
 # suggest's own options (the shared ones come from magseg.cli.common).
 CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
 RASTERS = typer.Argument(..., help="Rasters (files, directories of .tif, globs, or - for stdin).")
-OUTPUT = typer.Option(..., "--output", "-o", help="GeoPackage to write (e.g. to_label.gpkg).")
+OUTPUT = out_dir_option("to_label.gpkg; or -o FILE.gpkg: that file")
 N = typer.Option(50, "--n", min=1, help="How many windows to suggest (over all rasters).")
 SIZE = typer.Option(None, "--size", min=1, help="Window side in pixels (default 256).")
 GROUND_SIZE = typer.Option(
@@ -54,7 +55,7 @@ SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 def suggest(
     checkpoint: Path = CHECKPOINT,
     rasters: list[str] = RASTERS,
-    output: Path = OUTPUT,
+    out_dir: Path = OUTPUT,
     n: int = N,
     size: int = SIZE,
     ground_size: float = GROUND_SIZE,
@@ -75,12 +76,11 @@ def suggest(
     from magseg.errors import OutputExistsError
 
     check_device(device)
+    output = out_dir if out_dir.suffix.lower() == ".gpkg" else out_dir / "to_label.gpkg"
     if size is not None and ground_size is not None:
         raise typer.BadParameter("give --size or --ground-size, not both", param_hint="--size")
     if ground_size is not None and not ground_size > 0:
         raise typer.BadParameter(f"{ground_size}: give a window side > 0 metres", param_hint="--ground-size")
-    if output.suffix.lower() != ".gpkg":
-        raise typer.BadParameter(f"{output}: the output is a GeoPackage; name it *.gpkg", param_hint="-o")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
     paths = [Path(p) for p in expand_inputs(rasters, SUFFIXES)]

@@ -69,6 +69,20 @@ def test_fit_recovers_a_known_over_confidence():
     assert fit_temperature(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
+def test_a_temperature_that_raises_the_ece_is_not_kept(monkeypatch):
+    # Calibrated probabilities (labels drawn from them); a fit that went to T = 4 would
+    # flatten them and raise the ECE: T = 1 is stored, the fitted value beside it.
+    import magseg.training.calibrate as calibrate
+
+    gen = torch.Generator().manual_seed(2)
+    probs = (torch.randn(20000, 4, generator=gen) * 3).softmax(1)
+    target = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    monkeypatch.setattr(calibrate, "fit_temperature", lambda p, t: 4.0)
+    cal = calibrate.fit_calibration(probs, target)
+    assert cal["fitted_temperature"] == 4.0 and cal["kept"] is False and cal["temperature"] == 1.0
+    assert cal["val_ece_fitted"] > cal["val_ece_before"] == cal["val_ece_after"]
+
+
 def _fitted_segmenter(fitted_checkpoint):
     return Segmenter.from_checkpoint(fitted_checkpoint, ["engine.precision=fp32"])
 

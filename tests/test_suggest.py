@@ -129,12 +129,15 @@ def test_bad_input(tmp_path, fitted_checkpoint):
     plain = write_raster(tmp_path / "plain.tif", _scene(), crs=None, transform=None)
     result, _ = _suggest(fitted_checkpoint, raster, "-o", tmp_path / "a.gpkg", "--size", "8", "--ground-size", "9")
     assert result.exit_code == 2 and "--size or --ground-size" in result.output
-    result, _ = _suggest(fitted_checkpoint, raster, "-o", tmp_path / "a.shp")
-    assert result.exit_code == 2 and "GeoPackage" in result.output
+    # -o DIR: DIR/to_label.gpkg.
+    result, lines = _suggest(fitted_checkpoint, raster, "-o", tmp_path / "dir", "--n", "1", "--size", "48")
+    assert result.exit_code == 0 and lines[-1]["output"] == str(tmp_path / "dir" / "to_label.gpkg")
     # One raster without a projected CRS fails; the other is still ranked and written.
     result, lines = _suggest(fitted_checkpoint, plain, raster, "-o", tmp_path / "b.gpkg", "--ground-size", "320")
     assert result.exit_code == 1
     assert lines[0]["status"] == "failed" and "projected CRS" in lines[0]["error"]
     assert lines[-1]["windows"] > 0 and (tmp_path / "b.gpkg").is_file()
     assert not (tmp_path / "a.gpkg").exists()
+    result, _ = _suggest(fitted_checkpoint, raster, "-o", tmp_path / "c.gpkg", "--ground-size", "0")
+    assert result.exit_code == 2 and "> 0" in result.output
     assert UTM33.is_projected

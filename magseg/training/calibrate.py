@@ -4,7 +4,9 @@ The final probabilities of the chosen model (its pyramid, refiner and K, as pred
 it) are taken for every validation scene; up to ``PIXELS_PER_SCENE`` labelled pixels of each
 (counted classes only) are drawn, and the temperature that minimises their negative
 log-likelihood is fitted (``magseg.evaluation.calibration.fit_temperature``). The ECE on
-those pixels before and after is stored beside it.
+those pixels before and after is stored beside it. A fitted temperature that raises that
+ECE (a model already calibrated to within the bins' noise: NLL and ECE then disagree by
+a few hundredths of a point) is not kept: T = 1 is stored, and the fitted value beside it.
 """
 
 from __future__ import annotations
@@ -61,9 +63,13 @@ def validation_pixels(config: Config, scenes: list[Scene], backbone: nn.Module, 
 def fit_calibration(probs: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
     """The checkpoint's ``calibration`` entry from validation pixels ``(N, C)``, ``(N,)``:
     the temperature, the pixels it was fitted on, and their ECE before and after."""
-    temperature = fit_temperature(probs, target)
+    fitted = fit_temperature(probs, target)
     before, after = ReliabilityBins(), ReliabilityBins()
     before.update(probs.T, target)
-    after.update(apply_temperature(probs, temperature, dim=-1).T, target)
-    return {"temperature": temperature, "pixels": int(target.numel()), "fitted_on": "validation",
-            "val_ece_before": before.ece(), "val_ece_after": after.ece()}
+    after.update(apply_temperature(probs, fitted, dim=-1).T, target)
+    ece_before, ece_after = before.ece(), after.ece()
+    kept = ece_before is None or ece_after is None or ece_after <= ece_before
+    return {"temperature": fitted if kept else 1.0, "fitted_temperature": fitted, "kept": kept,
+            "pixels": int(target.numel()), "fitted_on": "validation",
+            "val_ece_before": ece_before, "val_ece_after": ece_after if kept else ece_before,
+            "val_ece_fitted": ece_after}

@@ -546,9 +546,10 @@ class Trainer:
                                           seed=self.config.train.seed)
         calibration = fit_calibration(probs, target)
         self.result.calibration = calibration
-        logger.info("temperature %.3f fitted on %d validation pixels: ECE %.4f before, %.4f after; "
-                    "stored in %s", calibration["temperature"], calibration["pixels"],
-                    calibration["val_ece_before"] or 0.0, calibration["val_ece_after"] or 0.0, path)
+        logger.info("temperature %.3f fitted on %d validation pixels: ECE %.4f at T = 1, %.4f with it; "
+                    "stored T = %.3f in %s", calibration["fitted_temperature"], calibration["pixels"],
+                    calibration["val_ece_before"] or 0.0, calibration["val_ece_fitted"] or 0.0,
+                    calibration["temperature"], path)
         self.result.best = save_checkpoint(path, best.config, backbone.cpu(),
                                            None if stored is None else stored.cpu(), meta=best.meta,
                                            calibration=calibration)
