@@ -154,6 +154,9 @@ def test_cli_trains_both_phases_and_checkpoint_is_self_contained(tmp_path, tiny_
                        "--set", "data.std=null", "--set", "train.refiner_choice=false", "-q"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
+    # One line per epoch, then the temperature fitted on validation (stored in best.ckpt).
+    *records, calibration = records
+    assert calibration["phase"] == "calibration" and calibration["temperature"] > 0
     assert [(r["phase"], r["epoch"]) for r in records] == [("backbone", 1), ("refiner", 1)]
     for r in records:
         assert {"loss", "val_miou", "seconds", "val_iou"} <= set(r)
