@@ -99,7 +99,7 @@ def _register() -> None:
     # inside the commands so `magseg --help` stays fast.
     import importlib
 
-    for name in ("train", "predict", "benchmark", "export", "vectorize"):
+    for name in ("train", "predict", "benchmark", "export", "vectorize", "suggest"):
         try:
             importlib.import_module(f"magseg.cli.{name}")
         except ModuleNotFoundError as exc:

@@ -16,6 +16,7 @@ from magseg.cli.common import (
     REMOVED_ENGINE,
     RUNNER,
     SETTINGS,
+    TTA,
     WORKERS,
     Runner,
     check_checkpoint,
@@ -95,6 +96,7 @@ def benchmark(
     warmup: bool = WARMUP,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    tta: str = TTA,
     settings: list[str] = SETTINGS,
     overwrite: bool = OVERWRITE,
     runner: Runner = RUNNER,
@@ -125,11 +127,13 @@ def benchmark(
 
     from magseg.data.scenes import list_scenes
     from magseg.evaluation.benchmark import benchmark_methods, check_scenes
+    from magseg.evaluation.reliability import training_choice
     from magseg.evaluation.report import build_report, check_outputs, write_report
 
     check_outputs(out_dir, overwrite)
     model = load_model(runner, checkpoint, config_overrides(settings, {
-        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size}), quiet)
+        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size,
+        "engine.tta": tta}), quiet)
     config = model.config
     wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
     methods = benchmark_methods(config, wanted, _fractions(sweep_k), crf)
@@ -142,6 +146,7 @@ def benchmark(
                               workers=workers, address=ray_address, quiet=quiet)
     report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
                           command=["magseg", *sys.argv[1:]])
+    report["training_choice"] = training_choice(checkpoint)
     write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)
     _summarise(report, out_dir, failures, quiet)
 

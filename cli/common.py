@@ -212,6 +212,11 @@ BATCH_SIZE = typer.Option(
     None, "--batch-size", min=1, metavar="N",
     help="Crops per backbone batch; sets engine.batch_size (default: the config's).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
+TTA = typer.Option(
+    None, "--tta", metavar="flip|d4",
+    help="Test-time augmentation: every crop's probabilities averaged over left-right flips "
+    "(flip: 2 backbone runs per crop) or the 8 flips and rotations (d4); sets engine.tta. "
+    "benchmark: rows with it beside the rows without.")
 RUNNER = typer.Option(
     Runner.local, "--runner", metavar="local|ray",
     help="Where the scenes run. local: this process; ray: Ray actors that each load the model "

@@ -6,27 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from magseg.cli.app import app
-from magseg.cli.common import QUIET, emit, handle_errors, log
+from magseg.cli.app import Command, app
+from magseg.cli.common import QUIET, emit, examples, handle_errors, log, overwrite_option
 
 # export's own options.
 CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
-OUTPUT = typer.Option(..., "--output", "-o", help="The model file to write, e.g. model.onnx "
+OUTPUT = typer.Option(..., "--output", "-o", metavar="FILE", help="The model file to write, e.g. model.onnx "
                       "(with --format openvino: model.xml and model.bin).")
-FORMAT = typer.Option("onnx", "--format", help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
-INPUT = typer.Option(None, "--input", min=1, help="Input height and width N of the exported model "
+FORMAT = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
+INPUT = typer.Option(None, "--input", min=1, metavar="N", help="Input height and width N of the exported model "
                      "(default: the pyramid's input size, what the backbone sees at every stage).")
-OVERWRITE = typer.Option(False, help="Replace existing output files.")
+OVERWRITE = overwrite_option("existing output files")
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  magseg export runs/dg/best.ckpt -o deepglobe.onnx\n\n"
-        "  magseg export runs/dg/best.ckpt -o deepglobe.onnx --input 512\n\n"
-        "  magseg export runs/dg/best.ckpt -o deepglobe.xml --format openvino"
-    )
-)
+@app.command(cls=Command, epilog=examples([
+    "magseg export runs/dg/best.ckpt -o deepglobe.onnx",
+    "magseg export runs/dg/best.ckpt -o deepglobe.onnx --input 512",
+    "magseg export runs/dg/best.ckpt -o deepglobe.xml --format openvino",
+]))
 @handle_errors
 def export(
     checkpoint: Path = CHECKPOINT,

@@ -25,6 +25,7 @@ from magseg.cli.common import (
     REMOVED_ENGINE,
     RUNNER,
     SETTINGS,
+    TTA,
     WORKERS,
     Runner,
     check_checkpoint,
@@ -203,6 +204,7 @@ def predict(
     nodata: float = NODATA,
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
+    tta: str = TTA,
     settings: list[str] = SETTINGS,
     adaptive_threshold: float = ADAPTIVE_THRESHOLD,
     adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
@@ -229,7 +231,7 @@ def predict(
         simplify=simplify, nodata=nodata)
     paths, out_dir, options = _inputs_and_outputs(inputs, out_dir, options)
     overrides = config_overrides(settings, {
-        "engine.batch_size": batch_size, "engine.device": device,
+        "engine.batch_size": batch_size, "engine.device": device, "engine.tta": tta,
         "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops})
     model = load_model(runner, checkpoint, overrides, quiet)
     _check_bands(options.bands, model.config.model.in_channels, checkpoint)

@@ -5,42 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from magseg.cli.app import app
+from magseg.cli.app import Command, app
 from magseg.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     QUIET,
     emit,
+    examples,
     expand_inputs,
     fail,
     handle_errors,
     log,
+    overwrite_option,
 )
 from magseg.cli.predict import MIN_AREA, SIMPLIFY, VectorFormat
 
 LABELS = typer.Argument(
     ..., help="Class maps (magseg predict's <stem>.tif, or any one-band raster of class ids): "
     "files, globs, directories, or - to read paths from stdin.")
-FORMAT = typer.Option(VectorFormat.gpkg, "--format", "-f", help="gpkg, fgb or geojson.")
-OUT_DIR = typer.Option(None, "--out-dir", "-o", file_okay=False,
+FORMAT = typer.Option(VectorFormat.gpkg, "--format", "-f", metavar="FORMAT", help="gpkg, fgb or geojson.")
+OUT_DIR = typer.Option(None, "--out-dir", "-o", file_okay=False, metavar="DIR",
                        help="Directory (created if missing) for the layers; default: beside each class map.")
-OVERWRITE = typer.Option(False, "--overwrite",
-                         help="Replace a file in the way (a layer magseg made is replaced anyway "
-                         "when its class map or options differ, and kept when they do not).")
+OVERWRITE = overwrite_option("a file in the way (a layer magseg made is replaced anyway when its "
+                             "class map or options differ, and kept when they do not)")
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  magseg vectorize pred/scene.tif --min-area 50 --simplify 0.5\n\n"
-        "  magseg vectorize pred/ -o polygons/ --format fgb\n\n"
-        "Output per class map <stem>.tif: <stem>.gpkg (or .fgb, .geojson), one layer 'classes' "
-        "with one polygon per class region: class_id, class_name (from the class map's tags) and "
-        "area in CRS units; the class map's provenance tags and the options in its metadata. "
-        "Exit status: 0 all done (or already done), 1 some class map failed, 2 usage error."
-    )
-)
+@app.command(cls=Command, epilog=examples([
+    "magseg vectorize pred/scene.tif --min-area 50 --simplify 0.5",
+    "magseg vectorize pred/ -o polygons/ --format fgb",
+], after=[
+    "Output per class map <stem>.tif: <stem>.gpkg (or .fgb, .geojson), one layer 'classes' "
+    "with one polygon per class region: class_id, class_name (from the class map's tags) and "
+    "area in CRS units; the class map's provenance tags and the options in its metadata. "
+    "Exit status: 0 all done (or already done), 1 some class map failed, 2 usage error.",
+]))
 @handle_errors
 def vectorize(
     labels: list[str] = LABELS,

@@ -10,12 +10,15 @@ the file is ever unpickled as code)::
       "refiner": state_dict | None,        # None until phase 2 has run
       "meta": {...},                       # epoch, metrics, magseg version: informational
       "training": {...} | None,            # optimizer/scheduler/RNG state for --resume
+      "calibration": {...} | None,         # {"temperature": T, ...} fitted on validation;
+                                           # absent (older files) or None: T = 1
     }
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import stat
 import zipfile
@@ -50,6 +53,13 @@ class Checkpoint:
     # What the loader changed or noticed, one line each, for the CLI to show (e.g. a
     # backbone-phase checkpoint run without its refiner).
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def temperature(self) -> float:
+        """The temperature fitted on validation (``magseg.evaluation.calibration``); 1 when
+        the checkpoint has none."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
 
 def save_checkpoint(
@@ -60,6 +70,7 @@ def save_checkpoint(
     *,
     meta: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: a crash, a full disk or any failure to write leaves any
     previous file intact.
@@ -80,6 +91,7 @@ def save_checkpoint(
         "refiner": None if refiner is None else _cpu_state(refiner),
         "meta": {"magseg_version": __version__, **(meta or {})},
         "training": training,
+        "calibration": calibration,
     }
     path = Path(path)
     with atomic_write(path) as tmp:
@@ -283,7 +295,8 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
             f"checkpoint {path} has format version {payload.get('version')}; "
             f"this magseg reads version {VERSION}"
         )
-    for key, needed in (("config", True), ("backbone", True), ("refiner", False), ("training", False)):
+    for key, needed in (("config", True), ("backbone", True), ("refiner", False), ("training", False),
+                        ("calibration", False)):
         value = payload.get(key)
         if not isinstance(value, dict) and (needed or value is not None):
             found = "nothing" if value is None else f"a {type(value).__name__}"
@@ -306,7 +319,8 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
                                                        training, path)
     return Checkpoint(path=path, config=config, backbone=payload["backbone"],
                       refiner=payload.get("refiner"), meta=meta, training=training,
-                      warnings=warnings)
+                      warnings=warnings,
+                      calibration=_calibration(payload.get("calibration"), path))
 
 
 def _backbone_phase_without_refiner(config: Config, refiner: dict | None, meta: dict,
@@ -343,6 +357,17 @@ def run_config(ckpt: Checkpoint, overrides: Mapping[str, Any] | Sequence[str] = 
             "run the backbone alone with --set refiner.enabled=false, or use a checkpoint the "
             "refiner phase wrote")
     return config
+
+
+def _calibration(value: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+    """The stored calibration, its temperature checked (a finite number > 0)."""
+    if value is None:
+        return None
+    t = value.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise CheckpointError(f"checkpoint {path} is damaged: its calibration temperature {t!r} "
+                              "is not a number > 0; use a checkpoint written by `magseg train`")
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

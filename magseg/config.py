@@ -286,6 +286,9 @@ class EngineConfig:
     # Where exported graphs are kept (None: $MAGSEG_CACHE_DIR, else the user cache directory,
     # ~/.cache/magseg).
     cache_dir: str | None = None
+    # Test-time augmentation: every crop's probabilities averaged over left-right flips
+    # (flip, 2 backbone runs per crop) or the 8 flips and rotations (d4); magseg.engine.tta.
+    tta: Literal["none", "flip", "d4"] = "none"
 
     def __post_init__(self) -> None:
         from magseg.device import check_device_name

@@ -29,7 +29,9 @@ from magseg.engine.runtime import (
     state_sha256,
 )
 from magseg.engine.stages import SegmentationResult, segment
+from magseg.engine.tta import with_tta
 from magseg.errors import ConfigError
+from magseg.engine.temperature import apply_temperature
 from magseg.io.provenance import Provenance, config_sha256, file_sha256
 from magseg.models.smp import create_backbone
 from magseg.normalization import normalize
@@ -75,6 +77,9 @@ class Segmenter:
         # SHA-256 of the checkpoint file the weights came from (from_checkpoint), for outputs'
         # provenance tags; "none" for models built otherwise.
         self.checkpoint_sha256 = "none"
+        # The checkpoint's temperature (magseg.evaluation.calibration): applied to the
+        # probabilities and uncertainty this segmenter outputs, never to its labels.
+        self.temperature = 1.0
         self.device = resolve_device(config.engine.device)
         # What runs the backbone (engine.runtime resolved): a torch module handed over is
         # run from its exported graph when the runtime is another (magseg.engine.runtime).
@@ -125,6 +130,7 @@ class Segmenter:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         segmenter = cls(config, backbone, refiner)
+        segmenter.temperature = ckpt.temperature
         if ckpt.path.is_file():
             segmenter.checkpoint_sha256 = digest
         return segmenter
@@ -143,6 +149,11 @@ class Segmenter:
         device, as the backbone's runtime runs it (ONNX Runtime: fp32)."""
         resolved = resolve_precision(self.device, self.config.engine.precision)
         return runtime_precision(self.backbone_runtime, resolved)
+
+    @property
+    def stage_backbone(self) -> nn.Module:
+        """The backbone the engine calls: with ``engine.tta``'s transforms around it."""
+        return with_tta(self.backbone, self.config.engine.tta)
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -165,10 +176,13 @@ class Segmenter:
             )
         return normalize(pixels, data.mean, data.std)
 
-    def segment(self, image: Tensor, *, normalized: bool = True, **kwargs: Any) -> SegmentationResult:
+    def segment(self, image: Tensor, *, normalized: bool = True, calibrated: bool = True,
+                **kwargs: Any) -> SegmentationResult:
         """Run the engine on one ``(C, H, W)`` image; ``kwargs`` go to ``magseg.engine.stages.segment``
         (``return_probs``, ``return_stages``, ``on_crops``, or a ``pyramid``/``refine``/
-        ``engine`` to use instead of the config's; ``pixel_std`` is ``data.std``)."""
+        ``engine`` to use instead of the config's; ``pixel_std`` is ``data.std``).
+        ``calibrated``: the probabilities with the checkpoint's temperature (False: as the
+        engine made them); labels are the same."""
         if not normalized:
             image = self.normalize(image)
         cfg = self.config
@@ -177,4 +191,7 @@ class Segmenter:
         kwargs.setdefault("engine", cfg.engine)
         kwargs.setdefault("refiner", self.refiner)
         kwargs.setdefault("pixel_std", cfg.data.std)  # the CRF's pixel units
-        return segment(image, self.backbone, **kwargs)
+        result = segment(image, with_tta(self.backbone, kwargs["engine"].tta), **kwargs)
+        if calibrated and result.probs is not None:
+            result.probs = apply_temperature(result.probs, self.temperature)
+        return result

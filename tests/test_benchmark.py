@@ -88,7 +88,7 @@ def test_report_has_every_field(ckpt, data, tmp_path):
     assert report["config"]["pyramid"]["scales"] == [[32, 32], [64, 64], [128, 128]]
 
     assert report["plots"] == ["per_class_iou.png", "confusion_matrix.png", "per_class_boundary_iou.png",
-                               "miou_per_stage.png",
+                               "miou_per_stage.png", "reliability.png",
                                "samples/000001.png", "samples/000002.png"]
     for plot in report["plots"]:
         image = cv2.imread(str(out / plot))

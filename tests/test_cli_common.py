@@ -83,10 +83,11 @@ def _commands():
 
 
 SHARED = {  # cli.common's definition -> the commands that take it
-    "SETTINGS": ("train", "predict", "benchmark"),
-    "DEVICE": ("train", "predict", "benchmark"),
-    "QUIET": ("train", "predict", "benchmark"),
-    "BATCH_SIZE": ("predict", "benchmark"),
+    "SETTINGS": ("train", "predict", "benchmark", "suggest"),
+    "DEVICE": ("train", "predict", "benchmark", "suggest"),
+    "QUIET": ("train", "predict", "benchmark", "suggest"),
+    "BATCH_SIZE": ("predict", "benchmark", "suggest"),
+    "TTA": ("predict", "benchmark", "suggest"),
     "RUNNER": ("predict", "benchmark"),
     "RAY_ADDRESS": ("predict", "benchmark"),
     "WORKERS": ("predict", "benchmark"),

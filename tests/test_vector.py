@@ -20,6 +20,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from magseg.io.vector import LAYER, STYLES_LAYER, VECTOR_FORMATS, VectorError, VectorOptions, polygonize
+from magseg.io.raster import VALUE_MAX
 
 NAMES = ["background", "building", "road"]
 PIXEL = 0.5  # metres, UTM 33N
@@ -227,6 +228,8 @@ def test_geopackage_is_version_1_2_and_carries_its_qgis_style(tmp_path):
     # Without colours (the library call of old), no style table.
     polygonize(tmp_path / "l.tif", tmp_path / "plain.gpkg", NAMES)
     assert STYLES_LAYER not in pyogrio.list_layers(tmp_path / "plain.gpkg")[:, 0]
+
+
 def _vectorize(*args):
     import magseg.cli.vectorize  # noqa: F401  (registers the command)
     from magseg.cli.app import app
@@ -289,3 +292,55 @@ def test_vectorize_refuses_what_is_not_a_class_map_alone(tmp_path):
     assert "1 of 2 class map(s) failed" in result.stderr
     missing = _vectorize(tmp_path / "missing.tif")
     assert missing.exit_code == 1 and "no such file" in json.loads(missing.stdout)["error"]
+def _uncertainty(path, values):
+    height, width = values.shape
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, PIXEL, PIXEL)) as dst:
+        dst.write(values, 1)
+    return path
+
+
+@settings(max_examples=20, deadline=None)
+@given(height=st.integers(1, 40), width=st.integers(1, 40), rows=st.sampled_from([1, 3, 7, None]),
+       seed=st.integers(0, 2**16))
+def test_polygons_carry_mean_and_least_confidence_of_their_pixels(tmp_path_factory, height, width, rows, seed):
+    # Each polygon's confidence (1 - uncertainty / VALUE_MAX) is its region's, counted on the
+    # raster by 4-connected components, however the strips cut the regions.
+    rng = np.random.default_rng(seed)
+    labels = _random_labels(rng, height, width)
+    uncert = rng.integers(0, VALUE_MAX + 1, (height, width), dtype=np.uint8)
+    tmp = tmp_path_factory.mktemp("c")
+    polygonize(_labels(tmp / "labels.tif", labels), tmp / "out.gpkg", NAMES, VectorOptions(strip_rows=rows),
+               uncertainty=_uncertainty(tmp / "u.tif", uncert))
+    meta, _, columns = _read(tmp / "out.gpkg")
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area", "mean_confidence", "min_confidence"]
+    got = sorted(zip(columns["class_id"].tolist(), np.round(columns["area"] / PIXEL**2).astype(int).tolist(),
+                     np.round(columns["mean_confidence"], 9).tolist(), np.round(columns["min_confidence"], 9).tolist()))
+    confidence = 1 - uncert / VALUE_MAX
+    expected = []
+    for c in range(len(NAMES)):
+        components, n = ndimage.label(labels == c)  # 4-connectivity
+        for k in range(1, n + 1):
+            px = confidence[components == k]
+            expected.append((c, px.size, round(float(px.mean()), 9), round(float(px.min()), 9)))
+    assert got == sorted(expected)
+
+
+def test_predict_vector_with_uncertainty_has_confidence_columns(tmp_path, fitted_checkpoint):
+    import magseg.cli.predict  # noqa: F401  (registers the command)
+    from geotiff import smooth_image, write_raster
+    from magseg.cli.app import app
+    from typer.testing import CliRunner
+
+    scene = write_raster(tmp_path / "scene.tif", smooth_image(3, 40, 50))
+    result = CliRunner().invoke(app, ["predict", str(fitted_checkpoint), str(scene), "-o", str(tmp_path / "out"),
+                                      "--vector", "gpkg", "--uncertainty"])
+    assert result.exit_code == 0, result.output
+    _, _, columns = _read(tmp_path / "out" / "scene.gpkg")
+    assert (columns["min_confidence"] <= columns["mean_confidence"] + 1e-12).all()
+    assert ((columns["min_confidence"] >= 0) & (columns["mean_confidence"] <= 1)).all()
+    result = CliRunner().invoke(app, ["predict", str(fitted_checkpoint), str(scene), "-o", str(tmp_path / "plain"),
+                                      "--vector", "gpkg"])
+    assert result.exit_code == 0, result.output
+    meta, _, _ = _read(tmp_path / "plain" / "scene.gpkg")
+    assert meta["fields"].tolist() == ["class_id", "class_name", "area"]  # no uncertainty, no columns

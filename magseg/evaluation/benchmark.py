@@ -11,6 +11,12 @@ different pyramid, so the comparison isolates what the pyramid and the refiner c
 - ``downsample``: ``pyramid.downsample_only()``: the stage-0 view of the whole scene, upsampled.
 - ``patch``: ``pyramid.patch_only()``: the finest scale alone, crops stitched, no context.
 - ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
+- ``progressive + TTA <mode>``, ``patch + TTA <mode>`` (with ``engine.tta``): those methods
+  with every crop's probabilities averaged over the transforms (magseg.engine.tta); the
+  other rows run without.
+
+Every method's final probabilities are scored for calibration too (ECE, reliability bins:
+magseg.evaluation.calibration), with the checkpoint's temperature and without it.
 
 Scores come from one confusion matrix per method summed over the split (the DeepGlobe
 convention; see magseg.evaluation.metrics). Time is the wall time of the engine call per image (the
@@ -38,8 +44,15 @@ from magseg.data.scenes import Scene, check_scene, read_scene
 from magseg.engine.crf import check_crf
 from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
+from magseg.engine.tta import passes_per_crop
 from magseg.errors import DataError, MagsegError
 from magseg.evaluation.boundary import BoundaryTally, boundary_counts
+from magseg.evaluation.calibration import (
+    ReliabilityBins,
+    apply_temperature,
+    calibration_summary,
+    scored_pixels,
+)
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
 from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines
 from magseg.segmenter import Segmenter
@@ -71,7 +84,7 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
     """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive,
     + ``progressive (K=k)`` for each k of ``sweep_k``, + ``progressive + CRF`` and
     ``patch + CRF`` with ``crf``: the config's ``refine.crf`` switched on)."""
-    full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig())
+    full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig(), tta="none")
     p = config.pyramid
     sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
     refiner = "refiner" if config.refiner.enabled else "refiner off (refiner.enabled=false)"
@@ -95,8 +108,17 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
         methods.append(
             Method("adaptive", f"progressive, adaptive (threshold={adaptive.threshold}, "
                    f"max_crops={adaptive.max_crops})", p, config.refine,
-                   dataclasses.replace(config.engine, adaptive=adaptive))
+                   dataclasses.replace(config.engine, adaptive=adaptive, tta="none"))
         )
+    if config.engine.tta != "none":
+        mode, tta = config.engine.tta, dataclasses.replace(full, tta=config.engine.tta)
+        runs = f"{passes_per_crop(mode)} backbone runs per crop"
+        methods += [
+            Method(f"progressive + TTA {mode}", f"progressive with test-time augmentation {mode} ({runs})",
+                   p, config.refine, tta),
+            Method(f"patch + TTA {mode}", f"patch-only with test-time augmentation {mode} ({runs})",
+                   p.patch_only(), config.refine, tta),
+        ]
     return methods
 
 
@@ -209,6 +231,11 @@ class MethodTally:
     # The final labels' seam score across each stage's crop borders (the config's pyramid).
     seams: list[SeamTally] = field(default_factory=list)
     boundary: BoundaryTally | None = None  # boundary IoU and F counts (magseg.evaluation.boundary)
+    # Reliability of the final probabilities: with the checkpoint's temperature, and as the
+    # engine made them (temperature 1).
+    reliability: ReliabilityBins = field(default_factory=ReliabilityBins)
+    reliability_raw: ReliabilityBins = field(default_factory=ReliabilityBins)
+    temperature: float = 1.0
 
 
 @dataclass
@@ -339,6 +366,9 @@ class SceneOutcome:
     sample: Sample | None
     seams: dict[str, list[SeamTally]] = field(default_factory=dict)  # per method, per stage
     boundary: dict[str, Tensor] = field(default_factory=dict)  # (C, 6) boundary counts per method
+    # Per method: reliability bins with the checkpoint's temperature and without it.
+    reliability: dict[str, tuple[ReliabilityBins, ReliabilityBins]] = field(default_factory=dict)
+    temperature: float = 1.0
 
 
 # Segmenters that have run every method once (the first call of a method pays for allocator
@@ -376,7 +406,9 @@ def evaluate_scene(
         for m in methods:
             _segment(segmenter, x, m)
         _WARMED.add(segmenter)
-    out = SceneOutcome(index, ImageRecord(scene.id, size, {}), {}, {}, {}, None)
+    out = SceneOutcome(index, ImageRecord(scene.id, size, {}), {}, {}, {}, None,
+                       temperature=segmenter.temperature)
+    scored = scored_pixels(target, in_mean)
     predictions: dict[str, np.ndarray] = {}
     uncertainty: np.ndarray | None = None
     refined: list[np.ndarray] = []
@@ -385,8 +417,10 @@ def evaluate_scene(
         want_probs = sample and m.name == "progressive"
         with PeakMemory(segmenter.device) as mem:
             start = time.perf_counter()
-            result = _segment(segmenter, x, m, return_stages=m.staged, return_probs=want_probs)
+            # Probabilities for every method (the ECE); raw, the temperature applied below.
+            result = _segment(segmenter, x, m, return_stages=m.staged, return_probs=True, calibrated=False)
             seconds = time.perf_counter() - start
+        out.reliability[m.name] = _reliability(result, target, scored, segmenter.temperature)
         out.memory[m.name] = (mem.peak_mb, mem.peak_mb - mem.base_mb, mem.how, mem.gpu_peak_mb)
         own = confusion_matrix(result.labels, target, config.num_classes)
         out.matrices[m.name] = own
@@ -415,6 +449,18 @@ def seam_tallies(labels: np.ndarray, pyramid: PyramidConfig) -> list[SeamTally]:
         tally.add(changes, rows, cols)
         tallies.append(tally)
     return tallies
+
+
+def _reliability(result: SegmentationResult, target: Tensor, scored: Tensor,
+                 temperature: float) -> tuple[ReliabilityBins, ReliabilityBins]:
+    """Reliability bins of ``result``'s raw probabilities with ``temperature`` and without;
+    ``result.probs`` becomes the tempered ones (what predict writes)."""
+    assert result.probs is not None
+    raw, tempered = ReliabilityBins(), ReliabilityBins()
+    raw.update(result.probs, target, scored, result.labels)
+    result.probs = apply_temperature(result.probs, temperature)
+    tempered.update(result.probs, target, scored, result.labels)
+    return tempered, raw
 
 
 def _segment(segmenter: Segmenter, x: Tensor, method: Method, **kwargs: Any) -> SegmentationResult:
@@ -490,6 +536,10 @@ def add_scene(tallies: dict[str, MethodTally], outcome: SceneOutcome, config: Co
         tally.matrix += outcome.matrices[name]
         if tally.boundary is not None and name in outcome.boundary:
             tally.boundary += outcome.boundary[name]
+        if name in outcome.reliability:
+            tally.reliability += outcome.reliability[name][0]
+            tally.reliability_raw += outcome.reliability[name][1]
+            tally.temperature = outcome.temperature
         tally.seconds.append(outcome.record.methods[name]["seconds"])
         peak, increase, how, gpu = outcome.memory[name]
         tally.peak_mb = max(tally.peak_mb, peak)
@@ -606,6 +656,9 @@ def method_summary(tally: MethodTally, config: Config) -> dict[str, Any]:
         "confusion_matrix": tally.matrix.matrix.tolist(),
         # Per stage of the config's pyramid, coarse to fine (None: a stage of one crop).
         "seam_scores": [defined(s.score()) for s in tally.seams],
+        "tta": tally.method.engine.tta,
+        "backbone_runs_per_crop": passes_per_crop(tally.method.engine.tta),
+        "calibration": calibration_summary(tally.reliability, tally.reliability_raw, tally.temperature),
     }
     if tally.boundary is not None:
         out.update(_boundary_summary(tally.boundary, names))

@@ -25,6 +25,7 @@ from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
 from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, defined, method_summary
 from magseg.evaluation.metrics import scores
+from magseg.evaluation.reliability import PLOT_RELIABILITY, calibration_markdown, reliability_figure
 from magseg.io.atomic import atomic_write
 
 REPORT_JSON = "report.json"
@@ -78,6 +79,8 @@ def build_report(
         plots.append(PLOT_BOUNDARY)
     if any("stages" in m for m in methods.values()):
         plots.append(PLOT_STAGES)
+    if any(m.get("calibration") for m in methods.values()):
+        plots.append(PLOT_RELIABILITY)
     plots += [sample_plot_name(s.id) for s in result.samples]
     from magseg import __version__
 
@@ -349,6 +352,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   + ("n/a" if gain["miou"] is None else f"{gain['miou']:+.1f} mIoU points")
                   + (f"; IoU points per class: {per_class}." if per_class else ".")
                   + (" The two predictions are identical on this split." if same else ""), ""]
+    lines += calibration_markdown(report)
     lines += ["## How this was measured", "",
               f"- mIoU: {report['measurement']['miou']}.",
               *([f"- Boundaries: {report['measurement']['boundary']}."]
@@ -641,6 +645,8 @@ def write_report(
             report, "boundary_iou", "boundary_miou", "Per-class boundary IoU by method")))
     if PLOT_STAGES in report["plots"]:
         files.append((out_dir / PLOT_STAGES, plot_miou_per_stage(report)))
+    if PLOT_RELIABILITY in report["plots"]:
+        files.append((out_dir / PLOT_RELIABILITY, _figure_bytes(reliability_figure(report, _pyplot()))))
     files += [(out_dir / sample_plot_name(s.id), plot_sample(s, classes)) for s in samples]
     files.append((out_dir / REPORT_MD, render_markdown(report).encode()))
     files.append((out_dir / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode()))

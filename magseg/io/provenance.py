@@ -44,6 +44,8 @@ def config_sha256(config: Config) -> str:
     """SHA-256 of the config keys that decide the pixels (classes, model, pyramid, refiner,
     K and kernel, the CRF when on, normalisation, bands, adaptive mode), in canonical JSON."""
     data = config.to_dict()
+    if data.get("engine", {}).get("tta") == "none":
+        data["engine"].pop("tta")  # the digest of a config from before engine.tta existed
     for section, keys in _NOT_RESULTS.items():
         if keys is None:
             data.pop(section, None)

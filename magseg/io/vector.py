@@ -33,6 +33,7 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 
 from magseg.errors import MagsegError, WriteError
+from magseg.io.raster import VALUE_MAX
 
 # --vector FORMAT -> (OGR driver, file suffix).
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "fgb": ("FlatGeobuf", ".fgb"), "geojson": ("GeoJSON", ".geojson")}
@@ -95,11 +96,18 @@ class VectorSummary:
 
 @dataclass(eq=False)
 class _Group:
-    """Parts of one region (pixel coordinates); ``into`` is the group it was merged into."""
+    """Parts of one region (pixel coordinates); ``into`` is the group it was merged into.
+    ``confidence``: its pixels' (count, sum, minimum) confidence, when there is a raster of it."""
 
     value: int
     parts: list[shapely.Polygon]
     into: "_Group | None" = None
+    confidence: tuple[int, float, float] | None = None
+
+    def add_confidence(self, stats: tuple[int, float, float] | None) -> None:
+        if stats is not None:
+            mine = self.confidence or (0, 0.0, math.inf)
+            self.confidence = (mine[0] + stats[0], mine[1] + stats[1], min(mine[2], stats[2]))
 
     def root(self) -> "_Group":
         group = self
@@ -120,6 +128,34 @@ def _strip_polygons(labels: np.ndarray, top: int, nodata: int | None) -> list[tu
     return [(int(value), shapely.geometry.shape(geom))
             for geom, value in shapes(labels, mask=mask, connectivity=4,
                                       transform=Affine.translation(0, top))]
+
+
+def _strip_regions(labels: np.ndarray, top: int, nodata: int | None, confidence: np.ndarray
+                   ) -> list[tuple[int, shapely.Polygon, tuple[int, float, float]]]:
+    """``_strip_polygons`` with each region's (pixel count, summed and minimum confidence)
+    from ``confidence`` ``(rows, W)`` in [0, 1]: the strip's 4-connected regions of one
+    class are labelled (OpenCV), and their polygons traced from the region ids."""
+    import cv2
+
+    ids = np.zeros(labels.shape, np.int32)
+    classes = [0]  # class of each region id (id 0: none)
+    for value in np.unique(labels):
+        if nodata is not None and value == nodata:
+            continue
+        count, comp = cv2.connectedComponents((labels == value).astype(np.uint8), connectivity=4,
+                                              ltype=cv2.CV_32S)
+        inside = comp > 0
+        ids[inside] = comp[inside] + len(classes) - 1
+        classes += [int(value)] * (count - 1)
+    n = len(classes)
+    flat, conf = ids.ravel(), confidence.ravel().astype(np.float64)
+    counts = np.bincount(flat, minlength=n)
+    sums = np.bincount(flat, weights=conf, minlength=n)
+    mins = np.full(n, math.inf)
+    np.minimum.at(mins, flat, conf)
+    return [(classes[int(i)], shapely.geometry.shape(geom), (int(counts[int(i)]), float(sums[int(i)]),
+                                                             float(mins[int(i)])))
+            for geom, i in shapes(ids, mask=ids > 0, connectivity=4, transform=Affine.translation(0, top))]
 
 
 def _to_crs(geometry: shapely.Geometry, transform: Affine) -> shapely.Geometry:
@@ -144,11 +180,16 @@ class _Writer:
         self.metadata = dict(metadata) if metadata else None
         self.geometries: list[shapely.Geometry] = []
         self.values: list[int] = []
+        self.confidence: list[tuple[float, float]] | None = None  # (mean, min) per polygon
         self.started = False
 
-    def add(self, geometry: shapely.Geometry, value: int) -> None:
+    def add(self, geometry: shapely.Geometry, value: int,
+            confidence: tuple[int, float, float] | None = None) -> None:
         self.geometries.append(geometry)
         self.values.append(value)
+        if self.confidence is not None:
+            n, total, low = confidence or (0, 0.0, math.nan)
+            self.confidence.append((total / n if n else math.nan, low))
         if len(self.geometries) >= FLUSH_EVERY:
             self.flush()
 
@@ -162,6 +203,12 @@ class _Writer:
         names = np.asarray([self.names[v] if 0 <= v < len(self.names) else str(v) for v in self.values],
                            dtype=object)
         areas = shapely.area(geometries) if len(geometries) else np.zeros(0)
+        columns = [values, names, np.asarray(areas, np.float64)]
+        fields = ["class_id", "class_name", "area"]
+        if self.confidence is not None:
+            pairs = np.asarray(self.confidence, np.float64).reshape(-1, 2)
+            columns += [pairs[:, 0], pairs[:, 1]]
+            fields += ["mean_confidence", "min_confidence"]
         try:
             with warnings.catch_warnings():
                 # Written under a temporary name (magseg.io.atomic): GDAL's GPKG driver warns that
@@ -170,8 +217,7 @@ class _Writer:
                 # A class map without a CRS: predict's record says so, once.
                 warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
                 pyogrio.raw.write(
-                    str(self.gdal_path), shapely.to_wkb(geometries),
-                    [values, names, np.asarray(areas, np.float64)], ["class_id", "class_name", "area"],
+                    str(self.gdal_path), shapely.to_wkb(geometries), columns, fields,
                     layer=LAYER, driver=self.driver, geometry_type="MultiPolygon", promote_to_multi=True,
                     crs=self.crs, append=self.started,
                     layer_metadata=None if self.started else self.metadata,
@@ -182,6 +228,8 @@ class _Writer:
         self.started = True
         self.geometries.clear()
         self.values.clear()
+        if self.confidence is not None:
+            self.confidence.clear()
 
     def finish(self) -> None:
         """Write what is buffered and put the file at ``path``."""
@@ -216,7 +264,8 @@ def _join(polygon: shapely.Polygon, value: int, top: int,
             group.parts.append(polygon)
         else:
             group.parts.extend(other.parts)
-            other.parts, other.into = [], group
+            group.add_confidence(other.confidence)
+            other.parts, other.into, other.confidence = [], group, None
     return group
 
 
@@ -233,6 +282,7 @@ def _open_class_map(labels: str | Path) -> rasterio.DatasetReader:
 
 def _group_strip(strip: np.ndarray, top: int, height: int, nodata: int | None,
                  open_parts: list[tuple[shapely.Polygon, _Group]],
+                 confidence: np.ndarray | None = None,
                  ) -> tuple[list[_Group], list[tuple[shapely.Polygon, _Group]]]:
     """Join the regions of ``strip`` ``(rows, W)`` class ids (first row: row ``top`` of a
     raster ``height`` rows high) to the open parts of the strip above.
@@ -244,11 +294,14 @@ def _group_strip(strip: np.ndarray, top: int, height: int, nodata: int | None,
     index = shapely.STRtree([part for part, _ in open_parts]) if open_parts else None
     groups = [group for _, group in open_parts]
     touching: list[tuple[shapely.Polygon, _Group]] = []
-    for value, polygon in _strip_polygons(strip, top, nodata):
+    regions = (_strip_regions(strip, top, nodata, confidence) if confidence is not None else
+               [(value, polygon, None) for value, polygon in _strip_polygons(strip, top, nodata)])
+    for value, polygon, stats in regions:
         group = _join(polygon, value, top, open_parts, index)
         if group is None:
             group = _Group(value, [polygon])
             groups.append(group)
+        group.add_confidence(stats)
         if polygon.bounds[3] == bottom and bottom < height:
             touching.append((polygon, group))
     return groups, touching
@@ -276,7 +329,7 @@ def _write_region(group: _Group, transform: Affine, options: VectorOptions, writ
         return
     if options.simplify > 0:
         region = shapely.simplify(region, options.simplify, preserve_topology=True)
-    writer.add(region, group.value)
+    writer.add(region, group.value, group.confidence)
     summary.polygons += 1
     summary.area[group.value] = summary.area.get(group.value, 0.0) + area
 
@@ -334,7 +387,8 @@ def _write_style(path: Path, qml: str) -> None:
 def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
                options: VectorOptions = VectorOptions(),
                metadata: Mapping[str, str] | None = None,
-               colors: Sequence[tuple[int, int, int]] | None = None) -> VectorSummary:
+               colors: Sequence[tuple[int, int, int]] | None = None,
+               uncertainty: str | Path | None = None) -> VectorSummary:
     """Polygonise the class map ``labels`` (one band of class ids; its nodata left out) into
     the vector file ``out`` (one layer ``classes``: ``class_id``, ``class_name``, ``area``).
 
@@ -343,6 +397,10 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
         metadata: the layer's metadata (e.g. magseg.io.provenance tags; GeoPackage keeps it).
         colors: the classes' colours: a GeoPackage gets them as the layer's QGIS style
             (``layer_styles``).
+        uncertainty: predict's uncertainty raster of the same grid (``(1 - certainty) x
+            VALUE_MAX``): each polygon then also carries ``mean_confidence`` and
+            ``min_confidence``, the mean and least certainty (top-1 minus top-2
+            probability) of its pixels, so polygons can be filtered by trust.
     Returns:
         the polygon count and the total area per class written.
     Raises:
@@ -350,18 +408,23 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
     """
     driver = VECTOR_FORMATS[options.format][0]
     summary = VectorSummary()
-    with _open_class_map(labels) as src:
+    with _open_class_map(labels) as src, contextlib.ExitStack() as stack:
+        conf_src = None if uncertainty is None else stack.enter_context(_open_class_map(uncertainty))
         height, width = src.height, src.width
         transform, nodata = src.transform, src.nodata
         crs = src.crs.to_wkt() if src.crs else None
         rows = options.strip_rows or max(1, STRIP_PIXELS // max(1, width))
         writer = _Writer(Path(out), driver, crs, class_names, metadata)
+        if conf_src is not None:
+            writer.confidence = []
         try:
             # The parts of the previous strip that touch its bottom row, with their groups.
             open_parts: list[tuple[shapely.Polygon, _Group]] = []
             for top, bottom in _strips(height, rows):
                 strip = src.read(1, window=Window(0, top, width, bottom - top))
-                groups, touching = _group_strip(strip, top, height, nodata, open_parts)
+                confidence = None if conf_src is None else \
+                    1 - conf_src.read(1, window=Window(0, top, width, bottom - top)).astype(np.float64) / VALUE_MAX
+                groups, touching = _group_strip(strip, top, height, nodata, open_parts, confidence)
                 # A group is finished when none of its parts reaches into the next strip.
                 for group in _finished(groups, touching):
                     _write_region(group, transform, options, writer, summary)

@@ -260,7 +260,8 @@ def predict_raster(
         _warn(result, _georeference_warnings(reader), on_warning)
         if set(todo) <= _FROM_CLASS_MAP:  # the class map is there: segment nothing
             with atomic_writes(todo, overwrite) as temps:
-                _from_class_map(targets["labels"], temps, segmenter, options)
+                _from_class_map(targets["labels"], temps, segmenter, options,
+                                targets.get("uncertainty"))
             result.seconds = time.perf_counter() - start
             return result
         reader.select(_band_order(reader, segmenter, options))
@@ -350,7 +351,8 @@ def _run(
                    for k, p in tiled.items()}
         need_probs = any(k in todo for k in ("probs", "uncertainty", "preview"))
         source = RasterSource(reader, segmenter.normalize)
-        sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs)
+        sink = RasterSink(source, segmenter.num_classes, writers, preview, need_probs,
+                          temperature=segmenter.temperature)
         if scratch is not None:
             _stages(segmenter, source, sink, scratch, result, on_window, options, pool)
         else:  # nothing to segment: no engine run at all
@@ -365,7 +367,9 @@ def _run(
             preview.save(temps["preview"], config.classes, title=readable_name(base_name(reader.path)),
                          metadata=segmenter.provenance.tags())
         labels = temps.get("labels", result.outputs["labels"])  # this run's, or the one there
-        _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options)
+        uncertainty = temps.get("uncertainty", result.outputs.get("uncertainty"))
+        _from_class_map(labels, {k: p for k, p in temps.items() if k in _FROM_CLASS_MAP}, segmenter, options,
+                        uncertainty)
         whole = None if options.aoi is None else (reader.file_size, reader.origin)  # a clip's grid
         result.seam_score = finest_seam_scores(labels, temps.get("uncertainty"), reader.size, config.pyramid,
                                                whole=whole)
@@ -433,7 +437,7 @@ def _run_stages(segmenter: Segmenter, source: RasterSource, sink, scratch: Scrat
         if on_window:
             on_window(result.crops, total)
 
-    run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+    run = StageRun.create(segmenter.stage_backbone, config.pyramid, refiner=segmenter.refiner,
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
     crf = config.refine.crf
     # With the CRF, the final probabilities go to one more map in the scratch space, then
@@ -592,10 +596,11 @@ def _remove_stale(path: str | Path, out_dir: str | Path, targets: Mapping[str, P
 
 
 def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmenter,
-                    options: PredictOptions) -> None:
+                    options: PredictOptions, uncertainty: Path | None = None) -> None:
     """The outputs made from the finished class map ``labels``: the class names for GIS
     tools (``categories``), its QGIS style (``style``) and, with ``--vector``, its polygons
-    (magseg.io.vector, styled too)."""
+    (magseg.io.vector, styled too), with their mean and least confidence when there is an
+    ``uncertainty`` raster (--uncertainty)."""
     classes = segmenter.config.classes
     if "categories" in temps:
         write_categories(temps["categories"], [(c.id, c.name, tuple(c.color)) for c in classes])
@@ -606,7 +611,7 @@ def _from_class_map(labels: Path, temps: Mapping[str, Path], segmenter: Segmente
         polygonize(labels, temps["vector"], [c.name for c in classes], options.vector,
                    metadata={**segmenter.provenance.tags(),
                              VECTOR_OPTIONS_TAG: options_tag(options.vector)},
-                   colors=[tuple(c.color) for c in classes])
+                   colors=[tuple(c.color) for c in classes], uncertainty=uncertainty)
 
 
 def _warn(result: PredictResult, warnings: list[str], on_warning: Callable[[str], None] | None) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from magseg.engine.certainty import certainty
+from magseg.engine.temperature import apply_temperature
 from magseg.engine.maps import ChunkMap, map_bytes
 from magseg.engine.pyramid import CropBox, Size
 from magseg.engine.stages import BatchJob, CollectSink, StageRun, run_job
@@ -99,15 +100,18 @@ class RasterSink:
         writers: open writers by output kind (``labels``, ``probs``, ``uncertainty``).
         preview: a ``PreviewCanvas`` or None.
         wants_probs: the probabilities are needed (probs, uncertainty or preview).
+        temperature: the checkpoint's (``Segmenter.temperature``), applied to the
+            probabilities and uncertainty written; the labels are the engine's.
     """
 
     def __init__(self, source: RasterSource, classes: int, writers: Mapping[str, RasterWriter],
-                 preview, wants_probs: bool) -> None:
+                 preview, wants_probs: bool, temperature: float = 1.0) -> None:
         self.source = source
         self.classes = classes
         self.writers = writers
         self.preview = preview
         self.wants_probs = wants_probs
+        self.temperature = temperature
         self.counts = np.zeros(256, dtype=np.int64)  # pixels per class id (and nodata)
 
     def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
@@ -128,7 +132,7 @@ class RasterSink:
         uncert = None
         if probs is not None:
             invalid = torch.from_numpy(~valid)
-            probs = probs.float().cpu()
+            probs = apply_temperature(probs.float().cpu(), self.temperature)
             uncert = _to_uint8(1 - certainty(probs[None])[0].nan_to_num(1.0), invalid)
             if "probs" in self.writers:
                 self.writers["probs"].write(_to_uint8(probs.nan_to_num(0.0), invalid), window, valid)
@@ -226,7 +230,7 @@ def stage_job(segmenter, path: str | Path, bands: list[int], aoi: AreaOfInterest
         if aoi is not None:
             reader.restrict(aoi)
         reader.select(bands)
-        run = StageRun.create(segmenter.backbone, config.pyramid, refiner=segmenter.refiner,
+        run = StageRun.create(segmenter.stage_backbone, config.pyramid, refiner=segmenter.refiner,
                               refine=config.refine, engine=config.engine)
         collect = CollectSink(wants_probs)
         with torch.inference_mode():

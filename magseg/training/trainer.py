@@ -46,6 +46,8 @@ from magseg.io.atomic import atomic_write
 from magseg.normalization import ChannelStats
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training import distributed
+from magseg.training.calibrate import fit_calibration, validation_pixels
+from magseg.training.choice import LEVEL, Candidate, choose
 from magseg.training.coarse import prepare_coarse_maps
 from magseg.training.distributed import World
 from magseg.training.loader import batches, loader_options, phase_workers, resolve_workers
@@ -116,6 +118,9 @@ class TrainResult:
     # After a refiner phase with train.refiner_choice: validation mIoU with and without the
     # refiner, and which one best.ckpt's refiner.enabled now says.
     refiner_choice: dict[str, Any] | None = None
+    # The temperature fitted on validation and stored in best.ckpt, with the ECE before and
+    # after (magseg.training.calibrate).
+    calibration: dict[str, Any] | None = None
 
 
 # Differences that do not change the weights: where the initial weights came from, and
@@ -455,6 +460,7 @@ class Trainer:
                         self._train_phase(name, ckpt)
                 finally:
                     self._overall.close()
+                self._calibrate()
         finally:
             distributed.close_world(self.world)
         return self.result
@@ -480,15 +486,15 @@ class Trainer:
 
     def _choose_refiner(self, run: _PhaseRun) -> None:
         """Validate the best epoch's models at every K of ``train.choose_k`` (and
-        ``refine.points``), with the refiner and without it, and store the best pair in
+        ``refine.points`` and 1), with the refiner and without it, and store the choice in
         best.ckpt's ``refine.points`` and ``refiner.enabled``.
 
-        A refiner that does not beat its absence on held-out scenes (small objects it
-        smooths away, data where the coarse view adds nothing) is switched off, and a K that
-        keeps too many pixels on the coarser answer is lowered or raised, for predict and
-        benchmark; ``--set refiner.enabled=...`` / ``refine.points=...`` override the choice,
-        the refiner's weights stay in the file. Ties go to the simpler model (no refiner),
-        then to the configured K. last.ckpt keeps the training config, for --resume.
+        The choice keeps patch-only (K = 1, no refiner) unless a candidate beats it by more
+        than the validation noise, a bootstrap interval over validation scenes or windows
+        (``magseg.training.choice``): a refiner or a K that wins on a few validation tiles
+        by chance does not reach predict and benchmark. ``--set refiner.enabled=...`` /
+        ``refine.points=...`` override the choice, the refiner's weights stay in the file.
+        last.ckpt keeps the training config, for --resume.
         """
         if not math.isfinite(run.best_miou):
             return
@@ -501,36 +507,43 @@ class Trainer:
         load_state(refiner, best.refiner, "refiner", best.path)
         refiner.to(self.device)
         own_k = self.config.refine.points
-        ks = sorted({*self.config.train.choose_k, own_k})
-        runs = 2 * len(ks) - 1  # every (refiner, K) but the one the best epoch validated
+        ks = sorted({*self.config.train.choose_k, own_k, 1.0})
         logger.info("refinement sweep: validating K in %s with and without the refiner (%d runs "
-                    "over %d scene(s))", ks, runs, len(self.val_scenes))
-        sweep = []
-        bar = self._progress(runs * len(self.val_scenes), "refinement sweep")
+                    "over %d scene(s))", ks, 2 * len(ks), len(self.val_scenes))
+        candidates = []
+        bar = self._progress(2 * len(ks) * len(self.val_scenes), "refinement sweep")
         try:
             for enabled in (True, False):
                 for k in ks:
-                    if enabled and k == own_k:
-                        miou = run.best_miou  # the best epoch's own validation
-                    else:
-                        bar.set_postfix_str(f"K={k}, refiner {'on' if enabled else 'off'}")
-                        miou = validate(self.config.override({"refine.points": k}), self.val_scenes,
-                                        run.backbone, refiner if enabled else None, self.world, self.device,
-                                        on_scene=lambda: bar.update(1))["miou"]
-                    sweep.append({"refiner": enabled, "k": k, "val_miou": miou})
-                    logger.info("refinement sweep: K=%s, refiner %s: val mIoU %s", k,
-                                "on" if enabled else "off", percent(miou))
+                    bar.set_postfix_str(f"K={k}, refiner {'on' if enabled else 'off'}")
+                    scores = validate(self.config.override({"refine.points": k}), self.val_scenes,
+                                      run.backbone, refiner if enabled else None, self.world, self.device,
+                                      on_scene=lambda: bar.update(1), windows=True)
+                    candidates.append(Candidate(enabled, k, scores["units"]))
         finally:
             bar.close()
-        pick = max(sweep, key=lambda s: (s["val_miou"] if math.isfinite(s["val_miou"]) else -math.inf,
-                                         not s["refiner"], s["k"] == own_k))
+        baseline = next(c for c in candidates if not c.refiner and c.k == 1.0)
+        in_mean = [c.in_mean for c in self.config.classes]
+        pick, sweep, unit = choose(candidates, baseline, in_mean, own_k, seed=self.config.train.seed)
+        for s in sweep:
+            low, high = s["interval"]
+            logger.info("refinement sweep: K=%s, refiner %s: val mIoU %s, gain over patch-only "
+                        "%+.1f points (%d%% interval %+.1f..%+.1f)%s", s["k"], "on" if s["refiner"] else "off",
+                        percent(s["val_miou"]), 100 * (s["gain"] or 0.0), round(100 * LEVEL),
+                        100 * low, 100 * high, " beats the noise" if s["beats_noise"] else "")
         at_own_k = {s["refiner"]: s["val_miou"] for s in sweep if s["k"] == own_k}
-        choice = {"enabled": pick["refiner"], "points": pick["k"], "val_miou": pick["val_miou"],
+        picked = next(s for s in sweep if (s["refiner"], s["k"]) == (pick.refiner, pick.k))
+        choice = {"enabled": pick.refiner, "points": pick.k, "val_miou": picked["val_miou"],
                   "val_miou_refiner": at_own_k[True], "val_miou_no_refiner": at_own_k[False],
-                  "sweep": sweep}
+                  "gain": picked["gain"], "interval": picked["interval"],
+                  "rule": f"patch-only (K=1, no refiner) unless a candidate's {round(100 * LEVEL)}% "
+                          f"bootstrap interval of mIoU gain over it, resampling validation {unit}, "
+                          "is above 0",
+                  "bootstrap_unit": unit, "sweep": sweep}
         self.result.refiner_choice = choice
-        logger.info("refinement chosen: K=%s, refiner %s (val mIoU %s), stored in %s", pick["k"],
-                    "on" if pick["refiner"] else "off", percent(pick["val_miou"]), self.out / BEST)
+        logger.info("refinement chosen: K=%s, refiner %s (val mIoU %s, %+.1f points over patch-only), "
+                    "stored in %s", pick.k, "on" if pick.refiner else "off", percent(picked["val_miou"]),
+                    100 * (picked["gain"] or 0.0), self.out / BEST)
         if not self.world.main:
             return
         if self.options.on_epoch:
@@ -538,9 +551,39 @@ class Trainer:
             self.options.on_epoch({"phase": "refiner", "choice": chosen, "sweep": sweep})
         backbone = create_segmenter_model(best.config, pretrained=False)
         load_state(backbone, best.backbone, "backbone", best.path)
-        config = best.config.override({"refiner.enabled": pick["refiner"], "refine.points": pick["k"]})
+        config = best.config.override({"refiner.enabled": pick.refiner, "refine.points": pick.k})
         self.result.best = save_checkpoint(self.out / BEST, config, backbone, refiner.cpu(),
                                            meta={**best.meta, "refiner_choice": choice})
+
+    def _calibrate(self) -> None:
+        """Fit the temperature of best.ckpt's final probabilities on the validation scenes
+        (the model as stored, after the refinement choice) and store it in best.ckpt."""
+        path = self.out / BEST
+        if not self.world.main or not self.val_scenes or not path.is_file():
+            return
+        best = load_checkpoint(path)
+        backbone = create_segmenter_model(best.config, pretrained=False)
+        load_state(backbone, best.backbone, "backbone", best.path)
+        stored = None  # the refiner's weights stay in the file even when the choice is off
+        if best.refiner is not None:
+            stored = create_refiner(best.config.override({"refiner.enabled": True}))
+            assert stored is not None
+            load_state(stored, best.refiner, "refiner", best.path)
+        used = stored if best.config.refiner.enabled else None
+        probs, target = validation_pixels(best.config, self.val_scenes, backbone.to(self.device),
+                                          None if used is None else used.to(self.device), self.device,
+                                          seed=self.config.train.seed)
+        calibration = fit_calibration(probs, target)
+        self.result.calibration = calibration
+        logger.info("temperature %.3f fitted on %d validation pixels: ECE %.4f at T = 1, %.4f with it; "
+                    "stored T = %.3f in %s", calibration["fitted_temperature"], calibration["pixels"],
+                    calibration["val_ece_before"] or 0.0, calibration["val_ece_fitted"] or 0.0,
+                    calibration["temperature"], path)
+        self.result.best = save_checkpoint(path, best.config, backbone.cpu(),
+                                           None if stored is None else stored.cpu(), meta=best.meta,
+                                           calibration=calibration)
+        if self.options.on_epoch:
+            self.options.on_epoch({"phase": "calibration", **calibration})
 
     # ------------------------------------------------------------------ phase construction
     def _backbone_checkpoint(self) -> Checkpoint:

@@ -17,6 +17,7 @@ from magseg.config import Config
 from magseg.data.scenes import Scene
 from magseg.engine.stages import segment
 from magseg.evaluation.metrics import ConfusionMatrix
+from magseg.training.choice import GRID, window_matrices
 from magseg.training.distributed import World, all_sum
 from magseg.training.samples import load_scene
 
@@ -33,12 +34,14 @@ def validate(
     world: World,
     device: torch.device,
     on_scene: Callable[[], None] | None = None,
+    windows: bool = False,
 ) -> dict[str, Any]:
     """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them.
 
     Returns:
         ``magseg.evaluation.metrics.scores`` of the confusion matrix summed over all ranks, with
-        ``matrix`` (a nested list) added.
+        ``matrix`` (a nested list) added; with ``windows``, also ``units``: ``(scenes,
+        windows, C, C)`` one matrix per window of each scene (``magseg.training.choice``).
     """
     engine = dataclasses.replace(config.engine, device=str(device))
     backbone, refiner = _bare(backbone), _bare(refiner)
@@ -46,12 +49,16 @@ def validate(
     for module, _ in modes:
         module.eval()
     matrix = ConfusionMatrix(config.num_classes, [c.in_mean for c in config.classes])
+    c = config.num_classes
+    units = torch.zeros((len(scenes), GRID * GRID, c, c), dtype=torch.int64) if windows else None
     try:
-        for scene in scenes[world.rank :: world.size]:
-            image, mask = load_scene(scene, config)
+        for index in range(world.rank, len(scenes), world.size):
+            image, mask = load_scene(scenes[index], config)
             result = segment(image, backbone, config.pyramid, refiner=refiner, refine=config.refine,
                              engine=engine)
             matrix.update(result.labels, mask)
+            if units is not None:
+                units[index] = window_matrices(result.labels, mask, c)
             if on_scene:
                 on_scene()
     finally:
@@ -60,4 +67,6 @@ def validate(
     all_sum(world, matrix.matrix)
     out = matrix.scores()
     out["matrix"] = matrix.matrix.tolist()
+    if units is not None:
+        out["units"] = all_sum(world, units)
     return out
