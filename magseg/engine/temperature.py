@@ -26,6 +26,3 @@ def apply_temperature(probs: Tensor, temperature: float, dim: int = -3) -> Tenso
     logp = probs.float().clamp_min(0).log() / temperature
     out = logp.softmax(dim=dim)
     return torch.nan_to_num(out, nan=0.0)
-
-
-@dataclass

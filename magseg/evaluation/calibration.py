@@ -31,6 +31,7 @@ BINS = 15
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))
 
 
+@dataclass
 class ReliabilityBins:
     """Confidence against accuracy over labelled pixels, in ``bins`` equal-width bins of the
     top-1 probability. ``count[b]``: pixels; ``confidence[b]``: their summed top-1
