@@ -147,7 +147,7 @@ AOI = typer.Option(
     None, "--aoi", metavar="FILE", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "
     "pixels outside them are nodata.")
 NODATA = typer.Option(
-    None, "--nodata", help="Pixels equal to this value in every band are nodata (255 in the class "
+    None, "--nodata", metavar="VALUE", help="Pixels equal to this value in every band are nodata (255 in the class "
     "map), whatever the file declares; e.g. --nodata 0 for black padding, --nodata nan. Default: "
     "GDAL's rule (the file's nodata value, then its mask or alpha band, else every pixel is valid).")
 BANDS = typer.Option(

@@ -109,7 +109,7 @@ def test_streamed_predict_with_the_crf_equals_segment_in_memory(tmp_path, fitted
     image = smooth_image(3, height, width, cell=16, seed=height)
     image[:, height // 3 : height // 3 + 4, : width // 2] = 0  # nodata
     valid = image.any(axis=0)
-    result = predict_raster(seg, write_raster(tmp_path / "scene.tif", image), tmp_path / "out",
+    result = predict_raster(seg, write_raster(tmp_path / "scene.tif", image, nodata=0), tmp_path / "out",
                             PredictOptions(probs=True, scratch_dir=tmp_path / "scratch"))
     assert result.status == "ok"
     x = seg.normalize(image)

@@ -128,7 +128,7 @@ def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitt
     segmenter = Segmenter(fitted.config.override(["engine.batch_size=3", "engine.precision=fp32",
                                                   f"pyramid.margin={margin}"]),
                           fitted.backbone, fitted.refiner)
-    path = write_raster(tmp_path / "scene.tif", image)
+    path = write_raster(tmp_path / "scene.tif", image, nodata=0)  # the zero band is declared nodata
     predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
     x = segmenter.normalize(image)
     x[:, torch.from_numpy(~valid)] = 0
