@@ -85,7 +85,7 @@ def test_reuses_predicts_uncertainty_and_ranks_the_hard_windows(tmp_path, fitted
     assert frame["share_field"][0] == pytest.approx(0.5) and frame["share_road"][0] == pytest.approx(0.5)
     assert frame["share_field"][1] == 1.0 and frame["dominant_class"][1] == "field"
     # The window's footprint in the raster's CRS: 32 px of 10 m from the raster's origin.
-    x0, y0 = TRANSFORM * (64, 32)
+    x0, y0 = TRANSFORM @ (64, 32)
     assert frame["geometry"][0].bounds == pytest.approx((x0, y0 - 320, x0 + 320, y0))
 
 

@@ -301,12 +301,13 @@ def test_training_stores_the_refiner_on_off_choice(tmp_path, tiny_config):
     result = train(config, TrainOptions(out=out, data_root=data,
                                         progress=lambda total, desc: bars.append(_Bar(total, desc)) or bars[-1]))
     # One bar for the whole run (2 backbone + 1 refiner epochs), one for the sweep after it
-    # (K and refiner on/off, less the pair the best epoch validated), each run to its end.
+    # (K, patch-only's K = 1 among them, and refiner on/off: each candidate is validated
+    # window by window for the bootstrap), each run to its end.
     overall = next(b for b in bars if b.desc == "training")
     assert overall.total == 3 and overall.n == 3 and overall.closed
     sweep = [b for b in bars if b.desc == "refinement sweep"]
-    ks = sorted({*config.train.choose_k, config.refine.points})
-    assert len(sweep) == 1 and sweep[0].total == (2 * len(ks) - 1) * 2  # 2 validation scenes
+    ks = sorted({*config.train.choose_k, config.refine.points, 1.0})
+    assert len(sweep) == 1 and sweep[0].total == 2 * len(ks) * 2  # 2 validation scenes
     assert sweep[0].n == sweep[0].total and sweep[0].closed
     assert not [b for b in bars if b.desc.startswith("validation, K=")]
     choice = result.refiner_choice

@@ -575,9 +575,9 @@ class Trainer:
                                           seed=self.config.train.seed)
         calibration = fit_calibration(probs, target)
         self.result.calibration = calibration
-        logger.info("temperature %.3f fitted on %d validation pixels: ECE %.4f at T = 1, %.4f with it; "
+        logger.info("temperature %.3f fitted on %d validation pixels: ECE %s at T = 1, %s with it; "
                     "stored T = %.3f in %s", calibration["fitted_temperature"], calibration["pixels"],
-                    calibration["val_ece_before"] or 0.0, calibration["val_ece_fitted"] or 0.0,
+                    percent(calibration["val_ece_before"]), percent(calibration["val_ece_fitted"]),
                     calibration["temperature"], path)
         self.result.best = save_checkpoint(path, best.config, backbone.cpu(),
                                            None if stored is None else stored.cpu(), meta=best.meta,
