@@ -562,6 +562,12 @@ class Trainer:
         if not self.world.main or not self.val_scenes or not path.is_file():
             return
         best = load_checkpoint(path)
+        if best.warnings:
+            # A backbone-phase file (read without the refiner its config promises): not the
+            # final model, and rewriting it would store the config as read; the refiner
+            # phase's best.ckpt gets the temperature.
+            logger.info("temperature: not fitted, %s is not the final model yet", path)
+            return
         backbone = create_segmenter_model(best.config, pretrained=False)
         load_state(backbone, best.backbone, "backbone", best.path)
         stored = None  # the refiner's weights stay in the file even when the choice is off
@@ -581,7 +587,7 @@ class Trainer:
                     calibration["temperature"], path)
         self.result.best = save_checkpoint(path, best.config, backbone.cpu(),
                                            None if stored is None else stored.cpu(), meta=best.meta,
-                                           calibration=calibration)
+                                           training=best.training, calibration=calibration)
         if self.options.on_epoch:
             self.options.on_epoch({"phase": "calibration", **calibration})
 
