@@ -104,6 +104,10 @@ def test_report_has_every_field(ckpt, data, tmp_path):
         assert set(m["producer_accuracy"]) == set(m["user_accuracy"]) == set(NAMES)
         assert m["kappa"] is None or -1 <= m["kappa"] <= 1
     assert "after each stage" in md and "## Accuracy assessment: progressive" in md
+    # The assessment lists the scored classes only ('unknown' is out of the mean).
+    assessment = md.split("## Accuracy assessment: progressive", 1)[1].split("\n\n")[1].splitlines()[2:]
+    assert [row.split(" | ")[0].strip("| ") for row in assessment] == \
+        [c["name"] for c in report["classes"] if c["in_mean"]]
     assert "## Boundaries" in md and "boundary" in report["measurement"]
     for name, m in report["methods"].items():
         assert list(m["boundary_iou"]) == NAMES and 0 <= m["boundary_miou"] <= 1, name

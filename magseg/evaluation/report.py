@@ -277,8 +277,10 @@ def _accuracy_table(report: dict[str, Any], name: str) -> list[str]:
     m = report["methods"][name]
     if "producer_accuracy" not in m:
         return []
+    # The classes scored (not 'unknown'): the pixels of the others are not assessed, so their
+    # producer's accuracy would read 0.
     classes = {c["name"]: {"producer": m["producer_accuracy"][c["name"]], "user": m["user_accuracy"][c["name"]]}
-               for c in report["classes"]}
+               for c in report["classes"] if c["in_mean"]}
     columns = [Column("producer's accuracy", lambda r: r["producer"], best=None),
                Column("user's accuracy", lambda r: r["user"], best=None)]
     return [f"## Accuracy assessment: {name}", "",
