@@ -13,6 +13,7 @@ from magseg.engine.certainty import (
     error_map,
     error_score,
     median_blur,
+    top2,
     top_error_pixels,
 )
 
@@ -27,6 +28,27 @@ def test_certainty_is_zero_where_the_best_classes_tie():
     # (0.4, 0.4, 0.2): tie at the top; (0, 0, 0): zero padding; (1/3, 1/3, 1/3)
     probs = torch.tensor([[0.4, 0.0, 1 / 3], [0.4, 0.0, 1 / 3], [0.2, 0.0, 1 / 3]]).view(1, 3, 1, 3)
     assert torch.equal(certainty(probs), torch.zeros(1, 1, 3))
+
+
+def test_top2_by_hand():
+    # (0.2, 0.7, 0.1) -> 0.7, 0.2 ; (0.4, 0.2, 0.4) -> 0.4, 0.4 (a tie at the top) ; two classes
+    probs = torch.tensor([[0.2, 0.4], [0.7, 0.2], [0.1, 0.4]]).view(1, 3, 1, 2)
+    best, second = top2(probs)
+    assert torch.equal(best, torch.tensor([[[0.7, 0.4]]])) and torch.equal(second, torch.tensor([[[0.2, 0.4]]]))
+    best, second = top2(probs[:, 1:])
+    assert torch.equal(best, torch.tensor([[[0.7, 0.4]]])) and torch.equal(second, torch.tensor([[[0.1, 0.2]]]))
+    with pytest.raises(ValueError, match="2 classes"):
+        top2(probs[:, :1])
+
+
+def test_error_score_of_weights_over_their_total_by_hand():
+    # R = (0.6, 0.3, 0.1) given as weights (1.2, 0.6, 0.2) with total 2: cert(R) = 0.3;
+    # Y = (0.5, 0.4, 0.1): 1 - cert(Y) = 0.9; the score 0.27 either way.
+    refined = torch.tensor([1.2, 0.6, 0.2]).view(1, 3, 1, 1)
+    coarse = torch.tensor([0.5, 0.4, 0.1]).view(1, 3, 1, 1)
+    by_weights = error_score(refined, coarse, torch.full((1, 1, 1), 2.0))
+    assert torch.allclose(by_weights, torch.tensor([[[0.27]]]))
+    assert torch.allclose(by_weights, error_score(refined / 2, coarse))
 
 
 @settings(max_examples=30, deadline=None)

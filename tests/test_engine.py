@@ -209,6 +209,38 @@ def test_refine_labels_are_the_labels_of_refine_crops(size, crop):
     assert not torch.equal(labels, labels_of(coarse))  # the refinement did change labels
 
 
+@pytest.mark.parametrize("size, crop", [((8, 16), (8, 8)), ((9, 20), (9, 8)), ((6, 6), (8, 8))])
+def test_the_refine_step_from_weights_equals_it_from_probabilities(size, crop):
+    # The engine hands the refine step R up to a per-pixel factor (Refiner.weights) and their
+    # sum: the same picks and labels as from R itself, and refine_crops writes R.
+    boxes = crop_boxes(size, crop)
+    g = torch.Generator().manual_seed(size[1] + crop[0])
+    coarse = (torch.rand(len(boxes), 5, *crop, generator=g) * 4).round().softmax(1)
+    refined = (torch.rand(len(boxes), 5, *crop, generator=g) * 4).round().softmax(1)
+    scale = torch.rand(len(boxes), 1, *crop, generator=g) * 3 + 0.5  # a positive factor per pixel
+    weights = refined * scale
+    total = weights.sum(1)
+    refine = RefineConfig(points=0.4, kernel=3)
+    labels, picked = refine_labels(coarse, weights, boxes, refine, total=total)
+    expected_labels, expected_picked = refine_labels(coarse, refined, boxes, refine)
+    # Picks agree but where two error scores tie within float rounding at the K-th place.
+    assert (picked != expected_picked).sum() <= 2 * len(boxes)
+    assert torch.equal(picked.flatten(1).sum(1), expected_picked.flatten(1).sum(1))  # exact K
+    assert torch.equal(labels[picked], labels_of(refined)[picked])
+    assert torch.equal(labels[~picked], labels_of(coarse)[~picked])
+    out = coarse.clone()
+    assert torch.equal(refine_crops(out, weights.clone(), boxes, refine, total=total), picked)
+    assert torch.allclose(out, torch.where(picked[:, None], refined, coarse), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1), (7, 5, 3), (3, 7, 4, 6)])
+def test_labels_of_takes_the_maximum_it_is_given(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    probs = torch.randint(0, 4, shape, generator=g).float() / 4  # frequent ties
+    assert torch.equal(labels_of(probs, probs.amax(dim=-3)), labels_of(probs))
+    assert torch.equal(labels_of(probs, probs.amax(dim=-3)), probs.max(dim=-3).indices.to(torch.uint8))
+
+
 def test_select_crops_keeps_the_most_uncertain_first():
     # 2 classes on a 4x8 image tiled by 4x4 crops; left crop certain, right crop unsure.
     coarse = torch.zeros(2, 4, 8)

@@ -148,3 +148,37 @@ def test_a_checkpoint_without_gate_weights_loads_as_a_gateless_refiner(tmp_path,
     assert Segmenter.from_checkpoint(path).refiner.gate is None
     with pytest.raises(CheckpointError, match="refiner.gate=false"):
         Segmenter.from_checkpoint(path, ["refiner.gate=true"])
+
+
+def test_inference_equals_training_arithmetic_for_sizes_the_stride_does_not_divide():
+    # Inference (no autograd) enlarges the correction with magseg.engine.resample.enlarge and
+    # takes the detail cue as 1 - sum min(p, q); training interpolates and takes 0.5 sum |p - q|.
+    # Both put the cells' centres on the centres of the pixels they pooled, whatever the size.
+    torch.manual_seed(2)
+    for stride, (h, w) in [(8, (61, 45)), (4, (17, 23)), (3, (9, 10)), (8, (8, 16))]:
+        refiner = Refiner(5, channels=8, context_stride=stride)
+        torch.nn.init.normal_(refiner.context[-1].weight, std=2.0)
+        with torch.no_grad():
+            refiner.gate.weight.copy_(torch.tensor([-0.3, 0.2, -0.5]))
+        fine, coarse = _probs(2, 5, h, w), _probs(2, 5, h, w)
+        trained = refiner(fine, coarse).softmax(1)
+        with torch.no_grad():
+            inferred = refiner.probs(fine, coarse)
+            weights = refiner.weights(fine, coarse)
+        assert inferred.shape == (2, 5, h, w)
+        assert torch.allclose(inferred, trained, atol=1e-5)
+        assert torch.allclose(weights / weights.sum(1, keepdim=True), inferred, atol=1e-6)
+
+
+def test_the_correction_is_enlarged_cell_centre_on_pixel_centre():
+    # Stride 4 over 6 columns: 2 cells (pixels 0-3 and 4-5, the second partial); cell values
+    # 0 and 1 land at pixel centres 1.5 and 5.5, so pixel x reads (x - 1.5) / 4, clamped.
+    refiner = Refiner(2, channels=4, context_stride=4, gate=False)
+    delta = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).expand(1, 2, 1, 2).contiguous()
+    like = torch.zeros(1, 2, 3, 6)
+    expected = torch.tensor([0.0, 0.0, 0.125, 0.375, 0.625, 0.875])
+    with torch.no_grad():
+        got = refiner._full_size(delta, like)
+    assert got.shape == (1, 2, 3, 6)
+    assert torch.allclose(got[0, 0], expected.expand(3, 6), atol=1e-7)
+    assert torch.allclose(refiner._full_size(delta, like), got, atol=1e-7)  # the training path

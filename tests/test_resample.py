@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magseg.engine.pyramid import crop_boxes, crop_windows
-from magseg.engine.resample import TensorSource, axis_weights, resample_window, resample_windows
+from magseg.engine.resample import TensorSource, axis_weights, enlarge, resample_window, resample_windows
 
 
 def _whole(x, size):
@@ -111,3 +111,37 @@ def test_non_integer_scales_stay_close_to_interpolate():
     x = torch.rand(3, 1000, 777, generator=torch.Generator().manual_seed(1))
     expected = F.interpolate(x[None], size=(250, 194), mode="bilinear", align_corners=False, antialias=True)[0]
     assert (_whole(x, (250, 194)) - expected).abs().max() < 1e-5
+
+
+def test_hand_worked_enlargement_by_four():
+    # Output pixel x of a 4x enlargement reads source (x + 0.5) / 4 - 0.5, clamped at the
+    # edges: for the row (0, 1), 0 0 0.125 0.375 0.625 0.875 1 1; every row is that row.
+    x = torch.tensor([[0.0, 1.0], [0.0, 1.0]])[None, None]
+    row = torch.tensor([0.0, 0.0, 0.125, 0.375, 0.625, 0.875, 1.0, 1.0])
+    got = enlarge(x, 4)
+    assert got.shape == (1, 1, 8, 8) and torch.equal(got[0, 0], row.expand(8, 8))
+    assert torch.equal(enlarge(x, 4, (5, 3)), got[..., :5, :3])
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), factor=st.integers(1, 9), seed=st.integers(0, 10_000),
+       cut=st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_enlarge_is_interpolate_up_to_rounding_and_any_cut_is_a_prefix(h, w, factor, seed, cut):
+    # Against float64 interpolation (whose own float32 weights are off by up to ~1e-5 at odd
+    # factors): within a few float32 roundings of values in [0, 1]. A cut is the same pixels,
+    # bit for bit, made contiguous.
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    whole = enlarge(x, factor)
+    exact = F.interpolate(x.double(), scale_factor=factor, mode="bilinear", align_corners=False)
+    assert whole.shape == (2, 3, h * factor, w * factor) and whole.dtype == torch.float32
+    assert (whole.double() - exact).abs().max() <= 4e-7
+    rows, cols = max(1, round(cut[0] * h * factor)), max(1, round(cut[1] * w * factor))
+    part = enlarge(x, factor, (rows, cols))
+    assert part.is_contiguous() and torch.equal(part, whole[..., :rows, :cols])
+
+
+def test_enlarge_refuses_a_size_beyond_the_factor():
+    with pytest.raises(ValueError, match="whole factor"):
+        enlarge(torch.zeros(1, 1, 2, 2), 2, (5, 4))
+    with pytest.raises(ValueError, match="whole factor"):
+        enlarge(torch.zeros(1, 1, 2, 2), 0)

@@ -31,6 +31,31 @@ T = TypeVar("T")
 _TIE_BREAK = 1e-3
 
 
+def top2(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The largest and second-largest value over the channels of each pixel.
+
+    Args:
+        probs: ``(B, C, H, W)``, ``C >= 2``.
+    Returns:
+        ``(best, second)``, each ``(B, H, W)``; ``best == second`` where the top is a tie.
+    """
+    if probs.shape[1] < 2:
+        raise ValueError(f"certainty needs at least 2 classes, got {probs.shape[1]}")
+    # A running top-2 over the channels, in place: a few elementwise passes over (B, H, W)
+    # buffers, cheaper on a CPU than topk(2) along the channel dimension
+    # (docs/refiner.md#what-the-gate-costs-the-engine); and a tie at the top (e.g. all-zero
+    # padding) gives best == second, certainty 0, by construction.
+    best = torch.maximum(probs[:, 0], probs[:, 1])
+    second = torch.minimum(probs[:, 0], probs[:, 1])
+    low = torch.empty_like(best)
+    for c in range(2, probs.shape[1]):
+        value = probs[:, c]
+        torch.minimum(best, value, out=low)
+        torch.maximum(second, low, out=second)
+        torch.maximum(best, value, out=best)
+    return best, second
+
+
 def certainty(probs: Tensor) -> Tensor:
     """Top-1 minus top-2 probability.
 
@@ -39,20 +64,7 @@ def certainty(probs: Tensor) -> Tensor:
     Returns:
         ``(B, H, W)`` in [0, 1].
     """
-    if probs.shape[1] < 2:
-        raise ValueError(f"certainty needs at least 2 classes, got {probs.shape[1]}")
-    # A running top-2 over the channels, in place: a few elementwise passes over (B, H, W)
-    # buffers, cheaper on a CPU than topk(2) along the channel dimension
-    # (docs/refiner.md#what-the-gate-costs-the-engine); and a tie at the top (e.g. all-zero
-    # padding) gives best == second, certainty 0, by construction.
-    best = probs[:, 0].clone()
-    second = torch.full_like(best, float("-inf"))
-    low = torch.empty_like(best)
-    for c in range(1, probs.shape[1]):
-        value = probs[:, c]
-        torch.minimum(best, value, out=low)
-        torch.maximum(second, low, out=second)
-        torch.maximum(best, value, out=best)
+    best, second = top2(probs)
     return best.sub_(second)
 
 
@@ -87,10 +99,19 @@ def _each_map(work: Callable[[int], T], maps: int) -> list[T]:
     return list(_opencv_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
 
 
-def error_score(refined: Tensor, coarse: Tensor) -> Tensor:
+def error_score(refined: Tensor, coarse: Tensor, total: Tensor | None = None) -> Tensor:
     """The unblurred error score ``cert(R) * (1 - cert(Y))``: ``(B, C, H, W)`` x 2 ->
-    ``(B, H, W)`` in [0, 1]."""
-    return certainty(refined).mul_(1 - certainty(coarse))
+    ``(B, H, W)`` in [0, 1].
+
+    ``total``: ``(B, H, W)``, when ``refined`` holds R up to a per-pixel factor, ``R =
+    refined / total`` (the engine's refiner weights, ``Refiner.weights``): the certainty of
+    R is then that of ``refined`` over ``total``, one division of one channel instead of C.
+    """
+    cert = certainty(refined)
+    if total is not None:
+        cert.div_(total)
+    best, second = top2(coarse)
+    return cert.mul_(second.sub_(best).add_(1))
 
 
 def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:

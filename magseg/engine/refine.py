@@ -13,13 +13,15 @@ import torch
 from torch import Tensor
 
 from magseg.config import AdaptiveConfig, RefineConfig
-from magseg.engine.certainty import certainty, error_score, top_error_pixels
+from magseg.engine.certainty import certainty, error_score, top2, top_error_pixels
 from magseg.engine.pyramid import CropBox, Size, owned_mask
 
 
-def labels_of(probs: Tensor) -> Tensor:
+def labels_of(probs: Tensor, best: Tensor | None = None) -> Tensor:
     """``(C, H, W)`` or ``(B, C, H, W)`` probabilities -> ``(H, W)`` or ``(B, H, W)`` uint8
     class ids: argmax over C, the first maximum on ties (a NaN pixel gets id C).
+
+    ``best``: the maximum over C when the caller has it already (``certainty.top2``).
 
     On the CPU an index-returning reduction over a non-innermost dimension is an order of
     magnitude slower than a value reduction such as ``amax`` (docs/performance.md). So:
@@ -29,7 +31,8 @@ def labels_of(probs: Tensor) -> Tensor:
     classes = probs.shape[-3]
     if classes > 127:  # C + c must fit in uint8
         return probs.max(dim=-3).indices.to(torch.uint8)
-    key = torch.ne(probs, probs.amax(dim=-3, keepdim=True)).view(torch.uint8).mul_(classes)
+    best = probs.amax(dim=-3) if best is None else best
+    key = torch.ne(probs, best.unsqueeze(-3)).view(torch.uint8).mul_(classes)
     key += torch.arange(classes, dtype=torch.uint8, device=probs.device).view(classes, 1, 1)
     return key.amin(dim=-3)
 
@@ -96,30 +99,36 @@ def border_band(boxes: Sequence[CropBox], crop: Size, size: Size, width: int,
 
 def picked_pixels(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
-    size: Size | None = None,
+    size: Size | None = None, total: Tensor | None = None,
 ) -> Tensor:
     """The pixels that take the refined values: the top-K of each crop's error map, among
     the pixels the crop owns (K counts only those). With ``refine.border`` (and the stage
     ``size``), pixels near a crop border are picked only once every other owned pixel is.
 
     Args:
-        coarse, refined: ``(B, C, ch, cw)`` probabilities Y and R of the crops.
+        coarse, refined: ``(B, C, ch, cw)`` probabilities Y and R of the crops (R up to the
+            per-pixel factor ``total``, ``(B, ch, cw)``, when given: ``error_score``).
         boxes: the B crop boxes.
     Returns:
         ``(B, ch, cw)`` bool.
     """
-    crop = tuple(coarse.shape[-2:])
+    return top_k_owned(error_score(refined, coarse, total), boxes, refine, size)
+
+
+def top_k_owned(raw: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
+                size: Size | None = None) -> Tensor:
+    """``picked_pixels`` from the unblurred error score ``raw`` ``(B, ch, cw)``."""
+    crop = tuple(raw.shape[-2:])
     ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
     # Crops that own every pixel (inside the image, no overlap) need no mask.
     owns_all = all((box.own_height, box.own_width) == crop for box in boxes)
-    owned = None if owns_all else owned_mask(list(boxes), crop, device=coarse.device)
-    raw = error_score(refined, coarse)
+    owned = None if owns_all else owned_mask(list(boxes), crop, device=raw.device)
     if not refine.border or size is None:
         return top_error_pixels(raw, refine.kernel, ks, owned)
     # The border term: the inner pixels first, then the band for what K has left.
     if owned is None:
-        owned = torch.ones((len(boxes), *crop), dtype=torch.bool, device=coarse.device)
-    band = border_band(boxes, crop, size, refine.border, coarse.device) & owned
+        owned = torch.ones((len(boxes), *crop), dtype=torch.bool, device=raw.device)
+    band = border_band(boxes, crop, size, refine.border, raw.device) & owned
     inner = owned & ~band
     counts = inner.flatten(1).sum(1).tolist()
     first = [min(k, n) for k, n in zip(ks, counts)]
@@ -132,19 +141,23 @@ def picked_pixels(
 
 def refine_crops(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
-    size: Size | None = None,
+    size: Size | None = None, total: Tensor | None = None,
 ) -> Tensor:
     """Give the top-K pixels of each crop's error map the refined values, in place.
 
     Args:
         coarse: ``(B, C, ch, cw)`` coarse probabilities Y of the crops; overwritten with
             the result (the engine's own copy, cut for this batch).
-        refined: ``(B, C, ch, cw)`` refined probabilities R.
+        refined: ``(B, C, ch, cw)`` refined probabilities R, or with ``total`` ``(B, ch,
+            cw)`` R up to that per-pixel factor (``R = refined / total``; ``refined`` is then
+            divided in place).
         boxes: the B crop boxes (K counts, and picks, only pixels a crop owns).
     Returns:
         ``(B, ch, cw)`` bool map of the pixels that took the refined values.
     """
-    picked = picked_pixels(coarse, refined, boxes, refine, size)
+    picked = picked_pixels(coarse, refined, boxes, refine, size, total)
+    if total is not None:
+        refined = refined.div_(total.unsqueeze(1))
     # R lives on the crop's own grid, so point_sample at the pixel centres followed by a
     # scatter is a masked select: one pass over the C channels (a test checks they agree).
     torch.where(picked[:, None], refined, coarse, out=coarse)
@@ -153,13 +166,22 @@ def refine_crops(
 
 def refine_labels(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
-    size: Size | None = None,
+    size: Size | None = None, total: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
-    ``(B, ch, cw)`` uint8, and the picked map, ``coarse`` left as it is.
+    ``(B, ch, cw)`` uint8, and the picked map; ``coarse`` and ``refined`` left as they are.
 
     The argmax of R where picked and of Y elsewhere: two argmaxes and a select over one uint8
-    channel move less memory than a select over C float channels followed by an argmax.
+    channel move less memory than a select over C float channels followed by an argmax. Each
+    argmax reuses the top-1 the error score's certainty found, and R is never normalised
+    (its argmax is that of ``refined``; its certainty, that of ``refined`` over ``total``).
     """
-    picked = picked_pixels(coarse, refined, boxes, refine, size)
-    return torch.where(picked, labels_of(refined), labels_of(coarse)), picked
+    best, second = top2(refined)
+    refined_labels = labels_of(refined, best)
+    cert = best.sub_(second)
+    if total is not None:
+        cert.div_(total)
+    best, second = top2(coarse)
+    coarse_labels = labels_of(coarse, best)
+    picked = top_k_owned(cert.mul_(second.sub_(best).add_(1)), boxes, refine, size)
+    return torch.where(picked, refined_labels, coarse_labels), picked

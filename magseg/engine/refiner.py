@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
+from magseg.engine.resample import enlarge
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -59,6 +60,16 @@ class ProbsRefiner(RefinerLike, Protocol):
     ProbsRefiner)``), and the softmax of the logits otherwise."""
 
     def probs(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
+
+
+@runtime_checkable
+class WeightsRefiner(ProbsRefiner, Protocol):
+    """A refiner that also returns its probabilities up to a per-pixel positive factor:
+    ``refiner.weights(fine, coarse)`` ``-> (B, C, h, w)``, whose per-pixel normalisation is
+    ``probs``. The engine's refine step uses them when a refiner has them: the top-K and
+    the argmax need no full normalisation pass."""
+
+    def weights(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
@@ -123,13 +134,18 @@ class RefinerGate(nn.Module):
 
     def from_maps(self, fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
         """``forward(gate_cues(fine, coarse, smooth))`` without autograd, accumulated in
-        place on one ``(B, 1, H, W)`` buffer (the engine's path: no stacked cues)."""
+        place on one ``(B, 1, H, W)`` buffer (the engine's path: no stacked cues). ``fine``,
+        ``coarse`` and ``smooth`` are distributions over the channels; ``smooth`` is
+        overwritten."""
         w0, w1, w2 = (float(v) * self.SCALE for v in self.weight)
         logit = certainty(fine).mul_(w0).add_(float(self.bias) * self.SCALE)
         if w1:
             logit.add_(_tv_distance(fine, coarse), alpha=w1)
         if w2:
-            logit.add_(_tv_distance(fine, smooth), alpha=w2)
+            # smooth is the engine's scratch (a slice of the upsampled buffer), and both maps
+            # are distributions: 0.5 * sum |p - q| = 1 - sum min(p, q), one pass fewer.
+            overlap = torch.minimum(fine, smooth, out=smooth).sum(dim=1)
+            logit.add_(overlap.neg_().add_(1), alpha=w2)
         return logit.sigmoid_()[:, None]
 
 
@@ -169,9 +185,19 @@ class Refiner(nn.Module):
         return self.context(refiner_input(*self._pooled(fine, coarse)))
 
     def _full_size(self, delta: Tensor, like: Tensor) -> Tensor:
-        if self.context_stride == 1:
+        """``delta`` at 1/stride (ceil-mode cells) enlarged ``stride`` times and cut to
+        ``like``'s size: cell centres land on the centres of the pixels they pooled, however
+        the size divides (a resize to the exact size would stretch 77 cells over 612 px, off
+        by half a cell at the far edge). Inference takes ``magseg.engine.resample.enlarge``,
+        the same values as the interpolation up to rounding, at about half its cost."""
+        s = self.context_stride
+        if s == 1:
             return delta
-        return F.interpolate(delta, size=like.shape[-2:], mode="bilinear", align_corners=False)
+        height, width = like.shape[-2:]
+        if torch.is_grad_enabled():
+            full = F.interpolate(delta, scale_factor=s, mode="bilinear", align_corners=False)
+            return full[..., :height, :width].contiguous()
+        return enlarge(delta, s, (height, width))
 
     def _delta_and_gate(self, fine: Tensor, coarse: Tensor, shift: bool) -> tuple[Tensor, Tensor | None]:
         """The full-size correction (its per-pixel max subtracted with ``shift``) and the
@@ -204,18 +230,27 @@ class Refiner(nn.Module):
             delta = delta * gate
         return fine.clamp_min(_EPS).log() + delta
 
-    def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
-        """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed
-        as ``fine * e / (sum(fine * e) / sum(fine))`` with ``e = exp(gate * delta)``, without
-        the full-resolution log and softmax passes (equal up to the log floor: a 0 stays 0
-        instead of ~1e-6). While the correction is zero, ``e`` is exactly 1 and the
-        denominator exactly 1, so the result is ``fine`` bit for bit."""
+    def weights(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """The refined probabilities up to a per-pixel factor: ``fine * exp(gate * delta)``
+        with the correction shifted to a per-pixel maximum of 0, ``(B, C, H, W)``; ``probs``
+        divides them by their per-pixel sum over the sum of ``fine``. The engine takes
+        these: its argmax needs no normalisation and its certainty one channel's.
+
+        In place on the one full-resolution buffer the upsampling made: each extra buffer of
+        a 2448 px stage's crops is tens of MB to allocate and fault in. With the shift,
+        gate * delta <= 0, so exp stays <= 1 whatever the gate. While the correction is
+        zero, the result is ``fine`` bit for bit."""
         delta, gate = self._delta_and_gate(fine, coarse, shift=True)
-        # In place on the one full-resolution buffer the upsampling made: each extra buffer of
-        # a 2448 px stage's crops is tens of MB to allocate and fault in. With the shift,
-        # gate * delta <= 0, so exp stays <= 1 whatever the gate.
         if gate is not None:
             delta = delta.mul_(gate)  # a view of the upsampled buffer: still in place
-        weighted = delta.exp_().mul_(fine)
+        return delta.exp_().mul_(fine)
+
+    def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed
+        as ``fine * e / (sum(fine * e) / sum(fine))`` with ``e = exp(gate * delta)``
+        (``weights``), without the full-resolution log and softmax passes (equal up to the
+        log floor: a 0 stays 0 instead of ~1e-6). While the correction is zero, ``e`` is
+        exactly 1 and the denominator exactly 1, so the result is ``fine`` bit for bit."""
+        weighted = self.weights(fine, coarse)
         norm = weighted.sum(dim=1, keepdim=True).div_(fine.sum(dim=1, keepdim=True).clamp_min_(1e-30))
         return weighted.div_(norm.clamp_min_(1e-30))

@@ -240,3 +240,60 @@ def resample_windows(source: Source, size: Size, windows: list[Window]) -> Tenso
     if any((wh, ww) != (h, w) for _, _, wh, ww in windows):
         raise ValueError(f"windows must share one size, got {sorted({(wh, ww) for *_, wh, ww in windows})}")
     return torch.stack([resample_window(source, size, window) for window in windows])
+
+
+@functools.lru_cache(maxsize=16)
+def _enlarge_phases(factor: int) -> tuple[int, Tensor]:
+    """For an enlargement by ``factor``: how many of a source pixel's ``factor`` output pixels
+    lie before its centre (they blend it with the pixel before; the rest with the one after),
+    and each output pixel's weight on the other pixel of its pair, ``(factor,)`` float32."""
+    centre = (torch.arange(factor, dtype=torch.float64) + 0.5) / factor - 0.5  # in (-0.5, 0.5)
+    before = int((centre < 0).sum())
+    weight = torch.where(centre < 0, -centre, centre).float()
+    return before, weight
+
+
+def _enlarge_axis(x: Tensor, dim: int, factor: int, length: int) -> Tensor:
+    """The first ``length`` pixels of ``x`` enlarged ``factor`` times along ``dim``
+    (bilinear, ``align_corners=False``, edges clamped), contiguous: each source pixel's
+    ``factor`` outputs are two ``lerp``s of it with its neighbours, written as one block each
+    (every output pixel is one separately rounded ``lerp``, whatever the tensor it is cut
+    from)."""
+    n = x.shape[dim]
+    before, weight = _enlarge_phases(factor)
+    weight = weight.to(x.device).view(factor, *[1] * (x.dim() - dim - 1))
+    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
+    out = x.new_empty((*x.shape[:dim], length, *x.shape[dim + 1 :]))
+    whole, tail = divmod(length, factor)
+    for first, count, phases in ((0, whole, factor), (whole, 1 if tail else 0, tail)):
+        if not count:
+            continue
+        # source pixels first .. first + count - 1 and their neighbours, a phase axis after dim
+        prev, here, after = (padded.narrow(dim, first + i, count).unsqueeze(dim + 1) for i in range(3))
+        block = out.narrow(dim, first * factor, count * phases).unflatten(dim, (count, phases))
+        for lo, hi, other in ((0, min(before, phases), prev), (before, phases, after)):
+            if hi > lo:
+                shape = [*here.shape[: dim + 1], hi - lo, *here.shape[dim + 2 :]]
+                torch.lerp(here.expand(shape), other.expand(shape), weight[lo:hi],
+                           out=block.narrow(dim + 1, lo, hi - lo))
+    return out
+
+
+def enlarge(x: Tensor, factor: int, size: tuple[int, int] | None = None) -> Tensor:
+    """``(..., h, w)`` -> ``(..., factor h, factor w)``, or its first ``size`` = ``(rows,
+    cols)`` (at most that): bilinear enlargement by a whole factor (``align_corners=False``,
+    edges clamped), equal to ``F.interpolate(x, scale_factor=factor, mode="bilinear",
+    align_corners=False)`` up to float rounding. Contiguous.
+
+    Columns first, on the small map; then rows, where each output row is a ``lerp`` of two
+    whole source rows: long contiguous writes, about twice as fast as ATen's bilinear kernel
+    for factor 8 on a CPU. Inference only (the ``lerp``s write into a preallocated output).
+    """
+    height, width = x.shape[-2] * factor, x.shape[-1] * factor
+    rows, cols = (height, width) if size is None else size
+    if factor < 1 or not (0 < rows <= height and 0 < cols <= width):
+        raise ValueError(f"enlarge needs a whole factor >= 1 and a size within {factor} times "
+                         f"{tuple(x.shape[-2:])}, got {factor} and {size}")
+    if factor == 1:
+        return x[..., :rows, :cols].contiguous()
+    return _enlarge_axis(_enlarge_axis(x, x.dim() - 1, factor, cols), x.dim() - 2, factor, rows)

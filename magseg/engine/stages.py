@@ -54,7 +54,7 @@ from magseg.engine.refine import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner import ProbsRefiner
+from magseg.engine.refiner import ProbsRefiner, WeightsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
 
 if TYPE_CHECKING:
@@ -138,6 +138,20 @@ def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Ten
     if isinstance(refiner, ProbsRefiner):  # magseg's Refiner: probabilities without a log pass
         return refiner.probs(fine, coarse).float()
     return refiner(fine, coarse).float().softmax(dim=1)
+
+
+def refine_weights(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor | None]:
+    """R as the refine step takes it: ``(weights, total)`` with ``R = weights / total``
+    (``total`` ``(B, h, w)``, their sum over the channels) for a refiner with ``weights``
+    (magseg's), else ``(refine_probs(...), None)``; ``fine`` itself without a refiner.
+
+    Args:
+        fine, coarse: ``(B, C, h, w)`` probabilities.
+    """
+    if isinstance(refiner, WeightsRefiner):
+        weights = refiner.weights(fine, coarse).float()
+        return weights, weights.sum(dim=1)
+    return refine_probs(refiner, fine, coarse), None
 
 
 def _batches(items: Sequence[CropBox], size: int) -> Iterator[list[CropBox]]:
@@ -281,17 +295,17 @@ class StageRun:
         """A stage after the first, a batch of crops: R refines the upsampled Y at the top-K
         pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage)."""
         coarse = self.coarse(y, size, boxes)
-        refined = refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
+        refined, total = refine_weights(self.refiner, self.fine(image, size, boxes), coarse)
         if not isinstance(out, Sink):
-            picked = refine_crops(coarse, refined, boxes, self.refine, size)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size, total)
             out.write(boxes, coarse)
         elif out.wants_probs:
-            picked = refine_crops(coarse, refined, boxes, self.refine, size)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size, total)
             out.write(boxes, labels_of(coarse), coarse)
         else:
             # Labels only: the argmax of R where picked, of Y elsewhere, without the select
-            # over C channels.
-            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size)
+            # over C channels, nor R's normalisation.
+            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size, total)
             out.write(boxes, labels, None)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], boxes)
