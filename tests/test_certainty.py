@@ -12,6 +12,7 @@ from magseg.engine.certainty import (
     certainty,
     error_map,
     error_score,
+    error_score_and_tops,
     median_blur,
     top2,
     top_error_pixels,
@@ -49,6 +50,9 @@ def test_error_score_of_weights_over_their_total_by_hand():
     by_weights = error_score(refined, coarse, torch.full((1, 1, 1), 2.0))
     assert torch.allclose(by_weights, torch.tensor([[[0.27]]]))
     assert torch.allclose(by_weights, error_score(refined / 2, coarse))
+    raw, best, coarse_best = error_score_and_tops(refined, coarse, torch.full((1, 1, 1), 2.0))
+    assert torch.equal(raw, by_weights)
+    assert torch.equal(best, torch.tensor([[[1.2]]])) and torch.equal(coarse_best, torch.tensor([[[0.5]]]))
 
 
 @settings(max_examples=30, deadline=None)

@@ -107,11 +107,20 @@ def error_score(refined: Tensor, coarse: Tensor, total: Tensor | None = None) ->
     refined / total`` (the engine's refiner weights, ``Refiner.weights``): the certainty of
     R is then that of ``refined`` over ``total``, one division of one channel instead of C.
     """
-    cert = certainty(refined)
+    return error_score_and_tops(refined, coarse, total)[0]
+
+
+def error_score_and_tops(refined: Tensor, coarse: Tensor, total: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """``error_score`` and the top-1 maps ``(B, H, W)`` of ``refined`` and of ``coarse`` it
+    found on the way, for argmaxes that reuse them (``magseg.engine.refine.labels_of``)."""
+    best, cert = top2(refined)
+    torch.sub(best, cert, out=cert)
     if total is not None:
         cert.div_(total)
-    best, second = top2(coarse)
-    return cert.mul_(second.sub_(best).add_(1))
+    coarse_best, unsure = top2(coarse)
+    torch.sub(unsure, coarse_best, out=unsure).add_(1)
+    return cert.mul_(unsure), best, coarse_best
 
 
 def error_map(refined: Tensor, coarse: Tensor, kernel: int) -> Tensor:

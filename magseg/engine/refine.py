@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from magseg.config import AdaptiveConfig, RefineConfig
-from magseg.engine.certainty import certainty, error_score, top2, top_error_pixels
+from magseg.engine.certainty import certainty, error_score, error_score_and_tops, top_error_pixels
 from magseg.engine.pyramid import CropBox, Size, owned_mask
 
 
@@ -173,15 +173,9 @@ def refine_labels(
 
     The argmax of R where picked and of Y elsewhere: two argmaxes and a select over one uint8
     channel move less memory than a select over C float channels followed by an argmax. Each
-    argmax reuses the top-1 the error score's certainty found, and R is never normalised
+    argmax reuses the top-1 the error score's certainties found, and R is never normalised
     (its argmax is that of ``refined``; its certainty, that of ``refined`` over ``total``).
     """
-    best, second = top2(refined)
-    refined_labels = labels_of(refined, best)
-    cert = best.sub_(second)
-    if total is not None:
-        cert.div_(total)
-    best, second = top2(coarse)
-    coarse_labels = labels_of(coarse, best)
-    picked = top_k_owned(cert.mul_(second.sub_(best).add_(1)), boxes, refine, size)
-    return torch.where(picked, refined_labels, coarse_labels), picked
+    raw, best, coarse_best = error_score_and_tops(refined, coarse, total)
+    picked = top_k_owned(raw, boxes, refine, size)
+    return torch.where(picked, labels_of(refined, best), labels_of(coarse, coarse_best)), picked
