@@ -132,7 +132,7 @@ def test_a_tiny_fctl_learns_what_only_the_context_can_tell(tiny_config):
         scenes[:, :, 32:64, 32:64] = 0.5
         crops, contexts = [], []
         for scene in scenes:
-            c, ctx = backbone_inputs(scene, [(32, 32, 32, 32)], (3.0,))
+            c, ctx = backbone_inputs(scene, [Rect(32, 32, 32, 32)], (3.0,))
             crops.append(c)
             contexts.append(torch.nn.functional.interpolate(ctx[0], size=(32, 32), mode="area"))
         target = labels.view(n, 1, 1).expand(n, 32, 32)

@@ -116,9 +116,9 @@ def test_refiner_coarse_input_is_the_engines_stage_zero(tiny_config, tmp_path):
     config = tiny_config
     backbone = create_segmenter_model(config).eval()
     image = torch.randn(3, 128, 128)
-    y0 = stage_probs(backbone, resample_window(TensorSource(image), (32, 32), (0, 0, 32, 32)), config.pyramid)
+    y0 = stage_probs(backbone, resample_window(TensorSource(image), (32, 32), Rect(0, 0, 32, 32)), config.pyramid)
     want = segment(image, backbone, config.pyramid.downsample_only(), return_probs=True).probs
-    torch.testing.assert_close(resample_window(TensorSource(y0), (128, 128), (0, 0, 128, 128)), want)
+    torch.testing.assert_close(resample_window(TensorSource(y0), (128, 128), Rect(0, 0, 128, 128)), want)
 
 
 @pytest.mark.parametrize("layout", ["deepglobe", "geotiff"])
