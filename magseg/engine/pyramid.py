@@ -28,7 +28,7 @@ Size = tuple[int, int]
 
 @dataclass(frozen=True, slots=True)
 class CropBox:
-    """A crop of a stage image: its ``window`` and the part of it the crop ``owned``.
+    """A crop of a stage image: its ``window``, and ``owned``, the part of it the crop owns.
 
     ``window``: clipped to the image (so its height may be smaller than the crop size when
     the image is). ``owned``: in image coordinates, always inside the window.
