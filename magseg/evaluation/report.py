@@ -92,7 +92,7 @@ def build_report(
         "split": split,
         "layout": config.data.layout,
         "images": len(result.images),
-        "failed": result.failed,
+        "failed": [dataclasses.asdict(f) for f in result.failed],
         "complete": not result.failed,
         "classes": [{"id": c.id, "name": c.name, "in_mean": c.in_mean} for c in config.classes],
         "config": _config_summary(config),
