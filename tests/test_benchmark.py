@@ -18,6 +18,7 @@ from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.evaluation.benchmark import (
+    BASELINES,
     NO_REFINER,
     PATCH_CRF,
     PROGRESSIVE_CRF,
@@ -274,6 +275,10 @@ def test_the_adaptive_row_is_the_runs_engine_adaptive(tiny_config):
     assert methods["adaptive"].engine.adaptive == AdaptiveConfig(max_crops=2)
     assert "max_crops=2" in methods["adaptive"].description
     assert all(not m.engine.adaptive.enabled for name, m in methods.items() if name != "adaptive")
+
+
+def test_every_baseline_is_a_row(tiny_config):
+    assert set(BASELINES) <= {m.name for m in benchmark_methods(tiny_config)}
 
 
 class _LosingPool:

@@ -61,6 +61,9 @@ from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_line
 from magseg.segmenter import Segmenter
 
 NO_REFINER = "progressive, no refiner"
+# The single-scale baselines the progressive method is measured against: report.json's
+# margins_miou_points holds progressive_minus_<name> for each.
+BASELINES = ("downsample", "patch")
 PROGRESSIVE_CRF, PATCH_CRF = "progressive + CRF", "patch + CRF"
 
 
