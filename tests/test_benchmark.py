@@ -186,6 +186,16 @@ def test_existing_report_is_kept_without_overwrite(ckpt, data, tmp_path):
     assert json.loads((out / "report.json").read_text())["images"] == 2
 
 
+def test_without_data_root_the_checkpoints_data_root_is_scored(ckpt, data, tmp_path):
+    """--data-root's default is data.root of the run's config, as in train."""
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, "--set", f"data.root={data}", "--out-dir", out, "--samples", "0",
+                        "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert [line["id"] for line in lines[:-1]] == ["000001"]
+    assert json.loads((out / "report.json").read_text())["data_root"] == str(data)
+
+
 def test_split_naming_missing_images(ckpt, data, tmp_path):
     (data / "test.txt").write_text("000001\n000777\n000002\n")  # 000777: no such scene
     (data / "000002_mask.png").unlink()
