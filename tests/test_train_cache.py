@@ -19,6 +19,7 @@ import magseg
 from magseg.data import cache as cache_module
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes, read_scene
+from magseg.engine.precision import resolved_engine
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
 from magseg.training.coarse import prepare_coarse_maps
@@ -29,8 +30,9 @@ from magseg.training.loader import (
     phase_workers,
     resolve_workers,
 )
-from magseg.training.samples import RefinerSamples, collate_refiner
-from magseg.training.trainer import coarse_inputs
+from magseg.training.batches import collate_refiner
+from magseg.training.refiner_phase import coarse_inputs
+from magseg.training.samples import RefinerSamples
 
 CPU = torch.device("cpu")
 
@@ -166,26 +168,27 @@ def test_cached_coarse_maps_give_the_refiner_the_same_inputs(tmp_path, data):
     # float16 storage: stage-0 probabilities within 2**-12 of the float32 ones; bilinear
     # upsampling is a convex combination, so the coarse input is within that too.
     config, scenes = data
+    engine = resolved_engine(config.engine, CPU)
     backbone = create_segmenter_model(config).eval().requires_grad_(False)
     cache = SceneCache(tmp_path / "c", config)
-    maps = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    maps = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     plain = RefinerSamples(scenes, config, 12, seed=1)
     cached = RefinerSamples(scenes, config, 12, seed=1, cache=cache, coarse=maps)
     a = collate_refiner([plain[i] for i in range(12)])
     b = collate_refiner([cached[i] for i in range(12)])
-    assert "coarse" not in a and "scene0" not in b
+    assert a.coarse is None and a.scene0 is not None and b.scene0 is None and b.coarse is not None
     for key in ("fine", "mask", "size", "box"):
-        assert torch.equal(a[key], b[key]), key
-    want, got = coarse_inputs(backbone, a, config, CPU), coarse_inputs(backbone, b, config, CPU)
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    want, got = coarse_inputs(backbone, a, config, engine), coarse_inputs(backbone, b, config, engine)
     torch.testing.assert_close(got, want, rtol=0, atol=2**-12)
     assert len(list(maps.directory.glob("*.npy"))) == len(scenes)
 
     # Same weights: the maps are found again; other weights: new maps.
-    again = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    again = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     assert again.directory == maps.directory
     with torch.no_grad():
         next(backbone.parameters()).add_(1.0)
-    other = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    other = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     assert other.directory != maps.directory
 
 

@@ -6,14 +6,13 @@ score is taken (mIoU of the summed matrix, never a mean of per-image scores).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from magseg.config import Config
+from magseg.config import Config, EngineConfig
 from magseg.data.scenes import Scene
 from magseg.engine.stages import segment
 from magseg.evaluation.metrics import ConfusionMatrix
@@ -32,18 +31,19 @@ def validate(
     backbone: nn.Module,
     refiner: nn.Module | None,
     world: World,
-    device: torch.device,
+    engine: EngineConfig,
     on_scene: Callable[[], None] | None = None,
     windows: bool = False,
 ) -> dict[str, Any]:
-    """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them.
+    """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them, as
+    ``engine`` says (its device and resolved precision: ``magseg.engine.precision.
+    resolved_engine``; the rest of the pyramid and refinement are ``config``'s).
 
     Returns:
         ``magseg.evaluation.metrics.scores`` of the confusion matrix summed over all ranks, with
         ``matrix`` (a nested list) added; with ``windows``, also ``units``: ``(scenes,
         windows, C, C)`` one matrix per window of each scene (``magseg.training.choice``).
     """
-    engine = dataclasses.replace(config.engine, device=str(device))
     backbone, refiner = _bare(backbone), _bare(refiner)
     modes = [(m, m.training) for m in (backbone, refiner) if m is not None]
     for module, _ in modes:
