@@ -363,8 +363,8 @@ def test_training_chooses_k_on_validation_and_never_loses_to_patch_only(tmp_path
     val = list_scenes(best.config.data, "val", data)
     segmenter = Segmenter.from_checkpoint(tmp_path / "run" / "best.ckpt")
     patch = validate(dataclasses.replace(best.config, pyramid=best.config.pyramid.patch_only()), val,
-                     segmenter.backbone, None, World(), resolved_engine(best.config.engine, CPU))["miou"]
+                     segmenter.backbone, None, World(), resolved_engine(best.config.engine, CPU)).miou
     chosen = validate(best.config, val, segmenter.backbone, segmenter.refiner, World(),
-                      resolved_engine(best.config.engine, CPU))["miou"]
+                      resolved_engine(best.config.engine, CPU)).miou
     assert chosen == pytest.approx(choice["val_miou"])
     assert chosen >= patch - 0.002

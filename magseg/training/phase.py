@@ -27,10 +27,10 @@ from magseg.evaluation.metrics import percent
 from magseg.training import distributed
 from magseg.training.batches import BackboneBatch, BackboneItem, RefinerBatch, RefinerItem
 from magseg.training.loader import batches, loader_options, phase_workers, resolve_workers
-from magseg.training.resume import rng_state, set_rng_state
+from magseg.training.resume import TrainingState, rng_state, set_rng_state
 from magseg.training.samples import BackboneSamples, EpochSampler, RefinerSamples
 from magseg.training.state import BEST, LAST, Phase, RunPrecision, RunState, logger
-from magseg.training.validation import validate
+from magseg.training.validation import Validation, validate
 
 # ``loss(trained, backbone, batch, config, precision) -> (loss, batch size)``: ``trained`` is
 # what the optimizer updates (DDP-wrapped when distributed), ``backbone`` the bare backbone.
@@ -126,7 +126,7 @@ def start_phase(state: RunState, parts: PhaseParts, resume: Checkpoint | None) -
 
 def restore(run: PhaseRun, resume: Checkpoint) -> None:
     """Optimiser, schedule, epoch, best score, RNG and loss scale from ``resume``."""
-    state = resume.training
+    state: TrainingState = resume.training  # type: ignore[assignment]  (written by ``save``)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     # The schedule is a function of (step, total steps): with the planned total this
@@ -173,7 +173,7 @@ def _fit_epoch(state: RunState, run: PhaseRun, epoch: int) -> float:
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def _validate(state: RunState, run: PhaseRun) -> dict[str, Any]:
+def _validate(state: RunState, run: PhaseRun) -> Validation:
     bar = state.progress(len(state.val_scenes), "validation")
     try:
         return validate(state.config, state.val_scenes, run.backbone, run.refiner, state.world,
@@ -195,10 +195,10 @@ def train_epoch(state: RunState, run: PhaseRun, epoch: int) -> None:
     improved = False
     if (epoch + 1) % config.train.val_every == 0 or epoch + 1 == run.epochs:
         scores = _validate(state, run)
-        record.update(val_miou=scores["miou"], val_accuracy=scores["accuracy"], val_fwiou=scores["fwiou"],
-                      val_iou=scores["iou"], val_pixels=scores["pixels"])
-        if math.isfinite(scores["miou"]) and scores["miou"] > run.best_miou:
-            run.best_miou, improved = scores["miou"], True
+        record.update(val_miou=scores.miou, val_accuracy=scores.accuracy, val_fwiou=scores.fwiou,
+                      val_iou=scores.iou, val_pixels=scores.pixels)
+        if math.isfinite(scores.miou) and scores.miou > run.best_miou:
+            run.best_miou, improved = scores.miou, True
     record["seconds"] = round(time.perf_counter() - start, 3)
     record["best"] = improved
     save(state, run, epoch, record, improved)
@@ -216,7 +216,7 @@ def save(state: RunState, run: PhaseRun, epoch: int, record: dict[str, Any], imp
     ``improved`` (main process only)."""
     if not state.world.main:
         return
-    training = {
+    training: TrainingState = {
         "phase": run.name,
         "epoch": epoch + 1,
         "optimizer": run.optimizer.state_dict(),

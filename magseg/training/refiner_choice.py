@@ -38,7 +38,8 @@ def _sweep(state: RunState, backbone: nn.Module, refiner: nn.Module, ks: list[fl
                 scores = validate(state.config.override({"refine.points": k}), state.val_scenes, backbone,
                                   refiner if enabled else None, state.world, state.precision.engine,
                                   on_scene=lambda: bar.update(1), windows=True)
-                candidates.append(Candidate(enabled, k, scores["units"]))
+                assert scores.units is not None  # asked for (windows=True)
+                candidates.append(Candidate(enabled, k, scores.units))
     finally:
         bar.close()
     return candidates
