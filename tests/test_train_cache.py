@@ -246,3 +246,30 @@ def test_a_bad_sample_in_a_worker_fails_as_in_the_loop(tmp_path, tiny_config):
         train(config, TrainOptions(out=tmp_path / "run", data_root=root))
     assert str(info.value).startswith(f"{mask_path}: mask has class ids [9]")
     assert "Traceback" not in str(info.value) and "DataLoader" not in str(info.value)
+
+
+def test_batches_are_pinned_field_by_field(monkeypatch):
+    # On CUDA the loader pins each batch (loader_options: pin_memory) through the batch's own
+    # pin_memory(): every tensor, each of a list's, None left as it is. Pinning needs a GPU,
+    # so a pinned tensor is stood in for by a marked copy.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from magseg.training.batches import BackboneBatch, RefinerBatch
+
+    pinned = set()
+
+    def fake_pin(self):
+        copy = self.clone()
+        pinned.add(id(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = BackboneBatch(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    out = pin_memory(batch)
+    assert type(out) is BackboneBatch and out.contexts is None
+    assert id(out.image) in pinned and id(out.mask) in pinned and torch.equal(out.image, batch.image)
+    refiner = RefinerBatch(*(torch.ones(2, 3) for _ in range(5)), scene0=[torch.ones(3, 8, 8), torch.ones(3, 6, 6)])
+    out = pin_memory(refiner)
+    assert type(out) is RefinerBatch and out.coarse is None and out.contexts is None
+    assert all(id(t) in pinned for t in (out.fine, out.offset, out.mask, out.size, out.box, *out.scene0))
+    assert [tuple(t.shape) for t in out.scene0] == [(3, 8, 8), (3, 6, 6)]
