@@ -22,6 +22,7 @@ from magseg.data.scenes import list_scenes, read_scene
 from magseg.engine.precision import resolved_engine
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
+from magseg.training.batches import collate_refiner
 from magseg.training.coarse import prepare_coarse_maps
 from magseg.training.loader import (
     MAX_AUTO_WORKERS,
@@ -30,7 +31,6 @@ from magseg.training.loader import (
     phase_workers,
     resolve_workers,
 )
-from magseg.training.batches import collate_refiner
 from magseg.training.refiner_phase import coarse_inputs
 from magseg.training.samples import RefinerSamples
 

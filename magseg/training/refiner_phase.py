@@ -19,6 +19,7 @@ from magseg.engine.pyramid import CropBox, crop_windows, cut_crops
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError
+from magseg.geometry import Rect
 from magseg.segmenter import create_refiner, create_segmenter_model
 from magseg.training.batches import RefinerBatch, collate_refiner
 from magseg.training.coarse import prepare_coarse_maps
@@ -63,9 +64,7 @@ def coarse_inputs(backbone: nn.Module, batch: RefinerBatch, config: Config, engi
     coarse = []
     for scene0, size, box in zip(batch.scene0, batch.size, batch.box):
         y0 = stage_probs(backbone, scene0.to(device), config.pyramid, engine)
-        top, left, height, width = (int(v) for v in box)
-        (window,) = crop_windows([CropBox(top, left, height, width, top, left, height, width)],
-                                 config.pyramid.crop)
+        (window,) = crop_windows([CropBox.whole(Rect(*(int(v) for v in box)))], config.pyramid.crop)
         # As StageRun.coarse upsamples a crop's coarse view: only the window, by the engine's filter.
         coarse.append(resample_window(TensorSource(y0), tuple(int(v) for v in size), window))
     return torch.stack(coarse)
