@@ -557,15 +557,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's error on one line: where (line, column: 1-based) and what; its own message
     spans several lines, with the offending text and a caret under it."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    mark = problem = context = None
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark, problem, context = exc.problem_mark or exc.context_mark, exc.problem, exc.context
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    problem = getattr(exc, "problem", None)
     if isinstance(exc, yaml.reader.ReaderError):
         problem = f"character {exc.character:#x} is not allowed ({exc.reason})"
     elif problem and "constructor for the tag" in problem:
         tag = problem.rpartition("tag ")[2].strip("'").replace("tag:yaml.org,2002:", "!!")
         problem = f"the tag {tag} is not allowed (magseg reads plain YAML values only)"
-    context = getattr(exc, "context", None)
     if problem is None:
         return " ".join(str(exc).split())
     return where + (f"{problem} ({context})" if context else problem)
