@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margins", type=_ints, default=[0, 8, 16, 32], help="pyramid.margin values, stage pixels")
     parser.add_argument("--borders", type=_ints, default=[8, 16], help="refine.border values (with margin 0)")
     parser.add_argument("--both", type=_pairs, default=[], help="margin:border pairs, e.g. 16:8,32:8")
+    parser.add_argument("--no-patch", action="store_true", help="the progressive method only")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             x = seg.normalize(image)
             for margin, border, pyramid, refine, patch_pyramid in runs:
                 jobs = [(prog[(i, margin, border)], pyramid)]
-                if (i, margin) not in done_patch:
+                if not args.no_patch and (i, margin) not in done_patch:
                     done_patch.add((i, margin))
                     jobs.append((patch[(i, margin)], patch_pyramid))
                 for t, pyr in jobs:
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, (path, seg, runs) in enumerate(models):
         for margin, border, pyramid, _, patch_pyramid in runs:
-            for method, t, pyr in (("progressive", prog[(i, margin, border)], pyramid),
-                                   ("patch", patch[(i, margin)], patch_pyramid)):
+            methods = [("progressive", prog[(i, margin, border)], pyramid)]
+            if not args.no_patch:
+                methods.append(("patch", patch[(i, margin)], patch_pyramid))
+            for method, t, pyr in methods:
                 rows.append({
                     "checkpoint": path, "K": seg.config.refine.points, "refiner": seg.refiner is not None,
                     "margin": margin, "border": border, "method": method,
