@@ -39,7 +39,7 @@ from magseg.data.scenes import list_scenes, read_scene  # noqa: E402
 from magseg.engine.pyramid import crop_boxes, grown_windows  # noqa: E402
 from magseg.evaluation.benchmark import seam_tallies  # noqa: E402
 from magseg.evaluation.metrics import ConfusionMatrix  # noqa: E402
-from magseg.evaluation.seams import SeamTally  # noqa: E402
+from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 
@@ -62,12 +62,32 @@ def backbone_pixels(pyramid, size) -> int:
     return total
 
 
+def band_edge_tallies(labels, pyramid, border: int) -> list[SeamTally]:
+    """Per stage, the changes across the lines ``border`` stage pixels either side of each
+    crop border (the crop borders themselves when ``border`` is 0): with the border term the
+    pixels within ``border`` of a crop border keep the coarser stage's answer, so a seam
+    between it and the refined answer would lie on these lines, where the seam score of the
+    borders does not look."""
+    changes = line_changes(labels)
+    (h, w), tallies = labels.shape, []
+    for size, (rows, cols) in zip(pyramid.stage_sizes((h, w)),
+                                  pyramid_border_lines(pyramid.scales, pyramid.crop, (h, w), pyramid.scene)):
+        dy, dx = round(border * h / size[0]), round(border * w / size[1])
+        shifted = ([r + s for r in rows for s in {-dy, dy} if 0 < r + s < h],
+                   [c + s for c in cols for s in {-dx, dx} if 0 < c + s < w])
+        tally = SeamTally()
+        tally.add(changes, *shifted)
+        tallies.append(tally)
+    return tallies
+
+
 @dataclasses.dataclass
 class Tally:
     """One checkpoint, setting and method over the split."""
 
     matrix: ConfusionMatrix
     seams: list[SeamTally]
+    band_edges: list[SeamTally]
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -109,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     in_mean = [c.in_mean for c in config.classes]
 
     def tally(stages: int) -> Tally:
-        return Tally(ConfusionMatrix(config.num_classes, in_mean), [SeamTally() for _ in range(stages)])
+        return Tally(ConfusionMatrix(config.num_classes, in_mean), [SeamTally() for _ in range(stages)],
+                     [SeamTally() for _ in range(stages)])
 
     # progressive per (model, margin, border); patch-only per (model, margin).
     prog = {(i, m, b): tally(len(config.pyramid.scales)) for i, (_, _, runs) in enumerate(models)
@@ -131,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     done_patch.add((i, margin))
                     jobs.append((patch[(i, margin)], patch_pyramid))
                 for t, pyr in jobs:
+                    band = border if pyr is pyramid else 0
                     if n == 0:  # one untimed run of each, as the benchmark warms up
                         seg.segment(x, pyramid=pyr, refine=refine)
                     start = time.perf_counter()
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     t.matrix.update(labels, target)
                     # Every method is scored on the checkpoint's own grids.
                     for total, seam in zip(t.seams, seam_tallies(labels.numpy(), seg.config.pyramid)):
+                        total.merge(seam)
+                    for total, seam in zip(t.band_edges, band_edge_tallies(labels.numpy(), seg.config.pyramid, band)):
                         total.merge(seam)
         print(f"bench_margins: {n + 1}/{len(scenes)} {scene.id}", file=sys.stderr, flush=True)
 
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     "margin": margin, "border": border, "method": method,
                     "miou": round(100 * float(t.matrix.scores()["miou"]), 2),
                     "seam_scores": [None if s.score() is None else round(s.score(), 3) for s in t.seams],
+                    "band_edge_seam_scores": [None if s.score() is None else round(s.score(), 3)
+                                              for s in t.band_edges],
                     "backbone_pixels_per_pixel": round(backbone_pixels(pyr, size) / (size[0] * size[1]), 3),
                     "seconds_per_image": round(statistics.median(t.seconds), 4),
                 })

@@ -230,6 +230,9 @@ def test_bench_margins_runs_each_checkpoints_settings_interleaved(make_checkpoin
     # Patch-only has no refinement: one run per checkpoint and margin, the border aside.
     assert rows[("b.ckpt", 8, 4, "patch")] == {**rows[("b.ckpt", 8, 0, "patch")], "border": 4}
     assert rows[("a.ckpt", 0, 0, "progressive")]["time_ratio"] == 1.0
+    # Without a border term the band's edges are the crop borders themselves.
+    for key in (("a.ckpt", 0, 0, "progressive"), ("b.ckpt", 8, 0, "progressive"), ("b.ckpt", 8, 4, "patch")):
+        assert rows[key]["band_edge_seam_scores"] == rows[key]["seam_scores"]
     # mIoU of a's progressive method by hand: one confusion matrix over the split.
     seg = Segmenter.from_checkpoint(a, ["engine.precision=fp32"])
     matrix = ConfusionMatrix(seg.config.num_classes, [c.in_mean for c in seg.config.classes])
