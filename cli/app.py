@@ -17,6 +17,8 @@ from magseg import __version__
 # click's ClickException, the base of the usage errors typer raises (typer re-exports only
 # some of click's exceptions, and the CLI never imports click itself).
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+# click's UsageError: a ClickException that knows the command it is about (``ctx``).
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 class _Group(TyperGroup):
@@ -35,7 +37,7 @@ class _Group(TyperGroup):
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `magseg`: the help, as asked
                 exc.show()
                 sys.exit(exc.exit_code)
-            ctx = getattr(exc, "ctx", None)
+            ctx = exc.ctx if isinstance(exc, _UsageError) else None
             words = list(sys.argv[1:] if args is None else args)
             command = next((w for w in words if w in self.commands), None)
             path = ctx.command_path if ctx is not None else " ".join(filter(None, ["magseg", command]))

@@ -98,9 +98,8 @@ def save_checkpoint(
         try:
             torch.save(payload, tmp)
         except (RuntimeError, OSError) as exc:  # torch reports a failed write as RuntimeError
-            error = WriteError(f"{tmp}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-            error.path = tmp  # type: ignore[attr-defined]
-            raise error from exc
+            raise WriteError(f"{tmp}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             path=tmp) from exc
         _check_written(tmp)
     return path
 
@@ -110,9 +109,7 @@ def _check_written(path: Path) -> None:
     a file cut short by a failed write is never put in place."""
     bad = zip_damage(path)
     if bad is not None:
-        error = WriteError(f"{path}: does not read back complete after writing ({bad})")
-        error.path = path  # type: ignore[attr-defined]
-        raise error
+        raise WriteError(f"{path}: does not read back complete after writing ({bad})", path=path)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

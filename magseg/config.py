@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
@@ -304,6 +304,12 @@ class EngineConfig:
             raise ValueError(f"engine.device={self.device}: {exc}") from None
 
 
+# The dataset layouts magseg reads (``data.layout``; the files of each: magseg.data.scenes).
+# Written once: the schema checks against it and ``--layout`` offers it.
+Layout = Literal["deepglobe", "geotiff"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
 @dataclass(frozen=True, config=_STRICT)
 class DataConfig:
     """Where the data is and how pixels become model input.
@@ -316,7 +322,7 @@ class DataConfig:
     (refused, named with the file) or ``ignore`` (left out of the loss and the scores).
     """
 
-    layout: Literal["deepglobe", "geotiff"] = "deepglobe"
+    layout: Layout = "deepglobe"
     root: str | None = None
     bands: tuple[int, ...] | None = None
     mean: tuple[float, ...] | None = None
@@ -551,15 +557,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's error on one line: where (line, column: 1-based) and what; its own message
     spans several lines, with the offending text and a caret under it."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    mark = problem = context = None
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark, problem, context = exc.problem_mark or exc.context_mark, exc.problem, exc.context
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    problem = getattr(exc, "problem", None)
     if isinstance(exc, yaml.reader.ReaderError):
         problem = f"character {exc.character:#x} is not allowed ({exc.reason})"
     elif problem and "constructor for the tag" in problem:
         tag = problem.rpartition("tag ")[2].strip("'").replace("tag:yaml.org,2002:", "!!")
         problem = f"the tag {tag} is not allowed (magseg reads plain YAML values only)"
-    context = getattr(exc, "context", None)
     if problem is None:
         return " ".join(str(exc).split())
     return where + (f"{problem} ({context})" if context else problem)

@@ -6,6 +6,8 @@ message names the offending thing (a file, a config key) and, where there is one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MagsegError(Exception):
     """Base class of every error magseg raises on purpose."""
@@ -38,7 +40,23 @@ class OutputExistsError(MagsegError, FileExistsError):
 
 class WriteError(MagsegError):
     """An output could not be written completely (disk full, quota, I/O error, a file that
-    does not read back). Nothing was put in place: a file already there is unchanged."""
+    does not read back). Nothing was put in place: a file already there is unchanged.
+
+    Attributes:
+        path: the file whose writing failed (an output's temporary file, or the output),
+            when the code that failed knows it; None otherwise.
+        target: the output this failure has been attributed to, its message written for
+            that output (``magseg.io.atomic``): an enclosing ``atomic_write`` passes it on
+            as it is. None until then.
+
+    Both are kept when the error is pickled (to another process).
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None,
+                 target: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path: Path | None = None if path is None else Path(path)
+        self.target: Path | None = None if target is None else Path(target)
 
 
 class RasterWriteError(RasterError, WriteError):

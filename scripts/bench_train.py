@@ -50,28 +50,28 @@ import magseg  # noqa: E402
 from magseg.checkpoint import save_checkpoint  # noqa: E402
 from magseg.config import load_config  # noqa: E402
 from magseg.data.scenes import list_scenes  # noqa: E402
-from magseg.engine.precision import precision_context  # noqa: E402
+from magseg.segmenter import create_segmenter_model  # noqa: E402
 from magseg.training import trainer as T  # noqa: E402
+from magseg.training.backbone_phase import backbone_parts  # noqa: E402
 from magseg.training.distributed import World  # noqa: E402
+from magseg.training.phase import start_phase, train_step  # noqa: E402
+from magseg.training.refiner_phase import refiner_parts  # noqa: E402
+from magseg.training.resume import seed_everything  # noqa: E402
+from magseg.training.state import BEST, RunPrecision, RunState, TrainOptions, TrainResult  # noqa: E402
 
 
-def _step(run, batch, config, device, loss_fn) -> None:
-    """The body of the trainer's epoch loop (Trainer._train_epoch)."""
-    with precision_context(device, config.train.precision):
-        loss, _ = loss_fn(run.trained, run.backbone, batch, config, device)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
+def _step(run, batch, state) -> None:
+    """The body of the trainer's epoch loop (magseg.training.phase.train_step)."""
+    train_step(run, batch, state.config, state.precision)
 
 
-def _measure(trainer, name: str, steps: int, loader_batches: int) -> dict:
+def _measure(state: RunState, name: str, steps: int, loader_batches: int) -> dict:
     start = time.perf_counter()
-    run = trainer._build_phase(name, None)
+    seed_everything(state.config.train.seed)
+    parts = backbone_parts(state, None) if name == "backbone" else refiner_parts(state, None, None)
+    run = start_phase(state, parts, None)
     setup = time.perf_counter() - start
-    config, device = trainer.config, trainer.device
-    loss_fn = T.backbone_loss if name == "backbone" else T.refiner_loss
+    config = state.config
     batch_size = config.train.batch_size
     if len(run.loader) < max(steps, loader_batches) + 1:
         raise SystemExit(f"{name}: the loader has {len(run.loader)} batches; raise "
@@ -92,17 +92,17 @@ def _measure(trainer, name: str, steps: int, loader_batches: int) -> dict:
     # Pure forward + backward on a batch in memory, and the trainer's loop, where each step
     # waits for its batch from the loader: interleaved, one of each in turn, so that a
     # machine shared with other work slows both alike (medians reported).
-    _step(run, first, config, device, loss_fn)  # warm-up
+    _step(run, first, state)  # warm-up
     run.dataset.set_epoch(1)
     it = iter(run.loader)
-    _step(run, next(it), config, device, loss_fn)  # warm-up, and the workers' start
+    _step(run, next(it), state)  # warm-up, and the workers' start
     pure, loop = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        _step(run, first, config, device, loss_fn)
+        _step(run, first, state)
         pure.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _step(run, next(it), config, device, loss_fn)
+        _step(run, next(it), state)
         loop.append(time.perf_counter() - t0)
     del it
 
@@ -140,16 +140,17 @@ def main() -> None:
     out = Path(args.out) if args.out else Path("/tmp") / f"bench_train_{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    trainer = T.Trainer(config, T.TrainOptions(out=out, data_root=Path(args.data_root)))
-    trainer.world = World()
-    trainer.device = T._device(config, trainer.world)
-    trainer.train_scenes = list_scenes(config.data, "train", args.data_root)
-    trainer.config = T.compute_stats(config, trainer.train_scenes, trainer.world)
+    world = World()
+    device = T._device(config, world)
+    scenes = list_scenes(config.data, "train", args.data_root)
+    config = T.compute_stats(config, scenes, world)
+    state = RunState(config, TrainOptions(out=out, data_root=Path(args.data_root)), world, device,
+                     RunPrecision.resolve(config, device), scenes, [], TrainResult(config))
 
     result: dict = {
         "magseg": str(Path(magseg.__file__).resolve().parents[1]),
-        "config": args.config, "overrides": args.set, "scenes": len(trainer.train_scenes),
-        "device": str(trainer.device), "torch_threads": torch.get_num_threads(),
+        "config": args.config, "overrides": args.set, "scenes": len(scenes),
+        "device": str(device), "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
     }
     phases = args.phases.split(",")
@@ -157,9 +158,9 @@ def main() -> None:
     for name in phases:
         if name == "refiner":
             if backbone is None:
-                backbone = T.create_segmenter_model(trainer.config, pretrained=False)
-            save_checkpoint(out / T.BEST, trainer.config, backbone, None)
-        figures, run = _measure(trainer, name, args.steps, args.loader_batches)
+                backbone = create_segmenter_model(state.config, pretrained=False)
+            save_checkpoint(out / BEST, state.config, backbone, None)
+        figures, run = _measure(state, name, args.steps, args.loader_batches)
         if name == "backbone":
             backbone = run.backbone
         result[name] = figures

@@ -21,7 +21,8 @@ from magseg.engine.pyramid import extract_crops, resize
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.errors import DataError
 from magseg.geometry import Rect
-from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
+from magseg.training.batches import collate_refiner
+from magseg.training.samples import BackboneSamples, RefinerSamples
 from magseg.training.windows import mask_window, random_box, resize_mask
 
 CONFIGS_TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -147,7 +148,7 @@ def test_backbone_samples_deepglobe(tmp_path, tiny_config):
     scenes = list_scenes(config.data, "train", root)
     ds = BackboneSamples(scenes, config, length=12, seed=3, augment=False)
     for i in range(len(ds)):
-        image, mask = ds[i]
+        image, mask = ds[i].image, ds[i].mask
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
         assert mask.shape == (32, 32) and mask.dtype == torch.int64
         assert set(mask.unique().tolist()) <= {0, 1, 2, 3}
@@ -158,9 +159,9 @@ def test_backbone_samples_deepglobe(tmp_path, tiny_config):
             assert np.linalg.norm(TOY_COLOURS - mean, axis=1).argmin() == c
     # Same (seed, epoch, index) -> same sample; another epoch -> other samples.
     a, b = ds[5], ds[5]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.contexts is None
     ds.set_epoch(1)
-    assert not torch.equal(ds[5][0], a[0])
+    assert not torch.equal(ds[5].image, a.image)
 
 
 def test_backbone_samples_cover_every_stage(tmp_path, tiny_config):
@@ -174,7 +175,7 @@ def test_backbone_samples_cover_every_stage(tmp_path, tiny_config):
 
     image, _ = load_scene(scene, config)
     stage0 = resize(image, (32, 32))
-    hits = sum(torch.allclose(ds[i][0], stage0, atol=1e-4) for i in range(len(ds)))
+    hits = sum(torch.allclose(ds[i].image, stage0, atol=1e-4) for i in range(len(ds)))
     assert 10 <= hits <= 35  # about a third of the samples are the stage-0 view
 
 
@@ -186,7 +187,7 @@ def test_augmentation_moves_image_and_mask_together(tmp_path, tiny_config):
     augmented = BackboneSamples(scenes, config, length=16, seed=1, augment=True)
     changed = 0
     for i in range(len(plain)):
-        (img, mask), (aimg, amask) = plain[i], augmented[i]
+        (img, mask), (aimg, amask) = (plain[i].image, plain[i].mask), (augmented[i].image, augmented[i].mask)
         # Some flip/rotation of the plain mask is the augmented mask...
         candidates = [torch.rot90(m, k, (0, 1)) for m in (mask, mask.flip(0)) for k in range(4)]
         match = [k for k, m in enumerate(candidates) if torch.equal(m, amask)]
@@ -208,9 +209,9 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
     scenes = list_scenes(config.data, "train", root)
     ds = RefinerSamples(scenes, config, length=6, seed=0)
     batch = collate_refiner([ds[i] for i in range(len(ds))])
-    assert batch["fine"].shape == (6, 5, 32, 32) and batch["mask"].shape == (6, 32, 32)
+    assert batch.fine.shape == (6, 5, 32, 32) and batch.mask.shape == (6, 32, 32)
     sizes = config.pyramid.stage_sizes((96, 112))
-    for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
+    for scene0, size, box in zip(batch.scene0, batch.size, batch.box):
         assert tuple(scene0.shape) == (5, *sizes[0])
         assert tuple(size.tolist()) in sizes[1:]  # a finer stage, never stage 0
         top, left, h, w = box.tolist()
@@ -223,14 +224,14 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
     image, mask = load_scene(scenes[0], config)
     for i in range(len(one)):
         item = one[i]
-        size = tuple(item["size"].tolist())
-        top, left, h, w = item["box"].tolist()
+        size = tuple(item.size.tolist())
+        top, left, h, w = item.box.tolist()
         box = CropBox.whole(Rect(top, left, h, w))
         # The engine's stage images: exact at this scene's non-integer factors too.
         stage = resample_window(TensorSource(image), size, Rect.of_size(size))
-        assert torch.equal(item["fine"], extract_crops(stage, [box], (32, 32))[0])
-        assert torch.equal(item["mask"][:h, :w], resize_mask(mask, size)[top : top + h, left : left + w])
-        assert torch.equal(item["scene0"], resample_window(TensorSource(image), sizes[0], Rect.of_size(sizes[0])))
+        assert torch.equal(item.fine, extract_crops(stage, [box], (32, 32))[0])
+        assert torch.equal(item.mask[:h, :w], resize_mask(mask, size)[top : top + h, left : left + w])
+        assert torch.equal(item.scene0, resample_window(TensorSource(image), sizes[0], Rect.of_size(sizes[0])))
 
 
 def test_refiner_needs_two_scales(tmp_path, tiny_config):

@@ -177,7 +177,7 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         window = torch.zeros(3, 40, 40)
         window[:, : box.window.height, : box.window.width] = stage[(slice(None), *box.window.slices)]
         target = mask_window(resize_mask(mask, size), box, (40, 40))
-        crop, got = backbone[index]
+        crop, got = backbone[index].image, backbone[index].mask
         assert crop.shape[-2:] == (40, 40)
         assert torch.equal(crop, resize(window, (40, 40))) and torch.equal(got, target)
 
@@ -189,12 +189,12 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         box = random_box(rng, size, pyramid.crop)
         (grown,), (offset,), extent = grown_windows([box], pyramid.crop, size, (4, 4))
         stage = resample_window(TensorSource(image), size, Rect.of_size(size))
-        assert item["fine"].shape[-2:] == (40, 40) and tuple(item["offset"].tolist()) == offset
+        assert item.fine.shape[-2:] == (40, 40) and tuple(item.offset.tolist()) == offset
         top, left = grown.top, grown.left
-        assert torch.equal(item["fine"][:, : extent[0], : extent[1]],
+        assert torch.equal(item.fine[:, : extent[0], : extent[1]],
                            stage[:, top : top + extent[0], left : left + extent[1]])
         dy, dx = offset
-        assert torch.equal(item["fine"][:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window.slices)])
+        assert torch.equal(item.fine[:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window.slices)])
 
 
 def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_config):
@@ -205,8 +205,10 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
     from magseg.engine.resample import TensorSource, resample_window
     from magseg.engine.stages import StageRun
     from magseg.segmenter import create_segmenter_model
-    from magseg.training import trainer
-    from magseg.training.samples import RefinerSamples, collate_refiner, load_scene
+    from magseg.training.batches import collate_refiner
+    from magseg.training.refiner_phase import refiner_loss
+    from magseg.training.samples import RefinerSamples, load_scene
+    from magseg.training.state import RunPrecision
 
     config = tiny_config.override({"data.mean": [90.0, 100.0, 110.0], "data.std": [50.0, 60.0, 70.0],
                                    "pyramid.margin": 4, "engine.precision": "fp32"})
@@ -221,14 +223,14 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
         seen["fine"] = fine
         return torch.zeros_like(fine, requires_grad=True)
 
-    trainer.refiner_loss(refiner, backbone, batch, config, torch.device("cpu"))
+    refiner_loss(refiner, backbone, batch, config, RunPrecision.resolve(config, torch.device("cpu")))
     # The engine's fine view of the same crop: its stage image, the crop's box, StageRun.fine.
     run = StageRun.create(backbone, config.pyramid, engine=config.engine)
     for i in range(3):
         rng = samples._rng(i)
         image, _ = load_scene(scenes[int(rng.integers(len(scenes)))], config)
-        size = tuple(int(v) for v in batch["size"][i])
-        top, left, h, w = (int(v) for v in batch["box"][i])
+        size = tuple(int(v) for v in batch.size[i])
+        top, left, h, w = (int(v) for v in batch.box[i])
         stage = resample_window(TensorSource(image), size, Rect.of_size(size))
         want = run.fine(TensorSource(stage), size, [CropBox.whole(Rect(top, left, h, w))])
         torch.testing.assert_close(seen["fine"][i], want[0], atol=1e-5, rtol=0)

@@ -141,7 +141,7 @@ def test_benchmark_report_names_the_resolved_precision_and_the_cpu(tmp_path, mak
     write_dataset(root, {"train": 1, "test": 1}, SceneSpec(size=(128, 128)), seed=4)
     ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]})
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["benchmark", str(ckpt), str(root), "--out-dir", str(out),
+    result = CliRunner().invoke(app, ["benchmark", str(ckpt), "--data-root", str(root), "--out-dir", str(out),
                                       "--no-warmup", "--set", "engine.precision=bf16"])
     assert result.exit_code == 0, result.output
     env = json.loads((out / "report.json").read_text())["environment"]
@@ -149,3 +149,62 @@ def test_benchmark_report_names_the_resolved_precision_and_the_cpu(tmp_path, mak
     assert env["cpu"] == {**cpu_info(), "threads": env["cpu"]["threads"]}
     markdown = (out / "report.md").read_text()
     assert "precision bf16" in markdown and cpu_info()["model"] in markdown
+
+
+def _autocast_seen(module: nn.Module, seen: list) -> None:
+    """Record, at each forward of ``module``, the CPU autocast dtype it runs under (None: none)."""
+    def hook(_module, _inputs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("train_precision, engine_precision", [("bf16", "fp32"), ("fp32", "bf16"),
+                                                               ("fp16", "bf16")])
+def test_in_training_the_engine_runs_at_its_precision_and_the_trained_module_at_train_precision(
+        tmp_path, tiny_config, train_precision, engine_precision):
+    # The rule of docs/precision.md#training-and-the-engine: the frozen backbone computes the
+    # refiner's inputs at engine.precision, as predict does, outside the training autocast;
+    # the module being trained runs at train.precision. Neither silently overrides the other.
+    from magseg.data.scenes import list_scenes
+    from magseg.segmenter import create_refiner
+    from magseg.training.backbone_phase import backbone_loss
+    from magseg.training.batches import collate_backbone, collate_refiner
+    from magseg.training.refiner_phase import refiner_loss
+    from magseg.training.samples import BackboneSamples, RefinerSamples
+    from magseg.training.state import RunPrecision
+
+    config = tiny_config.override({"train.precision": train_precision, "engine.precision": engine_precision})
+    scenes = list_scenes(config.data, "train", make_deepglobe(tmp_path / "data", config))
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    run = RunPrecision.resolve(config, torch.device("cpu"))
+    assert (run.train, run.engine.precision) == (train_precision, engine_precision)
+
+    backbone, refiner = create_segmenter_model(config).eval(), create_refiner(config)
+    backbone_seen, refiner_seen = [], []
+    _autocast_seen(backbone, backbone_seen)
+    _autocast_seen(refiner, refiner_seen)
+    items = RefinerSamples(scenes, config, 2, seed=0)
+    refiner_loss(refiner, backbone, collate_refiner([items[0], items[1]]), config, run)
+    assert refiner_seen == [dtypes[train_precision]]
+    assert backbone_seen and set(backbone_seen) == {dtypes[engine_precision]}
+
+    # The backbone phase trains the backbone: train.precision.
+    backbone_seen.clear()
+    samples = BackboneSamples(scenes, config, 2, seed=0)
+    backbone_loss(backbone, backbone, collate_backbone([samples[0], samples[1]]), config, run)
+    assert backbone_seen == [dtypes[train_precision]]
+
+
+def test_a_training_run_resolves_auto_once(tmp_path, tiny_config, monkeypatch):
+    # engine.precision auto: the hardware is asked once per run, not once per crop batch of
+    # every validation, coarse map and refiner step.
+    calls = []
+    probe = precision.cpu_has_native_bf16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: calls.append(1) or probe())
+    config = tiny_config.override({"engine.precision": "auto", "train.samples_per_epoch": 8,
+                                   "train.choose_k": [0.25]})
+    data = make_deepglobe(tmp_path / "data", config)
+    result = train(config, TrainOptions(out=tmp_path / "run", data_root=data))
+    assert [r["phase"] for r in result.records] == ["backbone", "refiner"]
+    assert result.calibration is not None and result.refiner_choice is not None
+    assert len(calls) == 1

@@ -185,7 +185,7 @@ def test_samples_equal_the_whole_scene_path(tmp_path, tiny_config, layout):
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, pyramid.crop)
         window, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
-        crop, got_target = backbone[index]
+        crop, got_target = backbone[index].image, backbone[index].mask
         assert torch.equal(crop, resize(window, pyramid.input))
         assert torch.equal(got_target, resize_mask(target, pyramid.input))
 
@@ -196,8 +196,8 @@ def test_samples_equal_the_whole_scene_path(tmp_path, tiny_config, layout):
         box = random_box(rng, size, pyramid.crop)
         window, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
         item = refiner[index]
-        assert torch.equal(item["fine"], window) and torch.equal(item["mask"], target)
-        assert torch.equal(item["scene0"], _stage_image(image, sizes[0]))
+        assert torch.equal(item.fine, window) and torch.equal(item.mask, target)
+        assert torch.equal(item.scene0, _stage_image(image, sizes[0]))
     if layout == "deepglobe":
         assert len(list((tmp_path / "cache" / "scenes").glob("*.npy"))) == len(scenes)
     else:  # GeoTIFFs are read by windows: nothing cached
@@ -215,7 +215,7 @@ def test_persistent_workers_sample_the_main_process_epoch(tmp_path, tiny_config)
     keys = list(sampler)
     assert keys == [(3, i) for i in range(4)] and len(sampler) == 4
     dataset.set_epoch(0)  # what a worker's stale copy would hold
-    assert torch.equal(dataset[keys[1]][0], (dataset.set_epoch(3), dataset[1])[1][0])
+    assert torch.equal(dataset[keys[1]].image, (dataset.set_epoch(3), dataset[1])[1].image)
 
 
 def test_geotiff_windows_read_masks_through_the_class_map(tmp_path, tiny_config):
@@ -239,4 +239,4 @@ def test_geotiff_windows_read_masks_through_the_class_map(tmp_path, tiny_config)
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
-        assert torch.equal(samples[index]["mask"], _whole_scene(image, mask, size, box, pyramid.crop)[2])
+        assert torch.equal(samples[index].mask, _whole_scene(image, mask, size, box, pyramid.crop)[2])

@@ -20,14 +20,19 @@ from magseg.checkpoint import load_checkpoint
 from magseg.config import config_from_dict
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.engine.maps import MemoryMap
+from magseg.engine.precision import resolved_engine
 from magseg.engine.pyramid import CropBox, crop_boxes, crop_windows, resize
 from magseg.engine.resample import TensorSource, resample_window, resample_windows
 from magseg.engine.stages import StageRun, segment, stage_probs
 from magseg.geometry import Rect
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+from magseg.training.backbone_phase import backbone_loss
+from magseg.training.batches import collate_backbone, collate_refiner
+from magseg.training.refiner_phase import coarse_inputs, refiner_loss
 from magseg.training.resume import seed_everything
-from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
-from magseg.training.trainer import TrainOptions, backbone_loss, coarse_inputs, refiner_loss, train
+from magseg.training.samples import BackboneSamples, RefinerSamples, load_scene
+from magseg.training.state import RunPrecision
+from magseg.training.trainer import TrainOptions, train
 
 CPU = torch.device("cpu")
 
@@ -58,7 +63,7 @@ def _steps(loss_fn, model, backbone, batches, config, lr=1e-2):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for batch in batches:
-        loss, _ = loss_fn(model, backbone, batch, config, CPU)
+        loss, _ = loss_fn(model, backbone, batch, config, RunPrecision.resolve(config, CPU))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,7 +83,8 @@ def test_backbone_loss_goes_down(tmp_path, tiny_config, layout):
             {"data.mean": [3200.0] * 4, "data.std": [3200.0] * 4})
         root = make_geotiff(tmp_path, config)
     scenes = list_scenes(config.data, "train", root)
-    batches = DataLoader(BackboneSamples(scenes, config, 8 * 12, seed=0), batch_size=8)
+    batches = DataLoader(BackboneSamples(scenes, config, 8 * 12, seed=0), batch_size=8,
+                         collate_fn=collate_backbone)
     model = create_segmenter_model(config)
     losses = _steps(backbone_loss, model, model, batches, config)
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
@@ -93,18 +99,18 @@ def test_refiner_loss_goes_down(tmp_path, tiny_config, points):
     scenes = list_scenes(config.data, "train", root)
     backbone = create_segmenter_model(config)
     # A briefly trained backbone: its probabilities carry the colour signal the refiner uses.
-    _steps(backbone_loss, backbone, backbone, DataLoader(BackboneSamples(scenes, config, 64, 1), 8),
-           config)
+    _steps(backbone_loss, backbone, backbone, DataLoader(BackboneSamples(scenes, config, 64, 1), 8,
+                                                               collate_fn=collate_backbone), config)
     backbone.eval().requires_grad_(False).zero_grad(set_to_none=True)
     items = RefinerSamples(scenes, config, 8, seed=0)
     batch = collate_refiner([items[i] for i in range(len(items))])
     refiner = create_refiner(config)
     # Judged on the dense loss (every pixel), whatever the points trained on.
     dense = config.override({"train.refiner_points": None})
-    start = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0].detach())
+    start = float(refiner_loss(refiner, backbone, batch, dense, RunPrecision.resolve(dense, CPU))[0].detach())
     torch.manual_seed(0)
     losses = _steps(refiner_loss, refiner, backbone, [batch] * 10, config)
-    end = float(refiner_loss(refiner, backbone, batch, dense, CPU)[0].detach())
+    end = float(refiner_loss(refiner, backbone, batch, dense, RunPrecision.resolve(dense, CPU))[0].detach())
     assert end < 0.9 * start, (start, end, losses)
     assert all(p.grad is None for p in backbone.parameters())  # frozen
 
@@ -138,7 +144,7 @@ def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
     backbone = create_segmenter_model(config).eval().requires_grad_(False)
     items = RefinerSamples(scenes, config, 6, seed=0)
     batch = collate_refiner([items[i] for i in range(len(items))])
-    got = coarse_inputs(backbone, batch, config, CPU)
+    got = coarse_inputs(backbone, batch, config, resolved_engine(config.engine, CPU))
 
     image, _ = load_scene(scenes[0], config)
     pyramid, source = config.pyramid, TensorSource(image)
@@ -149,11 +155,11 @@ def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
         for start in range(0, len(boxes), config.engine.batch_size):
             run.first_stage(source, size0, boxes[start : start + config.engine.batch_size], y0)
     for i in range(len(items)):
-        size = tuple(batch["size"][i].tolist())
-        top, left, h, w = batch["box"][i].tolist()
+        size = tuple(batch.size[i].tolist())
+        top, left, h, w = batch.box[i].tolist()
         box = CropBox.whole(Rect(top, left, h, w))
         fine = resample_windows(source, size, crop_windows([box], pyramid.crop))[0]
-        assert torch.equal(batch["fine"][i], fine)
+        assert torch.equal(batch.fine[i], fine)
         assert torch.equal(got[i], run.coarse(y0, size, [box])[0])
 
 
@@ -248,12 +254,13 @@ def test_fctl_trains_with_context_windows(tmp_path, tiny_config):
     })
     data = make_deepglobe(tmp_path / "data", config, counts=(("train", 2), ("val", 1)))
     scenes = list_scenes(config.data, "train", data)
-    image, mask, contexts = BackboneSamples(scenes, config, 4, seed=0, ratios=(2.0,))[1]
+    item = BackboneSamples(scenes, config, 4, seed=0, ratios=(2.0,))[1]
+    image, contexts = item.image, item.contexts
     assert contexts.shape == (1, 3, 32, 32)
     plain = BackboneSamples(scenes, config, 4, seed=0, augment=False, ratios=(2.0,))[1]
     # The context's centre half is the window itself (at half the resolution), before and
     # after augmentation.
-    for img, ctx in ((plain[0], plain[2][0]), (image, contexts[0])):
+    for img, ctx in ((plain.image, plain.contexts[0]), (image, contexts[0])):
         centre, small_img = ctx[:, 8:24, 8:24].flatten(), resize(img, (16, 16)).flatten()
         assert torch.corrcoef(torch.stack([centre, small_img]))[0, 1] > 0.98
         assert (centre - small_img).abs().mean() < 0.05
@@ -357,7 +364,8 @@ def test_training_chooses_k_on_validation_and_never_loses_to_patch_only(tmp_path
     val = list_scenes(best.config.data, "val", data)
     segmenter = Segmenter.from_checkpoint(tmp_path / "run" / "best.ckpt")
     patch = validate(dataclasses.replace(best.config, pyramid=best.config.pyramid.patch_only()), val,
-                     segmenter.backbone, None, World(), CPU)["miou"]
-    chosen = validate(best.config, val, segmenter.backbone, segmenter.refiner, World(), CPU)["miou"]
+                     segmenter.backbone, None, World(), resolved_engine(best.config.engine, CPU)).miou
+    chosen = validate(best.config, val, segmenter.backbone, segmenter.refiner, World(),
+                      resolved_engine(best.config.engine, CPU)).miou
     assert chosen == pytest.approx(choice["val_miou"])
     assert chosen >= patch - 0.002

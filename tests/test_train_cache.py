@@ -19,8 +19,10 @@ import magseg
 from magseg.data import cache as cache_module
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes, read_scene
+from magseg.engine.precision import resolved_engine
 from magseg.errors import WriteError
 from magseg.segmenter import create_segmenter_model
+from magseg.training.batches import collate_refiner
 from magseg.training.coarse import prepare_coarse_maps
 from magseg.training.loader import (
     MAX_AUTO_WORKERS,
@@ -29,8 +31,8 @@ from magseg.training.loader import (
     phase_workers,
     resolve_workers,
 )
-from magseg.training.samples import RefinerSamples, collate_refiner
-from magseg.training.trainer import coarse_inputs
+from magseg.training.refiner_phase import coarse_inputs
+from magseg.training.samples import RefinerSamples
 
 CPU = torch.device("cpu")
 
@@ -166,26 +168,27 @@ def test_cached_coarse_maps_give_the_refiner_the_same_inputs(tmp_path, data):
     # float16 storage: stage-0 probabilities within 2**-12 of the float32 ones; bilinear
     # upsampling is a convex combination, so the coarse input is within that too.
     config, scenes = data
+    engine = resolved_engine(config.engine, CPU)
     backbone = create_segmenter_model(config).eval().requires_grad_(False)
     cache = SceneCache(tmp_path / "c", config)
-    maps = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    maps = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     plain = RefinerSamples(scenes, config, 12, seed=1)
     cached = RefinerSamples(scenes, config, 12, seed=1, cache=cache, coarse=maps)
     a = collate_refiner([plain[i] for i in range(12)])
     b = collate_refiner([cached[i] for i in range(12)])
-    assert "coarse" not in a and "scene0" not in b
+    assert a.coarse is None and a.scene0 is not None and b.scene0 is None and b.coarse is not None
     for key in ("fine", "mask", "size", "box"):
-        assert torch.equal(a[key], b[key]), key
-    want, got = coarse_inputs(backbone, a, config, CPU), coarse_inputs(backbone, b, config, CPU)
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    want, got = coarse_inputs(backbone, a, config, engine), coarse_inputs(backbone, b, config, engine)
     torch.testing.assert_close(got, want, rtol=0, atol=2**-12)
     assert len(list(maps.directory.glob("*.npy"))) == len(scenes)
 
     # Same weights: the maps are found again; other weights: new maps.
-    again = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    again = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     assert again.directory == maps.directory
     with torch.no_grad():
         next(backbone.parameters()).add_(1.0)
-    other = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", CPU, cache=cache)
+    other = prepare_coarse_maps(backbone, scenes, config, tmp_path / "c", engine, cache=cache)
     assert other.directory != maps.directory
 
 
@@ -243,3 +246,30 @@ def test_a_bad_sample_in_a_worker_fails_as_in_the_loop(tmp_path, tiny_config):
         train(config, TrainOptions(out=tmp_path / "run", data_root=root))
     assert str(info.value).startswith(f"{mask_path}: mask has class ids [9]")
     assert "Traceback" not in str(info.value) and "DataLoader" not in str(info.value)
+
+
+def test_batches_are_pinned_field_by_field(monkeypatch):
+    # On CUDA the loader pins each batch (loader_options: pin_memory) through the batch's own
+    # pin_memory(): every tensor, each of a list's, None left as it is. Pinning needs a GPU,
+    # so a pinned tensor is stood in for by a marked copy.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from magseg.training.batches import BackboneBatch, RefinerBatch
+
+    pinned = set()
+
+    def fake_pin(self):
+        copy = self.clone()
+        pinned.add(id(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = BackboneBatch(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    out = pin_memory(batch)
+    assert type(out) is BackboneBatch and out.contexts is None
+    assert id(out.image) in pinned and id(out.mask) in pinned and torch.equal(out.image, batch.image)
+    refiner = RefinerBatch(*(torch.ones(2, 3) for _ in range(5)), scene0=[torch.ones(3, 8, 8), torch.ones(3, 6, 6)])
+    out = pin_memory(refiner)
+    assert type(out) is RefinerBatch and out.coarse is None and out.contexts is None
+    assert all(id(t) in pinned for t in (out.fine, out.offset, out.mask, out.size, out.box, *out.scene0))
+    assert [tuple(t.shape) for t in out.scene0] == [(3, 8, 8), (3, 6, 6)]

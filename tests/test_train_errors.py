@@ -92,7 +92,7 @@ def test_offline_imagenet_for_other_encoder(data, tmp_path, monkeypatch):
 def test_config_classes_that_are_not_the_datas_fail_before_the_first_step(tmp_path, monkeypatch):
     """configs/tiny.yaml (4 classes) on scripts/make_synthetic.py output (DeepGlobe's 7
     colours): refused with the colours named before any epoch is set up."""
-    import magseg.training.trainer as trainer
+    import magseg.training.backbone_phase as backbone_phase
     from magseg.data.synthetic import SceneSpec, write_dataset
 
     data = tmp_path / "synthetic"
@@ -101,7 +101,7 @@ def test_config_classes_that_are_not_the_datas_fail_before_the_first_step(tmp_pa
     def no_epoch(*args, **kwargs):
         raise AssertionError("the first epoch was set up before the mask colours were checked")
 
-    monkeypatch.setattr(trainer, "BackboneSamples", no_epoch)
+    monkeypatch.setattr(backbone_phase, "BackboneSamples", no_epoch)
     out = tmp_path / "out"
     _fails(_train(data, out), 1, "_mask.png: mask has colours that are no class's", "known colours")
     assert not (out / "last.ckpt").exists()

@@ -15,12 +15,16 @@ always be traced to what computed it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import platform
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from magseg.config import EngineConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -54,10 +58,21 @@ def resolve_precision(device: torch.device | str, precision: str) -> Precision:
 def precision_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """Autocast for ``bf16``/``fp16`` (``auto`` resolved first); nothing for ``fp32``."""
     device = torch.device(device)
-    resolved = resolve_precision(device, precision)
+    return autocast(device, resolve_precision(device, precision))
+
+
+def autocast(device: torch.device | str, resolved: Precision) -> contextlib.AbstractContextManager:
+    """Autocast for a precision already resolved (never ``auto``): nothing for ``fp32``."""
     if resolved == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[resolved])
+    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[resolved])
+
+
+def resolved_engine(engine: EngineConfig, device: torch.device | str) -> EngineConfig:
+    """``engine`` on ``device`` with its precision resolved: a run that segments many times
+    (training's validation, refiner inputs and coarse maps) decides what ``auto`` means once,
+    not once per crop batch."""
+    return dataclasses.replace(engine, device=str(device), precision=resolve_precision(device, engine.precision))
 
 
 def _cpu_model() -> str:

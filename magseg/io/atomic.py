@@ -163,7 +163,7 @@ def atomic_writes(targets: Mapping[K, str | Path], overwrite: bool | Collection[
         _unpublish(published)
         # The target whose own temporary failed first: a name such as ``x.tif.aux.xml``
         # also looks like a temporary of ``x.tif``.
-        named = getattr(exc, "path", None) or getattr(exc, "filename", None)
+        named = _failed_file(exc)
         order = sorted(targets, key=lambda key: named is None or Path(os.fsdecode(named)) != temps[key])
         failure = next((f for key in order
                         if (f := _write_failure(targets[key], temps[key], exc)) is not None), None)
@@ -182,9 +182,7 @@ def _finish(tmp: Path, step: Callable[[Path], None]) -> None:
     except OutputExistsError:
         raise
     except OSError as exc:
-        error = WriteError(str(exc))
-        error.path = tmp  # type: ignore[attr-defined]
-        raise error from exc
+        raise WriteError(str(exc), path=tmp) from exc
 
 
 def _unpublish(published: list[tuple[Path, int]]) -> None:
@@ -211,16 +209,23 @@ def _write_failure(target: Path, tmp: Path, exc: BaseException) -> WriteError | 
     ``atomic_write`` blocks can be open at once)."""
     if isinstance(exc, OutputExistsError) or not isinstance(exc, (WriteError, OSError)):
         return None
-    if getattr(exc, "target", None) is not None:
-        return None
     if isinstance(exc, WriteError):
-        if not _is_ours(getattr(exc, "path", None), target):
+        if exc.target is not None or not _is_ours(exc.path, target):
             return None
     elif exc.errno not in _WRITE_ERRNOS or not _is_ours(exc.filename, target):
         return None
     failure = _describe(target, tmp, exc)
-    failure.target = target  # type: ignore[attr-defined]
+    failure.target = target
     return failure
+
+
+def _failed_file(exc: BaseException) -> str | bytes | Path | None:
+    """The file ``exc`` says failed: a WriteError's ``path``, an OSError's ``filename``."""
+    if isinstance(exc, WriteError):
+        return exc.path
+    if isinstance(exc, OSError):
+        return exc.filename
+    return None
 
 
 def _is_ours(path: str | Path | None, target: Path) -> bool:

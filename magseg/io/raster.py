@@ -318,9 +318,7 @@ def colormap(colors: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int
 def _write_error(path: Path, message: str) -> RasterWriteError:
     """A RasterWriteError about the file at ``path`` (kept as ``.path``, so that
     magseg.io.atomic.atomic_write can tell which output failed)."""
-    error = RasterWriteError(f"{path}: {message}")
-    error.path = path  # type: ignore[attr-defined]
-    return error
+    return RasterWriteError(f"{path}: {message}", path=path)
 
 
 # Pixels per band read at a time when a written raster is read back (``verify_raster``).

@@ -59,10 +59,6 @@ class VectorWriteError(VectorError, WriteError):
     """The polygons could not be written (``path``: the file being written), e.g. a full
     disk: magseg.io.atomic names the output and says whether the disk is full."""
 
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(message)
-        self.path = path
-
 
 @dataclass(frozen=True)
 class VectorOptions:
@@ -224,7 +220,7 @@ class _Writer:
                     dataset_options=None if self.started else self.options,
                 )
         except Exception as exc:  # pyogrio/GDAL errors of any kind: disk full, driver refusal
-            raise VectorWriteError(f"cannot write polygons to {self.path}: {exc}", self.path) from exc
+            raise VectorWriteError(f"cannot write polygons to {self.path}: {exc}", path=self.path) from exc
         self.started = True
         self.geometries.clear()
         self.values.clear()

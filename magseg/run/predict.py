@@ -457,12 +457,11 @@ def _run_stages(segmenter: Segmenter, source: RasterSource, sink, scratch: Scrat
     except OSError as exc:
         if not str(exc.filename or "").startswith(str(scratch.directory)):
             raise
-        failure = WriteError(
+        # Attributed to the output: the outputs' own handler keeps this message.
+        raise WriteError(
             f"{result.input}: its stage maps could not be written in {scratch.directory.parent} "
             f"({exc.strerror}); free some space there or pass --scratch-dir on a larger disk; "
-            "nothing was written")
-        failure.target = result.output  # attributed: the outputs' own handler keeps this message
-        raise failure from None
+            "nothing was written", target=result.output) from None
     result.scratch_bytes = scratch.peak_bytes
     result.windows = 1
 

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from magseg.config import Config
+from magseg.config import Config, EngineConfig
 from magseg.data.cache import OpenEntries, SceneCache, cached_npy, digest, file_stamp, load_npy
 from magseg.data.scenes import Scene
-from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import CropBox, crop_windows
 from magseg.engine.resample import ReadSource, resample_window
 from magseg.engine.stages import stage_probs
@@ -81,34 +80,37 @@ class CoarseMaps:
         return resample_window(source, tuple(size), window)
 
 
-def coarse_key(backbone: nn.Module, config: Config) -> str:
+def coarse_key(backbone: nn.Module, config: Config, precision: str) -> str:
+    """``precision``: the engine's, resolved (the maps are computed at it)."""
     import magseg
 
     data = config.data
     return digest({
         "magseg": magseg.__version__, "weights": weights_digest(backbone),
         "model": config.model, "pyramid": config.pyramid, "engine": config.engine,
-        "precision": config.train.precision, "data": [data.layout, data.bands, data.mean, data.std],
+        "precision": precision, "data": [data.layout, data.bands, data.mean, data.std],
     })
 
 
 def prepare_coarse_maps(backbone: nn.Module, scenes: list[Scene], config: Config, root: str | Path,
-                        device: torch.device, world: World = World(),
+                        engine: EngineConfig, world: World = World(),
                         cache: SceneCache | None = None, on_scene=None) -> CoarseMaps:
     """Compute the coarse map of every scene that has none under ``root`` (each rank its
     share, then any a rank cannot see, e.g. on a node-local disk) and return their reader.
+    ``engine``: the device and resolved precision they are computed at, the engine's as
+    predict runs it (``magseg.engine.precision.resolved_engine``).
 
     Raises:
         WriteError: a map cannot be written (full disk); no partial entry is left.
     """
-    maps = CoarseMaps(Path(root) / "coarse" / coarse_key(backbone, config), config)
+    maps = CoarseMaps(Path(root) / "coarse" / coarse_key(backbone, config, engine.precision), config)
+    device = torch.device(engine.device)
 
     def build(scene: Scene) -> np.ndarray:
         source = open_scene(scene, config, cache)
         scene0 = stage_image(source, config.pyramid.stage_sizes(source.size)[0], config)
-        # As the training loop computed it: under the training precision's autocast.
-        with torch.no_grad(), precision_context(device, config.train.precision):
-            y0 = stage_probs(backbone, scene0.to(device), config.pyramid, config.engine)
+        with torch.no_grad():
+            y0 = stage_probs(backbone, scene0.to(device), config.pyramid, engine)
         return y0.float().cpu().numpy().astype(np.float16)
 
     def ensure(share: list[Scene]) -> None:

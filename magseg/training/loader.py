@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypedDict
 
 import torch
 
@@ -68,13 +68,23 @@ def lower_priority(worker_id: int) -> None:
         os.nice(WORKER_NICENESS)
 
 
-def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
+class LoaderOptions(TypedDict, total=False):
+    """The DataLoader keyword arguments ``loader_options`` sets."""
+
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: int
+    worker_init_fn: Callable[[int], None]
+
+
+def loader_options(workers: int, device: torch.device) -> LoaderOptions:
     """DataLoader keyword arguments: workers that persist across epochs (no fork and
     re-open of the caches every epoch; the epoch travels with the indices, see
     ``samples.EpochSampler``), a prefetch factor, workers at a lower priority than the loop
     (``lower_priority``), and page-locked batches on CUDA (copied to the GPU asynchronously,
     ``non_blocking=True``)."""
-    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    options: LoaderOptions = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR,
                        worker_init_fn=lower_priority)

@@ -9,17 +9,52 @@ tuple of 625 ints).
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
 
 
-def rng_state() -> dict[str, Any]:
+class NumpyRng(TypedDict):
+    kind: str
+    keys: torch.Tensor  # (624,) int64: the Mersenne Twister's state words
+    pos: int
+    has_gauss: int
+    cached: float
+
+
+class PythonRng(TypedDict):
+    version: int
+    internal: list[int]  # 625 ints
+    gauss_next: float | None
+
+
+class RngState(TypedDict):
+    """``rng_state()``: what ``set_rng_state`` restores."""
+
+    torch: torch.Tensor
+    numpy: NumpyRng
+    python: PythonRng
+    cuda: NotRequired[list[torch.Tensor]]  # with CUDA initialised
+
+
+class TrainingState(TypedDict):
+    """A checkpoint's ``training`` entry: where a phase stands, for ``--resume``."""
+
+    phase: str  # "backbone" or "refiner"
+    epoch: int  # epochs done
+    optimizer: dict[str, Any]  # torch's state dicts
+    scheduler: dict[str, Any]
+    best_miou: float
+    rng: RngState
+    scaler: dict[str, Any]  # empty without a loss scale
+
+
+def rng_state() -> RngState:
     """The global RNG states of torch (CPU and CUDA), numpy and Python."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
+    state: RngState = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": str(kind),
@@ -39,7 +74,7 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: RngState) -> None:
     """Restore what ``rng_state`` captured."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]

@@ -17,7 +17,7 @@ whole stage image cut at the window.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,12 +33,16 @@ from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.geometry import Rect
 from magseg.normalization import normalize
 from magseg.training.augment import augment_pair, create_augmentation
+from magseg.training.batches import BackboneItem, RefinerItem
 from magseg.training.loader import marked
 from magseg.training.windows import (
     nearest_indices,
     random_box,
     resize_mask,
 )
+
+if TYPE_CHECKING:  # coarse.py reads scenes through this module
+    from magseg.training.coarse import CoarseMaps
 
 BACKBONE, REFINER = 0, 1
 
@@ -204,7 +208,7 @@ class _Samples(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+    def __getitem__(self, index: int | tuple[int, int]) -> BackboneItem | RefinerItem:
         try:
             return self._item(index)
         except MagsegError as exc:
@@ -212,7 +216,7 @@ class _Samples(Dataset):
                 raise
             raise marked(exc) from None  # see magseg.training.loader.batches
 
-    def _item(self, index: int | tuple[int, int]) -> Any:
+    def _item(self, index: int | tuple[int, int]) -> BackboneItem | RefinerItem:
         raise NotImplementedError
 
     def _rng(self, index: int | tuple[int, int]) -> np.random.Generator:
@@ -242,10 +246,7 @@ class EpochSampler(Sampler):
 
 class BackboneSamples(_Samples):
     """Phase 1: a random window of a random scene at a random stage's magnification,
-    resized to the backbone input and augmented.
-
-    Item: ``(image (C_in, ih, iw) float32, mask (ih, iw) int64)``, and for a multi-context
-    backbone a third entry, the contexts ``(ratios, C_in, ih, iw)`` (augmented alike).
+    resized to the backbone input and augmented: a ``BackboneItem``.
     """
 
     phase = BACKBONE
@@ -258,7 +259,7 @@ class BackboneSamples(_Samples):
         self.augmentation = (create_augmentation(size[0] == size[1], len(self.ratios))
                              if augment else None)
 
-    def _item(self, index: int | tuple[int, int]) -> tuple[Tensor, ...]:
+    def _item(self, index: int | tuple[int, int]) -> BackboneItem:
         rng = self._rng(index)
         pyramid = self.config.pyramid
         _, scene = self._scene(rng)
@@ -276,38 +277,30 @@ class BackboneSamples(_Samples):
         if self.augmentation is not None:
             crop, target, contexts = augment_pair(self.augmentation, crop, target,
                                                   int(rng.integers(2**31)), contexts)
-        return (crop, target, torch.stack(contexts)) if contexts else (crop, target)
+        return BackboneItem(crop, target, torch.stack(contexts) if contexts else None)
 
 
 class RefinerSamples(_Samples):
     """Phase 2: what the refiner needs for one window of a finer stage (s >= 1).
 
-    The backbone is not run here (it runs batched, in the training loop); an item carries
-    the coarse view, the window of the stage image (for the fine view), the window's mask,
-    and where the window is::
-
-        {"fine": (C_in, ch, cw), "mask": (ch, cw) int64,
-         "size": (2,) stage size, "box": (4,) top, left, height, width,
-         "coarse": (classes, ch, cw)          # with coarse maps: stage 0's window
-         "scene0": (C_in, h0, w0),            # without: the scene at scales[0]
-         "contexts": [(C_in, r*ch, r*cw) per ratio]}   # multi-context backbones only
-
-    With ``coarse`` (``magseg.training.coarse.CoarseMaps``: the frozen backbone's stage-0
-    probabilities of every scene, computed once per phase) an item carries its window of
-    them; without, the whole scene at ``scales[0]``, for the loop to run stage 0 on.
+    The backbone is not run here (it runs batched, in the training loop): an item is a
+    ``RefinerItem``, the window's fine view, mask and place, and its coarse view: with
+    ``coarse`` (``magseg.training.coarse.CoarseMaps``: the frozen backbone's stage-0
+    probabilities of every scene, computed once per phase) its window of them; without,
+    the whole scene at ``scales[0]``, for the loop to run stage 0 on.
     """
 
     phase = REFINER
 
     def __init__(self, scenes: list[Scene], config: Config, length: int, seed: int,
                  ratios: tuple[float, ...] = (), cache: SceneCache | None = None,
-                 coarse: Any = None) -> None:
+                 coarse: CoarseMaps | None = None) -> None:
         if len(config.pyramid.scales) < 2:
             raise ConfigError("the refiner needs at least two pyramid.scales (coarse and fine)")
         super().__init__(scenes, config, length, seed, ratios, cache)
         self.coarse = coarse
 
-    def _item(self, index: int | tuple[int, int]) -> dict[str, Tensor]:
+    def _item(self, index: int | tuple[int, int]) -> RefinerItem:
         rng = self._rng(index)
         pyramid = self.config.pyramid
         source, scene = self._scene(rng)
@@ -320,30 +313,13 @@ class RefinerSamples(_Samples):
         window = training_window(self.config)
         at = CropBox.whole(Rect(grown.top, grown.left, *window))
         fine, contexts = stage_crop(scene, size, at, self.config, self.ratios, window)
-        item = {
-            "fine": fine,
-            "offset": torch.tensor([dy, dx]),
-            "mask": stage_mask(scene, size, box, pyramid.crop),
-            "size": torch.tensor(size),
-            "box": torch.tensor([box.window.top, box.window.left, box.window.height, box.window.width]),
-        }
-        if self.coarse is not None:
-            item["coarse"] = self.coarse.window(source, size, box)
-        else:
-            item["scene0"] = stage_image(scene, sizes[0], self.config)
-        if contexts:
-            item["contexts"] = contexts
-        return item
-
-
-def collate_refiner(items: list[dict[str, Tensor]]) -> dict[str, Any]:
-    """Stack what has one shape; keep ``scene0`` (sizes differ between scenes) as a list."""
-    out: dict[str, Any] = {}
-    if "scene0" in items[0]:
-        out["scene0"] = [item["scene0"] for item in items]
-    for key in ("fine", "offset", "mask", "size", "box", "coarse"):
-        if key in items[0]:
-            out[key] = torch.stack([item[key] for item in items])
-    if "contexts" in items[0]:  # one batch per ratio
-        out["contexts"] = [torch.stack(group) for group in zip(*(item["contexts"] for item in items))]
-    return out
+        return RefinerItem(
+            fine=fine,
+            offset=torch.tensor([dy, dx]),
+            mask=stage_mask(scene, size, box, pyramid.crop),
+            size=torch.tensor(size),
+            box=torch.tensor([box.window.top, box.window.left, box.window.height, box.window.width]),
+            coarse=None if self.coarse is None else self.coarse.window(source, size, box),
+            scene0=stage_image(scene, sizes[0], self.config) if self.coarse is None else None,
+            contexts=contexts or None,
+        )

@@ -6,20 +6,35 @@ score is taken (mIoU of the summed matrix, never a mean of per-image scores).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from magseg.config import Config
+from magseg.config import Config, EngineConfig
 from magseg.data.scenes import Scene
 from magseg.engine.stages import segment
 from magseg.evaluation.metrics import ConfusionMatrix
 from magseg.training.choice import GRID, window_matrices
 from magseg.training.distributed import World, all_sum
 from magseg.training.samples import load_scene
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The scores of one validation (``magseg.evaluation.metrics.scores`` of the confusion
+    matrix summed over all ranks; NaN where undefined)."""
+
+    miou: float
+    iou: list[float]  # per class
+    accuracy: float
+    fwiou: float
+    pixels: int  # labelled pixels counted
+    matrix: Tensor  # (C, C) int64, rows ground truth
+    # With ``windows``: (scenes, windows, C, C) int64, one matrix per window of each scene
+    # (magseg.training.choice); else None.
+    units: Tensor | None = None
 
 
 def _bare(module: nn.Module | None) -> nn.Module | None:
@@ -32,18 +47,16 @@ def validate(
     backbone: nn.Module,
     refiner: nn.Module | None,
     world: World,
-    device: torch.device,
+    engine: EngineConfig,
     on_scene: Callable[[], None] | None = None,
     windows: bool = False,
-) -> dict[str, Any]:
-    """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them.
+) -> Validation:
+    """Segment ``scenes`` (this rank takes every ``world.size``-th) and score them, as
+    ``engine`` says (its device and resolved precision: ``magseg.engine.precision.
+    resolved_engine``; the rest of the pyramid and refinement are ``config``'s).
 
-    Returns:
-        ``magseg.evaluation.metrics.scores`` of the confusion matrix summed over all ranks, with
-        ``matrix`` (a nested list) added; with ``windows``, also ``units``: ``(scenes,
-        windows, C, C)`` one matrix per window of each scene (``magseg.training.choice``).
+    ``windows``: also one confusion matrix per window of each scene (``Validation.units``).
     """
-    engine = dataclasses.replace(config.engine, device=str(device))
     backbone, refiner = _bare(backbone), _bare(refiner)
     modes = [(m, m.training) for m in (backbone, refiner) if m is not None]
     for module, _ in modes:
@@ -65,8 +78,7 @@ def validate(
         for module, mode in modes:
             module.train(mode)
     all_sum(world, matrix.matrix)
-    out = matrix.scores()
-    out["matrix"] = matrix.matrix.tolist()
-    if units is not None:
-        out["units"] = all_sum(world, units)
-    return out
+    scores = matrix.scores()
+    return Validation(miou=scores["miou"], iou=scores["iou"], accuracy=scores["accuracy"],
+                      fwiou=scores["fwiou"], pixels=scores["pixels"], matrix=matrix.matrix,
+                      units=None if units is None else all_sum(world, units))
