@@ -16,8 +16,14 @@ recorded digest is rebuilt from the torch model, never trusted; so is one the ru
 load. ``model.json`` records the backbone's input multiple, so a warm cache needs no torch
 model at all: a run from it imports neither segmentation-models-pytorch nor timm.
 
-The refiner stays in torch: it is a few small convolutions on the picked crops, and the
-copies in and out of a runtime would cost about what it saves.
+The refiner stays in torch. It is a tenth of the engine's time (the demo model, one thread),
+and its exported graph (``export_refiner_onnx``, which ``magseg export`` writes beside the
+backbone) ran slower in ONNX Runtime than torch's in-place ``Refiner.probs`` (1.7x, same
+crops; docs/runtimes.md#the-refiner).
+
+``quantize_int8`` quantises an exported graph to int8 (ONNX Runtime's static quantisation);
+magseg offers it nowhere, since it cost more than half a point of mIoU
+(docs/runtimes.md#reduced-precision; ``scripts/runtime_miou.py`` measures it).
 """
 
 from __future__ import annotations
