@@ -32,6 +32,7 @@ from magseg.engine.crf import CrfSink
 from magseg.engine.pyramid import crop_boxes
 from magseg.engine.stages import StageRun, run_stages
 from magseg.errors import MagsegError, OutputExistsError, RasterError, WriteError
+from magseg.geometry import Rect
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import atomic_writes, fresh_partial_path, remove_stale_partials
 from magseg.io.provenance import Provenance, output_tags
@@ -39,7 +40,6 @@ from magseg.run.clip import ClipSink, clip_stages
 from magseg.io.raster import (
     NODATA,
     VALUE_MAX,
-    PixelWindow,
     RasterReader,
     RasterWriter,
     convert_to_cog,
@@ -397,7 +397,7 @@ def _early_look(segmenter: Segmenter, reader: RasterReader, result: PredictResul
         return True
     height, width = reader.size
     step = max(1, (64 << 20) // max(1, width * reader.count * 8))  # rows per read: ~64 MB
-    return any(reader.read(PixelWindow(r, 0, min(step, height - r), width))[1].any()
+    return any(reader.read(Rect(r, 0, min(step, height - r), width))[1].any()
                for r in range(0, height, step))
 
 
