@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from magseg.cli.app import Command, app
 from magseg.cli.common import (
+    ADAPTIVE_MAX_CROPS,
+    ADAPTIVE_THRESHOLD,
     BATCH_SIZE,
+    DATA_ROOT,
     DEVICE,
     EXIT_FAILED,
+    OVERWRITE,
     QUIET,
     RAY_ADDRESS,
     REMOVED_ENGINE,
@@ -28,9 +34,19 @@ from magseg.cli.common import (
     load_model,
     log,
     out_dir_option,
-    overwrite_option,
     progress_bar,
+    refuse_positional_arguments,
+    removed_option,
 )
+from magseg.config import LAYOUTS
+
+if TYPE_CHECKING:
+    from magseg.cli.common import Model
+    from magseg.data.scenes import Scene
+    from magseg.evaluation.benchmark import BenchmarkResult, FailedScene, ImageRecord, Method
+
+# --layout's choices: the layouts the config schema knows (magseg.config.LAYOUTS).
+Layout = Enum("Layout", {name: name for name in LAYOUTS}, type=str)  # type: ignore[misc]
 
 
 def _fractions(text: str | None) -> tuple[float, ...]:
@@ -48,18 +64,14 @@ def _fractions(text: str | None) -> tuple[float, ...]:
 
 # benchmark's own options (the shared ones come from magseg.cli.common).
 CHECKPOINT = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint written by `magseg train`.")
-DATA_ROOT = typer.Argument(
-    ..., metavar="DATA_ROOT", help="Dataset root (DeepGlobe layout, or GeoTIFF pairs: images/, masks/).")
 OUT_DIR = out_dir_option("report.json, report.md and the plots")
 SPLIT = typer.Option("test", metavar="SPLIT", help="Split to score: train, val, test, or a path to a list of ids.")
 LAYOUT = typer.Option(
-    None, metavar="deepglobe|geotiff", help="Data layout: deepglobe or geotiff; sets data.layout (default: the checkpoint's).")
-ADAPTIVE = typer.Option(
-    False, "--adaptive", help="Add an 'adaptive' row with the checkpoint's engine.adaptive settings.")
-ADAPTIVE_THRESHOLD = typer.Option(
-    None, metavar="X", help="Add an 'adaptive' row: skip crops whose mean coarse uncertainty is below this.")
-ADAPTIVE_MAX_CROPS = typer.Option(
-    None, metavar="N", help="Add an 'adaptive' row: run only the N most uncertain crops of each stage.")
+    None, metavar="|".join(LAYOUTS), help="Data layout; sets data.layout (default: the checkpoint's).")
+REMOVED_ADAPTIVE = removed_option(
+    "--adaptive", "--adaptive went away: the 'adaptive' row is scored whenever engine.adaptive is "
+    "set (by the checkpoint, --adaptive-threshold X, --adaptive-max-crops N or --set "
+    "engine.adaptive.*); drop --adaptive", flag=True)
 SWEEP_K = typer.Option(
     None, "--sweep-k", metavar="K,K,...", help="Also score progressive at each of these K (fractions of a crop's "
     "pixels), e.g. 0.5,0.75,1.0: one row 'progressive (K=...)' each.")
@@ -69,24 +81,28 @@ CRF = typer.Option(
 LIMIT = typer.Option(None, min=1, metavar="N", help="Only the first N scenes of the split.")
 SAMPLES = typer.Option(3, min=0, metavar="N", help="Sample panels to draw (the first N scenes).")
 WARMUP = typer.Option(True, help="Run every method once on the first scene, untimed, before measuring.")
-OVERWRITE = overwrite_option("an existing report in --out-dir")
 
 
-@app.command(cls=Command, epilog=examples([
-    "magseg benchmark runs/dg/best.ckpt /data/deepglobe --split test -o bench/",
-    "magseg benchmark runs/demo/best.ckpt data/synthetic -o bench/ --adaptive-max-crops 4 --limit 20",
-    "magseg benchmark model.ckpt data/ -o bench/ --set refine.points=0.5 --device cuda "
-    "--batch-size 16 | jq .methods",
-    "magseg benchmark model.ckpt /shared/data/ -o bench/ --runner ray --ray-address auto",
-]))
+@app.command(
+    cls=Command,
+    context_settings={"allow_extra_args": True},  # see refuse_positional_arguments
+    epilog=examples([
+        "magseg benchmark runs/dg/best.ckpt --data-root /data/deepglobe --split test -o bench/",
+        "magseg benchmark runs/demo/best.ckpt --data-root data/synthetic -o bench/ --adaptive-max-crops 4 "
+        "--limit 20",
+        "magseg benchmark model.ckpt --data-root data/ -o bench/ --set refine.points=0.5 --device cuda "
+        "--batch-size 16 | jq .methods",
+        "magseg benchmark model.ckpt --data-root /shared/data/ -o bench/ --runner ray --ray-address auto",
+    ]),
+)
 @handle_errors
 def benchmark(
+    ctx: typer.Context,
     checkpoint: Path = CHECKPOINT,
     data_root: Path = DATA_ROOT,
     out_dir: Path = OUT_DIR,
     split: str = SPLIT,
-    layout: str = LAYOUT,
-    adaptive: bool = ADAPTIVE,
+    layout: Layout = LAYOUT,
     adaptive_threshold: float = ADAPTIVE_THRESHOLD,
     adaptive_max_crops: int = ADAPTIVE_MAX_CROPS,
     sweep_k: str = SWEEP_K,
@@ -104,13 +120,15 @@ def benchmark(
     workers: int = WORKERS,
     quiet: bool = QUIET,
     old_engine: str = REMOVED_ENGINE,
+    old_adaptive: bool = REMOVED_ADAPTIVE,
 ) -> None:
     """Score the progressive method and its two baselines on a labelled split.
 
     Runs, with the checkpoint's backbone: the full progressive method (and its mIoU after
     every stage), downsample-only (the stage-0 view upsampled) and patch-only (finest scale,
-    crops stitched, no context); optionally the adaptive mode, and progressive and patch-only
-    with the CRF (--crf). Writes report.json, report.md, per_class_iou.png,
+    crops stitched, no context); the adaptive mode when engine.adaptive is set (the
+    checkpoint's, or --adaptive-threshold, --adaptive-max-crops), and progressive and
+    patch-only with the CRF (--crf). Writes report.json, report.md, per_class_iou.png,
     confusion_matrix.png, per_class_boundary_iou.png, miou_per_stage.png and samples/<id>.png
     to --out-dir. stdout: one JSON
     line per image, then one summary line. Exit 1 if any image failed (the others are still
@@ -118,11 +136,8 @@ def benchmark(
     start as asked (bad option, config, device or checkpoint). With --runner ray, the scenes
     run on Ray actors and their confusion matrices are summed.
     """
-    from magseg.errors import ConfigError
-
+    refuse_positional_arguments(ctx)
     check_checkpoint(checkpoint, settings)  # before torch is imported: a missing file costs nothing
-    if layout is not None and layout not in ("deepglobe", "geotiff"):
-        raise ConfigError(f"--layout {layout!r}: use deepglobe or geotiff")
     check_device(device)
 
     from magseg.data.scenes import list_scenes
@@ -132,11 +147,13 @@ def benchmark(
 
     check_outputs(out_dir, overwrite)
     model = load_model(runner, checkpoint, config_overrides(settings, {
-        "data.layout": layout, "engine.device": device, "engine.batch_size": batch_size,
-        "engine.tta": tta}), quiet)
+        "data.layout": None if layout is None else layout.value, "engine.device": device,
+        "engine.batch_size": batch_size, "engine.tta": tta,
+        "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops}),
+        quiet)
     config = model.config
-    wanted = _adaptive_row(config, checkpoint, adaptive, adaptive_threshold, adaptive_max_crops)
-    methods = benchmark_methods(config, wanted, _fractions(sweep_k), crf)
+    methods = benchmark_methods(config, _fractions(sweep_k), crf)
+    data_root = data_root if data_root is not None else Path(config.data.root or ".")
     scenes = list_scenes(config.data, split, data_root)[:limit]
     check_scenes(scenes, config)
     log(f"benchmark: {len(scenes)} scene(s) of split {split!r}, methods: "
@@ -151,21 +168,22 @@ def benchmark(
     _summarise(report, out_dir, failures, quiet)
 
 
-def _score(model, scenes, methods, *, samples: int, warmup: bool, workers: int | None,
-           address: str | None, quiet: bool):
+def _score(model: Model, scenes: list[Scene], methods: list[Method], *, samples: int, warmup: bool,
+           workers: int | None, address: str | None, quiet: bool) -> tuple[BenchmarkResult, list[str]]:
     """Run ``methods`` on ``scenes`` where the runner puts them (``workers``, ``address``:
-    --workers, --ray-address); one NDJSON line per image. Returns the BenchmarkResult and the ids of the failed images."""
-    from magseg.evaluation.benchmark import run_benchmark
+    --workers, --ray-address); one NDJSON line per image. Returns the BenchmarkResult and the
+    ids of the failed images."""
+    from magseg.run.benchmark import run_benchmark
 
     failures: list[str] = []
 
-    def on_failure(scene, error: str) -> None:
-        failures.append(scene.id)
-        log(f"magseg: error: {error}")
+    def on_failure(failed: FailedScene) -> None:
+        failures.append(failed.id)
+        log(f"magseg: error: {failed.error}")
 
     with model.pool(workers, address, quiet) as pool, \
             progress_bar(len(scenes), "benchmark", quiet, unit="scene") as bar:
-        def on_image(record) -> None:
+        def on_image(record: ImageRecord) -> None:
             bar.update(1)
             emit({"id": record.id, "size": list(record.size), "methods": record.methods})
 
@@ -173,23 +191,6 @@ def _score(model, scenes, methods, *, samples: int, warmup: bool, workers: int |
                                warmup=warmup, checkpoint=model.checkpoint, on_image=on_image,
                                on_failure=on_failure)
     return result, failures
-
-
-def _adaptive_row(config, checkpoint: Path, adaptive: bool, threshold: float | None,
-                  max_crops: int | None):
-    """The engine.adaptive settings of the 'adaptive' row, or None for no such row."""
-    from magseg.errors import ConfigError
-
-    if threshold is not None or max_crops is not None:
-        # Through the config schema, so these flags are checked as --set values are.
-        return config.override({"engine.adaptive.threshold": threshold,
-                                "engine.adaptive.max_crops": max_crops}).engine.adaptive
-    if not adaptive:
-        return None
-    if not config.engine.adaptive.enabled:
-        raise ConfigError(f"--adaptive: the checkpoint {checkpoint} sets no engine.adaptive; give "
-                          "--adaptive-threshold and/or --adaptive-max-crops")
-    return config.engine.adaptive
 
 
 def _summarise(report: dict, out_dir: Path, failures: list[str], quiet: bool) -> None:

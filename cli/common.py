@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from magseg.errors import CheckpointError, ConfigError, MagsegError
 from magseg.io.sources import is_virtual, source_key
+
+if TYPE_CHECKING:
+    from magseg.run.pools import Pool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -229,17 +232,35 @@ WORKERS = typer.Option(
     help="With --runner ray: number of actors (default: one per CPU).")
 
 
+OVERWRITE = typer.Option(
+    False, "--overwrite",
+    help="Replace outputs that already exist, whoever made them. Without it: predict and "
+    "vectorize keep the outputs already made for the same input and model (a re-run resumes) "
+    "and fail an input whose outputs are another's; train, benchmark, export and suggest stop "
+    "before any work (exit 1).")
+# Adaptive mode is an engine setting: these flags set its keys, as --set would, wherever they
+# are given. benchmark scores the run's engine.adaptive (when set) as a row of its own.
+ADAPTIVE_THRESHOLD = typer.Option(
+    None, "--adaptive-threshold", metavar="X",
+    help="Adaptive mode: skip crops whose mean coarse uncertainty is below X (0 to 1); sets "
+    "engine.adaptive.threshold (default: the checkpoint's). benchmark: an 'adaptive' row beside "
+    "the full method.")
+ADAPTIVE_MAX_CROPS = typer.Option(
+    None, "--adaptive-max-crops", metavar="N",
+    help="Adaptive mode: run only the N most uncertain crops of each stage; sets "
+    "engine.adaptive.max_crops (default: the checkpoint's). benchmark: an 'adaptive' row beside "
+    "the full method.")
+DATA_ROOT = typer.Option(
+    None, "--data-root", metavar="DIR",
+    help="Dataset root holding the split files (DeepGlobe layout, or GeoTIFF pairs: images/, "
+    "masks/); default: data.root of the run's config, else the current directory.")
+
+
 def out_dir_option(holds: str, required: bool = True) -> Any:
     """``-o/--out-dir``: the directory a command writes into, created if missing. ``holds``
     says what goes there (and the default when not ``required``)."""
     return typer.Option(... if required else None, "--out-dir", "-o", metavar="DIR",
                         help=f"Directory (created if missing) for {holds}.")
-
-
-def overwrite_option(replaces: str) -> Any:
-    """``--overwrite``: a plain flag in every command (no ``--no-overwrite``: not replacing
-    is the default); ``replaces`` says what it replaces."""
-    return typer.Option(False, "--overwrite", help=f"Replace {replaces}.")
 
 
 def examples(commands: Sequence[str], after: Sequence[str] = ()) -> str:
@@ -259,20 +280,27 @@ def _refuse(message: str) -> Callable[[Any], Any]:
     return callback
 
 
-def removed_option(spelling: str, message: str) -> Any:
+def removed_option(spelling: str, message: str, flag: bool = False) -> Any:
     """A hidden option for a spelling that went away: given, the command stops with
-    ``message`` (which names what replaces it) and exit 2, before anything else runs."""
-    return typer.Option(None, spelling, hidden=True, is_eager=True, callback=_refuse(message))
+    ``message`` (which names what replaces it) and exit 2, before anything else runs.
+    ``flag``: the old spelling took no value (the command's parameter is then a ``bool``)."""
+    return typer.Option(False if flag else None, spelling, hidden=True, is_eager=True,
+                        callback=_refuse(message))
 
 
-def refuse_positional_overrides(ctx: typer.Context) -> None:
-    """Overrides are given with ``--set``: a ``section.key=value`` given on its own (the
-    command is declared with ``context_settings={"allow_extra_args": True}``, so click hands
-    it over in ``ctx.args``) stops the command with a message naming --set, exit 2."""
+def refuse_positional_arguments(ctx: typer.Context) -> None:
+    """A word given on its own where the command takes no more arguments (it is declared with
+    ``context_settings={"allow_extra_args": True}``, so click hands it over in ``ctx.args``)
+    is what an older command line put there: a ``section.key=value`` override (given with
+    --set) or a dataset root (given with --data-root). It stops the command with a message
+    naming that flag, exit 2."""
     if ctx.args:
         first = ctx.args[0]
-        fail(f"{first!r} is a positional argument; config overrides are given with --set "
-             f"(--set {first})", EXIT_USAGE)
+        if "=" in first:
+            fail(f"{first!r} is a positional argument; config overrides are given with --set "
+                 f"(--set {first})", EXIT_USAGE)
+        fail(f"{first!r} is a positional argument; the dataset root is given with --data-root "
+             f"(--data-root {first})", EXIT_USAGE)
 
 
 REMOVED_ENGINE = removed_option(
@@ -298,7 +326,7 @@ class Model:
     config: Any
     segmenter: Any | None
 
-    def pool(self, workers: int | None, address: str | None, quiet: bool) -> Any:
+    def pool(self, workers: int | None, address: str | None, quiet: bool) -> Pool:
         """Where the scenes run: a ``LocalPool`` on this process's Segmenter, or a
         ``ScenePool`` of Ray actors (``workers``, ``address``: ``--workers``, ``--ray-address``)."""
         from magseg.run.pools import LocalPool, ScenePool

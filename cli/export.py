@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from magseg.cli.app import Command, app
-from magseg.cli.common import QUIET, emit, examples, handle_errors, log, overwrite_option
+from magseg.cli.common import OVERWRITE, QUIET, emit, examples, handle_errors, log
 
 # export's own options.
 CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
@@ -16,7 +16,6 @@ OUTPUT = typer.Option(..., "--output", "-o", metavar="FILE", help="The model fil
 FORMAT = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
 INPUT = typer.Option(None, "--input", min=1, metavar="N", help="Input height and width N of the exported model "
                      "(default: the pyramid's input size, what the backbone sees at every stage).")
-OVERWRITE = overwrite_option("existing output files")
 
 
 @app.command(cls=Command, epilog=examples([

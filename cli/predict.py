@@ -15,11 +15,14 @@ from pathlib import Path
 import typer
 from magseg.cli.app import Command, app
 from magseg.cli.common import (
+    ADAPTIVE_MAX_CROPS,
+    ADAPTIVE_THRESHOLD,
     BATCH_SIZE,
     DEVICE,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    OVERWRITE,
     QUIET,
     RAY_ADDRESS,
     REMOVED_ENGINE,
@@ -39,7 +42,6 @@ from magseg.cli.common import (
     load_model,
     log,
     out_dir_option,
-    overwrite_option,
     progress_bar,
     removed_option,
 )
@@ -125,7 +127,6 @@ CREATION_OPTIONS = typer.Option(
     None, "--co", "-co", metavar="KEY=VALUE", help="GDAL creation option for the GeoTIFF outputs "
     "(the COG driver's with --cog), over magseg's defaults, e.g. --co COMPRESS=ZSTD (repeatable; "
     "-co, GDAL's spelling, too).")
-OVERWRITE = overwrite_option("existing outputs (default: skip them, so a re-run resumes)")
 PROBS = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8).")
 UNCERTAINTY = typer.Option(False, "--uncertainty", help="Also write 1 - certainty (uint8).")
 COG = typer.Option(False, "--cog", help="Cloud-optimised GeoTIFFs with overviews.")
@@ -153,12 +154,6 @@ NODATA = typer.Option(
 BANDS = typer.Option(
     None, "--bands", metavar="B,B,...", help="1-based input bands in the model's order, e.g. 4,3,2 "
     "(default: the checkpoint's data.bands).")
-ADAPTIVE_THRESHOLD = typer.Option(
-    None, "--adaptive-threshold", min=0, max=1, metavar="X", help="Adaptive mode: skip crops whose mean coarse "
-    "uncertainty is below this; sets engine.adaptive.threshold (default: the checkpoint's).")
-ADAPTIVE_MAX_CROPS = typer.Option(
-    None, "--adaptive-max-crops", min=0, metavar="N", help="Adaptive mode: run at most this many of the most "
-    "uncertain crops per stage; sets engine.adaptive.max_crops.")
 REMOVED_MARGIN = removed_option(
     "--margin", "predict runs the pyramid over the whole raster, so there are no windows and no "
     "margin; drop --margin")

@@ -12,19 +12,19 @@ from magseg.cli.common import (
     DEVICE,
     EXIT_FAILED,
     EXIT_OK,
+    OVERWRITE,
     QUIET,
     SETTINGS,
     TTA,
     check_device,
     config_overrides,
     emit,
+    examples,
     expand_inputs,
     handle_errors,
     load_model,
-    examples,
     log,
     out_dir_option,
-    overwrite_option,
 )
 
 # suggest's own options (the shared ones come from magseg.cli.common).
@@ -40,7 +40,6 @@ PREDICTIONS = typer.Option(
     None, "--predictions", metavar="DIR", help="Directory where `magseg predict --uncertainty` wrote <stem>.tif and "
     "<stem>_uncertainty.tif: reused when their provenance names this checkpoint (default: the "
     "GeoPackage's directory); otherwise predict runs into a scratch directory.")
-OVERWRITE = overwrite_option("an existing GeoPackage")
 
 SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 

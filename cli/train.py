@@ -10,8 +10,10 @@ from pathlib import Path
 import typer
 from magseg.cli.app import Command, app
 from magseg.cli.common import (
+    DATA_ROOT,
     DEVICE,
     EXIT_USAGE,
+    OVERWRITE,
     QUIET,
     SETTINGS,
     check_device,
@@ -21,16 +23,13 @@ from magseg.cli.common import (
     fail,
     handle_errors,
     out_dir_option,
-    overwrite_option,
     progress_bar,
-    refuse_positional_overrides,
+    refuse_positional_arguments,
     removed_option,
 )
 
 # train's own options (the shared ones come from magseg.cli.common).
 CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config (see configs/).")
-DATA_ROOT = typer.Option(
-    None, "--data-root", metavar="DIR", help="Dataset root with the split files (default: data.root of the config).")
 OUT_DIR = out_dir_option("best.ckpt, last.ckpt, train.log and config.yaml (default: runs/<config "
                          "name>)", required=False)
 PHASE = typer.Option(
@@ -39,7 +38,6 @@ EPOCHS = typer.Option(
     None, min=0, metavar="N", help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs.")
 RESUME = typer.Option(
     False, "--resume", help="Continue from <out-dir>/last.ckpt (model, optimizer, schedule, epoch, RNG).")
-OVERWRITE = overwrite_option("the checkpoints in --out-dir: start over")
 CACHE_DIR = typer.Option(
     None, "--cache-dir", metavar="DIR", help="Where decoded JPEG/PNG scenes and the refiner's coarse maps are "
     "cached (default: <out-dir>/cache); share one between runs on the same data to decode once.")
@@ -52,7 +50,7 @@ REMOVED_OUT = removed_option("--out", "--out is now --out-dir (-o), as in predic
 
 @app.command(
     cls=Command,
-    context_settings={"allow_extra_args": True},  # see refuse_positional_overrides
+    context_settings={"allow_extra_args": True},  # see refuse_positional_arguments
     epilog=examples([
         "magseg train --config configs/deepglobe.yaml --data-root /data/deepglobe -o runs/dg",
         "magseg train --config configs/pyramid256.yaml --data-root data/tiles -o runs/t "
@@ -98,7 +96,7 @@ def train(
     lacks, a checkpoint in --out-dir that is unreadable or does not match the config); 1 on
     bad data (a split file, image or mask).
     """
-    refuse_positional_overrides(ctx)
+    refuse_positional_arguments(ctx)
     check_device(device)
     cfg = _load_config(config, settings, phase, epochs, encoder_weights, device)  # needs no torch
 

@@ -10,6 +10,7 @@ from magseg.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    OVERWRITE,
     QUIET,
     emit,
     examples,
@@ -17,7 +18,6 @@ from magseg.cli.common import (
     fail,
     handle_errors,
     log,
-    overwrite_option,
 )
 from magseg.cli.predict import MIN_AREA, SIMPLIFY, VectorFormat
 
@@ -27,8 +27,6 @@ LABELS = typer.Argument(
 FORMAT = typer.Option(VectorFormat.gpkg, "--format", "-f", metavar="FORMAT", help="gpkg, fgb or geojson.")
 OUT_DIR = typer.Option(None, "--out-dir", "-o", file_okay=False, metavar="DIR",
                        help="Directory (created if missing) for the layers; default: beside each class map.")
-OVERWRITE = overwrite_option("a file in the way (a layer magseg made is replaced anyway when its "
-                             "class map or options differ, and kept when they do not)")
 
 
 @app.command(cls=Command, epilog=examples([
@@ -51,7 +49,11 @@ def vectorize(
     quiet: bool = QUIET,
 ) -> None:
     """Make polygons from class maps on disk, as predict's --vector does, without the model;
-    one JSON line per class map on stdout. Memory holds a strip of rows, not the map."""
+    one JSON line per class map on stdout. Memory holds a strip of rows, not the map.
+
+    A layer magseg made from the same class map with the same options is kept; one it made
+    otherwise is made again; any other file in the way fails that class map (--overwrite
+    replaces it)."""
     from magseg.errors import MagsegError
     from magseg.io import vector
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
@@ -304,6 +304,12 @@ class EngineConfig:
             raise ValueError(f"engine.device={self.device}: {exc}") from None
 
 
+# The dataset layouts magseg reads (``data.layout``; the files of each: magseg.data.scenes).
+# Written once: the schema checks against it and ``--layout`` offers it.
+Layout = Literal["deepglobe", "geotiff"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
 @dataclass(frozen=True, config=_STRICT)
 class DataConfig:
     """Where the data is and how pixels become model input.
@@ -316,7 +322,7 @@ class DataConfig:
     (refused, named with the file) or ``ignore`` (left out of the loss and the scores).
     """
 
-    layout: Literal["deepglobe", "geotiff"] = "deepglobe"
+    layout: Layout = "deepglobe"
     root: str | None = None
     bands: tuple[int, ...] | None = None
     mean: tuple[float, ...] | None = None

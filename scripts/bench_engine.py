@@ -55,6 +55,7 @@ from figures import report as report_figures  # noqa: E402
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
 from magseg.engine.precision import precision_context, resolve_precision  # noqa: E402
+from magseg.engine.runtime import RUNTIMES  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 # The /proc/cpuinfo flags that decide which precisions a CPU computes natively.
@@ -131,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", action="append", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest)")
     parser.add_argument("--runtime", action="append", default=None,
-                        choices=["torch", "onnxruntime", "openvino"],
+                        choices=list(RUNTIMES),
                         help="a backbone runtime to measure, repeatable (default: torch)")
     parser.add_argument("--methods", type=_methods, default=list(METHODS),
                         help=f"what to time each round, comma-separated (default: {','.join(METHODS)})")

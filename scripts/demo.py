@@ -128,8 +128,9 @@ def _run_steps(args: argparse.Namespace, dirs: _Dirs, steps: Steps) -> Path:
     train = [*magseg, "train", "-c", str(args.config), "--data-root", str(data), "--out-dir", str(run),
              "--overwrite", *(arg for item in overrides for arg in ("--set", item))]
     steps.run("train", train, stdout=out / "train.ndjson")
-    steps.run("benchmark", [*magseg, "benchmark", str(run / "best.ckpt"), str(data), "--split", "test",
-                            "--out-dir", str(dirs.bench), "--overwrite"], stdout=out / "benchmark.ndjson")
+    steps.run("benchmark", [*magseg, "benchmark", str(run / "best.ckpt"), "--data-root", str(data),
+                            "--split", "test", "--out-dir", str(dirs.bench), "--overwrite"],
+              stdout=out / "benchmark.ndjson")
 
     test_ids = (data / "test.txt").read_text().split()
     scene = dirs.pred / "input" / f"{test_ids[0]}.tif"

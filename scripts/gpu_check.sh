@@ -38,7 +38,7 @@ if [[ "$cuda" == 1 ]]; then
     ckpt="$out/demo/run/best.ckpt"
     for p in fp16 fp32; do
         step "demo benchmark on cuda at $p"
-        $magseg benchmark "$ckpt" "$out/demo/data" --split test --out-dir "$out/bench_$p" \
+        $magseg benchmark "$ckpt" --data-root "$out/demo/data" --split test --out-dir "$out/bench_$p" \
             --overwrite --quiet --device cuda --set "engine.precision=$p" \
             >"$out/bench_$p.ndjson" 2>>"$out/demo.log" || demo_rc=$?
     done

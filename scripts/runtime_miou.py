@@ -65,7 +65,7 @@ class Int8Backbone(rt.RuntimeBackbone):
             fp32 = self.cache.valid_graph(size) or self.cache.build(size, self.torch_model())
             int8 = fp32.with_name(fp32.stem + ".int8.onnx")
             rt.quantize_int8(fp32, int8, self.calibrate(size))
-            self._runners[size] = rt._ort_runner(int8, self.threads)
+            self._runners[size] = self._load(int8)  # ONNX Runtime, fp32 session options
         return self._runners[size]
 
 

@@ -43,7 +43,7 @@ def _run(command, ckpt, tmp_path, data, raster, *extra):
     if command == "predict":
         return _invoke(["predict", ckpt, raster, "-o", tmp_path / "pred", *extra])
     if command == "benchmark":
-        return _invoke(["benchmark", ckpt, data, "-o", tmp_path / "bench", "--no-warmup", *extra])
+        return _invoke(["benchmark", ckpt, "--data-root", data, "-o", tmp_path / "bench", "--no-warmup", *extra])
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
     if ckpt is not None:
@@ -201,9 +201,10 @@ def test_train_out_that_is_a_file(tmp_path, data):
     ("--adaptive-threshold", "1.5", "engine.adaptive.threshold is a mean uncertainty in [0, 1]"),
     ("--adaptive-max-crops", "-3", "engine.adaptive.max_crops must be >= 0"),
 ])
-def test_benchmark_adaptive_flags_are_checked_by_the_schema(tmp_path, make_checkpoint, data, raster,
-                                                            option, value, message):
-    result = _run("benchmark", make_checkpoint(), tmp_path, data, raster, option, value)
+@pytest.mark.parametrize("command", ["predict", "benchmark"])
+def test_the_adaptive_flags_are_checked_by_the_schema(tmp_path, make_checkpoint, data, raster, command,
+                                                      option, value, message):
+    result = _run(command, make_checkpoint(), tmp_path, data, raster, option, value)
     _one_error_line(result, 2, message)
 
 
@@ -218,6 +219,14 @@ def test_set_values_are_checked_like_the_flags(tmp_path, make_checkpoint, data, 
                                                setting, message):
     result = _run(command, make_checkpoint(), tmp_path, data, raster, "--set", setting)
     _one_error_line(result, 2, message)
+
+
+def test_a_layout_that_is_not_one_is_named_with_the_layouts(tmp_path, make_checkpoint, data, raster):
+    from magseg.config import LAYOUTS
+
+    line = _one_error_line(_run("benchmark", make_checkpoint(), tmp_path, data, raster,
+                                "--layout", "tiles"), 2, "--layout", "'tiles'")
+    assert all(f"'{layout}'" in line for layout in LAYOUTS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,6 +250,14 @@ OLD_SPELLINGS = {
     "train --out": ("train", ["--out", "elsewhere"], "--out is now --out-dir (-o)"),
     "train positional override": ("train", ["train.epochs=3"],
                                   "config overrides are given with --set (--set train.epochs=3)"),
+    "train positional data root": ("train", ["data/"],
+                                   "the dataset root is given with --data-root (--data-root data/)"),
+    # benchmark took the data root as its second argument, as in `benchmark CKPT DATA -o OUT`.
+    "benchmark positional data root": ("benchmark", ["elsewhere/data"],
+                                       "the dataset root is given with --data-root "
+                                       "(--data-root elsewhere/data)"),
+    "benchmark --adaptive": ("benchmark", ["--adaptive"],
+                             "the 'adaptive' row is scored whenever engine.adaptive is set"),
 }
 
 

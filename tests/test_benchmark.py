@@ -14,12 +14,21 @@ import torch
 from magseg.cli.app import _register, app
 from typer.testing import CliRunner
 
-from magseg.config import RefineConfig
+from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
-from magseg.evaluation.benchmark import NO_REFINER, PATCH_CRF, PROGRESSIVE_CRF
+from magseg.evaluation.benchmark import (
+    BASELINES,
+    NO_REFINER,
+    PATCH_CRF,
+    PROGRESSIVE_CRF,
+    FailedScene,
+    benchmark_methods,
+)
 from magseg.evaluation.boundary import BoundaryTally
 from magseg.evaluation.metrics import ConfusionMatrix
+from magseg.run.benchmark import run_benchmark, score_scene
+from magseg.run.pools import Pool
 from magseg.segmenter import Segmenter
 
 _register()
@@ -54,7 +63,7 @@ def run(*args: str, warmup: bool = False):
 
 def test_report_has_every_field(ckpt, data, tmp_path):
     out = tmp_path / "bench"
-    result, lines = run(ckpt, data, "--out-dir", out, "--adaptive-max-crops", "2", "--samples", "2",
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out, "--adaptive-max-crops", "2", "--samples", "2",
                         warmup=True)
     assert result.exit_code == 0, result.output
     # NDJSON: one line per image, then one summary line.
@@ -128,7 +137,7 @@ def _global_scores(seg: Segmenter, scenes, **kwargs):
 
 def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
     out = tmp_path / "bench"
-    result, _ = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     seg = Segmenter.from_checkpoint(ckpt)
@@ -166,22 +175,32 @@ def test_scores_agree_with_the_engine_run_by_hand(ckpt, data, tmp_path):
 
 def test_existing_report_is_kept_without_overwrite(ckpt, data, tmp_path):
     out = tmp_path / "bench"
-    assert run(ckpt, data, "--out-dir", out, "--samples", "0", "--limit", "1")[0].exit_code == 0
+    assert run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0", "--limit", "1")[0].exit_code == 0
     before = (out / "report.json").read_bytes()
-    result, lines = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0")
     assert result.exit_code == 1
     assert "--overwrite" in result.output and lines == []
     assert (out / "report.json").read_bytes() == before
-    result, _ = run(ckpt, data, "--out-dir", out, "--samples", "0", "--overwrite")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0", "--overwrite")
     assert result.exit_code == 0
     assert json.loads((out / "report.json").read_text())["images"] == 2
+
+
+def test_without_data_root_the_checkpoints_data_root_is_scored(ckpt, data, tmp_path):
+    """--data-root's default is data.root of the run's config, as in train."""
+    out = tmp_path / "bench"
+    result, lines = run(ckpt, "--set", f"data.root={data}", "--out-dir", out, "--samples", "0",
+                        "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert [line["id"] for line in lines[:-1]] == ["000001"]
+    assert json.loads((out / "report.json").read_text())["data_root"] == str(data)
 
 
 def test_split_naming_missing_images(ckpt, data, tmp_path):
     (data / "test.txt").write_text("000001\n000777\n000002\n")  # 000777: no such scene
     (data / "000002_mask.png").unlink()
     out = tmp_path / "bench"
-    result, lines = run(ckpt, data, "--out-dir", out)
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out)
     assert result.exit_code == 1
     assert "000777_sat.jpg" in result.output and "000002_mask.png" in result.output
     assert lines == [] and not out.exists()
@@ -191,7 +210,7 @@ def test_mask_of_the_wrong_size(ckpt, data, tmp_path):
     mask = data / "000002_mask.png"
     cv2.imwrite(str(mask), cv2.imread(str(mask))[:100])
     out = tmp_path / "bench"
-    result, lines = run(ckpt, data, "--out-dir", out)
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out)
     assert result.exit_code == 1
     assert "000002_mask.png" in result.output and "128x100" in result.output
     assert lines == [] and not (out / "report.json").exists()
@@ -201,7 +220,7 @@ def test_checkpoint_with_another_class_count(make_checkpoint, data, tmp_path):
     """tiny.yaml's 4 classes (black, yellow, white, blue) cannot read DeepGlobe's colours."""
     ckpt = make_checkpoint(name="four.ckpt")
     out = tmp_path / "bench"
-    result, lines = run(ckpt, data, "--out-dir", out)
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out)
     assert result.exit_code == 1
     assert "000001_mask.png" in result.output
     assert "4 classes" in result.output and "four.ckpt" in result.output
@@ -214,7 +233,7 @@ def test_one_bad_mask_mid_split_fails_only_that_image(ckpt, data, tmp_path):
     bgr[:8, :8] = (0, 0, 255)  # red: no DeepGlobe class
     cv2.imwrite(str(mask), bgr)
     out = tmp_path / "bench"
-    result, lines = run(ckpt, data, "--out-dir", out, "--samples", "0")
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0")
     assert result.exit_code == 1
     assert "000002_mask.png" in result.output and "(255, 0, 0)" in result.output
     assert [line.get("id") for line in lines[:-1]] == ["000001"]
@@ -245,8 +264,8 @@ def test_geotiff_pairs(ckpt, data, tmp_path):
             dst.write(mask[None])
     (root / "test.txt").write_text("\n".join(ids) + "\n")
 
-    a, _ = run(ckpt, data, "--out-dir", tmp_path / "a", "--samples", "0", "--limit", "1")
-    b, _ = run(ckpt, root, "--out-dir", tmp_path / "b", "--samples", "0", "--limit", "1",
+    a, _ = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "a", "--samples", "0", "--limit", "1")
+    b, _ = run(ckpt, "--data-root", root, "--out-dir", tmp_path / "b", "--samples", "0", "--limit", "1",
                "--layout", "geotiff")
     assert a.exit_code == 0 and b.exit_code == 0, b.output
     ra = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -256,14 +275,64 @@ def test_geotiff_pairs(ckpt, data, tmp_path):
         assert rb["methods"][name]["confusion_matrix"] == ra["methods"][name]["confusion_matrix"]
 
 
-def test_adaptive_needs_settings(ckpt, data, tmp_path):
-    result, _ = run(ckpt, data, "--out-dir", tmp_path / "b", "--adaptive")
-    assert result.exit_code == 2
-    assert "--adaptive-threshold" in result.output
+def test_the_adaptive_row_is_the_runs_engine_adaptive(tiny_config):
+    """As the TTA rows are the run's engine.tta: the 'adaptive' row is there exactly when the
+    run's engine.adaptive is set (by the checkpoint, --set or the --adaptive-* flags), and
+    every other row runs the full method."""
+    assert "adaptive" not in [m.name for m in benchmark_methods(tiny_config)]
+    config = tiny_config.override({"engine.adaptive.max_crops": 2})
+    methods = {m.name: m for m in benchmark_methods(config)}
+    assert methods["adaptive"].engine.adaptive == AdaptiveConfig(max_crops=2)
+    assert "max_crops=2" in methods["adaptive"].description
+    assert all(not m.engine.adaptive.enabled for name, m in methods.items() if name != "adaptive")
+
+
+def test_every_baseline_is_a_row(tiny_config):
+    assert set(BASELINES) <= {m.name for m in benchmark_methods(tiny_config)}
+
+
+class _LosingPool:
+    """A ``Pool`` that runs its tasks here but loses the one at ``lose``, as a Ray worker that
+    dies mid-scene does."""
+
+    def __init__(self, segmenter, lose: int) -> None:
+        self.segmenter, self.lose = segmenter, lose
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def map_unordered(self, fn, tasks, on_lost):
+        for index, task in enumerate(tasks):
+            yield index, (on_lost(task, "Ray worker died: killed") if index == self.lose
+                          else fn(self.segmenter, *task))
+
+
+def test_a_failed_or_lost_scene_comes_back_as_a_failed_scene(ckpt, data):
+    seg = Segmenter.from_checkpoint(ckpt)
+    scenes = list_scenes(seg.config.data, "test", data)
+    gone = dataclasses.replace(scenes[1], id="000009", image=data / "000009_sat.jpg")  # no such file
+    scenes = [scenes[0], gone, scenes[1]]
+    methods = benchmark_methods(seg.config)
+    pool = _LosingPool(seg, lose=2)
+    assert isinstance(pool, Pool)
+    seen = []
+    result = run_benchmark(pool, seg.config, scenes, methods, samples=0, warmup=False,
+                           on_failure=seen.append)
+    (unreadable, lost) = result.failed
+    assert unreadable.id == "000009" and "000009_sat.jpg" in unreadable.error
+    assert lost == FailedScene("000002", "Ray worker died: killed")
+    assert seen == result.failed
+    assert [r.id for r in result.images] == ["000001"]
+    assert result.tallies["progressive"].matrix.matrix.sum() == 128 * 128  # one scene scored
+    # A scene's own failure comes back from the task itself (a Ray worker returns it).
+    assert score_scene(seg, gone, methods, 1, False, False, None) == unreadable
 
 
 def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
-    result, lines = run(ckpt, data, "--out-dir", tmp_path / "bench", "--sweep-k", "0.5,1.0", "--samples", "0")
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "bench", "--sweep-k", "0.5,1.0", "--samples", "0")
     assert result.exit_code == 0, result.output
     methods = json.loads((tmp_path / "bench" / "report.json").read_text())["methods"]
     assert {"progressive (K=0.5)", "progressive (K=1.0)"} <= set(methods)
@@ -275,7 +344,7 @@ def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
 
 def test_crf_adds_progressive_and_patch_rows_with_the_crf(ckpt, data, tmp_path):
     out = tmp_path / "bench"
-    result, _ = run(ckpt, data, "--out-dir", out, "--crf", "--set", "refine.crf.iterations=2", "--samples", "0")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--crf", "--set", "refine.crf.iterations=2", "--samples", "0")
     assert result.exit_code == 0, result.output
     methods = json.loads((out / "report.json").read_text())["methods"]
     assert {PROGRESSIVE_CRF, PATCH_CRF} <= set(methods)
@@ -296,7 +365,7 @@ def test_crf_adds_progressive_and_patch_rows_with_the_crf(ckpt, data, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "1.5", "a,b", ","])
 def test_a_bad_sweep_k_is_a_usage_error(ckpt, data, tmp_path, value):
-    result, _ = run(ckpt, data, "--out-dir", tmp_path / "bench", "--sweep-k", value)
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "bench", "--sweep-k", value)
     assert result.exit_code == 2 and "--sweep-k" in result.output
 
 
@@ -320,6 +389,6 @@ def test_one_overall_bar_over_the_scenes(ckpt, data, tmp_path, monkeypatch):
             self.n += n
 
     monkeypatch.setattr(benchmark_cli, "progress_bar", Bar)
-    result, _ = run(ckpt, data, "--out-dir", tmp_path / "b", "--samples", "0")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "b", "--samples", "0")
     assert result.exit_code == 0, result.output
     assert [(b.desc, b.total, b.n) for b in bars] == [("benchmark", 2, 2)]  # scenes: an ETA

@@ -29,7 +29,7 @@ def _with_temperature(path, temperature):
 def test_ece_per_method_with_and_without_the_temperature(ckpt, data, tmp_path):  # noqa: F811
     hot = _with_temperature(ckpt, 0.5)
     out = tmp_path / "bench"
-    result, _ = run(hot, data, "--out-dir", out, "--samples", "0", "--set", "engine.precision=fp32")
+    result, _ = run(hot, "--data-root", data, "--out-dir", out, "--samples", "0", "--set", "engine.precision=fp32")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     seg = Segmenter.from_checkpoint(hot, ["engine.precision=fp32"])
@@ -55,7 +55,7 @@ def test_ece_per_method_with_and_without_the_temperature(ckpt, data, tmp_path): 
 
 def test_tta_rows_score_the_engine_with_tta(ckpt, data, tmp_path):  # noqa: F811
     out = tmp_path / "bench"
-    result, _ = run(ckpt, data, "--out-dir", out, "--samples", "0", "--tta", "flip",
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--samples", "0", "--tta", "flip",
                     "--set", "engine.precision=fp32")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -75,5 +75,5 @@ def test_tta_rows_score_the_engine_with_tta(ckpt, data, tmp_path):  # noqa: F811
 
 
 def test_a_bad_tta_is_a_usage_error(ckpt, data, tmp_path):  # noqa: F811
-    result, _ = run(ckpt, data, "--out-dir", tmp_path / "bench", "--tta", "rot")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "bench", "--tta", "rot")
     assert result.exit_code == 2 and "engine.tta" in result.output

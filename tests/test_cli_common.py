@@ -92,6 +92,10 @@ SHARED = {  # cli.common's definition -> the commands that take it
     "RAY_ADDRESS": ("predict", "benchmark"),
     "WORKERS": ("predict", "benchmark"),
     "REMOVED_ENGINE": ("predict", "benchmark"),
+    "OVERWRITE": ("train", "predict", "benchmark", "export", "vectorize", "suggest"),
+    "ADAPTIVE_THRESHOLD": ("predict", "benchmark"),
+    "ADAPTIVE_MAX_CROPS": ("predict", "benchmark"),
+    "DATA_ROOT": ("train", "benchmark"),
 }
 
 
@@ -129,9 +133,10 @@ def test_out_dir_is_the_same_flag_in_every_command():
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", ["--set", "-o, --out-dir", "--device", "--quiet"]),
+    ("train", ["--set", "-o, --out-dir", "--device", "--quiet", "--data-root"]),
     ("predict", ["--set", "-o, --out-dir", "--device", "--quiet", "--runner", "--workers", "--batch-size"]),
-    ("benchmark", ["--set", "-o, --out-dir", "--device", "--quiet", "--runner", "--workers", "--batch-size"]),
+    ("benchmark", ["--set", "-o, --out-dir", "--device", "--quiet", "--runner", "--workers", "--batch-size",
+                   "--data-root"]),
 ])
 def test_help_lists_the_shared_flags_and_hides_the_old_ones(command, flags):
     from magseg.cli.app import _register, app
@@ -142,7 +147,7 @@ def test_help_lists_the_shared_flags_and_hides_the_old_ones(command, flags):
     assert result.exit_code == 0, result.output
     for flag in flags:
         assert flag in result.stdout, (command, flag)
-    for old in ("--engine", "--margin", "--out "):
+    for old in ("--engine", "--margin", "--out ", "--adaptive "):
         assert old not in result.stdout, (command, old)
 
 
@@ -157,3 +162,36 @@ def test_flags_become_overrides_after_set_so_a_flag_wins():
     assert items == ["engine.batch_size=2", "refine.points=0.5", "engine.batch_size=7"]
     config = load_config(CONFIGS / "tiny.yaml", items)
     assert config.engine.batch_size == 7 and config.refine.points == 0.5
+
+
+@pytest.mark.parametrize("flags, keys", [
+    (["--adaptive-threshold", "0.2"], ["engine.adaptive.threshold=0.2"]),
+    (["--adaptive-max-crops", "3"], ["engine.adaptive.max_crops=3"]),
+    (["--tta", "flip", "--batch-size", "2"], ["engine.batch_size=2", "engine.tta=flip"]),
+])
+def test_a_shared_flag_sets_the_same_config_keys_in_every_command(flags, keys, make_checkpoint,
+                                                                   tmp_path, monkeypatch):
+    """What a shared flag means is the config override it becomes: the same in predict and
+    benchmark (benchmark then scores what the run's config says: an 'adaptive' row, TTA rows)."""
+    from magseg.cli import benchmark, predict
+    from typer.testing import CliRunner
+
+    from magseg.cli.app import app
+
+    ckpt = str(make_checkpoint())
+    seen = {}
+
+    def stop_at_the_model(command):
+        def load_model(runner, checkpoint, overrides, quiet=False):
+            seen[command] = sorted(o for o in overrides if not o.endswith("=None"))
+            raise typer.Exit(0)
+        return load_model
+
+    monkeypatch.setattr(predict, "load_model", stop_at_the_model("predict"))
+    monkeypatch.setattr(benchmark, "load_model", stop_at_the_model("benchmark"))
+    _commands()
+    for command in ("predict", "benchmark"):
+        where = [str(tmp_path / "a.tif")] if command == "predict" else ["--data-root", str(tmp_path)]
+        result = CliRunner().invoke(app, [command, ckpt, *where, "-o", str(tmp_path / command), *flags])
+        assert result.exit_code == 0, result.output
+    assert seen["predict"] == seen["benchmark"] == sorted(keys)

@@ -102,7 +102,7 @@ def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_pat
     cv2.imwrite(str(data / "000004_mask.png"), mask)
 
     def bench(out, *extra):
-        result = CliRunner().invoke(app, ["benchmark", str(ckpt), str(data), "--out-dir", str(out),
+        result = CliRunner().invoke(app, ["benchmark", str(ckpt), "--data-root", str(data), "--out-dir", str(out),
                                           "--no-warmup", "--quiet", *extra])
         return result, json.loads((out / "report.json").read_text())
 

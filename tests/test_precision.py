@@ -141,7 +141,7 @@ def test_benchmark_report_names_the_resolved_precision_and_the_cpu(tmp_path, mak
     write_dataset(root, {"train": 1, "test": 1}, SceneSpec(size=(128, 128)), seed=4)
     ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]})
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["benchmark", str(ckpt), str(root), "--out-dir", str(out),
+    result = CliRunner().invoke(app, ["benchmark", str(ckpt), "--data-root", str(root), "--out-dir", str(out),
                                       "--no-warmup", "--set", "engine.precision=bf16"])
     assert result.exit_code == 0, result.output
     env = json.loads((out / "report.json").read_text())["environment"]

@@ -243,6 +243,16 @@ def test_openvino_bf16_stays_near_fp32(warm, tmp_path):
     assert (result.labels == warm["reference"].labels).float().mean().item() >= 0.95
 
 
+def test_the_config_schema_offers_every_runtime_and_no_other():
+    """A runtime is named twice: its ``GRAPH_RUNTIMES`` entry here and ``engine.runtime``'s
+    values in the config schema (which cannot import the engine); this keeps them one list."""
+    from typing import get_args, get_type_hints
+
+    from magseg.config import EngineConfig
+
+    assert set(get_args(get_type_hints(EngineConfig)["runtime"])) == {"auto", *rt.RUNTIMES}
+
+
 @pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
 def test_openvino_reproduces_the_torch_engine(warm, tmp_path):
     from magseg.segmenter import Segmenter

@@ -124,7 +124,7 @@ def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpo
     data = tmp_path / "data"
     write_dataset(data, {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=4)
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["benchmark", str(ckpt), str(data), "--out-dir", str(out),
+    result = CliRunner().invoke(app, ["benchmark", str(ckpt), "--data-root", str(data), "--out-dir", str(out),
                                       "--samples", "0", "--no-warmup"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

@@ -53,7 +53,7 @@ def _predict(ckpt, raster, out, *extra):
 
 
 def _benchmark(ckpt, data, out, *extra):
-    return _invoke(["benchmark", ckpt, data, "-o", out, "--no-warmup", "--samples", "0", "-q", *extra])
+    return _invoke(["benchmark", ckpt, "--data-root", data, "-o", out, "--no-warmup", "--samples", "0", "-q", *extra])
 
 
 def _train(data, out, *extra):

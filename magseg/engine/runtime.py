@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,6 @@ from torch import Tensor, nn
 from magseg.errors import ConfigError
 from magseg.io.atomic import atomic_write
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
-# The Python module each runtime needs, and the extra that installs it.
-_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-_EXTRAS = {"onnxruntime": "magseg[onnx]", "openvino": "magseg[openvino]"}
 # Bumped whenever what export_onnx writes changes: older cache entries are then rebuilt.
 GRAPH_FORMAT = 1
 OPSET = 18
@@ -63,15 +60,14 @@ def installed(runtime: str) -> bool:
     exporter are (both extras bring it)."""
     if runtime == "torch":
         return True
-    return importlib.util.find_spec(_MODULES[runtime]) is not None and exporter_installed()
+    return importlib.util.find_spec(GRAPH_RUNTIMES[runtime].module) is not None and exporter_installed()
 
 
 def resolve_runtime(choice: str, device: torch.device, multi_context: bool = False) -> str:
     """The runtime ``engine.runtime=choice`` means for ``device``.
 
-    ``auto`` on a CPU: OpenVINO, else ONNX Runtime, else torch (fastest first: both ran
-    Unet-ResNet18 and FPN-ResNet50 in 0.6-0.7x torch eager's time, OpenVINO a little ahead,
-    docs/runtimes.md); on CUDA, and for multi-context backbones (FCtL, two inputs), torch.
+    ``auto`` on a CPU: the first installed of ``GRAPH_RUNTIMES`` (OpenVINO, else ONNX
+    Runtime), else torch; on CUDA, and for multi-context backbones (FCtL, two inputs), torch.
 
     Raises:
         ConfigError: an explicit runtime that is not installed, or cannot run this backbone
@@ -80,14 +76,15 @@ def resolve_runtime(choice: str, device: torch.device, multi_context: bool = Fal
     if choice == "auto":
         if device.type != "cpu" or multi_context:
             return "torch"
-        return next((r for r in ("openvino", "onnxruntime") if installed(r)), "torch")
+        return next((r for r in GRAPH_RUNTIMES if installed(r)), "torch")
     if choice == "torch":
         return choice
     if choice not in RUNTIMES:
-        raise ConfigError(f"engine.runtime={choice}: choose torch, onnxruntime, openvino or auto")
+        raise ConfigError(f"engine.runtime={choice}: choose {', '.join(RUNTIMES)} or auto")
     if not installed(choice):
-        raise ConfigError(f"engine.runtime={choice} needs {_MODULES[choice]}, onnx and onnxscript: "
-                          f"pip install '{_EXTRAS[choice]}', or use engine.runtime=torch")
+        graph_runtime = GRAPH_RUNTIMES[choice]
+        raise ConfigError(f"engine.runtime={choice} needs {graph_runtime.module}, onnx and onnxscript: "
+                          f"pip install '{graph_runtime.extra}', or use engine.runtime=torch")
     if device.type != "cpu":
         raise ConfigError(f"engine.runtime={choice} runs on the CPU here; with "
                           f"engine.device={device} use engine.runtime=torch (or auto)")
@@ -98,14 +95,12 @@ def resolve_runtime(choice: str, device: torch.device, multi_context: bool = Fal
 
 
 def runtime_precision(runtime: str, precision: str) -> str:
-    """The precision a runtime computes in, for the resolved ``precision``: ONNX Runtime's
-    CPU kernels are fp32; OpenVINO runs bf16 when asked for it (native on AVX512-BF16/AMX),
-    else fp32; torch runs what was asked."""
-    if runtime == "onnxruntime":
-        return "fp32"
-    if runtime == "openvino":
-        return "bf16" if precision == "bf16" else "fp32"
-    return precision
+    """The precision a runtime computes in, for the resolved ``precision``: torch runs what
+    was asked; a graph runtime runs it where it has the kernels (``Runtime.precisions``),
+    else fp32."""
+    if runtime == "torch":
+        return precision
+    return precision if precision in GRAPH_RUNTIMES[runtime].precisions else "fp32"
 
 
 def cache_root(configured: str | None = None) -> Path:
@@ -336,7 +331,8 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
                             calibration_cache_path=Path(scratch) / "calibration")
 
 
-def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def _ort_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime's CPU session (its kernels are fp32 whatever ``precision`` asks)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -364,8 +360,37 @@ def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.n
     return run
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime that runs the backbone's exported graph on the CPU.
+
+    ``load(graph, threads, precision)`` reads the ``.onnx`` file and returns the runner,
+    ``(B, C_in, h, w)`` float32 array -> ``(B, classes, h, w)`` float32 logits; ``module``
+    is the package it imports (whether it is installed), ``extra`` the magseg extra that
+    installs it; ``precisions``: the precisions it computes in natively (others run fp32).
+    """
+
+    module: str
+    extra: str
+    load: Callable[[Path, int, str], Callable[[np.ndarray], np.ndarray]]
+    precisions: tuple[str, ...] = ()
+
+
+# The graph runtimes, in auto's order on a CPU: fastest first (both ran Unet-ResNet18 and
+# FPN-ResNet50 in 0.6-0.7x torch eager's time, OpenVINO a little ahead: docs/runtimes.md).
+# ONNX Runtime's CPU kernels are fp32; OpenVINO runs bf16 when asked (native on
+# AVX512-BF16/AMX).
+GRAPH_RUNTIMES: dict[str, Runtime] = {
+    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",)),
+    "onnxruntime": Runtime("onnxruntime", "magseg[onnx]", _ort_runner),
+}
+# What engine.runtime may name (besides auto); the config schema lists the same.
+RUNTIMES = ("torch", *GRAPH_RUNTIMES)
+
+
 class RuntimeBackbone(nn.Module):
-    """A backbone run by ONNX Runtime or OpenVINO from its cached exported graph.
+    """A backbone run by a graph runtime (``GRAPH_RUNTIMES``: ONNX Runtime, OpenVINO) from
+    its cached exported graph.
 
     ``backbone(x)``: ``x`` ``(B, C_in, h, w)`` float -> ``(B, classes, h, w)`` float32 logits,
     as the torch module would return them. A graph per ``(h, w)`` is loaded on first use,
@@ -400,9 +425,7 @@ class RuntimeBackbone(nn.Module):
         return multiple
 
     def _load(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
-        if self.runtime == "onnxruntime":
-            return _ort_runner(path, self.threads)
-        return _openvino_runner(path, self.threads, self.precision)
+        return GRAPH_RUNTIMES[self.runtime].load(path, self.threads, self.precision)
 
     def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
         """The loaded graph for inputs of ``size``: from the cache if it checks out, else

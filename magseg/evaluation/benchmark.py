@@ -10,7 +10,7 @@ different pyramid, so the comparison isolates what the pyramid and the refiner c
   enables the refiner: otherwise it would repeat ``progressive``).
 - ``downsample``: ``pyramid.downsample_only()``: the stage-0 view of the whole scene, upsampled.
 - ``patch``: ``pyramid.patch_only()``: the finest scale alone, crops stitched, no context.
-- ``adaptive`` (when asked): the progressive method with ``engine.adaptive`` set.
+- ``adaptive`` (when the run's ``engine.adaptive`` is set): the progressive method with it.
 - ``progressive + TTA <mode>``, ``patch + TTA <mode>`` (with ``engine.tta``): those methods
   with every crop's probabilities averaged over the transforms (magseg.engine.tta); the
   other rows run without.
@@ -22,6 +22,9 @@ Scores come from one confusion matrix per method summed over the split (the Deep
 convention; see magseg.evaluation.metrics). Time is the wall time of the engine call per image (the
 image is read and normalised once, outside the timing); memory is the process's peak
 resident set size during a method's engine calls (see ``PeakMemory``).
+
+This module scores one scene (``evaluate_scene``) and merges scenes into per-method tallies
+(``add_scene``); the loop over a split's scenes, wherever they run, is ``magseg.run.benchmark``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import dataclasses
 import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from magseg.engine.crf import check_crf
 from magseg.engine.pyramid import resize
 from magseg.engine.stages import SegmentationResult
 from magseg.engine.tta import passes_per_crop
-from magseg.errors import DataError, MagsegError
+from magseg.errors import DataError
 from magseg.evaluation.boundary import BoundaryTally, boundary_counts
 from magseg.evaluation.calibration import (
     ReliabilityBins,
@@ -58,6 +61,9 @@ from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_line
 from magseg.segmenter import Segmenter
 
 NO_REFINER = "progressive, no refiner"
+# The single-scale baselines the progressive method is measured against: report.json's
+# margins_miou_points holds progressive_minus_<name> for each.
+BASELINES = ("downsample", "patch")
 PROGRESSIVE_CRF, PATCH_CRF = "progressive + CRF", "patch + CRF"
 
 
@@ -79,11 +85,11 @@ class Method:
         return len(self.pyramid.scales) > 1
 
 
-def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
-                      sweep_k: Sequence[float] = (), crf: bool = False) -> list[Method]:
-    """The methods to compare for ``config``: progressive, downsample, patch (+ adaptive,
-    + ``progressive (K=k)`` for each k of ``sweep_k``, + ``progressive + CRF`` and
-    ``patch + CRF`` with ``crf``: the config's ``refine.crf`` switched on)."""
+def benchmark_methods(config: Config, sweep_k: Sequence[float] = (), crf: bool = False) -> list[Method]:
+    """The methods to compare for ``config``: progressive, downsample, patch (+
+    ``progressive (K=k)`` for each k of ``sweep_k``, + ``progressive + CRF`` and
+    ``patch + CRF`` with ``crf``: the config's ``refine.crf`` switched on; + adaptive when
+    ``engine.adaptive`` is set, + the TTA rows when ``engine.tta`` is)."""
     full = dataclasses.replace(config.engine, adaptive=AdaptiveConfig(), tta="none")
     p = config.pyramid
     sizes = " -> ".join(f"{h}x{w}" for h, w in p.scales)
@@ -104,7 +110,8 @@ def benchmark_methods(config: Config, adaptive: AdaptiveConfig | None = None,
                               dataclasses.replace(config.refine, points=k), full))
     if crf:
         methods += _crf_methods(config, full)
-    if adaptive is not None and adaptive.enabled:
+    adaptive = config.engine.adaptive
+    if adaptive.enabled:
         methods.append(
             Method("adaptive", f"progressive, adaptive (threshold={adaptive.threshold}, "
                    f"max_crops={adaptive.max_crops})", p, config.refine,
@@ -264,14 +271,24 @@ class ImageRecord:
     methods: dict[str, dict[str, float]]
 
 
+@dataclass(frozen=True)
+class FailedScene:
+    """A scene of the split that was not scored: its id and why (it could not be read or
+    scored, or its worker was lost). The report lists these under ``failed``."""
+
+    id: str
+    error: str
+
+
 @dataclass
 class BenchmarkResult:
-    """The outcome of ``run_benchmark``."""
+    """A benchmark over a split (``magseg.run.benchmark.run_benchmark``): the tallies of the
+    scored scenes, their per-image records and samples, and the scenes that failed."""
 
     config: Config
     tallies: dict[str, MethodTally]
     images: list[ImageRecord]
-    failed: list[dict[str, str]]
+    failed: list[FailedScene]
     samples: list[Sample]
 
 
@@ -297,7 +314,14 @@ def check_scenes(scenes: Sequence[Scene], config: Config) -> None:
         raise DataError(f"{len(bad)} scene(s) of the split are not usable: " + "; ".join(bad[:5]) + more)
 
 
-def _read(scene: Scene, config: Config, checkpoint: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+def read_labelled(scene: Scene, config: Config,
+                  checkpoint: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A scene's image ``(C, H, W)`` and mask ``(H, W)`` of class ids, for scoring.
+
+    Raises:
+        DataError: the scene cannot be read, its mask does not fit the model's classes
+            (named with ``checkpoint``), or it has no mask.
+    """
     try:
         image, mask = read_scene(scene, config)
     except DataError as exc:
@@ -398,7 +422,7 @@ def evaluate_scene(
     """
     config = segmenter.config
     in_mean = [c.in_mean for c in config.classes]
-    image, mask = _read(scene, config, checkpoint)
+    image, mask = read_labelled(scene, config, checkpoint)
     size = tuple(mask.shape)
     target = torch.from_numpy(mask)
     x = segmenter.normalize(image)
@@ -511,17 +535,6 @@ def _sample(scene_id: str, image: np.ndarray, target: Tensor, shown: tuple[int, 
     )
 
 
-def evaluate_or_fail(segmenter: Segmenter, scene: Scene, methods: Sequence[Method], index: int,
-                     sample: bool, warmup: bool, checkpoint: str | None) -> SceneOutcome | dict[str, str]:
-    """``evaluate_scene`` for one scene of a batch (e.g. on a Ray worker): a scene that
-    cannot be read or scored comes back as ``{"id", "error"}`` instead of raising."""
-    try:
-        return evaluate_scene(segmenter, scene, methods, index, sample=sample, warmup=warmup,
-                              checkpoint=checkpoint)
-    except MagsegError as exc:
-        return {"id": scene.id, "error": str(exc)}
-
-
 def new_tallies(config: Config, methods: Sequence[Method]) -> dict[str, MethodTally]:
     """Empty per-method tallies to ``add_scene`` into."""
     in_mean = [c.in_mean for c in config.classes]
@@ -566,62 +579,6 @@ def _add_seams(tally: MethodTally, seams: list[SeamTally]) -> None:
         if len(tally.seams) <= k:
             tally.seams.append(SeamTally())
         tally.seams[k].merge(seam)
-
-
-def run_benchmark(
-    pool: Any,
-    config: Config,
-    scenes: Sequence[Scene],
-    methods: Sequence[Method],
-    *,
-    samples: int = 3,
-    warmup: bool = True,
-    checkpoint: str | Path | None = None,
-    on_image: Callable[[ImageRecord], None] | None = None,
-    on_failure: Callable[[Scene, str], None] | None = None,
-) -> BenchmarkResult:
-    """Run every method on every scene and score them.
-
-    ``pool`` runs the scenes: ``magseg.run.pools.LocalPool`` in this process, or a
-    ``ScenePool`` of Ray workers. Confusion matrices come back per scene and are summed
-    here in scene order, so the report does not depend on which worker finished first.
-
-    The first scene is read before anything else, so a dataset that does not fit the model
-    (other classes, other band count) fails at once. A scene that fails later is recorded
-    in ``failed`` (and ``on_failure`` is called) and the others go on.
-
-    Args:
-        samples: how many scenes (the first ones) to keep for sample panels.
-        warmup: run every method once, untimed, before measuring (once per worker).
-        checkpoint: named in errors about the data not fitting the model.
-        on_image: called after each scene with its per-image record.
-    Raises:
-        DataError: the first scene cannot be read or does not fit the model.
-    """
-    if not scenes:
-        raise DataError("no scenes to benchmark")
-    _read(scenes[0], config, checkpoint)  # fail fast, before any work on the data
-    name = None if checkpoint is None else str(checkpoint)
-    tasks = [(scene, list(methods), i, i < samples, warmup, name) for i, scene in enumerate(scenes)]
-    outcomes: dict[int, SceneOutcome] = {}
-    failed: list[dict[str, str]] = []
-    for index, outcome in pool.map_unordered(
-        evaluate_or_fail, tasks, lambda task, reason: {"id": task[0].id, "error": reason}
-    ):
-        if isinstance(outcome, dict):
-            failed.append(outcome)
-            if on_failure:
-                on_failure(scenes[index], outcome["error"])
-            continue
-        outcomes[index] = outcome
-        if on_image:
-            on_image(outcome.record)
-    tallies = new_tallies(config, methods)
-    for index in sorted(outcomes):
-        add_scene(tallies, outcomes[index], config)
-    ordered = [outcomes[i] for i in sorted(outcomes)]
-    return BenchmarkResult(config, tallies, [o.record for o in ordered], failed,
-                           [o.sample for o in ordered if o.sample is not None])
 
 
 # --------------------------------------------------------------------------- summaries

@@ -23,7 +23,14 @@ import torch
 from magseg.config import ClassSpec, Config
 from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
-from magseg.evaluation.benchmark import NO_REFINER, BenchmarkResult, Sample, defined, method_summary
+from magseg.evaluation.benchmark import (
+    BASELINES,
+    NO_REFINER,
+    BenchmarkResult,
+    Sample,
+    defined,
+    method_summary,
+)
 from magseg.evaluation.metrics import scores
 from magseg.evaluation.reliability import PLOT_RELIABILITY, calibration_markdown, reliability_figure
 from magseg.io.atomic import atomic_write
@@ -92,7 +99,7 @@ def build_report(
         "split": split,
         "layout": config.data.layout,
         "images": len(result.images),
-        "failed": result.failed,
+        "failed": [dataclasses.asdict(f) for f in result.failed],
         "complete": not result.failed,
         "classes": [{"id": c.id, "name": c.name, "in_mean": c.in_mean} for c in config.classes],
         "config": _config_summary(config),
@@ -133,7 +140,7 @@ def _margins(methods: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     if "progressive" not in methods:
         return {}
     return {f"progressive_minus_{base}": _points(methods["progressive"]["miou"], methods[base]["miou"])
-            for base in ("downsample", "patch") if base in methods}
+            for base in BASELINES if base in methods}
 
 
 def _refiner_gain(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

@@ -10,8 +10,8 @@ travels through the object store, so workers on other machines need no copy of i
 rasters a task reads and writes are paths, which need the same filesystem view on every
 machine (shared storage), as usual for a cluster.
 
-Both pools meet the ``Pool`` contract, so a caller has one code path for a run in this process
-(``LocalPool``) and one on Ray (``ScenePool``). Ray is an optional extra
+Both pools subclass the ``Pool`` contract (declared, so a type checker holds them to it), and
+a caller has one code path for a run in this process (``LocalPool``) and on Ray (``ScenePool``). Ray is an optional extra
 (``pip install 'magseg[ray]'``); only this module imports it.
 """
 
@@ -81,7 +81,7 @@ class SceneWorker:
         return fn(self.segmenter, *args)
 
 
-class LocalPool:
+class LocalPool(Pool):
     """A ``Pool`` in this process: the tasks run one after another, in order, on one
     Segmenter; none is ever lost, so ``on_lost`` is never called."""
 
@@ -101,7 +101,7 @@ class LocalPool:
             yield index, fn(self.segmenter, *task)
 
 
-class ScenePool:
+class ScenePool(Pool):
     """A ``Pool`` of Ray actors running ``fn(segmenter, *args)`` tasks, results as they finish.
 
     Args:
