@@ -296,7 +296,7 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
     activations whose ranges (min/max) are those ``windows`` produce. Atomic.
 
     ``windows``: calibration batches ``(B, C_in, h, w)`` float32, normalised as the model's
-    input (``magseg.export.calibration_windows`` cuts training windows as training does).
+    input (``scripts/runtime_miou.py`` cuts training windows as training does).
 
     Raises:
         ConfigError: no calibration window.
