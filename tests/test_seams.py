@@ -116,7 +116,7 @@ def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpo
     from typer.testing import CliRunner
 
     from magseg.data.scenes import list_scenes, read_scene
-    from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
     from magseg.segmenter import Segmenter
 
     _register()
@@ -203,7 +203,7 @@ def test_bench_margins_runs_each_checkpoints_settings_interleaved(make_checkpoin
     from pathlib import Path
 
     from magseg.data.scenes import list_scenes, read_scene
-    from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
     from magseg.evaluation.metrics import ConfusionMatrix
     from magseg.segmenter import Segmenter
 
