@@ -38,7 +38,9 @@ def export(
     The file carries its classes, colours, bands, normalisation, pyramid, K, magseg version
     and checkpoint digest as metadata, plus the keys QGIS's Deepness plugin reads
     (model_type, class_names, tiles_size, standardization_mean/std); a STAC MLM JSON
-    (<name>.mlm.json) is written beside it. stdout: one JSON line naming the files. Exit 2
+    (<name>.mlm.json) is written beside it, and the refiner, when the checkpoint has one
+    (<name>.refiner.onnx: fine and coarse crop probabilities in, refined probabilities out).
+    stdout: one JSON line naming the files. Exit 2
     when the checkpoint, format or input size cannot be exported; exit 1 when an output
     exists (--overwrite replaces it).
     """
@@ -47,4 +49,5 @@ def export(
     log(f"export: {checkpoint} -> {output} ({format})", quiet)
     result = export_model(checkpoint, output, fmt=format, input_size=input, overwrite=overwrite)
     emit({"files": [str(p) for p in result.files], "mlm": str(result.mlm),
+          "refiner": [str(p) for p in result.refiner],
           "input": [result.input_size, result.input_size], "format": format})

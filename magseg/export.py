@@ -15,17 +15,22 @@ pyramid's input size unless asked otherwise) to ``(B, classes, N, N)`` class pro
   first, so these are magseg's mean/std over 255.
 
 Beside it, ``<name>.mlm.json``: a STAC item with the machine-learning-model (MLM) extension
-describing the same input, normalisation, output and classes.
+describing the same input, normalisation, output and classes; and, when the checkpoint has
+a refiner, ``<name>.refiner.onnx`` (``.refiner.xml``/``.bin``): ``(fine, coarse)``, each
+``(B, classes, h, w)`` probabilities of the same crops (``h, w`` the pyramid's crop), to
+``(B, classes, h, w)`` refined probabilities, with its own metadata (``refiner_metadata``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +49,14 @@ TILES_OVERLAP_PERCENT = 10
 
 @dataclass(frozen=True)
 class Exported:
-    """What ``export_model`` wrote: the model file(s), the STAC MLM JSON, and the metadata."""
+    """What ``export_model`` wrote: the model file(s), the STAC MLM JSON, the metadata, and
+    the refiner's file(s) (empty without a refiner)."""
 
     files: list[Path]
     mlm: Path
     metadata: dict[str, str]
     input_size: int
+    refiner: list[Path] = dataclasses.field(default_factory=list)
 
 
 def export_paths(out: Path, fmt: str) -> tuple[list[Path], Path]:
@@ -60,6 +67,42 @@ def export_paths(out: Path, fmt: str) -> tuple[list[Path], Path]:
     else:
         files = [out]
     return files, out.with_name(out.stem + ".mlm.json")
+
+
+def refiner_paths(out: Path, fmt: str) -> list[Path]:
+    """The refiner's file(s) beside ``out``: ``<name>.refiner.onnx`` (``.refiner.xml`` and
+    ``.refiner.bin`` for OpenVINO)."""
+    stem = out.with_name(out.stem + ".refiner")
+    if fmt == "openvino":
+        return [stem.with_name(stem.name + ".xml"), stem.with_name(stem.name + ".bin")]
+    return [stem.with_name(stem.name + ".onnx")]
+
+
+def refiner_metadata(config: Config, backbone_file: Path, checkpoint_sha256: str) -> dict[str, Any]:
+    """The metadata of an exported refiner, as plain values: what goes in, what comes out,
+    and how magseg's engine uses it."""
+    from magseg import __version__
+
+    crop = list(config.pyramid.crop)
+    return {
+        "role": "refiner",
+        "inputs": {
+            "fine": f"(B, classes, {crop[0]}, {crop[1]}) float32: the backbone's probabilities "
+                    "of a stage's crops",
+            "coarse": f"(B, classes, {crop[0]}, {crop[1]}) float32: the previous stage's "
+                      "probabilities at the same crops, resized to the crop",
+        },
+        "output": "probabilities: (B, classes, h, w), softmax of the refined logits",
+        "usage": "magseg keeps these at the refine_points (K) fraction of each crop's pixels "
+                 "where the coarse map is least certain, and the coarse map elsewhere",
+        "backbone": backbone_file.name,
+        "classes": [{"id": c.id, "name": c.name} for c in config.classes],
+        "crop": crop,
+        "refine_points": config.refine.points,
+        "context_stride": config.refiner.context_stride,
+        "magseg_version": __version__,
+        "checkpoint_sha256": checkpoint_sha256,
+    }
 
 
 def model_metadata(config: Config, input_size: int, checkpoint_sha256: str) -> dict[str, Any]:
@@ -169,7 +212,8 @@ def _input_size(config: Config, requested: int | None, multiple: int) -> int:
 def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: str = "onnx",
                  input_size: int | None = None, overwrite: bool = False) -> Exported:
     """Export the checkpoint's backbone (probabilities out) to ``out`` with its metadata,
-    and the STAC MLM JSON beside it; every file written atomically.
+    the STAC MLM JSON beside it, and its refiner (when it has one) as
+    ``<name>.refiner.onnx``; every file written atomically.
 
     Raises:
         CheckpointError: the checkpoint cannot be read or does not fit its config.
@@ -178,9 +222,9 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
         OutputExistsError: an output exists and ``overwrite`` is false.
     """
     from magseg.engine.backbone import input_multiple
-    from magseg.engine.runtime import exporter_installed, export_onnx
+    from magseg.engine.runtime import exporter_installed, export_onnx, export_refiner_onnx
     from magseg.io.provenance import file_sha256
-    from magseg.segmenter import create_segmenter_model
+    from magseg.segmenter import create_refiner, create_segmenter_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose onnx or openvino")
@@ -195,7 +239,9 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
                           "magseg export writes single-input backbones only")
     out = Path(out)
     files, mlm_path = export_paths(out, fmt)
-    _refuse_existing([*files, mlm_path], overwrite)
+    with_refiner = config.refiner.enabled and ckpt.refiner is not None
+    refiner_files = refiner_paths(out, fmt) if with_refiner else []
+    _refuse_existing([*files, mlm_path, *refiner_files], overwrite)
     backbone = create_segmenter_model(config, pretrained=False)
     load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
     size = _input_size(config, input_size, input_multiple(backbone))
@@ -203,14 +249,53 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
     meta = model_metadata(config, size, digest)
     props = {key: json.dumps(value) for key, value in meta.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        export_onnx(backbone, out, config.model.in_channels, (size, size), softmax=True,
-                    metadata=props, output_name=OUTPUT_NAME)
-    else:
-        _export_openvino(backbone, files, config.model.in_channels, size, props)
+    channels = config.model.in_channels
+    _write_model(fmt, files, props, lambda path, metadata: export_onnx(
+        backbone, path, channels, (size, size), softmax=True, metadata=metadata,
+        output_name=OUTPUT_NAME))
+    if with_refiner:
+        refiner = create_refiner(config)
+        load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
+        refiner_props = {key: json.dumps(value)
+                         for key, value in refiner_metadata(config, files[0], digest).items()}
+        crop = tuple(config.pyramid.crop)
+        _write_model(fmt, refiner_files, refiner_props, lambda path, metadata: export_refiner_onnx(
+            refiner, path, config.num_classes, crop, metadata=metadata))
+    item = mlm_item(config, meta, files[0], fmt)
+    if refiner_files:
+        item["assets"]["refiner"] = {
+            "href": f"./{refiner_files[0].name}", "type": item["assets"]["model"]["type"],
+            "title": "refiner: (fine, coarse) probabilities of a crop -> refined probabilities",
+            "roles": ["data"]}
     with atomic_write(mlm_path) as tmp:
-        tmp.write_text(json.dumps(mlm_item(config, meta, files[0], fmt), indent=2) + "\n")
-    return Exported(files, mlm_path, props, size)
+        tmp.write_text(json.dumps(item, indent=2) + "\n")
+    return Exported(files, mlm_path, props, size, refiner_files)
+
+
+def _write_model(fmt: str, files: list[Path], props: dict[str, str],
+                 write_onnx: Callable[[Path, dict[str, str] | None], None]) -> None:
+    """``write_onnx(path, metadata)`` writes an ONNX file; for OpenVINO it is converted to
+    IR (fp32 weights, the metadata in the IR's ``rt_info`` under ``model_info``), the .xml
+    and .bin put in place together."""
+    if fmt == "onnx":
+        write_onnx(files[0], props)
+        return
+    import openvino as ov
+
+    xml, bin_ = files
+    scratch = Path(tempfile.mkdtemp(prefix=".magseg-export-", dir=xml.parent))
+    try:
+        onnx_path = scratch / "model.onnx"
+        write_onnx(onnx_path, None)
+        model = ov.convert_model(str(onnx_path))
+        for key, value in props.items():
+            model.set_rt_info(value, ["model_info", key])
+        ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
+        with atomic_writes({"xml": xml, "bin": bin_}) as tmp:
+            os.replace(scratch / "model.xml", tmp["xml"])
+            os.replace(scratch / "model.bin", tmp["bin"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _has(module: str) -> bool:
@@ -226,28 +311,3 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} exists; pass --overwrite to replace it, or "
                                 "choose another -o")
-
-
-def _export_openvino(backbone, files: list[Path], in_channels: int, size: int,
-                     props: dict[str, str]) -> None:
-    """ONNX first (the one exporter), converted to OpenVINO IR (fp32 weights, metadata in
-    the IR's ``rt_info`` under ``model_info``); the .xml and .bin put in place together."""
-    import openvino as ov
-
-    from magseg.engine.runtime import export_onnx
-
-    xml, bin_ = files
-    scratch = Path(tempfile.mkdtemp(prefix=".magseg-export-", dir=xml.parent))
-    try:
-        onnx_path = scratch / "model.onnx"
-        export_onnx(backbone, onnx_path, in_channels, (size, size), softmax=True,
-                    output_name=OUTPUT_NAME)
-        model = ov.convert_model(str(onnx_path))
-        for key, value in props.items():
-            model.set_rt_info(value, ["model_info", key])
-        ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
-        with atomic_writes({"xml": xml, "bin": bin_}) as tmp:
-            os.replace(scratch / "model.xml", tmp["xml"])
-            os.replace(scratch / "model.bin", tmp["bin"])
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

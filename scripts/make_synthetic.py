@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a synthetic land-cover dataset in the DeepGlobe layout (see magseg/data/synthetic.py).
+"""Write a synthetic land-cover dataset in the DeepGlobe layout (see scripts/synthetic.py).
 
     <out>/<id>_sat.jpg   RGB image          <out>/train.txt  ids, one per line
     <out>/<id>_mask.png  RGB class colours  <out>/val.txt, <out>/test.txt
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from magseg.data.synthetic import SceneSpec, write_dataset  # noqa: E402
+from synthetic import SceneSpec, write_dataset  # noqa: E402
 from magseg.errors import MagsegError  # noqa: E402
 
 

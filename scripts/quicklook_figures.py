@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from magseg.config import ClassSpec
-from magseg.data.synthetic import SceneSpec, make_scene
+from synthetic import SceneSpec, make_scene
 from magseg.geometry import Rect
 from magseg.io.preview import PreviewCanvas
 

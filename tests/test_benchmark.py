@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.evaluation.benchmark import (
     BASELINES,
     NO_REFINER,

@@ -110,7 +110,8 @@ def test_predict_with_a_bbox_equals_segment_of_the_whole_raster_on_it(tmp_path, 
     top, left = int(rng.integers(0, size[0] - h)), int(rng.integers(0, size[1] - w))
     fitted = Segmenter.from_checkpoint(fitted_checkpoint)
     segmenter = Segmenter(fitted.config.override(["engine.precision=fp32", f"engine.batch_size={1 + seed}",
-                                                  f"pyramid.margin={[0, 4][seed % 2]}"]),
+                                                  f"pyramid.margin={[0, 4][seed % 2]}",
+                                                  f"refine.border={[0, 2][seed // 2]}"]),
                           fitted.backbone, fitted.refiner)
     image = smooth_image(3, *size, cell=16, seed=seed)
     path = write_raster(tmp_path / "scene.tif", image)

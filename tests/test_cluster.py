@@ -90,7 +90,7 @@ def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_pat
     import cv2
     from magseg.cli.app import _register
 
-    from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 
     _register()
     ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}, name="dg.ckpt")

@@ -27,10 +27,12 @@ def _export(*args):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny checkpoint and its export at --input 64 (not the pyramid's 32: the flag works)."""
+    """A tiny checkpoint and its export at --input 64 (not the pyramid's 32: the flag works).
+    Its refiner's weights are random: a fresh one's last convolution is zero, and it would
+    return ``fine`` whatever the graph computed around it."""
     from magseg.checkpoint import save_checkpoint
     from magseg.config import load_config
-    from magseg.segmenter import create_segmenter_model
+    from magseg.segmenter import create_refiner, create_segmenter_model
 
     from conftest import CONFIGS
 
@@ -38,11 +40,15 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     config = load_config(CONFIGS / "tiny.yaml")
     backbone = create_segmenter_model(config).eval()
-    ckpt = save_checkpoint(root / "tiny.ckpt", config, backbone)
+    refiner = create_refiner(config).eval()
+    with torch.no_grad():
+        for param in refiner.parameters():
+            param.normal_(0, 0.5)
+    ckpt = save_checkpoint(root / "tiny.ckpt", config, backbone, refiner)
     result = _export(ckpt, "-o", root / "model.onnx", "--input", 64)
     assert result.exit_code == 0, result.output
-    return {"root": root, "ckpt": ckpt, "backbone": backbone, "config": config,
-            "line": json.loads(result.stdout.strip().splitlines()[-1])}
+    return {"root": root, "ckpt": ckpt, "backbone": backbone, "refiner": refiner,
+            "config": config, "line": json.loads(result.stdout.strip().splitlines()[-1])}
 
 
 def test_runs_without_torch_and_gives_the_backbones_probabilities(exported):
@@ -71,6 +77,48 @@ def test_runs_without_torch_and_gives_the_backbones_probabilities(exported):
     got = np.load(root / "y.npy")
     assert np.abs(got - want).max() < 1e-5
     assert np.allclose(got.sum(1), 1, atol=1e-5)
+
+
+def test_the_refiner_runs_without_torch_and_gives_the_engines_refined_probabilities(exported):
+    """model.refiner.onnx beside the model: fine and coarse crop probabilities in (batch
+    free, the pyramid's 32 px crop), the torch refiner's probabilities out, its metadata
+    naming the inputs; run with torch not importable."""
+    root, config = exported["root"], exported["config"]
+    assert exported["line"]["refiner"] == [str(root / "model.refiner.onnx")]
+    rng = np.random.default_rng(2)
+    # Every probability >= ~1e-3: the engine's log floor (1e-6) plays no part.
+    fine, coarse = (torch.from_numpy(rng.standard_normal((3, 4, 32, 32)).astype(np.float32)).softmax(1)
+                    for _ in range(2))
+    np.save(root / "fine.npy", fine.numpy())
+    np.save(root / "coarse.npy", coarse.numpy())
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None
+        import json, numpy as np, onnxruntime as ort
+        s = ort.InferenceSession({str(root / 'model.refiner.onnx')!r}, providers=["CPUExecutionProvider"])
+        feed = {{"fine": np.load({str(root / 'fine.npy')!r}), "coarse": np.load({str(root / 'coarse.npy')!r})}}
+        np.save({str(root / 'refined.npy')!r}, s.run(None, feed)[0])
+        print(json.dumps({{"meta": s.get_modelmeta().custom_metadata_map,
+                           "inputs": [[i.name, i.shape] for i in s.get_inputs()],
+                           "output": s.get_outputs()[0].name}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout)
+    assert [name for name, _ in info["inputs"]] == ["fine", "coarse"]
+    assert all(shape[1:] == [4, 32, 32] and not isinstance(shape[0], int) for _, shape in info["inputs"])
+    assert info["output"] == "probabilities"
+    meta = {k: json.loads(v) for k, v in info["meta"].items()}
+    assert meta["role"] == "refiner" and sorted(meta["inputs"]) == ["coarse", "fine"]
+    assert meta["backbone"] == "model.onnx" and meta["crop"] == [32, 32]
+    assert meta["context_stride"] == config.refiner.context_stride
+    with torch.no_grad():
+        want = exported["refiner"].probs(fine, coarse)
+    got = np.load(root / "refined.npy")
+    assert np.abs(got - want.numpy()).max() < 1e-5
+    assert np.abs(got - fine.numpy()).max() > 0.05  # the refiner did change them
+    item = json.loads((root / "model.mlm.json").read_text())
+    assert item["assets"]["refiner"]["href"] == "./model.refiner.onnx"
 
 
 def test_metadata_reads_back(exported):
@@ -139,3 +187,6 @@ def test_openvino_ir_with_metadata(exported):
         want = exported["backbone"](torch.from_numpy(x)).softmax(1).numpy()
     assert np.abs(compiled(x)[0] - want).max() < 1e-5
     assert (root / "ov.bin").is_file() and (root / "ov.mlm.json").is_file()
+    refiner = ov.Core().read_model(str(root / "ov.refiner.xml"))
+    assert json.loads(refiner.get_rt_info(["model_info", "role"]).astype(str)) == "refiner"
+    assert (root / "ov.refiner.bin").is_file()

@@ -85,13 +85,14 @@ def test_with_a_margin_crops_give_the_whole_images_result():
     assert (without - whole).abs().amax() > 1e-2  # the crop borders, without context
 
 
-@pytest.mark.parametrize("margin", [2, 0.25])
+@pytest.mark.parametrize("margin, border", [(2, 0), (0.25, 0), (4, 3)])
 @pytest.mark.parametrize("size", [(128, 128), (100, 90), (20, 45)])
-def test_k_all_without_refiner_is_patch_only_with_margins(size, margin, tiny_segmenter):
+def test_k_all_without_refiner_is_patch_only_with_margins(size, margin, border, tiny_segmenter):
     pyramid = PyramidConfig(scales=[(32, 32), (64, 64), (128, 128)], crop=32, input=32, margin=margin)
     image = torch.randn(3, *size)
     backbone = tiny_segmenter.backbone
-    progressive = segment(image, backbone, pyramid, refine=RefineConfig(points=1.0), engine=FP32,
+    # K = all picks every pixel, the border term only orders the picks.
+    progressive = segment(image, backbone, pyramid, refine=RefineConfig(points=1.0, border=border), engine=FP32,
                           return_probs=True, return_stages=True)
     patch = segment(image, backbone, pyramid.patch_only(), engine=FP32, return_probs=True)
     assert torch.equal(progressive.probs, patch.probs)
@@ -120,15 +121,16 @@ def test_pixel_local_model_with_margins_labels_every_pixel_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("size", [(160, 192), (101, 67), (13, 40)])
-@pytest.mark.parametrize("margin", [4, 0.25])
-def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitted_checkpoint, size, margin):
+@pytest.mark.parametrize("margin, border", [(4, 0), (0.25, 0), (4, 2)])
+def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitted_checkpoint, size, margin,
+                                                                  border):
     fitted = Segmenter.from_checkpoint(fitted_checkpoint)
     height, width = size
     image = smooth_image(3, height, width, cell=16, seed=height + width)
     image[:, height // 3 : height // 3 + 4, : width // 2] = 0  # nodata
     valid = image.any(axis=0)
     segmenter = Segmenter(fitted.config.override(["engine.batch_size=3", "engine.precision=fp32",
-                                                  f"pyramid.margin={margin}"]),
+                                                  f"pyramid.margin={margin}", f"refine.border={border}"]),
                           fitted.backbone, fitted.refiner)
     path = write_raster(tmp_path / "scene.tif", image, nodata=0)  # the zero band is declared nodata
     predict_raster(segmenter, path, tmp_path / "out", PredictOptions(probs=True))
@@ -266,3 +268,29 @@ def test_border_band_and_the_border_term_picks_border_pixels_last():
     # Without the stage size (or border 0) the pick is the plain top-K.
     plain = picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3))
     assert torch.equal(plain, picked_pixels(coarse, refined, boxes, RefineConfig(points=10, kernel=3, border=2)))
+
+
+def test_a_checkpoint_from_before_margins_keeps_predicting_without_them(tmp_path, tiny_config):
+    # The shipped recipes train with margins and the border term, but the code's defaults stay
+    # 0: a checkpoint whose stored config has no pyramid.margin or refine.border key (written
+    # before they existed) reads as margin 0 and border 0 and predicts exactly as it did.
+    from magseg.checkpoint import load_checkpoint, save_checkpoint
+    from magseg.segmenter import create_refiner, create_segmenter_model
+
+    config = tiny_config.override(["pyramid.margin=4", "refine.border=2"])
+    torch.manual_seed(0)
+    backbone, refiner = create_segmenter_model(config).eval(), create_refiner(config).eval()
+    path = save_checkpoint(tmp_path / "new.ckpt", config, backbone, refiner)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["config"]["pyramid"]["margin"] == 4 and payload["config"]["refine"]["border"] == 2
+    del payload["config"]["pyramid"]["margin"], payload["config"]["refine"]["border"]
+    torch.save(payload, tmp_path / "old.ckpt")
+    old = load_checkpoint(tmp_path / "old.ckpt").config
+    assert old.pyramid.margin == 0 and old.refine.border == 0
+    image = torch.randn(3, 100, 90)
+    plain = Segmenter(config.override(["pyramid.margin=0", "refine.border=0"]), backbone, refiner)
+    want = plain.segment(image, return_probs=True)
+    got = Segmenter.from_checkpoint(tmp_path / "old.ckpt").segment(image, return_probs=True)
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.probs, want.probs)
+    # The margin does change this model's output, so the check above could fail.
+    assert not torch.equal(Segmenter.from_checkpoint(path).segment(image, return_probs=True).probs, want.probs)

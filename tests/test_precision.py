@@ -24,7 +24,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from magseg.checkpoint import load_checkpoint
-from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
 from magseg.engine import precision
 from magseg.engine.precision import cpu_info, precision_context, resolve_precision, runtime_info
 from magseg.run.predict import predict_raster

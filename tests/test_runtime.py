@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,6 +191,56 @@ def test_runtime_precision():
     assert rt.runtime_precision("openvino", "bf16") == "bf16"
     assert rt.runtime_precision("openvino", "fp16") == "fp32"
     assert rt.runtime_precision("torch", "bf16") == "bf16"
+
+
+def test_int8_quantisation_writes_a_calibrated_int8_graph_close_to_fp32(warm, tmp_path):
+    """quantize_int8: int8 weights and QDQ pairs in the file, the calibration's ranges used
+    (probabilities near fp32's on inputs like the calibration windows), nothing but the
+    output left behind; no window is a ConfigError with no file written. Bounds, not bits:
+    int8 kernels differ between AVX2, AVX512 and VNNI."""
+    import onnx
+    import onnxruntime as ort
+    from collections import Counter
+
+    src = _graph_dir(warm["cache"]) / "32x32.onnx"
+    rng = np.random.default_rng(0)
+    windows = [rng.standard_normal((4, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    dst = tmp_path / "int8.onnx"
+    rt.quantize_int8(src, dst, windows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]
+    model = onnx.load(str(dst))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["QuantizeLinear"] >= ops["Conv"] > 0 and ops["DequantizeLinear"] > ops["Conv"]
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8) == ops["Conv"]  # every convolution's weights, as int8
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+
+    def probs(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"image": x})[0]).softmax(1)
+
+    want, got = probs(src), probs(dst)
+    assert (got - want).abs().mean().item() < 0.02
+    assert (got.argmax(1) == want.argmax(1)).float().mean().item() >= 0.8
+    with pytest.raises(ConfigError, match="calibration"):
+        rt.quantize_int8(src, tmp_path / "none.onnx", [])
+    assert not (tmp_path / "none.onnx").exists()
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
+def test_openvino_bf16_stays_near_fp32(warm, tmp_path):
+    """engine.precision=bf16 with OpenVINO: bf16 where the CPU has it (f32 elsewhere, which
+    the bounds hold for too)."""
+    from magseg.segmenter import Segmenter
+
+    shutil.copytree(warm["cache"], tmp_path / "cache")
+    segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
+        "engine.runtime=openvino", "engine.precision=bf16", f"engine.cache_dir={tmp_path / 'cache'}"])
+    result = segmenter.segment(warm["scene"], return_probs=True)
+    assert segmenter.runtime["precision"] == "bf16"
+    # A mean: a pixel whose top-K pick flips can move by far more than bf16's rounding.
+    assert (result.probs - warm["reference"].probs).abs().mean().item() < 0.01
+    assert (result.labels == warm["reference"].labels).float().mean().item() >= 0.95
 
 
 def test_the_config_schema_offers_every_runtime_and_no_other():

@@ -116,7 +116,7 @@ def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpo
     from typer.testing import CliRunner
 
     from magseg.data.scenes import list_scenes, read_scene
-    from magseg.data.synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
     from magseg.segmenter import Segmenter
 
     _register()
@@ -193,3 +193,50 @@ def test_changes_read_in_strips_equal_the_whole_maps(strip):
     for name in ("rows", "row_pairs", "cols", "col_pairs"):
         np.testing.assert_array_equal(getattr(got, name), getattr(whole, name))
     assert len(whole.rows) == 123 and len(whole.cols) == 77
+
+
+def test_bench_margins_runs_each_checkpoints_settings_interleaved(make_checkpoint, tmp_path):
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from magseg.data.scenes import list_scenes, read_scene
+    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from magseg.evaluation.metrics import ConfusionMatrix
+    from magseg.segmenter import Segmenter
+
+    classes = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}
+    a = make_checkpoint(classes, name="a.ckpt")
+    b = make_checkpoint({**classes, "pyramid": {"scales": [32, 64, 128], "crop": 32, "input": 32, "margin": 8}},
+                        name="b.ckpt")
+    data = tmp_path / "data"
+    write_dataset(data, {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=5)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_margins.py"
+    done = subprocess.run([sys.executable, str(script), f"{a}@0:0", f"{b}@8:4,8:0", str(data), "--threads", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    rows = {(Path(r["checkpoint"]).name, r["margin"], r["border"], r["method"]): r for r in out["rows"]}
+    assert set(rows) == {(n, m, bd, meth) for n, m, bd in (("a.ckpt", 0, 0), ("b.ckpt", 8, 4), ("b.ckpt", 8, 0))
+                         for meth in ("progressive", "patch")}
+    # Backbone pixels per image pixel by hand: stages of 32, 64, 128 in crops of 32 are
+    # 1 + 4 + 16 crops; with 8 px margins a window is 48 where the stage is larger than a crop.
+    assert rows[("a.ckpt", 0, 0, "progressive")]["backbone_pixels_per_pixel"] == round(21 * 32**2 / 128**2, 3)
+    assert rows[("b.ckpt", 8, 0, "progressive")]["backbone_pixels_per_pixel"] == round(
+        (32**2 + 20 * 48**2) / 128**2, 3)
+    assert rows[("b.ckpt", 8, 0, "patch")]["backbone_pixels_per_pixel"] == round(16 * 48**2 / 128**2, 3)
+    # Patch-only has no refinement: one run per checkpoint and margin, the border aside.
+    assert rows[("b.ckpt", 8, 4, "patch")] == {**rows[("b.ckpt", 8, 0, "patch")], "border": 4}
+    assert rows[("a.ckpt", 0, 0, "progressive")]["time_ratio"] == 1.0
+    # Without a border term the band's edges are the crop borders themselves.
+    for key in (("a.ckpt", 0, 0, "progressive"), ("b.ckpt", 8, 0, "progressive"), ("b.ckpt", 8, 4, "patch")):
+        assert rows[key]["band_edge_seam_scores"] == rows[key]["seam_scores"]
+    # mIoU of a's progressive method by hand: one confusion matrix over the split.
+    seg = Segmenter.from_checkpoint(a, ["engine.precision=fp32"])
+    matrix = ConfusionMatrix(seg.config.num_classes, [c.in_mean for c in seg.config.classes])
+    for scene in list_scenes(seg.config.data, "test", data):
+        image, mask = read_scene(scene, seg.config)
+        matrix.update(seg.segment(image, normalized=False).labels, torch.from_numpy(mask))
+    assert rows[("a.ckpt", 0, 0, "progressive")]["miou"] == round(100 * float(matrix.scores()["miou"]), 2)

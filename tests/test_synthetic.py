@@ -14,7 +14,7 @@ from conftest import CONFIGS, REPO
 
 from magseg.config import load_config
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.data.synthetic import (
+from synthetic import (
     AGRICULTURE,
     DEEPGLOBE_CLASSES,
     FIELDS,

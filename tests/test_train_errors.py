@@ -93,7 +93,7 @@ def test_config_classes_that_are_not_the_datas_fail_before_the_first_step(tmp_pa
     """configs/tiny.yaml (4 classes) on scripts/make_synthetic.py output (DeepGlobe's 7
     colours): refused with the colours named before any epoch is set up."""
     import magseg.training.backbone_phase as backbone_phase
-    from magseg.data.synthetic import SceneSpec, write_dataset
+    from synthetic import SceneSpec, write_dataset
 
     data = tmp_path / "synthetic"
     write_dataset(data, {"train": 2, "val": 1}, SceneSpec(size=(128, 128)), seed=0)

@@ -16,8 +16,14 @@ recorded digest is rebuilt from the torch model, never trusted; so is one the ru
 load. ``model.json`` records the backbone's input multiple, so a warm cache needs no torch
 model at all: a run from it imports neither segmentation-models-pytorch nor timm.
 
-The refiner stays in torch: it is a few small convolutions on the picked crops, and the
-copies in and out of a runtime would cost about what it saves.
+The refiner stays in torch. It is a tenth of the engine's time (the demo model, one thread),
+and its exported graph (``export_refiner_onnx``, which ``magseg export`` writes beside the
+backbone) ran slower in ONNX Runtime than torch's in-place ``Refiner.probs`` (1.7x, same
+crops; docs/runtimes.md#the-refiner).
+
+``quantize_int8`` quantises an exported graph to int8 (ONNX Runtime's static quantisation);
+magseg offers it nowhere, since it cost more than half a point of mIoU
+(docs/runtimes.md#reduced-precision; ``scripts/runtime_miou.py`` measures it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,24 +163,63 @@ def export_onnx(
     torch's ``torch.export``-based exporter (``dynamo=True``; it works offline and names
     every output dimension), its weights kept inside the file rather than beside it.
     """
-    import onnx
-
     was_training = backbone.training
     backbone = backbone.float().eval()  # a channels-last or half model exports the same graph
-    example = torch.randn(2, in_channels, *size)  # batch 2: batch 1 would be specialised
-    batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        # Autocast off: the engine's first call, which may export, runs under the engine's
-        # bf16/fp16 autocast, and a graph traced there would hold its casts.
-        with torch.no_grad(), torch.autocast("cpu", enabled=False), \
-                torch.autocast("cuda", enabled=False):
-            program = torch.onnx.export(
-                _Logits(backbone, softmax).eval(), (example,), dynamo=True, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=[output_name],
-                dynamic_shapes=({0: batch},), verbose=False,
-            )
+        _save_onnx(_Logits(backbone, softmax).eval(), {INPUT_NAME: (in_channels, *size)}, path,
+                   output_name, metadata)
     finally:
         backbone.train(was_training)
+
+
+class _RefinerProbs(nn.Module):
+    """The exported refiner: ``(fine, coarse)``, each ``(B, C, h, w)`` probabilities ->
+    ``(B, C, h, w)`` refined probabilities, ``softmax(refiner(fine, coarse))``."""
+
+    def __init__(self, refiner: nn.Module) -> None:
+        super().__init__()
+        self.refiner = refiner
+
+    def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        return self.refiner(fine, coarse).softmax(dim=1)
+
+
+REFINER_INPUTS, REFINER_OUTPUT = ("fine", "coarse"), "probabilities"
+
+
+def export_refiner_onnx(refiner: nn.Module, path: Path, classes: int, size: tuple[int, int], *,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write the refiner as one ONNX file: inputs ``fine`` and ``coarse``, each ``(B, classes,
+    *size)`` probabilities (batch dynamic), output ``probabilities`` ``(B, classes, *size)``,
+    the softmax of its refined logits (what the engine's ``Refiner.probs`` computes, up to
+    its log floor of 1e-6)."""
+    was_training = refiner.training
+    refiner = refiner.float().eval()
+    try:
+        # Traced with autograd on: magseg's Refiner takes its inference shortcut (reading its
+        # gate's four numbers as Python floats) only without it, and a traced graph cannot.
+        _save_onnx(_RefinerProbs(refiner).eval(), {n: (classes, *size) for n in REFINER_INPUTS},
+                   path, REFINER_OUTPUT, metadata, grad=True)
+    finally:
+        refiner.train(was_training)
+
+
+def _save_onnx(module: nn.Module, inputs: dict[str, tuple[int, ...]], path: Path, output_name: str,
+               metadata: dict[str, str] | None, grad: bool = False) -> None:
+    """Export ``module`` (inputs named and shaped ``(B, *shape)``, batch dynamic) to ``path``."""
+    import onnx
+
+    examples = tuple(torch.rand(2, *shape) for shape in inputs.values())  # batch 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # Autocast off: the engine's first call, which may export, runs under the engine's
+    # bf16/fp16 autocast, and a graph traced there would hold its casts.
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", enabled=False), \
+            torch.autocast("cuda", enabled=False):
+        program = torch.onnx.export(
+            module, examples, dynamo=True, opset_version=OPSET, input_names=list(inputs),
+            output_names=[output_name], dynamic_shapes=tuple({0: batch} for _ in inputs),
+            verbose=False,
+        )
     proto = program.model_proto
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
@@ -236,6 +281,54 @@ class GraphCache:
                                    "sha256": _file_sha256(graph), "opset": OPSET,
                                    "torch": torch.__version__})
         return graph
+
+
+# The operators int8 quantisation rewrites: the convolutions and matrix products hold the
+# arithmetic; activations between them (resize, add, softmax) stay float, where int8 would
+# cost accuracy for little time.
+INT8_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
+                  input_name: str = INPUT_NAME) -> None:
+    """Write ``src`` (an fp32 ONNX graph) to ``dst`` quantised to int8 by ONNX Runtime's
+    post-training static quantisation: QDQ format, int8 weights per output channel, int8
+    activations whose ranges (min/max) are those ``windows`` produce. Atomic.
+
+    ``windows``: calibration batches ``(B, C_in, h, w)`` float32, normalised as the model's
+    input (``scripts/runtime_miou.py`` cuts training windows as training does).
+
+    Raises:
+        ConfigError: no calibration window.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = [np.ascontiguousarray(w, dtype=np.float32) for w in windows]
+    if not batches:
+        raise ConfigError("int8 quantisation needs calibration windows; none were given")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._next = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._next, None)
+            return None if batch is None else {input_name: batch}
+
+    with tempfile.TemporaryDirectory(prefix=".magseg-int8-", dir=dst.parent) as scratch:
+        # ORT's pre-processing (shape inference, constant folding) before quantising: the
+        # quantiser needs every tensor's shape to place its QDQ pairs.
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        with atomic_write(dst) as tmp:
+            quantize_static(str(prepared), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS),
+                            calibration_cache_path=Path(scratch) / "calibration")
 
 
 def _ort_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""What a backbone runtime's reduced precision costs in accuracy: one checkpoint's test
+split segmented by the progressive method under several runtime x precision variants, the
+same scenes in the same run, with mIoU and the share of pixels whose labels agree with the
+first variant's.
+
+Variants are ``<runtime>-<precision>``: ``torch-fp32``, ``torch-bf16``, ``onnxruntime-fp32``,
+``openvino-fp32``, ``openvino-bf16`` (``engine.runtime`` x ``engine.precision``), and
+``onnxruntime-int8``: the exported graph quantised by ONNX Runtime's static post-training
+quantisation (``magseg.engine.runtime.quantize_int8``: QDQ, int8 weights per channel, int8
+activations), calibrated on ``--calibration`` windows of the training split cut as training
+cuts them (``BackboneSamples`` without augmentation). magseg offers no int8 option: this is
+the measurement that decided so (docs/runtimes.md#reduced-precision).
+
+    python scripts/runtime_miou.py demo_out/run/best.ckpt demo_out/data \\
+        --variants torch-fp32,torch-bf16,openvino-bf16,onnxruntime-int8
+
+``--speed N`` then times the variants on the first N test scenes, interleaved over three
+rounds (after one untimed pass), and reports each one's median over the first's
+(``--no-miou``: only that). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from magseg.checkpoint import load_checkpoint
+from magseg.data.scenes import list_scenes, read_scene
+from magseg.engine import runtime as rt
+from magseg.evaluation.metrics import confusion_matrix, scores
+from magseg.segmenter import Segmenter
+from magseg.training.samples import BackboneSamples
+
+
+def calibration_windows(config, data_root: str, count: int, size: tuple[int, int],
+                        batch: int = 8) -> list[np.ndarray]:
+    """``count`` training windows (seed 0, no augmentation) resized to ``size``, in batches."""
+    samples = BackboneSamples(list_scenes(config.data, "train", data_root), config, count,
+                              seed=0, augment=False)
+    windows = []
+    for i in range(count):
+        x = samples[i][0][None]
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        windows.append(x[0])
+    return [torch.stack(windows[i:i + batch]).numpy() for i in range(0, count, batch)]
+
+
+class Int8Backbone(rt.RuntimeBackbone):
+    """The ONNX Runtime backbone on the int8 quantisation of its cached fp32 graph."""
+
+    calibrate = None  # size -> calibration batches
+
+    def runner(self, size):
+        if size not in self._runners:
+            fp32 = self.cache.valid_graph(size) or self.cache.build(size, self.torch_model())
+            int8 = fp32.with_name(fp32.stem + ".int8.onnx")
+            rt.quantize_int8(fp32, int8, self.calibrate(size))
+            self._runners[size] = self._load(int8)  # ONNX Runtime, fp32 session options
+        return self._runners[size]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("data_root")
+    parser.add_argument("--variants", default="torch-fp32,torch-bf16,openvino-bf16,onnxruntime-int8")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--calibration", type=int, default=64, metavar="N",
+                        help="training windows calibrating int8 (default 64)")
+    parser.add_argument("--speed", type=int, default=0, metavar="N")
+    parser.add_argument("--no-miou", action="store_true", help="only the speed (with --speed)")
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    config = ckpt.config
+    cache = Path(tempfile.mkdtemp(prefix="magseg-runtime-miou-"))
+    variants = args.variants.split(",")
+    segmenters = {}
+    for variant in variants:
+        runtime, precision = variant.split("-")
+        sets = [f"engine.cache_dir={cache}", f"engine.runtime={runtime}",
+                f"engine.precision={'fp32' if precision == 'int8' else precision}"]
+        segmenter = Segmenter.from_checkpoint(ckpt, sets)
+        if precision == "int8":
+            segmenter.backbone.__class__ = Int8Backbone
+            segmenter.backbone.calibrate = lambda size: calibration_windows(
+                config, args.data_root, args.calibration, size)
+        segmenters[variant] = segmenter
+    scenes = list_scenes(config.data, args.split, args.data_root)
+    classes = config.num_classes
+    matrices = {v: torch.zeros(classes, classes, dtype=torch.int64) for v in variants}
+    agree = dict.fromkeys(variants, 0)
+    pixels = 0
+    first = segmenters[variants[0]]
+    for scene in [] if args.no_miou else scenes:
+        image, mask = read_scene(scene, config)
+        x, target = first.normalize(image), torch.from_numpy(mask)
+        reference = None
+        for variant in variants:
+            with torch.inference_mode():
+                labels = segmenters[variant].segment(x).labels
+            matrices[variant] += confusion_matrix(labels, target, classes)
+            reference = labels if reference is None else reference
+            agree[variant] += int((labels == reference).sum())
+        pixels += reference.numel()
+    in_mean = [c.in_mean for c in config.classes]
+    out = {
+        "checkpoint": args.checkpoint, "split": args.split, "scenes": len(scenes),
+        "cpu": first.runtime["cpu"],
+    }
+    if not args.no_miou:
+        out["miou"] = {v: round(100 * scores(matrices[v], in_mean)["miou"], 2) for v in variants}
+        out["label_agreement_with_first"] = {v: round(agree[v] / pixels, 5) for v in variants}
+    if args.speed:
+        xs = [first.normalize(read_scene(s, config)[0]) for s in scenes[: args.speed]]
+        with torch.inference_mode():  # graphs exported, quantised and loaded before timing
+            for variant in variants:
+                segmenters[variant].segment(xs[0])
+        seconds = {v: [] for v in variants}
+        for _ in range(3):
+            for variant in variants:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    for x in xs:
+                        segmenters[variant].segment(x)
+                seconds[variant].append(time.perf_counter() - start)
+        medians = {v: statistics.median(s) for v, s in seconds.items()}
+        out["seconds"] = seconds
+        out["time_over_first"] = {v: round(medians[v] / medians[variants[0]], 3) for v in variants}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
