@@ -43,9 +43,9 @@ def test_an_unknown_output_kind_is_an_error_naming_the_kinds():
 
 def test_a_kind_is_made_one_way_exactly():
     with pytest.raises(ValueError, match="one of them"):
-        OutputKind("x", ".x", None, "always")
+        OutputKind("x", ".x", None)
     with pytest.raises(ValueError, match="one of them"):
-        OutputKind("x", ".x", None, "always", writer=lambda t, o: None, make=lambda t, o: None)
+        OutputKind("x", ".x", None, writer=lambda t, o: None, make=lambda t, o: None)
 
 
 def test_kind_names_are_unique_and_the_vector_formats_are_listed_once():
@@ -113,3 +113,24 @@ def test_the_geotiffs_are_the_kinds_with_cog_resampling_and_class_ids_are_never_
     assert {k.name for k in OUTPUT_KINDS if k.cog_resampling} == {
         k.name for k in OUTPUT_KINDS if isinstance(k.suffix, str) and k.suffix.endswith(".tif")}
     assert output_kind("labels").cog_resampling == "MODE"
+
+
+def test_each_asked_kind_has_its_predict_option_and_cli_flag():
+    import dataclasses
+
+    import magseg.cli.predict  # noqa: F401  (registers the command)
+    import typer.main
+    from magseg.cli.app import app
+
+    command = typer.main.get_command(app).commands["predict"]
+    flags = {opt for param in command.params for opt in param.opts}
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    for kind in OUTPUT_KINDS:
+        if kind.asked_by is not None:
+            assert kind.asked_by in fields and kind.flag in flags, kind.name
+    # --vector offers the formats of magseg.io.vector_formats, and nothing else
+    from typer.testing import CliRunner
+
+    refused = CliRunner().invoke(app, ["predict", "m.ckpt", "x.tif", "-o", "out", "--vector", "shp"])
+    assert refused.exit_code == 2
+    assert all(f"'{name}'" in refused.output for name in VECTOR_FORMATS), refused.output

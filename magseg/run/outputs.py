@@ -165,7 +165,6 @@ class OutputKind:
     # (options.<asked_by>.format picks one).
     suffix: str | Mapping[str, str]
     asked_by: str | None  # the PredictOptions field that asks for it; None: always written
-    flag: str  # how a user asks for it, as README's outputs table says it
     writer: Callable[[Path, OutputContext], OutputWriter] | None = None
     make: Callable[[Path, OutputContext], None] | None = None
     needs_probs: bool = False  # its writer reads the probabilities (or the uncertainty)
@@ -179,6 +178,11 @@ class OutputKind:
         if (self.writer is None) == (self.make is None):
             raise ValueError(f"output kind {self.name!r}: give a writer (made crop by crop) or a make "
                              "(made from the class map), one of them")
+
+    @property
+    def flag(self) -> str:
+        """How a user asks for it, as README's outputs table says it: the flag of its option."""
+        return "always" if self.asked_by is None else f"--{self.asked_by}"
 
     @property
     def from_crops(self) -> bool:
@@ -203,18 +207,18 @@ class OutputKind:
 
 
 OUTPUT_KINDS: tuple[OutputKind, ...] = (
-    OutputKind("labels", ".tif", None, "always", writer=_labels_writer, cog_resampling="MODE"),
-    OutputKind("probs", "_probs.tif", "probs", "--probs", writer=_probs_writer, needs_probs=True,
+    OutputKind("labels", ".tif", None, writer=_labels_writer, cog_resampling="MODE"),
+    OutputKind("probs", "_probs.tif", "probs", writer=_probs_writer, needs_probs=True,
                cog_resampling="AVERAGE"),
-    OutputKind("uncertainty", "_uncertainty.tif", "uncertainty", "--uncertainty", writer=_uncertainty_writer,
+    OutputKind("uncertainty", "_uncertainty.tif", "uncertainty", writer=_uncertainty_writer,
                needs_probs=True, cog_resampling="AVERAGE"),
-    OutputKind("preview", "_preview.png", "preview", "--preview", writer=PreviewOutput, needs_probs=True),
-    OutputKind("vector", {name: f.suffix for name, f in VECTOR_FORMATS.items()}, "vector", "--vector",
+    OutputKind("preview", "_preview.png", "preview", writer=PreviewOutput, needs_probs=True),
+    OutputKind("vector", {name: f.suffix for name, f in VECTOR_FORMATS.items()}, "vector",
                make=_make_polygons),
     # Class names for GIS tools (GDAL's PAM sidecar), and the QGIS style applied on opening.
-    OutputKind("categories", ".tif.aux.xml", None, "always", tagged=False,
+    OutputKind("categories", ".tif.aux.xml", None, tagged=False,
                make=lambda target, out: write_categories(target, _class_table(out))),
-    OutputKind("style", ".qml", None, "always", tagged=False,
+    OutputKind("style", ".qml", None, tagged=False,
                make=lambda target, out: write_raster_style(target, _class_table(out))),
 )
 OUTPUTS: dict[str, OutputKind] = {kind.name: kind for kind in OUTPUT_KINDS}
