@@ -96,7 +96,7 @@ def crop_outcomes(segmenter: Segmenter, root: str, split: str, limit: int | None
         changed = (before != after).float()
         target = torch.from_numpy(mask).long()
         for box in crop_boxes(size, pyramid.crop):
-            o = box.owned
+            o = box.owned.slices
             out["full"].append(confusion_matrix(full.labels[o], target[o], classes).numpy())
             out["skip"].append(confusion_matrix(skip.labels[o], target[o], classes).numpy())
             out["mean_uncertainty"].append(float(uncertainty[o].mean()))

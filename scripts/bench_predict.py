@@ -60,7 +60,8 @@ def make_geotiff(path: Path, size: int) -> Path:
     from rasterio.crs import CRS
     from rasterio.transform import Affine
 
-    from magseg.io.raster import BLOCK, GeoInfo, PixelWindow, RasterWriter, io_env
+    from magseg.geometry import Rect
+    from magseg.io.raster import BLOCK, GeoInfo, RasterWriter, io_env
 
     geo = GeoInfo(CRS.from_epsg(32633), Affine(0.5, 0, 500_000.0, 0, -0.5, 5_000_000.0))
     rng = np.random.default_rng(0)
@@ -76,7 +77,7 @@ def make_geotiff(path: Path, size: int) -> Path:
                     v = sum(np.sin(freqs[b, k, 0] * x + freqs[b, k, 1] * y + phases[b, k])
                             for k in range(4))
                     bands.append(np.clip(120 + 30 * v, 1, 255))
-                writer.write(np.stack(bands).astype(np.uint8), PixelWindow(row, col, h, w))
+                writer.write(np.stack(bands).astype(np.uint8), Rect(row, col, h, w))
     return path
 
 

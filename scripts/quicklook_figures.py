@@ -26,8 +26,8 @@ import numpy as np
 
 from magseg.config import ClassSpec
 from magseg.data.synthetic import SceneSpec, make_scene
+from magseg.geometry import Rect
 from magseg.io.preview import PreviewCanvas
-from magseg.io.raster import PixelWindow
 
 CLASSES = [
     ClassSpec(0, "unknown", (0, 0, 0), in_mean=False),
@@ -59,7 +59,7 @@ def scene(height: int, width: int, seed: int = 3) -> tuple[np.ndarray, np.ndarra
 def preview(path: Path, width: int, height: int) -> None:
     image, labels, uncertainty = scene(height, width)
     canvas = PreviewCanvas((height, width))
-    canvas.add(PixelWindow(0, 0, height, width), image, labels, uncertainty, np.ones(labels.shape, bool))
+    canvas.add(Rect(0, 0, height, width), image, labels, uncertainty, np.ones(labels.shape, bool))
     canvas.save(path, CLASSES, title=f"scene_{width}x{height}.tif")
 
 

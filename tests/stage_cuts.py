@@ -8,15 +8,15 @@ from torch import Tensor
 from magseg.engine.pyramid import (
     CropBox,
     Size,
-    Window,
     context_windows,
     crop_windows,
     extract_windows,
 )
+from magseg.geometry import Rect
 
 
 def backbone_inputs(
-    image: Tensor, windows: list[Window], ratios: tuple[float, ...] = ()
+    image: Tensor, windows: list[Rect], ratios: tuple[float, ...] = ()
 ) -> tuple[Tensor, list[Tensor] | None]:
     """The crops ``(B, C, h, w)`` of ``windows`` of ``image`` (C, H, W) and, for a
     multi-context backbone, one batch of context crops ``(B, C, r*h, r*w)`` per ratio ``r``

@@ -15,6 +15,7 @@ from magseg.engine.pyramid import crop_boxes
 from magseg.engine.refiner import Refiner
 from magseg.engine.resample import resample_window
 from magseg.engine.stages import segment
+from magseg.geometry import Rect
 
 FP32 = EngineConfig(precision="fp32", batch_size=3)
 
@@ -40,7 +41,7 @@ def test_source_span_covers_what_resampling_reads(seed):
     lo = int(rng.integers(0, n_dst))
     hi = int(rng.integers(lo + 1, n_dst + 1))
     rec = Recorder((n_src, 5))
-    resample_window(rec, (n_dst, 5), (lo, 0, hi - lo, 5))
+    resample_window(rec, (n_dst, 5), Rect(lo, 0, hi - lo, 5))
     a, b = source_span(n_src, n_dst, (lo, hi))
     assert rec.rows and min(rec.rows) >= a and max(rec.rows) < b
 
@@ -56,7 +57,7 @@ def _case(seed):
     pyramid = PyramidConfig(scales=scales, crop=crop, input=32, margin=margin)
     size = (int(rng.integers(20, 170)), int(rng.integers(20, 170)))
     h, w = int(rng.integers(1, size[0] + 1)), int(rng.integers(1, size[1] + 1))
-    window = (int(rng.integers(0, size[0] - h + 1)), int(rng.integers(0, size[1] - w + 1)), h, w)
+    window = Rect(int(rng.integers(0, size[0] - h + 1)), int(rng.integers(0, size[1] - w + 1)), h, w)
     points = [0.5, 1.0, 0, 200][int(rng.integers(4))]
     border = int(rng.choice([0, 0, 3]))
     return pyramid, RefineConfig(points=points, kernel=3, border=border), size, window
@@ -72,26 +73,25 @@ def test_a_window_equals_the_whole_images_result_bit_for_bit(seed, tiny_segmente
                     return_probs=True)
     labels, probs = segment_window(image, tiny_segmenter.backbone, pyramid, window, refiner=refiner,
                                    refine=refine, engine=FP32, return_probs=True)
-    top, left, h, w = window
-    assert torch.equal(labels, whole.labels[top : top + h, left : left + w])
-    assert torch.equal(probs, whole.probs[:, top : top + h, left : left + w])
+    assert torch.equal(labels, whole.labels[window.slices])
+    assert torch.equal(probs, whole.probs[(slice(None), *window.slices)])
 
 
 def test_a_small_window_runs_few_crops_and_adaptive_runs_all(tiny_segmenter):
     pyramid = PyramidConfig(scales=[(64, 64), (128, 128), (256, 256)], crop=32, input=32, margin=4)
     refine = RefineConfig(points=0.5, kernel=3)
-    plan = clip_plan(pyramid, refine, (256, 256), (100, 100, 16, 16))
+    plan = clip_plan(pyramid, refine, (256, 256), Rect(100, 100, 16, 16))
     total = [len(crop_boxes(s, (32, 32))) for s in pyramid.stage_sizes((256, 256))]
     assert [len(b) for b in plan.stages][-1] <= 4 < total[-1]
     assert plan.crops < sum(total) and plan.final == []
-    assert clip_plan(pyramid, refine, (256, 256), (0, 0, 256, 256)).crops == sum(total)
-    assert clip_plan(pyramid, refine, (256, 256), (0, 0, 8, 8), adaptive=True) is None
+    assert clip_plan(pyramid, refine, (256, 256), Rect(0, 0, 256, 256)).crops == sum(total)
+    assert clip_plan(pyramid, refine, (256, 256), Rect(0, 0, 8, 8), adaptive=True) is None
     with pytest.raises(ValueError, match="not inside"):
-        clip_plan(pyramid, refine, (256, 256), (250, 0, 8, 8))
+        clip_plan(pyramid, refine, (256, 256), Rect(250, 0, 8, 8))
     image = torch.randn(3, 256, 256)
     engine = EngineConfig(precision="fp32", adaptive=AdaptiveConfig(max_crops=3))
     whole = segment(image, tiny_segmenter.backbone, pyramid, refine=refine, engine=engine)
-    labels, _ = segment_window(image, tiny_segmenter.backbone, pyramid, (100, 90, 30, 40), refine=refine,
+    labels, _ = segment_window(image, tiny_segmenter.backbone, pyramid, Rect(100, 90, 30, 40), refine=refine,
                                engine=engine)
     assert torch.equal(labels, whole.labels[100:130, 90:130])
 

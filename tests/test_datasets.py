@@ -20,6 +20,7 @@ from magseg.data.scenes import IGNORE, check_scene, encode_colors, list_scenes
 from magseg.engine.pyramid import extract_crops, resize
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.errors import DataError
+from magseg.geometry import Rect
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner
 from magseg.training.windows import mask_window, random_box, resize_mask
 
@@ -112,10 +113,10 @@ def test_random_box_stays_inside_and_is_clipped(size, crop):
     seen_tops = set()
     for _ in range(200):
         box = random_box(rng, size, crop)
-        assert 0 <= box.top and box.top + box.height <= size[0]
-        assert 0 <= box.left and box.left + box.width <= size[1]
-        assert (box.height, box.width) == (min(crop[0], size[0]), min(crop[1], size[1]))
-        seen_tops.add(box.top)
+        assert 0 <= box.window.top and box.window.top + box.window.height <= size[0]
+        assert 0 <= box.window.left and box.window.left + box.window.width <= size[1]
+        assert (box.window.height, box.window.width) == (min(crop[0], size[0]), min(crop[1], size[1]))
+        seen_tops.add(box.window.top)
     assert len(seen_tops) == max(size[0] - crop[0], 0) + 1  # every position is reachable
 
 
@@ -224,12 +225,12 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
         item = one[i]
         size = tuple(item["size"].tolist())
         top, left, h, w = item["box"].tolist()
-        box = CropBox(top, left, h, w, top, left, h, w)
+        box = CropBox.whole(Rect(top, left, h, w))
         # The engine's stage images: exact at this scene's non-integer factors too.
-        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
         assert torch.equal(item["fine"], extract_crops(stage, [box], (32, 32))[0])
         assert torch.equal(item["mask"][:h, :w], resize_mask(mask, size)[top : top + h, left : left + w])
-        assert torch.equal(item["scene0"], resample_window(TensorSource(image), sizes[0], (0, 0, *sizes[0])))
+        assert torch.equal(item["scene0"], resample_window(TensorSource(image), sizes[0], Rect.of_size(sizes[0])))
 
 
 def test_refiner_needs_two_scales(tmp_path, tiny_config):

@@ -184,7 +184,7 @@ def test_refine_crops_equals_point_sample_and_scatter(size, crop):
     score = error_map(refined, coarse, refine.kernel)
     owned = owned_mask(boxes, crop)
     for i, box in enumerate(boxes):
-        k = num_points(refine.points, box.own_height * box.own_width)
+        k = num_points(refine.points, box.owned.height * box.owned.width)
         index = top_k_points(score[i], k, owned[i])
         values = point_sample(refined[i : i + 1], pixel_centres(index, crop)[None])
         expected = scatter_points(coarse[i : i + 1], index[None], values)[0]
@@ -260,7 +260,7 @@ def test_skipped_last_stage_crops_keep_the_coarse_result_exactly(backbone):
     assert len(chosen) == 2
     for box in boxes:
         expected = full if box in chosen else skip
-        assert torch.equal(fast.labels[box.owned], expected.labels[box.owned])
+        assert torch.equal(fast.labels[box.owned.slices], expected.labels[box.owned.slices])
     assert not torch.equal(full.labels, skip.labels)
 
 

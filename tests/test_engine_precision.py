@@ -92,7 +92,7 @@ def _swaps_far_from_threshold(coarse, fine32, fine_low, boxes, refine):
     owned = owned_mask(list(boxes), tuple(coarse.shape[-2:]))
     swapped, farthest = 0, 0.0
     for b, box in enumerate(boxes):
-        k = num_points(refine.points, box.own_height * box.own_width)
+        k = num_points(refine.points, box.owned.height * box.owned.width)
         threshold = levels[b][owned[b]].topk(k).values[-1]
         differ = picked32[b] ^ picked_low[b]
         swapped += int(differ.sum())

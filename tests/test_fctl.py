@@ -11,6 +11,7 @@ from magseg.config import PyramidConfig, RefineConfig
 from magseg.engine.pyramid import context_windows, crop_boxes, crop_windows, extract_windows
 from magseg.engine.stages import segment
 from magseg.errors import ModelError
+from magseg.geometry import Rect
 from magseg.models.fctl import MultiContextFusion, aligned_windows, create_fctl
 
 
@@ -18,24 +19,24 @@ def test_context_windows_at_scene_borders_by_hand():
     # A 100x100 stage tiled by 40 px crops: starts 0, 40, 60.
     boxes = crop_boxes((100, 100), (40, 40))
     corner, middle, last = boxes[0], boxes[4], boxes[8]
-    assert (corner.top, middle.top, last.top) == (0, 40, 60)
+    assert (corner.window.top, middle.window.top, last.window.top) == (0, 40, 60)
     windows = crop_windows([corner, middle, last], (40, 40))
     # x2: 80 px centred on the crop -> starts 20 px before it
-    assert context_windows(windows, 2) == [(-20, -20, 80, 80), (20, 20, 80, 80), (40, 40, 80, 80)]
+    assert context_windows(windows, 2) == [Rect(-20, -20, 80, 80), Rect(20, 20, 80, 80), Rect(40, 40, 80, 80)]
     # x3: 120 px -> starts 40 px before it
-    assert context_windows(windows, 3) == [(-40, -40, 120, 120), (0, 0, 120, 120), (20, 20, 120, 120)]
+    assert context_windows(windows, 3) == [Rect(-40, -40, 120, 120), Rect(0, 0, 120, 120), Rect(20, 20, 120, 120)]
     # x1.5 of a 5 px window: round(7.5) = 8 px, 1 px before (rounded down)
-    assert context_windows([(10, 10, 5, 5)], 1.5) == [(9, 9, 8, 8)]
+    assert context_windows([Rect(10, 10, 5, 5)], 1.5) == [Rect(9, 9, 8, 8)]
 
 
 def test_context_crops_are_clipped_and_zero_padded_at_the_border():
     image = torch.arange(1, 100 * 100 + 1, dtype=torch.float32).view(1, 100, 100)
-    (corner,) = extract_windows(image, [(-20, -20, 80, 80)])
+    (corner,) = extract_windows(image, [Rect(-20, -20, 80, 80)])
     assert torch.all(corner[:, :20, :] == 0) and torch.all(corner[:, :, :20] == 0)
     assert torch.equal(corner[:, 20:, 20:], image[:, :60, :60])
-    (last,) = extract_windows(image, [(40, 40, 80, 80)])
+    (last,) = extract_windows(image, [Rect(40, 40, 80, 80)])
     assert torch.equal(last[:, :60, :60], image[:, 40:, 40:]) and torch.all(last[:, 60:, :] == 0)
-    crops, contexts = backbone_inputs(image, [(60, 60, 40, 40)], (2.0, 3.0))
+    crops, contexts = backbone_inputs(image, [Rect(60, 60, 40, 40)], (2.0, 3.0))
     assert crops.shape == (1, 1, 40, 40) and [c.shape[-1] for c in contexts] == [80, 120]
 
 
@@ -131,7 +132,7 @@ def test_a_tiny_fctl_learns_what_only_the_context_can_tell(tiny_config):
         scenes[:, :, 32:64, 32:64] = 0.5
         crops, contexts = [], []
         for scene in scenes:
-            c, ctx = backbone_inputs(scene, [(32, 32, 32, 32)], (3.0,))
+            c, ctx = backbone_inputs(scene, [Rect(32, 32, 32, 32)], (3.0,))
             crops.append(c)
             contexts.append(torch.nn.functional.interpolate(ctx[0], size=(32, 32), mode="area"))
         target = labels.view(n, 1, 1).expand(n, 32, 32)

@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, ...]] = [
-    ("magseg.errors",),
+    ("magseg.errors", "magseg.geometry"),
     ("magseg.device", "magseg.allocator", "magseg.normalization"),
     ("magseg", "magseg.config"),
     ("magseg.io",),  # file primitives: rasters, vectors, atomic writes, provenance, previews

@@ -15,6 +15,7 @@ from torch import nn
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig, load_config
 from magseg.engine.pyramid import crop_boxes, grown_extent, grown_input, grown_windows
 from magseg.engine.stages import segment
+from magseg.geometry import Rect
 from magseg.io.raster import NODATA, VALUE_MAX
 from magseg.run.predict import PredictOptions, predict_raster
 from magseg.segmenter import Segmenter
@@ -39,11 +40,11 @@ def test_grown_windows_by_hand():
     boxes = crop_boxes((40, 16), (16, 16))
     windows, offsets, extent = grown_windows(boxes, (16, 16), (40, 16), (4, 4))
     assert extent == (24, 16)
-    assert [w[:2] for w in windows] == [(0, 0), (12, 0), (16, 0)]
+    assert [(w.top, w.left) for w in windows] == [(0, 0), (12, 0), (16, 0)]
     assert offsets == [(0, 0), (4, 0), (8, 0)]
     # Without a margin: the crops' own windows.
     assert grown_windows(boxes, (16, 16), (40, 16), (0, 0)) == (
-        [(b.top, b.left, 16, 16) for b in boxes], [(0, 0)] * 3, (16, 16))
+        [Rect(b.window.top, b.window.left, 16, 16) for b in boxes], [(0, 0)] * 3, (16, 16))
     assert grown_input((32, 32), (16, 16), (24, 16)) == (48, 32)
 
 
@@ -53,8 +54,9 @@ def test_every_window_holds_its_crop_inside_the_image(size, margin):
     crop = (16, 16)
     boxes = crop_boxes(size, crop)
     windows, offsets, extent = grown_windows(boxes, crop, size, (margin, margin))
-    for b, (top, left, eh, ew), (dy, dx) in zip(boxes, windows, offsets):
-        assert (top + dy, left + dx) == (b.top, b.left)
+    for b, w, (dy, dx) in zip(boxes, windows, offsets):
+        (top, left), (eh, ew) = (w.top, w.left), w.size
+        assert (top + dy, left + dx) == (b.window.top, b.window.left)
         assert 0 <= dy and dy + 16 <= eh and 0 <= dx and dx + 16 <= ew
         for start, e, length in ((top, eh, size[0]), (left, ew, size[1])):
             if length > 16:  # only real pixels; an axis of one crop is padded as without a margin
@@ -169,9 +171,9 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, (40, 40))
-        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
         window = torch.zeros(3, 40, 40)
-        window[:, : box.height, : box.width] = stage[(slice(None), *box.window)]
+        window[:, : box.window.height, : box.window.width] = stage[(slice(None), *box.window.slices)]
         target = mask_window(resize_mask(mask, size), box, (40, 40))
         crop, got = backbone[index]
         assert crop.shape[-2:] == (40, 40)
@@ -184,13 +186,13 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
         (grown,), (offset,), extent = grown_windows([box], pyramid.crop, size, (4, 4))
-        stage = resample_window(TensorSource(image), size, (0, 0, *size))
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
         assert item["fine"].shape[-2:] == (40, 40) and tuple(item["offset"].tolist()) == offset
-        top, left = grown[:2]
+        top, left = grown.top, grown.left
         assert torch.equal(item["fine"][:, : extent[0], : extent[1]],
                            stage[:, top : top + extent[0], left : left + extent[1]])
         dy, dx = offset
-        assert torch.equal(item["fine"][:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window)])
+        assert torch.equal(item["fine"][:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window.slices)])
 
 
 def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_config):
@@ -225,8 +227,8 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
         image, _ = load_scene(scenes[int(rng.integers(len(scenes)))], config)
         size = tuple(int(v) for v in batch["size"][i])
         top, left, h, w = (int(v) for v in batch["box"][i])
-        stage = resample_window(TensorSource(image), size, (0, 0, *size))
-        want = run.fine(TensorSource(stage), size, [CropBox(top, left, h, w, top, left, h, w)])
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
+        want = run.fine(TensorSource(stage), size, [CropBox.whole(Rect(top, left, h, w))])
         torch.testing.assert_close(seen["fine"][i], want[0], atol=1e-5, rtol=0)
 
 

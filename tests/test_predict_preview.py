@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magseg.config import ClassSpec
+from magseg.geometry import Rect
 from magseg.io.preview import PreviewCanvas
-from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow
+from magseg.io.raster import NODATA, VALUE_MAX
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,7 +23,7 @@ def test_windows_fill_the_canvas_with_nearest_samples(h, w, side):
     canvas = PreviewCanvas((h, w), side)
     step = -(-max(h, w) // side)
     assert len(canvas.rows) <= side and len(canvas.cols) <= side
-    for core in (PixelWindow(t, l, min(16, h - t), min(16, w - l))  # the owned regions of crops
+    for core in (Rect(t, l, min(16, h - t), min(16, w - l))  # the owned regions of crops
                  for t in range(0, h, 16) for l in range(0, w, 16)):
         canvas.add(core, pixels[(slice(None), *core.slices)], labels[core.slices],
                    np.full((core.height, core.width), 51, np.uint8), valid[core.slices])
@@ -40,9 +41,7 @@ def test_preview_png_has_three_panels(tmp_path):
     canvas = PreviewCanvas((60, 80), 40)
     labels = np.zeros((60, 80), np.uint8)
     labels[:, 40:] = 1
-    from magseg.io.raster import PixelWindow
-
-    canvas.add(PixelWindow(0, 0, 60, 80), np.full((1, 60, 80), 7, np.uint16), labels,
+    canvas.add(Rect(0, 0, 60, 80), np.full((1, 60, 80), 7, np.uint16), labels,
                np.zeros((60, 80), np.uint8), np.ones((60, 80), bool))
     classes = [ClassSpec(0, "left", (255, 0, 0)), ClassSpec(1, "right", (0, 0, 255))]
     rgb = canvas.labels_rgb(classes)
@@ -67,7 +66,7 @@ def _awkward_canvas(h: int, w: int) -> PreviewCanvas:
     """Class 0 everywhere and uncertainty 0.5 everywhere: any other class colour in the PNG is
     a legend swatch, and the ends of the magma scale can only be the colour bar."""
     canvas = PreviewCanvas((h, w))
-    canvas.add(PixelWindow(0, 0, h, w), np.full((3, h, w), 90, np.uint8), np.zeros((h, w), np.uint8),
+    canvas.add(Rect(0, 0, h, w), np.full((3, h, w), 90, np.uint8), np.zeros((h, w), np.uint8),
                np.full((h, w), 128, np.uint8), np.ones((h, w), bool))
     return canvas
 

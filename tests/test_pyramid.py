@@ -26,13 +26,14 @@ def test_crops_cover_every_pixel_and_owned_regions_partition_the_image(size, cro
     covered = torch.zeros(size, dtype=torch.int32)
     owned = torch.zeros(size, dtype=torch.int32)
     for b in boxes:
-        assert 0 <= b.top and b.top + b.height <= size[0] and 0 <= b.left and b.left + b.width <= size[1]
-        assert b.height == min(crop[0], size[0]) and b.width == min(crop[1], size[1])
+        w, o = b.window, b.owned
+        assert 0 <= w.top and w.top + w.height <= size[0] and 0 <= w.left and w.left + w.width <= size[1]
+        assert w.height == min(crop[0], size[0]) and w.width == min(crop[1], size[1])
         # the owned region lies inside the window
-        assert b.top <= b.own_top and b.own_top + b.own_height <= b.top + b.height
-        assert b.left <= b.own_left and b.own_left + b.own_width <= b.left + b.width
-        covered[b.window] += 1
-        owned[b.owned] += 1
+        assert w.top <= o.top and o.top + o.height <= w.top + w.height
+        assert w.left <= o.left and o.left + o.width <= w.left + w.width
+        covered[w.slices] += 1
+        owned[o.slices] += 1
     assert covered.min() >= 1
     assert torch.all(owned == 1)
 
@@ -43,12 +44,12 @@ def test_crops_overlap_only_when_size_is_not_a_multiple(size, crop):
     boxes = crop_boxes(size, crop)
     covered = torch.zeros(size, dtype=torch.int32)
     for b in boxes:
-        covered[b.window] += 1
+        covered[b.window.slices] += 1
     if size[0] % crop[0] == 0 and size[1] % crop[1] == 0:
         assert torch.all(covered == 1)
     # the last crop of a row/column is flush with the far edge
-    assert max(b.top + b.height for b in boxes) == size[0]
-    assert max(b.left + b.width for b in boxes) == size[1]
+    assert max(b.window.top + b.window.height for b in boxes) == size[0]
+    assert max(b.window.left + b.window.width for b in boxes) == size[1]
 
 
 @settings(max_examples=100, deadline=None)
@@ -74,7 +75,8 @@ def test_small_image_crop_is_zero_padded_and_owns_only_real_pixels():
 def test_overlap_is_split_at_its_middle_by_hand():
     # length 10, crop 4: starts 0, 4, 6; crops 2 and 3 overlap on [6, 8) -> split at 7
     boxes = crop_boxes((1, 10), (1, 4))
-    assert [(b.left, b.own_left, b.own_left + b.own_width) for b in boxes] == [(0, 0, 4), (4, 4, 7), (6, 7, 10)]
+    assert [(b.window.left, b.owned.left, b.owned.left + b.owned.width) for b in boxes] == [
+        (0, 0, 4), (4, 4, 7), (6, 7, 10)]
 
 
 def test_stage_sizes_keep_magnification_for_any_image():

@@ -13,12 +13,12 @@ from geotiff import TRANSFORM, UTM33, read_raster, smooth_image, write_raster
 from small_fs import fill, small_filesystem
 
 from magseg.errors import RasterError, RasterWriteError
+from magseg.geometry import Rect
 from magseg.io.raster import (
     BLOCK,
     COG_BLOCK,
     NODATA,
     GeoInfo,
-    PixelWindow,
     RasterReader,
     RasterWriter,
     convert_to_cog,
@@ -32,7 +32,7 @@ def test_windowed_reads_give_back_the_pixels_in_band_order(tmp_path):
     path = write_raster(tmp_path / "a.tif", image, tiled=True)
     with RasterReader(path, bands=[3, 1]) as reader:
         assert reader.size == (40, 50) and reader.count == 2 and reader.file_count == 4
-        window = PixelWindow(5, 7, 20, 30)
+        window = Rect(5, 7, 20, 30)
         pixels, valid = reader.read(window)
         np.testing.assert_array_equal(pixels, image[[2, 0], 5:25, 7:37])
         # nothing declared and no pixel 0 in every band -> all valid
@@ -47,7 +47,7 @@ def test_every_pixel_is_valid_when_nothing_is_declared(tmp_path):
     image[:, :4, :] = 0        # 0 in every band: a real black pixel
     path = write_raster(tmp_path / "a.tif", image)
     with RasterReader(path) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+        _, valid = reader.read(Rect(0, 0, 20, 20))
         assert valid.all()
         _, valid = reader.read_overview(10)
         assert valid.all()
@@ -63,7 +63,7 @@ def test_a_nodata_value_given_to_the_reader_replaces_the_files(tmp_path, declare
     image[:, 15, 15] = 7       # the file's nodata value: valid under --nodata 0
     path = write_raster(tmp_path / "a.tif", image, nodata=declared)
     with RasterReader(path, nodata=0) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+        _, valid = reader.read(Rect(0, 0, 20, 20))
     expected = np.ones((20, 20), bool)
     expected[:4] = False
     np.testing.assert_array_equal(valid, expected)
@@ -74,7 +74,7 @@ def test_a_nan_nodata_value(tmp_path):
     image[:, 1, 1] = np.nan
     image[0, 2, 2] = np.nan   # one band only: still invalid, as every non-finite float
     with RasterReader(write_raster(tmp_path / "a.tif", image), nodata=float("nan")) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 10, 10))
+        _, valid = reader.read(Rect(0, 0, 10, 10))
     assert not valid[1, 1] and not valid[2, 2] and valid.sum() == 98
 
 
@@ -84,7 +84,7 @@ def test_declared_nodata_is_nodata_and_real_zeros_are_valid(tmp_path):
     image[:, 6, :] = 0          # real zeros: valid, because a nodata value is declared
     path = write_raster(tmp_path / "a.tif", image, nodata=-9999)
     with RasterReader(path) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 20, 20))
+        _, valid = reader.read(Rect(0, 0, 20, 20))
     assert not valid[5].any() and valid[6].all() and valid.sum() == 19 * 20
 
 
@@ -94,7 +94,7 @@ def test_non_finite_floats_are_invalid(tmp_path):
     image[0, 4, 4] = np.inf
     path = write_raster(tmp_path / "a.tif", image)
     with RasterReader(path) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 10, 10))
+        _, valid = reader.read(Rect(0, 0, 10, 10))
     assert not valid[2, 3] and not valid[4, 4] and valid.sum() == 98
 
 
@@ -103,7 +103,7 @@ def test_alpha_band_masks_pixels(tmp_path):
     rgba[3, :, :3] = 0
     path = write_raster(tmp_path / "a.png", rgba, driver="PNG", crs=None, transform=None)
     with RasterReader(path, bands=[1, 2, 3]) as reader:
-        _, valid = reader.read(PixelWindow(0, 0, 12, 12))
+        _, valid = reader.read(Rect(0, 0, 12, 12))
         assert not reader.geo.georeferenced
     assert not valid[:, :3].any() and valid[:, 3:].all()
 
@@ -115,7 +115,7 @@ def test_truncated_file_is_a_raster_error_naming_it(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(RasterError, match="a.tif"):
         with RasterReader(path) as reader:
-            reader.read(PixelWindow(0, 0, 256, 256))
+            reader.read(Rect(0, 0, 256, 256))
 
 
 def test_writer_assembles_windows_with_georeference_colours_and_names(tmp_path):
@@ -130,7 +130,7 @@ def test_writer_assembles_windows_with_georeference_colours_and_names(tmp_path):
                           descriptions=["class"]) as writer:
             for top in range(0, size[0], 64):  # windows across block borders
                 for left in range(0, size[1], 48):
-                    w = PixelWindow(top, left, min(64, size[0] - top), min(48, size[1] - left))
+                    w = Rect(top, left, min(64, size[0] - top), min(48, size[1] - left))
                     writer.write(labels[w.slices][None], w)
     data, profile = read_raster(path)
     np.testing.assert_array_equal(data[0], labels)
@@ -150,8 +150,8 @@ def test_masked_writer_stores_validity_in_an_internal_mask(tmp_path):
     path = tmp_path / "probs.tif"
     with RasterWriter(path, (20, 30), 2, GeoInfo(None, None), nodata=None, mask=True,
                       scale=1 / 255) as writer:
-        writer.write(values[:, :, :16], PixelWindow(0, 0, 20, 16), valid[:, :16])
-        writer.write(values[:, :, 16:], PixelWindow(0, 16, 20, 14), valid[:, 16:])
+        writer.write(values[:, :, :16], Rect(0, 0, 20, 16), valid[:, :16])
+        writer.write(values[:, :, 16:], Rect(0, 16, 20, 14), valid[:, 16:])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no NotGeoreferencedWarning from a file we made so
         data, profile = read_raster(path)
@@ -167,7 +167,7 @@ def test_cog_conversion_keeps_pixels_colours_tags_and_adds_overviews(tmp_path):
     tiled = tmp_path / "tiled.tif"
     with RasterWriter(tiled, size, 1, GeoInfo(UTM33, TRANSFORM), colors=[(9, 9, 9)] * 4,
                       tags={"CLASS_1": "b"}) as writer:
-        writer.write(labels[None], PixelWindow(0, 0, *size))
+        writer.write(labels[None], Rect(0, 0, *size))
     cog = tmp_path / "cog.tif"
     convert_to_cog(tiled, cog, "MODE")
     data, profile = read_raster(cog)
@@ -203,7 +203,7 @@ def _close_cuts_the_file_short(writer, keep=8192):
 def test_a_file_gdal_failed_to_finish_at_close_is_an_error(tmp_path):
     path = tmp_path / "labels.tif"
     writer = RasterWriter(path, (300, 280), 1, GeoInfo(UTM33, TRANSFORM))
-    writer.write(smooth_image(1, 300, 280, seed=3), PixelWindow(0, 0, 300, 280))
+    writer.write(smooth_image(1, 300, 280, seed=3), Rect(0, 0, 300, 280))
     _close_cuts_the_file_short(writer)
     with pytest.raises(RasterWriteError, match="labels.tif: does not read back complete"):
         writer.close()
@@ -212,7 +212,7 @@ def test_a_file_gdal_failed_to_finish_at_close_is_an_error(tmp_path):
 def test_a_masked_file_is_read_back_with_its_mask(tmp_path):
     path = tmp_path / "probs.tif"
     with RasterWriter(path, (40, 50), 2, GeoInfo(None, None), nodata=None, mask=True) as writer:
-        writer.write(smooth_image(2, 40, 50), PixelWindow(0, 0, 40, 50))
+        writer.write(smooth_image(2, 40, 50), Rect(0, 0, 40, 50))
     verify_raster(path, (40, 50), 2, masked=True)
     with pytest.raises(RasterWriteError, match="instead of 3 of 40 x 50"):
         verify_raster(path, (40, 50), 3)
@@ -225,7 +225,7 @@ def test_writing_on_a_real_full_filesystem_is_an_error(tmp_path):
         fill(disk, leave=4096)
         with pytest.raises(RasterWriteError, match="out.tif"):
             with io_env(), RasterWriter(disk / "out.tif", (120, 130), 3, GeoInfo(None, None)) as w:
-                w.write(smooth_image(3, 120, 130), PixelWindow(0, 0, 120, 130))
+                w.write(smooth_image(3, 120, 130), Rect(0, 0, 120, 130))
 
 
 _CLOSE_AFTER_FAILED_MASK = """
@@ -284,11 +284,11 @@ def test_a_gdal_failure_recorded_but_not_raised_fails_the_write_at_once(tmp_path
         "_tiffWriteProc: No space left on device" if len(calls) == 3 else None))
     with io_env():
         writer = RasterWriter(tmp_path / "out.tif", (64, 64), 1, GeoInfo(None, None))  # call 1
-        writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(0, 0, 32, 64))  # call 2
+        writer.write(np.ones((1, 32, 64), np.uint8), Rect(0, 0, 32, 64))  # call 2
         with pytest.raises(RasterWriteError, match="out.tif: cannot write output .*No space left"):
-            writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(32, 0, 32, 64))
+            writer.write(np.ones((1, 32, 64), np.uint8), Rect(32, 0, 32, 64))
         with pytest.raises(RasterWriteError, match="after a failed write"):
-            writer.write(np.ones((1, 32, 64), np.uint8), PixelWindow(32, 0, 32, 64))
+            writer.write(np.ones((1, 32, 64), np.uint8), Rect(32, 0, 32, 64))
         with pytest.raises(RasterWriteError, match="not written completely"):
             writer.close()
     assert writer._dst.closed

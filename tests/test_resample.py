@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 
 from magseg.engine.pyramid import crop_boxes, crop_windows
 from magseg.engine.resample import TensorSource, axis_weights, resample_window, resample_windows
+from magseg.geometry import Rect
 
 
 def _whole(x, size):
-    return resample_window(TensorSource(x), size, (0, 0, *size))
+    return resample_window(TensorSource(x), size, Rect.of_size(size))
 
 
 def test_hand_worked_shrink_by_one_and_a_half():
@@ -38,7 +39,7 @@ def test_hand_worked_shrink_by_four_matches_antialiased_interpolate():
 
 def test_windows_outside_the_grid_are_zero():
     x = torch.rand(2, 10, 10)
-    out = resample_window(TensorSource(x), (5, 5), (-2, 3, 4, 4))
+    out = resample_window(TensorSource(x), (5, 5), Rect(-2, 3, 4, 4))
     assert (out[:, :2] == 0).all() and (out[:, :, 2:] == 0).all()
     assert torch.equal(out[:, 2:, :2], _whole(x, (5, 5))[:, :2, 3:5])
 
@@ -56,8 +57,9 @@ def test_crop_windows_equal_the_whole_resized_image(src, dst, crop, seed):
     x = torch.rand(2, *src, generator=torch.Generator().manual_seed(seed))
     enlarge_by_integer = any(d % s == 0 and d > s for s, d in zip(src, dst))
     whole = _whole(x, dst)
-    for (top, left, h, w) in crop_windows(crop_boxes(dst, crop), crop):
-        got = resample_window(TensorSource(x), dst, (top, left, h, w))
+    for window in crop_windows(crop_boxes(dst, crop), crop):
+        got = resample_window(TensorSource(x), dst, window)
+        top, left, h, w = window.top, window.left, window.height, window.width
         r1, c1 = min(top + h, dst[0]), min(left + w, dst[1])
         if enlarge_by_integer:  # F.interpolate on aligned parts vs the filter: same to float rounding
             assert torch.allclose(got[:, : r1 - top, : c1 - left], whole[:, top:r1, left:c1], atol=1e-5)
@@ -76,7 +78,8 @@ def test_integer_shrinks_equal_antialiased_interpolate_bit_for_bit(out, factor, 
     crop = (max(1, out[0] // tiles), max(1, out[1] // tiles))
     windows = crop_windows(crop_boxes(out, crop), crop)
     got = resample_windows(TensorSource(x), out, windows)
-    for piece, (top, left, h, w) in zip(got, windows):
+    for piece, window in zip(got, windows):
+        top, left, h, w = window.top, window.left, window.height, window.width
         r1, c1 = min(top + h, out[0]), min(left + w, out[1])
         assert torch.equal(piece[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
 
@@ -88,10 +91,11 @@ def test_doubling_enlargements_on_even_offsets_equal_interpolate_bit_for_bit(sou
     x = torch.rand(7, *source, generator=torch.Generator().manual_seed(0))
     size = (source[0] * 2, source[1] * 2)
     expected = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-    for top, left, h, w in crop_windows(crop_boxes(size, (crop, crop)), (crop, crop)):
+    for window in crop_windows(crop_boxes(size, (crop, crop)), (crop, crop)):
+        top, left, h, w = window.top, window.left, window.height, window.width
         if top % 2 or left % 2:
             continue
-        got = resample_window(TensorSource(x), size, (top, left, h, w))
+        got = resample_window(TensorSource(x), size, window)
         r1, c1 = min(top + h, size[0]), min(left + w, size[1])
         assert torch.equal(got[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
 

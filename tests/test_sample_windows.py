@@ -20,6 +20,7 @@ from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes
 from magseg.engine.pyramid import context_windows, crop_windows, resize
 from magseg.engine.resample import TensorSource, resample_window, resample_windows
+from magseg.geometry import Rect
 from magseg.training.samples import (
     BackboneSamples,
     EpochSampler,
@@ -39,7 +40,7 @@ from magseg.training.windows import (
 
 def _stage_image(image, size):
     """The engine's whole stage image: ``image`` (C, H, W) at ``size``."""
-    return resample_window(TensorSource(image), size, (0, 0, *size))
+    return resample_window(TensorSource(image), size, Rect.of_size(size))
 
 
 def _whole_scene(image, mask, size, box, crop, ratios=()):
@@ -151,7 +152,7 @@ def test_a_sample_reads_only_the_pixels_its_windows_need(scene_size, stage, crop
         stage_crop(scene, stage, box, config, ratios)
         assert scene.reads
         supports = [(_support(scene_size[0], stage[0], t, h), _support(scene_size[1], stage[1], l, w))
-                    for t, l, h, w in windows]
+                    for t, l, h, w in ((r.top, r.left, r.height, r.width) for r in windows)]
         for rows, cols in scene.reads:
             assert any(r0 <= rows.start and rows.stop <= r1 and c0 <= cols.start and cols.stop <= c1
                        for (r0, r1), (c0, c1) in supports), (rows, cols, supports)

@@ -87,7 +87,7 @@ def test_a_painted_grid_scores_high_on_its_lines_only(seed):
     # Every crop of the grid cut from another map: labels jump at every crop border.
     m = np.zeros(size, np.uint8)
     for i, box in enumerate(crop_boxes(size, (crop, crop))):
-        m[box.owned] = blobs(size, 100 * seed + i)[box.owned]
+        m[box.owned.slices] = blobs(size, 100 * seed + i)[box.owned.slices]
     rows, cols = crop_border_lines(size, (crop, crop))
     assert seam_score(m, rows, cols) > 3
     # The same map across lines halfway between the borders: no seam there.
@@ -157,7 +157,7 @@ def test_seam_score_script_on_a_geotiff(tmp_path):
     size, crop = (256, 256), 64
     m = np.zeros(size, np.uint8)
     for i, box in enumerate(crop_boxes(size, (crop, crop))):
-        m[box.owned] = blobs(size, i)[box.owned]
+        m[box.owned.slices] = blobs(size, i)[box.owned.slices]
     path = tmp_path / "map.tif"
     with rasterio.open(path, "w", driver="GTiff", height=256, width=256, count=1, dtype="uint8") as dst:
         dst.write(m, 1)

@@ -23,6 +23,7 @@ from magseg.engine.maps import MemoryMap
 from magseg.engine.pyramid import CropBox, crop_boxes, crop_windows, resize
 from magseg.engine.resample import TensorSource, resample_window, resample_windows
 from magseg.engine.stages import StageRun, segment, stage_probs
+from magseg.geometry import Rect
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
 from magseg.training.resume import seed_everything
 from magseg.training.samples import BackboneSamples, RefinerSamples, collate_refiner, load_scene
@@ -115,9 +116,9 @@ def test_refiner_coarse_input_is_the_engines_stage_zero(tiny_config, tmp_path):
     config = tiny_config
     backbone = create_segmenter_model(config).eval()
     image = torch.randn(3, 128, 128)
-    y0 = stage_probs(backbone, resample_window(TensorSource(image), (32, 32), (0, 0, 32, 32)), config.pyramid)
+    y0 = stage_probs(backbone, resample_window(TensorSource(image), (32, 32), Rect(0, 0, 32, 32)), config.pyramid)
     want = segment(image, backbone, config.pyramid.downsample_only(), return_probs=True).probs
-    torch.testing.assert_close(resample_window(TensorSource(y0), (128, 128), (0, 0, 128, 128)), want)
+    torch.testing.assert_close(resample_window(TensorSource(y0), (128, 128), Rect(0, 0, 128, 128)), want)
 
 
 @pytest.mark.parametrize("layout", ["deepglobe", "geotiff"])
@@ -150,7 +151,7 @@ def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
     for i in range(len(items)):
         size = tuple(batch["size"][i].tolist())
         top, left, h, w = batch["box"][i].tolist()
-        box = CropBox(top, left, h, w, top, left, h, w)
+        box = CropBox.whole(Rect(top, left, h, w))
         fine = resample_windows(source, size, crop_windows([box], pyramid.crop))[0]
         assert torch.equal(batch["fine"][i], fine)
         assert torch.equal(got[i], run.coarse(y0, size, [box])[0])

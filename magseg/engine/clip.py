@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from magseg.config import PyramidConfig, RefineConfig
 from magseg.engine.pyramid import CropBox, Size, crop_boxes
 from magseg.engine.resample import axis_weights
+from magseg.geometry import Rect
 
 Span = tuple[int, int]  # half-open [start, stop)
 
@@ -46,17 +47,13 @@ def source_span(n_src: int, n_dst: int, span: Span) -> Span:
     return max(a, 0), min(b, n_src)
 
 
-def _meets(box: CropBox, rows: Span, cols: Span) -> bool:
-    return (box.own_top < rows[1] and rows[0] < box.own_top + box.own_height
-            and box.own_left < cols[1] and cols[0] < box.own_left + box.own_width)
-
-
-def _reads(boxes: list[CropBox], crop: Size, size: Size, src: Size) -> tuple[Span, Span]:
+def _reads(boxes: list[CropBox], crop: Size, size: Size, src: Size) -> Rect:
     """The part of a map of size ``src`` that ``boxes`` of a grid of ``size`` read (their crop
     windows, clipped to the grid, resized from ``src``)."""
-    rows = (min(b.top for b in boxes), min(max(b.top for b in boxes) + crop[0], size[0]))
-    cols = (min(b.left for b in boxes), min(max(b.left for b in boxes) + crop[1], size[1]))
-    return source_span(src[0], size[0], rows), source_span(src[1], size[1], cols)
+    tops, lefts = [b.window.top for b in boxes], [b.window.left for b in boxes]
+    r0, r1 = source_span(src[0], size[0], (min(tops), min(max(tops) + crop[0], size[0])))
+    c0, c1 = source_span(src[1], size[1], (min(lefts), min(max(lefts) + crop[1], size[1])))
+    return Rect(r0, c0, r1 - r0, c1 - c0)
 
 
 @dataclass(frozen=True)
@@ -86,68 +83,64 @@ def _whole_batches(boxes: list[CropBox], needed: list[CropBox], batch: int) -> l
     return out
 
 
-def clip_plan(pyramid: PyramidConfig, refine: RefineConfig, image_size: Size, window: tuple[int, int, int, int],
+def clip_plan(pyramid: PyramidConfig, refine: RefineConfig, image_size: Size, window: Rect,
               adaptive: bool = False, batch: int = 1) -> ClipPlan | None:
-    """The crops the labels over ``window`` ``(top, left, h, w)`` of an image of
+    """The crops the labels over ``window`` of an image of
     ``image_size`` depend on, in the whole batches of ``batch`` (``engine.batch_size``) that
     the whole run puts them in; None with ``adaptive`` (every crop of a stage counts)."""
     if adaptive:
         return None
-    top, left, h, w = window
-    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > image_size[0] or left + w > image_size[1]:
+    if window.empty or not Rect.of_size(image_size).contains(window):
         raise ValueError(f"window {window} is not inside the image {image_size}")
     crop = pyramid.crop
     sizes = [tuple(s) for s in pyramid.stage_sizes(tuple(image_size))]
     # The stages that run: stage 0, then every later one unless K is 0 (run_stages).
     run = [0] if refine.points == 0 else list(range(len(sizes)))
     last = run[-1]
-    rows, cols = (top, top + h), (left, left + w)
+    region = window  # what the stage being planned must give, in its own pixels
     final: list[CropBox] = []
     if not (last == len(sizes) - 1 and sizes[last] == tuple(image_size)):
         every = crop_boxes(tuple(image_size), crop)
-        final = _whole_batches(every, [b for b in every if _meets(b, rows, cols)], batch)
-        rows, cols = _reads(final, crop, tuple(image_size), sizes[last])
+        final = _whole_batches(every, [b for b in every if b.owned.meets(region)], batch)
+        region = _reads(final, crop, tuple(image_size), sizes[last])
     stages: list[list[CropBox]] = [[] for _ in sizes]
     for s in reversed(run):
         every = crop_boxes(sizes[s], crop)
-        stages[s] = _whole_batches(every, [b for b in every if _meets(b, rows, cols)], batch)
+        stages[s] = _whole_batches(every, [b for b in every if b.owned.meets(region)], batch)
         if s > 0:
-            rows, cols = _reads(stages[s], crop, sizes[s], sizes[s - 1])
+            region = _reads(stages[s], crop, sizes[s], sizes[s - 1])
     return ClipPlan(stages, final)
 
 
 class WindowSink:
     """The final labels ``(h, w)`` uint8 (and probabilities ``(C, h, w)``) of one ``window``
-    ``(top, left, h, w)`` of the image: each crop writes the part of its owned region inside."""
+    of the image: each crop writes the part of its owned region inside."""
 
-    def __init__(self, window: tuple[int, int, int, int], wants_probs: bool, device) -> None:
+    def __init__(self, window: Rect, wants_probs: bool, device) -> None:
         import torch
 
         self.window = window
         self.wants_probs = wants_probs
-        self.labels = torch.empty(window[2:], dtype=torch.uint8, device=device)
+        self.labels = torch.empty(window.size, dtype=torch.uint8, device=device)
         self.probs = None
 
     def write(self, boxes: list[CropBox], labels, probs) -> None:
-        top, left, h, w = self.window
         for i, b in enumerate(boxes):
-            y0, y1 = max(b.own_top, top), min(b.own_top + b.own_height, top + h)
-            x0, x1 = max(b.own_left, left), min(b.own_left + b.own_width, left + w)
-            if y1 <= y0 or x1 <= x0:
+            part = b.owned.intersection(self.window)
+            if part.empty:
                 continue
-            src = (slice(y0 - b.top, y1 - b.top), slice(x0 - b.left, x1 - b.left))
-            dst = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+            src, dst = part.within(b.window), part.within(self.window)
             self.labels[dst] = labels[i][src]
             if self.wants_probs:
                 if self.probs is None:
-                    self.probs = probs.new_zeros((probs.shape[1], h, w))
+                    self.probs = probs.new_zeros((probs.shape[1], *self.window.size))
                 self.probs[(slice(None), *dst)] = probs[i][(slice(None), *src)]
 
 
-def segment_window(image, backbone, pyramid: PyramidConfig, window: tuple[int, int, int, int], *,
+def segment_window(image, backbone, pyramid: PyramidConfig, window: Rect, *,
                    refiner=None, refine: RefineConfig = RefineConfig(), engine=None,
                    return_probs: bool = False):
-    """``segment`` of ``image`` ``(C_in, H, W)`` on ``window`` ``(top, left, h, w)`` only:
+    """``segment`` of ``image`` ``(C_in, H, W)`` on ``window`` only:
     ``(labels (h, w) uint8, probs (C, h, w) or None)``, equal to the whole image's result
     there, from only the crops it depends on (``clip_plan``)."""
     import torch

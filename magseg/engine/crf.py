@@ -40,6 +40,7 @@ from magseg.config import CrfConfig
 from magseg.engine.pyramid import CropBox, crop_boxes
 from magseg.engine.refine import labels_of
 from magseg.errors import ConfigError
+from magseg.geometry import Rect
 
 # Probabilities are clipped here before the log (pydensecrf's unary_from_softmax clips at 1e-5).
 EPS = 1e-5
@@ -173,12 +174,6 @@ def check_crf(cfg: CrfConfig) -> None:
             dense_crf(torch.zeros((0, 1, 1, 1)), torch.zeros((0, 1, 1, 1)), cfg)
 
 
-def _owned_box(box: CropBox) -> CropBox:
-    """A box whose window is its owned region (what the CRF pass writes)."""
-    return CropBox(box.own_top, box.own_left, box.own_height, box.own_width,
-                   box.own_top, box.own_left, box.own_height, box.own_width)
-
-
 class CrfSink:
     """A ``magseg.engine.stages.Sink`` that puts the CRF between the engine and ``inner``.
 
@@ -218,17 +213,14 @@ class CrfSink:
 
     def finish(self) -> None:
         """The CRF over every tile, into ``inner``; the probability map is discarded."""
-        h, w = self.probs.size
+        size = self.probs.size
         margin = reach(self.cfg)
-        for box in crop_boxes((h, w), (TILE, TILE)):
-            r0, c0 = max(0, box.own_top - margin), max(0, box.own_left - margin)
-            r1 = min(h, box.own_top + box.own_height + margin)
-            c1 = min(w, box.own_left + box.own_width + margin)
-            rows, cols = slice(r0, r1), slice(c0, c1)
-            q = run_crf(self.probs.read(rows, cols)[None].to(self.device),
-                        self.guide(rows, cols)[None].to(self.device), self.cfg)
-            own = q[:, :, box.own_top - r0 : box.own_top - r0 + box.own_height,
-                    box.own_left - c0 : box.own_left - c0 + box.own_width]
-            self.inner.write([_owned_box(box)], labels_of(own),
+        for box in crop_boxes(size, (TILE, TILE)):
+            read = box.owned.grown(margin).intersection(Rect.of_size(size))
+            q = run_crf(self.probs.read(*read.slices)[None].to(self.device),
+                        self.guide(*read.slices)[None].to(self.device), self.cfg)
+            own = q[(slice(None), slice(None), *box.owned.within(read))]
+            # The tile's owned region is what the CRF pass writes: a crop of just that.
+            self.inner.write([CropBox.whole(box.owned)], labels_of(own),
                              own if self.inner.wants_probs else None)
         self.probs.discard()

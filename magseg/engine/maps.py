@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from magseg.engine.pyramid import CropBox, Size, crop_boxes, stitch_crops
+from magseg.geometry import Rect
 
 DTYPE = np.float32
 
@@ -68,9 +69,9 @@ class ChunkMap:
         self.boxes = crop_boxes(self.size, crop)
         self.directory.mkdir(parents=True, exist_ok=True)
         # Owned regions form a grid: their row and column starts, for finding a window's files.
-        columns = len({b.own_left for b in self.boxes})
-        self._row_starts = [b.own_top for b in self.boxes[::columns]]
-        self._col_starts = [b.own_left for b in self.boxes[:columns]]
+        columns = len({b.owned.left for b in self.boxes})
+        self._row_starts = [b.owned.top for b in self.boxes[::columns]]
+        self._col_starts = [b.owned.left for b in self.boxes[:columns]]
         self._index = {box: i for i, box in enumerate(self.boxes)}
 
     def write(self, boxes: list[CropBox], crops: Tensor) -> None:
@@ -89,25 +90,23 @@ class ChunkMap:
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         """``(C, rows, cols)`` float32 from the files the window touches."""
-        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        want = Rect.from_slices(rows, cols)
         out = None
         columns = len(self._col_starts)
-        for gi in range(bisect.bisect_right(self._row_starts, r0) - 1, len(self._row_starts)):
-            for gj in range(bisect.bisect_right(self._col_starts, c0) - 1, columns):
-                box = self.boxes[gi * columns + gj]
-                if box.own_left >= c1:
+        for gi in range(bisect.bisect_right(self._row_starts, want.top) - 1, len(self._row_starts)):
+            for gj in range(bisect.bisect_right(self._col_starts, want.left) - 1, columns):
+                owned = self.boxes[gi * columns + gj].owned
+                if owned.left >= want.right:
                     break
-                y0, y1 = max(r0, box.own_top), min(r1, box.own_top + box.own_height)
-                x0, x1 = max(c0, box.own_left), min(c1, box.own_left + box.own_width)
-                if y1 <= y0 or x1 <= x0:
+                part = owned.intersection(want)
+                if part.empty:
                     continue
                 chunk = np.load(self._path(gi * columns + gj), mmap_mode="r")
                 if out is None:
-                    out = np.empty((chunk.shape[0], r1 - r0, c1 - c0), DTYPE)
-                out[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = chunk[
-                    :, y0 - box.own_top : y1 - box.own_top, x0 - box.own_left : x1 - box.own_left]
+                    out = np.empty((chunk.shape[0], *want.size), DTYPE)
+                out[(slice(None), *part.within(want))] = chunk[(slice(None), *part.within(owned))]
                 del chunk
-            if self.boxes[gi * columns].own_top + self.boxes[gi * columns].own_height >= r1:
+            if self.boxes[gi * columns].owned.bottom >= want.bottom:
                 break
         assert out is not None, f"window {rows}, {cols} outside the map"
         return torch.from_numpy(out)

@@ -21,45 +21,31 @@ from torch import Tensor
 # How pyramid.scales and pyramid.scene size the stages of any image: config's to say, the
 # engine's to use (magseg.engine.pyramid.stage_sizes, as callers name it).
 from magseg.config import stage_sizes  # noqa: F401
+from magseg.geometry import Rect
 
 Size = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CropBox:
-    """A crop window in a stage image, and the part of it this crop owns.
+    """A crop of a stage image: its ``window``, and ``owned``, the part of it the crop owns.
 
-    ``top, left, height, width``: the window, clipped to the image (so ``height`` may be
-    smaller than the crop size when the image is). ``own_*``: the owned region, in image
-    coordinates, always inside the window.
+    ``window``: clipped to the image (so its height may be smaller than the crop size when
+    the image is). ``owned``: in image coordinates, always inside the window.
     """
 
-    top: int
-    left: int
-    height: int
-    width: int
-    own_top: int
-    own_left: int
-    own_height: int
-    own_width: int
+    window: Rect
+    owned: Rect
 
-    @property
-    def window(self) -> tuple[slice, slice]:
-        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
-
-    @property
-    def owned(self) -> tuple[slice, slice]:
-        """The owned region in image coordinates."""
-        return (
-            slice(self.own_top, self.own_top + self.own_height),
-            slice(self.own_left, self.own_left + self.own_width),
-        )
+    @classmethod
+    def whole(cls, window: Rect) -> CropBox:
+        """A crop that owns all of its ``window``."""
+        return cls(window, window)
 
     @property
     def owned_in_crop(self) -> tuple[slice, slice]:
-        """The owned region in the crop's own coordinates."""
-        y0, x0 = self.own_top - self.top, self.own_left - self.left
-        return slice(y0, y0 + self.own_height), slice(x0, x0 + self.own_width)
+        """The owned region's slices in the crop's own coordinates."""
+        return self.owned.within(self.window)
 
 
 def _axis_tiles(length: int, crop: int) -> list[tuple[int, int, int, int]]:
@@ -90,12 +76,8 @@ def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
     boxes = []
     for top, height, own_top, own_bottom in _axis_tiles(h, ch):
         for left, width, own_left, own_right in _axis_tiles(w, cw):
-            boxes.append(
-                CropBox(
-                    top, left, min(height, h), min(width, w),
-                    own_top, own_left, own_bottom - own_top, own_right - own_left,
-                )
-            )
+            boxes.append(CropBox(Rect(top, left, min(height, h), min(width, w)),
+                                 Rect(own_top, own_left, own_bottom - own_top, own_right - own_left)))
     return boxes
 
 
@@ -116,38 +98,29 @@ def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
     return x.squeeze(0) if squeeze else x
 
 
-Window = tuple[int, int, int, int]  # (top, left, height, width); may reach outside the image
-
-
-def _all_inside(windows: list[Window], size: Size) -> bool:
-    """Whether every window lies wholly inside an image of ``size`` (H, W)."""
-    return all(0 <= t and 0 <= l and t + h <= size[0] and l + w <= size[1] for t, l, h, w in windows)
-
-
-def extract_windows(image: Tensor, windows: list[Window]) -> Tensor:
+def extract_windows(image: Tensor, windows: list[Rect]) -> Tensor:
     """Cut equally sized ``windows`` out of ``image`` (C, H, W) as ``(B, C, h, w)``.
 
     Windows may reach past any border; what lies outside the image is zero (the mean colour,
     after normalisation).
     """
-    _, height, width = image.shape
-    h, w = windows[0][2], windows[0][3]
+    bounds = Rect.of_size(image.shape[-2:])
+    h, w = windows[0].size
     # Zero-filling is a whole extra pass over the batch; skip it when every window is filled.
-    inside = _all_inside(windows, (height, width))
+    inside = all(bounds.contains(window) for window in windows)
     out = (image.new_empty if inside else image.new_zeros)((len(windows), image.shape[0], h, w))
-    for i, (top, left, wh, ww) in enumerate(windows):
-        if (wh, ww) != (h, w):
-            raise ValueError(f"windows must share one size, got {(h, w)} and {(wh, ww)}")
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + h, height), min(left + w, width)
-        if y1 > y0 and x1 > x0:
-            out[i, :, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    for i, window in enumerate(windows):
+        if window.size != (h, w):
+            raise ValueError(f"windows must share one size, got {(h, w)} and {window.size}")
+        part = window.intersection(bounds)
+        if not part.empty:
+            out[(i, slice(None), *part.within(window))] = image[(slice(None), *part.slices)]
     return out
 
 
-def crop_windows(boxes: list[CropBox], crop: Size) -> list[Window]:
+def crop_windows(boxes: list[CropBox], crop: Size) -> list[Rect]:
     """The full crop-sized window of each box (reaching past the image when it is smaller)."""
-    return [(b.top, b.left, crop[0], crop[1]) for b in boxes]
+    return [Rect(b.window.top, b.window.left, crop[0], crop[1]) for b in boxes]
 
 
 def extract_crops(image: Tensor, boxes: list[CropBox], crop: Size) -> Tensor:
@@ -159,24 +132,24 @@ def extract_crops(image: Tensor, boxes: list[CropBox], crop: Size) -> Tensor:
     return extract_windows(image, crop_windows(boxes, crop))
 
 
-def context_windows(windows: list[Window], ratio: float) -> list[Window]:
+def context_windows(windows: list[Rect], ratio: float) -> list[Rect]:
     """FCtL's context windows: ``ratio`` times each window's extent, centred on it.
 
-    A window ``(top, left, h, w)`` gets the window of size ``(round(ratio * h),
-    round(ratio * w))`` with the same centre (rounded down to whole pixels); parts outside
-    the image are padded by ``extract_windows``.
+    A window of size ``(h, w)`` gets the window of size ``(round(ratio * h), round(ratio *
+    w))`` with the same centre (rounded down to whole pixels); parts outside the image are
+    padded by ``extract_windows``.
     """
     out = []
-    for top, left, h, w in windows:
-        ch, cw = round(ratio * h), round(ratio * w)
-        out.append((top - (ch - h) // 2, left - (cw - w) // 2, ch, cw))
+    for r in windows:
+        ch, cw = round(ratio * r.height), round(ratio * r.width)
+        out.append(Rect(r.top - (ch - r.height) // 2, r.left - (cw - r.width) // 2, ch, cw))
     return out
 
 
 def stitch_crops(dest: Tensor, crops: Tensor, boxes: list[CropBox]) -> Tensor:
     """Write the owned region of each crop ``(B, C, ch, cw)`` into ``dest`` (C, H, W), in place."""
     for crop, box in zip(crops, boxes):
-        dest[(slice(None), *box.owned)] = crop[(slice(None), *box.owned_in_crop)]
+        dest[(slice(None), *box.owned.slices)] = crop[(slice(None), *box.owned_in_crop)]
     return dest
 
 
@@ -208,7 +181,7 @@ def _grown_start(start: int, length: int, crop: int, margin: int) -> int:
 
 
 def grown_windows(boxes: list[CropBox], crop: Size, size: Size, margin: Size
-                  ) -> tuple[list[Window], list[tuple[int, int]], Size]:
+                  ) -> tuple[list[Rect], list[tuple[int, int]], Size]:
     """The windows the backbone sees for ``boxes`` of a stage of ``size`` with ``margin``
     ``(my, mx)`` stage pixels of context: ``(windows, offsets, extent)``.
 
@@ -221,9 +194,9 @@ def grown_windows(boxes: list[CropBox], crop: Size, size: Size, margin: Size
     extent = (grown_extent(h, ch, my), grown_extent(w, cw, mx))
     windows, offsets = [], []
     for b in boxes:
-        top, left = _grown_start(b.top, h, ch, my), _grown_start(b.left, w, cw, mx)
-        windows.append((top, left, *extent))
-        offsets.append((b.top - top, b.left - left))
+        top, left = _grown_start(b.window.top, h, ch, my), _grown_start(b.window.left, w, cw, mx)
+        windows.append(Rect(top, left, *extent))
+        offsets.append((b.window.top - top, b.window.left - left))
     return windows, offsets, extent
 
 

@@ -83,13 +83,13 @@ def border_band(boxes: Sequence[CropBox], crop: Size, size: Size, width: int,
     for i, b in enumerate(boxes):
         rows, cols = b.owned_in_crop
         y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
-        if b.own_top > 0:
+        if b.owned.top > 0:
             band[i, y0 : y0 + width, x0:x1] = True
-        if b.own_top + b.own_height < size[0]:
+        if b.owned.bottom < size[0]:
             band[i, max(y1 - width, y0) : y1, x0:x1] = True
-        if b.own_left > 0:
+        if b.owned.left > 0:
             band[i, y0:y1, x0 : x0 + width] = True
-        if b.own_left + b.own_width < size[1]:
+        if b.owned.right < size[1]:
             band[i, y0:y1, max(x1 - width, x0) : x1] = True
     return band
 
@@ -109,9 +109,9 @@ def picked_pixels(
         ``(B, ch, cw)`` bool.
     """
     crop = tuple(coarse.shape[-2:])
-    ks = [num_points(refine.points, box.own_height * box.own_width) for box in boxes]
+    ks = [num_points(refine.points, box.owned.height * box.owned.width) for box in boxes]
     # Crops that own every pixel (inside the image, no overlap) need no mask.
-    owns_all = all((box.own_height, box.own_width) == crop for box in boxes)
+    owns_all = all(box.owned.size == crop for box in boxes)
     owned = None if owns_all else owned_mask(list(boxes), crop, device=coarse.device)
     raw = error_score(refined, coarse)
     if not refine.border or size is None:

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from magseg.engine.pyramid import Size, Window
+from magseg.engine.pyramid import Size
+from magseg.geometry import Rect
 
 
 class Source(Protocol):
@@ -196,21 +197,22 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     return out[:, dy : dy + r1 - r0, dx : dx + c1 - c0]
 
 
-def resample_window(source: Source, size: Size, window: Window) -> Tensor:
-    """One ``window`` (top, left, h, w) of ``source`` resized to ``size``: ``(C, h, w)``
-    float32, zero where the window leaves the ``size`` grid.
+def resample_window(source: Source, size: Size, window: Rect) -> Tensor:
+    """One ``window`` ``(h, w)`` of ``source`` resized to ``size``: ``(C, h, w)`` float32, zero
+    where the window leaves the ``size`` grid.
 
     Integer factors (every pyramid of doubling scales over a scene-sized image) take
     ``F.interpolate`` on the window's part, which equals the whole map's ``F.interpolate``
     (``_interpolated_part``); any other factor takes the tap-by-tap filter of this module's
     docstring. Either way a pixel's value does not depend on the window that asks for it.
     """
-    (top, left, h, w), (height, width) = window, size
-    r0, r1, c0, c1 = max(top, 0), min(top + h, height), max(left, 0), min(left + w, width)
-    if r1 <= r0 or c1 <= c0:
-        return _zeros(source, h, w)
+    height, width = size
+    part = window.intersection(Rect.of_size(size))
+    if part.empty:
+        return _zeros(source, *window.size)
+    r0, r1, c0, c1 = part.top, part.bottom, part.left, part.right
     if tuple(source.size) == (height, width):
-        inside = source.read(slice(r0, r1), slice(c0, c1)).float()
+        inside = source.read(*part.slices).float()
     else:
         inside = _interpolated_part(source, size, (r0, r1), (c0, c1))
         if inside is None:
@@ -218,10 +220,10 @@ def resample_window(source: Source, size: Size, window: Window) -> Tensor:
             rows, cols = _source_span(ay, r0, r1), _source_span(ax, c0, c1)
             piece = _read_padded(source, rows, cols)
             inside = _filter_axis(_filter_axis(piece, 1, ay, r0, r1, rows[0]), 2, ax, c0, c1, cols[0])
-    if (r0, r1, c0, c1) == (top, top + h, left, left + w):
+    if part == window:
         return inside
-    out = inside.new_zeros((inside.shape[0], h, w))
-    out[:, r0 - top : r1 - top, c0 - left : c1 - left] = inside
+    out = inside.new_zeros((inside.shape[0], *window.size))
+    out[(slice(None), *part.within(window))] = inside
     return out
 
 
@@ -230,13 +232,12 @@ def _zeros(source: Source, h: int, w: int) -> Tensor:
     return probe.new_zeros((probe.shape[0], h, w), dtype=torch.float32)
 
 
-def resample_windows(source: Source, size: Size, windows: list[Window]) -> Tensor:
+def resample_windows(source: Source, size: Size, windows: list[Rect]) -> Tensor:
     """Equally sized ``windows`` of ``source`` resized to ``size``: ``(B, C, h, w)`` float32.
 
     Each pixel is exactly what any other window covering it computes (module docstring), so
     crops cut from a stage image made this way never disagree where they overlap.
     """
-    h, w = windows[0][2], windows[0][3]
-    if any((wh, ww) != (h, w) for _, _, wh, ww in windows):
-        raise ValueError(f"windows must share one size, got {sorted({(wh, ww) for *_, wh, ww in windows})}")
+    if len({window.size for window in windows}) > 1:
+        raise ValueError(f"windows must share one size, got {sorted({window.size for window in windows})}")
     return torch.stack([resample_window(source, size, window) for window in windows])

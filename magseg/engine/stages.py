@@ -56,6 +56,7 @@ from magseg.engine.refine import (
 )
 from magseg.engine.refiner import ProbsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
+from magseg.geometry import Rect
 
 if TYPE_CHECKING:
     from magseg.engine.clip import ClipPlan
@@ -386,7 +387,7 @@ def _stage_result(size: Size, y: StageMap | None, sink: Sink, picked_map: Tensor
         labels = sink.labels[0]
     else:
         whole = TensorSource(y.read(slice(0, y.size[0]), slice(0, y.size[1])))
-        labels = labels_of(resample_windows(whole, size, [(0, 0, *size)])[0])
+        labels = labels_of(resample_windows(whole, size, [Rect.of_size(size)])[0])
     return StageResult(size=tuple(size), labels=labels.cpu(),
                        refined=None if picked_map is None else picked_map[0].cpu(),
                        crops_run=run, crops_total=total, seconds=time.perf_counter() - start)

@@ -41,8 +41,8 @@ def crop_border_lines(stage_size: Size, crop: Size, map_size: Size | None = None
     h, w = stage_size
     mh, mw = map_size if map_size is not None else stage_size
     boxes = crop_boxes(tuple(stage_size), tuple(crop))
-    rows = sorted({b.own_top for b in boxes} - {0})
-    cols = sorted({b.own_left for b in boxes} - {0})
+    rows = sorted({b.owned.top for b in boxes} - {0})
+    cols = sorted({b.owned.left for b in boxes} - {0})
     # A border at stage pixel r lies at r * mh / h in the map; round to the nearest line.
     rows = sorted({min(max(round(r * mh / h), 1), mh - 1) for r in rows}) if mh > 1 else []
     cols = sorted({min(max(round(c * mw / w), 1), mw - 1) for c in cols}) if mw > 1 else []

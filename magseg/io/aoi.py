@@ -22,9 +22,10 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
-from rasterio.windows import Window, from_bounds
+from rasterio.windows import from_bounds
 
 from magseg.errors import ConfigError, RasterError
+from magseg.geometry import Rect
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class AreaOfInterest:
         return [transform_geom(self.crs, crs, g) for g in self.geometries]
 
     def window(self, transform: Affine, size: tuple[int, int], crs: CRS | None,
-               raster: str | Path) -> tuple[Window, list[dict[str, Any]]]:
+               raster: str | Path) -> tuple[Rect, list[dict[str, Any]]]:
         """The raster window ``(row, col)``-aligned that covers the AOI, clipped to the
         raster of ``size`` ``(H, W)``, and the polygons in the raster's CRS.
 
@@ -70,7 +71,7 @@ class AreaOfInterest:
             raise RasterError(f"{raster}: the area of interest ({self.source}) lies outside the raster "
                               f"(its bounds in the raster's CRS: {_bounds((min(xs), min(ys), max(xs), max(ys)))}; "
                               f"{self._extent(transform, size, crs)})")
-        return Window(col0, row0, col1 - col0, row1 - row0), shapes
+        return Rect(row0, col0, row1 - row0, col1 - col0), shapes
 
 
     def _extent(self, transform: Affine, size: tuple[int, int], crs: CRS | None) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from magseg.config import ClassSpec
-from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow
+from magseg.geometry import Rect
+from magseg.io.raster import NODATA, VALUE_MAX
 
 # Shown where the input has no data.
 _NODATA_RGB = (0.85, 0.85, 0.85)
@@ -43,7 +44,7 @@ class PreviewCanvas:
 
     def add(
         self,
-        core: PixelWindow,
+        core: Rect,
         pixels: np.ndarray,
         labels: np.ndarray,
         uncertainty: np.ndarray | None,
@@ -57,11 +58,11 @@ class PreviewCanvas:
             labels: ``(h, w)`` class ids; uncertainty: ``(h, w)`` uint8, (1 - certainty) x
                 ``VALUE_MAX``; valid: ``(h, w)`` bool.
         """
-        ri = np.flatnonzero((self.rows >= core.row) & (self.rows < core.row + core.height))
-        ci = np.flatnonzero((self.cols >= core.col) & (self.cols < core.col + core.width))
+        ri = np.flatnonzero((self.rows >= core.top) & (self.rows < core.bottom))
+        ci = np.flatnonzero((self.cols >= core.left) & (self.cols < core.right))
         if not len(ri) or not len(ci):
             return
-        r, c = np.ix_(self.rows[ri] - core.row, self.cols[ci] - core.col)
+        r, c = np.ix_(self.rows[ri] - core.top, self.cols[ci] - core.left)
         at = np.ix_(ri, ci)
         bands = pixels[:3] if pixels.shape[0] >= 3 else np.repeat(pixels[:1], 3, axis=0)
         ok = valid[r, c]

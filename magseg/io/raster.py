@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from magseg.errors import ConfigError, RasterError, RasterWriteError
+from magseg.geometry import Rect
 from magseg.io.aoi import AreaOfInterest, inside
 from magseg.io.sources import gdal_name, gdal_path, is_virtual
 
@@ -77,7 +78,7 @@ def select_bands(path: str | Path, count: int, bands: tuple[int, ...] | None) ->
     return list(bands)
 
 
-def read_array(path: str | Path, bands: tuple[int, ...] | None = None, window: Window | None = None) -> np.ndarray:
+def read_array(path: str | Path, bands: tuple[int, ...] | None = None, window: Rect | None = None) -> np.ndarray:
     """Read ``bands`` of ``path`` (optionally one window) as ``(C, H, W)`` in its own dtype.
 
     Raises:
@@ -88,7 +89,7 @@ def read_array(path: str | Path, bands: tuple[int, ...] | None = None, window: W
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                return src.read(indexes, window=window)
+                return src.read(indexes, window=None if window is None else gdal_window(window))
         except RasterioIOError as exc:
             raise RasterError(f"{path}: cannot read pixels, file is truncated or corrupt ({exc})") from None
 
@@ -105,27 +106,9 @@ BLOCK = 256
 COG_BLOCK = 512
 
 
-@dataclass(frozen=True)
-class PixelWindow:
-    """A rectangle of a raster: top-left ``(row, col)`` and size ``(height, width)`` in pixels."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        """``(rows, cols)`` slices of this window in raster coordinates."""
-        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
-
-    def within(self, outer: "PixelWindow") -> tuple[slice, slice]:
-        """Slices that cut this window out of an array holding ``outer`` (which contains it)."""
-        r, c = self.row - outer.row, self.col - outer.col
-        return slice(r, r + self.height), slice(c, c + self.width)
-
-    def to_rasterio(self) -> Window:
-        return Window(self.col, self.row, self.width, self.height)
+def gdal_window(rect: Rect) -> Window:
+    """``rect`` as rasterio's window (column first), for GDAL's reads and writes."""
+    return Window(rect.left, rect.top, rect.width, rect.height)
 
 
 CACHE_BYTES = 64 * 1024 * 1024
@@ -177,10 +160,9 @@ class RasterReader:
         # A nodata value the user declares (--nodata), over whatever the file declares.
         self.nodata = nodata
         self._src = open_raster(self.path)
-        # The part of the file this reader shows (restrict): its top-left and the AOI's
-        # polygons in the raster's CRS; the whole file by default.
-        self._origin = (0, 0)
-        self._extent = (self._src.height, self._src.width)
+        # The part of the file this reader shows (restrict) and the AOI's polygons in the
+        # raster's CRS; the whole file by default.
+        self._shown = Rect.of_size((self._src.height, self._src.width))
         self._aoi: list[dict] | None = None
         try:
             self.select(bands)
@@ -217,18 +199,16 @@ class RasterReader:
             RasterError: the AOI does not overlap the raster, or the raster is not georeferenced.
         """
         src = self._src
-        window, self._aoi = aoi.window(src.transform, (src.height, src.width), src.crs, self.path)
-        self._origin = (int(window.row_off), int(window.col_off))
-        self._extent = (int(window.height), int(window.width))
+        self._shown, self._aoi = aoi.window(src.transform, (src.height, src.width), src.crs, self.path)
 
-    def _window(self, window: PixelWindow) -> Window:
+    def _window(self, window: Rect) -> Window:
         """``window`` of the shown part as a rasterio window of the file."""
-        return Window(self._origin[1] + window.col, self._origin[0] + window.row, window.width, window.height)
+        return gdal_window(window.shifted(self._shown.top, self._shown.left))
 
     @property
     def size(self) -> tuple[int, int]:
         """``(H, W)`` in pixels (of the AOI's window after ``restrict``)."""
-        return self._extent
+        return self._shown.size
 
     @property
     def file_size(self) -> tuple[int, int]:
@@ -239,7 +219,7 @@ class RasterReader:
     def origin(self) -> tuple[int, int]:
         """``(row, col)`` of the shown part's top-left pixel in the file ((0, 0) unless
         ``restrict``ed)."""
-        return self._origin
+        return self._shown.top, self._shown.left
 
     @property
     def count(self) -> int:
@@ -257,12 +237,11 @@ class RasterReader:
         # it back would make the output claim a georeference the input never had.
         transform = None if src.transform.is_identity else src.transform
         if self._aoi is not None:  # a window of a georeferenced raster: its own transform only
-            shown = PixelWindow(0, 0, *self._extent)
-            return GeoInfo(src.crs, window_transform(self._window(shown), src.transform), (), None)
+            return GeoInfo(src.crs, window_transform(gdal_window(self._shown), src.transform), (), None)
         gcps, gcp_crs = src.gcps
         return GeoInfo(src.crs or (gcp_crs if gcps else None), transform, tuple(gcps), src.rpcs)
 
-    def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: Rect) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``(C, h, w)`` in the file's dtype and a validity mask ``(h, w)`` bool.
 
         Invalid (nodata) pixels, by GDAL's rule: those the file declares invalid (a nodata
@@ -274,16 +253,16 @@ class RasterReader:
         Raises:
             RasterError: truncated or corrupt data.
         """
-        return self._read(self._window(window), (window.height, window.width))
+        return self._read(self._window(window), window.size)
 
     def read_overview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole shown raster, decimated (nearest) so that its longer side is at most
         ``max_side``: pixels ``(C, h, w)`` and validity ``(h, w)``, as ``read`` gives them.
         GDAL reads from overviews where the file has them; a quick look at statistics."""
-        height, width = self._extent
+        height, width = self._shown.size
         factor = max(1, -(-max(height, width) // max_side))
         shape = (max(1, height // factor), max(1, width // factor))
-        return self._read(self._window(PixelWindow(0, 0, height, width)), shape)
+        return self._read(gdal_window(self._shown), shape)
 
     def _read(self, win: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """``win`` of the file read at ``shape`` (its own size, or decimated)."""
@@ -468,7 +447,7 @@ class RasterWriter:
             self._abandon()
             raise
 
-    def write(self, array: np.ndarray, window: PixelWindow, valid: np.ndarray | None = None) -> None:
+    def write(self, array: np.ndarray, window: Rect, valid: np.ndarray | None = None) -> None:
         """Write ``array`` ``(count, h, w)`` uint8 at ``window``; ``valid`` ``(h, w)`` bool
         feeds the internal mask (writers made with ``mask=True``; None = all valid).
 
@@ -481,10 +460,10 @@ class RasterWriter:
             raise _write_error(self.path, "cannot write output after a failed write")
         try:
             with _gdal_call(self.path, "cannot write output"):
-                self._dst.write(array, window=window.to_rasterio())
+                self._dst.write(array, window=gdal_window(window))
                 if self._masked:
                     mask = np.full(array.shape[-2:], 255, np.uint8) if valid is None else valid * np.uint8(255)
-                    self._dst.write_mask(mask, window=window.to_rasterio())
+                    self._dst.write_mask(mask, window=gdal_window(window))
         except RasterWriteError:
             self._failed = True
             raise

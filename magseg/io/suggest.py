@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
 
 from magseg.errors import DataError, MagsegError, RasterError
+from magseg.geometry import Rect
 from magseg.io.atomic import atomic_write
 from magseg.io.provenance import Provenance
-from magseg.io.raster import NODATA, VALUE_MAX
+from magseg.io.raster import NODATA, VALUE_MAX, gdal_window
 
 LAYER = "to_label"
 MIN_VALID = 0.5  # a window needs at least this share of a full window's pixels valid
@@ -44,14 +44,11 @@ SCORE_NOTE = "mean uncertainty (1 - certainty; certainty = top-1 minus top-2 pro
 
 @dataclass(frozen=True)
 class Candidate:
-    """One window of one raster: pixel ``row, col`` of its top-left, ``height x width``."""
+    """One ``window`` of one raster, in its pixels."""
 
     score: float
     raster: int  # index of the raster in the batch
-    row: int
-    col: int
-    height: int
-    width: int
+    window: Rect
     valid: float  # valid pixels / a full window's pixels
 
 
@@ -127,8 +124,9 @@ def score_windows(uncertainty: Path, size: int) -> Iterator[tuple[float, int, in
         scale = src.scales[0] if src.scales and src.scales[0] not in (0, 1) else 1 / VALUE_MAX
         for top in range(0, height, size):
             rows = min(size, height - top)
-            strip = src.read(1, window=Window(0, top, width, rows)).astype(np.float64) * scale
-            valid = src.read_masks(1, window=Window(0, top, width, rows)) > 0
+            strip_window = gdal_window(Rect(top, 0, rows, width))
+            strip = src.read(1, window=strip_window).astype(np.float64) * scale
+            valid = src.read_masks(1, window=strip_window) > 0
             for left in range(0, width, size):
                 cols = min(size, width - left)
                 v = valid[:, left:left + cols]
@@ -138,10 +136,10 @@ def score_windows(uncertainty: Path, size: int) -> Iterator[tuple[float, int, in
                 yield float(strip[:, left:left + cols][v].mean()), top, left, rows, cols, share
 
 
-def class_shares(labels: Path, window: Candidate, classes: int) -> list[float]:
+def class_shares(labels: Path, window: Rect, classes: int) -> list[float]:
     """Share of each class among the window's labelled pixels (nodata left out)."""
     with rasterio.open(labels) as src:
-        ids = src.read(1, window=Window(window.col, window.row, window.width, window.height))
+        ids = src.read(1, window=gdal_window(window))
     ids = ids[ids != NODATA]
     counts = np.bincount(ids.ravel(), minlength=classes)[:classes].astype(np.float64)
     total = counts.sum()
@@ -155,7 +153,7 @@ def top_windows(predictions: Sequence[RasterPrediction], n: int) -> list[Candida
     for index, pred in enumerate(predictions):
         for score, row, col, h, w, valid in score_windows(pred.uncertainty, pred.size):
             # Ties broken towards earlier rasters and positions: -index, -row, -col.
-            item = (score, -index, -row, -col, Candidate(score, index, row, col, h, w, valid))
+            item = (score, -index, -row, -col, Candidate(score, index, Rect(row, col, h, w), valid))
             if len(heap) < n:
                 heapq.heappush(heap, item)
             elif item[:4] > heap[0][:4]:
@@ -169,8 +167,8 @@ def _footprint(pred: RasterPrediction, c: Candidate):
     from affine import Affine
 
     t = pred.transform if pred.transform is not None and not pred.transform.is_identity else Affine.identity()
-    corners = [(c.col, c.row), (c.col + c.width, c.row), (c.col + c.width, c.row + c.height),
-               (c.col, c.row + c.height)]
+    w = c.window
+    corners = [(w.left, w.top), (w.right, w.top), (w.right, w.bottom), (w.left, w.bottom)]
     return shapely.Polygon([t @ xy for xy in corners])
 
 
@@ -196,9 +194,9 @@ def write_layer(path: Path, predictions: Sequence[RasterPrediction], chosen: Seq
         geom = _footprint(pred, c)
         if crs is not None and pred.crs is not None and pred.crs != crs:
             geom = shapely.geometry.shape(transform_geom(pred.crs, crs, shapely.geometry.mapping(geom)))
-        shares = class_shares(pred.labels, c, len(class_names))
-        records.append({"rank": rank, "raster": str(pred.raster), "row": c.row, "col": c.col,
-                        "height": c.height, "width": c.width, "mean_uncertainty": c.score,
+        shares = class_shares(pred.labels, c.window, len(class_names))
+        records.append({"rank": rank, "raster": str(pred.raster), "row": c.window.top, "col": c.window.left,
+                        "height": c.window.height, "width": c.window.width, "mean_uncertainty": c.score,
                         "valid_share": c.valid, "dominant_class": class_names[int(np.argmax(shares))],
                         "shares": dict(zip(class_names, shares))})
         geometries.append(geom)

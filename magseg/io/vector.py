@@ -30,10 +30,10 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.features import shapes
-from rasterio.windows import Window
 
 from magseg.errors import MagsegError, WriteError
-from magseg.io.raster import VALUE_MAX
+from magseg.geometry import Rect
+from magseg.io.raster import VALUE_MAX, gdal_window
 from magseg.io.vector_formats import VECTOR_FORMATS
 
 LAYER = "classes"
@@ -420,9 +420,10 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
             # The parts of the previous strip that touch its bottom row, with their groups.
             open_parts: list[tuple[shapely.Polygon, _Group]] = []
             for top, bottom in _strips(height, rows):
-                strip = src.read(1, window=Window(0, top, width, bottom - top))
+                window = gdal_window(Rect(top, 0, bottom - top, width))
+                strip = src.read(1, window=window)
                 confidence = None if conf_src is None else \
-                    1 - conf_src.read(1, window=Window(0, top, width, bottom - top)).astype(np.float64) / VALUE_MAX
+                    1 - conf_src.read(1, window=window).astype(np.float64) / VALUE_MAX
                 groups, touching = _group_strip(strip, top, height, nodata, open_parts, confidence)
                 # A group is finished when none of its parts reaches into the next strip.
                 for group in _finished(groups, touching):

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from magseg.io.raster import PixelWindow, RasterReader
+from magseg.geometry import Rect
+from magseg.io.raster import RasterReader
 from magseg.normalization import SCALE_MIN_PIXELS, ChannelStats, scale_mismatches
 
 # The early look reads the raster decimated to at most this many pixels a side.
@@ -34,7 +35,7 @@ def early_look(reader: RasterReader, normalize: Callable[[np.ndarray], Tensor],
         return True, warnings
     height, width = reader.size
     step = max(1, (64 << 20) // max(1, width * reader.count * 8))  # rows per read: ~64 MB
-    return any(reader.read(PixelWindow(r, 0, min(step, height - r), width))[1].any()
+    return any(reader.read(Rect(r, 0, min(step, height - r), width))[1].any()
                for r in range(0, height, step)), warnings
 
 

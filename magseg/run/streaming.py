@@ -32,9 +32,10 @@ from magseg.engine.maps import ChunkMap, map_bytes
 from magseg.engine.pyramid import CropBox, Size
 from magseg.engine.stages import BatchJob, CollectSink, StageRun, run_job
 from magseg.errors import MagsegError, WriteError
+from magseg.geometry import Rect
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
-from magseg.io.raster import NODATA, VALUE_MAX, PixelWindow, RasterReader, io_env
+from magseg.io.raster import NODATA, VALUE_MAX, RasterReader, io_env
 from magseg.run.pools import Pool
 
 
@@ -65,8 +66,7 @@ class RasterSource:
               ) -> tuple[np.ndarray, Tensor | None, np.ndarray]:
         """A window's raw pixels, its normalised image (when asked, or needed to decide
         validity) and its validity: the file's, and finite once normalised."""
-        window = PixelWindow(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
-        raw, valid = self.reader.read(window)
+        raw, valid = self.reader.read(Rect.from_slices(rows, cols))
         check = not self._always_finite(raw.dtype, raw.shape[0])
         image = self.normalize(raw) if normalized or check else None
         if check:
@@ -101,7 +101,7 @@ class CropResult:
     ``(classes, h, w)`` float with the temperature applied (None: no output needs them).
     The uint8 values are computed once, for the first output that asks."""
 
-    def __init__(self, window: PixelWindow, raw: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+    def __init__(self, window: Rect, raw: np.ndarray, labels: np.ndarray, valid: np.ndarray,
                  probs: Tensor | None) -> None:
         self.window, self.raw, self.labels, self.valid, self.probs = window, raw, labels, valid, probs
 
@@ -150,7 +150,7 @@ class RasterSink:
 
     def write(self, boxes: list[CropBox], labels: Tensor, probs: Tensor | None) -> None:
         for i, box in enumerate(boxes):
-            raw, valid = self.source.validity(*box.owned)
+            raw, valid = self.source.validity(*box.owned.slices)
             crop_part = box.owned_in_crop
             own = labels[i][crop_part].cpu().numpy().copy()
             # A label is a class id or nodata, whatever the model computed: a pixel whose
@@ -161,7 +161,7 @@ class RasterSink:
 
     def _write(self, box: CropBox, raw: np.ndarray, labels: np.ndarray, probs: Tensor | None,
                valid: np.ndarray) -> None:
-        window = PixelWindow(box.own_top, box.own_left, box.own_height, box.own_width)
+        window = box.owned
         self.counts += np.bincount(labels.ravel(), minlength=256)
         if probs is not None:
             probs = apply_temperature(probs.float().cpu(), self.temperature)
@@ -172,9 +172,9 @@ class RasterSink:
     def write_nodata(self, boxes: list[CropBox]) -> None:
         """Nodata over ``boxes`` (a raster with no valid pixel: no engine run at all)."""
         for box in boxes:
-            raw, valid = self.source.validity(*box.owned)
-            labels = np.full((box.own_height, box.own_width), NODATA, np.uint8)
-            probs = torch.zeros((self.classes, box.own_height, box.own_width)) if self.wants_probs else None
+            raw, valid = self.source.validity(*box.owned.slices)
+            labels = np.full(box.owned.size, NODATA, np.uint8)
+            probs = torch.zeros((self.classes, *box.owned.size)) if self.wants_probs else None
             self._write(box, raw, labels, probs, np.zeros_like(valid))
 
 

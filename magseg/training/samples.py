@@ -30,6 +30,7 @@ from magseg.data.scenes import IGNORE, Scene, read_scene
 from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, grown_input, grown_windows, resize
 from magseg.engine.resample import ReadSource, resample_window
 from magseg.errors import ConfigError, DataError, MagsegError
+from magseg.geometry import Rect
 from magseg.normalization import normalize
 from magseg.training.augment import augment_pair, create_augmentation
 from magseg.training.loader import marked
@@ -83,20 +84,15 @@ class GeoTiffWindows(SceneWindows):
             self.size = (src.height, src.width)
 
     def image(self, rows: slice, cols: slice) -> np.ndarray:
-        from rasterio.windows import Window
-
         from magseg.io.raster import read_array
 
-        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        return read_array(self.scene.image, self.config.data.bands, window)
+        return read_array(self.scene.image, self.config.data.bands, Rect.from_slices(rows, cols))
 
     def mask(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        from rasterio.windows import Window
-
         from magseg.io.raster import read_array
 
         r0, c0 = int(rows.min()), int(cols.min())
-        window = Window(c0, r0, int(cols.max()) + 1 - c0, int(rows.max()) + 1 - r0)
+        window = Rect(r0, c0, int(rows.max()) + 1 - r0, int(cols.max()) + 1 - c0)
         assert self.scene.mask is not None
         mask = read_array(self.scene.mask, None, window)[0]
         path = self.scene.mask
@@ -155,10 +151,10 @@ def stage_crop(scene: SceneWindows, size: Size, box: CropBox, config: Config,
 
 def stage_mask(scene: SceneWindows, size: Size, box: CropBox, crop: Size) -> Tensor:
     """``mask_window(resize_mask(mask, size), box, crop)`` from the mask pixels it reads."""
-    rows = nearest_indices(scene.size[0], size[0])[box.top : box.top + box.height]
-    cols = nearest_indices(scene.size[1], size[1])[box.left : box.left + box.width]
+    rows = nearest_indices(scene.size[0], size[0])[box.window.top : box.window.bottom]
+    cols = nearest_indices(scene.size[1], size[1])[box.window.left : box.window.right]
     out = torch.full(tuple(crop), IGNORE, dtype=torch.long)
-    out[: box.height, : box.width] = torch.from_numpy(np.asarray(scene.mask(rows, cols)).astype(np.int64))
+    out[: box.window.height, : box.window.width] = torch.from_numpy(np.asarray(scene.mask(rows, cols)).astype(np.int64))
     return out
 
 
@@ -182,7 +178,7 @@ def stage_image(scene: SceneWindows, size: Size, config: Config) -> Tensor:
     ``resample_window`` over the whole stage grid. Its crops are the engine's crops bit for
     bit when the stage shrinks the scene or scales it by a non-integer factor; an integer
     enlargement (a stage larger than the scene) agrees to float rounding."""
-    return resample_window(scene_source(scene, config), size, (0, 0, *size))
+    return resample_window(scene_source(scene, config), size, Rect.of_size(size))
 
 
 class _Samples(Dataset):
@@ -322,14 +318,14 @@ class RefinerSamples(_Samples):
         # grown_windows), at the training window's extent; the crop sits at ``offset`` in it.
         (grown,), ((dy, dx),), _ = grown_windows([box], pyramid.crop, size, pyramid.margin_pixels)
         window = training_window(self.config)
-        at = CropBox(grown[0], grown[1], *window, grown[0], grown[1], *window)
+        at = CropBox.whole(Rect(grown.top, grown.left, *window))
         fine, contexts = stage_crop(scene, size, at, self.config, self.ratios, window)
         item = {
             "fine": fine,
             "offset": torch.tensor([dy, dx]),
             "mask": stage_mask(scene, size, box, pyramid.crop),
             "size": torch.tensor(size),
-            "box": torch.tensor([box.top, box.left, box.height, box.width]),
+            "box": torch.tensor([box.window.top, box.window.left, box.window.height, box.window.width]),
         }
         if self.coarse is not None:
             item["coarse"] = self.coarse.window(source, size, box)

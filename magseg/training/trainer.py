@@ -42,6 +42,7 @@ from magseg.engine.resample import TensorSource, resample_window
 from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError, ConfigError, OutputExistsError
 from magseg.evaluation.metrics import percent
+from magseg.geometry import Rect
 from magseg.io.atomic import atomic_write
 from magseg.normalization import ChannelStats
 from magseg.segmenter import create_refiner, create_segmenter_model
@@ -315,9 +316,7 @@ def coarse_inputs(backbone: nn.Module, batch: dict[str, Any], config: Config, de
     coarse = []
     for scene0, size, box in zip(batch["scene0"], batch["size"], batch["box"]):
         y0 = stage_probs(backbone, scene0.to(device), config.pyramid, config.engine)
-        top, left, height, width = (int(v) for v in box)
-        (window,) = crop_windows([CropBox(top, left, height, width, top, left, height, width)],
-                                 config.pyramid.crop)
+        (window,) = crop_windows([CropBox.whole(Rect(*(int(v) for v in box)))], config.pyramid.crop)
         # As StageRun.coarse upsamples a crop's coarse view: only the window, by the engine's filter.
         coarse.append(resample_window(TensorSource(y0), tuple(int(v) for v in size), window))
     return torch.stack(coarse)

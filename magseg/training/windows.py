@@ -17,6 +17,7 @@ from torch import Tensor
 
 from magseg.data.scenes import IGNORE
 from magseg.engine.pyramid import CropBox, Size, resize
+from magseg.geometry import Rect
 
 
 def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
@@ -26,7 +27,7 @@ def random_box(rng: np.random.Generator, size: Size, crop: Size) -> CropBox:
     top = int(rng.integers(0, max(h - ch, 0) + 1))
     left = int(rng.integers(0, max(w - cw, 0) + 1))
     height, width = min(ch, h), min(cw, w)
-    return CropBox(top, left, height, width, top, left, height, width)
+    return CropBox.whole(Rect(top, left, height, width))
 
 
 def resize_mask(mask: Tensor, size: Size) -> Tensor:
@@ -39,7 +40,7 @@ def resize_mask(mask: Tensor, size: Size) -> Tensor:
 def mask_window(mask: Tensor, box: CropBox, crop: Size) -> Tensor:
     """Cut ``box`` out of a stage mask ``(h, w)`` as ``crop`` (ch, cw) int64, padded with IGNORE."""
     out = torch.full(tuple(crop), IGNORE, dtype=torch.long)
-    out[: box.height, : box.width] = mask[box.window]
+    out[: box.window.height, : box.window.width] = mask[box.window.slices]
     return out
 
 
