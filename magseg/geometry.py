@@ -66,7 +66,8 @@ class Rect:
 
     def grown(self, margin: int) -> Rect:
         """``margin`` more pixels on every side."""
-        return Rect(self.top - margin, self.left - margin, self.height + 2 * margin, self.width + 2 * margin)
+        return Rect(self.top - margin, self.left - margin,
+                    self.height + 2 * margin, self.width + 2 * margin)
 
     def intersection(self, other: Rect) -> Rect:
         """The pixels in both; ``empty`` (height or width 0) where they do not meet."""

@@ -238,6 +238,7 @@ def resample_windows(source: Source, size: Size, windows: list[Rect]) -> Tensor:
     Each pixel is exactly what any other window covering it computes (module docstring), so
     crops cut from a stage image made this way never disagree where they overlap.
     """
-    if len({window.size for window in windows}) > 1:
-        raise ValueError(f"windows must share one size, got {sorted({window.size for window in windows})}")
+    sizes = {window.size for window in windows}
+    if len(sizes) > 1:
+        raise ValueError(f"windows must share one size, got {sorted(sizes)}")
     return torch.stack([resample_window(source, size, window) for window in windows])
