@@ -45,14 +45,12 @@ from magseg.cli.common import (
     progress_bar,
     removed_option,
 )
+from magseg.io.vector_formats import VECTOR_FORMATS
 
 
-class VectorFormat(str, Enum):
-    """--vector: the OGR formats polygons are written in (magseg.io.vector.VECTOR_FORMATS)."""
-
-    gpkg = "gpkg"
-    fgb = "fgb"
-    geojson = "geojson"
+# --vector (and vectorize's --format): the polygon formats, as listed in magseg.io.vector_formats.
+VectorFormat = Enum("VectorFormat", {name: name for name in VECTOR_FORMATS}, type=str)
+FORMAT_NAMES = ", ".join(list(VECTOR_FORMATS)[:-1]) + " or " + list(VECTOR_FORMATS)[-1]
 
 
 def _parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -133,7 +131,7 @@ COG = typer.Option(False, "--cog", help="Cloud-optimised GeoTIFFs with overviews
 PREVIEW = typer.Option(
     False, "--preview", help="A PNG beside each output: image | classes | uncertainty, downsampled.")
 VECTOR = typer.Option(
-    None, "--vector", metavar="gpkg|fgb|geojson", help="Also write the class map as polygons: gpkg, fgb or geojson "
+    None, "--vector", metavar="|".join(VECTOR_FORMATS), help=f"Also write the class map as polygons: {FORMAT_NAMES} "
     "(class_id, class_name, area in CRS units; made in strips, memory does not grow with the raster).")
 MIN_AREA = typer.Option(
     0.0, "--min-area", min=0, metavar="AREA", help="With --vector: drop polygons smaller than this (CRS units squared, "

@@ -19,12 +19,12 @@ from magseg.cli.common import (
     handle_errors,
     log,
 )
-from magseg.cli.predict import MIN_AREA, SIMPLIFY, VectorFormat
+from magseg.cli.predict import FORMAT_NAMES, MIN_AREA, SIMPLIFY, VectorFormat
 
 LABELS = typer.Argument(
     ..., help="Class maps (magseg predict's <stem>.tif, or any one-band raster of class ids): "
     "files, globs, directories, or - to read paths from stdin.")
-FORMAT = typer.Option(VectorFormat.gpkg, "--format", "-f", metavar="FORMAT", help="gpkg, fgb or geojson.")
+FORMAT = typer.Option(VectorFormat.gpkg, "--format", "-f", metavar="FORMAT", help=f"{FORMAT_NAMES}.")
 OUT_DIR = typer.Option(None, "--out-dir", "-o", file_okay=False, metavar="DIR",
                        help="Directory (created if missing) for the layers; default: beside each class map.")
 
@@ -66,7 +66,7 @@ def vectorize(
         try:
             record = vector.vectorize(path, out_dir, options, overwrite).to_record()
         except MagsegError as exc:
-            target = Path(out_dir or Path(path).parent) / (Path(path).stem + vector.VECTOR_FORMATS[format.value][1])
+            target = Path(out_dir or Path(path).parent) / (Path(path).stem + vector.VECTOR_FORMATS[format.value].suffix)
             record = vector.VectorizeResult(Path(path), target, "failed", error=str(exc)).to_record()
         failed += record["status"] == "failed"
         emit(record)

@@ -34,9 +34,8 @@ from rasterio.features import shapes
 from magseg.errors import MagsegError, WriteError
 from magseg.geometry import Rect
 from magseg.io.raster import VALUE_MAX, gdal_window
+from magseg.io.vector_formats import VECTOR_FORMATS
 
-# --vector FORMAT -> (OGR driver, file suffix).
-VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "fgb": ("FlatGeobuf", ".fgb"), "geojson": ("GeoJSON", ".geojson")}
 LAYER = "classes"
 # Pixels per strip (256 rows of a 16384 px wide raster): one strip's polygons are made at
 # once. Beyond the strip, memory holds the regions that cross its border: a road network
@@ -171,7 +170,7 @@ class _Writer:
         # GDAL picks the layout by the name: FlatGeobuf makes a directory of layers for a
         # name without ``.fgb`` (magseg's temporary names end in ``.partial``). Written under
         # a name with the format's suffix, renamed to ``path`` when finished (``finish``).
-        suffix = next(s for d, s in VECTOR_FORMATS.values() if d == driver)
+        suffix = next(f.suffix for f in VECTOR_FORMATS.values() if f.driver == driver)
         self.gdal_path = path if path.suffix.lower() == suffix else path.with_name(path.name + suffix)
         self.metadata = dict(metadata) if metadata else None
         self.geometries: list[shapely.Geometry] = []
@@ -402,7 +401,7 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
     Raises:
         VectorError: the raster cannot be read or the file cannot be written.
     """
-    driver = VECTOR_FORMATS[options.format][0]
+    driver = VECTOR_FORMATS[options.format].driver
     summary = VectorSummary()
     with _open_class_map(labels) as src, contextlib.ExitStack() as stack:
         conf_src = None if uncertainty is None else stack.enter_context(_open_class_map(uncertainty))
@@ -501,7 +500,7 @@ def vectorize(labels: str | Path, out_dir: str | Path | None, options: VectorOpt
 
     start = time.perf_counter()
     labels = Path(labels)
-    target = Path(out_dir or labels.parent) / (labels.stem + VECTOR_FORMATS[options.format][1])
+    target = Path(out_dir or labels.parent) / (labels.stem + VECTOR_FORMATS[options.format].suffix)
     result = VectorizeResult(labels, target, "ok")
     with _open_class_map(labels) as src:
         tags = dict(src.tags())

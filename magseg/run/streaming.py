@@ -2,8 +2,8 @@
 sink, and the scratch space that holds the stage maps in between.
 
     RasterSource   a window of the raster, normalised, nodata set to the mean (0)
-    RasterSink     the final labels (and probabilities, uncertainty, preview) of each crop,
-                   written to the output files; nodata stays nodata
+    RasterSink     the final labels (and probabilities, uncertainty) of each crop, handed to
+                   the writers of the outputs being made (magseg.run.outputs); nodata stays nodata
     PoolStages     a stage's crop batches on a pool of workers (Ray actors, each holding the
                    model once), the outputs written here: one huge raster on many machines
     Scratch        one directory per input for the stage maps (magseg.engine.maps.ChunkMap),
@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from magseg.errors import MagsegError, WriteError
 from magseg.geometry import Rect
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
-from magseg.io.raster import NODATA, VALUE_MAX, RasterReader, RasterWriter, io_env
+from magseg.io.raster import NODATA, VALUE_MAX, RasterReader, io_env
 from magseg.run.pools import Pool
 
 
@@ -93,23 +94,56 @@ def _to_uint8(values: Tensor, invalid: Tensor) -> np.ndarray:
     return out.masked_fill(invalid, NODATA).numpy()
 
 
+class CropResult:
+    """The final result on one crop's owned window, as every output being made takes it
+    (``magseg.run.outputs``): ``window`` in the raster, ``raw`` pixels ``(C_in, h, w)``,
+    ``labels`` ``(h, w)`` uint8 (nodata 255), ``valid`` ``(h, w)`` bool and ``probs``
+    ``(classes, h, w)`` float with the temperature applied (None: no output needs them).
+    The uint8 values are computed once, for the first output that asks."""
+
+    def __init__(self, window: Rect, raw: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                 probs: Tensor | None) -> None:
+        self.window, self.raw, self.labels, self.valid, self.probs = window, raw, labels, valid, probs
+
+    @functools.cached_property
+    def _invalid(self) -> Tensor:
+        return torch.from_numpy(~self.valid)
+
+    @functools.cached_property
+    def probs_uint8(self) -> np.ndarray:
+        """``(classes, h, w)`` probability x VALUE_MAX, NODATA where invalid."""
+        assert self.probs is not None, "an output that needs probabilities was not declared so"
+        return _to_uint8(self.probs.nan_to_num(0.0), self._invalid)
+
+    @functools.cached_property
+    def uncertainty_uint8(self) -> np.ndarray | None:
+        """``(h, w)`` (1 - certainty) x VALUE_MAX, NODATA where invalid; None without ``probs``."""
+        if self.probs is None:
+            return None
+        return _to_uint8(1 - certainty(self.probs[None])[0].nan_to_num(1.0), self._invalid)
+
+
+class CropWriter(Protocol):
+    """An output written crop by crop (``magseg.run.outputs``): each crop's owned window once."""
+
+    def write(self, crop: CropResult) -> None: ...
+
+
 class RasterSink:
     """Writes each crop's owned region of the final result to the outputs being made.
 
     Args:
-        writers: open writers by output kind (``labels``, ``probs``, ``uncertainty``).
-        preview: a ``PreviewCanvas`` or None.
-        wants_probs: the probabilities are needed (probs, uncertainty or preview).
+        writers: the open writers of the outputs made crop by crop (``magseg.run.outputs``).
+        wants_probs: the probabilities are needed (some writer's kind ``needs_probs``).
         temperature: the checkpoint's (``Segmenter.temperature``), applied to the
             probabilities and uncertainty written; the labels are the engine's.
     """
 
-    def __init__(self, source: RasterSource, classes: int, writers: Mapping[str, RasterWriter],
-                 preview, wants_probs: bool, temperature: float = 1.0) -> None:
+    def __init__(self, source: RasterSource, classes: int, writers: Sequence[CropWriter],
+                 wants_probs: bool, temperature: float = 1.0) -> None:
         self.source = source
         self.classes = classes
         self.writers = writers
-        self.preview = preview
         self.wants_probs = wants_probs
         self.temperature = temperature
         self.counts = np.zeros(256, dtype=np.int64)  # pixels per class id (and nodata)
@@ -129,19 +163,11 @@ class RasterSink:
                valid: np.ndarray) -> None:
         window = box.owned
         self.counts += np.bincount(labels.ravel(), minlength=256)
-        uncert = None
         if probs is not None:
-            invalid = torch.from_numpy(~valid)
             probs = apply_temperature(probs.float().cpu(), self.temperature)
-            uncert = _to_uint8(1 - certainty(probs[None])[0].nan_to_num(1.0), invalid)
-            if "probs" in self.writers:
-                self.writers["probs"].write(_to_uint8(probs.nan_to_num(0.0), invalid), window, valid)
-        if "labels" in self.writers:
-            self.writers["labels"].write(labels[None], window)
-        if "uncertainty" in self.writers:
-            self.writers["uncertainty"].write(uncert[None], window, valid)
-        if self.preview is not None:
-            self.preview.add(window, raw, labels, uncert, valid)
+        crop = CropResult(window, raw, labels, valid, probs)
+        for writer in self.writers:
+            writer.write(crop)
 
     def write_nodata(self, boxes: list[CropBox]) -> None:
         """Nodata over ``boxes`` (a raster with no valid pixel: no engine run at all)."""
