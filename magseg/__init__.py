@@ -38,8 +38,8 @@ __all__ = [
 _LAZY = {
     "Backbone": "magseg.engine.backbone",
     "MultiContextBackbone": "magseg.engine.backbone",
-    "ProbsRefiner": "magseg.engine.refiner",
-    "RefinerLike": "magseg.engine.refiner",
+    "ProbsRefiner": "magseg.engine.refiner_network",
+    "RefinerLike": "magseg.engine.refiner_network",
     "SegmentationResult": "magseg.engine.stages",
     "segment": "magseg.engine.stages",
     "Segmenter": "magseg.segmenter",

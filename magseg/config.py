@@ -87,14 +87,14 @@ class ModelConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class RefinerConfig:
-    """The refinement module (see magseg.engine.refiner). ``enabled: false`` means refined = fine."""
+    """The refinement module (see magseg.engine.refiner_network). ``enabled: false`` means refined = fine."""
 
     enabled: bool = True
     channels: int = 32
     # The context branch runs at 1/context_stride of the crop resolution (speed).
     context_stride: int = 4
     # A per-pixel gate, from full-resolution cues, between keeping the fine prediction and
-    # taking the correction (magseg.engine.refiner.RefinerGate): without it the smooth correction
+    # taking the correction (magseg.engine.refiner_network.RefinerGate): without it the smooth correction
     # can erase small objects the fine view found. Checkpoints without gate weights load
     # as false.
     gate: bool = True

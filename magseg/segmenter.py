@@ -20,7 +20,7 @@ from magseg.config import Config
 from magseg.device import resolve_device
 from magseg.engine.crf import check_crf
 from magseg.engine.precision import resolve_precision, runtime_info
-from magseg.engine.refiner import Refiner
+from magseg.engine.refiner_network import Refiner
 from magseg.engine.runtime import (
     RuntimeBackbone,
     resolve_runtime,

@@ -249,7 +249,7 @@ METHODS = ("backbone", "engine", "patch_only", "adaptive")
 SECTIONS = {
     "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "refine_probs",
                              "refine_crops", "refine_labels", "labels_of"),
-    "magseg.engine.refine": ("error_score", "top_error_pixels", "labels_of"),
+    "magseg.engine.refine_step": ("error_score", "top_error_pixels", "labels_of"),
 }
 
 

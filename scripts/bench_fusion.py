@@ -31,8 +31,8 @@ from bench_engine import _cpu_flags  # noqa: E402
 
 from magseg.engine.certainty import certainty, error_score  # noqa: E402
 from magseg.engine.precision import cpu_info  # noqa: E402
-from magseg.engine.refine import labels_of  # noqa: E402
-from magseg.engine.refiner import Refiner, RefinerGate, _tv_distance  # noqa: E402
+from magseg.engine.refine_step import labels_of  # noqa: E402
+from magseg.engine.refiner_network import Refiner, RefinerGate, _tv_distance  # noqa: E402
 
 
 def _constant_gate(gate: RefinerGate):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from figures import report as report_figures  # noqa: E402
 
 from magseg.config import load_config  # noqa: E402
-from magseg.engine.refiner import Refiner  # noqa: E402
+from magseg.engine.refiner_network import Refiner  # noqa: E402
 from magseg.engine.stages import crop_probs  # noqa: E402
 from magseg.segmenter import create_segmenter_model  # noqa: E402
 

@@ -3,7 +3,7 @@ parsed and the call stack where the engine reads it, in one in-process ``magseg 
 
     .venv/bin/python scripts/trace_setting.py                 # K: refine.points, read by num_points
     .venv/bin/python scripts/trace_setting.py --set refine.points=0.25 \\
-        --reads magseg.engine.refine.num_points --json k_path.json
+        --reads magseg.engine.refine_step.num_points --json k_path.json
 
 A fresh tiny model (configs/tiny.yaml) predicts one 128 px GeoTIFF with ``--set KEY=VALUE``.
 A profile hook watches every call into magseg: the stack is taken (a) at the deepest call of
@@ -67,7 +67,7 @@ def _inputs(tmp: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="setting", default="refine.points=0.25", help="KEY=VALUE")
-    parser.add_argument("--reads", default="magseg.engine.refine.num_points",
+    parser.add_argument("--reads", default="magseg.engine.refine_step.num_points",
                         help="module.function where the engine reads the setting")
     parser.add_argument("--json", type=Path, help="also write the object here")
     args = parser.parse_args()

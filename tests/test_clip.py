@@ -12,7 +12,7 @@ import torch
 from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.clip import clip_plan, segment_window, source_span
 from magseg.engine.pyramid import crop_boxes
-from magseg.engine.refiner import Refiner
+from magseg.engine.refiner_network import Refiner
 from magseg.engine.resample import resample_window
 from magseg.engine.stages import segment
 from magseg.geometry import Rect

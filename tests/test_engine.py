@@ -13,7 +13,7 @@ from magseg.config import AdaptiveConfig, EngineConfig, PyramidConfig, RefineCon
 from magseg.engine.certainty import error_map
 from magseg.engine.pointrend_reference import pixel_centres, point_sample, scatter_points, top_k_points
 from magseg.engine.pyramid import crop_boxes, extract_crops, owned_mask
-from magseg.engine.refine import (
+from magseg.engine.refine_step import (
     crop_uncertainty,
     labels_of,
     num_points,
@@ -21,7 +21,7 @@ from magseg.engine.refine import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner import Refiner
+from magseg.engine.refiner_network import Refiner
 from magseg.engine.stages import segment
 
 

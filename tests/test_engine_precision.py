@@ -27,7 +27,7 @@ from geotiff import smooth_image
 from magseg.engine import stages
 from magseg.engine.certainty import error_score, median_blur
 from magseg.engine.pyramid import owned_mask
-from magseg.engine.refine import num_points, picked_pixels
+from magseg.engine.refine_step import num_points, picked_pixels
 from magseg.segmenter import Segmenter
 
 # Odd sizes, so that crops overlap and reach past the image at every stage.

@@ -237,7 +237,7 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
 
 
 def test_border_band_and_the_border_term_picks_border_pixels_last():
-    from magseg.engine.refine import border_band, picked_pixels
+    from magseg.engine.refine_step import border_band, picked_pixels
 
     boxes = crop_boxes((16, 24), (8, 8))  # 2 x 3 crops
     band = border_band(boxes, (8, 8), (16, 24), 2)

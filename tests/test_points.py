@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magseg.engine.pointrend_reference import pixel_centres, point_sample, scatter_points, top_k_points
-from magseg.engine.refine import num_points
+from magseg.engine.refine_step import num_points
 
 
 def test_num_points_count_and_fraction():

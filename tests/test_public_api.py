@@ -41,7 +41,7 @@ def test_all_names_each_public_name_once():
 
 
 def test_magsegs_refiner_meets_the_refiner_contracts_and_a_plain_one_only_the_first():
-    from magseg.engine.refiner import Refiner
+    from magseg.engine.refiner_network import Refiner
     from magseg.engine.stages import refine_probs
 
     class Plain(torch.nn.Module):  # logits only: the engine takes their softmax

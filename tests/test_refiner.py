@@ -2,7 +2,7 @@
 
 import torch
 
-from magseg.engine.refiner import Refiner, refiner_input
+from magseg.engine.refiner_network import Refiner, refiner_input
 
 
 def _probs(*shape):

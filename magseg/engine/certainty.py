@@ -113,7 +113,7 @@ def error_score(refined: Tensor, coarse: Tensor, total: Tensor | None = None) ->
 def error_score_and_tops(refined: Tensor, coarse: Tensor, total: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """``error_score`` and the top-1 maps ``(B, H, W)`` of ``refined`` and of ``coarse`` it
-    found on the way, for argmaxes that reuse them (``magseg.engine.refine.labels_of``)."""
+    found on the way, for argmaxes that reuse them (``magseg.engine.refine_step.labels_of``)."""
     best, cert = top2(refined)
     torch.sub(best, cert, out=cert)
     if total is not None:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from magseg.config import CrfConfig
 from magseg.engine.pyramid import CropBox, crop_boxes
-from magseg.engine.refine import labels_of
+from magseg.engine.refine_step import labels_of
 from magseg.errors import ConfigError
 from magseg.geometry import Rect
 

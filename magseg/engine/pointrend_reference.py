@@ -5,7 +5,7 @@ docs/design.md states it. tests/test_engine.py checks the engine against it.
 Points are indices into a crop's flattened ``H * W`` grid, or normalised ``(x, y)`` in
 [0, 1] as ``grid_sample`` expects; a pixel's centre is ``((col + 0.5) / W, (row + 0.5) / H)``.
 
-The engine itself takes K from ``magseg.engine.refine.num_points``, picks pixels by counting
+The engine itself takes K from ``magseg.engine.refine_step.num_points``, picks pixels by counting
 (``magseg.engine.certainty.top_error_pixels``) and takes R's values with one masked select.
 """
 

@@ -47,14 +47,14 @@ from magseg.engine.pyramid import (
     resize,
     stitch_crops,
 )
-from magseg.engine.refine import (
+from magseg.engine.refine_step import (
     crop_uncertainty,
     labels_of,
     refine_crops,
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner import ProbsRefiner, WeightsRefiner
+from magseg.engine.refiner_network import ProbsRefiner, WeightsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
 from magseg.geometry import Rect
 

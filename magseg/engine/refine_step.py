@@ -1,4 +1,5 @@
-"""The refine step of a stage after the first: which crops run, which pixels take R.
+"""The refine step of a stage after the first (config section `refine`): which crops run,
+which pixels take R, the refiner network's output (`magseg.engine.refiner_network`).
 
     crop selection (adaptive mode): mean coarse uncertainty per crop -> the most uncertain
     picked pixels: the top K of each crop's error map among the pixels it owns

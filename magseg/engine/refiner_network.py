@@ -1,4 +1,6 @@
-"""The refinement module: fine and coarse class maps in, refined logits out.
+"""The refiner network (config section `refiner`): fine and coarse class maps in, refined
+logits out. The refine step that decides which pixels take its output is
+`magseg.engine.refine_step` (config section `refine`).
 
 MagNet's refiner is a full-resolution conv net with 64-128 channels; on a CPU it costs more
 than the backbone. This one keeps the interface (the two C-channel probability maps,
