@@ -39,7 +39,7 @@ from magseg.data.scenes import list_scenes, read_scene  # noqa: E402
 from magseg.engine.pyramid import crop_boxes, grown_windows  # noqa: E402
 from magseg.evaluation.benchmark import seam_tallies  # noqa: E402
 from magseg.evaluation.metrics import ConfusionMatrix  # noqa: E402
-from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines  # noqa: E402
+from magseg.evaluation.seams import SeamTally, line_changes, line_period, pyramid_border_lines  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
 
@@ -70,13 +70,14 @@ def band_edge_tallies(labels, pyramid, border: int) -> list[SeamTally]:
     borders does not look."""
     changes = line_changes(labels)
     (h, w), tallies = labels.shape, []
+    period = line_period(pyramid.scales, (h, w), pyramid.scene)
     for size, (rows, cols) in zip(pyramid.stage_sizes((h, w)),
                                   pyramid_border_lines(pyramid.scales, pyramid.crop, (h, w), pyramid.scene)):
         dy, dx = round(border * h / size[0]), round(border * w / size[1])
         shifted = ([r + s for r in rows for s in {-dy, dy} if 0 < r + s < h],
                    [c + s for c in cols for s in {-dx, dx} if 0 < c + s < w])
         tally = SeamTally()
-        tally.add(changes, *shifted)
+        tally.add(changes, *shifted, period)
         tallies.append(tally)
     return tallies
 

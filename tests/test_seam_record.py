@@ -13,7 +13,7 @@ from magseg.cli.app import app
 from typer.testing import CliRunner
 
 from magseg.checkpoint import load_checkpoint
-from magseg.evaluation.seams import SeamTally, crop_border_lines, line_changes
+from magseg.evaluation.seams import SeamTally, crop_border_lines, line_changes, line_period
 from magseg.io.raster import NODATA
 from magseg.run.seam_record import finest_seam_scores
 
@@ -41,7 +41,7 @@ def test_predict_records_the_finest_stages_seam_score(tmp_path, make_checkpoint)
                          ("uncertainty", line_changes(uncertainty[0] / 255, continuous=True,
                                                       invalid=labels[0] == NODATA))):
         tally = SeamTally()
-        tally.add(changes, rows, cols)
+        tally.add(changes, rows, cols, line_period(pyramid.scales, (150, 170), pyramid.scene))
         assert seam[key] == pytest.approx(tally.score(), abs=1e-4), key
     # Read back in strips of any height: the same.
     again = finest_seam_scores(record["output"], record["outputs"]["uncertainty"], (150, 170), pyramid, strip=7)
@@ -62,5 +62,5 @@ def test_a_clips_seam_score_uses_the_whole_rasters_grid(tmp_path, make_checkpoin
     # 16 is image pixel 32, clip row 22 and column 25.
     got = finest_seam_scores(path, None, (40, 50), pyramid, whole=((64, 64), (10, 7)))
     tally = SeamTally()
-    tally.add(line_changes(labels), [22], [25])
+    tally.add(line_changes(labels), [22], [25], line_period(pyramid.scales, (64, 64), pyramid.scene))
     assert got["stage"] == [32, 32] and got["labels"] == pytest.approx(tally.score(), abs=1e-4)

@@ -10,8 +10,10 @@ import torch
 from magseg.engine.pyramid import crop_boxes
 from magseg.evaluation.seams import (
     SeamTally,
+    control_lines,
     crop_border_lines,
     line_changes,
+    line_period,
     pyramid_border_lines,
     seam_score,
     stage_seam_scores,
@@ -40,9 +42,14 @@ def test_line_changes_and_score_by_hand():
     c = line_changes(m)
     assert c.cols.tolist() == [0, 0, 4, 1] and c.col_pairs.tolist() == [0, 4, 4, 4]
     assert c.rows.tolist() == [0, 1, 0, 0] and c.row_pairs.tolist() == [0, 4, 4, 4]
-    # Line rates: rows 1/4, 0, 0; cols 0, 1, 1/4 -> median 1/8 (of 0, 0, 0, 1/4, 1/4, 1).
+    # Border: the line before column 2, 4 changes in 4 pairs. Controls (period 1): the lines
+    # before columns 1 and 3, 0 + 1 changes in 8 pairs -> 1 / (1/8).
     assert seam_score(m, [], [2]) == pytest.approx(1.0 / 0.125)
+    # Row line 2 never changes; its controls (row lines 1, 3) change once: 0.
     assert seam_score(m, [2], []) == 0.0
+    # Period 2: the only control of column line 2 would be line 0, which is no line, so the
+    # score is undefined; with period 3 nothing shares its residue either.
+    assert seam_score(m, [], [2], period=(1, 2)) is None
     assert seam_score(m, [], []) is None
 
 
@@ -57,6 +64,33 @@ def test_ignore_drops_pairs_and_continuous_uses_differences():
 
 def test_a_map_that_never_changes_scores_one():
     assert seam_score(np.zeros((8, 8), np.uint8), [4], [4]) == 1.0
+
+
+def test_control_lines_share_a_borders_phase_and_the_period_is_the_first_stages():
+    assert control_lines([4, 8], 13, 4) == [12]
+    assert control_lines([5], 12, 4) == [1, 9]
+    assert control_lines([2], 6, 1) == [1, 3, 4, 5]
+    assert control_lines([], 10, 2) == []
+    assert line_period([(128, 128), (256, 256), (512, 512)], (512, 512)) == (4, 4)
+    # A 2448 x 1224 image with DeepGlobe's scales: stage sizes scale per axis, period 4.
+    assert line_period([(612, 612), (1224, 1224), (2448, 2448)], (2448, 1224)) == (4, 4)
+    assert line_period([(64, 64)], (64, 64)) == (1, 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_enlarged_maps_without_crops_score_near_one(seed):
+    # What downsample-only makes: maps at 1/4 of the size, enlarged; no crop grid. Pooled
+    # over 16 maps (as a benchmark split is), as its 6 border lines of a map alone are few.
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = crop_border_lines((512, 512), (128, 128))
+    period = line_period([(128, 128), (256, 256), (512, 512)], (512, 512))
+    tally = SeamTally()
+    for _ in range(16):
+        coarse = torch.rand((1, 5, 37, 37), generator=g)  # nodes off the grid of 128
+        small = torch.nn.functional.interpolate(coarse, size=(128, 128), mode="bilinear", align_corners=False)
+        big = torch.nn.functional.interpolate(small, scale_factor=4, mode="bilinear", align_corners=False)
+        tally.add(line_changes(big[0].argmax(0).numpy().astype(np.uint8)), rows, cols, period)
+    assert 0.75 < tally.score() < 1.3
 
 
 def test_border_lines_follow_the_crop_grid_and_scale_to_the_map():
@@ -103,9 +137,11 @@ def test_tally_sums_over_maps_and_stage_scores():
     t.add(line_changes(b), rows, cols)
     border = sum(line_changes(x).rows[rows].sum() + line_changes(x).cols[cols].sum() for x in (a, b))
     assert t.border_changes == border and t.border_pairs == 2 * 2 * 3 * 256
+    # Period 1: every other line of each axis is a control, 2 maps x 2 axes x 252 lines.
+    assert t.control_pairs == 2 * 2 * (255 - 3) * 256
     scores = stage_seam_scores(a, [(64, 64), (128, 128), (256, 256)], (64, 64))
     assert scores[0] is None
-    assert scores[2] == pytest.approx(seam_score(a, rows, cols))
+    assert scores[2] == pytest.approx(seam_score(a, rows, cols, period=(4, 4)))
 
 
 def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpoint, tmp_path):
@@ -135,8 +171,9 @@ def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpo
     for scene in list_scenes(seg.config.data, "test", data):
         image, _ = read_scene(scene, seg.config)
         labels = seg.segment(image, normalized=False).labels.numpy()
+        period = line_period(p.scales, labels.shape)
         for tally, (rows, cols) in zip(tallies, pyramid_border_lines(p.scales, p.crop, labels.shape)):
-            tally.add(line_changes(labels), rows, cols)
+            tally.add(line_changes(labels), rows, cols, period)
     for name, m in report["methods"].items():
         assert len(m["seam_scores"]) == len(p.scales), name
     expected = [t.score() for t in tallies]
@@ -170,8 +207,10 @@ def test_seam_score_script_on_a_geotiff(tmp_path):
     # ones; stage 256 has the painted grid itself.
     rows, cols = crop_border_lines((256, 256), (64, 64))
     assert [s["size"] for s in out["stages"]] == [[128, 128], [256, 256]]
-    assert out["stages"][1]["seam_score"] == pytest.approx(seam_score(m, rows, cols), abs=1e-4)
-    assert out["stages"][0]["seam_score"] == pytest.approx(seam_score(m, [128], [128]), abs=1e-4)
+    # The map is stage 128 enlarged twice over: control lines share a border's phase mod 2.
+    period = (2, 2)
+    assert out["stages"][1]["seam_score"] == pytest.approx(seam_score(m, rows, cols, period=period), abs=1e-4)
+    assert out["stages"][0]["seam_score"] == pytest.approx(seam_score(m, [128], [128], period=period), abs=1e-4)
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.tif"), "--scales", "8",
                           "--crop", "4"], capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.tif" in bad.stderr and "Traceback" not in bad.stderr

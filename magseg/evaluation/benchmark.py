@@ -57,7 +57,7 @@ from magseg.evaluation.calibration import (
     scored_pixels,
 )
 from magseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
-from magseg.evaluation.seams import SeamTally, line_changes, pyramid_border_lines
+from magseg.evaluation.seams import SeamTally, line_changes, line_period, pyramid_border_lines
 from magseg.segmenter import Segmenter
 
 NO_REFINER = "progressive, no refiner"
@@ -467,10 +467,11 @@ def seam_tallies(labels: np.ndarray, pyramid: PyramidConfig) -> list[SeamTally]:
     is scored on the same grids (the checkpoint's), so a baseline's column says whether its
     map shows the progressive method's crop borders."""
     changes = line_changes(labels)
+    period = line_period(pyramid.scales, labels.shape, pyramid.scene)
     tallies = []
     for rows, cols in pyramid_border_lines(pyramid.scales, pyramid.crop, labels.shape, pyramid.scene):
         tally = SeamTally()
-        tally.add(changes, rows, cols)
+        tally.add(changes, rows, cols, period)
         tallies.append(tally)
     return tallies
 

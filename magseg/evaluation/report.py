@@ -387,8 +387,8 @@ def _seam_lines(report: dict[str, Any]) -> list[str]:
         cells = ["-" if v is None else f"{v:.2f}" for v in (scores or [None] * len(scales))]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return lines + ["", "Change rate across the crop borders of each stage of the pyramid, over the "
-                    "median change rate of all lines of the map (1.00: no seam; - : one crop, no "
-                    "border); magseg.evaluation.seams.", ""]
+                    "change rate across the map's other lines at the same phase of its upsampling period "
+                    "(1.00: no seam; - : one crop, no border); magseg.evaluation.seams.", ""]
 def _boundary_lines(report: dict[str, Any], counted: Sequence[str]) -> list[str]:
     """The boundary table: each method's boundary mIoU and mean F, and boundary IoU per class."""
     rows = {n: m for n, m in report["methods"].items() if "boundary_iou" in m}

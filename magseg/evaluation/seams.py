@@ -6,21 +6,29 @@ that differ: the line between columns ``x - 1`` and ``x`` has ``H`` pairs, the l
 rows ``y - 1`` and ``y`` has ``W``. For a class map a pair changes when its labels differ; for
 a continuous map (uncertainty) the change is the pair's absolute difference. Then
 
-    seam score = change rate over the crop-border lines / median change rate of all lines
+    seam score = change rate over the crop-border lines / change rate over the control lines
+
+The control lines are every other line at the same phase as a border line with respect to
+the map's upsampling period ``p`` (map pixels per pixel of the pyramid's first stage, e.g.
+512 / 128 = 4): a line ``l`` is a control when ``l mod p`` is the residue of a border line of
+its axis and ``l`` is not a border. A map made by enlarging a coarser one changes more often
+at some phases of its period than at others, and crop borders all sit at one phase; against
+all lines, or against their median (lower than their mean: a few lines carry most changes),
+a map with no crops at all scores 3-5 at the borders of a grid it never had. Against lines
+of the same phase, such a map scores about 1.
 
 1.0 means the crop grid is invisible; a grid painted into the map gives far more (a map
 whose every crop was predicted from another scene scores the ratio of its border changes to
-its typical line). Crop borders are the lines between the owned regions of a stage's crops
+its other lines). Crop borders are the lines between the owned regions of a stage's crops
 (``magseg.engine.pyramid.crop_boxes``), mapped to the map's size: a map at the image size
 shows each stage's grid at ``border * H / h``.
 
-The median is robust to the border lines themselves (a few among hundreds). When more than
-half of all lines never change (a map of a few large regions) the median is 0 and the mean
-takes its place; a map that never changes scores 1.0. Pairs where either pixel is
-``ignore`` (nodata) do not count.
+Rates are summed changes over summed pixel pairs. When no control line changes, one change
+is assumed (a map that never changes scores 1.0; one that changes only at the borders scores
+high, not infinitely). Pairs where either pixel is ``ignore`` (nodata) do not count.
 
-``SeamTally`` sums over many maps (a benchmark split): border changes and pairs are
-summed, and the median is taken over the line rates of all maps.
+``SeamTally`` sums over many maps (a benchmark split): border and control changes and pairs
+are summed.
 """
 
 from __future__ import annotations
@@ -57,6 +65,16 @@ def pyramid_border_lines(scales: Sequence[Size], crop: Size, map_size: Size,
 
     return [crop_border_lines(size, crop, map_size)
             for size in stage_sizes(tuple(tuple(s) for s in scales), tuple(map_size), scene)]
+
+
+def line_period(scales: Sequence[Size], map_size: Size, scene: Size | None = None) -> tuple[int, int]:
+    """The upsampling period ``(rows, cols)`` of a map of ``map_size`` made by the pyramid:
+    map pixels per pixel of its first (smallest) stage, rounded (1 where the map is no
+    larger)."""
+    from magseg.engine.pyramid import stage_sizes
+
+    first = stage_sizes(tuple(tuple(s) for s in scales), tuple(map_size), scene)[0]
+    return (max(1, round(map_size[0] / max(1, first[0]))), max(1, round(map_size[1] / max(1, first[1]))))
 
 
 @dataclass
@@ -126,56 +144,70 @@ class StripChanges:
                            self.cols.copy(), self.col_pairs.copy())
 
 
+def control_lines(borders: Sequence[int], n: int, period: int) -> list[int]:
+    """The lines ``1..n-1`` that are not ``borders`` but share a border's residue modulo
+    ``period`` (empty without borders)."""
+    residues = {b % period for b in borders}
+    taken = set(borders)
+    return [line for line in range(1, n) if line % period in residues and line not in taken]
+
+
 @dataclass
 class SeamTally:
     """A seam score summed over maps: ``add`` each map with its borders, then ``score``."""
 
     border_changes: float = 0.0
     border_pairs: int = 0
-    rates: list[np.ndarray] = field(default_factory=list)  # every line's change rate, per map
+    control_changes: float = 0.0
+    control_pairs: int = 0
 
-    def add(self, changes: LineChanges, rows: Sequence[int], cols: Sequence[int]) -> None:
-        self.border_changes += float(changes.rows[list(rows)].sum() + changes.cols[list(cols)].sum())
-        self.border_pairs += int(changes.row_pairs[list(rows)].sum() + changes.col_pairs[list(cols)].sum())
-        changed = np.concatenate([changes.rows[1:], changes.cols[1:]])
-        pairs = np.concatenate([changes.row_pairs[1:], changes.col_pairs[1:]])
-        self.rates.append(changed[pairs > 0] / pairs[pairs > 0])
+    def add(self, changes: LineChanges, rows: Sequence[int], cols: Sequence[int],
+            period: tuple[int, int] = (1, 1)) -> None:
+        """One map's ``changes`` with its border lines; ``period``: ``line_period``."""
+        rows, cols = list(rows), list(cols)
+        self.border_changes += float(changes.rows[rows].sum() + changes.cols[cols].sum())
+        self.border_pairs += int(changes.row_pairs[rows].sum() + changes.col_pairs[cols].sum())
+        ctrl_rows = control_lines(rows, len(changes.rows), period[0])
+        ctrl_cols = control_lines(cols, len(changes.cols), period[1])
+        self.control_changes += float(changes.rows[ctrl_rows].sum() + changes.cols[ctrl_cols].sum())
+        self.control_pairs += int(changes.row_pairs[ctrl_rows].sum() + changes.col_pairs[ctrl_cols].sum())
 
     def merge(self, other: "SeamTally") -> None:
         self.border_changes += other.border_changes
         self.border_pairs += other.border_pairs
-        self.rates.extend(other.rates)
+        self.control_changes += other.control_changes
+        self.control_pairs += other.control_pairs
 
     @property
     def border_rate(self) -> float | None:
         return self.border_changes / self.border_pairs if self.border_pairs else None
 
     @property
-    def typical_rate(self) -> float:
-        """The median change rate of all lines (their mean when the median is 0)."""
-        rates = np.concatenate(self.rates) if self.rates else np.zeros(0)
-        if rates.size == 0:
+    def control_rate(self) -> float:
+        """The change rate of the control lines (one change assumed when none changed)."""
+        if not self.control_pairs:
             return 0.0
-        median = float(np.median(rates))
-        return median if median > 0 else float(rates.mean())
+        return max(self.control_changes, 1.0) / self.control_pairs
 
     def score(self) -> float | None:
         """The seam score, or None when there is no border (a stage of one crop)."""
         border = self.border_rate
         if border is None:
             return None
-        typical = self.typical_rate
-        if typical == 0:
-            return 1.0  # nothing changes anywhere, borders included
-        return border / typical
+        if border == 0:
+            return 1.0 if self.control_changes == 0 else 0.0
+        control = self.control_rate
+        return border / control if control > 0 else None
 
 
 def seam_score(values: np.ndarray, rows: Sequence[int], cols: Sequence[int], *,
-               continuous: bool = False, ignore: int | None = None) -> float | None:
+               period: tuple[int, int] = (1, 1), continuous: bool = False,
+               ignore: int | None = None) -> float | None:
     """The seam score of one map ``(H, W)`` across the border lines ``rows`` and ``cols``
-    (``crop_border_lines``); None when there are none."""
+    (``crop_border_lines``), against the control lines of ``period``; None when there are
+    no borders."""
     tally = SeamTally()
-    tally.add(line_changes(values, continuous, ignore), rows, cols)
+    tally.add(line_changes(values, continuous, ignore), rows, cols, period)
     return tally.score()
 
 
@@ -184,9 +216,10 @@ def stage_seam_scores(values: np.ndarray, scales: Sequence[Size], crop: Size, sc
     """The seam score of a map at the image size across each stage's crop borders, coarse
     to fine (None for a stage of one crop)."""
     changes = line_changes(values, continuous, ignore)
+    period = line_period(scales, tuple(np.shape(values)), scene)
     out = []
     for rows, cols in pyramid_border_lines(scales, crop, tuple(np.shape(values)), scene):
         tally = SeamTally()
-        tally.add(changes, rows, cols)
+        tally.add(changes, rows, cols, period)
         out.append(tally.score())
     return out

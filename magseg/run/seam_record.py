@@ -11,7 +11,7 @@ import numpy as np
 
 from magseg.config import PyramidConfig
 from magseg.engine.pyramid import Size
-from magseg.evaluation.seams import SeamTally, StripChanges, crop_border_lines
+from magseg.evaluation.seams import SeamTally, StripChanges, crop_border_lines, line_period
 from magseg.io.raster import NODATA, open_raster
 
 STRIP_ROWS = 512
@@ -27,6 +27,7 @@ def finest_seam_scores(labels: Path, uncertainty: Path | None, size: Size, pyram
     full, (r0, c0) = whole if whole is not None else (tuple(size), (0, 0))
     stage = pyramid.stage_sizes(tuple(full))[-1]
     rows, cols = crop_border_lines(stage, pyramid.crop, tuple(full))
+    period = line_period(pyramid.scales, tuple(full), pyramid.scene)
     rows = [r - r0 for r in rows if 0 < r - r0 < size[0]]
     cols = [c - c0 for c in cols if 0 < c - c0 < size[1]]
     out: dict[str, Any] = {"stage": list(stage), "labels": None, "uncertainty": None}
@@ -51,7 +52,7 @@ def finest_seam_scores(labels: Path, uncertainty: Path | None, size: Size, pyram
     for key, lines in (("labels", label_lines), ("uncertainty", unc_lines)):
         if lines is not None:
             tally = SeamTally()
-            tally.add(lines.changes(), rows, cols)
+            tally.add(lines.changes(), rows, cols, period)
             score = tally.score()
             out[key] = None if score is None else round(score, 4)
     return out
