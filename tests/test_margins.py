@@ -271,8 +271,8 @@ def test_border_band_and_the_border_term_picks_border_pixels_last():
 
 
 def test_a_checkpoint_from_before_margins_keeps_predicting_without_them(tmp_path, tiny_config):
-    # The shipped recipes train with margins and the border term, but the code's defaults stay
-    # 0: a checkpoint whose stored config has no pyramid.margin or refine.border key (written
+    # A margin and a border term are stored in a checkpoint's config, but the code's defaults
+    # stay 0: a checkpoint whose stored config has no pyramid.margin or refine.border key (written
     # before they existed) reads as margin 0 and border 0 and predicts exactly as it did.
     from magseg.checkpoint import load_checkpoint, save_checkpoint
     from magseg.segmenter import create_refiner, create_segmenter_model
