@@ -21,7 +21,9 @@ from magseg.errors import CheckpointError, ConfigError, MagsegError
 from magseg.io.sources import is_virtual, source_key
 
 if TYPE_CHECKING:
+    from magseg.config import Config
     from magseg.run.pools import Pool
+    from magseg.segmenter import Segmenter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -317,21 +319,23 @@ def config_overrides(settings: Sequence[str] | None, flags: Mapping[str, Any]) -
 
 @dataclass(frozen=True)
 class Model:
-    """A checkpoint ready for the runner: the config with its overrides, and the Segmenter
+    """A checkpoint ready for ``runner``: the config with its overrides, and the Segmenter
     when the scenes run in this process (None under ``--runner ray``, where each actor
     builds its own from the checkpoint)."""
 
     checkpoint: Path
     overrides: tuple[str, ...]
-    config: Any
-    segmenter: Any | None
+    config: Config
+    segmenter: Segmenter | None
+    runner: Runner
 
     def pool(self, workers: int | None, address: str | None, quiet: bool) -> Pool:
         """Where the scenes run: a ``LocalPool`` on this process's Segmenter, or a
         ``ScenePool`` of Ray actors (``workers``, ``address``: ``--workers``, ``--ray-address``)."""
         from magseg.run.pools import LocalPool, ScenePool
 
-        if self.segmenter is not None:
+        if self.runner is Runner.local:
+            assert self.segmenter is not None  # load_model builds it for a local runner
             return LocalPool(self.segmenter)
         return ScenePool(self.checkpoint, list(self.overrides), workers, address, quiet=quiet)
 
@@ -346,10 +350,10 @@ def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet
 
     ckpt = load_checkpoint(checkpoint)
     if runner is Runner.ray:
-        model = Model(checkpoint, tuple(overrides), run_config(ckpt, overrides), None)
+        model = Model(checkpoint, tuple(overrides), run_config(ckpt, overrides), None, runner)
     else:
         segmenter = Segmenter.from_checkpoint(ckpt, overrides)
-        model = Model(checkpoint, tuple(overrides), segmenter.config, segmenter)
+        model = Model(checkpoint, tuple(overrides), segmenter.config, segmenter, runner)
     for warning in ckpt.warnings:
         log(f"magseg: warning: {warning}", quiet)
     return model

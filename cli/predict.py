@@ -231,9 +231,10 @@ def predict(
     _check_out_dir(out_dir)  # the first thing created: every usage error is found before it
 
     with _sigterm_as_interrupt():
-        if model.segmenter is None:
+        if model.runner is Runner.ray:
             failed = _predict_all_ray(model, paths, out_dir, options, quiet, ray_address, workers)
         else:
+            assert model.segmenter is not None  # load_model builds it for a local runner
             failed = _predict_all(model.segmenter, paths, out_dir, options, quiet)
     if failed:
         log(f"magseg: {failed} of {len(paths)} input(s) failed", quiet)
