@@ -48,7 +48,7 @@ def calibration_windows(config, data_root: str, count: int, size: tuple[int, int
                               seed=0, augment=False)
     windows = []
     for i in range(count):
-        x = samples[i][0][None]
+        x = samples[i].image[None]
         if tuple(x.shape[-2:]) != tuple(size):
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         windows.append(x[0])
