@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Whether the refiner would pay in a backbone runtime: its share of the engine's time, and
-torch's ``Refiner.probs`` against its exported graph in ONNX Runtime on the same crops.
+torch's ``Refiner.weights`` (what the engine calls) against its exported graph in ONNX Runtime on the same crops.
 
 The engine runs the progressive method on the first N test scenes of a checkpoint's data
 (after one warm-up scene), timing every refiner call and keeping the calls' inputs; then
@@ -45,17 +45,20 @@ def main() -> None:
         load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
         segmenter = Segmenter(config, backbone, create_refiner(config))
     refiner = segmenter.refiner
-    probs = refiner.probs
+    # What the engine calls: R's unnormalised weights where the refiner has them (the refine
+    # step divides by their sum itself), else its probabilities.
+    entry = "weights" if hasattr(refiner, "weights") else "probs"
+    call = getattr(refiner, entry)
     spent, calls = [0.0], []
 
     def timed(fine, coarse):
         start = time.perf_counter()
-        out = probs(fine, coarse)
+        out = call(fine, coarse)
         spent[0] += time.perf_counter() - start
         calls.append((fine.clone(), coarse.clone()))
         return out
 
-    refiner.probs = timed
+    setattr(refiner, entry, timed)
     scenes = list_scenes(segmenter.config.data, "test", args.data_root)[: args.scenes + 1]
     images = [segmenter.normalize(read_scene(s, segmenter.config)[0]) for s in scenes]
     with torch.inference_mode():
@@ -79,7 +82,7 @@ def main() -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             for fine, coarse in same:
-                probs(fine, coarse)
+                call(fine, coarse)
         seconds["torch"].append(time.perf_counter() - start)
         start = time.perf_counter()
         for fine, coarse in same:
