@@ -228,7 +228,7 @@ def test_the_scale_warning_comes_before_any_stage(tmp_path, fitted, monkeypatch)
     image = (smooth_image(3, 80, 90, seed=2).astype(np.uint16) * 257)
     path = write_raster(tmp_path / "u16.tif", image)
     events = []
-    result = predict_raster(fitted, path, tmp_path / "out", on_window=lambda d, t: events.append("crop"),
+    result = predict_raster(fitted, path, tmp_path / "out", on_progress=lambda d, t: events.append("crop"),
                             on_warning=lambda m: events.append(m))
     assert len(result.warnings) == 1 and "another scale" in result.warnings[0]
     assert events[0] == result.warnings[0] and events[1:] and set(events[1:]) == {"crop"}

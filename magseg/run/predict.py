@@ -72,7 +72,7 @@ def predict_raster(
     path: str | Path,
     out_dir: str | Path,
     options: PredictOptions = PredictOptions(),
-    on_window: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     pool: Pool | None = None,
 ) -> PredictResult:
@@ -84,7 +84,7 @@ def predict_raster(
     Without ``options.overwrite`` an output that another run wrote meanwhile is kept too.
 
     Args:
-        on_window: called as ``on_window(done, total)`` after each batch of crops, counted
+        on_progress: called as ``on_progress(done, total)`` after each batch of crops, counted
             over all stages (progress).
         on_warning: called with each warning as soon as it is known (the pixel-scale check
             runs before any stage); the warnings are in the result too.
@@ -124,7 +124,7 @@ def predict_raster(
             return result
         config = segmenter.config
         reader.select(band_order(reader, config.model.in_channels, options.bands, config.data.bands))
-        counts = _run(segmenter, reader, todo, options, on_window, result, on_warning, pool, overwrite)
+        counts = _run(segmenter, reader, todo, options, on_progress, result, on_warning, pool, overwrite)
     if options.overwrite:
         result.removed = remove_stale(path, out_dir, targets, options, mine)
 
@@ -139,7 +139,7 @@ def predict_input(
     path: str | Path,
     out_dir: str | Path,
     options: PredictOptions = PredictOptions(),
-    on_window: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     pool: Pool | None = None,
 ) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def predict_input(
     path = path if is_virtual(path) else Path(path)
     target = output_paths(path, out_dir, options)["labels"]
     try:
-        return predict_raster(segmenter, path, out_dir, options, on_window, on_warning, pool).to_record()
+        return predict_raster(segmenter, path, out_dir, options, on_progress, on_warning, pool).to_record()
     except MagsegError as exc:
         error = str(exc)
     except (KeyboardInterrupt, SystemExit):
@@ -196,7 +196,7 @@ def _run(
     reader: RasterReader,
     todo: dict[str, Path],
     options: PredictOptions,
-    on_window: Callable[[int, int], None] | None,
+    on_progress: Callable[[int, int], None] | None,
     result: PredictResult,
     on_warning: Callable[[str], None] | None = None,
     pool: Pool | None = None,
@@ -233,7 +233,7 @@ def _run(
         sink = RasterSink(source, segmenter.num_classes, list(writers.values()),
                           any(kind.needs_probs for kind in kinds), temperature=segmenter.temperature)
         if scratch is not None:
-            run_raster_stages(segmenter, source, sink, scratch, result, on_window, options.aoi, pool)
+            run_raster_stages(segmenter, source, sink, scratch, result, on_progress, options.aoi, pool)
         else:  # nothing to segment: no engine run at all
             sink.write_nodata(crop_boxes(reader.size, config.pyramid.crop))
 

@@ -33,7 +33,7 @@ def scratch_for(size: tuple[int, int], pyramid: PyramidConfig, classes: int, crf
 
 
 def run_raster_stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
-                      result: PredictResult, on_window: Callable[[int, int], None] | None,
+                      result: PredictResult, on_progress: Callable[[int, int], None] | None,
                       aoi: AreaOfInterest | None, pool: Pool | None = None) -> None:
     """``run_stages`` over the raster, the stage maps in ``scratch``; with ``aoi``, a clip of
     the whole raster's result (magseg.run.clip); with ``pool``, each stage's crop batches on
@@ -46,11 +46,11 @@ def run_raster_stages(segmenter: Segmenter, source: RasterSource, sink: RasterSi
         if aoi is not None:
             source, plan, window = stack.enter_context(clip_stages(source.reader, config, segmenter.normalize))
             out = ClipSink(sink, window)
-        _run(segmenter, source, out, scratch, result, on_window, aoi, pool, plan)
+        _run(segmenter, source, out, scratch, result, on_progress, aoi, pool, plan)
 
 
 def _run(segmenter: Segmenter, source: RasterSource, sink: Sink, scratch: Scratch, result: PredictResult,
-         on_window: Callable[[int, int], None] | None, aoi: AreaOfInterest | None, pool: Pool | None,
+         on_progress: Callable[[int, int], None] | None, aoi: AreaOfInterest | None, pool: Pool | None,
          plan: ClipPlan | None) -> None:
     config = segmenter.config
     sizes = config.pyramid.stage_sizes(source.size)
@@ -59,8 +59,8 @@ def _run(segmenter: Segmenter, source: RasterSource, sink: Sink, scratch: Scratc
 
     def on_crops(n: int) -> None:
         result.crops += n
-        if on_window:
-            on_window(result.crops, total)
+        if on_progress:
+            on_progress(result.crops, total)
 
     run = StageRun.create(segmenter.stage_backbone, config.pyramid, refiner=segmenter.refiner,
                           refine=config.refine, engine=config.engine, on_crops=on_crops)
