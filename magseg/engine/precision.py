@@ -42,6 +42,12 @@ def cpu_has_native_bf16() -> bool:
     return _cpu_supports("_is_avx512_bf16_supported") or _cpu_supports("_is_amx_tile_supported")
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI's int8 dot products. Without it, x86 int8 kernels multiply
+    u8 by s8 in pairs summed into int16 (VPMADDUBSW), which can saturate."""
+    return _cpu_supports("_is_vnni_supported")
+
+
 def resolve_precision(device: torch.device | str, precision: str) -> Precision:
     """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bf16, else ``fp32``;
     any other choice is returned as it is."""

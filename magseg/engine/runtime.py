@@ -307,6 +307,8 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from magseg.engine.precision import cpu_has_vnni
+
     batches = [np.ascontiguousarray(w, dtype=np.float32) for w in windows]
     if not batches:
         raise ConfigError("int8 quantisation needs calibration windows; none were given")
@@ -325,9 +327,12 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         with atomic_write(dst) as tmp:
+            # Without VNNI a pair of u8 x s8 products can pass int16's range and saturate;
+            # 7-bit weights (reduce_range, |w| <= 64) keep every pair within it (2 * 255 * 64 < 32767).
             quantize_static(str(prepared), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS),
+                            per_channel=True, reduce_range=not cpu_has_vnni(),
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(INT8_OPS),
                             calibration_cache_path=Path(scratch) / "calibration")
 
 
