@@ -328,7 +328,7 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         with atomic_write(dst) as tmp:
             # Without VNNI a pair of u8 x s8 products can pass int16's range and saturate;
-            # 7-bit weights (reduce_range, |w| <= 64) keep every pair within it (2 * 255 * 64 < 32767).
+            # 7-bit weights (reduce_range, |w| <= 64) keep every pair in it: 2 * 255 * 64 < 32767.
             quantize_static(str(prepared), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=not cpu_has_vnni(),
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
