@@ -288,5 +288,7 @@ def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
         print(sorted(m for m in ("segmentation_models_pytorch", "timm", "torchvision")
                      if m in sys.modules))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # close_fds=False lets subprocess use posix_spawn rather than fork: this process has run
+    # OpenVINO, whose thread library's fork handlers can crash a fork from it.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, close_fds=False)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
