@@ -116,8 +116,8 @@ def error_score_and_tops(refined: Tensor, coarse: Tensor, total: Tensor | None =
     found on the way, for argmaxes that reuse them (``magseg.engine.refine_step.labels_of``)."""
     best, cert = top2(refined)
     torch.sub(best, cert, out=cert)
-    if total is not None:
-        cert.div_(total)
+    if total is not None:  # a total of 0 (every weight underflowed): certainty 0, not NaN
+        cert.div_(total.clamp_min(torch.finfo(total.dtype).tiny))
     coarse_best, unsure = top2(coarse)
     torch.sub(unsure, coarse_best, out=unsure).add_(1)
     return cert.mul_(unsure), best, coarse_best

@@ -158,10 +158,15 @@ def refine_crops(
     """
     picked = picked_pixels(coarse, refined, boxes, refine, size, total)
     if total is not None:
-        refined = refined.div_(total.unsqueeze(1))
+        # A total of 0 (every weight underflowed) would make R 0/0 = NaN, which the lerp
+        # below would carry into unpicked pixels too (0 * NaN); such a pixel's R is 0 instead.
+        refined = refined.div_(total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1))
     # R lives on the crop's own grid, so point_sample at the pixel centres followed by a
     # scatter is a masked select: one pass over the C channels (a test checks they agree).
-    torch.where(picked[:, None], refined, coarse, out=coarse)
+    # As a lerp with weight 0 or 1, which gives Y or R exactly (ATen's lerp computes
+    # ``b - (b - a) * (1 - w)`` for w >= 0.5), at about a quarter of the time of a `where`
+    # whose one-channel mask is broadcast over C (docs/performance.md).
+    coarse.lerp_(refined, picked[:, None].to(coarse.dtype))
     return picked
 
 
