@@ -4,6 +4,7 @@ that imports neither smp nor timm."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -186,11 +187,31 @@ def test_resolve_runtime(monkeypatch):
     assert rt.resolve_runtime("auto", cpu) == "openvino"
 
 
-def test_runtime_precision():
+def test_runtime_precision(monkeypatch):
     assert rt.runtime_precision("onnxruntime", "bf16") == "fp32"
-    assert rt.runtime_precision("openvino", "bf16") == "bf16"
     assert rt.runtime_precision("openvino", "fp16") == "fp32"
     assert rt.runtime_precision("torch", "bf16") == "bf16"
+    # OpenVINO computes bf16 only on a CPU with bf16 kernels; elsewhere its bf16 hint is f32.
+    for native, expected in [(True, "bf16"), (False, "fp32")]:
+        openvino = dataclasses.replace(rt.GRAPH_RUNTIMES["openvino"], native=lambda p, n=native: n)
+        monkeypatch.setitem(rt.GRAPH_RUNTIMES, "openvino", openvino)
+        assert rt.runtime_precision("openvino", "bf16") == expected
+        assert rt.runtime_precision("openvino", "fp32") == "fp32"
+
+
+def test_openvino_reports_the_precision_its_compiled_model_computes_in():
+    # Whatever this CPU is: what runtime_precision reports for a bf16 request is what the
+    # model OpenVINO compiles for it runs at (bf16 with AVX512-BF16 or AMX, f32 without).
+    ov = pytest.importorskip("openvino")
+    from openvino import opset13 as ops
+
+    x = ops.parameter([1, 4, 8, 8], np.float32)
+    model = ov.Model([ops.relu(x)], [x])
+    for asked in ("bf16", "fp32"):
+        compiled = rt._openvino_compile(model, 1, asked)
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        computed = {"bf16": "bf16", "f32": "fp32"}[hint]
+        assert rt.runtime_precision("openvino", asked) == computed
 
 
 @pytest.mark.parametrize("vnni", [True, False])
