@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from magseg.config import RefineConfig
 from magseg.engine import resample
-from magseg.engine.certainty import error_score
+from magseg.engine.certainty import error_score, top_error_pixels
 from magseg.engine.pyramid import crop_boxes
 from magseg.engine.refine_step import labels_of, refine_crops, refine_labels, top_k_owned
 from magseg.engine.refiner_network import Refiner, pool_cells
@@ -140,3 +140,19 @@ def test_the_labels_made_band_by_band_are_those_of_the_whole_maps(monkeypatch):
     assert torch.equal(picked, top_k_owned(raw, boxes, refine))
     assert torch.equal(labels, torch.where(picked, labels_of(refined), labels_of(coarse)))
     assert picked.flatten(1).sum(1).tolist() == [128, 128]
+
+
+@pytest.mark.parametrize("spikes", [0.0, 0.3, 0.6])
+def test_top_error_pixels_from_a_first_bracket_far_off_picks_what_full_bisection_picks(spikes):
+    # The host's counting starts near the raw map's K-th level; isolated spikes, which the
+    # median removes, put the blurred map's K-th level far below it (the bracket widens and
+    # moves). The device's counting bisects all 256 levels: the picks must be the same.
+    g = torch.Generator().manual_seed(7)
+    smooth = F.interpolate(torch.rand(3, 1, 6, 6, generator=g), size=(61, 47), mode="bilinear")[:, 0]
+    raw = smooth * 0.4 + (torch.rand(3, 61, 47, generator=g) < spikes) * 0.6
+    raw += torch.rand(3, 61, 47, generator=g) * 1e-4  # distinct scores: no tie left to chance
+    allowed = torch.rand(3, 61, 47, generator=g) < 0.9
+    ks = [50, 1500, 2500]
+    host = top_error_pixels(raw, 11, ks, allowed, method="opencv")
+    assert torch.equal(host, top_error_pixels(raw, 11, ks, allowed, method="torch"))
+    assert host.flatten(1).sum(1).tolist() == ks
