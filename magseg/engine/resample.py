@@ -335,8 +335,11 @@ BAND_BYTES = 4 << 20
 
 def row_bands(maps: Tensor, multiple: int = 1) -> list[slice]:
     """Slices of rows of ``(B, C, H, W)`` ``maps`` of about ``BAND_BYTES`` each (a multiple of
-    ``multiple`` rows, except the last), in order, covering all H rows."""
+    ``multiple`` rows, except the last), in order, covering all H rows; on a GPU one band
+    (each band is a dozen kernel launches more, and the cache argument is a CPU's)."""
     batch, channels, height, width = maps.shape
+    if maps.device.type != "cpu":
+        return [slice(0, height)]
     per_row = max(1, batch * channels * width * maps.element_size())
     rows = max(multiple, BAND_BYTES // per_row // multiple * multiple)
     return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
