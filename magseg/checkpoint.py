@@ -306,6 +306,11 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
     if isinstance(refiner, dict) and "gate" not in refiner:
         # No refiner.gate key: the refiner's weights are the correction alone, no gate.
         stored = {**stored, "refiner": {**refiner, "gate": False}}
+    pyramid = stored.get("pyramid") if isinstance(stored, dict) else None
+    if isinstance(pyramid, dict) and "margin" not in pyramid:
+        # No pyramid.margin key: written before margins, trained and predicting without one
+        # (the default of a new config is an eighth of the crop).
+        stored = {**stored, "pyramid": {**pyramid, "margin": 0}}
     try:
         config = config_from_dict(stored, source=f"in checkpoint {path}")
     except ConfigError as exc:

@@ -120,6 +120,21 @@ def stage_sizes(scales: tuple[tuple[int, int], ...], image_size: tuple[int, int]
     return [(max(1, round(h * s[0] / sh)), max(1, round(w * s[1] / sw))) for s in scales]
 
 
+def check_margin(margin: int | float, key: str) -> None:
+    """A context margin is a fraction in [0, 1) of the crop or a count of pixels >= 0."""
+    if isinstance(margin, bool) or margin < 0 or (isinstance(margin, float) and margin >= 1):
+        raise ValueError(f"{key} must be a fraction in [0, 1) of the crop or a count of "
+                         f"stage pixels >= 0, got {margin}")
+
+
+def margin_pixels(margin: int | float, crop: Size) -> Size:
+    """A margin in stage pixels ``(rows, cols)``: a ``float`` fraction of ``crop`` rounded, or
+    an ``int`` count."""
+    if isinstance(margin, float):
+        return round(margin * crop[0]), round(margin * crop[1])
+    return int(margin), int(margin)
+
+
 @dataclass(frozen=True, config=_STRICT)
 class PyramidConfig:
     """Stage sizes coarse to fine, the crop size at every stage, and the backbone input size.
@@ -130,14 +145,17 @@ class PyramidConfig:
 
     ``margin``: context each crop's backbone sees beyond the crop on every side where the
     stage image has pixels, a ``float`` fraction in [0, 1) of the crop or an ``int`` count
-    of stage pixels; the crop keeps only its own part (``magseg.engine.pyramid.grown_windows``).
+    of stage pixels (``magseg.engine.pyramid.grown_windows``); neighbouring crops' answers
+    are blended over the inner half of it (``magseg.engine.blend``). The default, an eighth
+    of the crop, is what removes the crop grid from the map at 1.5x the backbone's work
+    (docs/prediction.md); 0 cuts crops edge to edge.
     """
 
     scales: tuple[Size, ...]
     crop: Size
     input: Size
     scene: Size | None = None
-    margin: int | float = 0
+    margin: int | float = 0.125
 
     def __post_init__(self) -> None:
         if not self.scales:
@@ -153,16 +171,12 @@ class PyramidConfig:
         object.__setattr__(self, "input", _positive_size(self.input))
         scene = scales[-1] if self.scene is None else _positive_size(self.scene)
         object.__setattr__(self, "scene", scene)
-        if isinstance(self.margin, bool) or self.margin < 0 or (isinstance(self.margin, float) and self.margin >= 1):
-            raise ValueError(f"pyramid.margin must be a fraction in [0, 1) of the crop or a count of "
-                             f"stage pixels >= 0, got {self.margin}")
+        check_margin(self.margin, "pyramid.margin")
 
     @property
     def margin_pixels(self) -> tuple[int, int]:
         """The margin in stage pixels ``(rows, cols)``: a fraction of the crop rounded."""
-        if isinstance(self.margin, float):
-            return round(self.margin * self.crop[0]), round(self.margin * self.crop[1])
-        return int(self.margin), int(self.margin)
+        return margin_pixels(self.margin, self.crop)
 
     def stage_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
         """Each stage's size for an image of ``image_size`` (H, W)."""
@@ -405,8 +419,15 @@ class TrainConfig:
     # data where context adds little a lower K keeps pixels on the coarser answer that the
     # patch alone gets right. Empty: only refine.points.
     choose_k: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
+    # The context margin of training windows, as pyramid.margin is given; None: pyramid.margin
+    # (the model sees what prediction feeds it). 0 trains on crop-sized windows, at 1/1.56
+    # of the backbone's work at the default margin, for a model that then predicts with
+    # pyramid.margin all the same (docs/prediction.md has what each gives).
+    margin: int | float | None = None
 
     def __post_init__(self) -> None:
+        if self.margin is not None:
+            check_margin(self.margin, "train.margin")
         if any(not 0 < k <= 1 for k in self.choose_k):
             raise ValueError(f"train.choose_k are fractions of a crop's pixels in (0, 1], got {list(self.choose_k)}")
         if self.refiner_points is not None and not 0 < self.refiner_points <= 1:

@@ -13,7 +13,8 @@ runs ``--margins`` (border 0), ``--borders`` (margin 0) and ``--both``. A model 
 margin stores it in its config: ``@16:4`` on it is its own setting.
 
 Per checkpoint, setting and method: mIoU (one confusion matrix over the split), the final
-labels' seam score across each stage's crop borders (magseg.evaluation.seams), the backbone's
+labels' seam score across each stage's crop borders (magseg.evaluation.seams), with
+``--uncertainty`` the uncertainty map's too, the backbone's
 stage pixels per image pixel, the median seconds per image, and that median over the first
 row's (``time_ratio``). Patch-only has no refinement, so the border term does not change it:
 it runs once per checkpoint and margin. stdout: one JSON object (see figures.py).
@@ -89,6 +90,7 @@ class Tally:
     matrix: ConfusionMatrix
     seams: list[SeamTally]
     band_edges: list[SeamTally]
+    uncertainty: list[SeamTally]
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-patch", action="store_true", help="the progressive method only")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="also the seam score of the uncertainty map (1 - certainty); every run then "
+                             "returns probabilities, so its times are of that path")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def tally(stages: int) -> Tally:
         return Tally(ConfusionMatrix(config.num_classes, in_mean), [SeamTally() for _ in range(stages)],
-                     [SeamTally() for _ in range(stages)])
+                     [SeamTally() for _ in range(stages)], [SeamTally() for _ in range(stages)])
 
     # progressive per (model, margin, border); patch-only per (model, margin).
     prog = {(i, m, b): tally(len(config.pyramid.scales)) for i, (_, _, runs) in enumerate(models)
@@ -157,8 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                     if n == 0:  # one untimed run of each, as the benchmark warms up
                         seg.segment(x, pyramid=pyr, refine=refine)
                     start = time.perf_counter()
-                    labels = seg.segment(x, pyramid=pyr, refine=refine).labels
+                    result = seg.segment(x, pyramid=pyr, refine=refine, return_probs=args.uncertainty)
                     t.seconds.append(time.perf_counter() - start)
+                    labels = result.labels
+                    if args.uncertainty:
+                        uncertainty = (1 - result.certainty).numpy()
+                        for total, seam in zip(t.uncertainty, seam_tallies(uncertainty, seg.config.pyramid,
+                                                                           continuous=True)):
+                            total.merge(seam)
                     t.matrix.update(labels, target)
                     # Every method is scored on the checkpoint's own grids.
                     for total, seam in zip(t.seams, seam_tallies(labels.numpy(), seg.config.pyramid)):
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     "seam_scores": [None if s.score() is None else round(s.score(), 3) for s in t.seams],
                     "band_edge_seam_scores": [None if s.score() is None else round(s.score(), 3)
                                               for s in t.band_edges],
+                    "uncertainty_seam_scores": ([None if s.score() is None else round(s.score(), 3)
+                                                for s in t.uncertainty] if args.uncertainty else None),
                     "backbone_pixels_per_pixel": round(backbone_pixels(pyr, size) / (size[0] * size[1]), 3),
                     "seconds_per_image": round(statistics.median(t.seconds), 4),
                 })

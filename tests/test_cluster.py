@@ -64,7 +64,10 @@ def test_one_raster_on_two_ray_workers_equals_the_local_run(tmp_path, make_check
     assert local.exit_code == remote.exit_code == 0, remote.stderr
     (a,), (b,) = _records(local).values(), _records(remote).values()
     assert a["status"] == b["status"] == "ok"
-    assert a["crops"] == b["crops"] > 20 and a["scratch_bytes"] == b["scratch_bytes"] > 0
+    assert a["crops"] == b["crops"] > 20 and 0 < a["scratch_bytes"]
+    # The workers also share the blending stages' backbone answers on disk (magseg.engine.blend),
+    # which the local run keeps in memory a few rows at a time.
+    assert b["scratch_bytes"] > a["scratch_bytes"]
     assert a["histogram"] == b["histogram"]
     for name in ("big.tif", "big_probs.tif", "big_uncertainty.tif"):
         ours, meta = read_raster(tmp_path / "local" / name)

@@ -138,8 +138,10 @@ def test_resize_mask_keeps_labels():
 
 
 def _stats(config: Config) -> Config:
+    """Identity normalisation, and crops without a context margin (test_margins samples them
+    with one)."""
     return config.override({"data.mean": [0.0] * config.model.in_channels,
-                            "data.std": [1.0] * config.model.in_channels})
+                            "data.std": [1.0] * config.model.in_channels, "pyramid.margin": 0})
 
 
 def test_backbone_samples_deepglobe(tmp_path, tiny_config):

@@ -107,13 +107,14 @@ def test_picked_pixels_move_only_within_the_precision_reach(fitted_checkpoint, p
     checked = []
     refined_batch = stages.StageRun.refined_batch
 
-    def checking(self, image, y, size, boxes, out, picked_map=None):
+    def checking(self, image, y, size, boxes, out, picked_map=None, store=None):
+        # The crops' own answers at both precisions (the blend mixes them alike).
         low = dataclasses.replace(self, engine=dataclasses.replace(self.engine, precision=precision))
         coarse = self.coarse(y, size, boxes)
         fine32 = stages.refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
         fine_low = stages.refine_probs(self.refiner, low.fine(image, size, boxes), coarse)
         checked.append(_swaps_far_from_threshold(coarse, fine32, fine_low, boxes, self.refine))
-        refined_batch(self, image, y, size, boxes, out, picked_map)
+        refined_batch(self, image, y, size, boxes, out, picked_map, store)
 
     monkeypatch.setattr(stages.StageRun, "refined_batch", checking)
     for image in _images():

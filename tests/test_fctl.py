@@ -111,8 +111,10 @@ def test_engine_feeds_context_crops_to_a_multi_context_backbone():
     image = torch.zeros(1, 64, 64)
     image[:, :, 32:] = 1.0
     result = segment(image, probe, pyramid, refine=RefineConfig(points=1.0, kernel=1))
-    # every call got one context batch resized to the input size
-    assert all(ctx == [(shape[0], 1, 16, 16)] for shape, ctx in probe.seen)
+    # every call got one context batch resized to the input size (16, or 20 for a crop
+    # window grown by the default margin of 4)
+    assert all(ctx == [(shape[0], 1, *shape[2:])] and shape[2:] in ((16, 16), (20, 20)) for shape, ctx in probe.seen)
+    assert {shape[2:] for shape, _ in probe.seen} == {(16, 16), (20, 20)}
     # at the finest stage the left crops' x2 contexts hold some bright pixels -> mean > 0
     assert result.labels.shape == (64, 64) and (result.labels == 1).all()
 

@@ -79,9 +79,14 @@ def test_with_a_margin_crops_give_the_whole_images_result():
     whole = backbone(image[None])[0].softmax(0)
     pyramid = PyramidConfig(scales=[(70, 53)], crop=16, input=16)
     without = segment(image, backbone, pyramid, engine=FP32, return_probs=True).probs
-    with_margin = segment(image, backbone, PyramidConfig(scales=[(70, 53)], crop=16, input=16, margin=2),
+    # The blend reads answers up to half the margin beyond a crop's own part: they have the
+    # k // 2 = 2 pixels of context the filter needs with a margin of 4, not of 2.
+    with_margin = segment(image, backbone, PyramidConfig(scales=[(70, 53)], crop=16, input=16, margin=4),
                           engine=FP32, return_probs=True).probs
     torch.testing.assert_close(with_margin, whole, atol=1e-5, rtol=0)
+    short = segment(image, backbone, PyramidConfig(scales=[(70, 53)], crop=16, input=16, margin=2),
+                    engine=FP32, return_probs=True).probs
+    assert (short - whole).abs().amax() > 1e-2
     assert (without - whole).abs().amax() > 1e-2  # the crop borders, without context
 
 
@@ -197,6 +202,27 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         assert torch.equal(item.fine[:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window.slices)])
 
 
+def test_train_margin_sets_the_training_windows_apart_from_the_prediction_margin(tmp_path, tiny_config):
+    from test_datasets import make_deepglobe
+
+    from magseg.data.scenes import list_scenes
+    from magseg.training.samples import BackboneSamples, RefinerSamples, training_margin, training_window
+
+    config = tiny_config.override({"pyramid.margin": 4})  # crop 32
+    assert training_margin(config) == (4, 4) and training_window(config) == (40, 40)  # None: as predicted
+    crops = config.override({"train.margin": 0})
+    assert training_margin(crops) == (0, 0) and training_window(crops) == (32, 32)
+    assert crops.pyramid.margin_pixels == (4, 4)  # prediction keeps its margin
+    assert training_window(config.override({"train.margin": 0.25})) == (48, 48)
+    scenes = list_scenes(crops.data, "train", make_deepglobe(tmp_path / "data", crops))
+    assert BackboneSamples(scenes, crops, 2, seed=0, augment=False)[0].image.shape[-2:] == (32, 32)
+    item = RefinerSamples(scenes, crops, 2, seed=0)[0]
+    assert item.fine.shape[-2:] == (32, 32) and item.offset.tolist() == [0, 0]
+    for bad in (-1, 1.0):
+        with pytest.raises(ValueError, match="train.margin"):
+            tiny_config.override({"train.margin": bad})
+
+
 def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_config):
     from test_datasets import make_deepglobe
 
@@ -271,9 +297,10 @@ def test_border_band_and_the_border_term_picks_border_pixels_last():
 
 
 def test_a_checkpoint_from_before_margins_keeps_predicting_without_them(tmp_path, tiny_config):
-    # A margin and a border term are stored in a checkpoint's config, but the code's defaults
-    # stay 0: a checkpoint whose stored config has no pyramid.margin or refine.border key (written
-    # before they existed) reads as margin 0 and border 0 and predicts exactly as it did.
+    # A margin and a border term are stored in a checkpoint's config. A new config's margin is
+    # an eighth of the crop, but a checkpoint whose stored config has no pyramid.margin or
+    # refine.border key (written before they existed) reads as margin 0 and border 0 and
+    # predicts exactly as it did.
     from magseg.checkpoint import load_checkpoint, save_checkpoint
     from magseg.segmenter import create_refiner, create_segmenter_model
 

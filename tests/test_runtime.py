@@ -60,13 +60,17 @@ def test_onnxruntime_reproduces_the_torch_engine(warm):
 
 
 def test_cache_holds_one_checked_graph_per_input_size(warm):
+    # The run's two input sizes: a stage of one crop (32) and crops grown by the default
+    # margin of 4 on each side (40).
     folder = _graph_dir(warm["cache"])
-    assert sorted(p.name for p in folder.iterdir()) == ["32x32.json", "32x32.onnx", "model.json"]
-    sidecar = json.loads((folder / "32x32.json").read_text())
-    assert sidecar["size"] == [32, 32] and sidecar["in_channels"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == ["32x32.json", "32x32.onnx", "40x40.json", "40x40.onnx",
+                                                        "model.json"]
     from magseg.io.provenance import file_sha256
 
-    assert sidecar["sha256"] == file_sha256(folder / "32x32.onnx")
+    for side in (32, 40):
+        sidecar = json.loads((folder / f"{side}x{side}.json").read_text())
+        assert sidecar["size"] == [side, side] and sidecar["in_channels"] == 3
+        assert sidecar["sha256"] == file_sha256(folder / f"{side}x{side}.onnx")
     from magseg.engine.backbone import input_multiple
 
     torch_model = warm["segmenter"].backbone.torch_model()

@@ -272,10 +272,20 @@ def test_bench_margins_runs_each_checkpoints_settings_interleaved(make_checkpoin
     # Without a border term the band's edges are the crop borders themselves.
     for key in (("a.ckpt", 0, 0, "progressive"), ("b.ckpt", 8, 0, "progressive"), ("b.ckpt", 8, 4, "patch")):
         assert rows[key]["band_edge_seam_scores"] == rows[key]["seam_scores"]
-    # mIoU of a's progressive method by hand: one confusion matrix over the split.
-    seg = Segmenter.from_checkpoint(a, ["engine.precision=fp32"])
+    # mIoU of a's progressive method by hand (at its setting, margin 0): one confusion matrix
+    # over the split.
+    seg = Segmenter.from_checkpoint(a, ["engine.precision=fp32", "pyramid.margin=0"])
     matrix = ConfusionMatrix(seg.config.num_classes, [c.in_mean for c in seg.config.classes])
     for scene in list_scenes(seg.config.data, "test", data):
         image, mask = read_scene(scene, seg.config)
         matrix.update(seg.segment(image, normalized=False).labels, torch.from_numpy(mask))
     assert rows[("a.ckpt", 0, 0, "progressive")]["miou"] == round(100 * float(matrix.scores()["miou"]), 2)
+    assert rows[("a.ckpt", 0, 0, "progressive")]["uncertainty_seam_scores"] is None
+    # --uncertainty: the uncertainty map's score too, per stage (none for stage 0, one crop),
+    # and the labels' figures unchanged.
+    done = subprocess.run([sys.executable, str(script), f"{a}@0:0", str(data), "--threads", "1", "--no-patch",
+                           "--uncertainty"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)["rows"]
+    assert row["uncertainty_seam_scores"][0] is None and all(v > 0 for v in row["uncertainty_seam_scores"][1:])
+    assert row["miou"] == rows[("a.ckpt", 0, 0, "progressive")]["miou"]

@@ -1,14 +1,16 @@
 """A window is a clip: the crops of each stage that a window of the result depends on, so
 that segmenting only them gives the whole image's labels on that window, bit for bit.
 
-A crop's output depends only on its own inputs: the image over its (grown) window and the
-previous stage's map over its crop window, upsampled (top-K, the median blur and the refiner
-all stay inside the crop). So, walking back from the window:
+A crop's output depends only on its own inputs: its fine view (the backbone's answer over
+its grown window, blended with its neighbours' over the margins where the stage blends,
+magseg.engine.blend) and the previous stage's map over its crop window, upsampled (top-K,
+the median blur and the refiner all stay inside the crop). So, walking back from the window:
 
     final pass      the image-size crops whose owned region meets the window read the
                     last stage's map over a span of it (``source_span``)
     stage s         the crops whose owned region meets what stage s + 1 reads run; they
-                    read stage s - 1's map over a span of it, and so on down to stage 0
+                    read stage s - 1's map over a span of it, and so on down to stage 0;
+                    where the stage blends, their neighbours' backbones run too
 
 ``clip_plan`` gives those crops per stage, in the whole batches of ``engine.batch_size`` the
 whole run puts them in (a backbone's float sums may depend on its batch's size, so a crop
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from magseg.config import PyramidConfig, RefineConfig
+from magseg.engine.blend import BlendGrid, blends
 from magseg.engine.pyramid import CropBox, Size, crop_boxes
 from magseg.engine.resample import axis_weights
 from magseg.geometry import Rect
@@ -58,16 +61,20 @@ def _reads(boxes: list[CropBox], crop: Size, size: Size, src: Size) -> Rect:
 
 @dataclass(frozen=True)
 class ClipPlan:
-    """The crops to run: ``stages[s]`` of stage s (row-major, a subset of ``crop_boxes``),
+    """The crops to run: ``stages[s]`` of stage s (row-major, a subset of ``crop_boxes``);
+    ``backbone[s]``, those whose backbone runs, when stage s blends its crops' outputs (its
+    first pass, magseg.engine.blend: ``stages[s]`` and their neighbours), else ``stages[s]``;
     and ``final`` of the pass that upsamples the last map to the image size (when there is
     one)."""
 
     stages: list[list[CropBox]]
     final: list[CropBox]
+    backbone: list[list[CropBox]]
 
     @property
     def crops(self) -> int:
-        return sum(len(b) for b in self.stages)
+        """Crops that go through the backbone."""
+        return sum(len(b) for b in self.backbone)
 
 
 def _whole_batches(boxes: list[CropBox], needed: list[CropBox], batch: int) -> list[CropBox]:
@@ -104,12 +111,16 @@ def clip_plan(pyramid: PyramidConfig, refine: RefineConfig, image_size: Size, wi
         final = _whole_batches(every, [b for b in every if b.owned.meets(region)], batch)
         region = _reads(final, crop, tuple(image_size), sizes[last])
     stages: list[list[CropBox]] = [[] for _ in sizes]
+    backbone: list[list[CropBox]] = [[] for _ in sizes]
+    margin = pyramid.margin_pixels
     for s in reversed(run):
         every = crop_boxes(sizes[s], crop)
         stages[s] = _whole_batches(every, [b for b in every if b.owned.meets(region)], batch)
+        backbone[s] = (_whole_batches(every, BlendGrid(sizes[s], crop, margin).sources(stages[s]), batch)
+                       if blends(sizes[s], crop, margin) else stages[s])
         if s > 0:
             region = _reads(stages[s], crop, sizes[s], sizes[s - 1])
-    return ClipPlan(stages, final)
+    return ClipPlan(stages, final, backbone)
 
 
 class WindowSink:

@@ -77,16 +77,7 @@ class ChunkMap:
     def write(self, boxes: list[CropBox], crops: Tensor) -> None:
         """Each crop's owned region, one file per crop, renamed into place complete."""
         for crop, box in zip(crops, boxes):
-            array = np.ascontiguousarray(crop[(slice(None), *box.owned_in_crop)].cpu().numpy(), DTYPE)
-            path = self._path(self._index[box])
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            try:
-                with open(tmp, "wb") as f:
-                    np.save(f, array)
-                os.replace(tmp, path)
-            except OSError as exc:  # a full disk: say which file, leave no partial one
-                tmp.unlink(missing_ok=True)
-                raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
+            save_chunk(self._path(self._index[box]), crop[(slice(None), *box.owned_in_crop)])
 
     def read(self, rows: slice, cols: slice) -> Tensor:
         """``(C, rows, cols)`` float32 from the files the window touches."""
@@ -126,6 +117,19 @@ class ChunkMap:
         if self.on_discard:
             self.on_discard(self)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def save_chunk(path: Path, values: Tensor) -> None:
+    """``values`` as float32 ``.npy`` at ``path``, renamed into place complete (a reader in
+    another process sees the whole file or none)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(values.cpu().numpy(), DTYPE))
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk: say which file, leave no partial one
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
 
 
 def map_bytes(size: Size, classes: int) -> int:

@@ -48,7 +48,7 @@ class CropBox:
         return self.owned.within(self.window)
 
 
-def _axis_tiles(length: int, crop: int) -> list[tuple[int, int, int, int]]:
+def axis_tiles(length: int, crop: int) -> list[tuple[int, int, int, int]]:
     """Tiles of one axis as ``(start, size, own_start, own_end)``."""
     if length <= crop:
         return [(0, length, 0, length)]
@@ -74,8 +74,8 @@ def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
     if min(h, w) < 1:
         raise ValueError(f"cannot tile an empty image of size {size}")
     boxes = []
-    for top, height, own_top, own_bottom in _axis_tiles(h, ch):
-        for left, width, own_left, own_right in _axis_tiles(w, cw):
+    for top, height, own_top, own_bottom in axis_tiles(h, ch):
+        for left, width, own_left, own_right in axis_tiles(w, cw):
             boxes.append(CropBox(Rect(top, left, min(height, h), min(width, w)),
                                  Rect(own_top, own_left, own_bottom - own_top, own_right - own_left)))
     return boxes

@@ -12,7 +12,10 @@
 
 Crops of a stage all read the upsampled Y of the previous stage and write only the pixels
 they own (magseg.engine.pyramid) into the stage's new map, so the result does not depend on batch
-size or crop order. Nothing is made whole: crops read the image and Y window by window
+size or crop order. With a context margin (``pyramid.margin``) a stage first runs every crop's
+backbone over its grown window into a ``FineStore``, then each crop reads its fine view
+blended with its neighbours' over the margins, and the refiner runs over the grown window
+too (magseg.engine.blend): the map shows no crop grid. Nothing is made whole: crops read the image and Y window by window
 (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
 image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig
 from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
+from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
 from magseg.engine.maps import MemoryMap
@@ -219,9 +223,10 @@ class BatchJob:
     """One batch of crops of one stage, as data: what ``run_job`` does with it can run in
     this process or in a worker that has the same image and stage maps (shared storage).
 
-    ``kind``: ``first`` (stage 0), ``refined`` (a later stage's crops that run the
-    backbone) or ``kept`` (crops that take Y upsampled). ``y``: the previous stage's map;
-    ``out``: this stage's map, or None for the sink.
+    ``kind``: ``backbone`` (a blending stage's first pass: backbone answers into ``fine``),
+    ``first`` (stage 0), ``refined`` (a later stage's crops that run the backbone, or read
+    their blended fine view from ``fine``) or ``kept`` (crops that take Y upsampled). ``y``:
+    the previous stage's map; ``out``: this stage's map, or None for the sink.
     """
 
     kind: str
@@ -229,18 +234,28 @@ class BatchJob:
     boxes: list[CropBox]
     y: "StageMap | None"
     out: "StageMap | None"
+    fine: FineStore | None = None
+
+    @property
+    def runs_backbone(self) -> bool:
+        """Whether the job's crops go through the backbone (what progress counts)."""
+        return self.kind == "backbone" or (self.kind in ("first", "refined") and self.fine is None)
 
 
 def run_job(run: "StageRun", image: Source, job: BatchJob, sink: Sink,
             picked_map: Tensor | None = None) -> None:
     """Do one ``BatchJob``: its crops of ``image`` into ``job.out`` or ``sink``."""
     out = sink if job.out is None else job.out
-    if job.kind == "first":
-        run.first_stage(image, job.size, job.boxes, out)
+    if job.kind == "backbone":
+        run.backbone_batch(image, job.size, job.boxes, job.fine)
+    elif job.kind == "first":
+        run.first_stage(image, job.size, job.boxes, out, job.fine)
     elif job.kind == "refined":
-        run.refined_batch(image, job.y, job.size, job.boxes, out, picked_map)
+        run.refined_batch(image, job.y, job.size, job.boxes, out, picked_map, job.fine)
     else:
         run.kept_batch(job.y, job.size, job.boxes, out)
+    if job.fine is not None and job.kind != "backbone":
+        job.fine.release(job.boxes)
 
 
 @dataclass(frozen=True)
@@ -264,10 +279,11 @@ class StageRun:
         return cls(backbone, refiner, pyramid, refine, engine, input_multiple(backbone),
                    context_ratios(backbone), on_crops)
 
-    def fine(self, image: Source, size: Size, boxes: list[CropBox]) -> Tensor:
-        """Backbone probabilities ``(B, classes, ch, cw)`` of crops of ``image`` at ``size``:
-        each crop's window grown by ``pyramid.margin`` where the stage has pixels, run at the
-        trained magnification, and cut back to the crop (``magseg.engine.pyramid.grown_windows``)."""
+    def window_probs(self, image: Source, size: Size, boxes: list[CropBox]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Backbone probabilities ``(B, classes, eh, ew)`` of crops of ``image`` at ``size``
+        over their windows grown by ``pyramid.margin`` where the stage has pixels, run at the
+        trained magnification (``magseg.engine.pyramid.grown_windows``), and where each crop
+        sits in its window."""
         crop = self.pyramid.crop
         windows, offsets, extent = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
         device = self.engine.device
@@ -279,27 +295,54 @@ class StageRun:
                            channels_last=self.engine.channels_last, multiple=self.multiple)
         if self.on_crops:
             self.on_crops(len(boxes))
-        return cut_crops(probs, offsets, crop)
+        return probs, offsets
+
+    def fine(self, image: Source, size: Size, boxes: list[CropBox], store: FineStore | None = None) -> Tensor:
+        """The fine view ``(B, classes, ch, cw)`` of crops of ``image`` at ``size``: read
+        blended from ``store`` (its stage's first pass, magseg.engine.blend), or each crop's
+        own backbone answer cut from its grown window (a stage that does not blend)."""
+        if store is not None:
+            return store.crops(boxes)
+        probs, offsets = self.window_probs(image, size, boxes)
+        return cut_crops(probs, offsets, self.pyramid.crop)
+
+    def backbone_batch(self, image: Source, size: Size, boxes: list[CropBox], store: FineStore) -> None:
+        """A blending stage's first pass, a batch of crops: their backbone answers over their
+        grown windows into ``store``."""
+        store.write(boxes, self.window_probs(image, size, boxes)[0])
+
+    def new_store(self, size: Size) -> FineStore | None:
+        """An empty ``FineStore`` in memory for a stage of ``size`` that blends, else None."""
+        if not blends(size, self.pyramid.crop, self.pyramid.margin_pixels):
+            return None
+        return FineStore(size, self.pyramid.crop, self.pyramid.margin_pixels, device=self.engine.device)
 
     def coarse(self, y: StageMap, size: Size, boxes: list[CropBox]) -> Tensor:
         """Y upsampled to ``size`` and cut at ``boxes``: ``(B, C, ch, cw)``."""
         return resample_windows(y, size, crop_windows(boxes, self.pyramid.crop)).to(self.engine.device)
 
-    def first_stage(self, image: Source, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
-        """Stage 0, a batch of crops: the backbone's probabilities into ``out`` (the sink
-        when stage 0 is the only stage and at the image size: a plain sliding window)."""
-        fine = self.fine(image, size, boxes)
+    def first_stage(self, image: Source, size: Size, boxes: list[CropBox], out: StageMap | Sink,
+                    store: FineStore | None = None) -> None:
+        """Stage 0, a batch of crops: the backbone's probabilities (blended from ``store``
+        when the stage blends) into ``out`` (the sink when stage 0 is the only stage and at
+        the image size: a plain sliding window)."""
+        fine = self.fine(image, size, boxes, store)
         if isinstance(out, Sink):
             out.write(boxes, labels_of(fine), fine if out.wants_probs else None)
         else:
             out.write(boxes, fine)
 
     def refined_batch(self, image: Source, y: StageMap, size: Size, boxes: list[CropBox],
-                      out: StageMap | Sink, picked_map: Tensor | None = None) -> None:
+                      out: StageMap | Sink, picked_map: Tensor | None = None,
+                      store: FineStore | None = None) -> None:
         """A stage after the first, a batch of crops: R refines the upsampled Y at the top-K
-        pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage)."""
-        coarse = self.coarse(y, size, boxes)
-        refined, total = refine_weights(self.refiner, self.fine(image, size, boxes), coarse)
+        pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage);
+        the fine view blended from ``store`` when the stage blends."""
+        if store is not None and self.refiner is not None:
+            coarse, refined, total = self.refined_in_windows(y, size, boxes, store)
+        else:
+            coarse = self.coarse(y, size, boxes)
+            refined, total = refine_weights(self.refiner, self.fine(image, size, boxes, store), coarse)
         if not isinstance(out, Sink):
             picked = refine_crops(coarse, refined, boxes, self.refine, size, total)
             out.write(boxes, coarse)
@@ -313,6 +356,21 @@ class StageRun:
             out.write(boxes, labels, None)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], boxes)
+
+    def refined_in_windows(self, y: StageMap, size: Size, boxes: list[CropBox], store: FineStore
+                           ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A blending stage's refiner, run over the crops' grown windows (the blended fine
+        view and Y there) and cut to the crops: its convolutions see the margin's context at
+        a crop's border as the backbone's did, instead of zero padding, so its answers on
+        either side of a border agree. ``(coarse, refined, total)`` as ``refine_weights``
+        gives them, on the crops."""
+        crop = self.pyramid.crop
+        windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
+        coarse = resample_windows(y, size, windows).to(self.engine.device)
+        refined, total = refine_weights(self.refiner, store.views(boxes, windows), coarse)
+        # Y resampled is the same at a pixel whatever window covers it (magseg.engine.resample).
+        return (cut_crops(coarse, offsets, crop), cut_crops(refined, offsets, crop),
+                None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0])
 
     def kept_batch(self, y: StageMap, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
         """Crops that skip the backbone (adaptive mode, or the final upsampling): Y upsampled."""
@@ -339,25 +397,63 @@ Execute = Callable[[list[BatchJob], "Tensor | None"], None]
 
 def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], StageMap], sink: Sink,
                trace: list[StageResult] | None = None, execute: Execute | None = None,
-               plan: "ClipPlan | None" = None) -> None:
+               plan: "ClipPlan | None" = None,
+               new_store: Callable[[int, Size], FineStore | None] | None = None) -> None:
     """The stage loop over ``image`` (a normalised ``(C_in, H, W)`` source), its result
     written to ``sink`` crop by crop at the image size.
 
     Each stage is a list of ``BatchJob``s, all done before the next stage starts (they read
     the previous stage's map and write their own crops of the next): ``execute(jobs,
     picked_map)`` does them, by default one after another here (``run_job``); a pool of
-    workers may do them anywhere that sees the same image and maps.
+    workers may do them anywhere that sees the same image and maps. A stage that blends its
+    crops' outputs (magseg.engine.blend) has two such lists: the backbone's answers into a
+    ``FineStore``, then the crops that read their blended fine view from it.
 
     Args:
         new_map: ``new_map(stage, size)``, an empty map for a stage's probabilities.
         trace: when given (maps in memory, local execution), each stage's ``StageResult``.
         plan: run only these crops of each stage (``magseg.engine.clip``: a window of the
             result, which then equals the whole run's there); None runs them all.
+        new_store: ``new_store(stage, size)``, an empty ``FineStore`` for a stage that
+            blends, None for one that does not (default: ``StageRun.new_store``, in memory).
     """
+    in_order = execute is None
     if execute is None:
         def execute(jobs: list[BatchJob], picked_map: Tensor | None) -> None:
             for job in jobs:
                 run_job(run, image, job, sink, picked_map)
+    if new_store is None:
+        def new_store(stage: int, size: Size) -> FineStore | None:
+            return run.new_store(size)
+
+    def stage_jobs(s: int, size: Size, kind: str, crops: list[CropBox], y: StageMap | None,
+                   out: StageMap | None) -> tuple[list[list[BatchJob]], FineStore | None]:
+        """The jobs of a stage's crops that run, as lists for ``execute`` one after another,
+        and the stage's ``FineStore`` where it blends: then the backbone's answers go to the
+        store, and each crop's step reads its blended view from it. An executor of its own
+        may do a list's jobs at once, so it gets them as two lists (a barrier between);
+        here they are one list in order, each batch's step right after the answers it reads,
+        so a few rows of crops' answers are kept at a time."""
+        store = new_store(s, size)
+        steps = list(_batches(crops, batch))
+        if store is None:
+            return [[BatchJob(kind, size, part, y, out) for part in steps]], None
+        answers = list(_batches(crops if plan is None else plan.backbone[s], batch))
+        store.expect(crops)
+        backbone = [BatchJob("backbone", size, part, None, None, store) for part in answers]
+        reads = [BatchJob(kind, size, part, y, out, store) for part in steps]
+        if not in_order:
+            return [backbone, reads], store
+        written = {box: j for j, part in enumerate(answers) for box in part}
+        # The last batch of answers each step reads (crops adaptive mode skips have none).
+        ready = [max((written.get(b, -1) for b in store.grid.sources(part)), default=-1) for part in steps]
+        merged, k = [], 0
+        for j, job in enumerate(backbone):
+            merged.append(job)
+            while k < len(reads) and ready[k] <= j:
+                merged.append(reads[k])
+                k += 1
+        return [merged + reads[k:]], store
 
     sizes = run.pyramid.stage_sizes(tuple(image.size))
     batch = run.engine.batch_size
@@ -372,23 +468,30 @@ def run_stages(run: StageRun, image: Source, new_map: Callable[[int, Size], Stag
             chosen = boxes
             done = last_at_image_size
             out = None if done else new_map(s, size)
-            execute([BatchJob("first", size, part, None, out) for part in _batches(boxes, batch)], None)
+            lists, store = stage_jobs(s, size, "first", boxes, None, out)
+            for jobs in lists:
+                execute(jobs, None)
             y = out
         else:
             chosen = run.chosen(y, size, boxes)
             if trace is not None:
                 picked_map = torch.zeros((1, *size), dtype=torch.bool, device=run.engine.device)
+            store = None
             if chosen:
                 done = last_at_image_size
                 out = None if done else new_map(s, size)
                 kept = set(chosen)
-                execute([BatchJob("refined", size, part, y, out) for part in _batches(chosen, batch)]
-                        + [BatchJob("kept", size, part, y, out)
-                           for part in _batches([b for b in boxes if b not in kept], batch)], picked_map)
+                lists, store = stage_jobs(s, size, "refined", chosen, y, out)
+                lists[-1] += [BatchJob("kept", size, part, y, out)
+                              for part in _batches([b for b in boxes if b not in kept], batch)]
+                for jobs in lists:
+                    execute(jobs, picked_map)
                 y.discard()
                 y = out
             # else: nothing changes at this stage; Y stays at its own size, upsampled once at
             # the end (so K = 0 gives exactly the stage-0 view upsampled).
+        if store is not None:
+            store.discard()
         if trace is not None:
             trace.append(_stage_result(size, y, sink, picked_map, len(chosen), len(boxes), start))
     if not done:
@@ -424,8 +527,13 @@ def stage_probs(
     run = StageRun.create(backbone, pyramid, engine=engine)
     size = tuple(scene.shape[-2:])
     out = MemoryMap(size)
-    for part in _batches(crop_boxes(size, pyramid.crop), engine.batch_size):
-        run.first_stage(TensorSource(scene), size, part, out)
+    image, boxes = TensorSource(scene), crop_boxes(size, pyramid.crop)
+    store = run.new_store(size)
+    if store is not None:
+        for part in _batches(boxes, engine.batch_size):
+            run.backbone_batch(image, size, part, store)
+    for part in _batches(boxes, engine.batch_size):
+        run.first_stage(image, size, part, out, store)
     return out.tensor
 
 

@@ -462,11 +462,12 @@ def evaluate_scene(
     return out
 
 
-def seam_tallies(labels: np.ndarray, pyramid: PyramidConfig) -> list[SeamTally]:
-    """One ``SeamTally`` per stage of ``pyramid`` for final labels ``(H, W)``: every method
-    is scored on the same grids (the checkpoint's), so a baseline's column says whether its
-    map shows the progressive method's crop borders."""
-    changes = line_changes(labels)
+def seam_tallies(labels: np.ndarray, pyramid: PyramidConfig, continuous: bool = False) -> list[SeamTally]:
+    """One ``SeamTally`` per stage of ``pyramid`` for final labels ``(H, W)`` (or, with
+    ``continuous``, an uncertainty map): every method is scored on the same grids (the
+    checkpoint's), so a baseline's column says whether its map shows the progressive
+    method's crop borders."""
+    changes = line_changes(labels, continuous)
     period = line_period(pyramid.scales, labels.shape, pyramid.scene)
     tallies = []
     for rows, cols in pyramid_border_lines(pyramid.scales, pyramid.crop, labels.shape, pyramid.scene):

@@ -219,7 +219,7 @@ def _run(
             directory = Path(options.scratch_dir) if options.scratch_dir else result.output.parent
             scratch = stack.enter_context(scratch_for(reader.size, config.pyramid, segmenter.num_classes,
                                                       config.refine.crf.enabled, directory, result.output.name,
-                                                      str(result.input)))
+                                                      str(result.input), pool is not None))
         temps = stack.enter_context(atomic_writes(todo, overwrite))
         out = _context(segmenter, reader, options, result, temps)
         # With --cog a GeoTIFF is written to a temporary and copied to its COG once finished:

@@ -24,12 +24,15 @@ from magseg.segmenter import Segmenter
 
 
 def scratch_for(size: tuple[int, int], pyramid: PyramidConfig, classes: int, crf: bool,
-                directory: Path, name: str, source: str) -> contextlib.AbstractContextManager[Scratch]:
+                directory: Path, name: str, source: str, pool: bool = False
+                ) -> contextlib.AbstractContextManager[Scratch]:
     """The scratch space in ``directory`` for the stage maps of a raster of ``size`` (named
-    after the output ``name``; ``crf``: one more map, the CRF's input), refused before any
-    output is made when the disk has not the room (``scratch_space``)."""
-    needed = scratch_estimate(pyramid.stage_sizes(size), size, classes, final_map=crf)
-    return scratch_space(directory, name, needed, pyramid.crop, source)
+    after the output ``name``; ``crf``: one more map, the CRF's input; ``pool``: the
+    blending stages' backbone answers too, which a pool's workers share on disk), refused
+    before any output is made when the disk has not the room (``scratch_space``)."""
+    needed = scratch_estimate(pyramid.stage_sizes(size), size, classes, final_map=crf,
+                              crop=pyramid.crop, margin=pyramid.margin_pixels if pool else (0, 0))
+    return scratch_space(directory, name, needed, pyramid.crop, source, pyramid.margin_pixels)
 
 
 def run_raster_stages(segmenter: Segmenter, source: RasterSource, sink: RasterSink, scratch: Scratch,
@@ -76,7 +79,10 @@ def _run(segmenter: Segmenter, source: RasterSource, sink: Sink, scratch: Scratc
                              final, on_crops)
     try:
         with torch.inference_mode():
-            run_stages(run, source, scratch.new_map, final, execute=execute, plan=plan)
+            # A blending stage's backbone answers: on disk for a pool's workers; in memory
+            # here, a few rows of crops at a time (run_stages runs them in order).
+            run_stages(run, source, scratch.new_map, final, execute=execute, plan=plan,
+                       new_store=None if pool is None else scratch.new_store)
             if final is not sink:
                 final.finish()
     except OSError as exc:

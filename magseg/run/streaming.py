@@ -6,7 +6,8 @@ sink, and the scratch space that holds the stage maps in between.
                    the writers of the outputs being made (magseg.run.outputs); nodata stays nodata
     PoolStages     a stage's crop batches on a pool of workers (Ray actors, each holding the
                    model once), the outputs written here: one huge raster on many machines
-    Scratch        one directory per input for the stage maps (magseg.engine.maps.ChunkMap),
+    Scratch        one directory per input for the stage maps (magseg.engine.maps.ChunkMap)
+                   and a blending stage's backbone answers (magseg.engine.blend.FineStore),
                    sized before the run, removed however the run ends
 
 With these, ``magseg.engine.stages.run_stages`` segments a raster of any size exactly as
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from magseg.engine.certainty import certainty
 from magseg.engine.temperature import apply_temperature
+from magseg.engine.blend import FineStore, blends, store_bytes
 from magseg.engine.maps import ChunkMap, map_bytes
 from magseg.engine.pyramid import CropBox, Size
 from magseg.engine.stages import BatchJob, CollectSink, StageRun, run_job
@@ -185,10 +187,11 @@ class Scratch:
     ``peak_bytes``: the most the maps took on disk at once.
     """
 
-    def __init__(self, directory: Path, crop: Size) -> None:
+    def __init__(self, directory: Path, crop: Size, margin: Size = (0, 0)) -> None:
         self.directory = directory
         self.crop = crop
-        self._live: list[ChunkMap] = []
+        self.margin = margin
+        self._live: list[ChunkMap | FineStore] = []
         self.peak_bytes = 0
 
     def new_map(self, stage: int, size: Size) -> ChunkMap:
@@ -196,22 +199,38 @@ class Scratch:
         self._live.append(chunk_map)
         return chunk_map
 
-    def _discarded(self, chunk_map: ChunkMap) -> None:
-        # A map is discarded once the next stage has written its own: both are complete.
+    def new_store(self, stage: int, size: Size) -> FineStore | None:
+        """A ``FineStore`` on disk for a stage of ``size`` that blends, else None."""
+        if not blends(size, self.crop, self.margin):
+            return None
+        store = FineStore(size, self.crop, self.margin, self.directory / f"fine{stage}",
+                          on_discard=self._discarded)
+        self._live.append(store)
+        return store
+
+    def _discarded(self, item: ChunkMap | FineStore) -> None:
+        # A map is discarded once the next stage has written its own, a store once its stage
+        # has read it: what is live then is complete.
         self.peak_bytes = max(self.peak_bytes, sum(m.disk_bytes() for m in self._live))
-        self._live.remove(chunk_map)
+        self._live.remove(item)
 
 
-def scratch_estimate(sizes: list[Size], image_size: Size, classes: int, final_map: bool = False) -> int:
+def scratch_estimate(sizes: list[Size], image_size: Size, classes: int, final_map: bool = False,
+                     crop: Size = (1, 1), margin: Size = (0, 0)) -> int:
     """Bytes the stage maps of a run need on disk at once, at most: two consecutive maps
-    (a stage reads the previous one while it writes its own). The last stage at the image
-    size writes the outputs, not a map; unless ``final_map`` (the CRF's input, one more map
-    at the image size)."""
-    stored = sizes[:-1] if tuple(sizes[-1]) == tuple(image_size) else sizes
-    if final_map:
-        stored = [*stored, tuple(image_size)]
-    each = [map_bytes(size, classes) for size in stored] or [0]
-    return max([a + b for a, b in zip(each, each[1:])] + each)
+    (a stage reads the previous one while it writes its own), and the stage's backbone
+    answers where it blends (``crop``, ``margin``: magseg.engine.blend.store_bytes). The
+    last stage at the image size writes the outputs, not a map; unless ``final_map`` (the
+    CRF's input, one more map at the image size)."""
+    sizes = [tuple(size) for size in sizes]
+    maps = [map_bytes(size, classes) for size in sizes]
+    if sizes[-1] == tuple(image_size) and not final_map:
+        maps[-1] = 0
+    stores = [store_bytes(size, crop, margin, classes) if blends(size, crop, margin) else 0 for size in sizes]
+    need = [(maps[s - 1] if s else 0) + maps[s] + stores[s] for s in range(len(sizes))]
+    if final_map and sizes[-1] != tuple(image_size):  # the CRF's map, written from the last one
+        need.append(maps[-1] + map_bytes(tuple(image_size), classes))
+    return max(need)
 
 
 def free_bytes(directory: Path) -> int:
@@ -224,7 +243,8 @@ def _gib(n: int) -> str:
 
 
 @contextlib.contextmanager
-def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: str) -> Iterator[Scratch]:
+def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: str,
+                  margin: Size = (0, 0)) -> Iterator[Scratch]:
     """A ``Scratch`` in ``directory`` for ``needed`` bytes, removed when the block ends,
     however it ends (an error, SIGINT, SIGTERM turned into KeyboardInterrupt).
 
@@ -240,7 +260,7 @@ def scratch_space(directory: Path, stem: str, needed: int, crop: Size, source: s
     path = fresh_partial_path(directory / f"{stem}.scratch")
     path.mkdir()
     try:
-        yield Scratch(path, crop)
+        yield Scratch(path, crop, margin)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -289,5 +309,5 @@ class PoolStages:
             for boxes, labels, probs in items:  # Ray's arrays are read-only: copies
                 self.sink.write(boxes, torch.tensor(labels),
                                 None if probs is None else torch.tensor(probs))
-            if self.on_crops and jobs[index].kind != "kept":
+            if self.on_crops and jobs[index].runs_backbone:
                 self.on_crops(len(jobs[index].boxes))

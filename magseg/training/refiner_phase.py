@@ -82,7 +82,7 @@ def refiner_inputs(backbone: nn.Module, batch: RefinerBatch, config: Config,
     contexts = None if batch.contexts is None else [c.to(device) for c in batch.contexts]
     fine = crop_probs(backbone, batch.fine.to(device), training_input(config), contexts=contexts,
                       precision=engine.precision, multiple=input_multiple(backbone))
-    # The crop's own part of its grown window (pyramid.margin), as StageRun.fine cuts it.
+    # The crop's own part of its grown window (training_margin), as StageRun.fine cuts it.
     fine = cut_crops(fine, [tuple(int(v) for v in o) for o in batch.offset], config.pyramid.crop)
     return fine, coarse
 

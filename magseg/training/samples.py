@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from magseg.config import Config
+from magseg.config import Config, margin_pixels
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
 from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, grown_input, grown_windows, resize
@@ -128,10 +128,18 @@ def scene_source(scene: SceneWindows, config: Config) -> ReadSource:
     return ReadSource(scene.size, lambda rows, cols: normalize(scene.image(rows, cols), data.mean, data.std))
 
 
+def training_margin(config: Config) -> Size:
+    """The context margin of training windows in stage pixels: ``train.margin`` when set,
+    else ``pyramid.margin`` (what prediction grows each crop by)."""
+    if config.train.margin is None:
+        return config.pyramid.margin_pixels
+    return margin_pixels(config.train.margin, config.pyramid.crop)
+
+
 def training_window(config: Config) -> Size:
-    """The window a training sample's backbone sees: the crop grown by ``pyramid.margin``
+    """The window a training sample's backbone sees: the crop grown by ``training_margin``
     on both sides (the engine's window for a crop with a full margin of real pixels)."""
-    (ch, cw), (my, mx) = config.pyramid.crop, config.pyramid.margin_pixels
+    (ch, cw), (my, mx) = config.pyramid.crop, training_margin(config)
     return ch + 2 * my, cw + 2 * mx
 
 
@@ -265,7 +273,7 @@ class BackboneSamples(_Samples):
         _, scene = self._scene(rng)
         sizes = pyramid.stage_sizes(scene.size)
         size = sizes[int(rng.integers(len(sizes)))]
-        # A crop with its margins (pyramid.margin), as the engine's backbone sees it.
+        # A crop with its margins (training_margin), as the engine's backbone sees it.
         window = training_window(self.config)
         box = random_box(rng, size, window)
         crop, contexts = stage_crop(scene, size, box, self.config, self.ratios, window)
@@ -309,7 +317,7 @@ class RefinerSamples(_Samples):
         box = random_box(rng, size, pyramid.crop)
         # The fine view's window grown by the margin as the engine grows it (engine.pyramid.
         # grown_windows), at the training window's extent; the crop sits at ``offset`` in it.
-        (grown,), ((dy, dx),), _ = grown_windows([box], pyramid.crop, size, pyramid.margin_pixels)
+        (grown,), ((dy, dx),), _ = grown_windows([box], pyramid.crop, size, training_margin(self.config))
         window = training_window(self.config)
         at = CropBox.whole(Rect(grown.top, grown.left, *window))
         fine, contexts = stage_crop(scene, size, at, self.config, self.ratios, window)

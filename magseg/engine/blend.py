@@ -1,0 +1,270 @@
+"""Crop outputs blended over their margins: a stage's backbone answers as one map, with no
+crop grid in it.
+
+With ``pyramid.margin`` each crop's backbone sees its window grown by ``m`` stage pixels
+(magseg.engine.pyramid.grown_windows), so near a border between two crops both have an
+answer. Cutting each to the part it owns switches from one answer to the other at the
+border, and the map shows the crop grid as lines of label changes. Here the answers are
+blended instead. Along each axis, across the border ``b`` between two neighbouring crops,
+the weight of the crop before it falls linearly from 1 to 0 over ``[b - r, b + r)`` and the
+weight of the one after rises from 0 to 1. ``r`` is half the margin (less where a window or
+an owned part is shorter: ``axis_ramps``), so every answer blended has at least half the
+margin of context beyond it: a model that needs that much gives the whole image's answer. A crop's weight over the image is the product of
+its two axes' weights, so the weights of all crops sum to 1 at every pixel. Crop ``i``'s
+fine view over its crop window is
+
+    fine_i = P_i + sum over the other crops k that ran of  w_k * (P_k - P_i)
+
+which is ``sum_k w_k P_k`` wherever every crop whose weight reaches the pixel ran, and
+``P_i`` itself, bit for bit, where no other crop's weight reaches (a crop's core, padding
+beyond the image, a neighbour that adaptive mode skipped).
+
+A stage that blends runs in two passes: every crop's backbone output over its grown window
+goes to a ``FineStore`` (memory, or one ``.npy`` file per crop on disk for predict, written
+by any process), then each crop reads its blended fine view from it. Both passes read and
+write in a fixed order, so the result depends neither on batches nor on where a crop ran.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from magseg.engine.maps import DTYPE, save_chunk
+from magseg.engine.pyramid import CropBox, Size, axis_tiles, crop_boxes, crop_windows, grown_windows
+from magseg.geometry import Rect
+
+
+
+@dataclass(frozen=True, slots=True)
+class AxisRamp:
+    """One tile of an axis: it owns ``[own_start, own_end)`` and its weight ramps over ``r_lo``
+    pixels either side of ``own_start`` and ``r_hi`` either side of ``own_end`` (0: a hard
+    edge, the image's edge or no margin)."""
+
+    own_start: int
+    own_end: int
+    r_lo: int
+    r_hi: int
+
+    @property
+    def support(self) -> tuple[int, int]:
+        """The pixels ``[a, b)`` where the tile's weight is above 0."""
+        return self.own_start - self.r_lo, self.own_end + self.r_hi
+
+    def weights(self, start: int, stop: int) -> Tensor:
+        """``(stop - start,)`` float32 weights of the pixels ``[start, stop)``.
+
+        A border's two ramps use one ``t`` (the pixel centre's place across ``[b - r, b + r)``),
+        the one before it ``1 - t``, the one after ``t``: they sum to 1."""
+        x = torch.arange(start, stop, dtype=torch.float32) + 0.5
+        w = torch.ones(stop - start)
+        if self.r_lo:
+            w = torch.minimum(w, ((x - (self.own_start - self.r_lo)) / (2 * self.r_lo)).clamp(0, 1))
+        if self.r_hi:
+            w = torch.minimum(w, 1 - ((x - (self.own_end - self.r_hi)) / (2 * self.r_hi)).clamp(0, 1))
+        return w
+
+
+def axis_ramps(length: int, crop: int, margin: int) -> list[AxisRamp]:
+    """The ramps of the tiles of an axis of ``length`` cut into crops of ``crop`` with
+    ``margin`` pixels of context (magseg.engine.pyramid's tiles and grown windows).
+
+    The ramp across a border ``b`` has the half-width ``r = min(margin // 2, what both grown
+    windows cover beyond b minus r, half of either owned part)``: both crops' answers over
+    all of it have ``r`` pixels of context or more, and the ramps at a tile's two ends never
+    overlap, so at most two tiles of an axis have weight at any pixel."""
+    tiles = axis_tiles(length, crop)
+    boxes = [CropBox(Rect(0, start, 1, size), Rect(0, a, 1, b - a)) for start, size, a, b in tiles]
+    windows, _, _ = grown_windows(boxes, (1, crop), (1, length), (0, margin))
+    radii = []
+    for i in range(len(tiles) - 1):
+        (_, _, a0, b0), (_, _, a1, b1) = tiles[i], tiles[i + 1]
+        border = b0  # == a1
+        covered = min(windows[i].right - border, border - windows[i + 1].left)
+        radii.append(max(0, min(margin // 2, covered // 2, (b0 - a0) // 2, (b1 - a1) // 2)))
+    return [AxisRamp(a, b, radii[i - 1] if i > 0 else 0, radii[i] if i < len(tiles) - 1 else 0)
+            for i, (_, _, a, b) in enumerate(tiles)]
+
+
+def blends(size: Size, crop: Size, margin: Size) -> bool:
+    """Whether a stage of ``size`` blends its crops' outputs: some axis has a border between
+    crops with a ramp across it (a margin, and more than one crop along that axis)."""
+    return any(r.r_hi > 0 for n, c, m in zip(size, crop, margin) for r in axis_ramps(n, c, m))
+
+
+class BlendGrid:
+    """The geometry of a stage's blend: its crops (``boxes``, row-major), their grown
+    ``windows`` (of one ``extent``) and each axis' ramps, for a stage of ``size`` in crops of
+    ``crop`` with ``margin`` stage pixels of context."""
+
+    def __init__(self, size: Size, crop: Size, margin: Size) -> None:
+        self.size, self.crop = tuple(size), tuple(crop)
+        self.boxes = crop_boxes(self.size, self.crop)
+        self.windows, self.offsets, self.extent = grown_windows(self.boxes, self.crop, self.size, margin)
+        self.rows = axis_ramps(self.size[0], self.crop[0], margin[0])
+        self.cols = axis_ramps(self.size[1], self.crop[1], margin[1])
+        self.index = {box: i for i, box in enumerate(self.boxes)}
+
+    def support(self, k: int) -> Rect:
+        """Where crop ``k``'s weight is above 0."""
+        ramp_y, ramp_x = self.rows[k // len(self.cols)], self.cols[k % len(self.cols)]
+        return Rect.from_slices(slice(*ramp_y.support), slice(*ramp_x.support))
+
+    def weights(self, k: int, part: Rect) -> Tensor:
+        """``(h, w)`` crop ``k``'s weights over ``part`` (inside its support)."""
+        ramp_y, ramp_x = self.rows[k // len(self.cols)], self.cols[k % len(self.cols)]
+        return ramp_y.weights(part.top, part.bottom)[:, None] * ramp_x.weights(part.left, part.right)[None, :]
+
+    def reaching(self, window: Rect) -> list[int]:
+        """The crops whose weight may reach ``window``, row-major (the order of the blend's sum)."""
+        ys = [j for j, r in enumerate(self.rows) if r.support[0] < window.bottom and r.support[1] > window.top]
+        xs = [j for j, r in enumerate(self.cols) if r.support[0] < window.right and r.support[1] > window.left]
+        return [y * len(self.cols) + x for y in ys for x in xs]
+
+    def sources_of(self, index: int) -> list[int]:
+        """The crops whose backbone answers crop ``index``'s blended views may read (over its
+        grown window, where the refiner runs): itself and every crop whose weight reaches it."""
+        return sorted({index, *self.reaching(self.windows[index])})
+
+    def sources(self, boxes: list[CropBox]) -> list[CropBox]:
+        """The crops whose answers the views of ``boxes`` may read, row-major (what a clip
+        runs in a blending stage's first pass)."""
+        wanted = {k for box in boxes for k in self.sources_of(self.index[box])}
+        return [self.boxes[k] for k in sorted(wanted)]
+
+
+class FineStore:
+    """A stage's backbone outputs over the crops' grown windows, and each crop's blended fine
+    view (module docstring). In memory, or on disk in ``directory`` (one ``<i>.npy`` per
+    crop, renamed into place complete, so any process may write any crop).
+
+    In memory, a crop's answers are dropped once every view that reads them has been read
+    (``expect``, ``release``): a stage run in order holds a few rows of crops at a time.
+
+    Args:
+        size: the stage size; crop, margin: ``pyramid.crop`` and ``pyramid.margin_pixels``.
+        device: where ``views`` are returned (and the memory store keeps its tensors).
+    """
+
+    def __init__(self, size: Size, crop: Size, margin: Size, directory: Path | None = None,
+                 device: torch.device | str = "cpu",
+                 on_discard: Callable[["FineStore"], None] | None = None) -> None:
+        self.grid = BlendGrid(size, crop, margin)
+        self.directory = None if directory is None else Path(directory)
+        self.device = torch.device(device)
+        self.on_discard = on_discard
+        self._tensors: dict[int, Tensor] = {}
+        self._readers: dict[int, int] = {}  # views still to read a crop's answers (memory)
+        self._dropped: set[int] = set()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def extent(self) -> Size:
+        return self.grid.extent
+
+    def write(self, boxes: list[CropBox], windows: Tensor) -> None:
+        """Each crop's backbone probabilities over its grown window: ``windows`` ``(B, C,
+        eh, ew)`` (``magseg.engine.pyramid.grown_windows``' extent)."""
+        for probs, box in zip(windows, boxes):
+            index = self.grid.index[box]
+            if self.directory is None:
+                self._tensors[index] = probs.to(self.device)
+            else:
+                save_chunk(self._path(index), probs)
+
+    def expect(self, boxes: list[CropBox]) -> None:
+        """The views of ``boxes`` will be read, each crop's once: their sources' answers
+        stay until then."""
+        for box in boxes:
+            for k in self.grid.sources_of(self.grid.index[box]):
+                self._readers[k] = self._readers.get(k, 0) + 1
+
+    def release(self, boxes: list[CropBox]) -> None:
+        """The views of ``boxes`` have been read: answers no other view expects are dropped
+        (memory only; files go with ``discard``)."""
+        if self.directory is not None:
+            return
+        for box in boxes:
+            for k in self.grid.sources_of(self.grid.index[box]):
+                self._readers[k] = self._readers.get(k, 0) - 1
+                if self._readers[k] <= 0 and k in self._tensors:
+                    del self._tensors[k]
+                    self._dropped.add(k)
+
+    def crops(self, boxes: list[CropBox]) -> Tensor:
+        """``(B, C, ch, cw)`` float32: each crop's blended fine view over its crop window
+        (``crop_windows``; its own answer on any padding beyond the stage)."""
+        return self.views(boxes, crop_windows(boxes, self.grid.crop))
+
+    def views(self, boxes: list[CropBox], windows: list[Rect]) -> Tensor:
+        """``(B, C, h, w)`` float32: each crop's blended fine view over ``windows[i]``, any
+        equally sized windows inside the crops' grown windows (the crop window, or the grown
+        window itself)."""
+        return torch.stack([self._blended(box, window) for box, window in zip(boxes, windows)])
+
+    def _blended(self, box: CropBox, window: Rect) -> Tensor:
+        grid = self.grid
+        i = grid.index[box]
+        own = self._read(i, *window.within(grid.windows[i]))
+        out = own.clone()
+        for k in grid.reaching(window):
+            if k == i or not self._has(k):
+                continue
+            part = grid.support(k).intersection(window)
+            if part.empty:
+                continue
+            theirs = self._read(k, *part.within(grid.windows[k]))
+            mine = own[(slice(None), *part.within(window))]
+            out[(slice(None), *part.within(window))] += grid.weights(k, part).to(self.device) * (theirs - mine)
+        return out
+
+    def _has(self, index: int) -> bool:
+        """Whether crop ``index`` ran (a crop adaptive mode skipped did not)."""
+        if self.directory is None:
+            assert index not in self._dropped, "a crop's answers were read after their last expected view"
+            return index in self._tensors
+        return self._path(index).exists()
+
+    def _read(self, index: int, rows: slice, cols: slice) -> Tensor:
+        """``(C, rows, cols)`` of crop ``index``'s stored window, in its own coordinates."""
+        if self.directory is None:
+            return self._tensors[index][:, rows, cols]
+        array = np.load(self._path(index), mmap_mode="r")
+        return torch.from_numpy(np.array(array[:, rows, cols], DTYPE)).to(self.device)  # a copy: the file is read-only
+
+    def _path(self, index: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{index}.npy"
+
+    def disk_bytes(self) -> int:
+        """Bytes its files take, whoever wrote them (0 in memory)."""
+        if self.directory is None:
+            return 0
+        return sum(f.stat().st_size for f in self.directory.glob("*.npy"))
+
+    def __getstate__(self) -> dict:
+        # Sent to a worker (predict on a pool) as the directory and geometry.
+        if self.directory is None:
+            raise TypeError("a FineStore in memory cannot be sent to another process")
+        return {**self.__dict__, "on_discard": None}  # the owner's callback stays here
+
+    def discard(self) -> None:
+        if self.on_discard:
+            self.on_discard(self)
+        self._tensors.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def store_bytes(size: Size, crop: Size, margin: Size, classes: int) -> int:
+    """Bytes a ``FineStore`` of a stage of ``size`` takes on disk (the .npy headers aside)."""
+    grid = BlendGrid(size, crop, margin)
+    return len(grid.boxes) * grid.extent[0] * grid.extent[1] * classes * np.dtype(DTYPE).itemsize
