@@ -248,8 +248,9 @@ METHODS = ("backbone", "engine", "patch_only", "adaptive")
 # nest: crop_probs holds run_backbone, refine_labels holds error_score and top_error_pixels).
 SECTIONS = {
     "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "refine_probs",
-                             "refine_crops", "refine_labels", "labels_of"),
-    "magseg.engine.refine_step": ("error_score", "top_error_pixels", "labels_of"),
+                             "refine_weights", "refine_crops", "refine_labels", "labels_of"),
+    "magseg.engine.refine_step": ("error_score", "error_score_and_tops", "top_error_pixels",
+                                  "labels_of"),
 }
 
 

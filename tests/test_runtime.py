@@ -4,6 +4,7 @@ that imports neither smp nor timm."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,11 +191,36 @@ def test_resolve_runtime(monkeypatch):
     assert rt.resolve_runtime("auto", cpu) == "openvino"
 
 
-def test_runtime_precision():
+def test_runtime_precision(monkeypatch):
     assert rt.runtime_precision("onnxruntime", "bf16") == "fp32"
-    assert rt.runtime_precision("openvino", "bf16") == "bf16"
     assert rt.runtime_precision("openvino", "fp16") == "fp32"
     assert rt.runtime_precision("torch", "bf16") == "bf16"
+    # OpenVINO computes bf16 only on a CPU with bf16 kernels; elsewhere its bf16 hint is f32.
+    for native, expected in [(True, "bf16"), (False, "fp32")]:
+        openvino = dataclasses.replace(rt.GRAPH_RUNTIMES["openvino"], native=lambda p, n=native: n)
+        monkeypatch.setitem(rt.GRAPH_RUNTIMES, "openvino", openvino)
+        assert rt.runtime_precision("openvino", "bf16") == expected
+        assert rt.runtime_precision("openvino", "fp32") == "fp32"
+
+
+def test_openvino_reports_the_precision_its_compiled_model_computes_in(tmp_path):
+    # Whatever this CPU is: what runtime_precision reports for a bf16 request is what the
+    # graph OpenVINO compiles for it runs at (bf16 with AVX512-BF16 or AMX, f32 without).
+    pytest.importorskip("openvino")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    shape = [1, 4, 8, 8]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", rt.OPSET)]), path)
+    for asked in ("bf16", "fp32"):
+        compiled = rt._openvino_compile(path, 1, asked)  # a file, as the engine's runner does
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        del compiled
+        assert rt.runtime_precision("openvino", asked) == {"bf16": "bf16", "f32": "fp32"}[hint]
 
 
 @pytest.mark.parametrize("vnni", [True, False])

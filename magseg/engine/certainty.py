@@ -116,8 +116,8 @@ def error_score_and_tops(refined: Tensor, coarse: Tensor, total: Tensor | None =
     found on the way, for argmaxes that reuse them (``magseg.engine.refine_step.labels_of``)."""
     best, cert = top2(refined)
     torch.sub(best, cert, out=cert)
-    if total is not None:
-        cert.div_(total)
+    if total is not None:  # a total of 0 (every weight underflowed): certainty 0, not NaN
+        cert.div_(total.clamp_min(torch.finfo(total.dtype).tiny))
     coarse_best, unsure = top2(coarse)
     torch.sub(unsure, coarse_best, out=unsure).add_(1)
     return cert.mul_(unsure), best, coarse_best
@@ -232,6 +232,14 @@ def _levels(raw: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(raw, alpha=255)
 
 
+def _kth_level(levels: np.ndarray, k: int, allowed: np.ndarray | None) -> int:
+    """The level of the k-th highest allowed pixel of ``levels`` (uint8): the largest t with
+    at least k allowed pixels at t or above."""
+    counts = cv2.calcHist([levels], [0], allowed, [256], [0, 256]).ravel()
+    at_least = np.cumsum(counts[::-1])[::-1]  # at_least[t]: pixels at level t or above
+    return int(np.flatnonzero(at_least >= k)[-1])
+
+
 def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, out: np.ndarray) -> None:
     """``top_error_pixels`` for one ``(H, W)`` float32 map; ``allowed`` is 0/255 uint8 or
     None. Writes 1 on the picked pixels into ``out`` (zeros, uint8)."""
@@ -256,6 +264,26 @@ def _pick_map(raw: np.ndarray, k: int, kernel: int, allowed: np.ndarray | None, 
 
     # Invariant: at least k pixels reach level lo (level 0: every pixel), fewer than k reach hi.
     lo, lo_mask, hi, hi_mask = 0, everywhere, 256, np.zeros_like(everywhere)
+    # The blurred map's K-th level is near the raw map's (a median keeps a smooth map's
+    # levels): bracket it there first, widening until the invariant holds, then bisect. Any
+    # bracket that keeps the invariant ends on the same level, so the picks are those of
+    # the whole bisection, in about half its counts.
+    guess = _kth_level(levels, k, allowed)
+    for width in (4, 16):
+        low, high = max(guess - width, 0), min(guess + width, 255) + 1
+        if low > lo:
+            mask = blurred_at_least(low)
+            if cv2.countNonZero(mask) < k:
+                hi, hi_mask = low, mask
+                continue
+            lo, lo_mask = low, mask
+        if high < hi:
+            mask = blurred_at_least(high)
+            if cv2.countNonZero(mask) >= k:
+                lo, lo_mask = high, mask
+                continue
+            hi, hi_mask = high, mask
+        break
     while hi - lo > 1:
         mid = (lo + hi) // 2
         mask = blurred_at_least(mid)

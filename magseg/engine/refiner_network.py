@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
-from magseg.engine.resample import enlarge
+from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_rows, row_bands
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -72,6 +72,56 @@ class WeightsRefiner(ProbsRefiner, Protocol):
     the argmax need no full normalisation pass."""
 
     def weights(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
+
+
+def pool_cells(x: Tensor, stride: int) -> Tensor:
+    """The mean of each ``stride x stride`` cell of ``(B, C, H, W)``: ``(B, C, ceil(H/s),
+    ceil(W/s))``, a partial cell at the far edges averaging the pixels it has. The values of
+    ``F.avg_pool2d(x, stride, ceil_mode=True)`` up to float rounding (sums in another order).
+
+    Rows then columns, each a sum over a reshaped axis: a third less time than ATen's
+    pooling kernel on a CPU for a batch of 612 px crops at stride 8 (docs/performance.md),
+    and differentiable, so training pools the same way.
+    """
+    height, width = x.shape[-2:]
+    rows = _cell_sums(x, -2, stride)
+    sums = _cell_sums(rows, -1, stride)
+    return sums.div_(_cell_sizes(height, stride, x).view(-1, 1) * _cell_sizes(width, stride, x))
+
+
+def _cell_sums(x: Tensor, dim: int, stride: int) -> Tensor:
+    """Sums of ``stride`` consecutive entries along ``dim`` (negative), the last group partial."""
+    n = x.shape[dim]
+    cells, whole = -(-n // stride), n // stride * stride
+    groups = x.narrow(dim, 0, whole).unflatten(dim, (n // stride, stride))
+    if torch.is_grad_enabled() and x.requires_grad:  # training: autograd takes no out=
+        sums = groups.sum(dim)
+        if whole == n:
+            return sums
+        return torch.cat([sums, x.narrow(dim, whole, n - whole).sum(dim, keepdim=True)], dim)
+    # Inference: both sums written into one buffer, the same values without the copy of a cat.
+    shape = list(x.shape)
+    shape[dim] = cells
+    out = x.new_empty(shape)
+    torch.sum(groups, dim, out=out.narrow(dim, 0, n // stride))
+    if whole < n:
+        torch.sum(x.narrow(dim, whole, n - whole), dim, keepdim=True, out=out.narrow(dim, cells - 1, 1))
+    return out
+
+
+def _cell_sizes(n: int, stride: int, like: Tensor) -> Tensor:
+    """How many pixels each cell of an axis of ``n`` holds: ``stride``, the last one the rest."""
+    sizes = torch.full((-(-n // stride),), float(stride), dtype=like.dtype, device=like.device)
+    sizes[-1] = n - (len(sizes) - 1) * stride
+    return sizes
+
+
+@runtime_checkable
+class TotalRefiner(WeightsRefiner, Protocol):
+    """A refiner that returns its weights with their per-pixel sum over the channels:
+    ``refiner.weights_and_total(fine, coarse)`` ``-> ((B, C, h, w), (B, h, w))``."""
+
+    def weights_and_total(self, fine: Tensor, coarse: Tensor, /) -> tuple[Tensor, Tensor]: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
@@ -180,7 +230,7 @@ class Refiner(nn.Module):
         if s == 1:
             return fine, coarse
         # Pooling commutes with concatenation: pool first, concatenate small maps.
-        return F.avg_pool2d(fine, s, ceil_mode=True), F.avg_pool2d(coarse, s, ceil_mode=True)
+        return pool_cells(fine, s), pool_cells(coarse, s)
 
     def correction(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """The learned correction at reduced resolution: ``(B, C, ceil(H/s), ceil(W/s))``."""
@@ -238,14 +288,53 @@ class Refiner(nn.Module):
         divides them by their per-pixel sum over the sum of ``fine``. The engine takes
         these: its argmax needs no normalisation and its certainty one channel's.
 
-        In place on the one full-resolution buffer the upsampling made: each extra buffer of
-        a 2448 px stage's crops is tens of MB to allocate and fault in. With the shift,
-        gate * delta <= 0, so exp stays <= 1 whatever the gate. While the correction is
-        zero, the result is ``fine`` bit for bit."""
-        delta, gate = self._delta_and_gate(fine, coarse, shift=True)
-        if gate is not None:
-            delta = delta.mul_(gate)  # a view of the upsampled buffer: still in place
-        return delta.exp_().mul_(fine)
+        With the shift, gate * delta <= 0, so exp stays <= 1 whatever the gate. While the
+        correction is zero, the result is ``fine`` bit for bit."""
+        return self._weights(fine, coarse, with_total=False)[0]
+
+    def weights_and_total(self, fine: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
+        """``weights`` and their per-pixel sum over the channels, ``(B, H, W)`` (what the
+        refine step takes: ``magseg.engine.stages.refine_weights``)."""
+        weights, total = self._weights(fine, coarse, with_total=True)
+        return weights, total
+
+    def _weights(self, fine: Tensor, coarse: Tensor, with_total: bool) -> tuple[Tensor, Tensor | None]:
+        """``weights`` (and their sum over the channels with ``with_total``).
+
+        Inference at a stride > 1 works band by band of rows (``magseg.engine.resample.
+        row_bands``): the correction and the pooled fine map are enlarged a band at a time
+        (``enlarge_rows``) and the gate, the exponential, the product with ``fine`` and the
+        sum read each band while it is in the cache, instead of a dozen passes over a
+        batch's full-size maps, tens of MB each. Every step is per pixel, so the values are
+        those of the whole-map arithmetic, bit for bit."""
+        s = self.context_stride
+        if torch.is_grad_enabled() or s == 1:
+            delta, gate = self._delta_and_gate(fine, coarse, shift=True)
+            if gate is not None:
+                delta = delta.mul_(gate)  # a view of the upsampled buffer: in place
+            weights = delta.exp_().mul_(fine)
+            return weights, weights.sum(dim=1) if with_total else None
+        small_fine, small_coarse = self._pooled(fine, coarse)
+        delta = self.context(refiner_input(small_fine, small_coarse))
+        delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
+        # The gate's detail cue needs the pooled fine map at full size too: one enlargement.
+        small = delta if self.gate is None else torch.cat([delta, small_fine], dim=1)
+        height, width = fine.shape[-2:]
+        columns = edge_padded(_enlarge_axis(small, small.dim() - 1, s, width), small.dim() - 2)
+        weights = torch.empty_like(fine)
+        total = fine.new_empty((fine.shape[0], height, width)) if with_total else None
+        for rows in row_bands(fine, multiple=s):
+            both = enlarge_rows(columns, s, rows)
+            band, fine_band = weights[:, :, rows], fine[:, :, rows]
+            if self.gate is None:
+                band.copy_(both)
+            else:  # from_maps overwrites the enlarged fine map, the band's scratch
+                gate = self.gate.from_maps(fine_band, coarse[:, :, rows], both[:, self.classes :])
+                torch.mul(both[:, : self.classes], gate, out=band)
+            band.exp_().mul_(fine_band)
+            if total is not None:
+                torch.sum(band, dim=1, out=total[:, rows])
+        return weights, total
 
     def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed

@@ -261,23 +261,50 @@ def _enlarge_axis(x: Tensor, dim: int, factor: int, length: int) -> Tensor:
     ``factor`` outputs are two ``lerp``s of it with its neighbours, written as one block each
     (every output pixel is one separately rounded ``lerp``, whatever the tensor it is cut
     from)."""
-    n = x.shape[dim]
-    before, weight = _enlarge_phases(factor)
-    weight = weight.to(x.device).view(factor, *[1] * (x.dim() - dim - 1))
-    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
     out = x.new_empty((*x.shape[:dim], length, *x.shape[dim + 1 :]))
+    _enlarge_into(edge_padded(x, dim), dim, factor, 0, out)
+    return out
+
+
+def edge_padded(x: Tensor, dim: int) -> Tensor:
+    """``x`` with its first and last pixel along ``dim`` repeated once before and after: the
+    source ``_enlarge_into`` reads (edges clamped)."""
+    n = x.shape[dim]
+    return torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
+
+
+def _enlarge_into(padded: Tensor, dim: int, factor: int, start: int, out: Tensor) -> None:
+    """Output pixels ``[start, start + out.shape[dim])`` of enlarging a map ``factor`` times
+    along ``dim`` into ``out``, from the map ``edge_padded`` (``start`` a multiple of
+    ``factor``): the values ``_enlarge_axis`` gives those pixels, bit for bit, so a map can
+    be enlarged band by band."""
+    if start % factor:
+        raise ValueError(f"an enlarged band starts on a multiple of {factor}, got {start}")
+    length, offset = out.shape[dim], start // factor
+    before, weight = _enlarge_phases(factor)
+    weight = weight.to(padded.device).view(factor, *[1] * (padded.dim() - dim - 1))
     whole, tail = divmod(length, factor)
     for first, count, phases in ((0, whole, factor), (whole, 1 if tail else 0, tail)):
         if not count:
             continue
         # source pixels first .. first + count - 1 and their neighbours, a phase axis after dim
-        prev, here, after = (padded.narrow(dim, first + i, count).unsqueeze(dim + 1) for i in range(3))
+        prev, here, after = (padded.narrow(dim, offset + first + i, count).unsqueeze(dim + 1) for i in range(3))
         block = out.narrow(dim, first * factor, count * phases).unflatten(dim, (count, phases))
         for lo, hi, other in ((0, min(before, phases), prev), (before, phases, after)):
             if hi > lo:
                 shape = [*here.shape[: dim + 1], hi - lo, *here.shape[dim + 2 :]]
                 torch.lerp(here.expand(shape), other.expand(shape), weight[lo:hi],
                            out=block.narrow(dim + 1, lo, hi - lo))
+
+
+def enlarge_rows(columns: Tensor, factor: int, rows: slice, out: Tensor | None = None) -> Tensor:
+    """Rows ``rows`` (``rows.start`` a multiple of ``factor``) of ``enlarge(x, factor, size)``,
+    given ``columns = edge_padded(_enlarge_axis(x, x.dim() - 1, factor, size[1]), x.dim() - 2)``
+    (``enlarge``'s first pass, made once): the same values, bit for bit, band by band."""
+    dim = columns.dim() - 2
+    shape = (*columns.shape[:dim], rows.stop - rows.start, columns.shape[-1])
+    out = columns.new_empty(shape) if out is None else out
+    _enlarge_into(columns, dim, factor, rows.start, out)
     return out
 
 
@@ -299,3 +326,20 @@ def enlarge(x: Tensor, factor: int, size: tuple[int, int] | None = None) -> Tens
     if factor == 1:
         return x[..., :rows, :cols].contiguous()
     return _enlarge_axis(_enlarge_axis(x, x.dim() - 1, factor, cols), x.dim() - 2, factor, rows)
+
+
+# How many bytes of one C-channel map a band of ``row_bands`` holds: a few MB, so that the
+# band's maps and scratch of a per-pixel pass stay in the CPU's last-level cache.
+BAND_BYTES = 4 << 20
+
+
+def row_bands(maps: Tensor, multiple: int = 1) -> list[slice]:
+    """Slices of rows of ``(B, C, H, W)`` ``maps`` of about ``BAND_BYTES`` each (a multiple of
+    ``multiple`` rows, except the last), in order, covering all H rows; on a GPU one band
+    (each band is a dozen kernel launches more, and the cache argument is a CPU's)."""
+    batch, channels, height, width = maps.shape
+    if maps.device.type != "cpu":
+        return [slice(0, height)]
+    per_row = max(1, batch * channels * width * maps.element_size())
+    rows = max(multiple, BAND_BYTES // per_row // multiple * multiple)
+    return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]

@@ -28,6 +28,7 @@ magseg offers it nowhere, since it cost more than half a point of mIoU
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -96,11 +97,14 @@ def resolve_runtime(choice: str, device: torch.device, multi_context: bool = Fal
 
 def runtime_precision(runtime: str, precision: str) -> str:
     """The precision a runtime computes in, for the resolved ``precision``: torch runs what
-    was asked; a graph runtime runs it where it has the kernels (``Runtime.precisions``),
-    else fp32."""
+    was asked; a graph runtime runs it where it has the kernels (``Runtime.precisions``) and
+    this CPU has them (``Runtime.native``), else fp32."""
     if runtime == "torch":
         return precision
-    return precision if precision in GRAPH_RUNTIMES[runtime].precisions else "fp32"
+    graph_runtime = GRAPH_RUNTIMES[runtime]
+    if precision not in graph_runtime.precisions:
+        return "fp32"
+    return precision if graph_runtime.native is None or graph_runtime.native(precision) else "fp32"
 
 
 def cache_root(configured: str | None = None) -> Path:
@@ -349,13 +353,30 @@ def _ort_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarra
     return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
-def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino_compile(model: Any, threads: int, precision: str) -> Any:
+    """OpenVINO's compiled ``model`` (a path or an ``openvino.Model``) for the CPU."""
     import openvino as ov
 
-    # The precision is explicit: OpenVINO's CPU default is bf16 wherever the CPU has it.
+    # The precision is explicit: OpenVINO's CPU default is bf16 wherever the CPU has it. On a
+    # CPU without bf16 kernels a bf16 hint compiles f32 (``_openvino_native`` says which).
     hint = "bf16" if precision == "bf16" else "f32"
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "INFERENCE_PRECISION_HINT": hint})
+    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                   {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})
+
+
+@functools.lru_cache(maxsize=None)
+def _openvino_native(precision: str) -> bool:
+    """Whether OpenVINO's CPU plugin computes ``precision`` on this CPU: its
+    ``OPTIMIZATION_CAPABILITIES`` list BF16 only where it has bf16 kernels (AVX512-BF16,
+    AMX), and a bf16 hint elsewhere compiles f32."""
+    import openvino as ov
+
+    capability = {"bf16": "BF16", "fp16": "FP16"}.get(precision)
+    return capability is not None and capability in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    compiled = _openvino_compile(path, threads, precision)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -372,13 +393,15 @@ class Runtime:
     ``load(graph, threads, precision)`` reads the ``.onnx`` file and returns the runner,
     ``(B, C_in, h, w)`` float32 array -> ``(B, classes, h, w)`` float32 logits; ``module``
     is the package it imports (whether it is installed), ``extra`` the magseg extra that
-    installs it; ``precisions``: the precisions it computes in natively (others run fp32).
+    installs it; ``precisions``: the precisions it has kernels for (others run fp32);
+    ``native(precision)``: whether this CPU runs one of them (None: wherever it is installed).
     """
 
     module: str
     extra: str
     load: Callable[[Path, int, str], Callable[[np.ndarray], np.ndarray]]
     precisions: tuple[str, ...] = ()
+    native: Callable[[str], bool] | None = None
 
 
 # The graph runtimes, in auto's order on a CPU: fastest first (both ran Unet-ResNet18 and
@@ -386,7 +409,7 @@ class Runtime:
 # ONNX Runtime's CPU kernels are fp32; OpenVINO runs bf16 when asked (native on
 # AVX512-BF16/AMX).
 GRAPH_RUNTIMES: dict[str, Runtime] = {
-    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",)),
+    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",), _openvino_native),
     "onnxruntime": Runtime("onnxruntime", "magseg[onnx]", _ort_runner),
 }
 # What engine.runtime may name (besides auto); the config schema lists the same.

@@ -58,7 +58,7 @@ from magseg.engine.refine_step import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner_network import ProbsRefiner, WeightsRefiner
+from magseg.engine.refiner_network import ProbsRefiner, TotalRefiner, WeightsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
 from magseg.geometry import Rect
 
@@ -153,6 +153,9 @@ def refine_weights(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> t
     Args:
         fine, coarse: ``(B, C, h, w)`` probabilities.
     """
+    if isinstance(refiner, TotalRefiner):  # magseg's: the sum made band by band with them
+        weights, total = refiner.weights_and_total(fine, coarse)
+        return weights.float(), total.float()
     if isinstance(refiner, WeightsRefiner):
         weights = refiner.weights(fine, coarse).float()
         return weights, weights.sum(dim=1)
