@@ -180,7 +180,9 @@ def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpo
     assert report["methods"]["progressive"]["seam_scores"] == pytest.approx(expected)
     assert expected[0] is None and expected[-1] is not None  # stage 0 is one crop of 32
     assert "## Seams" in (out / "report.md").read_text()
-    assert report["config"]["pyramid"]["margin"] == 0 and report["config"]["refine"]["border"] == 0
+    # The config the benchmark ran: the default margin (1/8 of the crop), no border term.
+    assert report["config"]["pyramid"]["margin"] == 0.125 and report["config"]["refine"]["border"] == 0
+    assert report["config"]["pyramid"]["margin_pixels"] == [4, 4]
 
 
 def test_seam_score_script_on_a_geotiff(tmp_path):
