@@ -353,15 +353,23 @@ def _ort_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarra
     return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
-def _openvino_compile(model: Any, threads: int, precision: str) -> Any:
-    """OpenVINO's compiled ``model`` (a path or an ``openvino.Model``) for the CPU."""
+@functools.lru_cache(maxsize=1)
+def _openvino_core() -> Any:
+    """The process's one ``openvino.Core``. OpenVINO expects one per application: with a Core
+    per compiled graph (one graph per input size, two with a context margin), a process that
+    had run them crashed later, in CPython, once it had spawned a child process."""
     import openvino as ov
 
+    return ov.Core()
+
+
+def _openvino_compile(model: Any, threads: int, precision: str) -> Any:
+    """OpenVINO's compiled ``model`` (a path or an ``openvino.Model``) for the CPU."""
     # The precision is explicit: OpenVINO's CPU default is bf16 wherever the CPU has it. On a
     # CPU without bf16 kernels a bf16 hint compiles f32 (``_openvino_native`` says which).
     hint = "bf16" if precision == "bf16" else "f32"
-    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
-                                   {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})
+    return _openvino_core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                          {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,10 +377,8 @@ def _openvino_native(precision: str) -> bool:
     """Whether OpenVINO's CPU plugin computes ``precision`` on this CPU: its
     ``OPTIMIZATION_CAPABILITIES`` list BF16 only where it has bf16 kernels (AVX512-BF16,
     AMX), and a bf16 hint elsewhere compiles f32."""
-    import openvino as ov
-
     capability = {"bf16": "BF16", "fp16": "FP16"}.get(precision)
-    return capability is not None and capability in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return capability is not None and capability in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -383,6 +389,7 @@ def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.n
         request.infer({0: x})
         return request.get_output_tensor(0).data.copy()
 
+    run.compiled = compiled  # the graph outlives its request
     return run
 
 
