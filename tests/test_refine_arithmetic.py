@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from magseg.config import RefineConfig
 from magseg.engine import resample
 from magseg.engine.certainty import error_score, top_error_pixels
-from magseg.engine.pyramid import crop_boxes
+from magseg.engine.pyramid import crop_boxes, cut_crops
 from magseg.engine.refine_step import labels_of, refine_crops, refine_labels, top_k_owned
 from magseg.engine.refiner_network import Refiner, pool_cells
 from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_rows
@@ -156,3 +156,25 @@ def test_top_error_pixels_from_a_first_bracket_far_off_picks_what_full_bisection
     host = top_error_pixels(raw, 11, ks, allowed, method="opencv")
     assert torch.equal(host, top_error_pixels(raw, 11, ks, allowed, method="torch"))
     assert host.flatten(1).sum(1).tolist() == ks
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("offsets", [[(0, 0), (5, 3)], [(6, 11), (2, 0)]])
+def test_the_refiners_weights_on_crops_are_its_windows_weights_cut_to_the_crops(monkeypatch, gate, offsets):
+    # Crops at offsets on and off the cell grid (stride 4), bands of 8 rows: the per-pixel
+    # work on the crops alone gives the window's values there.
+    monkeypatch.setattr(resample, "BAND_BYTES", 5 * 30 * 4 * 8)
+    refiner = Refiner(5, channels=8, context_stride=4, gate=gate)
+    torch.nn.init.normal_(refiner.context[-1].weight, std=2.0)
+    fine, coarse = _probs(2, 5, 37, 45, 5), _probs(2, 5, 37, 45, 6)
+    crop = (29, 30)
+    with torch.no_grad():
+        weights, total = refiner.weights_and_total(fine, coarse)
+        on_crops, crop_total = refiner.weights_on_crops(fine, coarse, offsets, crop)
+    assert on_crops.shape == (2, 5, *crop) and crop_total.shape == (2, *crop)
+    for i, (dy, dx) in enumerate(offsets):
+        # Bit for bit but for the last bit of ATen's scalar remainder (as above).
+        window = (i, slice(None), slice(dy, dy + crop[0]), slice(dx, dx + crop[1]))
+        assert torch.allclose(on_crops[i], weights[window], rtol=1e-6, atol=0)
+        assert torch.allclose(crop_total[i], total[(i, *window[2:])], rtol=1e-6, atol=0)
+    assert (on_crops - cut_crops(fine, offsets, crop)).abs().max() > 1e-3  # the correction acted

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
-from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_rows, row_bands
+from magseg.engine.pyramid import cut_crops
+from magseg.engine.resample import _enlarge_axis, _enlarge_into, edge_padded, enlarge, enlarge_rows, row_bands
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -122,6 +123,15 @@ class TotalRefiner(WeightsRefiner, Protocol):
     ``refiner.weights_and_total(fine, coarse)`` ``-> ((B, C, h, w), (B, h, w))``."""
 
     def weights_and_total(self, fine: Tensor, coarse: Tensor, /) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class CropsRefiner(TotalRefiner, Protocol):
+    """A refiner that runs over windows and answers on the crops they hold:
+    ``refiner.weights_on_crops(fine, coarse, offsets, crop)`` (``Refiner.weights_on_crops``)."""
+
+    def weights_on_crops(self, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]],
+                         crop: tuple[int, int], /) -> tuple[Tensor, Tensor]: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
@@ -314,27 +324,76 @@ class Refiner(nn.Module):
                 delta = delta.mul_(gate)  # a view of the upsampled buffer: in place
             weights = delta.exp_().mul_(fine)
             return weights, weights.sum(dim=1) if with_total else None
-        small_fine, small_coarse = self._pooled(fine, coarse)
-        delta = self.context(refiner_input(small_fine, small_coarse))
-        delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
-        # The gate's detail cue needs the pooled fine map at full size too: one enlargement.
-        small = delta if self.gate is None else torch.cat([delta, small_fine], dim=1)
         height, width = fine.shape[-2:]
-        columns = edge_padded(_enlarge_axis(small, small.dim() - 1, s, width), small.dim() - 2)
+        columns = edge_padded(_enlarge_axis(self._small(fine, coarse), fine.dim() - 1, s, width), fine.dim() - 2)
         weights = torch.empty_like(fine)
         total = fine.new_empty((fine.shape[0], height, width)) if with_total else None
         for rows in row_bands(fine, multiple=s):
-            both = enlarge_rows(columns, s, rows)
-            band, fine_band = weights[:, :, rows], fine[:, :, rows]
-            if self.gate is None:
-                band.copy_(both)
-            else:  # from_maps overwrites the enlarged fine map, the band's scratch
-                gate = self.gate.from_maps(fine_band, coarse[:, :, rows], both[:, self.classes :])
-                torch.mul(both[:, : self.classes], gate, out=band)
-            band.exp_().mul_(fine_band)
-            if total is not None:
-                torch.sum(band, dim=1, out=total[:, rows])
+            self._band(enlarge_rows(columns, s, rows), fine[:, :, rows], coarse[:, :, rows],
+                       weights[:, :, rows], None if total is None else total[:, rows])
         return weights, total
+
+    def weights_on_crops(self, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]],
+                         crop: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``weights_and_total`` of the refiner run over windows, kept only on the crop each
+        window holds: the correction sees the whole window (its convolutions the context
+        around a crop), the per-pixel work runs on the crop's pixels alone.
+
+        Args:
+            fine, coarse: ``(B, C, eh, ew)`` probabilities over the windows.
+            offsets: ``(dy, dx)`` of each crop in its window; ``crop``: ``(ch, cw)``.
+        Returns:
+            ``(B, C, ch, cw)`` weights and ``(B, ch, cw)`` their sum: the crops' part of
+            ``weights_and_total(fine, coarse)`` (every step after the correction is per
+            pixel and each band is enlarged from the same cells: the same values but for the
+            last bit where ATen's vector loops leave a scalar remainder elsewhere).
+        """
+        s = self.context_stride
+        if torch.is_grad_enabled() or s == 1:
+            weights, total = self.weights_and_total(fine, coarse)
+            return cut_crops(weights, offsets, crop), cut_crops(total[:, None], offsets, crop)[:, 0]
+        ch, cw = crop
+        small = self._small(fine, coarse)
+        weights = fine.new_empty((fine.shape[0], fine.shape[1], ch, cw))
+        total = fine.new_empty((fine.shape[0], ch, cw))
+        for i, (dy, dx) in enumerate(offsets):
+            # Columns from the cell edge at or before the crop's (enlarged bands start on
+            # one), cut to the crop before the rows are enlarged: rows mix no columns.
+            x0 = dx // s * s
+            enlarged = small.new_empty((1, small.shape[1], small.shape[2], dx + cw - x0))
+            _enlarge_into(edge_padded(small[i : i + 1], 3), 3, s, x0, enlarged)
+            columns = edge_padded(enlarged[..., dx - x0 :].contiguous(), 2)
+            y0 = dy // s * s
+            for band in row_bands(fine[i : i + 1, :, y0 : dy + ch, :cw], multiple=s):
+                top, bottom = y0 + band.start, y0 + band.stop
+                both = enlarge_rows(columns, s, slice(top, bottom))
+                lo, hi = max(top, dy), bottom
+                rows = slice(lo, hi)
+                self._band(both[:, :, lo - top :], fine[i : i + 1, :, rows, dx : dx + cw],
+                           coarse[i : i + 1, :, rows, dx : dx + cw],
+                           weights[i : i + 1, :, lo - dy : hi - dy], total[i : i + 1, lo - dy : hi - dy])
+        return weights, total
+
+    def _small(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """What inference enlarges: the correction at 1/stride, shifted to a per-pixel
+        maximum of 0 (``weights``), and after it the pooled fine map when there is a gate
+        (its detail cue needs it at full size): ``(B, C or 2C, ceil(H/s), ceil(W/s))``."""
+        small_fine, small_coarse = self._pooled(fine, coarse)
+        delta = self.context(refiner_input(small_fine, small_coarse))
+        delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
+        return delta if self.gate is None else torch.cat([delta, small_fine], dim=1)
+
+    def _band(self, both: Tensor, fine: Tensor, coarse: Tensor, out: Tensor, total: Tensor | None) -> None:
+        """The per-pixel part of ``weights`` on a band: ``both``, the band of ``_small``
+        enlarged, into ``out`` (and its sum over the channels into ``total``)."""
+        if self.gate is None:
+            out.copy_(both)
+        else:  # from_maps overwrites the enlarged fine map, the band's scratch
+            gate = self.gate.from_maps(fine, coarse, both[:, self.classes :])
+            torch.mul(both[:, : self.classes], gate, out=out)
+        out.exp_().mul_(fine)
+        if total is not None:
+            torch.sum(out, dim=1, out=total)
 
     def probs(self, fine: Tensor, coarse: Tensor) -> Tensor:
         """Refined probabilities (for inference): ``softmax(forward(fine, coarse))``, computed

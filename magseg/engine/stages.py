@@ -58,7 +58,7 @@ from magseg.engine.refine_step import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner_network import ProbsRefiner, TotalRefiner, WeightsRefiner
+from magseg.engine.refiner_network import CropsRefiner, ProbsRefiner, TotalRefiner, WeightsRefiner
 from magseg.engine.resample import Source, TensorSource, resample_windows
 from magseg.geometry import Rect
 
@@ -367,10 +367,15 @@ class StageRun:
         crop = self.pyramid.crop
         windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
         coarse = resample_windows(y, size, windows).to(self.engine.device)
-        refined, total = refine_weights(self.refiner, store.views(boxes, windows), coarse)
+        fine = store.views(boxes, windows)
+        if isinstance(self.refiner, CropsRefiner):  # magseg's: per-pixel work on the crops only
+            refined, total = self.refiner.weights_on_crops(fine, coarse, offsets, crop)
+        else:
+            refined, total = refine_weights(self.refiner, fine, coarse)
+            refined = cut_crops(refined, offsets, crop)
+            total = None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0]
         # Y resampled is the same at a pixel whatever window covers it (magseg.engine.resample).
-        return (cut_crops(coarse, offsets, crop), cut_crops(refined, offsets, crop),
-                None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0])
+        return cut_crops(coarse, offsets, crop), refined.float(), None if total is None else total.float()
 
     def kept_batch(self, y: StageMap, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
         """Crops that skip the backbone (adaptive mode, or the final upsampling): Y upsampled."""
