@@ -13,7 +13,7 @@ from magseg.config import EngineConfig, PyramidConfig
 from magseg.engine.blend import AxisRamp, BlendGrid, FineStore, axis_ramps, blends
 from magseg.engine.pyramid import CropBox, crop_boxes, grown_windows
 from magseg.engine.maps import MemoryMap
-from magseg.engine.resample import TensorSource
+from magseg.engine.resample import TensorSource, pool_cells
 from magseg.engine.stages import MemorySink, StageRun, run_job, run_stages, segment
 from magseg.geometry import Rect
 
@@ -101,6 +101,29 @@ def test_memory_and_disk_stores_agree_bit_for_bit(tmp_path):
     assert disk.disk_bytes() > 0
     disk.discard()
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("stride", [3, 4, 8])
+def test_crops_and_cells_are_the_crop_views_and_the_pooled_window_views(tmp_path, on_disk, stride):
+    # Random answers on a 70 x 53 stage, crops of 16, margin 6 (windows 28 x 28, ragged at
+    # the far edges, crops off the cell grid), one crop skipped (adaptive mode): the crop
+    # views exactly, and the cells of the window views made without them, up to rounding.
+    torch.manual_seed(stride)
+    size, crop, margin = (70, 53), (16, 16), (6, 6)
+    boxes = crop_boxes(size, crop)
+    store = FineStore(size, crop, margin, tmp_path / "f" if on_disk else None)
+    ran = [b for i, b in enumerate(boxes) if i != 6]
+    store.write(ran, torch.rand(len(ran), 3, *store.extent))
+    asked = ran[2:9]
+    crops, cells = store.crops_and_cells(asked, stride)
+    assert torch.equal(crops, store.crops(asked))
+    grown, _, _ = grown_windows(asked, crop, size, margin)
+    expected = pool_cells(store.views(asked, grown), stride)
+    assert cells.shape == expected.shape
+    torch.testing.assert_close(cells, expected, rtol=1e-6, atol=1e-6)
+    assert (expected - pool_cells(torch.stack([store._read(store.grid.index[b], slice(None), slice(None))
+                                               for b in asked]), stride)).abs().max() > 1e-3  # blended
 
 
 def test_sources_are_the_crops_whose_answers_a_view_reads():

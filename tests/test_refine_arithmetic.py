@@ -10,7 +10,8 @@ from magseg.engine import resample
 from magseg.engine.certainty import error_score, top_error_pixels
 from magseg.engine.pyramid import crop_boxes, cut_crops
 from magseg.engine.refine_step import labels_of, refine_crops, refine_labels, top_k_owned
-from magseg.engine.refiner_network import Refiner, pool_cells
+from magseg.engine.refiner_network import Refiner
+from magseg.engine.resample import pool_cells
 from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_rows
 
 
@@ -160,9 +161,9 @@ def test_top_error_pixels_from_a_first_bracket_far_off_picks_what_full_bisection
 
 @pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("offsets", [[(0, 0), (5, 3)], [(6, 11), (2, 0)]])
-def test_the_refiners_weights_on_crops_are_its_windows_weights_cut_to_the_crops(monkeypatch, gate, offsets):
-    # Crops at offsets on and off the cell grid (stride 4), bands of 8 rows: the per-pixel
-    # work on the crops alone gives the window's values there.
+def test_the_refiners_weights_from_cells_and_crops_are_its_windows_weights_cut_to_the_crops(monkeypatch, gate, offsets):
+    # Crops at offsets on and off the cell grid (stride 4), bands of 8 rows: the windows'
+    # cells and the crops alone give the windows' values on the crops.
     monkeypatch.setattr(resample, "BAND_BYTES", 5 * 30 * 4 * 8)
     refiner = Refiner(5, channels=8, context_stride=4, gate=gate)
     torch.nn.init.normal_(refiner.context[-1].weight, std=2.0)
@@ -170,7 +171,9 @@ def test_the_refiners_weights_on_crops_are_its_windows_weights_cut_to_the_crops(
     crop = (29, 30)
     with torch.no_grad():
         weights, total = refiner.weights_and_total(fine, coarse)
-        on_crops, crop_total = refiner.weights_on_crops(fine, coarse, offsets, crop)
+        on_crops, crop_total = refiner.weights_from_cells(
+            pool_cells(fine, 4), pool_cells(coarse, 4), cut_crops(fine, offsets, crop),
+            cut_crops(coarse, offsets, crop), offsets)
     assert on_crops.shape == (2, 5, *crop) and crop_total.shape == (2, *crop)
     for i, (dy, dx) in enumerate(offsets):
         # Bit for bit but for the last bit of ATen's scalar remainder (as above).

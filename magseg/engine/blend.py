@@ -28,7 +28,7 @@ write in a fixed order, so the result depends neither on batches nor on where a 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from torch import Tensor
 
 from magseg.engine.maps import DTYPE, save_chunk
 from magseg.engine.pyramid import CropBox, Size, axis_tiles, crop_boxes, crop_windows, grown_windows
+from magseg.engine.resample import cell_areas, cell_sums
 from magseg.geometry import Rect
 
 
@@ -208,13 +209,52 @@ class FineStore:
         """``(B, C, h, w)`` float32: each crop's blended fine view over ``windows[i]``, any
         equally sized windows inside the crops' grown windows (the crop window, or the grown
         window itself)."""
-        return torch.stack([self._blended(box, window) for box, window in zip(boxes, windows)])
+        out = torch.empty((len(boxes), self._classes(boxes[0]), *windows[0].size), device=self.device)
+        for i, (box, window) in enumerate(zip(boxes, windows)):
+            self._blend(box, window, out[i])
+        return out
 
-    def _blended(self, box: CropBox, window: Rect) -> Tensor:
+    def crops_and_cells(self, boxes: list[CropBox], stride: int) -> tuple[Tensor, Tensor]:
+        """Each crop's blended fine view over its crop window, ``(B, C, ch, cw)`` (``crops``),
+        and the cell means of its blended view over its grown window, ``(B, C, ceil(eh/s),
+        ceil(ew/s))`` for ``stride`` s (``pool_cells`` of ``views`` over the grown windows,
+        up to float rounding), without making that view: each answer's cells plus the cells
+        of the blend's corrections over the margins (cell sums are linear)."""
+        grid, crop = self.grid, self.grid.crop
+        crops = torch.empty((len(boxes), self._classes(boxes[0]), *crop), device=self.device)
+        cells = None
+        for i, box in enumerate(boxes):
+            k_own = grid.index[box]
+            window = grid.windows[k_own]
+            own = self._read(k_own, slice(None), slice(None))
+            sums = cell_sums(own, stride)
+            if cells is None:
+                cells = sums.new_empty((len(boxes), *sums.shape))
+            crop_window = Rect(box.window.top, box.window.left, *crop)
+            crops[i].copy_(own[(slice(None), *crop_window.within(window))])
+            for part, correction in self._corrections(k_own, own, window):
+                _add_cell_sums(sums, correction, part.within(window), stride, window.size)
+                inside = part.intersection(crop_window)
+                if not inside.empty:
+                    crops[i][(slice(None), *inside.within(crop_window))] += \
+                        correction[(slice(None), *inside.within(part))]
+            cells[i] = sums.div_(cell_areas(window.size, stride, sums))
+        return crops, cells
+
+    def _blend(self, box: CropBox, window: Rect, out: Tensor) -> None:
+        """Crop ``box``'s blended view over ``window`` into ``out`` ``(C, h, w)``."""
+        i = self.grid.index[box]
+        own = self._read(i, *window.within(self.grid.windows[i]))
+        out.copy_(own)
+        for part, correction in self._corrections(i, own, window):
+            out[(slice(None), *part.within(window))] += correction
+
+    def _corrections(self, i: int, own: Tensor, window: Rect) -> Iterator[tuple[Rect, Tensor]]:
+        """The blend's terms ``w_k * (P_k - P_i)`` over ``window`` for crop ``i``, whose own
+        answer there is ``own`` ``(C, h, w)``: ``(part, term)`` for each other crop k that
+        ran and whose weight reaches the window, ``term`` ``(C, ph, pw)`` over ``part``,
+        row-major (the order of the blend's sum)."""
         grid = self.grid
-        i = grid.index[box]
-        own = self._read(i, *window.within(grid.windows[i]))
-        out = own.clone()
         for k in grid.reaching(window):
             if k == i or not self._has(k):
                 continue
@@ -223,8 +263,11 @@ class FineStore:
                 continue
             theirs = self._read(k, *part.within(grid.windows[k]))
             mine = own[(slice(None), *part.within(window))]
-            out[(slice(None), *part.within(window))] += grid.weights(k, part).to(self.device) * (theirs - mine)
-        return out
+            yield part, grid.weights(k, part).to(self.device) * (theirs - mine)
+
+    def _classes(self, box: CropBox) -> int:
+        """How many classes the answers hold (read from crop ``box``'s, which must be here)."""
+        return self._read(self.grid.index[box], slice(0, 1), slice(0, 1)).shape[0]
 
     def _has(self, index: int) -> bool:
         """Whether crop ``index`` ran (a crop adaptive mode skipped did not)."""
@@ -262,6 +305,18 @@ class FineStore:
         self._tensors.clear()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _add_cell_sums(sums: Tensor, part: Tensor, at: tuple[slice, slice], stride: int, size: Size) -> None:
+    """Add the cell sums of ``part`` ``(C, ph, pw)``, lying at ``at`` in a map of ``size``
+    whose cells of ``stride`` from its origin ``sums`` ``(C, ...)`` holds, to ``sums``: the
+    part zero-padded to whole cells (the map's partial last cells at its far edges)."""
+    (rows, cols), s = at, stride
+    r0, c0 = rows.start // s * s, cols.start // s * s
+    r1, c1 = min(-(-rows.stop // s) * s, size[0]), min(-(-cols.stop // s) * s, size[1])
+    padded = part.new_zeros((part.shape[0], r1 - r0, c1 - c0))
+    padded[:, rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] = part
+    sums[:, r0 // s : -(-r1 // s), c0 // s : -(-c1 // s)] += cell_sums(padded, s)
 
 
 def store_bytes(size: Size, crop: Size, margin: Size, classes: int) -> int:

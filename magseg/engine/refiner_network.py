@@ -35,8 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
-from magseg.engine.pyramid import cut_crops
-from magseg.engine.resample import _enlarge_axis, _enlarge_into, edge_padded, enlarge, enlarge_rows, row_bands
+from magseg.engine.resample import (
+    _enlarge_axis,
+    _enlarge_into,
+    edge_padded,
+    enlarge,
+    enlarge_rows,
+    pool_cells,
+    row_bands,
+)
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -75,48 +82,6 @@ class WeightsRefiner(ProbsRefiner, Protocol):
     def weights(self, fine: Tensor, coarse: Tensor, /) -> Tensor: ...
 
 
-def pool_cells(x: Tensor, stride: int) -> Tensor:
-    """The mean of each ``stride x stride`` cell of ``(B, C, H, W)``: ``(B, C, ceil(H/s),
-    ceil(W/s))``, a partial cell at the far edges averaging the pixels it has. The values of
-    ``F.avg_pool2d(x, stride, ceil_mode=True)`` up to float rounding (sums in another order).
-
-    Rows then columns, each a sum over a reshaped axis: a third less time than ATen's
-    pooling kernel on a CPU for a batch of 612 px crops at stride 8 (docs/performance.md),
-    and differentiable, so training pools the same way.
-    """
-    height, width = x.shape[-2:]
-    rows = _cell_sums(x, -2, stride)
-    sums = _cell_sums(rows, -1, stride)
-    return sums.div_(_cell_sizes(height, stride, x).view(-1, 1) * _cell_sizes(width, stride, x))
-
-
-def _cell_sums(x: Tensor, dim: int, stride: int) -> Tensor:
-    """Sums of ``stride`` consecutive entries along ``dim`` (negative), the last group partial."""
-    n = x.shape[dim]
-    cells, whole = -(-n // stride), n // stride * stride
-    groups = x.narrow(dim, 0, whole).unflatten(dim, (n // stride, stride))
-    if torch.is_grad_enabled() and x.requires_grad:  # training: autograd takes no out=
-        sums = groups.sum(dim)
-        if whole == n:
-            return sums
-        return torch.cat([sums, x.narrow(dim, whole, n - whole).sum(dim, keepdim=True)], dim)
-    # Inference: both sums written into one buffer, the same values without the copy of a cat.
-    shape = list(x.shape)
-    shape[dim] = cells
-    out = x.new_empty(shape)
-    torch.sum(groups, dim, out=out.narrow(dim, 0, n // stride))
-    if whole < n:
-        torch.sum(x.narrow(dim, whole, n - whole), dim, keepdim=True, out=out.narrow(dim, cells - 1, 1))
-    return out
-
-
-def _cell_sizes(n: int, stride: int, like: Tensor) -> Tensor:
-    """How many pixels each cell of an axis of ``n`` holds: ``stride``, the last one the rest."""
-    sizes = torch.full((-(-n // stride),), float(stride), dtype=like.dtype, device=like.device)
-    sizes[-1] = n - (len(sizes) - 1) * stride
-    return sizes
-
-
 @runtime_checkable
 class TotalRefiner(WeightsRefiner, Protocol):
     """A refiner that returns its weights with their per-pixel sum over the channels:
@@ -126,12 +91,16 @@ class TotalRefiner(WeightsRefiner, Protocol):
 
 
 @runtime_checkable
-class CropsRefiner(TotalRefiner, Protocol):
-    """A refiner that runs over windows and answers on the crops they hold:
-    ``refiner.weights_on_crops(fine, coarse, offsets, crop)`` (``Refiner.weights_on_crops``)."""
+class CellsRefiner(TotalRefiner, Protocol):
+    """A refiner whose learned part sees windows pooled into cells of ``context_stride``
+    pixels, and whose answer on the crops they hold needs only those cells and the crops:
+    ``refiner.weights_from_cells(fine_cells, coarse_cells, fine, coarse, offsets)``
+    (``Refiner.weights_from_cells``)."""
 
-    def weights_on_crops(self, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]],
-                         crop: tuple[int, int], /) -> tuple[Tensor, Tensor]: ...
+    context_stride: int
+
+    def weights_from_cells(self, fine_cells: Tensor, coarse_cells: Tensor, fine: Tensor, coarse: Tensor,
+                           offsets: list[tuple[int, int]], /) -> tuple[Tensor, Tensor]: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
@@ -325,7 +294,8 @@ class Refiner(nn.Module):
             weights = delta.exp_().mul_(fine)
             return weights, weights.sum(dim=1) if with_total else None
         height, width = fine.shape[-2:]
-        columns = edge_padded(_enlarge_axis(self._small(fine, coarse), fine.dim() - 1, s, width), fine.dim() - 2)
+        small = self._small(*self._pooled(fine, coarse))
+        columns = edge_padded(_enlarge_axis(small, small.dim() - 1, s, width), small.dim() - 2)
         weights = torch.empty_like(fine)
         total = fine.new_empty((fine.shape[0], height, width)) if with_total else None
         for rows in row_bands(fine, multiple=s):
@@ -333,29 +303,32 @@ class Refiner(nn.Module):
                        weights[:, :, rows], None if total is None else total[:, rows])
         return weights, total
 
-    def weights_on_crops(self, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]],
-                         crop: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """``weights_and_total`` of the refiner run over windows, kept only on the crop each
-        window holds: the correction sees the whole window (its convolutions the context
-        around a crop), the per-pixel work runs on the crop's pixels alone.
+    def weights_from_cells(self, fine_cells: Tensor, coarse_cells: Tensor, fine: Tensor, coarse: Tensor,
+                           offsets: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Inference's ``weights_and_total`` over windows around crops, from the windows'
+        cells and the crops alone: the correction sees the whole window (its convolutions
+        the context around a crop), the per-pixel work runs on the crop's pixels only, and
+        no window is made at full size (``magseg.engine.blend.FineStore.crops_and_cells``
+        pools the blended view without building it).
 
         Args:
-            fine, coarse: ``(B, C, eh, ew)`` probabilities over the windows.
-            offsets: ``(dy, dx)`` of each crop in its window; ``crop``: ``(ch, cw)``.
+            fine_cells, coarse_cells: ``(B, C, ceil(eh/s), ceil(ew/s))``, the windows
+                pooled by ``pool_cells`` at ``context_stride`` s > 1 (cells from each
+                window's origin).
+            fine, coarse: ``(B, C, ch, cw)`` the crops' probabilities.
+            offsets: ``(dy, dx)`` of each crop in its window.
         Returns:
-            ``(B, C, ch, cw)`` weights and ``(B, ch, cw)`` their sum: the crops' part of
-            ``weights_and_total(fine, coarse)`` (every step after the correction is per
-            pixel and each band is enlarged from the same cells: the same values but for the
-            last bit where ATen's vector loops leave a scalar remainder elsewhere).
+            ``(B, C, ch, cw)`` weights and ``(B, ch, cw)`` their sum over the channels: the
+            crops' part of ``weights_and_total`` over the windows. Every step after the
+            correction is per pixel and each band is enlarged from the same cells: the same
+            values but for the last bit where ATen's vector loops leave a scalar remainder
+            elsewhere.
         """
         s = self.context_stride
-        if torch.is_grad_enabled() or s == 1:
-            weights, total = self.weights_and_total(fine, coarse)
-            return cut_crops(weights, offsets, crop), cut_crops(total[:, None], offsets, crop)[:, 0]
-        ch, cw = crop
-        small = self._small(fine, coarse)
-        weights = fine.new_empty((fine.shape[0], fine.shape[1], ch, cw))
-        total = fine.new_empty((fine.shape[0], ch, cw))
+        batch, _, ch, cw = fine.shape
+        small = self._small(fine_cells, coarse_cells)
+        weights = torch.empty_like(fine)
+        total = fine.new_empty((batch, ch, cw))
         for i, (dy, dx) in enumerate(offsets):
             # Columns from the cell edge at or before the crop's (enlarged bands start on
             # one), cut to the crop before the rows are enlarged: rows mix no columns.
@@ -364,21 +337,18 @@ class Refiner(nn.Module):
             _enlarge_into(edge_padded(small[i : i + 1], 3), 3, s, x0, enlarged)
             columns = edge_padded(enlarged[..., dx - x0 :].contiguous(), 2)
             y0 = dy // s * s
-            for band in row_bands(fine[i : i + 1, :, y0 : dy + ch, :cw], multiple=s):
-                top, bottom = y0 + band.start, y0 + band.stop
+            for band in row_bands(fine[i : i + 1], multiple=s, height=dy + ch - y0):
+                top, bottom = y0 + band.start, y0 + band.stop  # window rows
                 both = enlarge_rows(columns, s, slice(top, bottom))
-                lo, hi = max(top, dy), bottom
-                rows = slice(lo, hi)
-                self._band(both[:, :, lo - top :], fine[i : i + 1, :, rows, dx : dx + cw],
-                           coarse[i : i + 1, :, rows, dx : dx + cw],
-                           weights[i : i + 1, :, lo - dy : hi - dy], total[i : i + 1, lo - dy : hi - dy])
+                rows = slice(max(top, dy) - dy, bottom - dy)  # crop rows
+                self._band(both[:, :, dy + rows.start - top :], fine[i : i + 1, :, rows],
+                           coarse[i : i + 1, :, rows], weights[i : i + 1, :, rows], total[i : i + 1, rows])
         return weights, total
 
-    def _small(self, fine: Tensor, coarse: Tensor) -> Tensor:
-        """What inference enlarges: the correction at 1/stride, shifted to a per-pixel
-        maximum of 0 (``weights``), and after it the pooled fine map when there is a gate
-        (its detail cue needs it at full size): ``(B, C or 2C, ceil(H/s), ceil(W/s))``."""
-        small_fine, small_coarse = self._pooled(fine, coarse)
+    def _small(self, small_fine: Tensor, small_coarse: Tensor) -> Tensor:
+        """What inference enlarges, from the pooled maps: the correction at 1/stride,
+        shifted to a per-pixel maximum of 0 (``weights``), and after it the pooled fine map
+        when there is a gate (its detail cue needs it at full size): ``(B, C or 2C, h, w)``."""
         delta = self.context(refiner_input(small_fine, small_coarse))
         delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
         return delta if self.gate is None else torch.cat([delta, small_fine], dim=1)

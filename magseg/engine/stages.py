@@ -58,8 +58,8 @@ from magseg.engine.refine_step import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner_network import CropsRefiner, ProbsRefiner, TotalRefiner, WeightsRefiner
-from magseg.engine.resample import Source, TensorSource, resample_windows
+from magseg.engine.refiner_network import CellsRefiner, ProbsRefiner, TotalRefiner, WeightsRefiner
+from magseg.engine.resample import Source, TensorSource, pool_cells, resample_window, resample_windows
 from magseg.geometry import Rect
 
 if TYPE_CHECKING:
@@ -363,19 +363,30 @@ class StageRun:
         view and Y there) and cut to the crops: its convolutions see the margin's context at
         a crop's border as the backbone's did, instead of zero padding, so its answers on
         either side of a border agree. ``(coarse, refined, total)`` as ``refine_weights``
-        gives them, on the crops."""
+        gives them, on the crops.
+
+        Magseg's refiner (``CellsRefiner``) sees the windows only pooled into cells: the
+        windows are then pooled as they are read, never made whole, and its per-pixel work
+        runs on the crops."""
         crop = self.pyramid.crop
         windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
-        coarse = resample_windows(y, size, windows).to(self.engine.device)
-        fine = store.views(boxes, windows)
-        if isinstance(self.refiner, CropsRefiner):  # magseg's: per-pixel work on the crops only
-            refined, total = self.refiner.weights_on_crops(fine, coarse, offsets, crop)
-        else:
-            refined, total = refine_weights(self.refiner, fine, coarse)
-            refined = cut_crops(refined, offsets, crop)
-            total = None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0]
-        # Y resampled is the same at a pixel whatever window covers it (magseg.engine.resample).
-        return cut_crops(coarse, offsets, crop), refined.float(), None if total is None else total.float()
+        device = self.engine.device
+        if isinstance(self.refiner, CellsRefiner) and self.refiner.context_stride > 1:
+            stride = self.refiner.context_stride
+            fine, fine_cells = store.crops_and_cells(boxes, stride)
+            coarse = torch.empty_like(fine)
+            coarse_cells = torch.empty_like(fine_cells)
+            for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
+                # Y resampled is the same at a pixel whatever window covers it
+                # (magseg.engine.resample): the crop's part of its window is the crop's Y.
+                part = resample_window(y, size, window).to(device)
+                coarse_cells[i] = pool_cells(part[None], stride)[0]
+                coarse[i] = part[:, dy : dy + crop[0], dx : dx + crop[1]]
+            return coarse, *self.refiner.weights_from_cells(fine_cells, coarse_cells, fine, coarse, offsets)
+        coarse = resample_windows(y, size, windows).to(device)
+        refined, total = refine_weights(self.refiner, store.views(boxes, windows), coarse)
+        return (cut_crops(coarse, offsets, crop), cut_crops(refined, offsets, crop),
+                None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0])
 
     def kept_batch(self, y: StageMap, size: Size, boxes: list[CropBox], out: StageMap | Sink) -> None:
         """Crops that skip the backbone (adaptive mode, or the final upsampling): Y upsampled."""
