@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from magseg.engine.opencv import enlarge_planes
 from magseg.engine.pyramid import crop_boxes, crop_windows
 from magseg.engine.resample import TensorSource, axis_weights, enlarge, resample_window, resample_windows
 from magseg.geometry import Rect
@@ -85,12 +86,15 @@ def test_integer_shrinks_equal_antialiased_interpolate_bit_for_bit(out, factor, 
 
 
 @pytest.mark.parametrize("source, crop", [((306, 306), 154), ((306, 306), 306), ((40, 80), 70)])
-def test_doubling_enlargements_on_even_offsets_equal_interpolate_bit_for_bit(source, crop):
+def test_doubling_enlargements_on_even_offsets_equal_the_whole_enlargement_bit_for_bit(source, crop):
     # The engine's upsampling of Y by two, crop by crop: parts on even offsets above
-    # _SAME_KERNEL are F.interpolate's whole map exactly.
+    # _SAME_KERNEL are the whole map's enlargement (OpenCV's, on a CPU) exactly, and
+    # F.interpolate's to float rounding.
     x = torch.rand(7, *source, generator=torch.Generator().manual_seed(0))
     size = (source[0] * 2, source[1] * 2)
-    expected = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    expected = enlarge_planes(x, size)
+    torch.testing.assert_close(expected, F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0],
+                               rtol=0, atol=1e-6)
     for window in crop_windows(crop_boxes(size, (crop, crop)), (crop, crop)):
         top, left, h, w = window.top, window.left, window.height, window.width
         if top % 2 or left % 2:
@@ -98,6 +102,24 @@ def test_doubling_enlargements_on_even_offsets_equal_interpolate_bit_for_bit(sou
         got = resample_window(TensorSource(x), size, window)
         r1, c1 = min(top + h, size[0]), min(left + w, size[1])
         assert torch.equal(got[:, : r1 - top, : c1 - left], expected[:, top:r1, left:c1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(src=st.tuples(st.integers(2, 70), st.integers(2, 70)), factor=st.sampled_from([2, 3, 4, 8]),
+       part=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
+       seed=st.integers(0, 2**16))
+def test_opencv_enlargement_of_a_part_is_the_whole_enlargement_inside_it(src, factor, part, seed):
+    # What makes windows of Y independent of how a stage is cut: an output pixel whose two
+    # source neighbours per axis lie in the part comes out of the part's enlargement exactly
+    # as out of the whole map's, at every offset and size (vector loop or scalar tail).
+    x = torch.rand(3, *src, generator=torch.Generator().manual_seed(seed))
+    whole = enlarge_planes(x, (src[0] * factor, src[1] * factor))
+    y0, x0 = int(part[0] * (src[0] - 2)), int(part[1] * (src[1] - 2))
+    y1, x1 = y0 + 2 + int(part[2] * (src[0] - y0 - 2)), x0 + 2 + int(part[3] * (src[1] - x0 - 2))
+    piece = enlarge_planes(x[:, y0:y1, x0:x1], ((y1 - y0) * factor, (x1 - x0) * factor))
+    inner = (slice(None), slice(factor, (y1 - y0 - 1) * factor), slice(factor, (x1 - x0 - 1) * factor))
+    outer = (slice(None), slice((y0 + 1) * factor, (y1 - 1) * factor), slice((x0 + 1) * factor, (x1 - 1) * factor))
+    assert torch.equal(piece[inner], whole[outer])
 
 
 def test_an_axis_shrunk_to_one_pixel_takes_the_filter():

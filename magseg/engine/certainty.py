@@ -12,11 +12,8 @@ pixels of Q, and ``top_error_pixels`` finds them without making Q.
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from collections.abc import Sequence
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -24,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-T = TypeVar("T")
+from magseg.engine.opencv import each_map
 
 # The blurred map is quantised to 1/255 steps (see median_blur); its ranks are broken by the
 # raw score scaled by this factor, which stays below half a quantisation step.
@@ -82,21 +79,8 @@ def median_blur(x: Tensor, kernel: int) -> Tensor:
         raise ValueError(f"median kernel must be odd and >= 1, got {kernel}")
     q = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     if kernel > 1:
-        q = np.stack(_each_map(lambda b: cv2.medianBlur(np.ascontiguousarray(q[b]), kernel), len(q)))
+        q = np.stack(each_map(lambda b: cv2.medianBlur(np.ascontiguousarray(q[b]), kernel), len(q)))
     return torch.from_numpy(q).to(device=x.device, dtype=x.dtype) / 255
-
-
-@functools.lru_cache(maxsize=1)
-def _opencv_pool() -> ThreadPoolExecutor:
-    """The process's threads for per-map OpenCV work (box-filter counts, median filters),
-    one per core, made on first use."""
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-opencv")
-
-
-def _each_map(work: Callable[[int], T], maps: int) -> list[T]:
-    """``work(b)`` for maps ``0 .. maps - 1``, side by side in a thread pool: OpenCV's
-    filters are single-threaded and release the GIL."""
-    return list(_opencv_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
 
 
 def error_score(refined: Tensor, coarse: Tensor, total: Tensor | None = None) -> Tensor:
@@ -182,7 +166,7 @@ def top_error_pixels(raw: Tensor, kernel: int, ks: Sequence[int], allowed: Tenso
     def pick(b: int) -> None:
         _pick_map(scores[b], ks[b], kernel, None if masks is None else masks[b], out[b])
 
-    _each_map(pick, len(ks))
+    each_map(pick, len(ks))
     return torch.from_numpy(out).view(torch.bool).to(raw.device)
 
 

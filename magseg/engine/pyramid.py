@@ -21,6 +21,7 @@ from torch import Tensor
 # How pyramid.scales and pyramid.scene size the stages of any image: config's to say, the
 # engine's to use (magseg.engine.pyramid.stage_sizes, as callers name it).
 from magseg.config import stage_sizes  # noqa: F401
+from magseg.engine.opencv import can_enlarge, enlarge_planes
 from magseg.geometry import Rect
 
 Size = tuple[int, int]
@@ -83,6 +84,8 @@ def crop_boxes(size: Size, crop: Size) -> list[CropBox]:
 
 def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
     """Resize ``(B, C, H, W)`` or ``(C, H, W)`` to ``size``; antialiased when shrinking.
+    Enlarging float32 maps on a CPU outside autograd takes ``magseg.engine.opencv.
+    enlarge_planes``: the same values up to float rounding.
 
     ``align_corners=False`` throughout, so pixel centres map onto pixel centres.
     """
@@ -92,6 +95,8 @@ def resize(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
     if tuple(x.shape[-2:]) != tuple(size):
         if mode == "nearest":
             x = F.interpolate(x, size=size, mode="nearest-exact")
+        elif mode == "bilinear" and can_enlarge(x, size):  # inference on a CPU: OpenCV's, faster
+            x = enlarge_planes(x, size)
         else:
             shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
             x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magseg.engine.opencv import can_enlarge, enlarge_planes
 from magseg.engine.pyramid import Size
 from magseg.geometry import Rect
 
@@ -161,9 +162,10 @@ _SAME_KERNEL = 128
 
 def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: tuple[int, int]
                        ) -> Tensor | None:
-    """Output pixels ``rows`` x ``cols`` (inside the ``size`` grid) by ``F.interpolate`` on
-    just the source part they read, when that is bit-identical to interpolating the whole
-    map: an integer factor on both axes, the same way on both (shrink or enlarge), and an
+    """Output pixels ``rows`` x ``cols`` (inside the ``size`` grid) by ``F.interpolate``
+    (shrinking) or OpenCV's bilinear (enlarging, ``magseg.engine.opencv.enlarge_planes``;
+    ``F.interpolate`` off the CPU) on just the source part they read, when that is
+    bit-identical to resizing the whole map: an integer factor on both axes, the same way on both (shrink or enlarge), and an
     enlarged window starting on a multiple of the factor. None otherwise.
 
     A part starts on a whole multiple of the factor and has one output pixel of margin on
@@ -191,8 +193,12 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     y0, x0 = max(r0 // f - 1, 0), max(c0 // g - 1, 0)
     y1, x1 = min((r1 - 1) // f + 2, source.size[0]), min((c1 - 1) // g + 2, source.size[1])
     part = source.read(slice(y0, y1), slice(x0, x1)).float()
-    out = F.interpolate(part[None], scale_factor=(f, g), mode="bilinear", align_corners=False,
-                        recompute_scale_factor=False)[0]
+    size = ((y1 - y0) * f, (x1 - x0) * g)
+    if can_enlarge(part, size):  # OpenCV's: the same values, window by window (its docstring)
+        out = enlarge_planes(part, size)
+    else:
+        out = F.interpolate(part[None], scale_factor=(f, g), mode="bilinear", align_corners=False,
+                            recompute_scale_factor=False)[0]
     dy, dx = r0 - y0 * f, c0 - x0 * g
     return out[:, dy : dy + r1 - r0, dx : dx + c1 - c0]
 
@@ -202,8 +208,8 @@ def resample_window(source: Source, size: Size, window: Rect) -> Tensor:
     where the window leaves the ``size`` grid.
 
     Integer factors (every pyramid of doubling scales over a scene-sized image) take
-    ``F.interpolate`` on the window's part, which equals the whole map's ``F.interpolate``
-    (``_interpolated_part``); any other factor takes the tap-by-tap filter of this module's
+    ``F.interpolate`` or OpenCV's bilinear on the window's part, which equals resizing the
+    whole map so (``_interpolated_part``); any other factor takes the tap-by-tap filter of this module's
     docstring. Either way a pixel's value does not depend on the window that asks for it.
     """
     height, width = size
