@@ -11,8 +11,7 @@ from magseg.engine.certainty import error_score, top_error_pixels
 from magseg.engine.pyramid import crop_boxes, cut_crops
 from magseg.engine.refine_step import labels_of, refine_crops, refine_labels, top_k_owned
 from magseg.engine.refiner_network import Refiner
-from magseg.engine.resample import pool_cells
-from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_rows
+from magseg.engine.resample import _enlarge_axis, edge_padded, enlarge, enlarge_columns, enlarge_rows, pool_cells
 
 
 def test_pool_cells_by_hand_with_partial_cells():
@@ -92,6 +91,12 @@ def test_enlarging_band_by_band_gives_the_whole_enlargement_bit_for_bit(factor, 
         assert torch.equal(torch.cat(parts, dim=2), whole)
     with pytest.raises(ValueError, match="multiple of"):
         enlarge_rows(columns, factor, slice(1, 2))
+    # Any run of columns from a multiple of the factor, made on the transposed map: the
+    # same values as enlarging the last axis in place.
+    for start in range(0, size[1], factor):
+        for stop in (start + 1, size[1]):
+            assert torch.equal(enlarge_columns(x, factor, slice(start, stop)),
+                               _enlarge_axis(x, 3, factor, stop)[..., start:stop])
 
 
 def test_row_bands_cover_the_rows_in_multiples(monkeypatch):

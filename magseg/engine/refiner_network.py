@@ -35,15 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
-from magseg.engine.resample import (
-    _enlarge_axis,
-    _enlarge_into,
-    edge_padded,
-    enlarge,
-    enlarge_rows,
-    pool_cells,
-    row_bands,
-)
+from magseg.engine.resample import edge_padded, enlarge, enlarge_columns, enlarge_rows, pool_cells, row_bands
 
 # Floor for log-probabilities; keeps log(0) finite.
 _EPS = 1e-6
@@ -295,7 +287,7 @@ class Refiner(nn.Module):
             return weights, weights.sum(dim=1) if with_total else None
         height, width = fine.shape[-2:]
         small = self._small(*self._pooled(fine, coarse))
-        columns = edge_padded(_enlarge_axis(small, small.dim() - 1, s, width), small.dim() - 2)
+        columns = edge_padded(enlarge_columns(small, s, slice(0, width)), small.dim() - 2)
         weights = torch.empty_like(fine)
         total = fine.new_empty((fine.shape[0], height, width)) if with_total else None
         for rows in row_bands(fine, multiple=s):
@@ -333,8 +325,7 @@ class Refiner(nn.Module):
             # Columns from the cell edge at or before the crop's (enlarged bands start on
             # one), cut to the crop before the rows are enlarged: rows mix no columns.
             x0 = dx // s * s
-            enlarged = small.new_empty((1, small.shape[1], small.shape[2], dx + cw - x0))
-            _enlarge_into(edge_padded(small[i : i + 1], 3), 3, s, x0, enlarged)
+            enlarged = enlarge_columns(small[i : i + 1], s, slice(x0, dx + cw))
             columns = edge_padded(enlarged[..., dx - x0 :].contiguous(), 2)
             y0 = dy // s * s
             for band in row_bands(fine[i : i + 1], multiple=s, height=dy + ch - y0):

@@ -303,9 +303,21 @@ def _enlarge_into(padded: Tensor, dim: int, factor: int, start: int, out: Tensor
                            out=block.narrow(dim + 1, lo, hi - lo))
 
 
+def enlarge_columns(x: Tensor, factor: int, cols: slice) -> Tensor:
+    """Columns ``cols`` (``cols.start`` a multiple of ``factor``) of ``x`` ``(..., h, w)``
+    enlarged ``factor`` times along its last axis: ``(..., h, cols.stop - cols.start)``,
+    contiguous, the values ``_enlarge_axis`` gives them. Made along the rows of the
+    transposed map and transposed back: ATen's loops then run over long rows instead of the
+    factor's few phases, under half the time on a CPU."""
+    flipped = x.transpose(-1, -2)
+    out = x.new_empty((*x.shape[:-2], cols.stop - cols.start, x.shape[-2]))
+    _enlarge_into(edge_padded(flipped, x.dim() - 2), x.dim() - 2, factor, cols.start, out)
+    return out.transpose(-1, -2).contiguous()
+
+
 def enlarge_rows(columns: Tensor, factor: int, rows: slice, out: Tensor | None = None) -> Tensor:
     """Rows ``rows`` (``rows.start`` a multiple of ``factor``) of ``enlarge(x, factor, size)``,
-    given ``columns = edge_padded(_enlarge_axis(x, x.dim() - 1, factor, size[1]), x.dim() - 2)``
+    given ``columns = edge_padded(enlarge_columns(x, factor, slice(0, size[1])), x.dim() - 2)``
     (``enlarge``'s first pass, made once): the same values, bit for bit, band by band."""
     dim = columns.dim() - 2
     shape = (*columns.shape[:dim], rows.stop - rows.start, columns.shape[-1])
@@ -331,7 +343,7 @@ def enlarge(x: Tensor, factor: int, size: tuple[int, int] | None = None) -> Tens
                          f"{tuple(x.shape[-2:])}, got {factor} and {size}")
     if factor == 1:
         return x[..., :rows, :cols].contiguous()
-    return _enlarge_axis(_enlarge_axis(x, x.dim() - 1, factor, cols), x.dim() - 2, factor, rows)
+    return _enlarge_axis(enlarge_columns(x, factor, slice(0, cols)), x.dim() - 2, factor, rows)
 
 
 # How many bytes of one C-channel map a band of ``row_bands`` holds: a few MB, so that the
