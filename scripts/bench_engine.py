@@ -244,13 +244,18 @@ def main() -> None:
 # What a round can time (--methods).
 METHODS = ("backbone", "engine", "patch_only", "adaptive")
 
-# The engine's helpers timed by --sections, by module: each call's inclusive seconds (they
-# nest: crop_probs holds run_backbone, refine_labels holds error_score and top_error_pixels).
+# The engine's helpers timed by --sections, by module (``Class.method`` for a method): each
+# call's inclusive seconds (they nest: crop_probs holds run_backbone, refine_labels holds
+# error_score_and_tops and top_error_pixels, StageRun.refined_in_windows the store's views,
+# Y's windows and the refiner).
 SECTIONS = {
-    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "refine_probs",
-                             "refine_weights", "refine_crops", "refine_labels", "labels_of"),
+    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "resample_window",
+                             "refine_weights", "refine_crops", "refine_labels", "labels_of",
+                             "StageRun.window_probs", "StageRun.refined_in_windows"),
     "magseg.engine.refine_step": ("error_score", "error_score_and_tops", "top_error_pixels",
                                   "labels_of"),
+    "magseg.engine.blend": ("FineStore.crops_and_cells", "FineStore.views"),
+    "magseg.engine.refiner_network": ("Refiner.weights_from_cells", "Refiner.weights_and_total"),
 }
 
 
@@ -274,9 +279,11 @@ def _sections(bench: "_Bench") -> dict[str, dict[str, float]]:
     for module_name, names in SECTIONS.items():
         module = importlib.import_module(module_name)
         for name in names:
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
-                setattr(module, name, timed(name, getattr(module, name)))
+            owner_name, _, attribute = name.rpartition(".")
+            owner = getattr(module, owner_name, None) if owner_name else module
+            if owner is not None and attribute in vars(owner):
+                saved.append((owner, attribute, getattr(owner, attribute)))
+                setattr(owner, attribute, timed(name, getattr(owner, attribute)))
     try:
         start = time.perf_counter()
         bench.segmenter.segment(bench.image)
