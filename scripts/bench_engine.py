@@ -6,7 +6,10 @@ Times, interleaved over ``--repeat`` rounds (median reported):
       batches (recorded from a warm-up run of the engine, replayed);
   (b) engine:   the full progressive method (pyramid, refiner, error map, top-K, stitching);
   (c) patch:    the patch-only sliding window at the finest scale;
-  (d) adaptive: the engine in adaptive mode (crops skipped by coarse uncertainty).
+  (d) adaptive: the engine in adaptive mode (crops skipped by coarse uncertainty);
+  (e) own:      the engine with a backbone that costs nothing (a fixed smooth random answer
+                per input shape, made once): its own work alone, without the noise of a
+                backbone timed beside it (not in the default --methods).
 Each precision in --precision (default: fp32 and what ``auto`` resolves to on this machine,
 its fastest, when that is another) gets its own models and figures; the rounds interleave the
 precisions, so their ratios come from the same minutes of the same run. Prints the figures
@@ -134,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", action="append", default=None,
                         choices=list(RUNTIMES),
                         help="a backbone runtime to measure, repeatable (default: torch)")
-    parser.add_argument("--methods", type=_methods, default=list(METHODS),
-                        help=f"what to time each round, comma-separated (default: {','.join(METHODS)})")
+    parser.add_argument("--methods", type=_methods, default=[m for m in METHODS if m != "own"],
+                        help=f"what to time each round, comma-separated, of {','.join(METHODS)} "
+                             "(default: all but own)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC convolutions (default: the config's engine.channels_last)")
@@ -242,7 +246,7 @@ def main() -> None:
 
 
 # What a round can time (--methods).
-METHODS = ("backbone", "engine", "patch_only", "adaptive")
+METHODS = ("backbone", "engine", "patch_only", "adaptive", "own")
 
 # The engine's helpers timed by --sections, by module (``Class.method`` for a method): each
 # call's inclusive seconds (they nest: crop_probs holds run_backbone, refine_labels holds
@@ -295,6 +299,32 @@ def _sections(bench: "_Bench") -> dict[str, dict[str, float]]:
     sections = {name: {"seconds": round(sum(v), 3), "calls": len(v)} for name, v in spent.items()}
     sections["segment"] = {"seconds": round(total, 3), "calls": 1}
     return sections
+
+
+def _without_backbone_cost(segmenter: Segmenter, image: torch.Tensor) -> None:
+    """``segmenter.segment(image)`` with the backbone's forward replaced by a fixed answer per
+    input shape: smooth random logits ``(B, classes, h, w)``, made once and kept (so the
+    refine step has uncertain pixels to pick, as with a real model)."""
+    backbone, answers = segmenter.backbone, _ANSWERS.setdefault(id(segmenter), {})
+    classes = segmenter.config.num_classes
+
+    def answer(x: torch.Tensor, *_contexts: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        if key not in answers:
+            g = torch.Generator().manual_seed(0)
+            coarse = torch.randn(x.shape[0], classes, max(1, x.shape[2] // 32), max(1, x.shape[3] // 32),
+                                 generator=g) * 4
+            answers[key] = torch.nn.functional.interpolate(coarse, size=x.shape[2:], mode="bilinear").to(x.device)
+        return answers[key]
+
+    backbone.forward = answer
+    try:
+        segmenter.segment(image)
+    finally:
+        del backbone.forward
+
+
+_ANSWERS: dict[int, dict[tuple[int, ...], torch.Tensor]] = {}
 
 
 class _Bench:
@@ -352,6 +382,7 @@ class _Bench:
             "engine": engine_run,
             "patch_only": lambda: segmenter.segment(image, pyramid=config.pyramid.patch_only()),
             "adaptive": lambda: segmenter.segment(image, engine=adaptive_engine),
+            "own": lambda: _without_backbone_cost(segmenter, image),
         }
         self.methods = {name: fn for name, fn in methods.items() if name in args.methods}
         self.seconds: dict[str, list[float]] = {name: [] for name in self.methods}
