@@ -171,3 +171,31 @@ def test_enlarge_refuses_a_size_beyond_the_factor():
         enlarge(torch.zeros(1, 1, 2, 2), 2, (5, 4))
     with pytest.raises(ValueError, match="whole factor"):
         enlarge(torch.zeros(1, 1, 2, 2), 0)
+
+
+def test_a_forked_child_enlarges_with_a_pool_of_its_own():
+    # A DataLoader worker forked after the parent's OpenCV pool ran inherits the pool but not
+    # its threads; work given to it would wait forever. The child must finish, with the values.
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    x = torch.rand(6, 20, 30, generator=torch.Generator().manual_seed(0))
+    try:
+        expected = enlarge_planes(x, (40, 60))  # the pool runs here first
+    finally:
+        torch.set_num_threads(threads)
+
+    def child(queue):
+        torch.set_num_threads(2)  # the pool, not the one-thread path
+        queue.put(bool(torch.equal(enlarge_planes(x, (40, 60)), expected)))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child's enlargement hung on the parent's pool")
+    assert process.exitcode == 0 and queue.get(timeout=5)

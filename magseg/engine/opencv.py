@@ -32,9 +32,18 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-opencv")
 
 
+# A forked child (a DataLoader worker, a fork-started pool) inherits the pool object but none
+# of its threads: work given to it would wait forever. The child makes its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def each_map(work: Callable[[int], T], maps: int) -> list[T]:
-    """``work(b)`` for maps ``0 .. maps - 1``, side by side on the thread pool."""
-    return list(_pool().map(work, range(maps)) if maps > 1 else map(work, range(maps)))
+    """``work(b)`` for maps ``0 .. maps - 1``, side by side on the thread pool; one after
+    another where torch runs one thread (a DataLoader worker, ``--threads 1``), as its own
+    work does."""
+    if maps <= 1 or torch.get_num_threads() <= 1:
+        return list(map(work, range(maps)))
+    return list(_pool().map(work, range(maps)))
 
 
 def can_enlarge(x: Tensor, size: tuple[int, int]) -> bool:
