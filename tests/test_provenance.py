@@ -10,7 +10,7 @@ import magseg.cli.predict  # noqa: F401  (registers the command)
 import pyogrio
 import rasterio
 from conftest import CONFIGS
-from geotiff import smooth_image, write_raster
+from geotiff import TRANSFORM, smooth_image, write_raster
 from magseg.cli.app import app
 from typer.testing import CliRunner
 
@@ -153,3 +153,44 @@ def test_other_polygon_options_remake_the_layer_from_the_class_map(tmp_path, fit
     assert (out / "a.tif").read_bytes() == labels
     same = _predict(fitted_checkpoint, path, "-o", out, "--vector", "gpkg", "--min-area", "1e9")
     assert _record(same)["status"] == "skipped"
+
+
+def test_a_rerun_that_reads_the_input_otherwise_keeps_nothing_silently(tmp_path, fitted_checkpoint):
+    # The same model reading other bands, another --nodata or only an area makes other
+    # pixels: the outputs of the first run are not this run's, and a re-run says so.
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, "--uncertainty"))["status"] == "ok"
+    with rasterio.open(out / "a.tif") as src:
+        tag = json.loads(src.tags()["MAGSEG_READ_OPTIONS"])
+    assert tag == {"bands": None, "nodata": None, "area": None}
+    (x0, y0), (x1, y1) = TRANSFORM @ (5, 5), TRANSFORM @ (30, 25)
+    before = (out / "a.tif").read_bytes()
+    for args, words in ((["--nodata", "0"], "--nodata 0"), (["--bands", "3,2,1"], "bands [3, 2, 1]"),
+                        (["--bbox", f"{x0},{y1},{x1},{y0}"], "the area of --bbox")):
+        result = _predict(fitted_checkpoint, path, "-o", out, *args)
+        assert result.exit_code == 1, (args, result.output)
+        error = _record(result)["error"]
+        assert error.startswith(f"{out / 'a.tif'} was made from another reading of the input"), error
+        assert "the whole raster" in error and words in error and "--overwrite" in error
+        assert (out / "a.tif").read_bytes() == before
+    # The class map of the first run would stay beside this one's: refused too.
+    (out / "a.tif").unlink()
+    result = _predict(fitted_checkpoint, path, "-o", out, "--nodata", "0")
+    assert result.exit_code == 1 and "a_uncertainty.tif was made from another reading" in _record(result)["error"]
+    # --overwrite replaces them and records the new reading; the same reading is skipped.
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, "--nodata", "0", "--overwrite"))["status"] == "ok"
+    with rasterio.open(out / "a.tif") as src:
+        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["nodata"] == 0
+    assert not (out / "a_uncertainty.tif").exists()  # not asked for now, and not this run's
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, "--nodata", "0"))["status"] == "skipped"
+
+
+def test_an_output_from_before_the_reading_was_recorded_reads_as_the_defaults(tmp_path, fitted_checkpoint):
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    assert _record(_predict(fitted_checkpoint, path, "-o", out))["status"] == "ok"
+    with rasterio.open(out / "a.tif", "r+") as dst:  # as an older magseg wrote it (GDAL
+        dst.update_tags(MAGSEG_READ_OPTIONS="")     # cannot drop a tag; an empty one is none)
+    assert _record(_predict(fitted_checkpoint, path, "-o", out))["status"] == "skipped"
+    assert _predict(fitted_checkpoint, path, "-o", out, "--nodata", "0").exit_code == 1

@@ -14,7 +14,7 @@ from magseg.io.atomic import remove_stale_partials
 from magseg.io.provenance import Provenance, output_tags
 from magseg.io.sources import is_virtual
 from magseg.io.vector import VECTOR_OPTIONS_TAG, options_tag
-from magseg.run.options import PredictOptions
+from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, describe_read, read_options_tag
 from magseg.run.outputs import output_kind, possible_outputs, tiled_path
 
 
@@ -44,7 +44,7 @@ def prepare_outputs(path: str | Path, out_dir: str | Path, targets: Mapping[str,
     todo, replace = outputs_to_make(targets, options, mine)
     if todo and not options.overwrite:
         # The class map is made now: no companion of another model may stay beside it.
-        check_companions(companions(path, out_dir, targets, options), mine)
+        check_companions(companions(path, out_dir, targets, options), mine, options)
     if todo:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -92,11 +92,31 @@ def existing_state(kind: str, path: Path, mine: Provenance, options: PredictOpti
     if theirs is not None and not theirs.same_model(mine):
         return (f"{path} was made by another model ({theirs.describe()}); this run is "
                 f"{mine.describe()}. Pass --overwrite to replace it, or choose another --out-dir")
+    read, theirs_read = read_options_tag(options), _read_of(tags)
+    if theirs is not None and theirs_read != read:
+        if kind == "vector":  # polygons of another class map: made again from this one's
+            return "remake"
+        return (f"{path} was made from another reading of the input ({describe_read(theirs_read)}); "
+                f"this run reads {describe_read(read)}. Pass --overwrite to replace it, or choose "
+                "another --out-dir")
     if kind == "vector":
         assert options.vector is not None
         if theirs is None or tags.get(VECTOR_OPTIONS_TAG) != options_tag(options.vector):
             return "remake"
     return "mine"
+
+
+def _read_of(tags: Mapping[str, str]) -> str:
+    """The read options an output's tags record (an output from before they were recorded:
+    the defaults)."""
+    return tags.get(READ_OPTIONS_TAG) or read_options_tag(PredictOptions())
+
+
+def _same_output(tags: Mapping[str, str] | None, mine: Provenance, options: PredictOptions) -> bool:
+    """Whether an output with these tags is this run's: the same model, the same reading."""
+    theirs = Provenance.from_tags(tags or {})
+    return (theirs is not None and theirs.same_model(mine)
+            and _read_of(tags or {}) == read_options_tag(options))
 
 
 def companions(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
@@ -108,25 +128,29 @@ def companions(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path
             if output_kind(key.split()[0]).tagged and candidate not in wanted and candidate.is_file()}
 
 
-def check_companions(companions: Mapping[str, Path], mine: Provenance) -> None:
-    """Refuse to write a class map beside another model's outputs of the same input."""
+def check_companions(companions: Mapping[str, Path], mine: Provenance, options: PredictOptions) -> None:
+    """Refuse to write a class map beside another model's outputs of the same input, or
+    beside outputs of another reading of it (bands, --nodata, area)."""
     for companion in companions.values():
-        theirs = Provenance.from_tags(output_tags(companion) or {})
-        if theirs is not None and not theirs.same_model(mine):
-            raise OutputExistsError(
-                f"{companion} was made by another model ({theirs.describe()}) and would stay beside "
-                f"this run's outputs ({mine.describe()}); pass --overwrite to replace this input's "
-                "outputs and remove it, or choose another --out-dir")
+        tags = output_tags(companion) or {}
+        theirs = Provenance.from_tags(tags)
+        if theirs is None or _same_output(tags, mine, options):
+            continue
+        made = (f"by another model ({theirs.describe()})" if not theirs.same_model(mine) else
+                f"from another reading of the input ({describe_read(_read_of(tags))})")
+        raise OutputExistsError(
+            f"{companion} was made {made} and would stay beside this run's outputs; pass "
+            "--overwrite to replace this input's outputs and remove it, or choose another --out-dir")
 
 
 def remove_stale(path: str | Path, out_dir: str | Path, targets: Mapping[str, Path],
                  options: PredictOptions, mine: Provenance) -> list[Path]:
     """After --overwrite made this input's outputs: remove the other files of this input
-    (``companions``) that do not carry this model's digests. Returns the removed paths."""
+    (``companions``) that are not this run's (this model's digests and reading of the
+    input). Returns the removed paths."""
     removed = []
     for companion in companions(path, out_dir, targets, options).values():
-        theirs = Provenance.from_tags(output_tags(companion) or {})
-        if theirs is None or not theirs.same_model(mine):
+        if not _same_output(output_tags(companion), mine, options):
             with contextlib.suppress(FileNotFoundError):
                 companion.unlink()
                 removed.append(companion)

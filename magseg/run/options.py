@@ -3,6 +3,8 @@ flags, as the library takes them)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,3 +41,30 @@ class PredictOptions:
     scratch_dir: Path | None = None
     # --nodata: pixels equal to it on every band are nodata, whatever the file declares.
     nodata: float | None = None
+
+
+# The tag an output carries for what of its input was read (``read_options_tag``).
+READ_OPTIONS_TAG = "MAGSEG_READ_OPTIONS"
+
+
+def read_options_tag(options: PredictOptions) -> str:
+    """What of the input a run reads, as its outputs record it (``READ_OPTIONS_TAG``): the
+    bands, ``--nodata`` and the area of interest (its polygons' digest). These decide the
+    pixels as the model does: an output read otherwise is not this run's, whatever the model
+    (``magseg.run.existing``). Canonical JSON; an output from before the tag reads as the
+    defaults (all of ``read_options_tag(PredictOptions())``)."""
+    area = None
+    if options.aoi is not None:
+        shapes = json.dumps([options.aoi.geometries, options.aoi.crs], sort_keys=True, default=str)
+        area = {"source": options.aoi.source, "sha256": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+    return json.dumps({"bands": None if options.bands is None else list(options.bands),
+                       "nodata": options.nodata, "area": area}, sort_keys=True)
+
+
+def describe_read(tag: str) -> str:
+    """``read_options_tag``'s value in words, for an error message."""
+    data = json.loads(tag)
+    area = data.get("area")
+    return ", ".join([f"bands {data['bands'] or 'default'}",
+                      f"--nodata {'none' if data.get('nodata') is None else data['nodata']}",
+                      "the whole raster" if area is None else f"the area of {area['source']} ({area['sha256']})"])

@@ -34,7 +34,7 @@ from magseg.io.sources import base_name, is_virtual, readable_name
 from magseg.run.bands import band_order
 from magseg.run.existing import prepare_outputs, remove_leftovers, remove_stale
 from magseg.run.input_checks import early_look, georeference_warnings
-from magseg.run.options import PredictOptions
+from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, read_options_tag
 from magseg.run.outputs import (
     OutputContext,
     OutputKind,
@@ -176,7 +176,8 @@ def _context(segmenter: Segmenter, reader: RasterReader, options: PredictOptions
     class-map kinds are made from are this run's temporaries, or the files there."""
     return OutputContext(
         size=reader.size, geo=reader.geo, source=readable_name(base_name(reader.path)),
-        classes=tuple(segmenter.config.classes), provenance=segmenter.provenance.tags(),
+        classes=tuple(segmenter.config.classes),
+        provenance={**segmenter.provenance.tags(), READ_OPTIONS_TAG: read_options_tag(options)},
         creation_options={} if options.cog else dict(options.creation_options),
         preview_size=options.preview_size, vector=options.vector,
         labels=temps.get("labels", result.outputs["labels"]),
