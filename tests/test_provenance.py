@@ -194,3 +194,12 @@ def test_an_output_from_before_the_reading_was_recorded_reads_as_the_defaults(tm
         dst.update_tags(MAGSEG_READ_OPTIONS="")     # cannot drop a tag; an empty one is none)
     assert _record(_predict(fitted_checkpoint, path, "-o", out))["status"] == "skipped"
     assert _predict(fitted_checkpoint, path, "-o", out, "--nodata", "0").exit_code == 1
+
+
+def test_a_reading_tag_magseg_did_not_write_is_named_not_a_traceback():
+    from magseg.run.options import PredictOptions, describe_read, read_options_tag
+
+    assert describe_read(read_options_tag(PredictOptions(nodata=0.0))) == \
+        "bands default, --nodata 0.0, the whole raster"
+    for garbage in ("not json", "[1, 2]", '{"bands": null}'):
+        assert describe_read(garbage) == f"unknown: {garbage!r}"

@@ -9,9 +9,9 @@ blended instead. Along each axis, across the border ``b`` between two neighbouri
 the weight of the crop before it falls linearly from 1 to 0 over ``[b - r, b + r)`` and the
 weight of the one after rises from 0 to 1. ``r`` is half the margin (less where a window or
 an owned part is shorter: ``axis_ramps``), so every answer blended has at least half the
-margin of context beyond it: a model that needs that much gives the whole image's answer. A crop's weight over the image is the product of
-its two axes' weights, so the weights of all crops sum to 1 at every pixel. Crop ``i``'s
-fine view over its crop window is
+margin of context beyond it: a model that needs that much gives the whole image's answer. A
+crop's weight over the image is the product of its two axes' weights, so the weights of all
+crops sum to 1 at every pixel. Crop ``i``'s fine view over its crop window is
 
     fine_i = P_i + sum over the other crops k that ran of  w_k * (P_k - P_i)
 
@@ -223,14 +223,13 @@ class FineStore:
         grid, crop = self.grid, self.grid.crop
         crops = torch.empty((len(boxes), self._classes(boxes[0]), *crop), device=self.device)
         cells = None
-        for i, box in enumerate(boxes):
+        for i, (box, crop_window) in enumerate(zip(boxes, crop_windows(boxes, crop))):
             k_own = grid.index[box]
             window = grid.windows[k_own]
             own = self._read(k_own, slice(None), slice(None))
             sums = cell_sums(own, stride)
             if cells is None:
                 cells = sums.new_empty((len(boxes), *sums.shape))
-            crop_window = Rect(box.window.top, box.window.left, *crop)
             crops[i].copy_(own[(slice(None), *crop_window.within(window))])
             for part, correction in self._corrections(k_own, own, window):
                 _add_cell_sums(sums, correction, part.within(window), stride, window.size)

@@ -165,8 +165,9 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     """Output pixels ``rows`` x ``cols`` (inside the ``size`` grid) by ``F.interpolate``
     (shrinking) or OpenCV's bilinear (enlarging, ``magseg.engine.opencv.enlarge_planes``;
     ``F.interpolate`` off the CPU) on just the source part they read, when that is
-    bit-identical to resizing the whole map: an integer factor on both axes, the same way on both (shrink or enlarge), and an
-    enlarged window starting on a multiple of the factor. None otherwise.
+    bit-identical to resizing the whole map: an integer factor on both axes, the same way on
+    both (shrink or enlarge), and an enlarged window starting on a multiple of the factor.
+    None otherwise.
 
     A part starts on a whole multiple of the factor and has one output pixel of margin on
     each side (the filter reaches half a pixel, or a pixel and a half, past its own), so
@@ -193,9 +194,9 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     y0, x0 = max(r0 // f - 1, 0), max(c0 // g - 1, 0)
     y1, x1 = min((r1 - 1) // f + 2, source.size[0]), min((c1 - 1) // g + 2, source.size[1])
     part = source.read(slice(y0, y1), slice(x0, x1)).float()
-    size = ((y1 - y0) * f, (x1 - x0) * g)
-    if can_enlarge(part, size):  # OpenCV's: the same values, window by window (its docstring)
-        out = enlarge_planes(part, size)
+    enlarged = ((y1 - y0) * f, (x1 - x0) * g)
+    if can_enlarge(part, enlarged):  # OpenCV's: the same values, window by window (its docstring)
+        out = enlarge_planes(part, enlarged)
     else:
         out = F.interpolate(part[None], scale_factor=(f, g), mode="bilinear", align_corners=False,
                             recompute_scale_factor=False)[0]
@@ -209,8 +210,8 @@ def resample_window(source: Source, size: Size, window: Rect) -> Tensor:
 
     Integer factors (every pyramid of doubling scales over a scene-sized image) take
     ``F.interpolate`` or OpenCV's bilinear on the window's part, which equals resizing the
-    whole map so (``_interpolated_part``); any other factor takes the tap-by-tap filter of this module's
-    docstring. Either way a pixel's value does not depend on the window that asks for it.
+    whole map so (``_interpolated_part``); any other factor takes the tap-by-tap filter of
+    this module's docstring. Either way a pixel's value does not depend on the window that asks for it.
     """
     height, width = size
     part = window.intersection(Rect.of_size(size))

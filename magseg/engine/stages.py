@@ -15,8 +15,8 @@ they own (magseg.engine.pyramid) into the stage's new map, so the result does no
 size or crop order. With a context margin (``pyramid.margin``) a stage first runs every crop's
 backbone over its grown window into a ``FineStore``, then each crop reads its fine view
 blended with its neighbours' over the margins, and the refiner runs over the grown window
-too (magseg.engine.blend): the map shows no crop grid. Nothing is made whole: crops read the image and Y window by window
-(magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
+too (magseg.engine.blend): the map shows no crop grid. Nothing is made whole: crops read the
+image and Y window by window (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
 image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
 Training uses the same helpers (``crop_probs``, ``refine_probs``).

@@ -62,9 +62,12 @@ def read_options_tag(options: PredictOptions) -> str:
 
 
 def describe_read(tag: str) -> str:
-    """``read_options_tag``'s value in words, for an error message."""
-    data = json.loads(tag)
-    area = data.get("area")
-    return ", ".join([f"bands {data['bands'] or 'default'}",
-                      f"--nodata {'none' if data.get('nodata') is None else data['nodata']}",
-                      "the whole raster" if area is None else f"the area of {area['source']} ({area['sha256']})"])
+    """``read_options_tag``'s value in words, for an error message (a value magseg did not
+    write, quoted as it is)."""
+    try:
+        data = json.loads(tag)
+        bands, nodata, area = data["bands"], data["nodata"], data["area"]
+        where = "the whole raster" if area is None else f"the area of {area['source']} ({area['sha256']})"
+    except (ValueError, KeyError, TypeError):
+        return f"unknown: {tag!r}"
+    return ", ".join([f"bands {bands or 'default'}", f"--nodata {'none' if nodata is None else nodata}", where])
