@@ -66,3 +66,27 @@ def fitted_checkpoint(tmp_path_factory):
         backbone = fit_backbone(config)
         refiner = create_refiner(config)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "fitted.ckpt", config, backbone, refiner)
+
+
+@pytest.fixture(params=["eager", "fused"])
+def refine_path(request, monkeypatch):
+    """Both CPU paths of the refine step: ATen's passes, and the compiled fused pass
+    (magseg.engine.fused) that the engine takes on stages of a megapixel or more. With
+    ``fused`` every stage takes it, and the test fails if no stage did."""
+    if request.param == "eager":
+        yield "eager"
+        return
+    from magseg.engine import fused, refiner_network
+
+    if not fused.available():
+        pytest.skip("numba is not installed: the engine runs the eager refine step")
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused.refine_pass(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "FUSED_MIN_PIXELS", 0)
+    monkeypatch.setattr(refiner_network, "refine_pass", counted)
+    yield "fused"
+    assert calls, "no stage took the fused pass"

@@ -105,7 +105,8 @@ def test_memory_and_disk_stores_agree_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("on_disk", [False, True])
 @pytest.mark.parametrize("stride", [3, 4, 8])
-def test_crops_and_cells_are_the_crop_views_and_the_pooled_window_views(tmp_path, on_disk, stride):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_crops_and_cells_are_the_crop_views_and_the_pooled_window_views(tmp_path, on_disk, stride, compiled):
     # Random answers on a 70 x 53 stage, crops of 16, margin 6 (windows 28 x 28, ragged at
     # the far edges, crops off the cell grid), one crop skipped (adaptive mode): the crop
     # views exactly, and the cells of the window views made without them, up to rounding.
@@ -116,7 +117,9 @@ def test_crops_and_cells_are_the_crop_views_and_the_pooled_window_views(tmp_path
     ran = [b for i, b in enumerate(boxes) if i != 6]
     store.write(ran, torch.rand(len(ran), 3, *store.extent))
     asked = ran[2:9]
-    crops, cells = store.crops_and_cells(asked, stride)
+    if compiled:
+        pytest.importorskip("numba", reason="the compiled pass needs numba")
+    crops, cells = store.crops_and_cells(asked, stride, compiled)
     assert torch.equal(crops, store.crops(asked))
     grown, _, _ = grown_windows(asked, crop, size, margin)
     expected = pool_cells(store.views(asked, grown), stride)

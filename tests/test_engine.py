@@ -66,7 +66,7 @@ def test_k_all_without_refiner_gives_the_finest_patch_only_prediction(size, back
     assert torch.equal(progressive.labels, patch_only.labels)
 
 
-def test_k_all_with_an_untrained_refiner_is_the_patch_only_prediction(backbone, pyramid, tiny_config):
+def test_k_all_with_an_untrained_refiner_is_the_patch_only_prediction(backbone, pyramid, tiny_config, refine_path):
     # The refiner's heads start at zero: refined = fine up to the log-probability floor.
     image = torch.randn(3, 100, 90)
     refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
@@ -82,18 +82,30 @@ def test_progressive_differs_from_both_baselines_when_k_is_partial(backbone, pyr
     assert not torch.equal(progressive.probs, _run(image, backbone, pyramid.patch_only()).probs)
 
 
-def test_each_crop_refines_exactly_k_of_its_own_pixels(backbone, pyramid):
+def _picks_exactly_k(backbone, pyramid, refiner=None):
     image = torch.randn(3, 128, 128)  # stage sizes 32, 64, 128: crops 32 tile exactly
-    result = _run(image, backbone, pyramid, refine=RefineConfig(points=10, kernel=3), return_stages=True)
+    result = _run(image, backbone, pyramid, refiner=refiner, refine=RefineConfig(points=10, kernel=3),
+                  return_stages=True)
     s1, s2 = result.stages[1], result.stages[2]
     assert (s1.crops_run, s2.crops_run) == (4, 16)
     assert s1.refined.sum() == 4 * 10 and s2.refined.sum() == 16 * 10
     # with a fraction: 25% of each 32x32 crop
-    result = _run(image, backbone, pyramid, refine=RefineConfig(points=0.25, kernel=3), return_stages=True)
+    result = _run(image, backbone, pyramid, refiner=refiner, refine=RefineConfig(points=0.25, kernel=3),
+                  return_stages=True)
     assert result.stages[2].refined.sum() == 16 * 256
 
 
-def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
+def test_each_crop_refines_exactly_k_of_its_own_pixels(backbone, pyramid):
+    _picks_exactly_k(backbone, pyramid)
+
+
+def test_each_crop_refines_exactly_k_of_its_own_pixels_with_a_refiner(backbone, pyramid, tiny_config, refine_path):
+    refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    _picks_exactly_k(backbone, pyramid, refiner)
+
+
+def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config, refine_path):
     image = torch.randn(3, 100, 90)  # overlapping crops at every stage
     refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
     torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)  # a refiner that does something
@@ -107,7 +119,7 @@ def test_result_does_not_depend_on_batch_size(backbone, pyramid, tiny_config):
 
 
 @pytest.mark.parametrize("size", IMAGE_SIZES)
-def test_labels_alone_equal_the_labels_of_the_probabilities(size, backbone, pyramid, tiny_config):
+def test_labels_alone_equal_the_labels_of_the_probabilities(size, backbone, pyramid, tiny_config, refine_path):
     # Without return_probs the last stage writes labels crop by crop and never makes the
     # full-size probability map; the labels must be those of the map.
     image = torch.randn(3, *size, generator=torch.Generator().manual_seed(sum(size)))

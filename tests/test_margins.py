@@ -128,7 +128,7 @@ def test_pixel_local_model_with_margins_labels_every_pixel_exactly(tmp_path):
 @pytest.mark.parametrize("size", [(160, 192), (101, 67), (13, 40)])
 @pytest.mark.parametrize("margin, border", [(4, 0), (0.25, 0), (4, 2)])
 def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitted_checkpoint, size, margin,
-                                                                  border):
+                                                                  border, refine_path):
     fitted = Segmenter.from_checkpoint(fitted_checkpoint)
     height, width = size
     image = smooth_image(3, height, width, cell=16, seed=height + width)

@@ -304,14 +304,15 @@ def test_openvino_reproduces_the_torch_engine(warm, tmp_path):
 
 
 def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
-    """The predict path (checkpoint -> Segmenter -> segment) with a cached graph."""
+    """The predict path (checkpoint -> Segmenter -> segment) with a cached graph. Nor numba:
+    a small image's stages take the eager refine step (magseg.engine.fused.worth_fusing)."""
     code = textwrap.dedent(f"""
         import sys, torch
         from magseg.segmenter import Segmenter
         s = Segmenter.from_checkpoint({str(warm['ckpt'])!r},
             ["engine.runtime=onnxruntime", "engine.cache_dir={warm['cache']}"])
         s.segment(torch.zeros(3, 128, 128))
-        print(sorted(m for m in ("segmentation_models_pytorch", "timm", "torchvision")
+        print(sorted(m for m in ("segmentation_models_pytorch", "timm", "torchvision", "numba")
                      if m in sys.modules))
     """)
     # close_fds=False lets subprocess use posix_spawn rather than fork: this process has run

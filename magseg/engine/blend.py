@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from magseg.engine.fused import compiled_loops
 from magseg.engine.maps import DTYPE, save_chunk
+from magseg.engine.opencv import each_map
 from magseg.engine.pyramid import CropBox, Size, axis_tiles, crop_boxes, crop_windows, grown_windows
 from magseg.engine.resample import cell_areas, cell_sums
 from magseg.geometry import Rect
@@ -113,14 +115,18 @@ class BlendGrid:
         self.cols = axis_ramps(self.size[1], self.crop[1], margin[1])
         self.index = {box: i for i, box in enumerate(self.boxes)}
 
+    def ramps(self, k: int) -> tuple[AxisRamp, AxisRamp]:
+        """Crop ``k``'s ramps along the rows and the columns."""
+        return self.rows[k // len(self.cols)], self.cols[k % len(self.cols)]
+
     def support(self, k: int) -> Rect:
         """Where crop ``k``'s weight is above 0."""
-        ramp_y, ramp_x = self.rows[k // len(self.cols)], self.cols[k % len(self.cols)]
+        ramp_y, ramp_x = self.ramps(k)
         return Rect.from_slices(slice(*ramp_y.support), slice(*ramp_x.support))
 
     def weights(self, k: int, part: Rect) -> Tensor:
         """``(h, w)`` crop ``k``'s weights over ``part`` (inside its support)."""
-        ramp_y, ramp_x = self.rows[k // len(self.cols)], self.cols[k % len(self.cols)]
+        ramp_y, ramp_x = self.ramps(k)
         return ramp_y.weights(part.top, part.bottom)[:, None] * ramp_x.weights(part.left, part.right)[None, :]
 
     def reaching(self, window: Rect) -> list[int]:
@@ -214,22 +220,25 @@ class FineStore:
             self._blend(box, window, out[i])
         return out
 
-    def crops_and_cells(self, boxes: list[CropBox], stride: int) -> tuple[Tensor, Tensor]:
+    def crops_and_cells(self, boxes: list[CropBox], stride: int, compiled: bool = False) -> tuple[Tensor, Tensor]:
         """Each crop's blended fine view over its crop window, ``(B, C, ch, cw)`` (``crops``),
         and the cell means of its blended view over its grown window, ``(B, C, ceil(eh/s),
         ceil(ew/s))`` for ``stride`` s (``pool_cells`` of ``views`` over the grown windows,
         up to float rounding), without making that view: each answer's cells plus the cells
-        of the blend's corrections over the margins (cell sums are linear)."""
+        of the blend's corrections over the margins (cell sums are linear). With
+        ``compiled`` (a CPU store, numba installed: ``magseg.engine.fused``), one compiled
+        pass per crop over its window's rows does both, the crops bit for bit the same."""
         grid, crop = self.grid, self.grid.crop
         crops = torch.empty((len(boxes), self._classes(boxes[0]), *crop), device=self.device)
-        cells = None
+        cells = crops.new_empty((*crops.shape[:2], *(-(-n // stride) for n in grid.extent)))
+        if compiled:
+            self._compiled_crops_and_cells(boxes, stride, crops, cells)
+            return crops, cells
         for i, (box, crop_window) in enumerate(zip(boxes, crop_windows(boxes, crop))):
             k_own = grid.index[box]
             window = grid.windows[k_own]
             own = self._read(k_own, slice(None), slice(None))
             sums = cell_sums(own, stride)
-            if cells is None:
-                cells = sums.new_empty((len(boxes), *sums.shape))
             crops[i].copy_(own[(slice(None), *crop_window.within(window))])
             for part, correction in self._corrections(k_own, own, window):
                 _add_cell_sums(sums, correction, part.within(window), stride, window.size)
@@ -239,6 +248,42 @@ class FineStore:
                         correction[(slice(None), *inside.within(part))]
             cells[i] = sums.div_(cell_areas(window.size, stride, sums))
         return crops, cells
+
+    def _compiled_crops_and_cells(self, boxes: list[CropBox], stride: int, crops: Tensor, cells: Tensor) -> None:
+        """``crops_and_cells`` into ``crops`` and ``cells``, crop by crop on the thread pool,
+        each one ``magseg.engine.fused_rows.blend_window`` pass."""
+        from numba import float32, typed
+
+        blend_window = compiled_loops().blend_window
+        grid, array = self.grid, float32[:, :, ::1]
+        jobs = []
+        for i, (box, crop_window) in enumerate(zip(boxes, crop_windows(boxes, grid.crop))):
+            k_own = grid.index[box]
+            window = grid.windows[k_own]
+            theirs, rows, cols = (typed.List.empty_list(array), typed.List.empty_list(float32[::1]),
+                                  typed.List.empty_list(float32[::1]))
+            rects, origins = [], []
+            for k, part in self._reaching_parts(k_own, window):
+                at, there = part.within(window), part.within(grid.windows[k])
+                answer, origin = self._whole_or_part(k, there)
+                theirs.append(answer)
+                origins.append(origin)
+                ramp_y, ramp_x = grid.ramps(k)
+                rows.append(ramp_y.weights(part.top, part.bottom).numpy())
+                cols.append(ramp_x.weights(part.left, part.right).numpy())
+                rects.append((at[0].start, at[1].start, at[0].stop, at[1].stop))
+            at = crop_window.within(window)
+            own = self._whole_or_part(k_own, (slice(0, window.height), slice(0, window.width)))[0]
+            jobs.append((own, theirs, np.array(rects, np.int64).reshape(-1, 4),
+                         np.array(origins, np.int64).reshape(-1, 2), rows, cols, at[0].start, at[1].start))
+
+        def one(i: int) -> None:
+            own, theirs, rects, origins, rows, cols, top, left = jobs[i]
+            blend_window(own, theirs, rects, origins, rows, cols, top, left, crops[i].numpy(), stride,
+                         cells[i].numpy())
+
+        each_map(one, len(jobs))
+        cells.div_(cell_areas(grid.extent, stride, cells))
 
     def _blend(self, box: CropBox, window: Rect, out: Tensor) -> None:
         """Crop ``box``'s blended view over ``window`` into ``out`` ``(C, h, w)``."""
@@ -254,15 +299,29 @@ class FineStore:
         ran and whose weight reaches the window, ``term`` ``(C, ph, pw)`` over ``part``,
         row-major (the order of the blend's sum)."""
         grid = self.grid
+        for k, part in self._reaching_parts(i, window):
+            theirs = self._read(k, *part.within(grid.windows[k]))
+            mine = own[(slice(None), *part.within(window))]
+            yield part, grid.weights(k, part).to(self.device) * (theirs - mine)
+
+    def _reaching_parts(self, i: int, window: Rect) -> Iterator[tuple[int, Rect]]:
+        """``(k, part)``: each other crop k that ran and whose weight reaches ``window`` (crop
+        ``i``'s), and the part of the window it reaches, row-major (the blend's order)."""
+        grid = self.grid
         for k in grid.reaching(window):
             if k == i or not self._has(k):
                 continue
             part = grid.support(k).intersection(window)
-            if part.empty:
-                continue
-            theirs = self._read(k, *part.within(grid.windows[k]))
-            mine = own[(slice(None), *part.within(window))]
-            yield part, grid.weights(k, part).to(self.device) * (theirs - mine)
+            if not part.empty:
+                yield k, part
+
+    def _whole_or_part(self, index: int, part: tuple[slice, slice]) -> tuple[np.ndarray, tuple[int, int]]:
+        """Crop ``index``'s answer as a C-contiguous array holding ``part`` (rows, columns of
+        its window), and where the part starts in it: the whole stored answer in memory (no
+        copy), the part alone from disk (what is read)."""
+        if self.directory is None:
+            return self._tensors[index].contiguous().numpy(), (part[0].start, part[1].start)
+        return self._read(index, *part).contiguous().numpy(), (0, 0)
 
     def _classes(self, box: CropBox) -> int:
         """How many classes the answers hold (read from crop ``box``'s, which must be here)."""

@@ -9,6 +9,7 @@ which pixels take R, the refiner network's output (`magseg.engine.refiner_networ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.engine.certainty import certainty, error_score, error_score_and_tops, top_error_pixels
 from magseg.engine.pyramid import CropBox, Size, owned_mask
 from magseg.engine.resample import row_bands
+
+if TYPE_CHECKING:
+    from magseg.engine.fused import FusedStep
 
 
 def labels_of(probs: Tensor, best: Tensor | None = None) -> Tensor:
@@ -143,7 +147,7 @@ def top_k_owned(raw: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
 
 def refine_crops(
     coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
-    size: Size | None = None, total: Tensor | None = None,
+    size: Size | None = None, total: Tensor | None = None, raw: Tensor | None = None,
 ) -> Tensor:
     """Give the top-K pixels of each crop's error map the refined values, in place.
 
@@ -154,10 +158,15 @@ def refine_crops(
             cw)`` R up to that per-pixel factor (``R = refined / total``; ``refined`` is then
             divided in place).
         boxes: the B crop boxes (K counts, and picks, only pixels a crop owns).
+        raw: ``(B, ch, cw)`` the unblurred error score of R and Y, when made already
+            (``magseg.engine.fused``).
     Returns:
         ``(B, ch, cw)`` bool map of the pixels that took the refined values.
     """
-    picked = picked_pixels(coarse, refined, boxes, refine, size, total)
+    if raw is None:
+        picked = picked_pixels(coarse, refined, boxes, refine, size, total)
+    else:
+        picked = top_k_owned(raw, boxes, refine, size)
     if total is not None:
         # A total of 0 (every weight underflowed) would make R 0/0 = NaN, which the lerp
         # below would carry into unpicked pixels too (0 * NaN); such a pixel's R is 0 instead.
@@ -172,8 +181,8 @@ def refine_crops(
 
 
 def refine_labels(
-    coarse: Tensor, refined: Tensor, boxes: Sequence[CropBox], refine: RefineConfig,
-    size: Size | None = None, total: Tensor | None = None,
+    coarse: Tensor, refined: Tensor | None, boxes: Sequence[CropBox], refine: RefineConfig,
+    size: Size | None = None, total: Tensor | None = None, step: "FusedStep | None" = None,
 ) -> tuple[Tensor, Tensor]:
     """``refine_crops`` for a stage that keeps only labels: ``labels_of`` its result,
     ``(B, ch, cw)`` uint8, and the picked map; ``coarse`` and ``refined`` left as they are.
@@ -182,7 +191,12 @@ def refine_labels(
     channel move less memory than a select over C float channels followed by an argmax. Each
     argmax reuses the top-1 the error score's certainties found, and R is never normalised
     (its argmax is that of ``refined``; its certainty, that of ``refined`` over ``total``).
+    ``step``: the error score and both argmaxes made already in one pass
+    (``magseg.engine.fused``; ``refined`` is then not read).
     """
+    if step is not None:
+        picked = top_k_owned(step.raw, boxes, refine, size)
+        return torch.where(picked, step.refined_labels, step.coarse_labels), picked
     batch, _, height, width = coarse.shape
     raw = coarse.new_empty((batch, height, width))
     refined_labels = torch.empty((batch, height, width), dtype=torch.uint8, device=coarse.device)

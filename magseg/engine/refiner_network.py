@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magseg.engine.certainty import certainty
+from magseg.engine.fused import FusedStep, refine_pass
 from magseg.engine.resample import edge_padded, enlarge, enlarge_columns, enlarge_rows, pool_cells, row_bands
 
 # Floor for log-probabilities; keeps log(0) finite.
@@ -93,6 +94,16 @@ class CellsRefiner(TotalRefiner, Protocol):
 
     def weights_from_cells(self, fine_cells: Tensor, coarse_cells: Tensor, fine: Tensor, coarse: Tensor,
                            offsets: list[tuple[int, int]], /) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class FusedRefiner(CellsRefiner, Protocol):
+    """A ``CellsRefiner`` whose per-pixel work and the refine step's run as one compiled pass
+    on a CPU: ``refiner.fused_from_cells(fine_cells, coarse_cells, fine, coarse, offsets,
+    with_weights)`` ``-> magseg.engine.fused.FusedStep`` (``Refiner.fused_from_cells``)."""
+
+    def fused_from_cells(self, fine_cells: Tensor, coarse_cells: Tensor, fine: Tensor, coarse: Tensor,
+                         offsets: list[tuple[int, int]], with_weights: bool, /) -> FusedStep: ...
 
 
 def refiner_input(fine: Tensor, coarse: Tensor) -> Tensor:
@@ -155,13 +166,18 @@ class RefinerGate(nn.Module):
         logit = (cues * weight).sum(dim=1, keepdim=True).add_(self.bias * self.SCALE)
         return logit.sigmoid_()
 
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """The gate's logit as numbers: ``(w_certainty, w_disagreement, w_detail, bias)``."""
+        w0, w1, w2 = (float(v) * self.SCALE for v in self.weight)
+        return w0, w1, w2, float(self.bias) * self.SCALE
+
     def from_maps(self, fine: Tensor, coarse: Tensor, smooth: Tensor) -> Tensor:
         """``forward(gate_cues(fine, coarse, smooth))`` without autograd, accumulated in
         place on one ``(B, 1, H, W)`` buffer (the engine's path: no stacked cues). ``fine``,
         ``coarse`` and ``smooth`` are distributions over the channels; ``smooth`` is
         overwritten."""
-        w0, w1, w2 = (float(v) * self.SCALE for v in self.weight)
-        logit = certainty(fine).mul_(w0).add_(float(self.bias) * self.SCALE)
+        w0, w1, w2, bias = self.coefficients()
+        logit = certainty(fine).mul_(w0).add_(bias)
         if w1:
             logit.add_(_tv_distance(fine, coarse), alpha=w1)
         if w2:
@@ -335,6 +351,16 @@ class Refiner(nn.Module):
                 self._band(both[:, :, dy + rows.start - top :], fine[i : i + 1, :, rows],
                            coarse[i : i + 1, :, rows], weights[i : i + 1, :, rows], total[i : i + 1, rows])
         return weights, total
+
+    def fused_from_cells(self, fine_cells: Tensor, coarse_cells: Tensor, fine: Tensor, coarse: Tensor,
+                         offsets: list[tuple[int, int]], with_weights: bool) -> FusedStep:
+        """``weights_from_cells`` and, from them, the refine step's per-pixel scores and
+        labels, in one compiled pass on a CPU (``magseg.engine.fused.refine_pass``; the
+        arguments are ``weights_from_cells``'s). The weights and their sum only with
+        ``with_weights`` (a stage that keeps probabilities)."""
+        gate = None if self.gate is None else self.gate.coefficients()
+        return refine_pass(self._small(fine_cells, coarse_cells), fine, coarse, offsets, self.context_stride,
+                           gate, with_weights)
 
     def _small(self, small_fine: Tensor, small_coarse: Tensor) -> Tensor:
         """What inference enlarges, from the pooled maps: the correction at 1/stride,

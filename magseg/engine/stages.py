@@ -37,6 +37,7 @@ from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
+from magseg.engine.fused import FusedStep, worth_fusing
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -58,7 +59,7 @@ from magseg.engine.refine_step import (
     refine_labels,
     select_crops,
 )
-from magseg.engine.refiner_network import CellsRefiner, ProbsRefiner, TotalRefiner, WeightsRefiner
+from magseg.engine.refiner_network import CellsRefiner, FusedRefiner, ProbsRefiner, TotalRefiner, WeightsRefiner
 from magseg.engine.resample import Source, TensorSource, pool_cells, resample_window, resample_windows
 from magseg.geometry import Rect
 
@@ -338,24 +339,72 @@ class StageRun:
         """A stage after the first, a batch of crops: R refines the upsampled Y at the top-K
         pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage);
         the fine view blended from ``store`` when the stage blends."""
-        if store is not None and self.refiner is not None:
+        labels_only = isinstance(out, Sink) and not out.wants_probs
+        step = self.fused_step(image, y, size, boxes, store, with_weights=not labels_only)
+        if step is not None:
+            coarse, step = step
+            refined, total, raw = step.weights, step.total, step.raw
+        elif store is not None and self.refiner is not None:
             coarse, refined, total = self.refined_in_windows(y, size, boxes, store)
+            raw = None
         else:
             coarse = self.coarse(y, size, boxes)
             refined, total = refine_weights(self.refiner, self.fine(image, size, boxes, store), coarse)
+            raw = None
         if not isinstance(out, Sink):
-            picked = refine_crops(coarse, refined, boxes, self.refine, size, total)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size, total, raw)
             out.write(boxes, coarse)
         elif out.wants_probs:
-            picked = refine_crops(coarse, refined, boxes, self.refine, size, total)
+            picked = refine_crops(coarse, refined, boxes, self.refine, size, total, raw)
             out.write(boxes, labels_of(coarse), coarse)
         else:
             # Labels only: the argmax of R where picked, of Y elsewhere, without the select
             # over C channels, nor R's normalisation.
-            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size, total)
+            labels, picked = refine_labels(coarse, refined, boxes, self.refine, size, total, step)
             out.write(boxes, labels, None)
         if picked_map is not None:
             stitch_crops(picked_map, picked[:, None], boxes)
+
+    def fused_step(self, image: Source, y: StageMap, size: Size, boxes: list[CropBox], store: FineStore | None,
+                   with_weights: bool) -> tuple[Tensor, FusedStep] | None:
+        """``(coarse, step)``: Y on the crops and the refine step's per-pixel work done in one
+        compiled pass (magseg.engine.fused), where the refiner has it and the stage is large
+        enough on a CPU; None elsewhere. The refiner's convolutions see each crop's grown
+        window through its cells where the stage blends, the crop's own cells where not."""
+        refiner = self.refiner
+        if not (isinstance(refiner, FusedRefiner) and refiner.context_stride > 1
+                and worth_fusing(self.engine.device, size[0] * size[1])):
+            return None
+        if store is not None:
+            fine, fine_cells, coarse, coarse_cells, offsets = self.window_cells(y, size, boxes, store, compiled=True)
+        else:
+            fine, coarse = self.fine(image, size, boxes), self.coarse(y, size, boxes)
+            stride = refiner.context_stride
+            fine_cells, coarse_cells = pool_cells(fine, stride), pool_cells(coarse, stride)
+            offsets = [(0, 0)] * len(boxes)
+        return coarse, refiner.fused_from_cells(fine_cells, coarse_cells, fine, coarse, offsets, with_weights)
+
+    def window_cells(self, y: StageMap, size: Size, boxes: list[CropBox], store: FineStore, compiled: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[tuple[int, int]]]:
+        """A blending stage's crops and their grown windows' cells, for a ``CellsRefiner``:
+        ``(fine, fine_cells, coarse, coarse_cells, offsets)``, the blended fine view and Y on
+        the crops ``(B, C, ch, cw)``, both over the windows pooled into cells of
+        ``context_stride`` ``(B, C, ceil(eh/s), ceil(ew/s))``, and each crop's place in its
+        window. No window is made whole: the fine view's cells are summed from the store's
+        answers (``FineStore.crops_and_cells``, its compiled pass with ``compiled``), Y's
+        window is pooled as it is read."""
+        crop, stride = self.pyramid.crop, self.refiner.context_stride
+        windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
+        fine, fine_cells = store.crops_and_cells(boxes, stride, compiled)
+        coarse = torch.empty_like(fine)
+        coarse_cells = torch.empty_like(fine_cells)
+        for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
+            # Y resampled is the same at a pixel whatever window covers it
+            # (magseg.engine.resample): the crop's part of its window is the crop's Y.
+            part = resample_window(y, size, window).to(self.engine.device)
+            coarse_cells[i] = pool_cells(part[None], stride)[0]
+            coarse[i] = part[:, dy : dy + crop[0], dx : dx + crop[1]]
+        return fine, fine_cells, coarse, coarse_cells, offsets
 
     def refined_in_windows(self, y: StageMap, size: Size, boxes: list[CropBox], store: FineStore
                            ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -365,25 +414,14 @@ class StageRun:
         either side of a border agree. ``(coarse, refined, total)`` as ``refine_weights``
         gives them, on the crops.
 
-        Magseg's refiner (``CellsRefiner``) sees the windows only pooled into cells: the
-        windows are then pooled as they are read, never made whole, and its per-pixel work
-        runs on the crops."""
+        Magseg's refiner (``CellsRefiner``) sees the windows only pooled into cells
+        (``window_cells``), and its per-pixel work runs on the crops."""
+        if isinstance(self.refiner, CellsRefiner) and self.refiner.context_stride > 1:
+            fine, fine_cells, coarse, coarse_cells, offsets = self.window_cells(y, size, boxes, store)
+            return coarse, *self.refiner.weights_from_cells(fine_cells, coarse_cells, fine, coarse, offsets)
         crop = self.pyramid.crop
         windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
-        device = self.engine.device
-        if isinstance(self.refiner, CellsRefiner) and self.refiner.context_stride > 1:
-            stride = self.refiner.context_stride
-            fine, fine_cells = store.crops_and_cells(boxes, stride)
-            coarse = torch.empty_like(fine)
-            coarse_cells = torch.empty_like(fine_cells)
-            for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
-                # Y resampled is the same at a pixel whatever window covers it
-                # (magseg.engine.resample): the crop's part of its window is the crop's Y.
-                part = resample_window(y, size, window).to(device)
-                coarse_cells[i] = pool_cells(part[None], stride)[0]
-                coarse[i] = part[:, dy : dy + crop[0], dx : dx + crop[1]]
-            return coarse, *self.refiner.weights_from_cells(fine_cells, coarse_cells, fine, coarse, offsets)
-        coarse = resample_windows(y, size, windows).to(device)
+        coarse = resample_windows(y, size, windows).to(self.engine.device)
         refined, total = refine_weights(self.refiner, store.views(boxes, windows), coarse)
         return (cut_crops(coarse, offsets, crop), cut_crops(refined, offsets, crop),
                 None if total is None else cut_crops(total[:, None], offsets, crop)[:, 0])

@@ -1,0 +1,131 @@
+"""The engine's per-pixel work on a CPU in compiled loops (numba): the refine step fused
+into one pass per row, and the blend of a crop's fine view with its cells.
+
+After magseg's refiner (``magseg.engine.refiner_network.Refiner``) has run its convolutions
+on a crop's cells, everything left is per pixel over the C class planes: enlarge the
+correction and the pooled fine map over the crop, the gate's three cues and its sigmoid,
+``weights = fine * exp(gate * delta)`` and their sum, the certainty of R and of Y, the
+error score, both argmaxes. In ATen each is a pass over the batch's C-channel maps, two
+dozen in all, each bound by memory bandwidth or by ``exp``; ``refine_pass`` reads a crop's
+row of fine, Y and the two enlarged cell rows once and writes the row's error score and
+labels (and, for a stage that keeps probabilities, its weights and their sum), its scratch
+a few rows that stay in L1. The exponential is a vectorisable Cephes ``expf`` (range
+reduction, a degree-6 polynomial, the power of two from its bits): numba has no vector
+``exp`` without Intel's SVML, and a scalar ``exp`` per value would cost more than the pass.
+
+    one crop row y:  delta_c, smooth_c = the row of cells enlarged (bilinear, edges clamped)
+                     gate  = sigmoid(w0 cert(fine) + w1 tv(fine, Y) + w2 (1 - sum min(fine, smooth)) + b)
+                     w_c   = fine_c exp(gate delta_c),  total = sum_c w_c
+                     score = cert(w) / total * (1 - cert(Y)),  labels = argmax w, argmax Y
+
+The values are the eager path's (``Refiner.weights_from_cells``, ``error_score_and_tops``,
+``labels_of``) up to float rounding: the polynomial's ``exp`` is within 2 ulp of the exact
+one, and no loop reassociates a sum (no fast-math), so a CPU's vector width does not change
+a value. ``tests/test_fused.py`` compares the two. The blend
+(``magseg.engine.blend.FineStore.crops_and_cells``) is the other compiled loop: a crop's
+blended view row by row, written on the crop and summed into cells, never made over the
+window. Crops run side by side on the engine's thread pool
+(``magseg.engine.opencv.each_map``; the loops release the GIL), the refine pass as two row
+halves per crop so that a batch of any size keeps every core busy.
+
+numba is imported on first use, and only for a stage large enough to pay for it
+(``worth_fusing``): importing it and loading its cached machine code take about 0.4 s once
+per process, and compiling on a cold cache (a new machine, a new numba) about 5 s, kept in
+numba's on-disk cache afterwards. The loops live in ``magseg.engine.fused_rows``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from magseg.engine.opencv import each_map
+
+# A stage of fewer pixels runs the eager path: the one-off cost of the compiled loops
+# (numba's import and its cached code, ~0.4 s) is worth it from about a megapixel a stage.
+FUSED_MIN_PIXELS = 1 << 20
+
+
+@dataclass
+class FusedStep:
+    """What the fused pass gives for a batch of B crops of ``(h, w)``."""
+
+    raw: Tensor  # (B, h, w) float32 error score cert(R) * (1 - cert(Y)), unblurred
+    refined_labels: Tensor  # (B, h, w) uint8 argmax of R (C where a channel is NaN)
+    coarse_labels: Tensor  # (B, h, w) uint8 argmax of Y (likewise)
+    weights: Tensor | None  # (B, C, h, w) R up to the factor ``total``, when asked for
+    total: Tensor | None  # (B, h, w)
+
+
+def available() -> bool:
+    """Whether numba can be imported here."""
+    try:
+        compiled_loops()
+    except ImportError:
+        return False
+    return True
+
+
+def worth_fusing(device: torch.device | str, stage_pixels: int) -> bool:
+    """Whether the crops of a stage of ``stage_pixels`` on ``device`` take the fused pass:
+    on the CPU outside autograd, a stage of at least ``FUSED_MIN_PIXELS``, numba installed."""
+    return (torch.device(device).type == "cpu" and not torch.is_grad_enabled()
+            and stage_pixels >= FUSED_MIN_PIXELS and available())
+
+
+def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]], stride: int,
+                gate: tuple[float, float, float, float] | None, with_weights: bool) -> FusedStep:
+    """The per-pixel part of the refine step for a batch of crops, one fused pass.
+
+    Args:
+        small: ``(B, C or 2C, hc, wc)`` what ``Refiner._small`` gives from each crop's
+            window cells: the correction shifted to a per-pixel maximum of 0, then (with a
+            gate) the pooled fine map; cells from the window's origin.
+        fine, coarse: ``(B, C, h, w)`` float32 probabilities of the crops (F and Y).
+        offsets: ``(dy, dx)`` of each crop in its window (cells' origin).
+        stride: the cells' size in pixels (the enlargement factor).
+        gate: ``(w_certainty, w_disagreement, w_detail, bias)`` of ``RefinerGate``, or None
+            without a gate (weights = fine * exp(delta)).
+        with_weights: also return the weights and their sum (a stage that keeps probabilities).
+    """
+    batch, _, height, width = fine.shape
+    fine_np, coarse_np = fine.contiguous().numpy(), coarse.contiguous().numpy()
+    raw = torch.empty((batch, height, width), dtype=torch.float32)
+    refined_labels = torch.empty((batch, height, width), dtype=torch.uint8)
+    coarse_labels = torch.empty_like(refined_labels)
+    weights = torch.empty_like(fine) if with_weights else None
+    total = torch.empty_like(raw) if with_weights else None
+    nothing3, nothing2 = np.empty((0, 0, 0), np.float32), np.empty((0, 0), np.float32)
+    gated = gate is not None
+    w0, w1, w2, bias = (np.float32(v) for v in (gate or (0.0, 0.0, 0.0, 0.0)))
+    kernels = compiled_loops()
+    cells = small.contiguous().numpy()
+    # The cells enlarged along the columns over each crop, once: each row of the loop below
+    # is then a lerp of two of their rows.
+    columns = np.empty((batch, cells.shape[1], cells.shape[2], width), np.float32)
+    each_map(lambda i: kernels.enlarge_columns(cells[i], offsets[i][1], stride, columns[i]), batch)
+    halves = [(0, height // 2), (height // 2, height)]
+
+    def one(job: int) -> None:
+        i, (start, stop) = job // 2, halves[job % 2]
+        kernels.refine_rows(columns[i], fine_np[i], coarse_np[i], offsets[i][0], stride, gated, w0, w1, w2, bias,
+                            start, stop, raw[i].numpy(), refined_labels[i].numpy(), coarse_labels[i].numpy(),
+                            nothing3 if weights is None else weights[i].numpy(),
+                            nothing2 if total is None else total[i].numpy())
+
+    each_map(one, 2 * batch)
+    return FusedStep(raw, refined_labels, coarse_labels, weights, total)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_loops() -> Any:
+    """The compiled loops (``magseg.engine.fused_rows``): numba imported, and each loop
+    compiled or its cached machine code loaded, on first use."""
+    from magseg.engine import fused_rows
+
+    return fused_rows

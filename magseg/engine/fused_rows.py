@@ -1,0 +1,219 @@
+"""The engine's compiled loops (``magseg.engine.fused`` explains them), in a module of their
+own so that numba is imported only where a stage uses them, and so that numba's on-disk
+cache can key them (it does not cache closures).
+
+Inner loops index slices from 0: numba then knows an index is not negative, adds no
+wrap-around test, and LLVM vectorises the loop."""
+
+import numpy as np
+from numba import njit
+
+f32 = np.float32
+log2e, ln2_hi, ln2_lo = f32(1.4426950408889634), f32(0.693359375), f32(-2.12194440e-4)
+lowest, highest, tiny = f32(-87.3), f32(88.3), f32(np.finfo(np.float32).tiny)
+one, half = f32(1.0), f32(0.5)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def exp_row(x: np.ndarray, mantissa: np.ndarray, power: np.ndarray) -> None:
+    """``exp(x) = mantissa * power.view(float32)``, both written: Cephes' ``expf``,
+    inputs clamped to where both factors are normal floats, in loops LLVM vectorises."""
+    for i in range(x.shape[0]):
+        v = min(max(x[i], lowest), highest)
+        k = np.floor(v * log2e + half)
+        r = v - k * ln2_hi - k * ln2_lo
+        p = f32(1.9875691500e-4)
+        p = p * r + f32(1.3981999507e-3)
+        p = p * r + f32(8.3334519073e-3)
+        p = p * r + f32(4.1665795894e-2)
+        p = p * r + f32(1.6666665459e-1)
+        p = p * r + f32(5.0000001201e-1)
+        mantissa[i] = p * r * r + r + one
+        power[i] = (np.int32(k) + np.int32(127)) << 23
+
+
+@njit(nogil=True, cache=True)
+def enlarge_columns(cells, offset, stride, out):
+    """``cells`` ``(K, h, wc)`` enlarged ``stride`` times along its columns (bilinear on
+    pixel centres, edges clamped), the enlarged map's columns ``offset ..`` into ``out``
+    ``(K, h, w)``: the first pass of enlarging cells over a crop at ``offset`` in its window."""
+    channels, height, width = out.shape
+    last = cells.shape[2] - 1
+    low = np.empty(width, np.int64)
+    high = np.empty(width, np.int64)
+    frac = np.empty(width, np.float32)
+    for x in range(width):
+        u = (offset + x + 0.5) / stride - 0.5
+        j = int(np.floor(u))
+        frac[x] = f32(u - j)
+        low[x], high[x] = min(max(j, 0), last), min(max(j + 1, 0), last)
+    for c in range(channels):
+        for r in range(height):
+            src, dst = cells[c, r], out[c, r]
+            for x in range(width):
+                a = src[low[x]]
+                dst[x] = a + (src[high[x]] - a) * frac[x]
+
+
+@njit(nogil=True, cache=True)
+def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, start, stop,
+                raw, refined_labels, coarse_labels, weights, total):
+    classes, _, width = fine.shape
+    cells = columns.shape[1]
+    delta = np.empty((classes, width), np.float32)
+    best = np.empty(width, np.float32)
+    second = np.empty(width, np.float32)
+    acc = np.empty(width, np.float32)
+    overlap = np.empty(width, np.float32)
+    gate = np.empty(width, np.float32)
+    mantissa = np.empty(width, np.float32)
+    bits = np.empty(width, np.int32)
+    power = bits.view(np.float32)
+    label = np.empty(width, np.uint8)
+    for y in range(start, stop):
+        # The window row's place among the cell centres (bilinear, edges clamped).
+        u = (dy + y + 0.5) / stride - 0.5
+        j0 = int(np.floor(u))
+        f = f32(u - j0)
+        j1 = min(j0 + 1, cells - 1)
+        j0 = max(j0, 0)
+        for x in range(width):
+            best[x] = -np.inf
+            second[x] = -np.inf
+            acc[x] = 0
+            overlap[x] = 0
+        for c in range(classes):
+            a0, a1 = columns[c, j0], columns[c, j1]
+            for x in range(width):
+                delta[c, x] = a0[x] + (a1[x] - a0[x]) * f
+        if gated:
+            for c in range(classes):
+                s0, s1, row, other = columns[classes + c, j0], columns[classes + c, j1], fine[c, y], coarse[c, y]
+                for x in range(width):
+                    smooth = s0[x] + (s1[x] - s0[x]) * f
+                    v = row[x]
+                    low = min(best[x], v)
+                    second[x] = max(second[x], low)
+                    best[x] = max(best[x], v)
+                    acc[x] += abs(v - other[x])
+                    overlap[x] += min(v, smooth)
+            # The logit summed in RefinerGate.from_maps's order; a cue of weight 0 is left out
+            # as there (a NaN in it stays out of the gate).
+            for x in range(width):
+                gate[x] = w0 * (best[x] - second[x]) + bias
+            if w1 != 0:
+                for x in range(width):
+                    gate[x] += w1 * (half * acc[x])
+            if w2 != 0:
+                for x in range(width):
+                    gate[x] += w2 * (one - overlap[x])
+            for x in range(width):
+                gate[x] = -gate[x]
+            exp_row(gate, mantissa, bits)
+            for x in range(width):
+                gate[x] = one / (one + mantissa[x] * power[x])
+            for c in range(classes):
+                for x in range(width):
+                    delta[c, x] *= gate[x]
+        # The weights, their sum and top two, R's argmax.
+        for x in range(width):
+            best[x] = -np.inf
+            second[x] = -np.inf
+            acc[x] = 0
+            label[x] = 0
+        for c in range(classes):
+            exp_row(delta[c], mantissa, bits)
+            row = fine[c, y]
+            for x in range(width):
+                v = mantissa[x] * power[x] * row[x]
+                delta[c, x] = v
+                acc[x] += v
+                low = min(best[x], v)
+                second[x] = max(second[x], low)
+                if v > best[x]:
+                    label[x] = c
+                best[x] = max(best[x], v)
+        if weights.shape[0]:
+            for c in range(classes):
+                out = weights[c, y]
+                for x in range(width):
+                    out[x] = delta[c, x]
+            for x in range(width):
+                total[y, x] = acc[x]
+        for x in range(width):
+            gate[x] = (best[x] - second[x]) / max(acc[x], tiny)  # cert(R); 0 where total is 0
+            refined_labels[y, x] = label[x] if acc[x] == acc[x] else classes
+            best[x] = -np.inf
+            second[x] = -np.inf
+            acc[x] = 0
+            label[x] = 0
+        # Y's top two and argmax.
+        for c in range(classes):
+            row = coarse[c, y]
+            for x in range(width):
+                v = row[x]
+                acc[x] += v
+                low = min(best[x], v)
+                second[x] = max(second[x], low)
+                if v > best[x]:
+                    label[x] = c
+                best[x] = max(best[x], v)
+        for x in range(width):
+            raw[y, x] = gate[x] * (one - (best[x] - second[x]))
+            coarse_labels[y, x] = label[x] if acc[x] == acc[x] else classes
+
+
+@njit(nogil=True, cache=True)
+def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top, crop_left, crop, stride, sums):
+    """A crop's blended fine view (``magseg.engine.blend``), one window row at a time: the
+    crop's part into ``crop`` and the view's cell sums over the whole window into ``sums``.
+
+    own: ``(C, eh, ew)`` the crop's answer over its window. For each other answer k reaching
+    the window: ``theirs[k]`` ``(C, h, w)`` holds it from ``origins[k]`` on (row, column)
+    over its part ``rects[k]`` ``(top, left, bottom, right)`` of the window, and its blend
+    weight's two axes there are ``row_weights[k]``, ``col_weights[k]``; every array is
+    C-contiguous (the loops over a row then run on vectors). crop: ``(C, ch, cw)`` at
+    ``(crop_top, crop_left)`` in the window. sums: ``(C, ceil(eh/stride), ceil(ew/stride))``.
+    The crop's values are ``FineStore.crops``' bit for bit (the same products, added in the
+    same order)."""
+    classes, height, width = own.shape
+    crop_height, crop_width = crop.shape[1], crop.shape[2]
+    cells_across = sums.shape[2]
+    row = np.empty((classes, width), np.float32)
+    rows = np.zeros((classes, width), np.float32)  # the rows of the cell row so far, summed
+    for y in range(height):
+        for c in range(classes):
+            mine, blended = own[c, y], row[c]
+            for x in range(width):
+                blended[x] = mine[x]
+        for k in range(len(theirs)):  # the answers in the blend's order, each once a row
+            top, left, bottom, right = rects[k, 0], rects[k, 1], rects[k, 2], rects[k, 3]
+            if top <= y < bottom:
+                answer, wy, wx = theirs[k], row_weights[k][y - top], col_weights[k]
+                start = origins[k, 1]
+                for c in range(classes):
+                    # Slices first: indices from 0 are known non-negative, so numba adds no
+                    # wrap-around test and the loop is vectorised.
+                    other = answer[c, origins[k, 0] + y - top, start : start + right - left]
+                    mine, blended = own[c, y, left:right], row[c, left:right]
+                    for x in range(right - left):
+                        blended[x] += wy * wx[x] * (other[x] - mine[x])
+        for c in range(classes):
+            blended, summed = row[c], rows[c]
+            for x in range(width):
+                summed[x] += blended[x]
+            if crop_top <= y < crop_top + crop_height:
+                out, part = crop[c, y - crop_top], blended[crop_left : crop_left + crop_width]
+                for x in range(crop_width):
+                    out[x] = part[x]
+        if (y + 1) % stride == 0 or y == height - 1:
+            for c in range(classes):
+                summed = rows[c]
+                for j in range(cells_across):
+                    cell = summed[j * stride : min((j + 1) * stride, width)]
+                    total = f32(0)
+                    for x in range(cell.shape[0]):
+                        total += cell[x]
+                    sums[c, y // stride, j] = total
+                for x in range(width):
+                    summed[x] = 0

@@ -1,0 +1,151 @@
+"""The fused refine pass (magseg.engine.fused): its exponential, and its values against the
+eager passes it replaces (Refiner.weights_from_cells, error_score_and_tops, labels_of).
+
+The engine's invariants with the fused pass on every stage are checked where the eager
+path's are, through the ``refine_path`` fixture (tests/test_engine.py, tests/test_margins.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from magseg.engine import fused
+from magseg.engine.certainty import error_score_and_tops
+from magseg.engine.refine_step import labels_of
+from magseg.engine.refiner_network import Refiner
+from magseg.engine.resample import pool_cells
+
+if not fused.available():
+    pytest.skip("numba is not installed: the engine runs the eager refine step", allow_module_level=True)
+
+from magseg.engine.fused_rows import exp_row  # noqa: E402  (needs numba)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    mantissa, bits = np.empty_like(x), np.empty(x.shape, np.int32)
+    exp_row(x, mantissa, bits)
+    return mantissa * bits.view(np.float32)
+
+
+def test_the_exponential_is_within_two_ulp_of_the_exact_one():
+    x = np.concatenate([np.linspace(-87, 88, 200_001, dtype=np.float32),
+                        np.float32([0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 1, -1, np.log(2), -np.log(2)])])
+    exact = np.exp(x.astype(np.float64))
+    got = _exp(x).astype(np.float64)
+    assert np.all(np.abs(got - exact) <= 2 * np.spacing(exact.astype(np.float32)).astype(np.float64))
+    assert _exp(np.float32([0.0]))[0] == 1.0  # an untrained refiner's weights are fine, bit for bit
+
+
+def test_the_exponential_saturates_to_finite_normal_floats():
+    out = _exp(np.float32([-1e4, -100, -87.3, 88.3, 100, 1e4]))
+    assert np.all(np.isfinite(out)) and np.all(out >= np.finfo(np.float32).tiny)
+    assert out[0] == out[1] == out[2] and out[3] == out[4] == out[5]
+    assert out[0] < 1e-37 and out[-1] > 1e38
+
+
+def _maps(generator, batch, classes, height, width, sharp=3.0):
+    """Smooth-ish distributions: logits at a quarter size, enlarged."""
+    small = torch.randn(batch, classes, max(height // 4, 1), max(width // 4, 1), generator=generator) * sharp
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear").softmax(1)
+
+
+def _both(refiner, fine_window, coarse_window, offsets, crop, with_weights=True):
+    """The eager passes and the fused one on crops at ``offsets`` of their windows."""
+    height, width = crop
+    fine = torch.stack([w[:, dy : dy + height, dx : dx + width] for w, (dy, dx) in zip(fine_window, offsets)])
+    coarse = torch.stack([w[:, dy : dy + height, dx : dx + width] for w, (dy, dx) in zip(coarse_window, offsets)])
+    s = refiner.context_stride
+    fine_cells, coarse_cells = pool_cells(fine_window, s), pool_cells(coarse_window, s)
+    weights, total = refiner.weights_from_cells(fine_cells, coarse_cells, fine, coarse, offsets)
+    raw, best, coarse_best = error_score_and_tops(weights, coarse, total)
+    eager = raw, labels_of(weights, best), labels_of(coarse, coarse_best), weights, total
+    step = refiner.fused_from_cells(fine_cells, coarse_cells, fine, coarse, offsets, with_weights)
+    return eager, step, fine, coarse
+
+
+def _assert_labels_agree_off_ties(labels, expected, maps, tolerance=1e-5):
+    """Equal labels, except where the two best values are within ``tolerance`` relative."""
+    top = maps.topk(2, dim=1).values
+    tie = (top[:, 0] - top[:, 1]) <= tolerance * top[:, 0].abs()
+    assert torch.equal(labels[~tie], expected[~tie])
+
+
+@settings(max_examples=40, deadline=None)
+@given(classes=st.integers(2, 9), height=st.integers(1, 70), width=st.integers(1, 70),
+       margin=st.integers(0, 12), stride=st.sampled_from([2, 3, 4, 8]), gate=st.booleans(),
+       seed=st.integers(0, 2**16))
+@torch.inference_mode()
+def test_the_fused_pass_gives_the_eager_passes_values(classes, height, width, margin, stride, gate, seed):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    refiner = Refiner(classes, channels=8, context_stride=stride, gate=gate).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    torch.nn.init.normal_(refiner.context[-1].bias, std=0.5)
+    window = (height + 2 * margin, width + 2 * margin)
+    fine_window, coarse_window = _maps(generator, 3, classes, *window), _maps(generator, 3, classes, *window)
+    offsets = [(margin, margin), (0, 2 * margin), (2 * margin, margin // 2)]  # a crop anywhere in its window
+    (raw, refined_labels, coarse_labels, weights, total), step, fine, coarse = _both(
+        refiner, fine_window, coarse_window, offsets, (height, width))
+    torch.testing.assert_close(step.weights, weights, rtol=2e-6, atol=1e-30)
+    torch.testing.assert_close(step.total, total, rtol=2e-6, atol=1e-30)
+    torch.testing.assert_close(step.raw, raw, rtol=0, atol=2e-6)
+    _assert_labels_agree_off_ties(step.refined_labels, refined_labels, weights)
+    assert torch.equal(step.coarse_labels, coarse_labels)  # Y's labels come from the same values
+
+
+@torch.inference_mode()
+def test_without_weights_the_pass_gives_the_same_scores_and_labels():
+    generator = torch.Generator().manual_seed(1)
+    refiner = Refiner(5, channels=8, context_stride=4).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    fine_window, coarse_window = _maps(generator, 2, 5, 40, 36), _maps(generator, 2, 5, 40, 36)
+    offsets, crop = [(4, 4), (0, 8)], (32, 28)
+    _, with_weights, fine, coarse = _both(refiner, fine_window, coarse_window, offsets, crop)
+    _, alone, _, _ = _both(refiner, fine_window, coarse_window, offsets, crop, with_weights=False)
+    assert alone.weights is None and alone.total is None
+    assert torch.equal(alone.raw, with_weights.raw)
+    assert torch.equal(alone.refined_labels, with_weights.refined_labels)
+    assert torch.equal(alone.coarse_labels, with_weights.coarse_labels)
+
+
+@torch.inference_mode()
+def test_an_untrained_refiner_gives_the_fine_map_and_the_scores_by_hand():
+    # Zero correction: weights = fine exactly, total = its sum; the score is computed here by
+    # hand from the top two of each map.
+    fine = torch.tensor([[0.6, 0.1], [0.3, 0.2], [0.1, 0.7]])[None, :, None, :].expand(1, 3, 2, 2).contiguous()
+    coarse = torch.tensor([[0.5, 0.2], [0.4, 0.2], [0.1, 0.6]])[None, :, None, :].expand(1, 3, 2, 2).contiguous()
+    refiner = Refiner(3, channels=4, context_stride=2).eval()
+    step = refiner.fused_from_cells(pool_cells(fine, 2), pool_cells(coarse, 2), fine, coarse, [(0, 0)], True)
+    assert torch.equal(step.weights, fine)
+    cert_r = torch.tensor([0.6 - 0.3, 0.7 - 0.2]) / fine.sum(1)[0, 0]
+    cert_y = torch.tensor([0.5 - 0.4, 0.6 - 0.2])
+    torch.testing.assert_close(step.raw[0, 0], cert_r * (1 - cert_y), rtol=0, atol=1e-7)
+    assert step.refined_labels[0].tolist() == [[0, 2], [0, 2]]
+    assert step.coarse_labels[0].tolist() == [[0, 2], [0, 2]]
+
+
+@torch.inference_mode()
+def test_a_nan_pixel_gets_label_c_as_labels_of_gives_it():
+    generator = torch.Generator().manual_seed(2)
+    fine, coarse = _maps(generator, 1, 4, 8, 8), _maps(generator, 1, 4, 8, 8)
+    cells = pool_cells(fine, 4), pool_cells(coarse, 4)  # of the maps before the NaNs
+    fine[0, 2, 3, 3] = float("nan")
+    coarse[0, 1, 5, 6] = float("nan")
+    refiner = Refiner(4, channels=4, context_stride=4).eval()
+    step = refiner.fused_from_cells(*cells, fine, coarse, [(0, 0)], True)
+    weights, _ = refiner.weights_from_cells(*cells, fine, coarse, [(0, 0)])
+    assert step.refined_labels[0, 3, 3] == 4 and step.coarse_labels[0, 5, 6] == 4
+    assert torch.equal(step.refined_labels, labels_of(weights))
+    assert torch.equal(step.coarse_labels, labels_of(coarse))
+    assert (step.refined_labels == 4).sum() == 1 and (step.coarse_labels == 4).sum() == 1
+
+
+@torch.inference_mode()
+def test_small_stages_and_other_devices_stay_eager():
+    assert fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS)
+    assert not fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS - 1)
+    assert not fused.worth_fusing("cuda", 1 << 30)
+    with torch.inference_mode(False), torch.enable_grad():
+        assert not fused.worth_fusing("cpu", 1 << 30)  # training keeps autograd's passes
