@@ -8,6 +8,7 @@ path's are, through the ``refine_path`` fixture (tests/test_engine.py, tests/tes
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,8 @@ from magseg.engine import fused
 from magseg.engine.certainty import error_score_and_tops
 from magseg.engine.refine_step import labels_of
 from magseg.engine.refiner_network import Refiner
-from magseg.engine.resample import pool_cells
+from magseg.engine.resample import TensorSource, pool_cells
+from magseg.geometry import Rect
 
 if not fused.available():
     pytest.skip("numba is not installed: the engine runs the eager refine step", allow_module_level=True)
@@ -149,3 +151,49 @@ def test_small_stages_and_other_devices_stay_eager():
     assert not fused.worth_fusing("cuda", 1 << 30)
     with torch.inference_mode(False), torch.enable_grad():
         assert not fused.worth_fusing("cpu", 1 << 30)  # training keeps autograd's passes
+
+
+@settings(max_examples=40, deadline=None)
+@given(source=st.tuples(st.integers(3, 40), st.integers(3, 40)), factor=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       extent=st.tuples(st.integers(1, 30), st.integers(1, 30)), stride=st.sampled_from([2, 3, 8]),
+       seed=st.integers(0, 2**16))
+@torch.inference_mode()
+def test_y_on_crops_and_cells_is_the_resampled_window_pooled_and_cut(source, factor, extent, stride, seed):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.rand(3, *source, generator=generator)
+    size = (source[0] * factor[0], source[1] * factor[1])
+    extent = (min(extent[0], size[0]), min(extent[1], size[1]))
+    # Windows anywhere in the map (touching its edges too), crops anywhere inside them.
+    windows, offsets, crop = [], [], (max(extent[0] // 2, 1), max(extent[1] // 2, 1))
+    for _ in range(3):
+        top = int(torch.randint(0, size[0] - extent[0] + 1, (1,), generator=generator))
+        left = int(torch.randint(0, size[1] - extent[1] + 1, (1,), generator=generator))
+        windows.append(Rect(top, left, *extent))
+        offsets.append((int(torch.randint(0, extent[0] - crop[0] + 1, (1,), generator=generator)),
+                        int(torch.randint(0, extent[1] - crop[1] + 1, (1,), generator=generator))))
+    made = fused.enlarged_crops_and_cells(TensorSource(y), size, windows, offsets, crop, stride)
+    assert made is not None
+    crops, cells = made
+    # ATen rounds its weights at factor 3 otherwise than this loop: a few float32 steps apart.
+    enlarged = F.interpolate(y[None], size=size, mode="bilinear", align_corners=False)[0]
+    for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
+        part = enlarged[:, window.top : window.bottom, window.left : window.right]
+        torch.testing.assert_close(crops[i], part[:, dy : dy + crop[0], dx : dx + crop[1]], rtol=0, atol=4e-6)
+        torch.testing.assert_close(cells[i], pool_cells(part[None], stride)[0], rtol=0, atol=4e-6)
+
+
+@torch.inference_mode()
+def test_y_on_crops_is_the_same_whatever_window_holds_the_pixel():
+    # Two windows overlapping on a crop: the crop's Y from either, bit for bit (a pixel's
+    # value comes from its place in the map), with a factor whose weights round (3).
+    y = torch.rand(4, 30, 30, generator=torch.Generator().manual_seed(3))
+    size, crop = (90, 90), (20, 20)
+    a = fused.enlarged_crops_and_cells(TensorSource(y), size, [Rect(10, 10, 40, 40)], [(12, 7)], crop, 4)[0]
+    b = fused.enlarged_crops_and_cells(TensorSource(y), size, [Rect(20, 5, 40, 40)], [(2, 12)], crop, 4)[0]
+    assert torch.equal(a, b)
+
+
+def test_y_past_the_maps_edge_or_by_another_factor_takes_the_eager_path():
+    y = TensorSource(torch.rand(2, 10, 10))
+    assert fused.enlarged_crops_and_cells(y, (20, 20), [Rect(-2, 0, 8, 8)], [(0, 0)], (4, 4), 2) is None
+    assert fused.enlarged_crops_and_cells(y, (25, 20), [Rect(0, 0, 8, 8)], [(0, 0)], (4, 4), 2) is None

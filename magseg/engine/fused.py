@@ -45,6 +45,9 @@ import torch
 from torch import Tensor
 
 from magseg.engine.opencv import each_map
+from magseg.engine.pyramid import Size
+from magseg.engine.resample import Source, cell_areas
+from magseg.geometry import Rect
 
 # A stage of fewer pixels runs the eager path: the one-off cost of the compiled loops
 # (numba's import and its cached code, ~0.4 s) is worth it from about a megapixel a stage.
@@ -108,7 +111,7 @@ def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple
     # The cells enlarged along the columns over each crop, once: each row of the loop below
     # is then a lerp of two of their rows.
     columns = np.empty((batch, cells.shape[1], cells.shape[2], width), np.float32)
-    each_map(lambda i: kernels.enlarge_columns(cells[i], offsets[i][1], stride, columns[i]), batch)
+    each_map(lambda i: kernels.enlarge_columns(cells[i], offsets[i][1], 0, stride, columns[i]), batch)
     halves = [(0, height // 2), (height // 2, height)]
 
     def one(job: int) -> None:
@@ -120,6 +123,46 @@ def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple
 
     each_map(one, 2 * batch)
     return FusedStep(raw, refined_labels, coarse_labels, weights, total)
+
+
+def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], offsets: list[tuple[int, int]],
+                             crop: Size, stride: int) -> tuple[Tensor, Tensor] | None:
+    """A map (Y) enlarged from ``source`` to ``size`` by whole factors, on crops and their
+    windows' cells, without making the windows: ``(crops, cells)``, ``(B, C, ch, cw)`` at
+    ``offsets`` in ``windows`` and ``(B, C, ceil(eh/s), ceil(ew/s))`` for ``stride`` s;
+    None where it does not apply (another factor, a window past the map's edge). Bilinear
+    on pixel centres with edges clamped, ``magseg.engine.resample``'s enlargement up to
+    float rounding, each pixel's value set by its place in the whole map (whatever window
+    asks for it)."""
+    (height, width), (source_height, source_width) = size, source.size
+    fy, fx = height // source_height, width // source_width
+    inside = Rect.of_size(size)
+    if fy * source_height != height or fx * source_width != width or not all(map(inside.contains, windows)):
+        return None
+    kernels = compiled_loops()
+    jobs = []
+    for window in windows:
+        # The rows' sources and weights from their place in the map; the columns' in the loop.
+        u = (np.arange(window.top, window.bottom) + 0.5) / fy - 0.5
+        j = np.floor(u)
+        low = np.clip(j, 0, source_height - 1).astype(np.int64)
+        high = np.clip(j + 1, 0, source_height - 1).astype(np.int64)
+        x0, x1 = max(window.left // fx - 1, 0), min((window.right - 1) // fx + 2, source_width)
+        part = source.read(slice(int(low[0]), int(high[-1]) + 1), slice(x0, x1))
+        jobs.append((part.float().contiguous().numpy(), low - low[0], high - low[0], (u - j).astype(np.float32),
+                     window, x0))
+    classes, extent = jobs[0][0].shape[0], windows[0].size
+    crops = torch.empty((len(windows), classes, *crop))
+    cells = torch.empty((len(windows), classes, *(-(-n // stride) for n in extent)))
+
+    def one(i: int) -> None:
+        part, low, high, frac, window, x0 = jobs[i]
+        columns = np.empty((classes, part.shape[1], window.width), np.float32)
+        kernels.enlarge_columns(part, window.left, x0, fx, columns)
+        kernels.enlarged_rows(columns, low, high, frac, *offsets[i], crops[i].numpy(), stride, cells[i].numpy())
+
+    each_map(one, len(windows))
+    return crops, cells.div_(cell_areas(extent, stride, cells))
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,20 +33,22 @@ def exp_row(x: np.ndarray, mantissa: np.ndarray, power: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def enlarge_columns(cells, offset, stride, out):
-    """``cells`` ``(K, h, wc)`` enlarged ``stride`` times along its columns (bilinear on
-    pixel centres, edges clamped), the enlarged map's columns ``offset ..`` into ``out``
-    ``(K, h, w)``: the first pass of enlarging cells over a crop at ``offset`` in its window."""
+def enlarge_columns(cells, first, origin, factor, out):
+    """Columns ``first ..`` of a map enlarged ``factor`` times along its columns (bilinear
+    on pixel centres, edges clamped) into ``out`` ``(K, h, w)``, from ``cells`` ``(K, h,
+    wc)``, the map's columns ``origin ..`` (all it has, or a part reaching one column past
+    those read, so that its clamping is the map's). Each output column's weights come from
+    its place in the whole map, so a part gives the whole map's values there."""
     channels, height, width = out.shape
     last = cells.shape[2] - 1
     low = np.empty(width, np.int64)
     high = np.empty(width, np.int64)
     frac = np.empty(width, np.float32)
     for x in range(width):
-        u = (offset + x + 0.5) / stride - 0.5
+        u = (first + x + 0.5) / factor - 0.5
         j = int(np.floor(u))
         frac[x] = f32(u - j)
-        low[x], high[x] = min(max(j, 0), last), min(max(j + 1, 0), last)
+        low[x], high[x] = min(max(j - origin, 0), last), min(max(j + 1 - origin, 0), last)
     for c in range(channels):
         for r in range(height):
             src, dst = cells[c, r], out[c, r]
@@ -163,6 +165,54 @@ def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, star
             coarse_labels[y, x] = label[x] if acc[x] == acc[x] else classes
 
 
+@njit(nogil=True, cache=True, inline="always")
+def emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums):
+    """A window's row ``y`` ``(C, ew)`` is done: its crop part into ``crop`` (``(C, ch, cw)``
+    at ``(crop_top, crop_left)``), and into the running sum of its cell row, ``summed``,
+    which is written to ``sums`` ``(C, ceil(eh/stride), ceil(ew/stride))`` and cleared
+    when the cell row ends."""
+    classes, width = row.shape
+    crop_height, crop_width = crop.shape[1], crop.shape[2]
+    for c in range(classes):
+        values, total = row[c], summed[c]
+        for x in range(width):
+            total[x] += values[x]
+        if crop_top <= y < crop_top + crop_height:
+            out, part = crop[c, y - crop_top], values[crop_left : crop_left + crop_width]
+            for x in range(crop_width):
+                out[x] = part[x]
+    if (y + 1) % stride == 0 or y == height - 1:
+        for c in range(classes):
+            total = summed[c]
+            for j in range(sums.shape[2]):
+                cell = total[j * stride : min((j + 1) * stride, width)]
+                acc = f32(0)
+                for x in range(cell.shape[0]):
+                    acc += cell[x]
+                sums[c, y // stride, j] = acc
+            for x in range(width):
+                total[x] = 0
+
+
+@njit(nogil=True, cache=True)
+def enlarged_rows(columns, low, high, frac, crop_top, crop_left, crop, stride, sums):
+    """A window of a map enlarged by bilinear interpolation, one row at a time from its
+    columns enlarged already (``columns`` ``(C, h, ew)``): window row y is ``columns``' rows
+    ``low[y]`` and ``high[y]`` mixed by ``frac[y]``; its crop part goes to ``crop`` and its
+    cell sums to ``sums``, as ``emit_row`` does."""
+    classes, width = columns.shape[0], columns.shape[2]
+    height = low.shape[0]
+    row = np.empty((classes, width), np.float32)
+    summed = np.zeros((classes, width), np.float32)
+    for y in range(height):
+        f = frac[y]
+        for c in range(classes):
+            a, b, out = columns[c, low[y]], columns[c, high[y]], row[c]
+            for x in range(width):
+                out[x] = a[x] + (b[x] - a[x]) * f
+        emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums)
+
+
 @njit(nogil=True, cache=True)
 def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top, crop_left, crop, stride, sums):
     """A crop's blended fine view (``magseg.engine.blend``), one window row at a time: the
@@ -177,10 +227,8 @@ def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top
     The crop's values are ``FineStore.crops``' bit for bit (the same products, added in the
     same order)."""
     classes, height, width = own.shape
-    crop_height, crop_width = crop.shape[1], crop.shape[2]
-    cells_across = sums.shape[2]
     row = np.empty((classes, width), np.float32)
-    rows = np.zeros((classes, width), np.float32)  # the rows of the cell row so far, summed
+    summed = np.zeros((classes, width), np.float32)
     for y in range(height):
         for c in range(classes):
             mine, blended = own[c, y], row[c]
@@ -192,28 +240,8 @@ def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top
                 answer, wy, wx = theirs[k], row_weights[k][y - top], col_weights[k]
                 start = origins[k, 1]
                 for c in range(classes):
-                    # Slices first: indices from 0 are known non-negative, so numba adds no
-                    # wrap-around test and the loop is vectorised.
                     other = answer[c, origins[k, 0] + y - top, start : start + right - left]
                     mine, blended = own[c, y, left:right], row[c, left:right]
                     for x in range(right - left):
                         blended[x] += wy * wx[x] * (other[x] - mine[x])
-        for c in range(classes):
-            blended, summed = row[c], rows[c]
-            for x in range(width):
-                summed[x] += blended[x]
-            if crop_top <= y < crop_top + crop_height:
-                out, part = crop[c, y - crop_top], blended[crop_left : crop_left + crop_width]
-                for x in range(crop_width):
-                    out[x] = part[x]
-        if (y + 1) % stride == 0 or y == height - 1:
-            for c in range(classes):
-                summed = rows[c]
-                for j in range(cells_across):
-                    cell = summed[j * stride : min((j + 1) * stride, width)]
-                    total = f32(0)
-                    for x in range(cell.shape[0]):
-                        total += cell[x]
-                    sums[c, y // stride, j] = total
-                for x in range(width):
-                    summed[x] = 0
+        emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums)

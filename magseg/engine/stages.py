@@ -37,7 +37,7 @@ from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
-from magseg.engine.fused import FusedStep, worth_fusing
+from magseg.engine.fused import FusedStep, enlarged_crops_and_cells, worth_fusing
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -391,11 +391,14 @@ class StageRun:
         the crops ``(B, C, ch, cw)``, both over the windows pooled into cells of
         ``context_stride`` ``(B, C, ceil(eh/s), ceil(ew/s))``, and each crop's place in its
         window. No window is made whole: the fine view's cells are summed from the store's
-        answers (``FineStore.crops_and_cells``, its compiled pass with ``compiled``), Y's
-        window is pooled as it is read."""
+        answers (``FineStore.crops_and_cells``), Y's window is pooled as it is read, and
+        with ``compiled`` both run as compiled loops (``magseg.engine.fused``)."""
         crop, stride = self.pyramid.crop, self.refiner.context_stride
         windows, offsets, _ = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
         fine, fine_cells = store.crops_and_cells(boxes, stride, compiled)
+        made = enlarged_crops_and_cells(y, size, windows, offsets, crop, stride) if compiled else None
+        if made is not None:
+            return fine, fine_cells, *made, offsets
         coarse = torch.empty_like(fine)
         coarse_cells = torch.empty_like(fine_cells)
         for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
