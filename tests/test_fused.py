@@ -16,7 +16,14 @@ from magseg.engine import fused
 from magseg.engine.certainty import error_score_and_tops
 from magseg.engine.refine_step import labels_of
 from magseg.engine.refiner_network import Refiner
-from magseg.engine.resample import TensorSource, pool_cells
+from magseg.engine.resample import (
+    TensorSource,
+    _filter_axis,
+    _read_padded,
+    axis_weights,
+    pool_cells,
+    resample_windows,
+)
 from magseg.geometry import Rect
 
 if not fused.available():
@@ -197,3 +204,36 @@ def test_y_past_the_maps_edge_or_by_another_factor_takes_the_eager_path():
     y = TensorSource(torch.rand(2, 10, 10))
     assert fused.enlarged_crops_and_cells(y, (20, 20), [Rect(-2, 0, 8, 8)], [(0, 0)], (4, 4), 2) is None
     assert fused.enlarged_crops_and_cells(y, (25, 20), [Rect(0, 0, 8, 8)], [(0, 0)], (4, 4), 2) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(source=st.tuples(st.integers(8, 60), st.integers(8, 60)), shrink=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+       seed=st.integers(0, 2**16))
+@torch.inference_mode()
+def test_compiled_shrinks_give_the_filters_values_whatever_the_window(source, shrink, seed):
+    # Any shrink, integer or not: the tap-by-tap filter's values bit for bit (ATen's, for a
+    # whole-factor shrink, to float rounding), and a pixel the same from any window.
+    generator = torch.Generator().manual_seed(seed)
+    image = TensorSource(torch.randn(3, *source, generator=generator))
+    size = (max(source[0] * 2 // (shrink[0] + 1), 1), max(source[1] * 2 // (shrink[1] + 1), 1))
+    windows = [Rect(-2, -1, size[0], size[1]), Rect(1, 2, size[0], size[1]), Rect(0, 0, size[0], size[1])]
+    compiled = resample_windows(image, size, windows, compiled=True)
+    whole = compiled[2]
+    for window, got in zip(windows, compiled):
+        part = window.intersection(Rect.of_size(size))
+        assert torch.equal(got[(slice(None), *part.within(window))], whole[(slice(None), *part.slices)])
+    ay, ax = axis_weights(source[0], size[0]), axis_weights(source[1], size[1])
+    rows, cols = (int(ay.first[0]), int(ay.first[-1]) + ay.taps), (int(ax.first[0]), int(ax.first[-1]) + ax.taps)
+    piece = _read_padded(image, rows, cols)
+    taps = _filter_axis(_filter_axis(piece, 1, ay, 0, size[0], rows[0]), 2, ax, 0, size[1], cols[0])
+    assert torch.equal(whole, taps)
+    torch.testing.assert_close(whole, resample_windows(image, size, windows[2:])[0], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape, size", [((4, 3, 76, 76), (64, 64)), ((2, 3, 100, 77), (64, 40)),
+                                         ((1, 2, 50, 50), (50, 17)), ((1, 1, 9, 300), (2, 31))])
+@torch.inference_mode()
+def test_shrink_planes_is_atens_antialiased_bilinear(shape, size):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(fused.shrink_planes(x, size), want, rtol=0, atol=2e-6)

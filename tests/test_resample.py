@@ -199,3 +199,24 @@ def test_a_forked_child_enlarges_with_a_pool_of_its_own():
         process.kill()
         pytest.fail("the forked child's enlargement hung on the parent's pool")
     assert process.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_work_on_the_pool_that_asks_the_pool_again_runs_in_line():
+    # More maps than pool threads, each asking the pool for more: were the inner maps queued
+    # behind the outer ones, every pool thread would wait for ever.
+    import threading
+
+    from magseg.engine.opencv import each_map
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = []
+        worker = threading.Thread(target=lambda: result.append(
+            each_map(lambda i: sum(each_map(lambda j: i * j, 3)), 8)), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "each_map inside the pool's work waited for the pool"
+        assert result == [[3 * i for i in range(8)]]
+    finally:
+        torch.set_num_threads(threads)

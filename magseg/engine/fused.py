@@ -42,11 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from magseg.engine.opencv import each_map
 from magseg.engine.pyramid import Size
-from magseg.engine.resample import Source, cell_areas
+from magseg.engine.resample import AxisWeights, Source, cell_areas
 from magseg.geometry import Rect
 
 # A stage of fewer pixels runs the eager path: the one-off cost of the compiled loops
@@ -163,6 +164,57 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
 
     each_map(one, len(windows))
     return crops, cells.div_(cell_areas(extent, stride, cells))
+
+
+def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: slice, out_cols: slice,
+                 origin: tuple[int, int]) -> Tensor:
+    """``magseg.engine.resample``'s tap-by-tap filter, rows then columns, as one compiled
+    loop, bit for bit: output pixels ``out_rows`` x ``out_cols`` of the axes ``rows``,
+    ``cols`` from ``piece`` ``(C, h, w)``, which holds every tap they read (zeros past the
+    image) from source pixel ``origin`` on. ``(C, H, W)``."""
+    first_rows = (rows.first[out_rows] - origin[0]).numpy()
+    first_cols = (cols.first[out_cols] - origin[1]).numpy()
+    out = torch.empty((piece.shape[0], len(first_rows), len(first_cols)))
+    compiled_loops().filter_axes(piece.float().contiguous().numpy(), first_rows, rows.weight[out_rows].numpy(),
+                                 first_cols, cols.weight[out_cols].numpy(), out.numpy())
+    return out
+
+
+def can_shrink(x: Tensor, size: Size) -> bool:
+    """Whether ``shrink_planes`` takes ``x`` to ``size``: float32 on the CPU outside
+    autograd, no axis growing."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and size[0] <= x.shape[-2] and size[1] <= x.shape[-1])
+
+
+def shrink_planes(x: Tensor, size: Size) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", antialias=True)`` for ``(B, C, h, w)``
+    float32 on the CPU, no axis growing, to float rounding: ATen's own weights (read off
+    by resizing an identity once per size pair) in ``filter_piece``'s loop, each map's
+    planes side by side on the thread pool."""
+    rows, cols = _aten_weights(x.shape[-2], size[0]), _aten_weights(x.shape[-1], size[1])
+    out = torch.empty((*x.shape[:-2], *size))
+    planes, flat = x.contiguous().view(-1, 1, *x.shape[-2:]).numpy(), out.view(-1, 1, *size).numpy()
+    loops = compiled_loops()
+    each_map(lambda i: loops.filter_axes(planes[i], rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
+                                         cols.weight.numpy(), flat[i]), len(planes))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _aten_weights(n_src: int, n_dst: int) -> AxisWeights:
+    """ATen's antialiased bilinear weights of an axis ``n_src -> n_dst`` as ``AxisWeights``:
+    row i of an identity so resized holds output pixel i's weights, exactly."""
+    if n_src == n_dst:
+        return AxisWeights(torch.arange(n_src), torch.ones((n_src, 1)), 1, 1)
+    matrix = F.interpolate(torch.eye(n_src)[None, None], size=(n_dst, n_src), mode="bilinear",
+                           align_corners=False, antialias=True)[0, 0]
+    nonzero = matrix != 0
+    first = nonzero.float().argmax(dim=1)
+    taps = int((n_src - nonzero.flip(1).float().argmax(dim=1) - first).max())
+    first = first.clamp(max=n_src - taps)  # every window of taps inside the axis
+    index = first[:, None] + torch.arange(taps)
+    return AxisWeights(first, matrix.gather(1, index).contiguous(), taps, 0)
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -23,13 +24,14 @@ import torch
 from torch import Tensor
 
 T = TypeVar("T")
+_POOL_THREADS = "magseg-opencv"
 
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     """The process's threads for per-map OpenCV work (box-filter counts, median filters,
     enlargements), one per core, made on first use."""
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="magseg-opencv")
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix=_POOL_THREADS)
 
 
 # A forked child (a DataLoader worker, a fork-started pool) inherits the pool object but none
@@ -40,8 +42,10 @@ os.register_at_fork(after_in_child=_pool.cache_clear)
 def each_map(work: Callable[[int], T], maps: int) -> list[T]:
     """``work(b)`` for maps ``0 .. maps - 1``, side by side on the thread pool; one after
     another where torch runs one thread (a DataLoader worker, ``--threads 1``), as its own
-    work does."""
-    if maps <= 1 or torch.get_num_threads() <= 1:
+    work does, and inside work the pool is doing already (a pool thread waiting on the
+    pool could wait for ever)."""
+    if (maps <= 1 or torch.get_num_threads() <= 1
+            or threading.current_thread().name.startswith(_POOL_THREADS)):
         return list(map(work, range(maps)))
     return list(_pool().map(work, range(maps)))
 

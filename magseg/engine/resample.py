@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from magseg.engine.opencv import can_enlarge, enlarge_planes
+from magseg.engine.opencv import can_enlarge, each_map, enlarge_planes
 from magseg.engine.pyramid import Size
 from magseg.geometry import Rect
 
@@ -204,7 +204,7 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     return out[:, dy : dy + r1 - r0, dx : dx + c1 - c0]
 
 
-def resample_window(source: Source, size: Size, window: Rect) -> Tensor:
+def resample_window(source: Source, size: Size, window: Rect, compiled: bool = False) -> Tensor:
     """One ``window`` ``(h, w)`` of ``source`` resized to ``size``: ``(C, h, w)`` float32, zero
     where the window leaves the ``size`` grid.
 
@@ -212,21 +212,29 @@ def resample_window(source: Source, size: Size, window: Rect) -> Tensor:
     ``F.interpolate`` or OpenCV's bilinear on the window's part, which equals resizing the
     whole map so (``_interpolated_part``); any other factor takes the tap-by-tap filter of
     this module's docstring. Either way a pixel's value does not depend on the window that asks for it.
+    With ``compiled`` (a CPU, numba installed: ``magseg.engine.fused``) every shrink takes
+    the tap-by-tap filter as one compiled loop, at about half ATen's time.
     """
     height, width = size
     part = window.intersection(Rect.of_size(size))
     if part.empty:
         return _zeros(source, *window.size)
     r0, r1, c0, c1 = part.top, part.bottom, part.left, part.right
+    shrinks = source.size[0] >= height and source.size[1] >= width
     if tuple(source.size) == (height, width):
         inside = source.read(*part.slices).float()
     else:
-        inside = _interpolated_part(source, size, (r0, r1), (c0, c1))
+        inside = None if compiled and shrinks else _interpolated_part(source, size, (r0, r1), (c0, c1))
         if inside is None:
             ay, ax = axis_weights(source.size[0], height), axis_weights(source.size[1], width)
             rows, cols = _source_span(ay, r0, r1), _source_span(ax, c0, c1)
             piece = _read_padded(source, rows, cols)
-            inside = _filter_axis(_filter_axis(piece, 1, ay, r0, r1, rows[0]), 2, ax, c0, c1, cols[0])
+            if compiled and shrinks:
+                from magseg.engine.fused import filter_piece  # numba's module, on first use
+
+                inside = filter_piece(piece, ay, ax, slice(r0, r1), slice(c0, c1), (rows[0], cols[0]))
+            else:
+                inside = _filter_axis(_filter_axis(piece, 1, ay, r0, r1, rows[0]), 2, ax, c0, c1, cols[0])
     if part == window:
         return inside
     out = inside.new_zeros((inside.shape[0], *window.size))
@@ -239,8 +247,9 @@ def _zeros(source: Source, h: int, w: int) -> Tensor:
     return probe.new_zeros((probe.shape[0], h, w), dtype=torch.float32)
 
 
-def resample_windows(source: Source, size: Size, windows: list[Rect]) -> Tensor:
-    """Equally sized ``windows`` of ``source`` resized to ``size``: ``(B, C, h, w)`` float32.
+def resample_windows(source: Source, size: Size, windows: list[Rect], compiled: bool = False) -> Tensor:
+    """Equally sized ``windows`` of ``source`` resized to ``size``: ``(B, C, h, w)`` float32
+    (``compiled``: ``resample_window``'s).
 
     Each pixel is exactly what any other window covering it computes (module docstring), so
     crops cut from a stage image made this way never disagree where they overlap.
@@ -248,7 +257,9 @@ def resample_windows(source: Source, size: Size, windows: list[Rect]) -> Tensor:
     sizes = {window.size for window in windows}
     if len(sizes) > 1:
         raise ValueError(f"windows must share one size, got {sorted(sizes)}")
-    return torch.stack([resample_window(source, size, window) for window in windows])
+    if compiled and len(windows) > 1:  # the windows side by side on the thread pool
+        return torch.stack(each_map(lambda i: resample_window(source, size, windows[i], True), len(windows)))
+    return torch.stack([resample_window(source, size, window, compiled) for window in windows])
 
 
 @functools.lru_cache(maxsize=16)

@@ -37,7 +37,7 @@ from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
-from magseg.engine.fused import FusedStep, enlarged_crops_and_cells, worth_fusing
+from magseg.engine.fused import FusedStep, can_shrink, enlarged_crops_and_cells, shrink_planes, worth_fusing
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -104,6 +104,7 @@ def crop_probs(
     precision: str = "fp32",
     channels_last: bool = False,
     multiple: int | None = None,
+    compiled: bool = False,
 ) -> Tensor:
     """Backbone probabilities of image crops, at the crops' own resolution.
 
@@ -111,12 +112,19 @@ def crop_probs(
         crops: ``(B, C_in, ch, cw)`` normalised image crops.
         input_size: ``(ih, iw)`` the backbone sees (crops are resized to it and back).
         contexts: context crops for a multi-context backbone, each resized to ``input_size``.
+        compiled: shrink the crops to the input in a compiled loop (a CPU, numba installed:
+            ``magseg.engine.fused.shrink_planes``, ATen's values to float rounding).
     Returns:
         ``(B, classes, ch, cw)`` float32 probabilities.
     """
-    x = resize(crops, input_size)
+    def to_input(x: Tensor) -> Tensor:
+        if compiled and can_shrink(x, input_size) and tuple(x.shape[-2:]) != tuple(input_size):
+            return shrink_planes(x, input_size)
+        return resize(x, input_size)
+
+    x = to_input(crops)
     if contexts is not None:
-        contexts = [resize(c, input_size) for c in contexts]
+        contexts = [to_input(c) for c in contexts]
     if multiple is None:
         multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
@@ -288,12 +296,16 @@ class StageRun:
         crop = self.pyramid.crop
         windows, offsets, extent = grown_windows(boxes, crop, size, self.pyramid.margin_pixels)
         device = self.engine.device
-        crops = resample_windows(image, size, windows).to(device)
-        contexts = [resample_windows(image, size, context_windows(windows, r)).to(device)
+        # Compiled loops by the image's size to read it (what a shrink reads), by the
+        # stage's for the rest: the same choice for every crop of a stage, wherever it runs.
+        reading = worth_fusing(device, image.size[0] * image.size[1])
+        crops = resample_windows(image, size, windows, reading).to(device)
+        contexts = [resample_windows(image, size, context_windows(windows, r), reading).to(device)
                     for r in self.ratios]
         probs = crop_probs(self.backbone, crops, grown_input(self.pyramid.input, crop, extent),
                            contexts=contexts or None, precision=self.engine.precision,
-                           channels_last=self.engine.channels_last, multiple=self.multiple)
+                           channels_last=self.engine.channels_last, multiple=self.multiple,
+                           compiled=worth_fusing(device, size[0] * size[1]))
         if self.on_crops:
             self.on_crops(len(boxes))
         return probs, offsets
