@@ -303,6 +303,11 @@ class EngineConfig:
     # Test-time augmentation: every crop's probabilities averaged over left-right flips
     # (flip, 2 backbone runs per crop) or the 8 flips and rotations (d4); magseg.engine.tta.
     tta: Literal["none", "flip", "d4"] = "none"
+    # The per-pixel work after the backbone (the refine step, the blend, resampling) as
+    # compiled loops on a CPU (numba; magseg.engine.fused): auto on stages of a megapixel
+    # or more, true for every stage, false for none (ATen's passes; the values agree to
+    # float rounding, docs/performance.md).
+    compiled: Literal["auto"] | bool = "auto"
 
     def __post_init__(self) -> None:
         from magseg.device import check_device_name

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the seam score of the uncertainty map (1 - certainty); every run then "
                              "returns probabilities, so its times are of that path")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every checkpoint, e.g. engine.compiled=on (repeatable)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     models = []  # (path, segmenter, [(margin, border, progressive pyramid, refine, patch pyramid)])
     for spec in args.checkpoints:
         path, pairs = _settings(spec, args)
-        seg = Segmenter.from_checkpoint(path, ["engine.precision=fp32"])
+        seg = Segmenter.from_checkpoint(path, ["engine.precision=fp32", *args.set])
         config = seg.config
         runs = []
         for margin, border in pairs:

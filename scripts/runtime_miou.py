@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("data_root")
     parser.add_argument("--variants", default="torch-fp32,torch-bf16,openvino-bf16,onnxruntime-int8")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every variant, e.g. engine.compiled=on (repeatable)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--calibration", type=int, default=64, metavar="N",
                         help="training windows calibrating int8 (default 64)")
@@ -88,7 +90,7 @@ def main() -> None:
     for variant in variants:
         runtime, precision = variant.split("-")
         sets = [f"engine.cache_dir={cache}", f"engine.runtime={runtime}",
-                f"engine.precision={'fp32' if precision == 'int8' else precision}"]
+                f"engine.precision={'fp32' if precision == 'int8' else precision}", *args.set]
         segmenter = Segmenter.from_checkpoint(ckpt, sets)
         if precision == "int8":
             segmenter.backbone.__class__ = Int8Backbone

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from magseg.engine import fused
 from magseg.engine.certainty import error_score_and_tops
 from magseg.engine.refine_step import labels_of
+from magseg.engine import refiner_network
 from magseg.engine.refiner_network import Refiner
 from magseg.engine.resample import (
     TensorSource,
@@ -24,6 +25,7 @@ from magseg.engine.resample import (
     pool_cells,
     resample_windows,
 )
+from magseg.engine.stages import segment
 from magseg.geometry import Rect
 
 if not fused.available():
@@ -152,12 +154,28 @@ def test_a_nan_pixel_gets_label_c_as_labels_of_gives_it():
 
 
 @torch.inference_mode()
-def test_small_stages_and_other_devices_stay_eager():
+def test_engine_compiled_auto_takes_large_stages_true_all_and_false_none():
     assert fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS)
     assert not fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS - 1)
-    assert not fused.worth_fusing("cuda", 1 << 30)
+    assert fused.worth_fusing("cpu", 1, True)
+    assert not fused.worth_fusing("cpu", 1 << 30, False)
+    assert not fused.worth_fusing("cuda", 1 << 30, True)
     with torch.inference_mode(False), torch.enable_grad():
-        assert not fused.worth_fusing("cpu", 1 << 30)  # training keeps autograd's passes
+        assert not fused.worth_fusing("cpu", 1 << 30, True)  # training keeps autograd's passes
+
+
+@pytest.mark.parametrize("mode", ["true", "false"])
+@torch.inference_mode()
+def test_engine_compiled_decides_the_path_of_a_whole_run(mode, tiny_segmenter, monkeypatch):
+    calls = []
+    real = fused.refine_pass
+    monkeypatch.setattr(refiner_network, "refine_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = tiny_segmenter.config.override([f"engine.compiled={mode}", "engine.precision=fp32"])
+    refiner = Refiner(config.num_classes, 8, 2).eval()
+    segment(torch.randn(3, 100, 90), tiny_segmenter.backbone, config.pyramid, refiner=refiner,
+            refine=config.refine, engine=config.engine)
+    assert config.engine.compiled is (mode == "true")
+    assert bool(calls) == (mode == "true")
 
 
 @settings(max_examples=40, deadline=None)

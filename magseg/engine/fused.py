@@ -75,11 +75,12 @@ def available() -> bool:
     return True
 
 
-def worth_fusing(device: torch.device | str, stage_pixels: int) -> bool:
-    """Whether the crops of a stage of ``stage_pixels`` on ``device`` take the fused pass:
-    on the CPU outside autograd, a stage of at least ``FUSED_MIN_PIXELS``, numba installed."""
-    return (torch.device(device).type == "cpu" and not torch.is_grad_enabled()
-            and stage_pixels >= FUSED_MIN_PIXELS and available())
+def worth_fusing(device: torch.device | str, pixels: int, mode: str | bool = "auto") -> bool:
+    """Whether work over ``pixels`` (a stage's, or the image's it reads) on ``device``
+    takes the compiled loops, by ``engine.compiled`` ``mode``: on the CPU outside autograd,
+    numba installed, and with ``auto`` at least ``FUSED_MIN_PIXELS``; never with False."""
+    return (mode is not False and torch.device(device).type == "cpu" and not torch.is_grad_enabled()
+            and (mode is True or pixels >= FUSED_MIN_PIXELS) and available())
 
 
 def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]], stride: int,
