@@ -249,17 +249,20 @@ def main() -> None:
 METHODS = ("backbone", "engine", "patch_only", "adaptive", "own")
 
 # The engine's helpers timed by --sections, by module (``Class.method`` for a method): each
-# call's inclusive seconds (they nest: crop_probs holds run_backbone, refine_labels holds
-# error_score_and_tops and top_error_pixels, StageRun.refined_in_windows the store's views,
-# Y's windows and the refiner).
+# call's inclusive seconds (they nest: crop_probs holds run_backbone and shrink_planes,
+# StageRun.fused_step holds StageRun.window_cells and Refiner.fused_from_cells, which holds
+# refine_pass; refine_labels holds top_error_pixels). A name a module imported from another
+# is timed where the engine calls it (magseg.engine.stages).
 SECTIONS = {
-    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "resample_window",
-                             "refine_weights", "refine_crops", "refine_labels", "labels_of",
-                             "StageRun.window_probs", "StageRun.refined_in_windows"),
-    "magseg.engine.refine_step": ("error_score", "error_score_and_tops", "top_error_pixels",
+    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "shrink_planes",
+                             "enlarged_crops_and_cells", "refine_weights", "refine_crops", "refine_labels",
+                             "labels_of", "StageRun.window_probs", "StageRun.fused_step",
+                             "StageRun.window_cells", "StageRun.refined_in_windows"),
+    "magseg.engine.refine_step": ("error_score", "error_score_and_tops", "top_error_pixels", "top_k_owned",
                                   "labels_of"),
     "magseg.engine.blend": ("FineStore.crops_and_cells", "FineStore.views"),
-    "magseg.engine.refiner_network": ("Refiner.weights_from_cells", "Refiner.weights_and_total"),
+    "magseg.engine.refiner_network": ("Refiner.weights_from_cells", "Refiner.weights_and_total",
+                                      "Refiner.fused_from_cells", "Refiner._small", "refine_pass"),
 }
 
 

@@ -319,3 +319,18 @@ def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
     # OpenVINO, whose thread library's fork handlers can crash a fork from it.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, close_fds=False)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_onnxruntime_threads_sleep_between_runs(tmp_path, monkeypatch):
+    # Spinning threads would hold the cores the engine's own work needs between batches.
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    seen = []
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None):
+            seen.append(sess_options)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    rt._ort_runner(tmp_path / "graph.onnx", 2, "fp32")
+    assert seen[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert seen[0].intra_op_num_threads == 2

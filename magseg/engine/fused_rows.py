@@ -57,9 +57,41 @@ def enlarge_columns(cells, first, origin, factor, out):
                 dst[x] = a + (src[high[x]] - a) * frac[x]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def restart(best, second, total, label):
+    """Empty running top two, sum and argmax for a row of pixels."""
+    for x in range(best.shape[0]):
+        best[x] = -np.inf
+        second[x] = -np.inf
+        total[x] = 0
+        label[x] = 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def take(row, c, best, second, total, label):
+    """Channel ``c``'s ``row`` into each pixel's running top two (a tie at the top gives
+    best == second), sum and first argmax."""
+    for x in range(row.shape[0]):
+        v = row[x]
+        total[x] += v
+        low = min(best[x], v)
+        second[x] = max(second[x], low)
+        if v > best[x]:
+            label[x] = c
+        best[x] = max(best[x], v)
+
+
 @njit(nogil=True, cache=True)
 def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, start, stop,
                 raw, refined_labels, coarse_labels, weights, total):
+    """Rows ``start .. stop`` of one crop's refine step (``magseg.engine.fused.refine_pass``).
+
+    columns: ``(C or 2C, hc, cw)`` the refiner's shifted correction (and, ``gated``, the
+    pooled fine map) enlarged along the columns over the crop; row y enlarges rows of it,
+    the crop at row ``dy`` of its window. fine, coarse: ``(C, h, cw)``. w0, w1, w2, bias:
+    the gate's logit (``RefinerGate.coefficients``). Writes raw (the error score),
+    refined_labels, coarse_labels ``(h, cw)``, and weights ``(C, h, cw)`` with their sum
+    total ``(h, cw)`` unless weights is empty."""
     classes, _, width = fine.shape
     cells = columns.shape[1]
     delta = np.empty((classes, width), np.float32)
@@ -79,16 +111,14 @@ def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, star
         f = f32(u - j0)
         j1 = min(j0 + 1, cells - 1)
         j0 = max(j0, 0)
-        for x in range(width):
-            best[x] = -np.inf
-            second[x] = -np.inf
-            acc[x] = 0
-            overlap[x] = 0
         for c in range(classes):
             a0, a1 = columns[c, j0], columns[c, j1]
             for x in range(width):
                 delta[c, x] = a0[x] + (a1[x] - a0[x]) * f
         if gated:
+            restart(best, second, acc, label)
+            for x in range(width):
+                overlap[x] = 0
             for c in range(classes):
                 s0, s1, row, other = columns[classes + c, j0], columns[classes + c, j1], fine[c, y], coarse[c, y]
                 for x in range(width):
@@ -118,23 +148,13 @@ def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, star
                 for x in range(width):
                     delta[c, x] *= gate[x]
         # The weights, their sum and top two, R's argmax.
-        for x in range(width):
-            best[x] = -np.inf
-            second[x] = -np.inf
-            acc[x] = 0
-            label[x] = 0
+        restart(best, second, acc, label)
         for c in range(classes):
             exp_row(delta[c], mantissa, bits)
-            row = fine[c, y]
+            row, weighted = fine[c, y], delta[c]
             for x in range(width):
-                v = mantissa[x] * power[x] * row[x]
-                delta[c, x] = v
-                acc[x] += v
-                low = min(best[x], v)
-                second[x] = max(second[x], low)
-                if v > best[x]:
-                    label[x] = c
-                best[x] = max(best[x], v)
+                weighted[x] = mantissa[x] * power[x] * row[x]
+            take(weighted, c, best, second, acc, label)
         if weights.shape[0]:
             for c in range(classes):
                 out = weights[c, y]
@@ -145,21 +165,10 @@ def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, star
         for x in range(width):
             gate[x] = (best[x] - second[x]) / max(acc[x], tiny)  # cert(R); 0 where total is 0
             refined_labels[y, x] = label[x] if acc[x] == acc[x] else classes
-            best[x] = -np.inf
-            second[x] = -np.inf
-            acc[x] = 0
-            label[x] = 0
         # Y's top two and argmax.
+        restart(best, second, acc, label)
         for c in range(classes):
-            row = coarse[c, y]
-            for x in range(width):
-                v = row[x]
-                acc[x] += v
-                low = min(best[x], v)
-                second[x] = max(second[x], low)
-                if v > best[x]:
-                    label[x] = c
-                best[x] = max(best[x], v)
+            take(coarse[c, y], c, best, second, acc, label)
         for x in range(width):
             raw[y, x] = gate[x] * (one - (best[x] - second[x]))
             coarse_labels[y, x] = label[x] if acc[x] == acc[x] else classes

@@ -348,6 +348,9 @@ def _ort_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarra
     options.intra_op_num_threads = threads  # as many as torch's: the engine's thread budget
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Its threads sleep after a run instead of spinning: between two backbone batches the
+    # engine's own threads need those cores (docs/runtimes.md#speed).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options,
                                    providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {INPUT_NAME: x})[0]
