@@ -71,7 +71,8 @@ def fitted_checkpoint(tmp_path_factory):
 @pytest.fixture(params=["eager", "fused"])
 def refine_path(request, monkeypatch):
     """Both CPU paths of the refine step: ATen's passes, and the compiled fused pass
-    (magseg.engine.fused) that the engine takes on stages of a megapixel or more. With
+    (magseg.engine.fused) that the engine takes on stages of a megapixel or more in large
+    crops. With
     ``fused`` every stage takes it, and the test fails if no stage did."""
     if request.param == "eager":
         yield "eager"
@@ -87,6 +88,7 @@ def refine_path(request, monkeypatch):
         return fused.refine_pass(*args, **kwargs)
 
     monkeypatch.setattr(fused, "FUSED_MIN_PIXELS", 0)
+    monkeypatch.setattr(fused, "FUSED_MIN_CROP", 0)
     monkeypatch.setattr(refiner_network, "refine_pass", counted)
     yield "fused"
     assert calls, "no stage took the fused pass"

@@ -155,13 +155,15 @@ def test_a_nan_pixel_gets_label_c_as_labels_of_gives_it():
 
 @torch.inference_mode()
 def test_engine_compiled_auto_takes_large_stages_true_all_and_false_none():
-    assert fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS)
-    assert not fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS - 1)
-    assert fused.worth_fusing("cpu", 1, True)
-    assert not fused.worth_fusing("cpu", 1 << 30, False)
-    assert not fused.worth_fusing("cuda", 1 << 30, True)
+    large = (612, 612)
+    assert fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS, large)
+    assert not fused.worth_fusing("cpu", fused.FUSED_MIN_PIXELS - 1, large)
+    assert not fused.worth_fusing("cpu", 1 << 30, (256, 256))  # crops too small to pay
+    assert fused.worth_fusing("cpu", 1, (8, 8), True)
+    assert not fused.worth_fusing("cpu", 1 << 30, large, False)
+    assert not fused.worth_fusing("cuda", 1 << 30, large, True)
     with torch.inference_mode(False), torch.enable_grad():
-        assert not fused.worth_fusing("cpu", 1 << 30, True)  # training keeps autograd's passes
+        assert not fused.worth_fusing("cpu", 1 << 30, large, True)  # training keeps autograd's passes
 
 
 @pytest.mark.parametrize("mode", ["true", "false"])

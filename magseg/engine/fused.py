@@ -28,9 +28,9 @@ window. Crops run side by side on the engine's thread pool
 (``magseg.engine.opencv.each_map``; the loops release the GIL), the refine pass as two row
 halves per crop so that a batch of any size keeps every core busy.
 
-numba is imported on first use, and only for a stage large enough to pay for it
-(``worth_fusing``): importing it and loading its cached machine code take about 0.4 s once
-per process, and compiling on a cold cache (a new machine, a new numba) about 5 s, kept in
+numba is imported on first use, and only for a stage large enough to pay for it, in crops
+large enough (``worth_fusing``): importing it and loading its cached machine code take
+about 0.4 s once per process, and compiling on a cold cache (a new machine, a new numba) about 5 s, kept in
 numba's on-disk cache afterwards. The loops live in ``magseg.engine.fused_rows``.
 """
 
@@ -50,9 +50,12 @@ from magseg.engine.pyramid import Size
 from magseg.engine.resample import AxisWeights, Source, cell_areas
 from magseg.geometry import Rect
 
-# A stage of fewer pixels runs the eager path: the one-off cost of the compiled loops
-# (numba's import and its cached code, ~0.4 s) is worth it from about a megapixel a stage.
+# engine.compiled: auto takes the compiled loops on a stage of at least a megapixel (below
+# that, numba's import and cached code, ~0.4 s once, are not paid back) cut into crops of at
+# least 512 x 512 pixels: with small crops the whole engine ran slower compiled (a 3000 px
+# raster with the demo's torch backbone, crops of 128 or 256 px; docs/performance.md#compiled-loops).
 FUSED_MIN_PIXELS = 1 << 20
+FUSED_MIN_CROP = 1 << 18
 
 
 @dataclass
@@ -75,12 +78,14 @@ def available() -> bool:
     return True
 
 
-def worth_fusing(device: torch.device | str, pixels: int, mode: str | bool = "auto") -> bool:
-    """Whether work over ``pixels`` (a stage's, or the image's it reads) on ``device``
-    takes the compiled loops, by ``engine.compiled`` ``mode``: on the CPU outside autograd,
-    numba installed, and with ``auto`` at least ``FUSED_MIN_PIXELS``; never with False."""
+def worth_fusing(device: torch.device | str, pixels: int, crop: tuple[int, int], mode: str | bool = "auto") -> bool:
+    """Whether work over ``pixels`` (a stage's, or the image's it reads) in crops of
+    ``crop`` on ``device`` takes the compiled loops, by ``engine.compiled`` ``mode``: on the
+    CPU outside autograd, numba installed, and with ``auto`` at least ``FUSED_MIN_PIXELS``
+    in crops of at least ``FUSED_MIN_CROP`` pixels; never with False."""
+    large = pixels >= FUSED_MIN_PIXELS and crop[0] * crop[1] >= FUSED_MIN_CROP
     return (mode is not False and torch.device(device).type == "cpu" and not torch.is_grad_enabled()
-            and (mode is True or pixels >= FUSED_MIN_PIXELS) and available())
+            and (mode is True or large) and available())
 
 
 def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple[int, int]], stride: int,

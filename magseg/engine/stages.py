@@ -298,14 +298,14 @@ class StageRun:
         device = self.engine.device
         # Compiled loops by the image's size to read it (what a shrink reads), by the
         # stage's for the rest: the same choice for every crop of a stage, wherever it runs.
-        reading = worth_fusing(device, image.size[0] * image.size[1], self.engine.compiled)
+        reading = worth_fusing(device, image.size[0] * image.size[1], crop, self.engine.compiled)
         crops = resample_windows(image, size, windows, reading).to(device)
         contexts = [resample_windows(image, size, context_windows(windows, r), reading).to(device)
                     for r in self.ratios]
         probs = crop_probs(self.backbone, crops, grown_input(self.pyramid.input, crop, extent),
                            contexts=contexts or None, precision=self.engine.precision,
                            channels_last=self.engine.channels_last, multiple=self.multiple,
-                           compiled=worth_fusing(device, size[0] * size[1], self.engine.compiled))
+                           compiled=worth_fusing(device, size[0] * size[1], crop, self.engine.compiled))
         if self.on_crops:
             self.on_crops(len(boxes))
         return probs, offsets
@@ -385,7 +385,7 @@ class StageRun:
         window through its cells where the stage blends, the crop's own cells where not."""
         refiner = self.refiner
         if not (isinstance(refiner, FusedRefiner) and refiner.context_stride > 1
-                and worth_fusing(self.engine.device, size[0] * size[1], self.engine.compiled)):
+                and worth_fusing(self.engine.device, size[0] * size[1], self.pyramid.crop, self.engine.compiled)):
             return None
         if store is not None:
             fine, fine_cells, coarse, coarse_cells, offsets = self.window_cells(y, size, boxes, store, compiled=True)
