@@ -29,9 +29,10 @@ window. Crops run side by side on the engine's thread pool
 halves per crop so that a batch of any size keeps every core busy.
 
 numba is imported on first use, and only for a stage large enough to pay for it, in crops
-large enough (``worth_fusing``): importing it and loading its cached machine code take
-about 0.4 s once per process, and compiling on a cold cache (a new machine, a new numba) about 5 s, kept in
-numba's on-disk cache afterwards. The loops live in ``magseg.engine.fused_rows``.
+large enough (``worth_fusing``): importing it, loading its cached machine code and typing
+the first calls cost about 0.6 s once per process, compiling on a cold cache (a new
+machine, a new numba) about 5 s more, kept in numba's on-disk cache afterwards. The loops
+live in ``magseg.engine.fused_rows``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from magseg.engine.resample import AxisWeights, Source, cell_areas
 from magseg.geometry import Rect
 
 # engine.compiled: auto takes the compiled loops on a stage of at least a megapixel (below
-# that, numba's import and cached code, ~0.4 s once, are not paid back) cut into crops of at
+# that, their cost once per process, ~0.6 s, is never paid back) cut into crops of at
 # least 512 x 512 pixels: with small crops the whole engine ran slower compiled (a 3000 px
 # raster with the demo's torch backbone, crops of 128 or 256 px; docs/performance.md#compiled-loops).
 FUSED_MIN_PIXELS = 1 << 20
