@@ -153,6 +153,22 @@ def test_a_nan_pixel_gets_label_c_as_labels_of_gives_it():
     assert (step.refined_labels == 4).sum() == 1 and (step.coarse_labels == 4).sum() == 1
 
 
+def test_a_numba_that_fails_to_load_leaves_the_eager_path_with_a_warning(monkeypatch):
+    # e.g. no writable place for numba's cache: the engine must still run, and say why.
+    def broken():
+        raise RuntimeError("cannot cache function: no locator available")
+
+    monkeypatch.setattr(fused, "compiled_loops", broken)
+    fused.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no locator available"):
+            assert not fused.available()
+        with torch.inference_mode():
+            assert not fused.worth_fusing("cpu", 1 << 30, (612, 612), True)  # cached: no second warning
+    finally:
+        fused.available.cache_clear()
+
+
 @torch.inference_mode()
 def test_engine_compiled_auto_takes_large_stages_true_all_and_false_none():
     large = (612, 612)

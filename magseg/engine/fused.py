@@ -38,6 +38,7 @@ live in ``magseg.engine.fused_rows``.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,19 @@ class FusedStep:
     total: Tensor | None  # (B, h, w)
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether numba can be imported here."""
+    """Whether the compiled loops load here (once per process): numba installed, and usable
+    (its on-disk cache needs a writable place: the package's ``__pycache__`` or the user's
+    cache directory). Where they do not, ATen's passes do the work; a numba that is there
+    but fails says why, once."""
     try:
         compiled_loops()
     except ImportError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - any failure of numba's: the eager path instead
+        warnings.warn(f"magseg: the compiled loops are unavailable ({type(exc).__name__}: {exc}); "
+                      "the engine runs ATen's passes instead", RuntimeWarning, stacklevel=2)
         return False
     return True
 
