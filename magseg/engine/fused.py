@@ -21,10 +21,11 @@ reduction, a degree-6 polynomial, the power of two from its bits): numba has no 
 The values are the eager path's (``Refiner.weights_from_cells``, ``error_score_and_tops``,
 ``labels_of``) up to float rounding: the polynomial's ``exp`` is within 2 ulp of the exact
 one, and no loop reassociates a sum (no fast-math), so a CPU's vector width does not change
-a value. ``tests/test_fused.py`` compares the two. The blend
-(``magseg.engine.blend.FineStore.crops_and_cells``) is the other compiled loop: a crop's
-blended view row by row, written on the crop and summed into cells, never made over the
-window. Crops run side by side on the engine's thread pool
+a value. ``tests/test_fused.py`` compares the two. The other compiled loops: the blend
+(``magseg.engine.blend.FineStore.crops_and_cells``), a crop's blended view row by row,
+written on the crop and summed into cells, never made over the window; Y on the crops and
+their windows' cells (``enlarged_crops_and_cells``), likewise; and the shrinks of the image
+to a stage (``filter_piece``) and of crops to the model input (``shrink_planes``). Crops run side by side on the engine's thread pool
 (``magseg.engine.opencv.each_map``; the loops release the GIL), the refine pass as two row
 halves per crop so that a batch of any size keeps every core busy.
 
@@ -206,8 +207,8 @@ def can_shrink(x: Tensor, size: Size) -> bool:
 def shrink_planes(x: Tensor, size: Size) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", antialias=True)`` for ``(B, C, h, w)``
     float32 on the CPU, no axis growing, to float rounding: ATen's own weights (read off
-    by resizing an identity once per size pair) in ``filter_piece``'s loop, each map's
-    planes side by side on the thread pool."""
+    by resizing an identity once per size pair) in ``fused_rows.filter_axes``, the loop
+    ``filter_piece`` runs, each map's planes side by side on the thread pool."""
     rows, cols = _aten_weights(x.shape[-2], size[0]), _aten_weights(x.shape[-1], size[1])
     out = torch.empty((*x.shape[:-2], *size))
     planes, flat = x.contiguous().view(-1, 1, *x.shape[-2:]).numpy(), out.view(-1, 1, *size).numpy()
