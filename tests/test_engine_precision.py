@@ -26,6 +26,7 @@ from geotiff import smooth_image
 
 from magseg.engine import stages
 from magseg.engine.certainty import error_score, median_blur
+from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import owned_mask
 from magseg.engine.refine_step import num_points, picked_pixels
 from magseg.segmenter import Segmenter
@@ -108,11 +109,13 @@ def test_picked_pixels_move_only_within_the_precision_reach(fitted_checkpoint, p
     refined_batch = stages.StageRun.refined_batch
 
     def checking(self, image, y, size, boxes, out, picked_map=None, store=None):
-        # The crops' own answers at both precisions (the blend mixes them alike).
+        # The crops' own answers and the refiner's convolutions at both precisions, as
+        # refined_batch runs them (the blend mixes the answers alike).
         low = dataclasses.replace(self, engine=dataclasses.replace(self.engine, precision=precision))
         coarse = self.coarse(y, size, boxes)
         fine32 = stages.refine_probs(self.refiner, self.fine(image, size, boxes), coarse)
-        fine_low = stages.refine_probs(self.refiner, low.fine(image, size, boxes), coarse)
+        with precision_context(self.engine.device, precision):
+            fine_low = stages.refine_probs(self.refiner, low.fine(image, size, boxes), coarse)
         checked.append(_swaps_far_from_threshold(coarse, fine32, fine_low, boxes, self.refine))
         refined_batch(self, image, y, size, boxes, out, picked_map, store)
 
@@ -133,3 +136,15 @@ def test_fp32_is_reproducible_bit_for_bit(fitted_checkpoint, fp32_runs):
         assert torch.equal(run.labels, reference.labels)
         for stage, ref in zip(run.stages[1:], reference.stages[1:]):
             assert torch.equal(stage.refined, ref.refined)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_refiners_convolutions_run_at_the_engines_precision(fitted_checkpoint, precision, dtype, refine_path):
+    # On either path (the fused pass or ATen's), every batch's refiner convolutions run in
+    # the engine's precision.
+    segmenter = _segmenter(fitted_checkpoint, precision)
+    seen = []
+    segmenter.refiner.context[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    image = segmenter.normalize(_images()[2])
+    segmenter.segment(image)
+    assert seen and set(seen) == {dtype}

@@ -182,3 +182,27 @@ def test_the_correction_is_enlarged_cell_centre_on_pixel_centre():
     assert got.shape == (1, 2, 3, 6)
     assert torch.allclose(got[0, 0], expected.expand(3, 6), atol=1e-7)
     assert torch.allclose(refiner._full_size(delta, like), got, atol=1e-7)  # the training path
+
+
+def test_under_an_autocast_the_convolutions_run_in_its_dtype_and_the_correction_returns_float32():
+    # The engine's bf16 runs the refiner's convolutions in bf16 (on a channels-last copy of
+    # their input, where oneDNN's kernels are fast); what comes out is float32 again, within
+    # bf16's few bits of the float32 correction, and per pixel shifted to a maximum of 0.
+    torch.manual_seed(3)
+    refiner = Refiner(5, channels=8, context_stride=4)
+    for p in refiner.context.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    fine, coarse = _probs(2, 5, 9, 11), _probs(2, 5, 9, 11)
+    seen = []
+    refiner.context[0].register_forward_hook(
+        lambda module, args, out: seen.append((args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)))
+    with torch.no_grad():
+        exact = refiner._small(fine, coarse)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = refiner._small(fine, coarse)
+    assert seen == [(False, torch.float32), (True, torch.bfloat16)]
+    assert low.dtype == torch.float32 and low.is_contiguous() and low.shape == exact.shape
+    assert torch.equal(low[:, 5:], exact[:, 5:])  # the pooled fine map, untouched
+    assert torch.equal(low[:, :5].amax(dim=1), torch.zeros_like(low[:, 0]))
+    scale = exact[:, :5].abs().max()
+    assert float((low[:, :5] - exact[:, :5]).abs().max()) <= 0.05 * float(scale)

@@ -365,8 +365,16 @@ class Refiner(nn.Module):
     def _small(self, small_fine: Tensor, small_coarse: Tensor) -> Tensor:
         """What inference enlarges, from the pooled maps: the correction at 1/stride,
         shifted to a per-pixel maximum of 0 (``weights``), and after it the pooled fine map
-        when there is a gate (its detail cue needs it at full size): ``(B, C or 2C, h, w)``."""
-        delta = self.context(refiner_input(small_fine, small_coarse))
+        when there is a gate (its detail cue needs it at full size): ``(B, C or 2C, h, w)``.
+
+        Under an autocast (the engine's ``bf16``) the convolutions run in its dtype on a
+        channels-last copy of their input, where oneDNN's reduced-precision kernels are fast
+        (docs/performance.md#the-refiners-convolutions), and the correction comes back as
+        float32 before its shift: everything after it stays float32."""
+        cells = refiner_input(small_fine, small_coarse)
+        if torch.is_autocast_enabled(cells.device.type):
+            cells = cells.contiguous(memory_format=torch.channels_last)
+        delta = self.context(cells).float().contiguous()
         delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
         return delta if self.gate is None else torch.cat([delta, small_fine], dim=1)
 

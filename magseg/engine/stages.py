@@ -352,17 +352,20 @@ class StageRun:
         pixels of each crop, into ``out`` (the stage's map, or the sink at the last stage);
         the fine view blended from ``store`` when the stage blends."""
         labels_only = isinstance(out, Sink) and not out.wants_probs
-        step = self.fused_step(image, y, size, boxes, store, with_weights=not labels_only)
-        if step is not None:
-            coarse, step = step
-            refined, total, raw = step.weights, step.total, step.raw
-        elif store is not None and self.refiner is not None:
-            coarse, refined, total = self.refined_in_windows(y, size, boxes, store)
-            raw = None
-        else:
-            coarse = self.coarse(y, size, boxes)
-            refined, total = refine_weights(self.refiner, self.fine(image, size, boxes, store), coarse)
-            raw = None
+        # The refiner's convolutions at the engine's precision (magseg's refiner runs them
+        # in bf16 under it, Refiner._small); the per-pixel passes stay float32 whatever it is.
+        with precision_context(self.engine.device, self.engine.precision):
+            step = self.fused_step(image, y, size, boxes, store, with_weights=not labels_only)
+            if step is not None:
+                coarse, step = step
+                refined, total, raw = step.weights, step.total, step.raw
+            elif store is not None and self.refiner is not None:
+                coarse, refined, total = self.refined_in_windows(y, size, boxes, store)
+                raw = None
+            else:
+                coarse = self.coarse(y, size, boxes)
+                refined, total = refine_weights(self.refiner, self.fine(image, size, boxes, store), coarse)
+                raw = None
         if not isinstance(out, Sink):
             picked = refine_crops(coarse, refined, boxes, self.refine, size, total, raw)
             out.write(boxes, coarse)
