@@ -273,3 +273,33 @@ def test_shrink_planes_is_atens_antialiased_bilinear(shape, size):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
     want = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(fused.shrink_planes(x, size), want, rtol=0, atol=2e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cells=st.integers(1, 40), origin=st.integers(0, 4), factor=st.sampled_from([2, 2, 3, 8]),
+       start=st.integers(0, 200), width=st.integers(1, 120), seed=st.integers(0, 2**16))
+def test_columns_enlarged_give_each_pixels_formula_bit_for_bit(cells, origin, factor, start, width, seed):
+    # Doubling writes pairs of columns from shifted rows of the source: every output column
+    # is still its own formula (source column floor(u) and the next, clamped to the part).
+    source = np.random.default_rng(seed).random((2, 3, cells), dtype=np.float32)
+    first = start % (factor * (origin + cells))
+    out = np.empty((2, 3, width), np.float32)
+    fused.compiled_loops().enlarge_columns(source, first, origin, factor, out)
+    u = (first + np.arange(width) + 0.5) / factor - 0.5
+    j = np.floor(u)
+    low = np.clip(j - origin, 0, cells - 1).astype(int)
+    high = np.clip(j + 1 - origin, 0, cells - 1).astype(int)
+    a = source[:, :, low]
+    assert np.array_equal(out, a + (source[:, :, high] - a) * (u - j).astype(np.float32))
+
+
+@torch.inference_mode()
+def test_a_compiled_shrink_split_into_row_bands_is_the_filter_bit_for_bit():
+    # Tall enough for the pool to take it in bands of rows (one window of a stage).
+    image = TensorSource(torch.randn(3, 701, 90, generator=torch.Generator().manual_seed(6)))
+    size = (300, 37)
+    whole = resample_windows(image, size, [Rect(0, 0, *size)], compiled=True)[0]
+    ay, ax = axis_weights(701, size[0]), axis_weights(90, size[1])
+    rows, cols = (int(ay.first[0]), int(ay.first[-1]) + ay.taps), (int(ax.first[0]), int(ax.first[-1]) + ax.taps)
+    piece = _read_padded(image, rows, cols)
+    assert torch.equal(whole, _filter_axis(_filter_axis(piece, 1, ay, 0, size[0], rows[0]), 2, ax, 0, size[1], cols[0]))

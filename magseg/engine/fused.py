@@ -39,6 +39,7 @@ live in ``magseg.engine.fused_rows``.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -192,8 +193,17 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
     first_rows = (rows.first[out_rows] - origin[0]).numpy()
     first_cols = (cols.first[out_cols] - origin[1]).numpy()
     out = torch.empty((piece.shape[0], len(first_rows), len(first_cols)))
-    compiled_loops().filter_axes(piece.float().contiguous().numpy(), first_rows, rows.weight[out_rows].numpy(),
-                                 first_cols, cols.weight[out_cols].numpy(), out.numpy())
+    source, row_weight, col_weight, flat = (piece.float().contiguous().numpy(), rows.weight[out_rows].numpy(),
+                                            cols.weight[out_cols].numpy(), out.numpy())
+    # In row bands side by side on the pool: a stage's only window (stage 0 is often one
+    # crop) would otherwise leave all but one core idle.
+    cuts = np.linspace(0, len(first_rows), max(1, min(os.cpu_count() or 1, len(first_rows) // 64)) + 1).astype(int)
+
+    def band(i: int) -> None:
+        part = slice(int(cuts[i]), int(cuts[i + 1]))
+        compiled_loops().filter_axes(source, first_rows[part], row_weight[part], first_cols, col_weight,
+                                     flat[:, part])
+    each_map(band, len(cuts) - 1)
     return out
 
 
