@@ -303,3 +303,46 @@ def test_a_compiled_shrink_split_into_row_bands_is_the_filter_bit_for_bit():
     rows, cols = (int(ay.first[0]), int(ay.first[-1]) + ay.taps), (int(ax.first[0]), int(ax.first[-1]) + ax.taps)
     piece = _read_padded(image, rows, cols)
     assert torch.equal(whole, _filter_axis(_filter_axis(piece, 1, ay, 0, size[0], rows[0]), 2, ax, 0, size[1], cols[0]))
+
+
+@pytest.mark.parametrize("shape, size, multiple", [((2, 3, 764, 764), (639, 639), 32), ((1, 2, 50, 61), (37, 45), 8),
+                                                   ((1, 1, 40, 40), (3, 30), 8), ((1, 3, 90, 90), (64, 64), 32)])
+@torch.inference_mode()
+def test_a_shrink_to_a_multiple_is_padded_as_run_backbone_pads(shape, size, multiple):
+    # The reflection F.pad gives, written in the same buffer; where the padding would be as
+    # wide as the map (run_backbone replicates then), the shrink is left unpadded.
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    plain = fused.shrink_planes(x, size)
+    rows, cols = (-size[0]) % multiple, (-size[1]) % multiple
+    want = F.pad(plain, (0, cols, 0, rows), mode="reflect") if rows < size[0] and cols < size[1] else plain
+    assert torch.equal(fused.shrink_planes(x, size, multiple), want)
+
+
+@pytest.mark.parametrize("margin", [0, 6])
+def test_the_compiled_run_on_the_thread_pool_is_the_run_in_line(margin, tiny_segmenter, monkeypatch):
+    # Two torch threads, so that each_map hands the compiled loops, the windows' reads and
+    # shrinks to the pool (whose threads are not in the caller's inference mode); the same
+    # result bit for bit as the same run with the pool's work done in line, in order.
+    from magseg.engine import opencv
+
+    config = tiny_segmenter.config.override(["engine.compiled=true", "engine.precision=fp32",
+                                             f"pyramid.margin={margin}", "engine.batch_size=3"])
+    torch.manual_seed(2)
+    refiner = Refiner(config.num_classes, 8, 2).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    image = torch.randn(3, 150, 170)
+
+    def run():
+        return segment(image, tiny_segmenter.backbone, config.pyramid, refiner=refiner, refine=config.refine,
+                       engine=config.engine, return_probs=True)
+
+    torch.set_num_threads(2)
+    try:
+        pooled = run()
+        in_line = type("InLine", (), {"map": staticmethod(lambda fn, items: map(fn, items))})()
+        monkeypatch.setattr(opencv, "_pool", lambda: in_line)
+        ordered = run()
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(pooled.labels, ordered.labels)
+    assert torch.equal(pooled.probs, ordered.probs)

@@ -334,3 +334,23 @@ def test_onnxruntime_threads_sleep_between_runs(tmp_path, monkeypatch):
     rt._ort_runner(tmp_path / "graph.onnx", 2, "fp32")
     assert seen[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert seen[0].intra_op_num_threads == 2
+
+
+@pytest.mark.parametrize("takes_channels_last", [True, False])
+def test_run_backbone_hands_a_runtimes_graph_nchw_even_with_channels_last(takes_channels_last):
+    # A runtime's graph takes NCHW: a channels-last copy would only be copied back.
+    from magseg.engine.backbone import run_backbone
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous())
+            return x[:, :2]
+
+    probe = Probe()
+    probe.takes_channels_last = takes_channels_last
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(run_backbone(probe, x, channels_last=True), x[:, :2])
+    assert seen == [not takes_channels_last]
+    assert rt.RuntimeBackbone.takes_channels_last is False

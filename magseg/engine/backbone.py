@@ -68,7 +68,10 @@ def run_backbone(
     ``contexts``: for multi-context backbones (FCtL), one ``(B, C_in, h, w)`` batch per
     context ratio, padded the same way and passed as ``backbone(x, contexts)``.
     ``channels_last``: feed the inputs in NHWC, the layout of a backbone converted with
-    ``.to(memory_format=torch.channels_last)`` (the engine's and training's option).
+    ``.to(memory_format=torch.channels_last)`` (the engine's and training's option), unless
+    the backbone says it takes NCHW (``takes_channels_last = False``: a runtime's graph).
+    An input already of a multiple's size is not padded: ``magseg.engine.fused.shrink_planes``
+    pads as it shrinks.
     """
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
@@ -77,7 +80,7 @@ def run_backbone(
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
         if contexts is not None:
             contexts = [F.pad(c, (0, pw, 0, ph), mode=mode) for c in contexts]
-    if channels_last:
+    if channels_last and getattr(backbone, "takes_channels_last", True):
         x = x.contiguous(memory_format=torch.channels_last)
         if contexts is not None:
             contexts = [c.contiguous(memory_format=torch.channels_last) for c in contexts]

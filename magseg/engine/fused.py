@@ -185,14 +185,16 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
 
 
 def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: slice, out_cols: slice,
-                 origin: tuple[int, int]) -> Tensor:
+                 origin: tuple[int, int], out: Tensor | None = None) -> Tensor:
     """``magseg.engine.resample``'s tap-by-tap filter, rows then columns, as one compiled
     loop, bit for bit: output pixels ``out_rows`` x ``out_cols`` of the axes ``rows``,
     ``cols`` from ``piece`` ``(C, h, w)``, which holds every tap they read (zeros past the
-    image) from source pixel ``origin`` on. ``(C, H, W)``."""
+    image) from source pixel ``origin`` on. ``(C, H, W)``, into ``out`` when given (a view
+    whose rows are contiguous: a window's part of its slot in a batch)."""
     first_rows = (rows.first[out_rows] - origin[0]).numpy()
     first_cols = (cols.first[out_cols] - origin[1]).numpy()
-    out = torch.empty((piece.shape[0], len(first_rows), len(first_cols)))
+    if out is None:
+        out = torch.empty((piece.shape[0], len(first_rows), len(first_cols)))
     source, row_weight, col_weight, flat = (piece.float().contiguous().numpy(), rows.weight[out_rows].numpy(),
                                             cols.weight[out_cols].numpy(), out.numpy())
     # In row bands side by side on the pool: a stage's only window (stage 0 is often one
@@ -214,17 +216,30 @@ def can_shrink(x: Tensor, size: Size) -> bool:
             and size[0] <= x.shape[-2] and size[1] <= x.shape[-1])
 
 
-def shrink_planes(x: Tensor, size: Size) -> Tensor:
+def shrink_planes(x: Tensor, size: Size, multiple: int = 1) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", antialias=True)`` for ``(B, C, h, w)``
     float32 on the CPU, no axis growing, to float rounding: ATen's own weights (read off
     by resizing an identity once per size pair) in ``fused_rows.filter_axes``, the loop
-    ``filter_piece`` runs, each map's planes side by side on the thread pool."""
+    ``filter_piece`` runs, each map's planes side by side on the thread pool.
+
+    With ``multiple``, the result is written into a buffer padded to the next multiple and
+    the padding is the reflection ``magseg.engine.backbone.run_backbone`` would add (where
+    it reflects: padding narrower than the map), so the backbone's input is made in one
+    pass instead of two: ``(B, C, H', W')``, ``size`` at the top left."""
     rows, cols = _aten_weights(x.shape[-2], size[0]), _aten_weights(x.shape[-1], size[1])
-    out = torch.empty((*x.shape[:-2], *size))
-    planes, flat = x.contiguous().view(-1, 1, *x.shape[-2:]).numpy(), out.view(-1, 1, *size).numpy()
+    (height, width), (pad_rows, pad_cols) = size, ((-n) % multiple for n in size)
+    if pad_rows >= height or pad_cols >= width:  # run_backbone replicates instead
+        pad_rows = pad_cols = 0
+    out = torch.empty((*x.shape[:-2], height + pad_rows, width + pad_cols))
+    inside = out[..., :height, :width]
+    planes, flat = x.contiguous().view(-1, 1, *x.shape[-2:]).numpy(), inside.view(-1, 1, *size).numpy()
     loops = compiled_loops()
     each_map(lambda i: loops.filter_axes(planes[i], rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
                                          cols.weight.numpy(), flat[i]), len(planes))
+    if pad_rows:  # F.pad's reflection: row height + i is row height - 2 - i
+        out[..., height:, :width] = out[..., height - 1 - pad_rows : height - 1, :width].flip(-2)
+    if pad_cols:  # then the columns over every row, the corners included
+        out[..., width:] = out[..., width - 1 - pad_cols : width - 1].flip(-1)
     return out
 
 

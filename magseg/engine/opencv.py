@@ -66,7 +66,9 @@ def enlarge_planes(x: Tensor, size: tuple[int, int]) -> Tensor:
     if not can_enlarge(x, size):
         raise ValueError(f"enlarge_planes takes float32 CPU maps to a size no smaller; got "
                          f"{x.dtype} {tuple(x.shape)} on {x.device} to {tuple(size)}")
-    planes = x.detach().reshape(-1, *x.shape[-2:]).contiguous().numpy()
+    # OpenCV reads planes whose rows are apart (a part cut from a larger map) as they are.
+    planes = x.detach().reshape(-1, *x.shape[-2:])
+    planes = (planes if planes.stride(-1) == 1 else planes.contiguous()).numpy()
     out = torch.empty((*x.shape[:-2], *size), dtype=torch.float32)
     flat = out.view(-1, *size).numpy()
     height, width = size

@@ -204,9 +204,12 @@ def _interpolated_part(source: Source, size: Size, rows: tuple[int, int], cols: 
     return out[:, dy : dy + r1 - r0, dx : dx + c1 - c0]
 
 
-def resample_window(source: Source, size: Size, window: Rect, compiled: bool = False) -> Tensor:
+def resample_window(source: Source, size: Size, window: Rect, compiled: bool = False,
+                    out: Tensor | None = None) -> Tensor:
     """One ``window`` ``(h, w)`` of ``source`` resized to ``size``: ``(C, h, w)`` float32, zero
-    where the window leaves the ``size`` grid.
+    where the window leaves the ``size`` grid; written into ``out`` when given (a batch's
+    slot: ``resample_windows``), else into a new tensor or, for a window inside a source of
+    the stage's size, a view of the source.
 
     Integer factors (every pyramid of doubling scales over a scene-sized image) take
     ``F.interpolate`` or OpenCV's bilinear on the window's part, which equals resizing the
@@ -218,9 +221,14 @@ def resample_window(source: Source, size: Size, window: Rect, compiled: bool = F
     height, width = size
     part = window.intersection(Rect.of_size(size))
     if part.empty:
-        return _zeros(source, *window.size)
+        if out is None:
+            return _zeros(source, *window.size)
+        return out.zero_()
     r0, r1, c0, c1 = part.top, part.bottom, part.left, part.right
     shrinks = source.size[0] >= height and source.size[1] >= width
+    if out is not None and part != window:  # only what the window holds past the grid
+        out.zero_()
+    target = None if out is None else out[(slice(None), *part.within(window))]
     if tuple(source.size) == (height, width):
         inside = source.read(*part.slices).float()
     else:
@@ -232,14 +240,18 @@ def resample_window(source: Source, size: Size, window: Rect, compiled: bool = F
             if compiled and shrinks:
                 from magseg.engine.fused import filter_piece  # numba's module, on first use
 
-                inside = filter_piece(piece, ay, ax, slice(r0, r1), slice(c0, c1), (rows[0], cols[0]))
+                inside = filter_piece(piece, ay, ax, slice(r0, r1), slice(c0, c1), (rows[0], cols[0]), target)
             else:
                 inside = _filter_axis(_filter_axis(piece, 1, ay, r0, r1, rows[0]), 2, ax, c0, c1, cols[0])
+    if out is not None:
+        if inside is not target:
+            target.copy_(inside)
+        return out
     if part == window:
         return inside
-    out = inside.new_zeros((inside.shape[0], *window.size))
-    out[(slice(None), *part.within(window))] = inside
-    return out
+    whole = inside.new_zeros((inside.shape[0], *window.size))
+    whole[(slice(None), *part.within(window))] = inside
+    return whole
 
 
 def _zeros(source: Source, h: int, w: int) -> Tensor:
@@ -247,9 +259,20 @@ def _zeros(source: Source, h: int, w: int) -> Tensor:
     return probe.new_zeros((probe.shape[0], h, w), dtype=torch.float32)
 
 
+def _probe(source: Source, size: Size, window: Rect) -> Tensor:
+    """One pixel of ``source`` that ``window`` of its resampling to ``size`` reads (a map
+    written only where a clip needs it has it), for its channels and device."""
+    part = window.intersection(Rect.of_size(size))
+    if part.empty:
+        return source.read(slice(0, 1), slice(0, 1))
+    row = min(part.top * source.size[0] // size[0], source.size[0] - 1)
+    col = min(part.left * source.size[1] // size[1], source.size[1] - 1)
+    return source.read(slice(row, row + 1), slice(col, col + 1))
+
+
 def resample_windows(source: Source, size: Size, windows: list[Rect], compiled: bool = False) -> Tensor:
     """Equally sized ``windows`` of ``source`` resized to ``size``: ``(B, C, h, w)`` float32
-    (``compiled``: ``resample_window``'s).
+    (``compiled``: ``resample_window``'s), each written into its slot of the batch.
 
     Each pixel is exactly what any other window covering it computes (module docstring), so
     crops cut from a stage image made this way never disagree where they overlap.
@@ -257,9 +280,20 @@ def resample_windows(source: Source, size: Size, windows: list[Rect], compiled: 
     sizes = {window.size for window in windows}
     if len(sizes) > 1:
         raise ValueError(f"windows must share one size, got {sorted(sizes)}")
+    probe = _probe(source, size, windows[0])
+    batch = torch.empty((len(windows), probe.shape[0], *windows[0].size), dtype=torch.float32, device=probe.device)
     if compiled and len(windows) > 1:  # the windows side by side on the thread pool
-        return torch.stack(each_map(lambda i: resample_window(source, size, windows[i], True), len(windows)))
-    return torch.stack([resample_window(source, size, window, compiled) for window in windows])
+        inference = torch.is_inference_mode_enabled()  # per thread: the pool's take the caller's
+
+        def one(i: int) -> None:
+            with torch.inference_mode(inference):
+                resample_window(source, size, windows[i], True, batch[i])
+
+        each_map(one, len(windows))
+    else:
+        for i, window in enumerate(windows):
+            resample_window(source, size, window, compiled, batch[i])
+    return batch
 
 
 @functools.lru_cache(maxsize=16)

@@ -436,6 +436,10 @@ class RuntimeBackbone(nn.Module):
     then, and only then).
     """
 
+    # The graph takes NCHW: ``run_backbone`` hands it the input as it is, not a channels-last
+    # copy the runtime would copy back.
+    takes_channels_last = False
+
     def __init__(self, runtime: str, cache: GraphCache, build_torch: Callable[[], nn.Module],
                  precision: str = "fp32", threads: int | None = None) -> None:
         super().__init__()

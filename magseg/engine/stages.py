@@ -117,16 +117,17 @@ def crop_probs(
     Returns:
         ``(B, classes, ch, cw)`` float32 probabilities.
     """
+    if multiple is None:
+        multiple = input_multiple(backbone)
+
     def to_input(x: Tensor) -> Tensor:
         if compiled and can_shrink(x, input_size) and tuple(x.shape[-2:]) != tuple(input_size):
-            return shrink_planes(x, input_size)
+            return shrink_planes(x, input_size, multiple)  # padded as run_backbone would
         return resize(x, input_size)
 
     x = to_input(crops)
     if contexts is not None:
         contexts = [to_input(c) for c in contexts]
-    if multiple is None:
-        multiple = input_multiple(backbone)
     with precision_context(x.device, precision):
         logits = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
@@ -137,8 +138,11 @@ def crop_probs(
     # One copy does both (``.float().contiguous()`` makes two from a bf16 channels-last map).
     logits = logits.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the
-    # input, and bilinear weights sum to 1, so the result is still a distribution.
-    return resize(logits.softmax(dim=1), tuple(crops.shape[-2:]))
+    # input, and bilinear weights sum to 1, so the result is still a distribution. Over an
+    # input padded to the backbone's multiple, the softmax takes the padding too (it is per
+    # pixel) and the resize reads the input's part, so no copy cuts it out.
+    probs = logits.softmax(dim=1)[..., : input_size[0], : input_size[1]]
+    return resize(probs, tuple(crops.shape[-2:])).contiguous()
 
 
 def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:
