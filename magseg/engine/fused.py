@@ -176,9 +176,8 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
 
     def one(i: int) -> None:
         part, low, high, frac, window, x0 = jobs[i]
-        columns = np.empty((classes, part.shape[1], window.width), np.float32)
-        kernels.enlarge_columns(part, window.left, x0, fx, columns)
-        kernels.enlarged_rows(columns, low, high, frac, *offsets[i], crops[i].numpy(), stride, cells[i].numpy())
+        kernels.enlarged_rows(part, window.left, x0, fx, window.width, low, high, frac, *offsets[i],
+                              crops[i].numpy(), stride, cells[i].numpy())
 
     each_map(one, len(windows))
     return crops, cells.div_(cell_areas(extent, stride, cells))

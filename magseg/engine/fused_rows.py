@@ -33,14 +33,15 @@ def exp_row(x: np.ndarray, mantissa: np.ndarray, power: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def enlarge_columns(cells, first, origin, factor, out):
-    """Columns ``first ..`` of a map enlarged ``factor`` times along its columns (bilinear
-    on pixel centres, edges clamped) into ``out`` ``(K, h, w)``, from ``cells`` ``(K, h,
-    wc)``, the map's columns ``origin ..`` (all it has, or a part reaching one column past
-    those read, so that its clamping is the map's). Each output column's weights come from
-    its place in the whole map, so a part gives the whole map's values there."""
-    channels, height, width = out.shape
-    last = cells.shape[2] - 1
+def column_sources(first, origin, factor, width, last):
+    """How output columns ``first .. first + width`` of a map enlarged ``factor`` times along
+    its columns (bilinear on pixel centres, edges clamped) read a part of it, the map's
+    columns ``origin ..`` with last index ``last`` (all it has, or a part reaching one column
+    past those read, so that its clamping is the map's): ``(low, high, frac, a, pairs)``,
+    each column's two sources in the part and the weight of the second, from its place in
+    the whole map (so a part gives the whole map's values there); with a doubling, the
+    columns ``a .. a + 2 pairs`` between the clamped edges, which ``enlarge_row`` writes in
+    pairs."""
     low = np.empty(width, np.int64)
     high = np.empty(width, np.int64)
     frac = np.empty(width, np.float32)
@@ -52,7 +53,7 @@ def enlarge_columns(cells, first, origin, factor, out):
     # Doubling (Y from one stage to the next): between the clamped edges, output columns
     # a + 2q and a + 2q + 1 mix source columns low[a] + q and low[a + 1] + q, each with its
     # one weight (exact in binary), written as pairs: a loop LLVM vectorises, where the
-    # indexed one below reads one value at a time (8 times faster on an AVX512 CPU).
+    # indexed one reads one value at a time (8 times faster on an AVX512 CPU).
     a, pairs = 0, 0
     if factor == 2:
         while a < width and low[a] + 1 != high[a]:
@@ -61,22 +62,38 @@ def enlarge_columns(cells, first, origin, factor, out):
         while b > a and low[b - 1] + 1 != high[b - 1]:
             b -= 1
         pairs = (b - a) // 2
+    return low, high, frac, a, pairs
+
+
+@njit(nogil=True, cache=True, inline="always")
+def enlarge_row(src, dst, low, high, frac, a, pairs):
+    """One row ``src`` of a part enlarged along its columns into ``dst``, as
+    ``column_sources`` says."""
+    for x in range(a):
+        v = src[low[x]]
+        dst[x] = v + (src[high[x]] - v) * frac[x]
+    if pairs:
+        even, odd, pair = src[low[a] :], src[low[a + 1] :], dst[a : a + 2 * pairs]
+        f0, f1 = frac[a], frac[a + 1]
+        for q in range(pairs):
+            v, w = even[q], odd[q]
+            pair[2 * q] = v + (even[q + 1] - v) * f0
+            pair[2 * q + 1] = w + (odd[q + 1] - w) * f1
+    for x in range(a + 2 * pairs, dst.shape[0]):
+        v = src[low[x]]
+        dst[x] = v + (src[high[x]] - v) * frac[x]
+
+
+@njit(nogil=True, cache=True)
+def enlarge_columns(cells, first, origin, factor, out):
+    """Columns ``first ..`` of a map enlarged ``factor`` times along its columns into
+    ``out`` ``(K, h, w)``, from ``cells`` ``(K, h, wc)``, the map's columns ``origin ..``
+    (``column_sources``)."""
+    channels, height, width = out.shape
+    low, high, frac, a, pairs = column_sources(first, origin, factor, width, cells.shape[2] - 1)
     for c in range(channels):
         for r in range(height):
-            src, dst = cells[c, r], out[c, r]
-            for x in range(a):
-                v = src[low[x]]
-                dst[x] = v + (src[high[x]] - v) * frac[x]
-            if pairs:
-                even, odd, pair = src[low[a] :], src[low[a + 1] :], dst[a : a + 2 * pairs]
-                f0, f1 = frac[a], frac[a + 1]
-                for q in range(pairs):
-                    v, w = even[q], odd[q]
-                    pair[2 * q] = v + (even[q + 1] - v) * f0
-                    pair[2 * q + 1] = w + (odd[q + 1] - w) * f1
-            for x in range(a + 2 * pairs, width):
-                v = src[low[x]]
-                dst[x] = v + (src[high[x]] - v) * frac[x]
+            enlarge_row(cells[c, r], out[c, r], low, high, frac, a, pairs)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -226,21 +243,32 @@ def emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums):
 
 
 @njit(nogil=True, cache=True)
-def enlarged_rows(columns, low, high, frac, crop_top, crop_left, crop, stride, sums):
-    """A window of a map enlarged by bilinear interpolation, one row at a time from its
-    columns enlarged already (``columns`` ``(C, h, ew)``): window row y is ``columns``' rows
-    ``low[y]`` and ``high[y]`` mixed by ``frac[y]``; its crop part goes to ``crop`` and its
-    cell sums to ``sums``, as ``emit_row`` does."""
-    classes, width = columns.shape[0], columns.shape[2]
+def enlarged_rows(part, first, origin, factor, width, low, high, frac, crop_top, crop_left, crop, stride, sums):
+    """A window of a map enlarged by bilinear interpolation, one row at a time: window row y
+    mixes rows ``low[y]`` and ``high[y]`` of ``part`` ``(C, h, wc)`` (the map's rows and
+    columns the window reads; its columns from ``origin`` on) by ``frac[y]``, each of them
+    enlarged ``factor`` times along its columns from map column ``first`` over ``width``
+    once, when first read (the two last, in a ring: rows come in order); its crop part goes
+    to ``crop`` and its cell sums to ``sums``, as ``emit_row`` does. No window-sized array of
+    the enlarged columns is made."""
+    classes = part.shape[0]
     height = low.shape[0]
+    columns, others, weights, start, pairs = column_sources(first, origin, factor, width, part.shape[2] - 1)
+    ring = np.empty((2, classes, width), np.float32)
+    held = np.full(2, -1, np.int64)
     row = np.empty((classes, width), np.float32)
     summed = np.zeros((classes, width), np.float32)
     for y in range(height):
-        f = frac[y]
+        for r in (low[y], high[y]):
+            if held[r & 1] != r:
+                for c in range(classes):
+                    enlarge_row(part[c, r], ring[r & 1, c], columns, others, weights, start, pairs)
+                held[r & 1] = r
+        f, above, below = frac[y], ring[low[y] & 1], ring[high[y] & 1]
         for c in range(classes):
-            a, b, out = columns[c, low[y]], columns[c, high[y]], row[c]
+            top, bottom, out = above[c], below[c], row[c]
             for x in range(width):
-                out[x] = a[x] + (b[x] - a[x]) * f
+                out[x] = top[x] + (bottom[x] - top[x]) * f
         emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums)
 
 
