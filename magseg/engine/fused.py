@@ -131,11 +131,13 @@ def refine_pass(small: Tensor, fine: Tensor, coarse: Tensor, offsets: list[tuple
     # is then a lerp of two of their rows.
     columns = np.empty((batch, cells.shape[1], cells.shape[2], width), np.float32)
     each_map(lambda i: kernels.enlarge_columns(cells[i], offsets[i][1], 0, stride, columns[i]), batch)
+    # Each crop row's two cell rows and weight, from its place in the window.
+    rows = [kernels.axis_sources(dy, 0, stride, height, cells.shape[2] - 1)[:3] for dy, _ in offsets]
     halves = [(0, height // 2), (height // 2, height)]
 
     def one(job: int) -> None:
         i, (start, stop) = job // 2, halves[job % 2]
-        kernels.refine_rows(columns[i], fine_np[i], coarse_np[i], offsets[i][0], stride, gated, w0, w1, w2, bias,
+        kernels.refine_rows(columns[i], fine_np[i], coarse_np[i], *rows[i], gated, w0, w1, w2, bias,
                             start, stop, raw[i].numpy(), refined_labels[i].numpy(), coarse_labels[i].numpy(),
                             nothing3 if weights is None else weights[i].numpy(),
                             nothing2 if total is None else total[i].numpy())
@@ -162,14 +164,10 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
     jobs = []
     for window in windows:
         # The rows' sources and weights from their place in the map; the columns' in the loop.
-        u = (np.arange(window.top, window.bottom) + 0.5) / fy - 0.5
-        j = np.floor(u)
-        low = np.clip(j, 0, source_height - 1).astype(np.int64)
-        high = np.clip(j + 1, 0, source_height - 1).astype(np.int64)
+        low, high, frac = kernels.axis_sources(window.top, 0, fy, window.height, source_height - 1)[:3]
         x0, x1 = max(window.left // fx - 1, 0), min((window.right - 1) // fx + 2, source_width)
         part = source.read(slice(int(low[0]), int(high[-1]) + 1), slice(x0, x1))
-        jobs.append((part.float().contiguous().numpy(), low - low[0], high - low[0], (u - j).astype(np.float32),
-                     window, x0))
+        jobs.append((part.float().contiguous().numpy(), low - low[0], high - low[0], frac, window, x0))
     classes, extent = jobs[0][0].shape[0], windows[0].size
     crops = torch.empty((len(windows), classes, *crop))
     cells = torch.empty((len(windows), classes, *(-(-n // stride) for n in extent)))

@@ -33,15 +33,16 @@ def exp_row(x: np.ndarray, mantissa: np.ndarray, power: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def column_sources(first, origin, factor, width, last):
-    """How output columns ``first .. first + width`` of a map enlarged ``factor`` times along
-    its columns (bilinear on pixel centres, edges clamped) read a part of it, the map's
-    columns ``origin ..`` with last index ``last`` (all it has, or a part reaching one column
-    past those read, so that its clamping is the map's): ``(low, high, frac, a, pairs)``,
-    each column's two sources in the part and the weight of the second, from its place in
-    the whole map (so a part gives the whole map's values there); with a doubling, the
-    columns ``a .. a + 2 pairs`` between the clamped edges, which ``enlarge_row`` writes in
-    pairs."""
+def axis_sources(first, origin, factor, width, last):
+    """How pixels ``first .. first + width`` along one axis (rows or columns) of a map
+    enlarged ``factor`` times (bilinear on pixel centres, edges clamped) read a part of it,
+    the map's pixels ``origin ..`` along that axis with last index ``last`` (all it has, or a
+    part reaching one pixel past those read, so that its clamping is the map's): ``(low,
+    high, frac, a, pairs)``, each output pixel's two sources in the part and the weight of
+    the second, from its place in the whole map (so a part gives the whole map's values
+    there); with a doubling, the pixels ``a .. a + 2 pairs`` between the clamped edges,
+    which ``enlarge_row`` writes in pairs along columns. Every enlargement of the compiled
+    loops takes its sources from here."""
     low = np.empty(width, np.int64)
     high = np.empty(width, np.int64)
     frac = np.empty(width, np.float32)
@@ -68,7 +69,7 @@ def column_sources(first, origin, factor, width, last):
 @njit(nogil=True, cache=True, inline="always")
 def enlarge_row(src, dst, low, high, frac, a, pairs):
     """One row ``src`` of a part enlarged along its columns into ``dst``, as
-    ``column_sources`` says."""
+    ``axis_sources`` says."""
     for x in range(a):
         v = src[low[x]]
         dst[x] = v + (src[high[x]] - v) * frac[x]
@@ -88,9 +89,9 @@ def enlarge_row(src, dst, low, high, frac, a, pairs):
 def enlarge_columns(cells, first, origin, factor, out):
     """Columns ``first ..`` of a map enlarged ``factor`` times along its columns into
     ``out`` ``(K, h, w)``, from ``cells`` ``(K, h, wc)``, the map's columns ``origin ..``
-    (``column_sources``)."""
+    (``axis_sources``)."""
     channels, height, width = out.shape
-    low, high, frac, a, pairs = column_sources(first, origin, factor, width, cells.shape[2] - 1)
+    low, high, frac, a, pairs = axis_sources(first, origin, factor, width, cells.shape[2] - 1)
     for c in range(channels):
         for r in range(height):
             enlarge_row(cells[c, r], out[c, r], low, high, frac, a, pairs)
@@ -121,18 +122,18 @@ def take(row, c, best, second, total, label):
 
 
 @njit(nogil=True, cache=True)
-def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, start, stop,
+def refine_rows(columns, fine, coarse, cell_low, cell_high, cell_frac, gated, w0, w1, w2, bias, start, stop,
                 raw, refined_labels, coarse_labels, weights, total):
     """Rows ``start .. stop`` of one crop's refine step (``magseg.engine.fused.refine_pass``).
 
     columns: ``(C or 2C, hc, cw)`` the refiner's shifted correction (and, ``gated``, the
-    pooled fine map) enlarged along the columns over the crop; row y enlarges rows of it,
-    the crop at row ``dy`` of its window. fine, coarse: ``(C, h, cw)``. w0, w1, w2, bias:
+    pooled fine map) enlarged along the columns over the crop; crop row y mixes its rows
+    ``cell_low[y]`` and ``cell_high[y]`` by ``cell_frac[y]`` (``axis_sources`` of the crop's
+    rows in its window). fine, coarse: ``(C, h, cw)``. w0, w1, w2, bias:
     the gate's logit (``RefinerGate.coefficients``). Writes raw (the error score),
     refined_labels, coarse_labels ``(h, cw)``, and weights ``(C, h, cw)`` with their sum
     total ``(h, cw)`` unless weights is empty."""
     classes, _, width = fine.shape
-    cells = columns.shape[1]
     delta = np.empty((classes, width), np.float32)
     best = np.empty(width, np.float32)
     second = np.empty(width, np.float32)
@@ -144,12 +145,7 @@ def refine_rows(columns, fine, coarse, dy, stride, gated, w0, w1, w2, bias, star
     power = bits.view(np.float32)
     label = np.empty(width, np.uint8)
     for y in range(start, stop):
-        # The window row's place among the cell centres (bilinear, edges clamped).
-        u = (dy + y + 0.5) / stride - 0.5
-        j0 = int(np.floor(u))
-        f = f32(u - j0)
-        j1 = min(j0 + 1, cells - 1)
-        j0 = max(j0, 0)
+        j0, j1, f = cell_low[y], cell_high[y], cell_frac[y]  # the row's two cell rows
         for c in range(classes):
             a0, a1 = columns[c, j0], columns[c, j1]
             for x in range(width):
@@ -253,7 +249,7 @@ def enlarged_rows(part, first, origin, factor, width, low, high, frac, crop_top,
     the enlarged columns is made."""
     classes = part.shape[0]
     height = low.shape[0]
-    columns, others, weights, start, pairs = column_sources(first, origin, factor, width, part.shape[2] - 1)
+    columns, others, weights, start, pairs = axis_sources(first, origin, factor, width, part.shape[2] - 1)
     ring = np.empty((2, classes, width), np.float32)
     held = np.full(2, -1, np.int64)
     row = np.empty((classes, width), np.float32)
