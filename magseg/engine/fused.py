@@ -202,6 +202,7 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
         part = slice(int(cuts[i]), int(cuts[i + 1]))
         compiled_loops().filter_axes(source, first_rows[part], row_weight[part], first_cols, col_weight,
                                      flat[:, part])
+
     each_map(band, len(cuts) - 1)
     return out
 
