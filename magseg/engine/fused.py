@@ -197,11 +197,11 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
     # In row bands side by side on the pool: a stage's only window (stage 0 is often one
     # crop) would otherwise leave all but one core idle.
     cuts = np.linspace(0, len(first_rows), max(1, min(os.cpu_count() or 1, len(first_rows) // 64)) + 1).astype(int)
+    loops = compiled_loops()
 
     def band(i: int) -> None:
         part = slice(int(cuts[i]), int(cuts[i + 1]))
-        compiled_loops().filter_axes(source, first_rows[part], row_weight[part], first_cols, col_weight,
-                                     flat[:, part])
+        loops.filter_axes(source, first_rows[part], row_weight[part], first_cols, col_weight, flat[:, part])
 
     each_map(band, len(cuts) - 1)
     return out

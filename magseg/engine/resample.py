@@ -222,7 +222,8 @@ def resample_window(source: Source, size: Size, window: Rect, compiled: bool = F
     part = window.intersection(Rect.of_size(size))
     if part.empty:
         if out is None:
-            return _zeros(source, *window.size)
+            probe = _probe(source, size, window)
+            return probe.new_zeros((probe.shape[0], *window.size), dtype=torch.float32)
         return out.zero_()
     r0, r1, c0, c1 = part.top, part.bottom, part.left, part.right
     shrinks = source.size[0] >= height and source.size[1] >= width
@@ -252,11 +253,6 @@ def resample_window(source: Source, size: Size, window: Rect, compiled: bool = F
     whole = inside.new_zeros((inside.shape[0], *window.size))
     whole[(slice(None), *part.within(window))] = inside
     return whole
-
-
-def _zeros(source: Source, h: int, w: int) -> Tensor:
-    probe = source.read(slice(0, 1), slice(0, 1))
-    return probe.new_zeros((probe.shape[0], h, w), dtype=torch.float32)
 
 
 def _probe(source: Source, size: Size, window: Rect) -> Tensor:
