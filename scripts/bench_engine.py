@@ -249,15 +249,16 @@ def main() -> None:
 METHODS = ("backbone", "engine", "patch_only", "adaptive", "own")
 
 # The engine's helpers timed by --sections, by module (``Class.method`` for a method): each
-# call's inclusive seconds (they nest: crop_probs holds run_backbone and shrink_planes,
-# StageRun.fused_step holds StageRun.window_cells and Refiner.fused_from_cells, which holds
+# call's inclusive seconds (they nest: input_probs holds run_backbone, backbone_inputs holds
+# shrink_planes, StageRun.fused_step holds StageRun.window_cells and Refiner.fused_from_cells, which holds
 # refine_pass; refine_labels holds top_error_pixels). A name a module imported from another
 # is timed where the engine calls it (magseg.engine.stages).
 SECTIONS = {
-    "magseg.engine.stages": ("run_backbone", "crop_probs", "resample_windows", "shrink_planes",
+    "magseg.engine.stages": ("run_backbone", "input_probs", "backbone_inputs",
                              "enlarged_crops_and_cells", "refine_weights", "refine_crops", "refine_labels",
                              "labels_of", "StageRun.window_probs", "StageRun.fused_step",
                              "StageRun.window_cells", "StageRun.refined_in_windows"),
+    "magseg.engine.inputs": ("resample_windows", "window_pieces", "shrink_planes"),
     "magseg.engine.refine_step": ("error_score", "error_score_and_tops", "top_error_pixels", "top_k_owned",
                                   "labels_of"),
     "magseg.engine.blend": ("FineStore.crops_and_cells", "FineStore.views"),

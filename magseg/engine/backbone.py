@@ -58,6 +58,17 @@ def input_multiple(backbone: Backbone) -> int:
     return int(getattr(getattr(backbone, "encoder", None), "output_stride", 1))
 
 
+def padded_input(x: Tensor, multiple: int) -> Tensor:
+    """``x`` ``(..., h, w)`` padded at the bottom and right to the next multiple of
+    ``multiple``: reflected, or replicated where the padding is as wide as the map (reflection
+    cannot reach); ``x`` itself when it is a multiple already."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+
+
 def run_backbone(
     backbone: Backbone, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None,
     channels_last: bool = False,
@@ -74,12 +85,9 @@ def run_backbone(
     pads as it shrinks.
     """
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        if contexts is not None:
-            contexts = [F.pad(c, (0, pw, 0, ph), mode=mode) for c in contexts]
+    x = padded_input(x, multiple)
+    if contexts is not None:
+        contexts = [padded_input(c, multiple) for c in contexts]
     if channels_last and getattr(backbone, "takes_channels_last", True):
         x = x.contiguous(memory_format=torch.channels_last)
         if contexts is not None:

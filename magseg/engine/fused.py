@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,33 +208,43 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
     return out
 
 
-def can_shrink(x: Tensor, size: Size) -> bool:
-    """Whether ``shrink_planes`` takes ``x`` to ``size``: float32 on the CPU outside
-    autograd, no axis growing."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and size[0] <= x.shape[-2] and size[1] <= x.shape[-1])
+def can_shrink(x: Tensor | Sequence[Tensor], size: Size) -> bool:
+    """Whether ``shrink_planes`` takes ``x`` (a batch, or a list of equally sized maps) to
+    ``size``: float32 on the CPU outside autograd, no axis growing."""
+    first = x[0]
+    return (first.device.type == "cpu" and first.dtype == torch.float32 and not torch.is_grad_enabled()
+            and size[0] <= first.shape[-2] and size[1] <= first.shape[-1])
 
 
-def shrink_planes(x: Tensor, size: Size, multiple: int = 1) -> Tensor:
+def shrink_planes(x: Tensor | Sequence[Tensor], size: Size, multiple: int = 1) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", antialias=True)`` for ``(B, C, h, w)``
-    float32 on the CPU, no axis growing, to float rounding: ATen's own weights (read off
-    by resizing an identity once per size pair) in ``fused_rows.filter_axes``, the loop
-    ``filter_piece`` runs, each map's planes side by side on the thread pool.
+    float32 on the CPU (or a list of B ``(C, h, w)`` maps, views cut from a larger map
+    included), no axis growing, to float rounding: ATen's own weights (read off by resizing
+    an identity once per size pair) in ``fused_rows.filter_axes``, the loop ``filter_piece``
+    runs, each map's planes side by side on the thread pool.
 
     With ``multiple``, the result is written into a buffer padded to the next multiple and
     the padding is the reflection ``magseg.engine.backbone.run_backbone`` would add (where
     it reflects: padding narrower than the map), so the backbone's input is made in one
     pass instead of two: ``(B, C, H', W')``, ``size`` at the top left."""
-    rows, cols = _aten_weights(x.shape[-2], size[0]), _aten_weights(x.shape[-1], size[1])
+    maps = list(x)
+    channels, (h, w) = maps[0].shape[0], maps[0].shape[-2:]
+    rows, cols = _aten_weights(h, size[0]), _aten_weights(w, size[1])
     (height, width), (pad_rows, pad_cols) = size, ((-n) % multiple for n in size)
     if pad_rows >= height or pad_cols >= width:  # run_backbone replicates instead
         pad_rows = pad_cols = 0
-    out = torch.empty((*x.shape[:-2], height + pad_rows, width + pad_cols))
-    inside = out[..., :height, :width]
-    planes, flat = x.contiguous().view(-1, 1, *x.shape[-2:]).numpy(), inside.view(-1, 1, *size).numpy()
+    out = torch.empty((len(maps), channels, height + pad_rows, width + pad_cols))
+    flat = out[..., :height, :width].view(-1, 1, *size).numpy()
     loops = compiled_loops()
-    each_map(lambda i: loops.filter_axes(planes[i], rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
-                                         cols.weight.numpy(), flat[i]), len(planes))
+
+    def plane(i: int) -> None:
+        # A plane cut from a larger map is copied first, in the job: the loop runs twice as
+        # fast on contiguous rows (its vectorised form), and the copy stays in the cache.
+        source = np.ascontiguousarray(maps[i // channels][i % channels].numpy())[None]
+        loops.filter_axes(source, rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
+                          cols.weight.numpy(), flat[i])
+
+    each_map(plane, len(maps) * channels)
     if pad_rows:  # F.pad's reflection: row height + i is row height - 2 - i
         out[..., height:, :width] = out[..., height - 1 - pad_rows : height - 1, :width].flip(-2)
     if pad_cols:  # then the columns over every row, the corners included

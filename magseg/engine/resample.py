@@ -292,6 +292,26 @@ def resample_windows(source: Source, size: Size, windows: list[Rect], compiled: 
     return batch
 
 
+def window_pieces(source: Source, size: Size, windows: list[Rect]) -> list[Tensor | None]:
+    """For each window of the ``size`` grid, the source pixels under it, ``(C, f h, g w)``
+    float32 (a view where the source gives one), when ``size`` shrinks the source's size by
+    whole factors ``f``, ``g`` and the window lies inside the grid; else None (the window
+    has pixels the source does not hold, or is the source's own: ``resample_windows``).
+
+    A window's pixels at the stage are a resampling of exactly these, so what is made from
+    the window at another size can be made from them in one filter, without the stage's
+    (``magseg.engine.inputs.backbone_inputs``)."""
+    (height, width), (h, w) = source.size, size
+    # At the source's own size (f = g = 1) there is no filter to save, only the copy of the
+    # window into its batch; shrinking the windows from views of the source instead left
+    # the engine's later loops slower (docs/performance.md#the-backbones-input-and-output).
+    if height % h or width % w or (height, width) == (h, w):
+        return [None] * len(windows)
+    f, g, grid = height // h, width // w, Rect.of_size(size)
+    return [source.read(slice(win.top * f, win.bottom * f), slice(win.left * g, win.right * g)).float()
+            if win.intersection(grid) == win else None for win in windows]
+
+
 @functools.lru_cache(maxsize=16)
 def _enlarge_phases(factor: int) -> tuple[int, Tensor]:
     """For an enlargement by ``factor``: how many of a source pixel's ``factor`` output pixels

@@ -19,7 +19,7 @@ too (magseg.engine.blend): the map shows no crop grid. Nothing is made whole: cr
 image and Y window by window (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
 image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
-Training uses the same helpers (``crop_probs``, ``refine_probs``).
+Training uses the same helpers (``backbone_inputs``, ``input_probs``, ``refine_probs``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
 from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
-from magseg.engine.fused import FusedStep, can_shrink, enlarged_crops_and_cells, shrink_planes, worth_fusing
+from magseg.engine.fused import FusedStep, enlarged_crops_and_cells, worth_fusing
+from magseg.engine.inputs import backbone_inputs
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -95,39 +96,12 @@ class SegmentationResult:
         return certainty(self.probs[None])[0]
 
 
-def crop_probs(
-    backbone: nn.Module,
-    crops: Tensor,
-    input_size: Size,
-    *,
-    contexts: list[Tensor] | None = None,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    multiple: int | None = None,
-    compiled: bool = False,
-) -> Tensor:
-    """Backbone probabilities of image crops, at the crops' own resolution.
-
-    Args:
-        crops: ``(B, C_in, ch, cw)`` normalised image crops.
-        input_size: ``(ih, iw)`` the backbone sees (crops are resized to it and back).
-        contexts: context crops for a multi-context backbone, each resized to ``input_size``.
-        compiled: shrink the crops to the input in a compiled loop (a CPU, numba installed:
-            ``magseg.engine.fused.shrink_planes``, ATen's values to float rounding).
-    Returns:
-        ``(B, classes, ch, cw)`` float32 probabilities.
-    """
-    if multiple is None:
-        multiple = input_multiple(backbone)
-
-    def to_input(x: Tensor) -> Tensor:
-        if compiled and can_shrink(x, input_size) and tuple(x.shape[-2:]) != tuple(input_size):
-            return shrink_planes(x, input_size, multiple)  # padded as run_backbone would
-        return resize(x, input_size)
-
-    x = to_input(crops)
-    if contexts is not None:
-        contexts = [to_input(c) for c in contexts]
+def input_probs(backbone: nn.Module, x: Tensor, input_size: Size, size: Size, *,
+                contexts: list[Tensor] | None = None, precision: str = "fp32", channels_last: bool = False,
+                multiple: int = 1) -> Tensor:
+    """Backbone probabilities ``(B, classes, h, w)``, float32, at ``size`` = ``(h, w)`` of
+    inputs ``x`` ``(B, C_in, ih', iw')`` made at ``input_size`` (padded past it or not),
+    with ``contexts`` for a multi-context backbone made the same way."""
     with precision_context(x.device, precision):
         logits = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
@@ -142,7 +116,7 @@ def crop_probs(
     # input padded to the backbone's multiple, the softmax takes the padding too (it is per
     # pixel) and the resize reads the input's part, so no copy cuts it out.
     probs = logits.softmax(dim=1)[..., : input_size[0], : input_size[1]]
-    return resize(probs, tuple(crops.shape[-2:])).contiguous()
+    return resize(probs, tuple(size)).contiguous()
 
 
 def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:
@@ -303,13 +277,17 @@ class StageRun:
         # Compiled loops by the image's size to read it (what a shrink reads), by the
         # stage's for the rest: the same choice for every crop of a stage, wherever it runs.
         reading = worth_fusing(device, image.size[0] * image.size[1], crop, self.engine.compiled)
-        crops = resample_windows(image, size, windows, reading).to(device)
-        contexts = [resample_windows(image, size, context_windows(windows, r), reading).to(device)
-                    for r in self.ratios]
-        probs = crop_probs(self.backbone, crops, grown_input(self.pyramid.input, crop, extent),
-                           contexts=contexts or None, precision=self.engine.precision,
-                           channels_last=self.engine.channels_last, multiple=self.multiple,
-                           compiled=worth_fusing(device, size[0] * size[1], crop, self.engine.compiled))
+        compiled = worth_fusing(device, size[0] * size[1], crop, self.engine.compiled)
+        input_size = grown_input(self.pyramid.input, crop, extent)
+
+        def inputs(of: list[Rect]) -> Tensor:
+            return backbone_inputs(image, size, of, input_size, self.multiple, compiled=compiled,
+                                   reading=reading).to(device)
+
+        probs = input_probs(self.backbone, inputs(windows), input_size, extent,
+                            contexts=[inputs(context_windows(windows, r)) for r in self.ratios] or None,
+                            precision=self.engine.precision, channels_last=self.engine.channels_last,
+                            multiple=self.multiple)
         if self.on_crops:
             self.on_crops(len(boxes))
         return probs, offsets

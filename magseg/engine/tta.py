@@ -5,7 +5,7 @@ mapped back, and the probabilities averaged.
 ``TTABackbone`` wraps a backbone and keeps its contract (``(B, C_in, h, w)`` in, logits
 out), so the stage loop, the crop counts and the streamed/in-memory equality are untouched:
 it returns ``log(mean_t softmax(t^-1(backbone(t(x)))))``, whose softmax (what
-``magseg.engine.stages.crop_probs`` takes next) is that mean exactly. The engine's crop
+``magseg.engine.stages.input_probs`` takes next) is that mean exactly. The engine's crop
 counts stay the crops it ran; the backbone runs ``len(transforms)`` times per crop
 (``passes_per_crop``).
 """
