@@ -96,3 +96,14 @@ def test_the_compiled_shrink_of_views_equals_that_of_their_batch():
     with torch.inference_mode():
         assert torch.equal(fused.shrink_planes(views, (37, 50), 8),
                            fused.shrink_planes(torch.stack(views), (37, 50), 8))
+
+
+def test_flat_rows_reads_a_cut_plane_in_place():
+    plane = torch.arange(40.0).view(5, 8)
+    flat, stride = fused.flat_rows(plane[1:4, 2:7])  # rows 8 apart, from pixel (1, 2) to (3, 6)
+    assert stride == 8 and flat.shape == (2 * 8 + 5,) and flat[0] == 10 and flat[-1] == 30
+    assert np.shares_memory(flat, plane.numpy())
+    for r in range(3):
+        assert np.array_equal(flat[r * 8 : r * 8 + 5], plane[1 + r, 2:7].numpy())
+    flat, stride = fused.flat_rows(plane.t()[1:3])  # pixels 8 apart: copied
+    assert stride == 5 and np.array_equal(flat, plane.t()[1:3].flatten().numpy())

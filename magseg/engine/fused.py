@@ -193,7 +193,8 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
     first_cols = (cols.first[out_cols] - origin[1]).numpy()
     if out is None:
         out = torch.empty((piece.shape[0], len(first_rows), len(first_cols)))
-    source, row_weight, col_weight, flat = (piece.float().contiguous().numpy(), rows.weight[out_rows].numpy(),
+    source = piece.float().contiguous()
+    source, row_weight, col_weight, flat = (source.view(source.shape[0], -1).numpy(), rows.weight[out_rows].numpy(),
                                             cols.weight[out_cols].numpy(), out.numpy())
     # In row bands side by side on the pool: a stage's only window (stage 0 is often one
     # crop) would otherwise leave all but one core idle.
@@ -202,7 +203,8 @@ def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: 
 
     def band(i: int) -> None:
         part = slice(int(cuts[i]), int(cuts[i + 1]))
-        loops.filter_axes(source, first_rows[part], row_weight[part], first_cols, col_weight, flat[:, part])
+        loops.filter_axes(source, piece.shape[-1], first_rows[part], row_weight[part], first_cols, col_weight,
+                          flat[:, part])
 
     each_map(band, len(cuts) - 1)
     return out
@@ -238,10 +240,8 @@ def shrink_planes(x: Tensor | Sequence[Tensor], size: Size, multiple: int = 1) -
     loops = compiled_loops()
 
     def plane(i: int) -> None:
-        # A plane cut from a larger map is copied first, in the job: the loop runs twice as
-        # fast on contiguous rows (its vectorised form), and the copy stays in the cache.
-        source = np.ascontiguousarray(maps[i // channels][i % channels].numpy())[None]
-        loops.filter_axes(source, rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
+        source, row_stride = flat_rows(maps[i // channels][i % channels])
+        loops.filter_axes(source[None], row_stride, rows.first.numpy(), rows.weight.numpy(), cols.first.numpy(),
                           cols.weight.numpy(), flat[i])
 
     each_map(plane, len(maps) * channels)
@@ -250,6 +250,16 @@ def shrink_planes(x: Tensor | Sequence[Tensor], size: Size, multiple: int = 1) -
     if pad_cols:  # then the columns over every row, the corners included
         out[..., width:] = out[..., width - 1 - pad_cols : width - 1].flip(-1)
     return out
+
+
+def flat_rows(plane: Tensor) -> tuple[np.ndarray, int]:
+    """A float32 CPU plane ``(h, w)`` as ``fused_rows.filter_axes`` reads it: its rows in one
+    flat run, and how far apart they are. A plane cut from a wider map (rows apart, pixels
+    side by side) is read in place, from its first pixel to its last: no copy of it."""
+    (h, w), (row_stride, col_stride) = plane.shape, plane.stride()
+    if col_stride != 1 or row_stride < w:
+        return plane.contiguous().view(-1).numpy(), w
+    return torch.as_strided(plane, ((h - 1) * row_stride + w,), (1,), plane.storage_offset()).numpy(), row_stride
 
 
 @functools.lru_cache(maxsize=16)

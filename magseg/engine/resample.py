@@ -304,7 +304,7 @@ def window_pieces(source: Source, size: Size, windows: list[Rect]) -> list[Tenso
     (height, width), (h, w) = source.size, size
     # At the source's own size (f = g = 1) there is no filter to save, only the copy of the
     # window into its batch; shrinking the windows from views of the source instead left
-    # the engine's later loops slower (docs/performance.md#the-backbones-input-and-output).
+    # the engine slower (docs/performance.md#the-backbones-input-and-output).
     if height % h or width % w or (height, width) == (h, w):
         return [None] * len(windows)
     f, g, grid = height // h, width // w, Rect.of_size(size)
