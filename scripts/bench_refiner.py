@@ -24,8 +24,7 @@ from figures import report as report_figures  # noqa: E402
 
 from magseg.config import load_config  # noqa: E402
 from magseg.engine.refiner_network import Refiner  # noqa: E402
-from magseg.engine.pyramid import resize  # noqa: E402
-from magseg.engine.stages import input_probs  # noqa: E402
+from magseg.engine.stages import crop_probs  # noqa: E402
 from magseg.segmenter import create_segmenter_model  # noqa: E402
 
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = {
         "refiner_no_gate": lambda: refiners[False].probs(fine, coarse),
         "refiner_gate": lambda: refiners[True].probs(fine, coarse),
-        "backbone": lambda: input_probs(backbone, resize(crops, cfg.pyramid.input), cfg.pyramid.input, (h, w)),
+        "backbone": lambda: crop_probs(backbone, crops, cfg.pyramid.input, precision="fp32"),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
     with torch.inference_mode():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from magseg.config import Config
 from magseg.data.scenes import IGNORE, check_scene, encode_colors, list_scenes
-from magseg.engine.pyramid import resize
+from magseg.engine.pyramid import extract_crops, resize
 from magseg.engine.resample import TensorSource, resample_window
 from magseg.errors import DataError
 from magseg.geometry import Rect
@@ -218,9 +218,8 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
         assert tuple(size.tolist()) in sizes[1:]  # a finer stage, never stage 0
         top, left, h, w = box.tolist()
         assert top + h <= size[0] and left + w <= size[1]
-    # The fine window is the engine's backbone input of the window, the mask the stage mask's window.
-    from stage_cuts import window_input
-
+    # The fine window is the stage image's window, the mask the stage mask's window.
+    from magseg.engine.pyramid import CropBox
     from magseg.training.samples import load_scene
 
     one = RefinerSamples(scenes[:1], config, length=4, seed=0)
@@ -229,8 +228,10 @@ def test_refiner_samples_geotiff_any_band_count(tmp_path, tiny_config):
         item = one[i]
         size = tuple(item.size.tolist())
         top, left, h, w = item.box.tolist()
-        # The engine's backbone input of the window: exact at this scene's non-integer factors too.
-        assert torch.equal(item.fine, window_input(image, size, Rect(top, left, 32, 32), config.pyramid.input))
+        box = CropBox.whole(Rect(top, left, h, w))
+        # The engine's stage images: exact at this scene's non-integer factors too.
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
+        assert torch.equal(item.fine, extract_crops(stage, [box], (32, 32))[0])
         assert torch.equal(item.mask[:h, :w], resize_mask(mask, size)[top : top + h, left : left + w])
         assert torch.equal(item.scene0, resample_window(TensorSource(image), sizes[0], Rect.of_size(sizes[0])))
 

@@ -156,12 +156,12 @@ def test_streamed_predict_equals_segment_with_margins_bit_for_bit(tmp_path, fitt
 def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config):
     # Backbone samples: a random window of crop + 2 margins at the stage's magnification,
     # at the grown input (the engine's scale). Refiner samples: the engine's grown window of
-    # the crop, the crop at ``offset`` in it, mask and box the crop's own. Both as the
-    # engine's backbone input of the window (stage_cuts.window_input).
-    from stage_cuts import window_input
+    # the crop, the crop at ``offset`` in it, mask and box the crop's own.
     from test_datasets import make_deepglobe
 
     from magseg.data.scenes import list_scenes
+    from magseg.engine.pyramid import resize
+    from magseg.engine.resample import TensorSource, resample_window
     from magseg.training.samples import BackboneSamples, RefinerSamples, load_scene
     from magseg.training.windows import mask_window, random_box, resize_mask
 
@@ -178,11 +178,13 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, (40, 40))
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
+        window = torch.zeros(3, 40, 40)
+        window[:, : box.window.height, : box.window.width] = stage[(slice(None), *box.window.slices)]
         target = mask_window(resize_mask(mask, size), box, (40, 40))
         crop, got = backbone[index].image, backbone[index].mask
         assert crop.shape[-2:] == (40, 40)
-        want = window_input(image, size, Rect(box.window.top, box.window.left, 40, 40), (40, 40))
-        assert torch.equal(crop, want) and torch.equal(got, target)
+        assert torch.equal(crop, resize(window, (40, 40))) and torch.equal(got, target)
 
         item = refiner[index]
         rng = refiner._rng(index)
@@ -191,23 +193,20 @@ def test_training_samples_see_the_window_with_its_margins(tmp_path, tiny_config)
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
         (grown,), (offset,), extent = grown_windows([box], pyramid.crop, size, (4, 4))
-        assert extent == (40, 40) and item.fine.shape[-2:] == (40, 40) and tuple(item.offset.tolist()) == offset
-        assert torch.equal(item.fine, window_input(image, size, Rect(grown.top, grown.left, 40, 40), (40, 40)))
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
+        assert item.fine.shape[-2:] == (40, 40) and tuple(item.offset.tolist()) == offset
+        top, left = grown.top, grown.left
+        assert torch.equal(item.fine[:, : extent[0], : extent[1]],
+                           stage[:, top : top + extent[0], left : left + extent[1]])
         dy, dx = offset
-        assert Rect(grown.top + dy, grown.left + dx, 32, 32) == box.window
-        assert torch.equal(item.mask, mask_window(resize_mask(mask, size), box, pyramid.crop))
+        assert torch.equal(item.fine[:, dy : dy + 32, dx : dx + 32], stage[(slice(None), *box.window.slices)])
 
 
 def test_train_margin_sets_the_training_windows_apart_from_the_prediction_margin(tmp_path, tiny_config):
     from test_datasets import make_deepglobe
 
     from magseg.data.scenes import list_scenes
-    from magseg.training.samples import (
-        BackboneSamples,
-        RefinerSamples,
-        training_margin,
-        training_window,
-    )
+    from magseg.training.samples import BackboneSamples, RefinerSamples, training_margin, training_window
 
     config = tiny_config.override({"pyramid.margin": 4})  # crop 32
     assert training_margin(config) == (4, 4) and training_window(config) == (40, 40)  # None: as predicted
@@ -229,7 +228,7 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
 
     from magseg.data.scenes import list_scenes
     from magseg.engine.pyramid import CropBox
-    from magseg.engine.resample import TensorSource
+    from magseg.engine.resample import TensorSource, resample_window
     from magseg.engine.stages import StageRun
     from magseg.segmenter import create_segmenter_model
     from magseg.training.batches import collate_refiner
@@ -251,14 +250,15 @@ def test_refiner_loss_cuts_the_fine_view_as_the_engine_does(tmp_path, tiny_confi
         return torch.zeros_like(fine, requires_grad=True)
 
     refiner_loss(refiner, backbone, batch, config, RunPrecision.resolve(config, torch.device("cpu")))
-    # The engine's fine view of the same crop: the scene, the stage, the crop's box, StageRun.fine.
+    # The engine's fine view of the same crop: its stage image, the crop's box, StageRun.fine.
     run = StageRun.create(backbone, config.pyramid, engine=config.engine)
     for i in range(3):
         rng = samples._rng(i)
         image, _ = load_scene(scenes[int(rng.integers(len(scenes)))], config)
         size = tuple(int(v) for v in batch.size[i])
         top, left, h, w = (int(v) for v in batch.box[i])
-        want = run.fine(TensorSource(image), size, [CropBox.whole(Rect(top, left, h, w))])
+        stage = resample_window(TensorSource(image), size, Rect.of_size(size))
+        want = run.fine(TensorSource(stage), size, [CropBox.whole(Rect(top, left, h, w))])
         torch.testing.assert_close(seen["fine"][i], want[0], atol=1e-5, rtol=0)
 
 

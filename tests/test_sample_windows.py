@@ -1,9 +1,7 @@
-"""A training sample reads only its window of the scene, and the backbone gets the input
-inference gives it: the engine's ``backbone_inputs`` of that window, which is the window's
-source pixels resized to the input where the stage divides the scene (and the window lies
-inside it), else the whole stage image cut at the window and resized (bit for bit, at every
-factor of the stage tests here); masks (nearest-exact) always equal the whole mask resized
-and cut.
+"""A training sample reads and resizes only its window of the scene, and gets the pixels
+inference gets: the engine's ``resample_window`` of that window, which are the whole stage
+image's pixels cut at the window (bit for bit, at every factor of the stage tests here);
+masks (nearest-exact) always equal the whole mask resized and cut.
 """
 
 from __future__ import annotations
@@ -14,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS
-from stage_cuts import image_windows, window_input
+from stage_cuts import image_windows
 from test_datasets import geotiff_config, make_deepglobe, make_geotiff
 
 from magseg.config import load_config
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import list_scenes
-from magseg.engine.inputs import backbone_inputs
-from magseg.engine.pyramid import context_windows, crop_windows, grown_input
-from magseg.engine.resample import TensorSource, resample_window
+from magseg.engine.pyramid import context_windows, crop_windows, resize
+from magseg.engine.resample import TensorSource, resample_window, resample_windows
 from magseg.geometry import Rect
 from magseg.training.samples import (
     BackboneSamples,
@@ -30,7 +27,7 @@ from magseg.training.samples import (
     RefinerSamples,
     SceneWindows,
     load_scene,
-    stage_input,
+    stage_crop,
     stage_mask,
 )
 from magseg.training.windows import (
@@ -82,20 +79,17 @@ def _scene(scene_size, crop, seed=0):
     ((100, 90), (63, 71), (16, 16), (2.0,)),       # odd ratios, with a context
     ((64, 64), (160, 96), (32, 32), ()),           # growing (bilinear upsampling)
 ])
-def test_window_read_equals_the_reference_input(scene_size, stage, crop, ratios):
+def test_window_read_equals_whole_stage_image_then_cut(scene_size, stage, crop, ratios):
     rng, raw, mask, image, config = _scene(scene_size, crop)
     scene = SceneWindows(raw, mask)
-    input_size = grown_input(config.pyramid.input, crop, crop)
     for _ in range(12):
         box = random_box(rng, stage, crop)
-        (window,) = crop_windows([box], crop)
-        want_mask = _whole_scene(image, torch.from_numpy(mask), stage, box, crop)[2]
-        want = [window_input(image, stage, w, input_size) for w in [window, *(context_windows([window], r)[0] for r in ratios)]]
-        got, got_ctx = stage_input(scene, stage, box, config, ratios)
+        want, want_ctx, want_mask = _whole_scene(image, torch.from_numpy(mask), stage, box, crop, ratios)
+        got, got_ctx = stage_crop(scene, stage, box, config, ratios)
         assert torch.equal(stage_mask(scene, stage, box, crop), want_mask)
-        assert len(got_ctx) == len(ratios)
-        for a, b in zip([got, *got_ctx], want):
-            assert a.shape == b.shape == (3, *input_size) and torch.equal(a, b), (box, (a - b).abs().max())
+        assert len(got_ctx) == len(want_ctx) == len(ratios)
+        for a, b in zip([got, *got_ctx], [want, *want_ctx]):
+            assert a.shape == b.shape and torch.equal(a, b), (box, (a - b).abs().max())
 
 
 @pytest.mark.parametrize("scene_size,stage,crop,ratios", [
@@ -104,21 +98,19 @@ def test_window_read_equals_the_reference_input(scene_size, stage, crop, ratios)
     ((64, 64), (128, 192), (32, 32), ()),          # an integer enlargement
     ((48, 48), (144, 144), (80, 80), ()),          # an integer enlargement by F.interpolate's parts
 ])
-def test_window_read_equals_the_engines_input(scene_size, stage, crop, ratios):
-    # What StageRun.window_probs gives the backbone for a crop at this box from the image in
-    # memory, at any factor, integer enlargements included (where windows and the whole map
-    # may differ in the last bits, training and inference still agree bit for bit).
+def test_window_read_equals_the_engines_crop(scene_size, stage, crop, ratios):
+    # The engine's window of a crop at this box at the stage (resample_windows) from the
+    # image in memory, at any factor, integer enlargements included (where windows and the
+    # whole map may differ in the last bits, the two still agree bit for bit).
     rng, raw, mask, image, config = _scene(scene_size, crop, seed=1)
     scene = SceneWindows(raw, mask)
-    input_size = grown_input(config.pyramid.input, crop, crop)
     for _ in range(8):
         box = random_box(rng, stage, crop)
         windows = crop_windows([box], crop)
-        got, got_ctx = stage_input(scene, stage, box, config, ratios)
-        assert torch.equal(got, backbone_inputs(TensorSource(image), stage, windows, input_size)[0])
+        got, got_ctx = stage_crop(scene, stage, box, config, ratios)
+        assert torch.equal(got, resample_windows(TensorSource(image), stage, windows)[0])
         for r, ctx in zip(ratios, got_ctx):
-            want = backbone_inputs(TensorSource(image), stage, context_windows(windows, r), input_size)[0]
-            assert torch.equal(ctx, want)
+            assert torch.equal(ctx, resample_windows(TensorSource(image), stage, context_windows(windows, r))[0])
 
 
 class _ReadSpy(SceneWindows):
@@ -157,7 +149,7 @@ def test_a_sample_reads_only_the_pixels_its_windows_need(scene_size, stage, crop
         box = random_box(rng, stage, crop)
         (window,) = crop_windows([box], crop)
         windows = [window] + [w for r in ratios for w in context_windows([window], r)]
-        stage_input(scene, stage, box, config, ratios)
+        stage_crop(scene, stage, box, config, ratios)
         assert scene.reads
         supports = [(_support(scene_size[0], stage[0], t, h), _support(scene_size[1], stage[1], l, w))
                     for t, l, h, w in ((r.top, r.left, r.height, r.width) for r in windows)]
@@ -194,10 +186,9 @@ def test_samples_equal_the_whole_scene_path(tmp_path, tiny_config, layout):
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[int(rng.integers(len(sizes)))]
         box = random_box(rng, size, pyramid.crop)
-        _, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
-        (window,) = crop_windows([box], pyramid.crop)
+        window, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
         crop, got_target = backbone[index].image, backbone[index].mask
-        assert torch.equal(crop, window_input(image, size, window, pyramid.input))
+        assert torch.equal(crop, resize(window, pyramid.input))
         assert torch.equal(got_target, resize_mask(target, pyramid.input))
 
         rng = refiner._rng(index)
@@ -205,10 +196,9 @@ def test_samples_equal_the_whole_scene_path(tmp_path, tiny_config, layout):
         sizes = pyramid.stage_sizes(tuple(image.shape[-2:]))
         size = sizes[1 + int(rng.integers(len(sizes) - 1))]
         box = random_box(rng, size, pyramid.crop)
-        _, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
-        (window,) = crop_windows([box], pyramid.crop)
+        window, _, target = _whole_scene(image, mask, size, box, pyramid.crop)
         item = refiner[index]
-        assert torch.equal(item.fine, window_input(image, size, window, pyramid.input)) and torch.equal(item.mask, target)
+        assert torch.equal(item.fine, window) and torch.equal(item.mask, target)
         assert torch.equal(item.scene0, _stage_image(image, sizes[0]))
     if layout == "deepglobe":
         assert len(list((tmp_path / "cache" / "scenes").glob("*.npy"))) == len(scenes)

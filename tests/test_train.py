@@ -19,11 +19,10 @@ from typer.testing import CliRunner
 from magseg.checkpoint import load_checkpoint
 from magseg.config import config_from_dict
 from magseg.data.scenes import list_scenes, read_scene
-from magseg.engine.inputs import backbone_inputs
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import resolved_engine
 from magseg.engine.pyramid import CropBox, crop_boxes, crop_windows, resize
-from magseg.engine.resample import TensorSource, resample_window
+from magseg.engine.resample import TensorSource, resample_window, resample_windows
 from magseg.engine.stages import StageRun, segment, stage_probs
 from magseg.geometry import Rect
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
@@ -130,9 +129,10 @@ def test_refiner_coarse_input_is_the_engines_stage_zero(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("layout", ["deepglobe", "geotiff"])
 def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
-    # At the same box, the refiner trains on what inference computes, bit for bit: the fine
-    # window's backbone input as StageRun.window_probs makes it from the image (the engine's
-    # backbone_inputs; stage_cuts.window_input checks it against a reference), the coarse view as StageRun.coarse
+    # At the same box, the refiner trains on the engine's views, bit for bit: the fine
+    # window as the engine resamples it at the stage (resample_windows; the engine's backbone
+    # input is made from the source in one filter, training keeps two: docs/training.md),
+    # the coarse view as StageRun.coarse
     # upsamples the engine's stage 0 (computed without coarse maps, which are float16).
     # The GeoTIFF scenes (96 x 112 for scales of a 128 scene) take non-integer factors.
     if layout == "deepglobe":
@@ -162,7 +162,7 @@ def test_refiner_inputs_are_the_engines_crops(tmp_path, tiny_config, layout):
         size = tuple(batch.size[i].tolist())
         top, left, h, w = batch.box[i].tolist()
         box = CropBox.whole(Rect(top, left, h, w))
-        fine = backbone_inputs(source, size, crop_windows([box], pyramid.crop), pyramid.input)[0]
+        fine = resample_windows(source, size, crop_windows([box], pyramid.crop))[0]
         assert torch.equal(batch.fine[i], fine)
         assert torch.equal(got[i], run.coarse(y0, size, [box])[0])
 
@@ -279,6 +279,8 @@ def test_channels_last_training_learns_the_same_weights_and_stores_the_standard_
     # train.channels_last trains the backbone in NHWC. The layout must not change what is
     # learnt, only how fast, and the checkpoint holds plain contiguous tensors either way, so
     # a checkpoint does not depend on the layout it was trained in.
+    # Crop-sized windows: the tolerance below was set for the 32 px input (the default margin
+    # grows it to 40, with more rounding for Adam to amplify).
     config = small(tiny_config, **{"train.epochs": 2, "train.val_every": 100, "pyramid.margin": 0})
     data = make_deepglobe(tmp_path / "data", config)
     states = {}
@@ -287,26 +289,19 @@ def test_channels_last_training_learns_the_same_weights_and_stores_the_standard_
         run = config.override({"train.channels_last": channels_last})
         train(run, TrainOptions(out=out, phase="backbone", data_root=data))
         states[channels_last] = load_checkpoint(out / "last.ckpt").backbone
-    steps, lr = 4, config.train.lr  # 2 epochs of 2 steps
+    convs = [k for k, v in states[True].items() if v.dim() == 4]
+    assert convs
+    for key, value in states[True].items():
+        assert value.is_contiguous(), key
+        # Float rounding differs between the layouts' kernels, and Adam turns gradients at
+        # rounding level into steps of up to lr: 7e-5 at most here, over 4 steps.
+        torch.testing.assert_close(value, states[False][key], rtol=1e-3, atol=2e-4, msg=key)
+    # Training moved the weights several times further than that tolerance (so the comparison
+    # above compared something).
     seed_everything(config.train.seed)  # the trainer's initial weights
     init = create_segmenter_model(config, pretrained=False).state_dict()
-    floats = [k for k, v in states[True].items() if v.is_floating_point()]
-    parameters = {k for k, _ in create_segmenter_model(config, pretrained=False).named_parameters()}
-    apart = moved = 0.0
-    for key in floats:
-        value, other = states[True][key], states[False][key]
-        assert value.is_contiguous(), key
-        # Float rounding differs between the layouts' kernels, and Adam turns a gradient at
-        # rounding level into a step of up to about lr (its update is m / sqrt(v), whatever
-        # the gradient's size): a weight whose tiny gradient changes sign between layouts
-        # moves up to 2 lr a step apart, and no weight further.
-        if key in parameters:
-            assert float((value - other).abs().max()) <= 2 * lr * steps, key
-        apart += float((value - other).abs().sum())
-        moved += float((value - init[key]).abs().sum())
-    # In all, the two layouts end up far closer to each other than training moved them (a
-    # layout that changed what is learnt would be as far apart as the steps themselves).
-    assert apart < 0.05 * moved, (apart, moved)  # 0.0065 on an AVX512 CPU
+    moved = max(float((init[k] - states[True][k]).abs().max()) for k in convs)
+    assert moved > 1e-3, moved
 
 
 def test_training_stores_the_refiner_on_off_choice(tmp_path, tiny_config):

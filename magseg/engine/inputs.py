@@ -1,6 +1,5 @@
 """The backbone's inputs: each window of an image at a stage, made at the magnification the
-backbone was trained at (``magseg.engine.pyramid.grown_input``), for the engine and for
-training alike (``magseg.training.samples``), so both feed the backbone the same pixels.
+backbone was trained at (``magseg.engine.pyramid.grown_input``).
 
 A stage's window is an image window seen at the stage's size; the backbone sees it resized
 once more, to its input. Where the stage shrinks the image by whole factors (the stages
@@ -9,6 +8,11 @@ DeepGlobe's 612 and 1224 over 2448 px), the window covers whole source pixels, a
 input is made from them in one antialiased filter: the stage's pixels are never made. That
 is one filter instead of two, and a sharper input for it (two triangle filters in a row
 blur as one wider one); docs/performance.md#the-backbones-input-and-output.
+
+Training keeps the two filters (``magseg.training.samples``: the window at the stage, then
+resized, ``crop_probs``): a backbone trained on one-filter samples scored about a point
+lower on the demo, while one-filter inputs cost models trained on two-filter samples
+nothing measurable (docs/training.md).
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ def backbone_inputs(image: Source, size: Size, windows: list[Rect], input_size: 
     staged = [i for i, piece in enumerate(pieces) if piece is None]
     parts = []
     if whole:
-        parts.append((whole, _resized([pieces[i] for i in whole], input_size, multiple, reading)))
+        parts.append((whole, resized_input([pieces[i] for i in whole], input_size, multiple, reading)))
     if staged:
         at_stage = resample_windows(image, size, [windows[i] for i in staged], reading)
-        parts.append((staged, _resized(at_stage, input_size, multiple, compiled)))
+        parts.append((staged, resized_input(at_stage, input_size, multiple, compiled)))
     if len(parts) == 1:
         return parts[0][1]
     out = parts[0][1].new_empty((len(windows), *parts[0][1].shape[1:]))
@@ -57,7 +61,7 @@ def backbone_inputs(image: Source, size: Size, windows: list[Rect], input_size: 
     return out
 
 
-def _resized(maps: Tensor | list[Tensor], input_size: Size, multiple: int, compiled: bool) -> Tensor:
+def resized_input(maps: Tensor | list[Tensor], input_size: Size, multiple: int = 1, compiled: bool = False) -> Tensor:
     """``maps`` (a batch, or a list of equally sized ``(C, h, w)``) resized to ``input_size``
     and padded to ``multiple``: ``(B, C, ih', iw')``, by the compiled shrink when asked and
     it applies."""

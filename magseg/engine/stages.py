@@ -19,7 +19,7 @@ too (magseg.engine.blend): the map shows no crop grid. Nothing is made whole: cr
 image and Y window by window (magseg.engine.resample), Y lives in a stage map (memory or chunks on disk,
 magseg.engine.maps), and the final labels go crop by crop to a sink. ``segment`` runs it on an
 image in memory; ``magseg.run.predict`` on a raster of any size, with the same ``run_stages``.
-Training uses the same helpers (``backbone_inputs``, ``input_probs``, ``refine_probs``).
+Training uses the same helpers (``crop_probs``, ``refine_probs``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
 from magseg.engine.fused import FusedStep, enlarged_crops_and_cells, worth_fusing
-from magseg.engine.inputs import backbone_inputs
+from magseg.engine.inputs import backbone_inputs, resized_input
 from magseg.engine.maps import MemoryMap
 from magseg.engine.precision import precision_context
 from magseg.engine.pyramid import (
@@ -117,6 +117,24 @@ def input_probs(backbone: nn.Module, x: Tensor, input_size: Size, size: Size, *,
     # pixel) and the resize reads the input's part, so no copy cuts it out.
     probs = logits.softmax(dim=1)[..., : input_size[0], : input_size[1]]
     return resize(probs, tuple(size)).contiguous()
+
+
+def crop_probs(backbone: nn.Module, crops: Tensor, input_size: Size, *, contexts: list[Tensor] | None = None,
+               precision: str = "fp32", channels_last: bool = False, multiple: int | None = None,
+               compiled: bool = False) -> Tensor:
+    """Backbone probabilities ``(B, classes, ch, cw)`` of image crops ``(B, C_in, ch, cw)``
+    at the crops' own resolution: each crop resized to ``input_size`` (``resized_input``; the
+    compiled shrink with ``compiled``), and ``contexts`` the same way. What training runs on
+    its windows at the stage; the engine makes its inputs with ``backbone_inputs``."""
+    if multiple is None:
+        multiple = input_multiple(backbone)
+
+    def to_input(x: Tensor) -> Tensor:
+        return resized_input(x, input_size, multiple, compiled)
+
+    return input_probs(backbone, to_input(crops), input_size, tuple(crops.shape[-2:]),
+                       contexts=None if contexts is None else [to_input(c) for c in contexts],
+                       precision=precision, channels_last=channels_last, multiple=multiple)
 
 
 def refine_probs(refiner: nn.Module | None, fine: Tensor, coarse: Tensor) -> Tensor:

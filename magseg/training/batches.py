@@ -65,14 +65,13 @@ class RefinerItem:
     """A refiner-phase sample: one crop window of a finer stage (s >= 1), what the refiner
     needs of it before the frozen backbone runs (that runs batched, in the training loop).
 
-    ``fine`` ``(C_in, ih, iw)``: the backbone's input (``magseg.engine.inputs``) of the
-    stage's window grown by the margin (the training window, ``wh x ww`` stage pixels), the
-    crop at ``offset`` ``(2,)`` in that window; ``mask`` ``(ch, cw)`` int64; ``size``
+    ``fine`` ``(C_in, wh, ww)``: the stage image's window grown by the margin (the training
+    window), the crop at ``offset`` ``(2,)`` in it; ``mask`` ``(ch, cw)`` int64; ``size``
     ``(2,)`` the stage's size; ``box`` ``(4,)`` top, left, height, width of the crop.
     Exactly one of ``coarse`` ``(classes, ch, cw)`` (the crop's window of the cached stage-0
     probabilities) and ``scene0`` ``(C_in, h0, w0)`` (the whole scene at ``scales[0]``, for
-    the loop to run stage 0 on). ``contexts``: one ``(C_in, ih, iw)`` per context ratio of a
-    multi-context backbone (the input of its context window), else None.
+    the loop to run stage 0 on). ``contexts``: one ``(C_in, r*wh, r*ww)`` per context ratio
+    of a multi-context backbone, else None.
     """
 
     fine: Tensor
@@ -88,7 +87,7 @@ class RefinerItem:
 @dataclass
 class RefinerBatch(_Pinnable):
     """``RefinerItem``s stacked along a first dimension B, except ``scene0``, a list (its
-    sizes differ between scenes), and ``contexts``, one ``(B, C_in, ih, iw)`` per ratio."""
+    sizes differ between scenes), and ``contexts``, one ``(B, C_in, r*wh, r*ww)`` per ratio."""
 
     fine: Tensor
     offset: Tensor

@@ -17,7 +17,7 @@ from magseg.data.scenes import IGNORE
 from magseg.engine.backbone import context_ratios, input_multiple
 from magseg.engine.pyramid import CropBox, crop_windows, cut_crops
 from magseg.engine.resample import TensorSource, resample_window
-from magseg.engine.stages import input_probs, stage_probs
+from magseg.engine.stages import crop_probs, stage_probs
 from magseg.errors import CheckpointError
 from magseg.geometry import Rect
 from magseg.segmenter import create_refiner, create_segmenter_model
@@ -31,7 +31,7 @@ from magseg.training.losses import (
 )
 from magseg.training.matching import check_matches
 from magseg.training.phase import PhaseParts, scene_cache
-from magseg.training.samples import RefinerSamples, training_input, training_window
+from magseg.training.samples import RefinerSamples, training_input
 from magseg.training.state import BEST, LAST, RunPrecision, RunState, logger
 
 
@@ -75,13 +75,13 @@ def refiner_inputs(backbone: nn.Module, batch: RefinerBatch, config: Config,
                    engine: EngineConfig) -> tuple[Tensor, Tensor]:
     """``(fine, coarse)`` ``(B, classes, ch, cw)`` each, as the engine gives them to the
     refiner: coarse is stage 0 of the engine (``stage_probs`` of the scene at ``scales[0]``)
-    upsampled to the window's stage and cut like a crop; fine is ``input_probs`` of the
-    window's backbone input, at the window's size, cut to the crop's own part of it."""
+    upsampled to the window's stage and cut like a crop; fine is ``crop_probs`` of the
+    window, cut to the crop's own part of it."""
     device = torch.device(engine.device)
     coarse = coarse_inputs(backbone, batch, config, engine)
     contexts = None if batch.contexts is None else [c.to(device) for c in batch.contexts]
-    fine = input_probs(backbone, batch.fine.to(device), training_input(config), training_window(config),
-                       contexts=contexts, precision=engine.precision, multiple=input_multiple(backbone))
+    fine = crop_probs(backbone, batch.fine.to(device), training_input(config), contexts=contexts,
+                      precision=engine.precision, multiple=input_multiple(backbone))
     # The crop's own part of its grown window (training_margin), as StageRun.fine cuts it.
     fine = cut_crops(fine, [tuple(int(v) for v in o) for o in batch.offset], config.pyramid.crop)
     return fine, coarse

@@ -8,10 +8,12 @@ index (``EpochSampler``), so persistent DataLoader workers, which keep their own
 dataset, still sample the epoch the main process is in.
 
 A sample reads only its window of the scene: a GeoTIFF by a windowed read, a JPEG/PNG scene
-from its decoded copy in the scene cache (``magseg.data.cache``, memory-mapped), and makes
-the backbone's input of it with the engine's ``backbone_inputs``, reading just the source
-pixels the window needs: exactly the input the engine's backbone gets for a crop at that box
-at prediction.
+from its decoded copy in the scene cache (``magseg.data.cache``, memory-mapped), and resizes
+it with the engine's ``resample_window``, reading just the source pixels the window needs:
+exactly the pixels of the whole stage image cut at the window. The backbone sees it resized
+to its input; at prediction the engine makes that input from the source pixels in one
+filter where the stage shrinks the image by whole factors (``magseg.engine.inputs``): the
+two-filter samples trained the better model (docs/training.md).
 """
 
 from __future__ import annotations
@@ -27,15 +29,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from magseg.config import Config, margin_pixels
 from magseg.data.cache import SceneCache
 from magseg.data.scenes import IGNORE, Scene, read_scene
-from magseg.engine.inputs import backbone_inputs
-from magseg.engine.pyramid import (
-    CropBox,
-    Size,
-    context_windows,
-    crop_windows,
-    grown_input,
-    grown_windows,
-)
+from magseg.engine.pyramid import CropBox, Size, context_windows, crop_windows, grown_input, grown_windows, resize
 from magseg.engine.resample import ReadSource, resample_window
 from magseg.errors import ConfigError, DataError, MagsegError
 from magseg.geometry import Rect
@@ -157,18 +151,16 @@ def training_input(config: Config) -> Size:
     return grown_input(p.input, p.crop, training_window(config))
 
 
-def stage_input(scene: SceneWindows, size: Size, box: CropBox, config: Config,
-                ratios: tuple[float, ...] = (), window: Size | None = None) -> tuple[Tensor, list[Tensor]]:
-    """What the backbone sees of the window ``box`` of the scene at the stage ``size``,
-    normalised: the window (``window`` in size, default ``pyramid.crop``, zero past the
-    image) at its input ``(C, ih, iw)`` (``grown_input``: the trained magnification), and one
-    FCtL context window per ratio at the same input size, each made as the engine makes it
-    (``magseg.engine.inputs.backbone_inputs``), from only the source pixels it needs."""
-    source, p = scene_source(scene, config), config.pyramid
-    (at,) = crop_windows([box], window or p.crop)
-    input_size = grown_input(p.input, p.crop, at.size)
-    contexts = [backbone_inputs(source, size, context_windows([at], r), input_size)[0] for r in ratios]
-    return backbone_inputs(source, size, [at], input_size)[0], contexts
+def stage_crop(scene: SceneWindows, size: Size, box: CropBox, config: Config,
+               ratios: tuple[float, ...] = (), crop: Size | None = None) -> tuple[Tensor, list[Tensor]]:
+    """The window ``box`` of the scene at the stage ``size``, normalised: the crop
+    ``(C, ch, cw)`` (``crop``, default ``pyramid.crop``, zero-padded past the image) and one
+    FCtL context window ``(C, r*ch, r*cw)`` per ratio, each made as ``StageRun.fine`` makes
+    it (``resample_window`` of the window), from only the source pixels it needs."""
+    source = scene_source(scene, config)
+    (window,) = crop_windows([box], crop or config.pyramid.crop)
+    contexts = [resample_window(source, size, w) for r in ratios for w in context_windows([window], r)]
+    return resample_window(source, size, window), contexts
 
 
 def stage_mask(scene: SceneWindows, size: Size, box: CropBox, crop: Size) -> Tensor:
@@ -286,8 +278,12 @@ class BackboneSamples(_Samples):
         # A crop with its margins (training_margin), as the engine's backbone sees it.
         window = training_window(self.config)
         box = random_box(rng, size, window)
-        crop, contexts = stage_input(scene, size, box, self.config, self.ratios, window)
-        target = resize_mask(stage_mask(scene, size, box, window), training_input(self.config))
+        crop, contexts = stage_crop(scene, size, box, self.config, self.ratios, window)
+        target = stage_mask(scene, size, box, window)
+        # The backbone sees every crop resized to the input size (as engine.crop_probs does).
+        inp = training_input(self.config)
+        crop, target = resize(crop, inp), resize_mask(target, inp)
+        contexts = [resize(c, inp) for c in contexts]
         if self.augmentation is not None:
             crop, target, contexts = augment_pair(self.augmentation, crop, target,
                                                   int(rng.integers(2**31)), contexts)
@@ -326,7 +322,7 @@ class RefinerSamples(_Samples):
         (grown,), ((dy, dx),), _ = grown_windows([box], pyramid.crop, size, training_margin(self.config))
         window = training_window(self.config)
         at = CropBox.whole(Rect(grown.top, grown.left, *window))
-        fine, contexts = stage_input(scene, size, at, self.config, self.ratios, window)
+        fine, contexts = stage_crop(scene, size, at, self.config, self.ratios, window)
         return RefinerItem(
             fine=fine,
             offset=torch.tensor([dy, dx]),
