@@ -33,14 +33,15 @@ def backbone_inputs(image: Source, size: Size, windows: list[Rect], input_size: 
     of ``image`` at the stage ``size``: the window resized to ``input_size``, then padded to
     the backbone's ``multiple`` (``padded_input``, as ``run_backbone`` would).
 
-    Where the windows cover whole source pixels (``window_pieces``), the window's source
-    pixels are resized to the input in one antialiased filter (``F.interpolate``'s, or
-    ``shrink_planes``' to float rounding); otherwise the window at the stage
-    (``resample_windows``) is resized to the input.
+    Where the stage shrinks the image by whole factors and a window lies inside it
+    (``window_pieces``), the window's source pixels are resized to the input in one
+    antialiased filter (``F.interpolate``'s, or ``shrink_planes``' to float rounding);
+    otherwise the window at the stage (``resample_windows``) is resized to the input.
 
     Args:
         compiled: the compiled loops for the stage's windows (a stage a compiled pass pays
-            for, ``worth_fusing``); reading: for what reads the image at its own size.
+            for, ``worth_fusing``); reading: for what reads the image itself (a window's
+            source pixels, or the image resampled to the stage).
     """
     pieces = window_pieces(image, size, windows)
     # Each window by its own pixels, whatever else its batch holds (a context window may
