@@ -18,6 +18,7 @@ from magseg.engine.refine_step import labels_of
 from magseg.engine import refiner_network
 from magseg.engine.refiner_network import Refiner
 from magseg.engine.resample import (
+    ReadSource,
     TensorSource,
     _filter_axis,
     _read_padded,
@@ -217,6 +218,11 @@ def test_y_on_crops_and_cells_is_the_resampled_window_pooled_and_cut(source, fac
     made = fused.enlarged_crops_and_cells(TensorSource(y), size, windows, offsets, crop, stride)
     assert made is not None
     crops, cells = made
+    # A map in memory is read where it lies; a source read window by window (a map on
+    # disk) gives the same values bit for bit.
+    by_windows = fused.enlarged_crops_and_cells(ReadSource(tuple(source), lambda r, c: y[:, r, c].clone()), size,
+                                                windows, offsets, crop, stride)
+    assert torch.equal(by_windows[0], crops) and torch.equal(by_windows[1], cells)
     # ATen rounds its weights at factor 3 otherwise than this loop: a few float32 steps apart.
     enlarged = F.interpolate(y[None], size=size, mode="bilinear", align_corners=False)[0]
     for i, (window, (dy, dx)) in enumerate(zip(windows, offsets)):
@@ -303,6 +309,34 @@ def test_a_compiled_shrink_split_into_row_bands_is_the_filter_bit_for_bit():
     rows, cols = (int(ay.first[0]), int(ay.first[-1]) + ay.taps), (int(ax.first[0]), int(ax.first[-1]) + ax.taps)
     piece = _read_padded(image, rows, cols)
     assert torch.equal(whole, _filter_axis(_filter_axis(piece, 1, ay, 0, size[0], rows[0]), 2, ax, 0, size[1], cols[0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(height=st.integers(1, 200), width=st.integers(1, 90), row_taps=st.integers(1, 6), col_taps=st.integers(1, 6),
+       extra=st.integers(0, 7), seed=st.integers(0, 2**16))
+def test_filter_plane_sums_each_axis_tap_by_tap_in_bands(height, width, row_taps, col_taps, extra, seed):
+    # Heights across several bands of FILTER_BAND rows (the last one short), a plane cut from
+    # a wider one (its rows `stride` apart), any taps: each output pixel the sum over the
+    # columns' taps, in order, of the sums over the rows' taps, in order, each product and
+    # sum rounded to float32 (numpy's float32 arithmetic is that), bit for bit.
+    rng = np.random.default_rng(seed)
+    row_first = np.sort(rng.integers(0, 40, height))
+    col_first = np.sort(rng.integers(0, 30, width)) + extra
+    src_h, src_w = int(row_first[-1]) + row_taps, int(col_first[-1]) + col_taps
+    stride = src_w + extra
+    plane = rng.standard_normal((src_h, stride), dtype=np.float32)
+    row_weight = rng.random((height, row_taps), dtype=np.float32)
+    col_weight = rng.random((width, col_taps), dtype=np.float32)
+    out = np.full((height, width + 3), np.nan, np.float32)  # rows apart, like a slot in a batch
+    fused.filter_plane(plane.reshape(-1), stride, row_first, row_weight, col_first, col_weight, out[:, :width])
+    rows = plane[row_first] * row_weight[:, :1]
+    for t in range(1, row_taps):
+        rows = rows + plane[row_first + t] * row_weight[:, t : t + 1]
+    want = rows[:, col_first] * col_weight[:, 0]
+    for u in range(1, col_taps):
+        want = want + rows[:, col_first + u] * col_weight[:, u]
+    assert np.array_equal(out[:, :width], want)
+    assert np.isnan(out[:, width:]).all()
 
 
 @pytest.mark.parametrize("shape, size, multiple", [((2, 3, 764, 764), (639, 639), 32), ((1, 2, 50, 61), (37, 45), 8),

@@ -303,38 +303,28 @@ def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top
 
 
 @njit(nogil=True, cache=True)
-def filter_axes(src, row_stride, row_first, row_weight, col_first, col_weight, out):
-    """A separable filter, rows then columns: ``out[c, i, j] = sum_u col_weight[j, u] *
-    (sum_t row_weight[i, t] * src[c, (row_first[i] + t) * row_stride + col_first[j] + u])``,
-    every sum tap by tap in order, each product and sum rounded on its own (no fused
-    multiply-add): the values of ``magseg.engine.resample``'s tap-by-tap filter, bit for bit.
+def filter_rows(src, row_stride, lo, row_first, row_weight, out):
+    """One axis of a separable filter, along the rows: ``out[i, x] = sum_t row_weight[i, t]
+    * src[(row_first[i] + t) * row_stride + lo + x]``, the sum tap by tap in order, each
+    product and sum rounded on its own (no fused multiply-add), so that the values are
+    ``magseg.engine.resample``'s tap-by-tap filter's, bit for bit. Each output row is a
+    run of whole source rows, a loop LLVM vectorises; ``fused.filter_plane`` runs the other
+    axis through it too, on the transposed band.
 
-    src: ``(C, n)``, each plane's rows ``row_stride`` apart in one flat run (a map cut from
-    a wider one is read in place: only the columns the taps reach are filtered); out:
-    ``(C, H, W)``; row_first ``(H,)``, row_weight ``(H, taps)``, col_first ``(W,)``
-    ascending, col_weight ``(W, taps)``."""
-    classes, height, width = out.shape
-    row_taps, col_taps = row_weight.shape[1], col_weight.shape[1]
-    lo = col_first[0]
-    filtered = np.empty(col_first[width - 1] + col_taps - lo, np.float32)
-    for c in range(classes):
-        plane = src[c]
-        for i in range(height):
-            first, weight, n = row_first[i], row_weight[i], filtered.shape[0]
-            # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
-            start = first * row_stride + lo
-            source, w = plane[start : start + n], weight[0]
+    src: a plane's rows ``row_stride`` apart in one flat run (a map cut from a wider one is
+    read in place, from column ``lo``); out: ``(H, n)``, rows contiguous; row_first ``(H,)``,
+    row_weight ``(H, taps)``."""
+    height, n = out.shape
+    taps = row_weight.shape[1]
+    for i in range(height):
+        first, weight, line = row_first[i], row_weight[i], out[i]
+        # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
+        start = first * row_stride + lo
+        source, w = src[start : start + n], weight[0]
+        for x in range(n):
+            line[x] = source[x] * w
+        for t in range(1, taps):
+            start += row_stride
+            source, w = src[start : start + n], weight[t]
             for x in range(n):
-                filtered[x] = source[x] * w
-            for t in range(1, row_taps):
-                start += row_stride
-                source, w = plane[start : start + n], weight[t]
-                for x in range(n):
-                    filtered[x] += source[x] * w
-            row = out[c, i]
-            for j in range(width):
-                taps, weights = filtered[col_first[j] - lo : col_first[j] - lo + col_taps], col_weight[j]
-                total = taps[0] * weights[0]
-                for u in range(1, col_taps):
-                    total += taps[u] * weights[u]
-                row[j] = total
+                line[x] += source[x] * w
