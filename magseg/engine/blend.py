@@ -27,6 +27,7 @@ write in a fixed order, so the result depends neither on batches nor on where a 
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,16 +63,23 @@ class AxisRamp:
         return self.own_start - self.r_lo, self.own_end + self.r_hi
 
     def weights(self, start: int, stop: int) -> Tensor:
-        """``(stop - start,)`` float32 weights of the pixels ``[start, stop)``.
+        """``(stop - start,)`` float32 weights of the pixels ``[start, stop)``, shared: read
+        them, never write (a blend asks for the same few parts of each ramp crop after crop).
 
         A border's two ramps use one ``t`` (the pixel centre's place across ``[b - r, b + r)``),
         the one before it ``1 - t``, the one after ``t``: they sum to 1."""
+        return _ramp_weights(self, start, stop)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ramp_weights(ramp: AxisRamp, start: int, stop: int) -> Tensor:
+    with torch.inference_mode(False):  # kept: a plain tensor, usable in inference mode or out
         x = torch.arange(start, stop, dtype=torch.float32) + 0.5
         w = torch.ones(stop - start)
-        if self.r_lo:
-            w = torch.minimum(w, ((x - (self.own_start - self.r_lo)) / (2 * self.r_lo)).clamp(0, 1))
-        if self.r_hi:
-            w = torch.minimum(w, 1 - ((x - (self.own_end - self.r_hi)) / (2 * self.r_hi)).clamp(0, 1))
+        if ramp.r_lo:
+            w = torch.minimum(w, ((x - (ramp.own_start - ramp.r_lo)) / (2 * ramp.r_lo)).clamp(0, 1))
+        if ramp.r_hi:
+            w = torch.minimum(w, 1 - ((x - (ramp.own_end - ramp.r_hi)) / (2 * ramp.r_hi)).clamp(0, 1))
         return w
 
 
