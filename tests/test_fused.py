@@ -231,6 +231,17 @@ def test_y_on_crops_and_cells_is_the_resampled_window_pooled_and_cut(source, fac
         torch.testing.assert_close(cells[i], pool_cells(part[None], stride)[0], rtol=0, atol=4e-6)
 
 
+def test_cell_filter_sums_an_enlargements_cells_by_hand():
+    # 4 source pixels doubled to 8, cells of 3: pixel x is (1 - f) src[low] + f src[high]
+    # (x = 0 and 7 clamp to the edge pixel). Cell 0 = x 0..2: s0 (1 + .75 + .25), s1 (.25 +
+    # .75); cell 1 = x 3..5: s1 (.75 + .25), s2 (.25 + .75 + .75), s3 .25; cell 2 = x 6..7:
+    # s2 .25, s3 (.75 + 1). Three taps (cell 1's); cell 2's start pulled back to stay inside.
+    low, high, frac = fused.compiled_loops().axis_sources(0, 0, 2, 8, 3)[:3]
+    first, weight = fused.cell_filter(low, high, frac, 3, 4)
+    assert first.tolist() == [0, 1, 1]
+    assert weight.tolist() == [[2, 1, 0], [1, 1.75, 0.25], [0, 0.25, 1.75]]
+
+
 @torch.inference_mode()
 def test_y_on_crops_is_the_same_whatever_window_holds_the_pixel():
     # Two windows overlapping on a crop: the crop's Y from either, bit for bit (a pixel's

@@ -156,7 +156,12 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
     None where it does not apply (another factor, a window past the map's edge). Bilinear
     on pixel centres with edges clamped, ``magseg.engine.resample``'s enlargement up to
     float rounding, each pixel's value set by its place in the whole map (whatever window
-    asks for it)."""
+    asks for it).
+
+    Only the crop is enlarged (``fused_rows.enlarged_rows``). The cells are the enlargement's
+    means, and an enlargement is linear: a cell's sum is a filter of the source pixels under
+    it, ``cell_filter``'s weights along each axis (``fused_rows.filter_axes``), so the window's margin
+    is never enlarged (a 764 px window of a 612 px crop: 36 % of its pixels)."""
     (height, width), (source_height, source_width) = size, source.size
     fy, fx = height // source_height, width // source_width
     inside = Rect.of_size(size)
@@ -169,26 +174,53 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
     if not (isinstance(whole, Tensor) and whole.dtype == torch.float32 and whole.is_contiguous()):
         whole = None
     jobs = []
-    for window in windows:
-        # The rows' sources and weights from their place in the map; the columns' in the loop.
-        low, high, frac = kernels.axis_sources(window.top, 0, fy, window.height, source_height - 1)[:3]
-        if whole is not None:
-            jobs.append((whole.numpy(), low, high, frac, window, 0))
-            continue
-        x0, x1 = max(window.left // fx - 1, 0), min((window.right - 1) // fx + 2, source_width)
-        part = source.read(slice(int(low[0]), int(high[-1]) + 1), slice(x0, x1))
-        jobs.append((part.float().contiguous().numpy(), low - low[0], high - low[0], frac, window, x0))
+    for window, (dy, dx) in zip(windows, offsets):
+        # Each axis' sources and weights from the pixels' place in the map, then relative to
+        # the array read (the whole map, or the part under the window).
+        rows = kernels.axis_sources(window.top, 0, fy, window.height, source_height - 1)[:3]
+        if whole is None:
+            r0, c0 = int(rows[0][0]), max(window.left // fx - 1, 0)
+            part = source.read(slice(r0, int(rows[1][-1]) + 1),
+                               slice(c0, min((window.right - 1) // fx + 2, source_width))).float().contiguous()
+        else:
+            (r0, c0), part = (0, 0), whole
+        cols = kernels.axis_sources(window.left, c0, fx, window.width, part.shape[2] - 1)[:3]
+        low, high, frac = rows[0][dy : dy + crop[0]] - r0, rows[1][dy : dy + crop[0]] - r0, rows[2][dy : dy + crop[0]]
+        cell_rows = cell_filter(rows[0] - r0, rows[1] - r0, rows[2], stride, part.shape[1])
+        cell_cols = cell_filter(*cols, stride, part.shape[2])
+        jobs.append((part.numpy(), low, high, frac, window.left + dx, c0, cell_rows, cell_cols))
     classes, extent = jobs[0][0].shape[0], windows[0].size
     crops = torch.empty((len(windows), classes, *crop))
     cells = torch.empty((len(windows), classes, *(-(-n // stride) for n in extent)))
+    no_sums = np.empty((classes, 0, 0), np.float32)
 
     def one(i: int) -> None:
-        part, low, high, frac, window, x0 = jobs[i]
-        kernels.enlarged_rows(part, window.left, x0, fx, window.width, low, high, frac, *offsets[i],
-                              crops[i].numpy(), stride, cells[i].numpy())
+        part, low, high, frac, left, c0, (row_first, row_weight), (col_first, col_weight) = jobs[i]
+        kernels.enlarged_rows(part, left, c0, fx, crop[1], low, high, frac, 0, 0, crops[i].numpy(), stride, no_sums)
+        kernels.filter_axes(part.reshape(classes, -1), part.shape[2], row_first, row_weight, col_first, col_weight,
+                            cells[i].numpy())
 
     each_map(one, len(windows))
     return crops, cells.div_(cell_areas(extent, stride, cells))
+
+
+def cell_filter(low: np.ndarray, high: np.ndarray, frac: np.ndarray, stride: int, n_src: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis, the sums over cells of ``stride`` pixels of a bilinear enlargement
+    whose pixel ``y`` is ``(1 - frac[y]) src[low[y]] + frac[y] src[high[y]]``, as a filter
+    of the source: ``(first, weight)``, cell ``j``'s sum ``sum_t weight[j, t] src[first[j] +
+    t]`` over an axis of ``n_src`` source pixels (every window of taps inside it, ``first``
+    ascending, as ``fused_rows.filter_axes`` takes them). The last cell may be short."""
+    n = len(low)
+    starts = np.arange(0, n, stride)
+    cell = np.arange(n) // stride
+    first = np.minimum.reduceat(low, starts)
+    taps = min(int((np.maximum.reduceat(high, starts) - first).max()) + 1, n_src)
+    first = np.minimum(first, n_src - taps)
+    weight = np.zeros((len(starts), taps), np.float32)
+    np.add.at(weight, (cell, low - first[cell]), np.float32(1) - frac)
+    np.add.at(weight, (cell, high - first[cell]), frac)
+    return first.astype(np.int64), weight
 
 
 def filter_piece(piece: Tensor, rows: AxisWeights, cols: AxisWeights, out_rows: slice, out_cols: slice,

@@ -214,18 +214,20 @@ def emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums):
     """A window's row ``y`` ``(C, ew)`` is done: its crop part into ``crop`` (``(C, ch, cw)``
     at ``(crop_top, crop_left)``), and into the running sum of its cell row, ``summed``,
     which is written to ``sums`` ``(C, ceil(eh/stride), ceil(ew/stride))`` and cleared
-    when the cell row ends."""
+    when the cell row ends (``sums`` with no rows: no cells, the crop alone)."""
     classes, width = row.shape
     crop_height, crop_width = crop.shape[1], crop.shape[2]
+    summing = sums.shape[1] > 0  # no cells asked for: the crop alone
     for c in range(classes):
         values, total = row[c], summed[c]
-        for x in range(width):
-            total[x] += values[x]
+        if summing:
+            for x in range(width):
+                total[x] += values[x]
         if crop_top <= y < crop_top + crop_height:
             out, part = crop[c, y - crop_top], values[crop_left : crop_left + crop_width]
             for x in range(crop_width):
                 out[x] = part[x]
-    if (y + 1) % stride == 0 or y == height - 1:
+    if summing and ((y + 1) % stride == 0 or y == height - 1):
         for c in range(classes):
             total = summed[c]
             for j in range(sums.shape[2]):
@@ -245,8 +247,9 @@ def enlarged_rows(part, first, origin, factor, width, low, high, frac, crop_top,
     columns the window reads; its columns from ``origin`` on) by ``frac[y]``, each of them
     enlarged ``factor`` times along its columns from map column ``first`` over ``width``
     once, when first read (the two last, in a ring: rows come in order); its crop part goes
-    to ``crop`` and its cell sums to ``sums``, as ``emit_row`` does. No window-sized array of
-    the enlarged columns is made."""
+    to ``crop`` and its cell sums to ``sums``, as ``emit_row`` does (the engine passes the crop
+    as the window and no cells: ``fused.enlarged_crops_and_cells``). No window-sized array
+    of the enlarged columns is made."""
     classes = part.shape[0]
     height = low.shape[0]
     columns, others, weights, start, pairs = axis_sources(first, origin, factor, width, part.shape[2] - 1)
@@ -328,3 +331,43 @@ def filter_rows(src, row_stride, lo, row_first, row_weight, out):
             source, w = src[start : start + n], weight[t]
             for x in range(n):
                 line[x] += source[x] * w
+
+
+@njit(nogil=True, cache=True)
+def filter_axes(src, row_stride, row_first, row_weight, col_first, col_weight, out):
+    """A separable filter with a small output, rows then columns: ``out[c, i, j] = sum_u
+    col_weight[j, u] * (sum_t row_weight[i, t] * src[c, (row_first[i] + t) * row_stride +
+    col_first[j] + u])``, every sum tap by tap in order (no fused multiply-add).
+
+    Each output row's filter along the rows is a loop over whole source rows (vectorised);
+    along the columns, pixel by pixel, which is cheap for few output pixels (a window's
+    cells: ``fused.enlarged_crops_and_cells``) and costly for many (a shrink's: those go
+    through ``fused.filter_plane``). src: ``(C, n)``, each plane's rows ``row_stride`` apart
+    in one flat run (a map's part is read in place: only the columns the taps reach are
+    filtered); out: ``(C, H, W)``; row_first ``(H,)``, row_weight ``(H, taps)``, col_first
+    ``(W,)`` ascending, col_weight ``(W, taps)``."""
+    classes, height, width = out.shape
+    row_taps, col_taps = row_weight.shape[1], col_weight.shape[1]
+    lo = col_first[0]
+    filtered = np.empty(col_first[width - 1] + col_taps - lo, np.float32)
+    for c in range(classes):
+        plane = src[c]
+        for i in range(height):
+            first, weight, n = row_first[i], row_weight[i], filtered.shape[0]
+            # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
+            start = first * row_stride + lo
+            source, w = plane[start : start + n], weight[0]
+            for x in range(n):
+                filtered[x] = source[x] * w
+            for t in range(1, row_taps):
+                start += row_stride
+                source, w = plane[start : start + n], weight[t]
+                for x in range(n):
+                    filtered[x] += source[x] * w
+            row = out[c, i]
+            for j in range(width):
+                taps, weights = filtered[col_first[j] - lo : col_first[j] - lo + col_taps], col_weight[j]
+                total = taps[0] * weights[0]
+                for u in range(1, col_taps):
+                    total += taps[u] * weights[u]
+                row[j] = total
