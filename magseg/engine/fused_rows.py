@@ -305,6 +305,22 @@ def blend_window(own, theirs, rects, origins, row_weights, col_weights, crop_top
         emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def filter_row(src, start, row_stride, weight, line):
+    """``line[x] = sum_t weight[t] * src[start + t * row_stride + x]``, tap by tap in order,
+    each product and sum rounded on its own: one output row of a filter along the rows."""
+    n = line.shape[0]
+    # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
+    source, w = src[start : start + n], weight[0]
+    for x in range(n):
+        line[x] = source[x] * w
+    for t in range(1, weight.shape[0]):
+        start += row_stride
+        source, w = src[start : start + n], weight[t]
+        for x in range(n):
+            line[x] += source[x] * w
+
+
 @njit(nogil=True, cache=True)
 def filter_rows(src, row_stride, lo, row_first, row_weight, out):
     """One axis of a separable filter, along the rows: ``out[i, x] = sum_t row_weight[i, t]
@@ -317,20 +333,8 @@ def filter_rows(src, row_stride, lo, row_first, row_weight, out):
     src: a plane's rows ``row_stride`` apart in one flat run (a map cut from a wider one is
     read in place, from column ``lo``); out: ``(H, n)``, rows contiguous; row_first ``(H,)``,
     row_weight ``(H, taps)``."""
-    height, n = out.shape
-    taps = row_weight.shape[1]
-    for i in range(height):
-        first, weight, line = row_first[i], row_weight[i], out[i]
-        # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
-        start = first * row_stride + lo
-        source, w = src[start : start + n], weight[0]
-        for x in range(n):
-            line[x] = source[x] * w
-        for t in range(1, taps):
-            start += row_stride
-            source, w = src[start : start + n], weight[t]
-            for x in range(n):
-                line[x] += source[x] * w
+    for i in range(out.shape[0]):
+        filter_row(src, row_first[i] * row_stride + lo, row_stride, row_weight[i], out[i])
 
 
 @njit(nogil=True, cache=True)
@@ -347,23 +351,12 @@ def filter_axes(src, row_stride, row_first, row_weight, col_first, col_weight, o
     filtered); out: ``(C, H, W)``; row_first ``(H,)``, row_weight ``(H, taps)``, col_first
     ``(W,)`` ascending, col_weight ``(W, taps)``."""
     classes, height, width = out.shape
-    row_taps, col_taps = row_weight.shape[1], col_weight.shape[1]
+    col_taps = col_weight.shape[1]
     lo = col_first[0]
     filtered = np.empty(col_first[width - 1] + col_taps - lo, np.float32)
     for c in range(classes):
-        plane = src[c]
         for i in range(height):
-            first, weight, n = row_first[i], row_weight[i], filtered.shape[0]
-            # Each tap's row as a slice: the loops then index from 0, which LLVM vectorises.
-            start = first * row_stride + lo
-            source, w = plane[start : start + n], weight[0]
-            for x in range(n):
-                filtered[x] = source[x] * w
-            for t in range(1, row_taps):
-                start += row_stride
-                source, w = plane[start : start + n], weight[t]
-                for x in range(n):
-                    filtered[x] += source[x] * w
+            filter_row(src[c], row_first[i] * row_stride + lo, row_stride, row_weight[i], filtered)
             row = out[c, i]
             for j in range(width):
                 taps, weights = filtered[col_first[j] - lo : col_first[j] - lo + col_taps], col_weight[j]
