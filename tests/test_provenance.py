@@ -186,6 +186,22 @@ def test_a_rerun_that_reads_the_input_otherwise_keeps_nothing_silently(tmp_path,
     assert _record(_predict(fitted_checkpoint, path, "-o", out, "--nodata", "0"))["status"] == "skipped"
 
 
+def test_bands_named_as_the_checkpoints_own_are_the_default_reading(tmp_path, fitted_checkpoint):
+    # --bands listing the model's data.bands in their order reads the same pixels as no
+    # --bands: its outputs record the default reading, and a re-run either way keeps them.
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    stored = ["--set", "data.bands=[1,2,3]"]
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "1,2,3"))["status"] == "ok"
+    with rasterio.open(out / "a.tif") as src:
+        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] is None
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored))["status"] == "skipped"
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "1,2,3"))["status"] == "skipped"
+    # Another order is another reading.
+    result = _predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "3,2,1")
+    assert result.exit_code == 1 and "another reading of the input" in _record(result)["error"]
+
+
 def test_an_output_from_before_the_reading_was_recorded_reads_as_the_defaults(tmp_path, fitted_checkpoint):
     path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
     out = tmp_path / "out"

@@ -34,7 +34,7 @@ from magseg.io.sources import base_name, is_virtual, readable_name
 from magseg.run.bands import band_order
 from magseg.run.existing import prepare_outputs, remove_leftovers, remove_stale
 from magseg.run.input_checks import early_look, georeference_warnings
-from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, read_options_tag
+from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, default_bands_as_default, read_options_tag
 from magseg.run.outputs import (
     OutputContext,
     OutputKind,
@@ -101,6 +101,7 @@ def predict_raster(
     """
     start = time.perf_counter()
     path = path if is_virtual(path) else Path(path)
+    options = default_bands_as_default(options, segmenter.config.data.bands)
     targets = output_paths(path, out_dir, options)
     result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
                            runtime=segmenter.runtime)
