@@ -202,6 +202,27 @@ def test_bands_named_as_the_checkpoints_own_are_the_default_reading(tmp_path, fi
     assert result.exit_code == 1 and "another reading of the input" in _record(result)["error"]
 
 
+def test_bands_naming_every_band_of_the_raster_in_order_are_the_default_reading(tmp_path, fitted_checkpoint):
+    # Without data.bands in the checkpoint, the default reading is every band of the raster
+    # in order: --bands 1,2,3 of a 3-band raster reads the same pixels, and records none.
+    path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
+    out = tmp_path / "out"
+    unset = ["--set", "data.bands=null"]  # the test checkpoint's config names bands 1,2,3
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "ok"
+    with rasterio.open(out / "a.tif") as src:
+        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] is None
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset))["status"] == "skipped"
+    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "skipped"
+    # Of a 4-band raster, bands 1,2,3 are a choice (without --bands it cannot be read): recorded.
+    four = write_raster(tmp_path / "b.tif", smooth_image(4, 40, 50))
+    assert _record(_predict(fitted_checkpoint, four, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "ok"
+    with rasterio.open(out / "b.tif") as src:
+        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] == [1, 2, 3]
+    assert _record(_predict(fitted_checkpoint, four, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "skipped"
+    result = _predict(fitted_checkpoint, four, "-o", out, *unset, "--bands", "2,3,4")
+    assert result.exit_code == 1 and "another reading of the input" in _record(result)["error"]
+
+
 def test_an_output_from_before_the_reading_was_recorded_reads_as_the_defaults(tmp_path, fitted_checkpoint):
     path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
     out = tmp_path / "out"

@@ -3,8 +3,11 @@ else all of them, checked against the raster and the model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from magseg.errors import RasterError
 from magseg.io.raster import RasterReader
+from magseg.run.options import PredictOptions
 
 
 def band_order(reader: RasterReader, want: int, asked: tuple[int, ...] | None,
@@ -40,3 +43,18 @@ def band_order(reader: RasterReader, want: int, asked: tuple[int, ...] | None,
             f"1..{count} (e.g. --bands {example})"
         )
     return list(bands)
+
+
+def default_bands_as_default(options: PredictOptions, reader: RasterReader, want: int,
+                             stored: tuple[int, ...] | None) -> PredictOptions:
+    """``options`` with ``--bands`` dropped where it names the default reading, the bands
+    ``band_order`` reads without it (the checkpoint's ``data.bands`` in their order, else
+    every band of the raster in order): the same pixels, so its outputs record the same
+    reading (``read_options_tag``) and a re-run with or without it keeps them."""
+    if options.bands is None:
+        return options
+    try:
+        default = band_order(reader, want, None, stored)
+    except RasterError:  # no default reading here: --bands is needed, and band_order checks it
+        return options
+    return replace(options, bands=None) if list(options.bands) == default else options

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from magseg.io.aoi import AreaOfInterest
@@ -59,15 +59,6 @@ def read_options_tag(options: PredictOptions) -> str:
         area = {"source": options.aoi.source, "sha256": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
     return json.dumps({"bands": None if options.bands is None else list(options.bands),
                        "nodata": options.nodata, "area": area}, sort_keys=True)
-
-
-def default_bands_as_default(options: PredictOptions, stored: tuple[int, ...] | None) -> PredictOptions:
-    """``options`` with ``--bands`` dropped where it names the checkpoint's own ``data.bands``
-    (``stored``), in their order: the same pixels as no ``--bands``, so its outputs record
-    the same reading (``read_options_tag``) and a re-run with or without it keeps them."""
-    if options.bands is not None and stored is not None and tuple(options.bands) == tuple(stored):
-        return replace(options, bands=None)
-    return options
 
 
 def describe_read(tag: str) -> str:

@@ -31,10 +31,10 @@ from magseg.errors import MagsegError
 from magseg.io.atomic import atomic_writes, fresh_partial_path
 from magseg.io.raster import NODATA, RasterReader, convert_to_cog, io_env
 from magseg.io.sources import base_name, is_virtual, readable_name
-from magseg.run.bands import band_order
+from magseg.run.bands import band_order, default_bands_as_default
 from magseg.run.existing import prepare_outputs, remove_leftovers, remove_stale
 from magseg.run.input_checks import early_look, georeference_warnings
-from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, default_bands_as_default, read_options_tag
+from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, read_options_tag
 from magseg.run.outputs import (
     OutputContext,
     OutputKind,
@@ -101,14 +101,16 @@ def predict_raster(
     """
     start = time.perf_counter()
     path = path if is_virtual(path) else Path(path)
-    options = default_bands_as_default(options, segmenter.config.data.bands)
-    targets = output_paths(path, out_dir, options)
-    result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
-                           runtime=segmenter.runtime)
-    mine = segmenter.provenance
-    remove_leftovers(possible_outputs(path, out_dir, options), options.scratch_dir)
-    todo, replace = prepare_outputs(path, out_dir, targets, options, mine)
+    config = segmenter.config
     with io_env(), RasterReader(path, nodata=options.nodata) as reader:
+        # Before anything is tagged or compared: a --bands that is the default reading is none.
+        options = default_bands_as_default(options, reader, config.model.in_channels, config.data.bands)
+        targets = output_paths(path, out_dir, options)
+        result = PredictResult(input=path, output=targets["labels"], status="ok", outputs=targets,
+                               runtime=segmenter.runtime)
+        mine = segmenter.provenance
+        remove_leftovers(possible_outputs(path, out_dir, options), options.scratch_dir)
+        todo, replace = prepare_outputs(path, out_dir, targets, options, mine)
         if options.aoi is not None:
             reader.restrict(options.aoi)
         result.height, result.width = reader.size
@@ -123,7 +125,6 @@ def predict_raster(
                 _from_class_map(temps, _context(segmenter, reader, options, result, temps))
             result.seconds = time.perf_counter() - start
             return result
-        config = segmenter.config
         reader.select(band_order(reader, config.model.in_channels, options.bands, config.data.bands))
         counts = _run(segmenter, reader, todo, options, on_progress, result, on_warning, pool, overwrite)
     if options.overwrite:
