@@ -13,7 +13,8 @@ from magseg.cli.common import OVERWRITE, QUIET, emit, examples, handle_errors, l
 CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
 OUTPUT = typer.Option(..., "--output", "-o", metavar="FILE", help="The model file to write, e.g. model.onnx "
                       "(with --format openvino: model.xml and model.bin).")
-FORMAT = typer.Option("onnx", "--format", metavar="FORMAT", help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
+FORMAT = typer.Option("onnx", "--format", metavar="FORMAT",
+                      help="onnx, or openvino (IR; pip install 'magseg[openvino]').")
 INPUT = typer.Option(None, "--input", min=1, metavar="N", help="Input height and width N of the exported model "
                      "(default: the pyramid's input size, what the backbone sees at every stage).")
 

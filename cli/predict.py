@@ -137,10 +137,12 @@ MIN_AREA = typer.Option(
     0.0, "--min-area", min=0, metavar="AREA", help="With --vector: drop polygons smaller than this (CRS units squared, "
     "m² when projected).")
 SIMPLIFY = typer.Option(
-    0.0, "--simplify", min=0, metavar="TOLERANCE", help="With --vector: simplify outlines by this tolerance (CRS units).")
+    0.0, "--simplify", min=0, metavar="TOLERANCE",
+    help="With --vector: simplify outlines by this tolerance (CRS units).")
 BBOX = typer.Option(
-    None, "--bbox", metavar="MINX,MINY,MAXX,MAXY", help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's "
-    "CRS): read, segmented and written over it, the outputs' transform and size its window's.")
+    None, "--bbox", metavar="MINX,MINY,MAXX,MAXY",
+    help="Only this area, minx,miny,maxx,maxy (in --bbox-crs; default the raster's CRS): read, "
+    "segmented and written over it, the outputs' transform and size its window's.")
 BBOX_CRS = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bbox, e.g. EPSG:4326.")
 AOI = typer.Option(
     None, "--aoi", metavar="FILE", help="Only the area of these polygons (a GeoJSON, GeoPackage... in its own CRS); "

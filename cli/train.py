@@ -33,7 +33,8 @@ CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config (
 OUT_DIR = out_dir_option("best.ckpt, last.ckpt, train.log and config.yaml (default: runs/<config "
                          "name>)", required=False)
 PHASE = typer.Option(
-    "all", metavar="backbone|refiner|all", help="backbone, refiner (needs a trained backbone in --out-dir) or all (both, in turn).")
+    "all", metavar="backbone|refiner|all",
+    help="backbone, refiner (needs a trained backbone in --out-dir) or all (both, in turn).")
 EPOCHS = typer.Option(
     None, min=0, metavar="N", help="Epochs of the phase(s) run: sets train.epochs and/or train.refiner_epochs.")
 RESUME = typer.Option(

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=_ints, help="stage sizes coarse to fine, e.g. 128,256,512")
     parser.add_argument("--crop", type=int, help="crop size (stage pixels)")
     parser.add_argument("--scene", type=int, default=None, help="scene size the scales are for (default: the last)")
-    parser.add_argument("--continuous", action="store_true", help="absolute differences (uncertainty), not label changes")
+    parser.add_argument("--continuous", action="store_true",
+                        help="absolute differences (uncertainty), not label changes")
     parser.add_argument("--nodata", type=int, default=None, help="value to leave out (default: the raster's nodata)")
     parser.add_argument("--band", type=int, default=1)
     args = parser.parse_args(argv)

@@ -63,7 +63,8 @@ def test_opt_out_keeps_glibc_defaults() -> None:
 
 def test_the_command_turns_it_on() -> None:
     # `magseg` itself calls keep_freed_memory before any command runs.
-    code = ("import sys; from magseg.cli import app; from magseg import allocator; sys.argv = ['magseg', '--version'];\n"
+    code = ("import sys; from magseg.cli import app; from magseg import allocator;\n"
+            "sys.argv = ['magseg', '--version']\n"
             "try:\n    app.main()\nexcept SystemExit:\n    pass\n"
             "print(allocator.keep_freed_memory.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MAGSEG_SYSTEM_MALLOC": "0"},

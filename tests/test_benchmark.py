@@ -332,7 +332,8 @@ def test_a_failed_or_lost_scene_comes_back_as_a_failed_scene(ckpt, data):
 
 
 def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
-    result, lines = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "bench", "--sweep-k", "0.5,1.0", "--samples", "0")
+    result, lines = run(ckpt, "--data-root", data, "--out-dir", tmp_path / "bench", "--sweep-k", "0.5,1.0",
+                        "--samples", "0")
     assert result.exit_code == 0, result.output
     methods = json.loads((tmp_path / "bench" / "report.json").read_text())["methods"]
     assert {"progressive (K=0.5)", "progressive (K=1.0)"} <= set(methods)
@@ -344,7 +345,8 @@ def test_sweep_k_adds_a_progressive_row_per_k(ckpt, data, tmp_path):
 
 def test_crf_adds_progressive_and_patch_rows_with_the_crf(ckpt, data, tmp_path):
     out = tmp_path / "bench"
-    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--crf", "--set", "refine.crf.iterations=2", "--samples", "0")
+    result, _ = run(ckpt, "--data-root", data, "--out-dir", out, "--crf", "--set", "refine.crf.iterations=2",
+                    "--samples", "0")
     assert result.exit_code == 0, result.output
     methods = json.loads((out / "report.json").read_text())["methods"]
     assert {PROGRESSIVE_CRF, PATCH_CRF} <= set(methods)

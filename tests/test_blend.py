@@ -15,7 +15,6 @@ from magseg.engine.pyramid import CropBox, crop_boxes, grown_windows
 from magseg.engine.maps import MemoryMap
 from magseg.engine.resample import TensorSource, pool_cells
 from magseg.engine.stages import MemorySink, StageRun, run_job, run_stages, segment
-from magseg.geometry import Rect
 
 FP32 = EngineConfig(precision="fp32")
 

@@ -29,7 +29,8 @@ def test_pyramid256_config_has_four_stages():
 
 
 def test_overrides_are_parsed_as_yaml_and_applied():
-    config = load_config(CONFIGS / "tiny.yaml", ["refine.points=7", "pyramid.scales=[16, 32]", "model.encoder_weights=none"])
+    config = load_config(CONFIGS / "tiny.yaml",
+                         ["refine.points=7", "pyramid.scales=[16, 32]", "model.encoder_weights=none"])
     assert config.refine.points == 7 and isinstance(config.refine.points, int)
     assert config.pyramid.scales == ((16, 16), (32, 32))
     assert config.model.encoder_weights is None

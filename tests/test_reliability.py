@@ -259,7 +259,8 @@ def test_an_output_that_is_not_written_completely_fails_its_input_alone(
         assert "the disk is full" in first["error"]
     assert second["status"] == "ok"
     assert (out / "a.tif").read_bytes() == good
-    assert sorted(p.name for p in out.iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml", "b.qml", "b.tif", "b.tif.aux.xml"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml",
+                                                     "b.qml", "b.tif", "b.tif.aux.xml"]
 
 
 def _train(data, out, *extra):
@@ -349,7 +350,8 @@ def test_an_output_that_appeared_while_predict_wrote_it_is_kept(tmp_path, ckpt, 
     assert "appeared while this run was writing" in first["error"] and "--overwrite" in first["error"]
     assert second["status"] == "ok"
     assert (out / "a.tif").read_bytes() == theirs["bytes"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml", "b.qml", "b.tif", "b.tif.aux.xml"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.qml", "a.tif", "a.tif.aux.xml",
+                                                     "b.qml", "b.tif", "b.tif.aux.xml"]
 
 
 # ------------------------------------------------------------------ leftovers of killed runs

@@ -14,7 +14,8 @@ the median blur and the refiner all stay inside the crop). So, walking back from
 
 ``clip_plan`` gives those crops per stage, in the whole batches of ``engine.batch_size`` the
 whole run puts them in (a backbone's float sums may depend on its batch's size, so a crop
-runs in the same company); ``magseg.engine.stages.run_stages`` runs only them (its ``plan``). Stage maps are then written only where those crops own pixels, which is all
+runs in the same company); ``magseg.engine.stages.run_stages`` runs only them (its
+``plan``). Stage maps are then written only where those crops own pixels, which is all
 that is read. Adaptive mode ranks every crop of a stage against the others, so a clip with
 it runs whole stages (``clip_plan`` returns None).
 """

@@ -25,7 +25,8 @@ a value. ``tests/test_fused.py`` compares the two. The other compiled loops: the
 (``magseg.engine.blend.FineStore.crops_and_cells``), a crop's blended view row by row,
 written on the crop and summed into cells, never made over the window; Y on the crops and
 their windows' cells (``enlarged_crops_and_cells``), likewise; and the shrinks of the image
-to a stage (``filter_piece``) and of crops to the model input (``shrink_planes``). Crops run side by side on the engine's thread pool
+to a stage (``filter_piece``) and of crops to the model input (``shrink_planes``). Crops
+run side by side on the engine's thread pool
 (``magseg.engine.opencv.each_map``; the loops release the GIL), the refine pass as two row
 halves per crop so that a batch of any size keeps every core busy.
 

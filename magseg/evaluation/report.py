@@ -378,13 +378,13 @@ def _seam_lines(report: dict[str, Any]) -> list[str]:
     """The seam table: each method's final labels across each stage's crop borders."""
     scales = report["config"]["pyramid"]["scales"]
     rows = [(name, m.get("seam_scores")) for name, m in report["methods"].items()]
-    if not any(scores for _, scores in rows):
+    if not any(seams for _, seams in rows):
         return []
     header = ["method", *("x".join(map(str, s)) for s in scales)]
     lines = ["## Seams: label changes across each stage's crop borders", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, scores in rows:
-        cells = ["-" if v is None else f"{v:.2f}" for v in (scores or [None] * len(scales))]
+    for name, seams in rows:
+        cells = ["-" if v is None else f"{v:.2f}" for v in (seams or [None] * len(scales))]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return lines + ["", "Change rate across the crop borders of each stage of the pyramid, over the "
                     "change rate across the map's other lines at the same phase of its upsampling period "

@@ -11,7 +11,8 @@ rasters a task reads and writes are paths, which need the same filesystem view o
 machine (shared storage), as usual for a cluster.
 
 Both pools subclass the ``Pool`` contract (declared, so a type checker holds them to it), and
-a caller has one code path for a run in this process (``LocalPool``) and on Ray (``ScenePool``). Ray is an optional extra
+a caller has one code path for a run in this process (``LocalPool``) and on Ray
+(``ScenePool``). Ray is an optional extra
 (``pip install 'magseg[ray]'``); only this module imports it.
 """
 

@@ -52,15 +52,16 @@ def validation_pixels(config: Config, scenes: list[Scene], backbone: nn.Module, 
                 result = segment(image, backbone, config.pyramid, refiner=refiner, refine=config.refine,
                                  engine=engine, return_probs=True)
             assert result.probs is not None
-            p, t = sample_pixels(result.probs.cpu(), mask, scored_pixels(mask, [c.in_mean for c in config.classes]), PIXELS_PER_SCENE,
-                                 generator)
+            scored = scored_pixels(mask, [c.in_mean for c in config.classes])
+            p, t = sample_pixels(result.probs.cpu(), mask, scored, PIXELS_PER_SCENE, generator)
             probs.append(p)
             targets.append(t)
     finally:
         for module, mode in modes:
             module.train(mode)
     c = config.num_classes
-    return (torch.cat(probs) if probs else torch.zeros(0, c)), (torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long))
+    return (torch.cat(probs) if probs else torch.zeros(0, c),
+            torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long))
 
 
 def fit_calibration(probs: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
