@@ -308,9 +308,13 @@ def _sections(bench: "_Bench") -> dict[str, dict[str, float]]:
 def _without_backbone_cost(segmenter: Segmenter, image: torch.Tensor) -> None:
     """``segmenter.segment(image)`` with the backbone's forward replaced by a fixed answer per
     input shape: smooth random logits ``(B, classes, h, w)``, made once and kept (so the
-    refine step has uncertain pixels to pick, as with a real model)."""
+    refine step has uncertain pixels to pick, as with a real model); their softmax for a
+    backbone that gives probabilities (a runtime's graph)."""
+    from magseg.engine.backbone import gives_probabilities
+
     backbone, answers = segmenter.backbone, _ANSWERS.setdefault(id(segmenter), {})
     classes = segmenter.config.num_classes
+    probabilities = gives_probabilities(backbone)
 
     def answer(x: torch.Tensor, *_contexts: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
@@ -318,7 +322,8 @@ def _without_backbone_cost(segmenter: Segmenter, image: torch.Tensor) -> None:
             g = torch.Generator().manual_seed(0)
             coarse = torch.randn(x.shape[0], classes, max(1, x.shape[2] // 32), max(1, x.shape[3] // 32),
                                  generator=g) * 4
-            answers[key] = torch.nn.functional.interpolate(coarse, size=x.shape[2:], mode="bilinear").to(x.device)
+            logits = torch.nn.functional.interpolate(coarse, size=x.shape[2:], mode="bilinear")
+            answers[key] = (logits.softmax(dim=1) if probabilities else logits).to(x.device)
         return answers[key]
 
     backbone.forward = answer

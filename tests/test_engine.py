@@ -311,3 +311,32 @@ def test_skipped_last_stage_crops_keep_the_coarse_result_exactly(backbone):
 def test_image_must_be_chw(backbone, pyramid):
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         segment(torch.randn(1, 3, 32, 32), backbone, pyramid)
+
+
+class Probabilities(nn.Module):
+    """Another backbone's softmax, as a runtime's graph that ends in it returns it."""
+
+    returns_probabilities = True
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return (out[0] if isinstance(out, (tuple, list)) else out).softmax(dim=1)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (77, 131)])
+def test_a_backbone_of_probabilities_is_taken_as_it_is(size, backbone, pyramid, tiny_config, refine_path):
+    # The engine must not apply a second softmax: a backbone that gives probabilities (the
+    # same numbers, the softmax done inside it) gives the logits backbone's result.
+    torch.manual_seed(4)
+    image = torch.randn(3, *size)
+    refiner = Refiner(tiny_config.num_classes, 8, 2).eval()
+    torch.nn.init.normal_(refiner.context[-1].weight, std=0.5)
+    kw = dict(refine=RefineConfig(points=0.5, kernel=3), refiner=refiner)
+    logits = _run(image, backbone, pyramid, **kw)
+    probs = _run(image, Probabilities(backbone), pyramid, **kw)
+    assert (probs.probs - logits.probs).abs().max().item() < 1e-5
+    assert (probs.labels == logits.labels).float().mean().item() >= 0.999

@@ -77,6 +77,22 @@ def test_cache_holds_one_checked_graph_per_input_size(warm):
     assert json.loads((folder / "model.json").read_text())["input_multiple"] == input_multiple(torch_model)
 
 
+def test_the_graph_gives_the_probabilities_of_the_torch_models_logits(warm):
+    # The cached graph ends in the softmax, and says so: the engine takes its output as it is
+    # (a second softmax would flatten every distribution towards uniform).
+    from magseg.engine.backbone import gives_probabilities
+
+    backbone = warm["segmenter"].backbone
+    assert gives_probabilities(backbone)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = backbone.torch_model()(x)
+    got = backbone(x)
+    assert got.shape == logits.shape and got.dtype == torch.float32
+    assert (got - logits.softmax(dim=1)).abs().max().item() < 1e-5
+    assert (got.sum(dim=1) - 1).abs().max().item() < 1e-5
+
+
 def _cache_copy(warm, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(warm["cache"], cache)
@@ -255,7 +271,7 @@ def test_int8_quantisation_writes_a_calibrated_int8_graph_close_to_fp32(warm, tm
 
     def probs(path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {"image": x})[0]).softmax(1)
+        return torch.from_numpy(session.run(None, {"image": x})[0])  # the graph's softmax
 
     want, got = probs(src), probs(dst)
     assert (got - want).abs().mean().item() < 0.02

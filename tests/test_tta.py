@@ -71,6 +71,32 @@ def test_d4_average_by_hand():
     torch.testing.assert_close(out[0, 0], torch.full((2, 2), (sigmoid(0) + sigmoid(1)) / 2))
 
 
+class RampProbabilities(ColumnRamp):
+    """ColumnRamp's softmax, as a runtime's graph gives it (``returns_probabilities``)."""
+
+    returns_probabilities = True
+
+    def forward(self, x):
+        return super().forward(x).softmax(1)
+
+
+@pytest.mark.parametrize("mode", ["flip", "d4"])
+def test_around_a_backbone_of_probabilities_the_mean_comes_out_as_it_is(mode):
+    # Columns 0, 1, 2 flipped: class 0 has (sigmoid(0) + sigmoid(2)) / 2 at the edges,
+    # sigmoid(1) in the middle; with d4 on 3x3, the same mean whichever backbone is inside.
+    from magseg.engine.backbone import gives_probabilities
+
+    x = torch.zeros(1, 3, 3, 3)
+    wrapped = TTABackbone(RampProbabilities(), mode)
+    assert gives_probabilities(wrapped) and not gives_probabilities(TTABackbone(ColumnRamp(), mode))
+    out = wrapped(x)
+    torch.testing.assert_close(out, TTABackbone(ColumnRamp(), mode)(x).softmax(1))
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 3, 3))
+    if mode == "flip":
+        s0, s1, s2 = sigmoid(0), sigmoid(1), sigmoid(2)
+        torch.testing.assert_close(out[0, 0, 0], torch.tensor([(s0 + s2) / 2, s1, (s0 + s2) / 2]))
+
+
 def test_wrapper_keeps_what_the_engine_reads():
     from magseg.engine.backbone import context_ratios, input_multiple
 

@@ -1,5 +1,6 @@
 """Backbones as the engine sees them: any ``nn.Module`` mapping ``(B, C_in, h, w)`` to
-``(B, classes, h, w)`` logits (the ``Backbone`` contract), and how to call one. Building them
+``(B, classes, h, w)`` logits, or probabilities where it says so (the ``Backbone``
+contract), and how to call one. Building them
 from ``model.*`` is ``magseg.models`` (smp models by name: ``magseg.models.smp``; FCtL).
 """
 
@@ -30,6 +31,9 @@ class Backbone(Protocol):
     - ``requires_divisible_input_shape`` (True) with ``encoder.output_stride``: ``h`` and
       ``w`` must be multiples of that stride; ``run_backbone`` pads the input and crops the
       logits back.
+    - ``returns_probabilities`` (True): the output is already the class probabilities, the
+      softmax of the logits (a runtime's graph that ends in it, ``RuntimeBackbone``); the
+      engine then takes them as they are (``gives_probabilities``).
     """
 
     def __call__(self, x: Tensor, /, *contexts: list[Tensor]) -> Tensor | tuple[Tensor, ...]: ...
@@ -46,6 +50,11 @@ class MultiContextBackbone(Backbone, Protocol):
 def context_ratios(backbone: Backbone) -> tuple[float, ...]:
     """Context extents a multi-context backbone (FCtL) wants beside each crop; () for others."""
     return tuple(backbone.context_ratios) if isinstance(backbone, MultiContextBackbone) else ()
+
+
+def gives_probabilities(backbone: Backbone) -> bool:
+    """Whether the backbone's output is its class probabilities rather than logits."""
+    return getattr(backbone, "returns_probabilities", False) is True
 
 
 def input_multiple(backbone: Backbone) -> int:
@@ -73,7 +82,8 @@ def run_backbone(
     backbone: Backbone, x: Tensor, multiple: int = 1, contexts: list[Tensor] | None = None,
     channels_last: bool = False,
 ) -> Tensor:
-    """Logits of ``x`` (B, C_in, h, w) -> ``(B, classes, h, w)``, reflect-padding the input to
+    """Logits (or probabilities: ``gives_probabilities``) of ``x`` (B, C_in, h, w) ->
+    ``(B, classes, h, w)``, reflect-padding the input to
     a multiple of ``multiple`` when the architecture needs it and cropping the output back.
 
     ``contexts``: for multi-context backbones (FCtL), one ``(B, C_in, h, w)`` batch per

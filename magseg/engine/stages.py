@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from magseg.config import EngineConfig, PyramidConfig, RefineConfig
-from magseg.engine.backbone import context_ratios, input_multiple, run_backbone
+from magseg.engine.backbone import context_ratios, gives_probabilities, input_multiple, run_backbone
 from magseg.engine.blend import FineStore, blends
 from magseg.engine.certainty import certainty
 from magseg.engine.crf import CrfSink
@@ -103,20 +103,21 @@ def input_probs(backbone: nn.Module, x: Tensor, input_size: Size, size: Size, *,
     inputs ``x`` ``(B, C_in, ih', iw')`` made at ``input_size`` (padded past it or not),
     with ``contexts`` for a multi-context backbone made the same way."""
     with precision_context(x.device, precision):
-        logits = run_backbone(backbone, x, multiple, contexts, channels_last)
+        out = run_backbone(backbone, x, multiple, contexts, channels_last)
     # Back to NCHW: everything after the backbone (softmax, resize, refiner, certainty, top-K)
     # reduces over or gathers along channels, which is slow in the channels-last layout
     # (docs/performance.md#channels-last). And to float32 whatever the backbone's precision:
     # on a CPU, torch's bf16 softmax, bilinear resize and per-pixel reductions are no faster
     # than float32's (docs/performance.md#on-a-cpu-with-native-bf16).
     # One copy does both (``.float().contiguous()`` makes two from a bf16 channels-last map).
-    logits = logits.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+    out = out.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the
     # input, and bilinear weights sum to 1, so the result is still a distribution. Over an
     # input padded to the backbone's multiple, the softmax takes the padding too (it is per
-    # pixel) and the resize reads the input's part, so no copy cuts it out.
-    probs = logits.softmax(dim=1)[..., : input_size[0], : input_size[1]]
-    return resize(probs, tuple(size)).contiguous()
+    # pixel) and the resize reads the input's part, so no copy cuts it out. A runtime's
+    # graph has done the softmax already (gives_probabilities).
+    probs = out if gives_probabilities(backbone) else out.softmax(dim=1)
+    return resize(probs[..., : input_size[0], : input_size[1]], tuple(size)).contiguous()
 
 
 def crop_probs(backbone: nn.Module, crops: Tensor, input_size: Size, *, contexts: list[Tensor] | None = None,

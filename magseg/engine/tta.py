@@ -5,7 +5,9 @@ mapped back, and the probabilities averaged.
 ``TTABackbone`` wraps a backbone and keeps its contract (``(B, C_in, h, w)`` in, logits
 out), so the stage loop, the crop counts and the streamed/in-memory equality are untouched:
 it returns ``log(mean_t softmax(t^-1(backbone(t(x)))))``, whose softmax (what
-``magseg.engine.stages.input_probs`` takes next) is that mean exactly. The engine's crop
+``magseg.engine.stages.input_probs`` takes next) is that mean exactly. Around a backbone
+that returns probabilities (a runtime's graph, ``gives_probabilities``) it returns the mean
+itself, and says so too. The engine's crop
 counts stay the crops it ran; the backbone runs ``len(transforms)`` times per crop
 (``passes_per_crop``).
 """
@@ -16,6 +18,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+
+from magseg.engine.backbone import gives_probabilities
 
 TTA_MODES = ("none", "flip", "d4")
 
@@ -62,6 +66,8 @@ class TTABackbone(nn.Module):
         self.transforms = transforms(mode)
         if hasattr(backbone, "context_ratios"):
             self.context_ratios = tuple(backbone.context_ratios)
+        # Probabilities in, their mean out (no log for the engine's softmax to undo).
+        self.returns_probabilities = gives_probabilities(backbone)
         if getattr(backbone, "requires_divisible_input_shape", False):
             self.requires_divisible_input_shape = True
             stride = int(getattr(getattr(backbone, "encoder", None), "output_stride", 1))
@@ -72,7 +78,8 @@ class TTABackbone(nn.Module):
         return len(self.transforms)
 
     def forward(self, x: Tensor, contexts: list[Tensor] | None = None) -> Tensor:
-        """``(B, C_in, h, w)`` -> ``(B, classes, h, w)`` float32 log of the mean probabilities."""
+        """``(B, C_in, h, w)`` -> ``(B, classes, h, w)`` float32 log of the mean probabilities
+        (the mean itself where ``returns_probabilities``)."""
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous() else torch.contiguous_format
         total = None
@@ -84,10 +91,13 @@ class TTABackbone(nn.Module):
                 out = self.inner(xt, [forward(c, t).contiguous(memory_format=layout) for c in contexts])
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            probs = inverse(out.float().softmax(dim=1), t)
+            out = out.float()
+            probs = inverse(out if self.returns_probabilities else out.softmax(dim=1), t)
             total = probs if total is None else total + probs
         assert total is not None
         mean = total / len(self.transforms)
+        if self.returns_probabilities:
+            return mean
         # The log of a distribution: softmax gives the distribution back (the per-pixel
         # log-sum-exp is log 1 = 0). A probability of 0 would be -inf; the floor keeps it finite.
         return mean.clamp_min(torch.finfo(torch.float32).tiny).log()
