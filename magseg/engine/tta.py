@@ -7,9 +7,8 @@ out), so the stage loop, the crop counts and the streamed/in-memory equality are
 it returns ``log(mean_t softmax(t^-1(backbone(t(x)))))``, whose softmax (what
 ``magseg.engine.stages.input_probs`` takes next) is that mean exactly. Around a backbone
 that returns probabilities (a runtime's graph, ``gives_probabilities``) it returns the mean
-itself, and says so too. The engine's crop
-counts stay the crops it ran; the backbone runs ``len(transforms)`` times per crop
-(``passes_per_crop``).
+itself, and says so too. The engine's crop counts stay the crops it ran; the backbone runs
+``len(transforms)`` times per crop (``passes_per_crop``).
 """
 
 from __future__ import annotations
