@@ -77,12 +77,31 @@ def test_cache_holds_one_checked_graph_per_input_size(warm):
     assert json.loads((folder / "model.json").read_text())["input_multiple"] == input_multiple(torch_model)
 
 
-def test_the_graph_gives_the_probabilities_of_the_torch_models_logits(warm):
-    # The cached graph ends in the softmax, and says so: the engine takes its output as it is
-    # (a second softmax would flatten every distribution towards uniform).
+def test_onnxruntimes_graph_gives_the_torch_models_logits(warm):
+    # ONNX Runtime's softmax over the channel axis costs more than the engine's own, so its
+    # graph ends at the logits and the engine applies the softmax.
     from magseg.engine.backbone import gives_probabilities
 
     backbone = warm["segmenter"].backbone
+    assert not gives_probabilities(backbone)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = backbone.torch_model()(x)
+    assert (backbone(x) - logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
+def test_openvinos_graph_ends_in_the_softmax_and_says_so(warm, tmp_path):
+    # OpenVINO's graph ends in the softmax, kept beside ONNX Runtime's logits graphs under its
+    # own name; the engine takes its output as probabilities (a second softmax would flatten
+    # every distribution towards uniform) and reproduces the torch engine.
+    from magseg.engine.backbone import gives_probabilities
+    from magseg.segmenter import Segmenter
+
+    shutil.copytree(warm["cache"], tmp_path / "cache")
+    segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
+        "engine.runtime=openvino", "engine.precision=fp32", f"engine.cache_dir={tmp_path / 'cache'}"])
+    backbone = segmenter.backbone
     assert gives_probabilities(backbone)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -90,7 +109,13 @@ def test_the_graph_gives_the_probabilities_of_the_torch_models_logits(warm):
     got = backbone(x)
     assert got.shape == logits.shape and got.dtype == torch.float32
     assert (got - logits.softmax(dim=1)).abs().max().item() < 1e-5
-    assert (got.sum(dim=1) - 1).abs().max().item() < 1e-5
+    folder = _graph_dir(tmp_path / "cache")
+    assert {"32x32.onnx", "32x32.probs.onnx"} <= {p.name for p in folder.iterdir()}
+    sidecar = json.loads((folder / "32x32.probs.json").read_text())
+    assert sidecar["softmax"] is True and json.loads((folder / "32x32.json").read_text())["softmax"] is False
+    result = segmenter.segment(warm["scene"], return_probs=True)
+    assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
+    assert (result.labels == warm["reference"].labels).float().mean().item() >= 0.999
 
 
 def _cache_copy(warm, tmp_path):
@@ -113,12 +138,17 @@ def test_a_warm_cache_is_used_without_the_torch_model(warm, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no sidecar", "sidecar cut short", "other size",
-                                    "other key", "graph missing", "graph bytes changed"])
+                                    "other key", "graph missing", "graph bytes changed", "other kind"])
 def test_a_stale_or_damaged_entry_is_not_trusted(warm, tmp_path, damage):
     cache, folder = _cache_copy(warm, tmp_path)
     graph, sidecar = folder / "32x32.onnx", folder / "32x32.json"
     data = json.loads(sidecar.read_text())
-    if damage == "no sidecar":
+    if damage == "other kind":  # a logits graph, its sidecar and all, under a softmax graph's name
+        assert cache.valid_graph((32, 32)) == graph
+        shutil.copy(graph, folder / "32x32.probs.onnx")
+        shutil.copy(sidecar, folder / "32x32.probs.json")
+        cache = rt.GraphCache(cache.dir.parent, cache.key, 3, softmax=True)
+    elif damage == "no sidecar":
         sidecar.unlink()
     elif damage == "sidecar cut short":
         sidecar.write_text(sidecar.read_text()[:20])
@@ -271,7 +301,7 @@ def test_int8_quantisation_writes_a_calibrated_int8_graph_close_to_fp32(warm, tm
 
     def probs(path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {"image": x})[0])  # the graph's softmax
+        return torch.from_numpy(session.run(None, {"image": x})[0]).softmax(1)
 
     want, got = probs(src), probs(dst)
     assert (got - want).abs().mean().item() < 0.02

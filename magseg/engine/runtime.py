@@ -4,11 +4,13 @@
 
 - ``torch``: the ``nn.Module`` itself (training always uses it);
 - ``onnxruntime`` / ``openvino``: the backbone exported once to ONNX (opset 18, dynamic
-  batch, fixed input size), its softmax included, and kept in a cache; ``RuntimeBackbone``
-  runs that graph and looks like any other backbone to the engine, one that returns
-  probabilities (``returns_probabilities``). In the runtime's graph the softmax costs
-  little: with Unet-ResNet18 in OpenVINO bf16 on a 2448 px scene, the backbone calls took
-  19 ms longer and the engine's own work 51 ms less (docs/runtimes.md#the-softmax-in-the-graph);
+  batch, fixed input size) and kept in a cache; ``RuntimeBackbone`` runs that graph and
+  looks like any other backbone to the engine. OpenVINO's graph ends in the softmax, and
+  its ``RuntimeBackbone`` returns probabilities (``returns_probabilities``): there the
+  softmax is nearly free (Unet-ResNet18 at bf16, a 2448 px scene: the backbone calls 19 ms
+  longer, the engine's own work 51 ms shorter), while ONNX Runtime's softmax over the
+  channel axis took 100 ms a batch more than the engine's own
+  (docs/runtimes.md#the-softmax-in-the-graph);
 - ``auto``: the fastest one installed for the device (``resolve_runtime``).
 
 The cache (``GraphCache``) is one folder per model, named by a digest of its weights (the
@@ -49,7 +51,7 @@ from magseg.errors import ConfigError
 from magseg.io.atomic import atomic_write
 
 # Bumped whenever what the cache's graphs compute changes: older entries are then rebuilt.
-# 2: the graph ends in the softmax (probabilities out, not logits).
+# 2: a graph may end in the softmax (``<h>x<w>.probs.onnx``), its sidecar says so.
 GRAPH_FORMAT = 2
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -237,12 +239,15 @@ def _save_onnx(module: nn.Module, inputs: dict[str, tuple[int, ...]], path: Path
 
 
 class GraphCache:
-    """One model's exported graphs, one per input size, each checked before it is used."""
+    """One model's exported graphs, one per input size, each checked before it is used;
+    with ``softmax``, graphs that end in the softmax (probabilities out), kept beside the
+    others under their own names."""
 
-    def __init__(self, root: Path, key: str, in_channels: int) -> None:
+    def __init__(self, root: Path, key: str, in_channels: int, softmax: bool = False) -> None:
         self.dir = root / key
         self.key = key
         self.in_channels = in_channels
+        self.softmax = softmax
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -266,7 +271,7 @@ class GraphCache:
         self._write_json(self.dir / "model.json", {"input_multiple": multiple})
 
     def paths(self, size: tuple[int, int]) -> tuple[Path, Path]:
-        name = f"{size[0]}x{size[1]}"
+        name = f"{size[0]}x{size[1]}" + (".probs" if self.softmax else "")
         return self.dir / f"{name}.onnx", self.dir / f"{name}.json"
 
     def valid_graph(self, size: tuple[int, int]) -> Path | None:
@@ -274,7 +279,8 @@ class GraphCache:
         graph, sidecar = self.paths(size)
         data = self._read_json(sidecar)
         if (data is None or data.get("format") != GRAPH_FORMAT or data.get("size") != list(size)
-                or data.get("in_channels") != self.in_channels or not graph.is_file()):
+                or data.get("in_channels") != self.in_channels or data.get("softmax") is not self.softmax
+                or not graph.is_file()):
             return None
         return graph if _file_sha256(graph) == data.get("sha256") else None
 
@@ -284,8 +290,8 @@ class GraphCache:
         graph, sidecar = self.paths(size)
         self.dir.mkdir(parents=True, exist_ok=True)
         sidecar.unlink(missing_ok=True)  # a crash between the two writes leaves no voucher
-        export_onnx(backbone, graph, self.in_channels, size, softmax=True)
-        self._write_json(sidecar, {"size": list(size), "in_channels": self.in_channels,
+        export_onnx(backbone, graph, self.in_channels, size, softmax=self.softmax)
+        self._write_json(sidecar, {"size": list(size), "in_channels": self.in_channels, "softmax": self.softmax,
                                    "sha256": _file_sha256(graph), "opset": OPSET,
                                    "torch": torch.__version__})
         return graph
@@ -405,10 +411,12 @@ class Runtime:
     """A runtime that runs the backbone's exported graph on the CPU.
 
     ``load(graph, threads, precision)`` reads the ``.onnx`` file and returns the runner,
-    ``(B, C_in, h, w)`` float32 array -> ``(B, classes, h, w)`` float32 probabilities; ``module``
-    is the package it imports (whether it is installed), ``extra`` the magseg extra that
-    installs it; ``precisions``: the precisions it has kernels for (others run fp32);
-    ``native(precision)``: whether this CPU runs one of them (None: wherever it is installed).
+    ``(B, C_in, h, w)`` float32 array -> ``(B, classes, h, w)`` float32 logits, or
+    probabilities where ``softmax_in_graph``; ``module`` is the package it imports (whether
+    it is installed), ``extra`` the magseg extra that installs it; ``precisions``: the
+    precisions it has kernels for (others run fp32); ``native(precision)``: whether this CPU
+    runs one of them (None: wherever it is installed); ``softmax_in_graph``: its graphs end
+    in the softmax, where it costs less than the engine's own pass over the logits.
     """
 
     module: str
@@ -416,14 +424,17 @@ class Runtime:
     load: Callable[[Path, int, str], Callable[[np.ndarray], np.ndarray]]
     precisions: tuple[str, ...] = ()
     native: Callable[[str], bool] | None = None
+    softmax_in_graph: bool = False
 
 
 # The graph runtimes, in auto's order on a CPU: fastest first (both ran Unet-ResNet18 and
 # FPN-ResNet50 in 0.6-0.7x torch eager's time, OpenVINO a little ahead: docs/runtimes.md).
 # ONNX Runtime's CPU kernels are fp32; OpenVINO runs bf16 when asked (native on
-# AVX512-BF16/AMX).
+# AVX512-BF16/AMX). OpenVINO's softmax costs little in its graph; ONNX Runtime's, over the
+# channel axis, more than the engine's own (docs/runtimes.md#the-softmax-in-the-graph).
 GRAPH_RUNTIMES: dict[str, Runtime] = {
-    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",), _openvino_native),
+    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",), _openvino_native,
+                        softmax_in_graph=True),
     "onnxruntime": Runtime("onnxruntime", "magseg[onnx]", _ort_runner),
 }
 # What engine.runtime may name (besides auto); the config schema lists the same.
@@ -434,9 +445,9 @@ class RuntimeBackbone(nn.Module):
     """A backbone run by a graph runtime (``GRAPH_RUNTIMES``: ONNX Runtime, OpenVINO) from
     its cached exported graph.
 
-    ``backbone(x)``: ``x`` ``(B, C_in, h, w)`` float -> ``(B, classes, h, w)`` float32
-    probabilities, the softmax of what the torch module would return (the graph ends in it).
-    A graph per ``(h, w)`` is loaded on first use,
+    ``backbone(x)``: ``x`` ``(B, C_in, h, w)`` float -> ``(B, classes, h, w)`` float32 logits,
+    as the torch module would return them, or their softmax where its cache's graphs end in
+    it (``returns_probabilities``). A graph per ``(h, w)`` is loaded on first use,
     exported first when the cache has no valid one (``build_torch`` makes the torch model
     then, and only then).
     """
@@ -444,8 +455,6 @@ class RuntimeBackbone(nn.Module):
     # The graph takes NCHW: ``run_backbone`` hands it the input as it is, not a channels-last
     # copy the runtime would copy back.
     takes_channels_last = False
-    # Its graph ends in the softmax: the engine takes the probabilities as they come.
-    returns_probabilities = True
 
     def __init__(self, runtime: str, cache: GraphCache, build_torch: Callable[[], nn.Module],
                  precision: str = "fp32", threads: int | None = None) -> None:
@@ -455,6 +464,11 @@ class RuntimeBackbone(nn.Module):
         self._build_torch = build_torch
         self._torch: nn.Module | None = None
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+    @property
+    def returns_probabilities(self) -> bool:
+        """Whether its graphs end in the softmax: the engine then takes them as they come."""
+        return self.cache.softmax
 
     def torch_model(self) -> nn.Module:
         """The torch backbone (built on first need: exporting, or learning its multiple)."""
@@ -502,5 +516,6 @@ def runtime_backbone(
 ) -> RuntimeBackbone:
     """The ``RuntimeBackbone`` of ``config``'s model with these weights, on its cache."""
     key = graph_key(weights_sha256, config.to_dict()["model"], config.num_classes)
-    cache = GraphCache(cache_root(config.engine.cache_dir), key, config.model.in_channels)
+    cache = GraphCache(cache_root(config.engine.cache_dir), key, config.model.in_channels,
+                       softmax=GRAPH_RUNTIMES[runtime].softmax_in_graph)
     return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision))
