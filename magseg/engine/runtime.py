@@ -55,6 +55,7 @@ from magseg.io.atomic import atomic_write
 GRAPH_FORMAT = 2
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+PROBS_NAME = "probabilities"  # the output of a graph that ends in the softmax
 
 
 def exporter_installed() -> bool:
@@ -194,7 +195,7 @@ class _RefinerProbs(nn.Module):
         return self.refiner(fine, coarse).softmax(dim=1)
 
 
-REFINER_INPUTS, REFINER_OUTPUT = ("fine", "coarse"), "probabilities"
+REFINER_INPUTS, REFINER_OUTPUT = ("fine", "coarse"), PROBS_NAME
 
 
 def export_refiner_onnx(refiner: nn.Module, path: Path, classes: int, size: tuple[int, int], *,
@@ -290,7 +291,8 @@ class GraphCache:
         graph, sidecar = self.paths(size)
         self.dir.mkdir(parents=True, exist_ok=True)
         sidecar.unlink(missing_ok=True)  # a crash between the two writes leaves no voucher
-        export_onnx(backbone, graph, self.in_channels, size, softmax=self.softmax)
+        export_onnx(backbone, graph, self.in_channels, size, softmax=self.softmax,
+                    output_name=PROBS_NAME if self.softmax else OUTPUT_NAME)
         self._write_json(sidecar, {"size": list(size), "in_channels": self.in_channels, "softmax": self.softmax,
                                    "sha256": _file_sha256(graph), "opset": OPSET,
                                    "torch": torch.__version__})
