@@ -186,17 +186,23 @@ def test_a_rerun_that_reads_the_input_otherwise_keeps_nothing_silently(tmp_path,
     assert _record(_predict(fitted_checkpoint, path, "-o", out, "--nodata", "0"))["status"] == "skipped"
 
 
+def _bands_1_2_3_read_as_the_default(checkpoint, path, out, *settings):
+    """``--bands 1,2,3`` on ``path`` (``a.tif``) records no bands, and re-runs without it
+    and with it keep the outputs."""
+    assert _record(_predict(checkpoint, path, "-o", out, *settings, "--bands", "1,2,3"))["status"] == "ok"
+    with rasterio.open(out / "a.tif") as src:
+        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] is None
+    assert _record(_predict(checkpoint, path, "-o", out, *settings))["status"] == "skipped"
+    assert _record(_predict(checkpoint, path, "-o", out, *settings, "--bands", "1,2,3"))["status"] == "skipped"
+
+
 def test_bands_named_as_the_checkpoints_own_are_the_default_reading(tmp_path, fitted_checkpoint):
     # --bands listing the model's data.bands in their order reads the same pixels as no
     # --bands: its outputs record the default reading, and a re-run either way keeps them.
     path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
     out = tmp_path / "out"
     stored = ["--set", "data.bands=[1,2,3]"]
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "1,2,3"))["status"] == "ok"
-    with rasterio.open(out / "a.tif") as src:
-        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] is None
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored))["status"] == "skipped"
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "1,2,3"))["status"] == "skipped"
+    _bands_1_2_3_read_as_the_default(fitted_checkpoint, path, out, *stored)
     # Another order is another reading.
     result = _predict(fitted_checkpoint, path, "-o", out, *stored, "--bands", "3,2,1")
     assert result.exit_code == 1 and "another reading of the input" in _record(result)["error"]
@@ -208,11 +214,7 @@ def test_bands_naming_every_band_of_the_raster_in_order_are_the_default_reading(
     path = write_raster(tmp_path / "a.tif", smooth_image(3, 40, 50))
     out = tmp_path / "out"
     unset = ["--set", "data.bands=null"]  # the test checkpoint's config names bands 1,2,3
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "ok"
-    with rasterio.open(out / "a.tif") as src:
-        assert json.loads(src.tags()["MAGSEG_READ_OPTIONS"])["bands"] is None
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset))["status"] == "skipped"
-    assert _record(_predict(fitted_checkpoint, path, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "skipped"
+    _bands_1_2_3_read_as_the_default(fitted_checkpoint, path, out, *unset)
     # Of a 4-band raster, bands 1,2,3 are a choice (without --bands it cannot be read): recorded.
     four = write_raster(tmp_path / "b.tif", smooth_image(4, 40, 50))
     assert _record(_predict(fitted_checkpoint, four, "-o", out, *unset, "--bands", "1,2,3"))["status"] == "ok"

@@ -193,11 +193,10 @@ def enlarged_crops_and_cells(source: Source, size: Size, windows: list[Rect], of
     classes, extent = jobs[0][0].shape[0], windows[0].size
     crops = torch.empty((len(windows), classes, *crop))
     cells = torch.empty((len(windows), classes, *(-(-n // stride) for n in extent)))
-    no_sums = np.empty((classes, 0, 0), np.float32)
 
     def one(i: int) -> None:
         part, low, high, frac, left, c0, (row_first, row_weight), (col_first, col_weight) = jobs[i]
-        kernels.enlarged_rows(part, left, c0, fx, crop[1], low, high, frac, 0, 0, crops[i].numpy(), stride, no_sums)
+        kernels.enlarged_rows(part, left, c0, fx, low, high, frac, crops[i].numpy())
         kernels.filter_axes(part.reshape(classes, -1), part.shape[2], row_first, row_weight, col_first, col_weight,
                             cells[i].numpy())
 

@@ -214,20 +214,18 @@ def emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums):
     """A window's row ``y`` ``(C, ew)`` is done: its crop part into ``crop`` (``(C, ch, cw)``
     at ``(crop_top, crop_left)``), and into the running sum of its cell row, ``summed``,
     which is written to ``sums`` ``(C, ceil(eh/stride), ceil(ew/stride))`` and cleared
-    when the cell row ends (``sums`` with no rows: no cells, the crop alone)."""
+    when the cell row ends."""
     classes, width = row.shape
     crop_height, crop_width = crop.shape[1], crop.shape[2]
-    summing = sums.shape[1] > 0  # no cells asked for: the crop alone
     for c in range(classes):
         values, total = row[c], summed[c]
-        if summing:
-            for x in range(width):
-                total[x] += values[x]
+        for x in range(width):
+            total[x] += values[x]
         if crop_top <= y < crop_top + crop_height:
             out, part = crop[c, y - crop_top], values[crop_left : crop_left + crop_width]
             for x in range(crop_width):
                 out[x] = part[x]
-    if summing and ((y + 1) % stride == 0 or y == height - 1):
+    if (y + 1) % stride == 0 or y == height - 1:
         for c in range(classes):
             total = summed[c]
             for j in range(sums.shape[2]):
@@ -241,22 +239,17 @@ def emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums):
 
 
 @njit(nogil=True, cache=True)
-def enlarged_rows(part, first, origin, factor, width, low, high, frac, crop_top, crop_left, crop, stride, sums):
-    """A window of a map enlarged by bilinear interpolation, one row at a time: window row y
-    mixes rows ``low[y]`` and ``high[y]`` of ``part`` ``(C, h, wc)`` (the map's rows and
-    columns the window reads; its columns from ``origin`` on) by ``frac[y]``, each of them
-    enlarged ``factor`` times along its columns from map column ``first`` over ``width``
-    once, when first read (the two last, in a ring: rows come in order); its crop part goes
-    to ``crop`` and its cell sums to ``sums``, as ``emit_row`` does (the engine passes the crop
-    as the window and no cells: ``fused.enlarged_crops_and_cells``). No window-sized array
-    of the enlarged columns is made."""
-    classes = part.shape[0]
-    height = low.shape[0]
+def enlarged_rows(part, first, origin, factor, low, high, frac, out):
+    """A part of a map enlarged by bilinear interpolation, one row at a time, into ``out``
+    ``(C, h, w)`` (a crop): its row y mixes rows ``low[y]`` and ``high[y]`` of ``part``
+    ``(C, hp, wp)`` (the map's rows and columns it reads; its columns from ``origin`` on) by
+    ``frac[y]``, each of them enlarged ``factor`` times along its columns from map column
+    ``first`` over ``w`` once, when first read (the two last, in a ring: rows come in order).
+    No array of the enlarged map is made."""
+    classes, height, width = out.shape
     columns, others, weights, start, pairs = axis_sources(first, origin, factor, width, part.shape[2] - 1)
     ring = np.empty((2, classes, width), np.float32)
     held = np.full(2, -1, np.int64)
-    row = np.empty((classes, width), np.float32)
-    summed = np.zeros((classes, width), np.float32)
     for y in range(height):
         for r in (low[y], high[y]):
             if held[r & 1] != r:
@@ -265,10 +258,9 @@ def enlarged_rows(part, first, origin, factor, width, low, high, frac, crop_top,
                 held[r & 1] = r
         f, above, below = frac[y], ring[low[y] & 1], ring[high[y] & 1]
         for c in range(classes):
-            top, bottom, out = above[c], below[c], row[c]
+            top, bottom, line = above[c], below[c], out[c, y]
             for x in range(width):
-                out[x] = top[x] + (bottom[x] - top[x]) * f
-        emit_row(row, y, height, crop_top, crop_left, crop, stride, summed, sums)
+                line[x] = top[x] + (bottom[x] - top[x]) * f
 
 
 @njit(nogil=True, cache=True)

@@ -114,8 +114,8 @@ def input_probs(backbone: nn.Module, x: Tensor, input_size: Size, size: Size, *,
     # Softmax at the input size, then resize: fewer pixels when crops are larger than the
     # input, and bilinear weights sum to 1, so the result is still a distribution. Over an
     # input padded to the backbone's multiple, the softmax takes the padding too (it is per
-    # pixel) and the resize reads the input's part, so no copy cuts it out. A runtime's
-    # graph has done the softmax already (gives_probabilities).
+    # pixel) and the resize reads the input's part, so no copy cuts it out. A backbone that
+    # gives probabilities (OpenVINO's graph, which ends in the softmax) has done it already.
     probs = out if gives_probabilities(backbone) else out.softmax(dim=1)
     return resize(probs[..., : input_size[0], : input_size[1]], tuple(size)).contiguous()
 
