@@ -396,8 +396,9 @@ def _openvino_native(precision: str) -> bool:
     return capability is not None and capability in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def _openvino_runner(path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    compiled = _openvino_compile(path, threads, precision)
+def _openvino_runner(model: Any, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO's runner of ``model`` (a path or an ``openvino.Model``)."""
+    compiled = _openvino_compile(model, threads, precision)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:
