@@ -34,13 +34,16 @@ raster magseg reads) or random pixels.
 runtime x precision gets its own models and figures, named by the precision for torch and
 ``<runtime>-<precision it computes in>`` for the others, all interleaved in one run; then
 ``vs_torch_fp32`` gives each one's backbone and engine time over torch fp32's, and the share
-of pixels whose labels agree with torch fp32's.
+of pixels whose labels agree with torch fp32's. ``--precision int8`` adds, for OpenVINO,
+NNCF's int8 quantisation of its graph calibrated on random windows: a speed, not an accuracy
+(``pip install nncf``; scripts/runtime_miou.py measures its accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import statistics
@@ -83,6 +86,10 @@ def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:
     segmenters: dict[str, Segmenter] = {}
     for runtime in args.runtime or ["torch"]:
         for choice in args.precision or ["fp32", "auto"]:
+            if choice == "int8":
+                if runtime == "openvino":
+                    segmenters["openvino-int8"] = _nncf_int8_segmenter(args)
+                continue
             segmenter = _segmenter(args, choice, runtime)
             name = resolve_precision(segmenter.device, choice)
             if segmenter.backbone_runtime != "torch":
@@ -103,6 +110,22 @@ def _segmenter(args: argparse.Namespace, precision: str, runtime: str = "torch")
         return Segmenter.from_checkpoint(args.checkpoint, overrides)
     model = [f"model.arch={args.arch}", f"model.encoder={args.encoder}", "model.encoder_weights=none"]
     return Segmenter.from_config(load_config(args.config, model + overrides))
+
+
+def _nncf_int8_segmenter(args: argparse.Namespace) -> Segmenter:
+    """OpenVINO on NNCF's int8 quantisation of the graph (``runtime_miou.NncfInt8Backbone``),
+    calibrated on 16 random windows: its speed, not its accuracy (for that:
+    scripts/runtime_miou.py on a trained checkpoint and its data)."""
+    import numpy as np
+    from runtime_miou import NncfInt8Backbone
+
+    segmenter = _segmenter(args, "fp32", "openvino")
+    segmenter.backbone.__class__ = NncfInt8Backbone
+    rng = np.random.default_rng(0)
+    channels = segmenter.config.model.in_channels
+    segmenter.backbone.calibrate = lambda size: [rng.standard_normal((8, channels, *size)).astype(np.float32)
+                                                 for _ in range(2)]
+    return segmenter
 
 
 def _image(args: argparse.Namespace, segmenter: Segmenter) -> torch.Tensor:
@@ -132,8 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=2448, help="random scene height and width")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", action="append", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                        help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest)")
+    parser.add_argument("--precision", action="append", default=None,
+                        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest); "
+                             "int8: OpenVINO only, NNCF's quantisation (pip install nncf), not a magseg option")
     parser.add_argument("--runtime", action="append", default=None,
                         choices=list(RUNTIMES),
                         help="a backbone runtime to measure, repeatable (default: torch)")
@@ -232,7 +257,10 @@ def _by_precision(runs: dict[str, dict]) -> dict:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if "int8" in (args.precision or []) and importlib.util.find_spec("nncf") is None:
+        parser.error("--precision int8 needs NNCF, which magseg does not install: pip install nncf")
     # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
     malloc_kept = keep_freed_memory()
     if args.threads:
