@@ -321,7 +321,11 @@ def test_openvino_bf16_stays_near_fp32(warm, tmp_path):
     segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
         "engine.runtime=openvino", "engine.precision=bf16", f"engine.cache_dir={tmp_path / 'cache'}"])
     result = segmenter.segment(warm["scene"], return_probs=True)
-    assert segmenter.runtime["precision"] == "bf16"
+    # What the compiled graph computes in, as the outputs report it: bf16 only where the CPU
+    # has bf16 kernels; an AVX2-only CPU compiles the bf16 hint to f32.
+    (hint,) = {run.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+               for run in segmenter.backbone._runners.values()}  # one per input size, all alike
+    assert segmenter.runtime["precision"] == {"bf16": "bf16", "f32": "fp32"}[hint]
     # A mean: a pixel whose top-K pick flips can move by far more than bf16's rounding.
     assert (result.probs - warm["reference"].probs).abs().mean().item() < 0.01
     assert (result.labels == warm["reference"].labels).float().mean().item() >= 0.95
