@@ -259,8 +259,11 @@ def _by_precision(runs: dict[str, dict]) -> dict:
 def main() -> None:
     parser = _parser()
     args = parser.parse_args()
-    if "int8" in (args.precision or []) and importlib.util.find_spec("nncf") is None:
-        parser.error("--precision int8 needs NNCF, which magseg does not install: pip install nncf")
+    if "int8" in (args.precision or []):
+        if "openvino" not in (args.runtime or []):
+            parser.error("--precision int8 is OpenVINO's: add --runtime openvino")
+        if importlib.util.find_spec("nncf") is None:
+            parser.error("--precision int8 needs NNCF, which magseg does not install: pip install nncf")
     # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
     malloc_kept = keep_freed_memory()
     if args.threads:
