@@ -238,7 +238,7 @@ OVERWRITE = typer.Option(
     False, "--overwrite",
     help="Replace outputs that already exist, whoever made them. Without it: predict and "
     "vectorize keep the outputs already made for the same input and model (a re-run resumes) "
-    "and fail an input whose outputs are another's; train, benchmark, export and suggest stop "
+    "and fail an input whose outputs are another's; train, benchmark, export, quantize and suggest stop "
     "before any work (exit 1).")
 # Adaptive mode is an engine setting: these flags set its keys, as --set would, wherever they
 # are given. benchmark scores the run's engine.adaptive (when set) as a row of its own.

@@ -23,6 +23,7 @@ from magseg.engine.precision import resolve_precision, runtime_info
 from magseg.engine.refiner_network import Refiner
 from magseg.engine.runtime import (
     RuntimeBackbone,
+    check_precision,
     resolve_runtime,
     runtime_backbone,
     runtime_precision,
@@ -59,7 +60,9 @@ def create_segmenter_model(config: Config, pretrained: bool = True) -> nn.Module
 
 
 def _resolve_runtime(config: Config, device: torch.device) -> str:
-    return resolve_runtime(config.engine.runtime, device, config.model.arch.lower() == "fctl")
+    runtime = resolve_runtime(config.engine.runtime, device, config.model.arch.lower() == "fctl")
+    check_precision(runtime, config.engine.precision)
+    return runtime
 
 
 def _runtime_backbone(runtime: str, config: Config, device: torch.device, digest: str,

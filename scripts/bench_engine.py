@@ -35,8 +35,9 @@ runtime x precision gets its own models and figures, named by the precision for 
 ``<runtime>-<precision it computes in>`` for the others, all interleaved in one run; then
 ``vs_torch_fp32`` gives each one's backbone and engine time over torch fp32's, and the share
 of pixels whose labels agree with torch fp32's. ``--precision int8`` adds, for OpenVINO,
-NNCF's int8 quantisation of its graph calibrated on random windows: a speed, not an accuracy
-(``pip install nncf``; scripts/runtime_miou.py measures its accuracy).
+``engine.precision=int8`` (``pip install 'magseg[int8]'``): a checkpoint's int8 graph is the
+one ``magseg quantize`` made; random weights are quantised here on 16 random windows, a
+speed, not an accuracy (scripts/runtime_miou.py measures that).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:
         for choice in args.precision or ["fp32", "auto"]:
             if choice == "int8":
                 if runtime == "openvino":
-                    segmenters["openvino-int8"] = _nncf_int8_segmenter(args)
+                    segmenters["openvino-int8"] = _int8_segmenter(args)
                 continue
             segmenter = _segmenter(args, choice, runtime)
             name = resolve_precision(segmenter.device, choice)
@@ -112,20 +113,25 @@ def _segmenter(args: argparse.Namespace, precision: str, runtime: str = "torch")
     return Segmenter.from_config(load_config(args.config, model + overrides))
 
 
-def _nncf_int8_segmenter(args: argparse.Namespace) -> Segmenter:
-    """OpenVINO on NNCF's int8 quantisation of the graph (``runtime_miou.NncfInt8Backbone``),
-    calibrated on 16 random windows: its speed, not its accuracy (for that:
-    scripts/runtime_miou.py on a trained checkpoint and its data)."""
+def _int8_segmenter(args: argparse.Namespace) -> Segmenter:
+    """OpenVINO at ``engine.precision=int8``; random weights get their int8 graph here, made
+    from 16 random windows at the pyramid's input size (once: the cache keeps it)."""
     import numpy as np
-    from runtime_miou import NncfInt8Backbone
 
-    segmenter = _segmenter(args, "fp32", "openvino")
-    segmenter.backbone.__class__ = NncfInt8Backbone
-    rng = np.random.default_rng(0)
-    channels = segmenter.config.model.in_channels
-    segmenter.backbone.calibrate = lambda size: [rng.standard_normal((8, channels, *size)).astype(np.float32)
-                                                 for _ in range(2)]
-    return segmenter
+    from magseg.engine.int8 import quantize_into_cache
+
+    if not args.checkpoint:
+        fp32 = _segmenter(args, "fp32", "openvino")
+        backbone = fp32.backbone
+        if backbone.cache.int8_record() is None:
+            rng = np.random.default_rng(0)
+            multiple = backbone.input_multiple
+            size = [-(-n // multiple) * multiple for n in fp32.config.pyramid.input]
+            windows = [rng.standard_normal((1, backbone.cache.in_channels, *size)).astype(np.float32)
+                       for _ in range(16)]
+            quantize_into_cache(backbone.torch_model(), backbone.cache, windows,
+                                {"calibration": "16 random windows (scripts/bench_engine.py)"}, progress=False)
+    return _segmenter(args, "int8", "openvino")
 
 
 def _image(args: argparse.Namespace, segmenter: Segmenter) -> torch.Tensor:
@@ -158,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", action="append", default=None,
                         choices=["auto", "fp32", "bf16", "fp16", "int8"],
                         help="a precision to measure, repeatable (default: fp32 and auto, this machine's fastest); "
-                             "int8: OpenVINO only, NNCF's quantisation (pip install nncf), not a magseg option")
+                             "int8: OpenVINO only (engine.precision=int8; pip install 'magseg[int8]')")
     parser.add_argument("--runtime", action="append", default=None,
                         choices=list(RUNTIMES),
                         help="a backbone runtime to measure, repeatable (default: torch)")
@@ -263,7 +269,7 @@ def main() -> None:
         if "openvino" not in (args.runtime or []):
             parser.error("--precision int8 is OpenVINO's: add --runtime openvino")
         if importlib.util.find_spec("nncf") is None:
-            parser.error("--precision int8 needs NNCF, which magseg does not install: pip install nncf")
+            parser.error("--precision int8 needs NNCF: pip install 'magseg[int8]'")
     # As the magseg command does (magseg.allocator); MAGSEG_SYSTEM_MALLOC=1 measures without.
     malloc_kept = keep_freed_memory()
     if args.threads:

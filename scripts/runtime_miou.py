@@ -9,11 +9,11 @@ Variants are ``<runtime>-<precision>``: ``torch-fp32``, ``torch-bf16``, ``onnxru
 ``onnxruntime-int8``: the exported graph quantised by ONNX Runtime's static post-training
 quantisation (``magseg.engine.runtime.quantize_int8``: QDQ, int8 weights per channel, int8
 activations), calibrated on ``--calibration`` windows of the training split cut as training
-cuts them (``BackboneSamples`` without augmentation); ``openvino-int8``: NNCF's post-training
-quantisation of OpenVINO's graph (``pip install nncf``; per-channel int8 weights, int8
-activations, bias correction, 7-bit weights in every layer on a CPU without VNNI), calibrated
-on the same windows. magseg offers no int8 option yet: this is the measurement that decides
-(docs/runtimes.md#reduced-precision).
+cuts them (``magseg.quantize.calibration_windows``), which magseg does not offer;
+``openvino-int8``: ``engine.precision=int8``, the graph ``magseg quantize`` makes (NNCF's
+post-training quantisation: per-channel int8 weights, int8 activations, bias correction,
+7-bit weights in every layer; ``pip install 'magseg[int8]'``) on the same windows. This is
+the measurement behind docs/runtimes.md#reduced-precision.
 
     python scripts/runtime_miou.py demo_out/run/best.ckpt demo_out/data \\
         --variants torch-fp32,torch-bf16,openvino-bf16,onnxruntime-int8
@@ -28,7 +28,6 @@ rounds (after one untimed pass), and reports each one's median over the first's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -41,21 +40,20 @@ import torch
 
 from magseg.checkpoint import load_checkpoint
 from magseg.data.scenes import list_scenes, read_scene
+from magseg.engine import int8
 from magseg.engine import runtime as rt
-from magseg.engine.precision import cpu_has_vnni
 from magseg.evaluation.metrics import confusion_matrix, scores
+from magseg.quantize import calibration_windows as training_windows
+from magseg.quantize import quantize_checkpoint
 from magseg.segmenter import Segmenter
-from magseg.training.samples import BackboneSamples
 
 
 def calibration_windows(config, data_root: str, count: int, size: tuple[int, int],
                         batch: int = 8) -> list[np.ndarray]:
-    """``count`` training windows (seed 0, no augmentation) resized to ``size``, in batches."""
-    samples = BackboneSamples(list_scenes(config.data, "train", data_root), config, count,
-                              seed=0, augment=False)
+    """``count`` training windows (``magseg quantize``'s) resized to ``size``, in batches."""
     windows = []
-    for i in range(count):
-        x = samples[i].image[None]
+    for window in training_windows(config, data_root, "train", count, multiple=1):
+        x = torch.from_numpy(window)
         if tuple(x.shape[-2:]) != tuple(size):
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         windows.append(x[0])
@@ -76,31 +74,6 @@ class Int8Backbone(rt.RuntimeBackbone):
         return self._runners[size]
 
 
-class NncfInt8Backbone(rt.RuntimeBackbone):
-    """The OpenVINO backbone on NNCF's int8 post-training quantisation of its cached graph
-    (per-channel int8 weights, int8 activations from the calibration windows' statistics,
-    bias correction; ``overflow_fix`` for CPUs without VNNI), compiled as OpenVINO fp32."""
-
-    calibrate = None  # size -> calibration batches
-
-    def runner(self, size):
-        if size not in self._runners:
-            import nncf
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-            graph = self.cache.valid_graph(size) or self.cache.build(size, self.torch_model())
-            core = rt._openvino_core()
-            # One window an item: NNCF's statistics are per item, and subset_size counts items.
-            windows = [b[i:i + 1] for b in self.calibrate(size) for i in range(len(b))]
-            # Without VNNI a pair of u8 x s8 products can saturate int16 (``rt.quantize_int8``
-            # says why): 7-bit weights in every layer, not only the first (NNCF's default).
-            fix = OverflowFix.FIRST_LAYER if cpu_has_vnni() else OverflowFix.ENABLE
-            model = nncf.quantize(core.read_model(str(graph)), nncf.Dataset(windows),
-                                  subset_size=len(windows),
-                                  advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix))
-            self._runners[size] = rt._openvino_runner(model, self.threads, "fp32")
-        return self._runners[size]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
@@ -118,16 +91,20 @@ def main() -> None:
     config = ckpt.config
     cache = Path(tempfile.mkdtemp(prefix="magseg-runtime-miou-"))
     variants = args.variants.split(",")
-    if "openvino-int8" in variants and importlib.util.find_spec("nncf") is None:
-        sys.exit("runtime_miou.py: openvino-int8 needs NNCF, which magseg does not install: pip install nncf")
+    if "openvino-int8" in variants:
+        if not int8.nncf_installed():
+            sys.exit(f"runtime_miou.py: openvino-int8 needs NNCF: pip install '{int8.EXTRA}'")
+        quantize_checkpoint(ckpt, args.data_root, windows=args.calibration, progress=False,
+                            overrides=[f"engine.cache_dir={cache}", *args.set])
     segmenters = {}
     for variant in variants:
         runtime, precision = variant.split("-")
+        ort_int8 = variant == "onnxruntime-int8"  # not an engine.precision: the script quantises it
         sets = [f"engine.cache_dir={cache}", f"engine.runtime={runtime}",
-                f"engine.precision={'fp32' if precision == 'int8' else precision}", *args.set]
+                f"engine.precision={'fp32' if ort_int8 else precision}", *args.set]
         segmenter = Segmenter.from_checkpoint(ckpt, sets)
-        if precision == "int8":
-            segmenter.backbone.__class__ = NncfInt8Backbone if runtime == "openvino" else Int8Backbone
+        if ort_int8:
+            segmenter.backbone.__class__ = Int8Backbone
             segmenter.backbone.calibrate = lambda size: calibration_windows(
                 config, args.data_root, args.calibration, size)
         segmenters[variant] = segmenter

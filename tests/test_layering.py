@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("magseg.data",),
     ("magseg.evaluation",),
     ("magseg.training",),
-    ("magseg.run", "magseg.export"),  # predict over rasters, scene pools, exported graphs
+    ("magseg.run", "magseg.export", "magseg.quantize"),  # predict over rasters, scene pools, exported graphs
     ("magseg.cli",),
 ]
 

@@ -26,8 +26,10 @@ import torch
 if TYPE_CHECKING:
     from magseg.config import EngineConfig
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+# int8 is the backbone's in OpenVINO only (its quantised graph: magseg.engine.int8); the
+# engine's own torch work around it runs fp32, as it does for every graph runtime.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -68,8 +70,9 @@ def precision_context(device: torch.device | str, precision: str) -> contextlib.
 
 
 def autocast(device: torch.device | str, resolved: Precision) -> contextlib.AbstractContextManager:
-    """Autocast for a precision already resolved (never ``auto``): nothing for ``fp32``."""
-    if resolved == "fp32":
+    """Autocast for a precision already resolved (never ``auto``): nothing for ``fp32``, nor
+    for ``int8``, which only a graph runtime computes."""
+    if resolved in ("fp32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[resolved])
 

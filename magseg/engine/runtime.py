@@ -26,8 +26,13 @@ and its exported graph (``export_refiner_onnx``, which ``magseg export`` writes 
 backbone) ran slower in ONNX Runtime than torch's in-place ``Refiner.probs`` (1.7x, same
 crops; docs/runtimes.md#the-refiner).
 
-``quantize_int8`` quantises an exported graph to int8 (ONNX Runtime's static quantisation);
-magseg offers it nowhere, since it cost more than half a point of mIoU
+``engine.precision=int8`` runs OpenVINO on the model's int8 graph, which ``magseg quantize``
+puts in the same cache folder (``int8.xml``/``.bin``, one graph for every input size, with
+its own sidecar; ``magseg.engine.int8``): it needs training windows, so it is never made
+here, and a run asking for it without one is a usage error naming that command.
+
+``quantize_int8`` quantises an exported graph to int8 with ONNX Runtime's static
+quantisation; magseg offers it nowhere, since it cost more than half a point of mIoU
 (docs/runtimes.md#reduced-precision; ``scripts/runtime_miou.py`` measures it).
 """
 
@@ -114,6 +119,14 @@ def runtime_precision(runtime: str, precision: str) -> str:
     return precision if graph_runtime.native is None or graph_runtime.native(precision) else "fp32"
 
 
+def check_precision(runtime: str, precision: str) -> None:
+    """``engine.precision=int8`` is OpenVINO's (the int8 graph ``magseg quantize`` makes):
+    with any other runtime a ConfigError naming the fix, rather than fp32 in its place."""
+    if precision == "int8" and runtime != "openvino":
+        raise ConfigError(f"engine.precision=int8 runs the backbone's int8 graph in OpenVINO, not in {runtime}: "
+                          "set engine.runtime=openvino (pip install 'magseg[int8]'), or another precision")
+
+
 def cache_root(configured: str | None = None) -> Path:
     """Where exported graphs are kept: ``engine.cache_dir``, else ``$MAGSEG_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/magseg`` (``~/.cache/magseg``); graphs under ``graphs/`` in it."""
@@ -166,10 +179,12 @@ class _Logits(nn.Module):
 def export_onnx(
     backbone: nn.Module, path: Path, in_channels: int, size: tuple[int, int], *,
     softmax: bool = False, metadata: dict[str, str] | None = None, output_name: str = OUTPUT_NAME,
+    free_size: bool = False,
 ) -> None:
     """Write ``backbone`` as one self-contained ONNX file (opset 18, batch dynamic, input
     ``(B, in_channels, *size)`` named ``image``), atomically, with ``metadata`` as its
-    ``metadata_props``.
+    ``metadata_props``. ``free_size``: height and width dynamic too (``size`` is then only
+    the example traced); slower to export, and some encoders' exports take minutes.
 
     torch's ``torch.export``-based exporter (``dynamo=True``; it works offline and names
     every output dimension), its weights kept inside the file rather than beside it.
@@ -178,7 +193,7 @@ def export_onnx(
     backbone = backbone.float().eval()  # a channels-last or half model exports the same graph
     try:
         _save_onnx(_Logits(backbone, softmax).eval(), {INPUT_NAME: (in_channels, *size)}, path,
-                   output_name, metadata)
+                   output_name, metadata, free_size=free_size)
     finally:
         backbone.train(was_training)
 
@@ -216,19 +231,23 @@ def export_refiner_onnx(refiner: nn.Module, path: Path, classes: int, size: tupl
 
 
 def _save_onnx(module: nn.Module, inputs: dict[str, tuple[int, ...]], path: Path, output_name: str,
-               metadata: dict[str, str] | None, grad: bool = False) -> None:
-    """Export ``module`` (inputs named and shaped ``(B, *shape)``, batch dynamic) to ``path``."""
+               metadata: dict[str, str] | None, grad: bool = False, free_size: bool = False) -> None:
+    """Export ``module`` (inputs named and shaped ``(B, *shape)``, batch dynamic; with
+    ``free_size`` height and width too) to ``path``."""
     import onnx
 
     examples = tuple(torch.rand(2, *shape) for shape in inputs.values())  # batch 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[int, Any] = {0: batch}
+    if free_size:
+        dims.update({2: torch.export.Dim("height", min=1, max=65536), 3: torch.export.Dim("width", min=1, max=65536)})
     # Autocast off: the engine's first call, which may export, runs under the engine's
     # bf16/fp16 autocast, and a graph traced there would hold its casts.
     with torch.set_grad_enabled(grad), torch.autocast("cpu", enabled=False), \
             torch.autocast("cuda", enabled=False):
         program = torch.onnx.export(
             module, examples, dynamo=True, opset_version=OPSET, input_names=list(inputs),
-            output_names=[output_name], dynamic_shapes=tuple({0: batch} for _ in inputs),
+            output_names=[output_name], dynamic_shapes=tuple(dict(dims) for _ in inputs),
             verbose=False,
         )
     proto = program.model_proto
@@ -297,6 +316,53 @@ class GraphCache:
                                    "sha256": _file_sha256(graph), "opset": OPSET,
                                    "torch": torch.__version__})
         return graph
+
+
+    # The int8 graph: one for every input size (height and width free), quantised by
+    # ``magseg quantize`` (magseg.engine.int8), OpenVINO IR, never rebuilt here since it needs
+    # training windows.
+    def int8_paths(self) -> tuple[Path, Path, Path]:
+        """The int8 graph's ``int8.xml`` and ``int8.bin``, and its sidecar ``int8.json``."""
+        return self.dir / "int8.xml", self.dir / "int8.bin", self.dir / "int8.json"
+
+    def int8_record(self) -> dict[str, Any] | None:
+        """The int8 graph's sidecar (its digests and calibration) when it vouches for exactly
+        the bytes of both files, else None."""
+        xml, weights, sidecar = self.int8_paths()
+        data = self._read_json(sidecar)
+        if (data is None or data.get("format") != GRAPH_FORMAT or data.get("in_channels") != self.in_channels
+                or not xml.is_file() or not weights.is_file()):
+            return None
+        digests = data.get("sha256")
+        if not isinstance(digests, dict) or digests.get("xml") != _file_sha256(xml) \
+                or digests.get("bin") != _file_sha256(weights):
+            return None
+        return data
+
+    def save_int8(self, model: Any, record: dict[str, Any]) -> Path:
+        """Write ``model`` (an ``openvino.Model``) as the int8 graph, ``record`` (what it was
+        calibrated on) in its sidecar; the sidecar goes last, so a crash leaves no voucher."""
+        import shutil
+        import tempfile
+
+        import openvino as ov
+
+        from magseg.io.atomic import atomic_writes
+
+        xml, weights, sidecar = self.int8_paths()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sidecar.unlink(missing_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".magseg-int8-", dir=self.dir))
+        try:
+            ov.save_model(model, str(scratch / "int8.xml"), compress_to_fp16=False)
+            with atomic_writes({"xml": xml, "bin": weights}) as tmp:
+                os.replace(scratch / "int8.xml", tmp["xml"])
+                os.replace(scratch / "int8.bin", tmp["bin"])
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self._write_json(sidecar, {**record, "in_channels": self.in_channels,
+                                   "sha256": {"xml": _file_sha256(xml), "bin": _file_sha256(weights)}})
+        return xml
 
 
 # The operators int8 quantisation rewrites: the convolutions and matrix products hold the
@@ -392,7 +458,7 @@ def _openvino_native(precision: str) -> bool:
     """Whether OpenVINO's CPU plugin computes ``precision`` on this CPU: its
     ``OPTIMIZATION_CAPABILITIES`` list BF16 only where it has bf16 kernels (AVX512-BF16,
     AMX), and a bf16 hint elsewhere compiles f32."""
-    capability = {"bf16": "BF16", "fp16": "FP16"}.get(precision)
+    capability = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}.get(precision)
     return capability is not None and capability in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -436,7 +502,7 @@ class Runtime:
 # AVX512-BF16/AMX). OpenVINO's softmax costs little in its graph; ONNX Runtime's, over the
 # channel axis, more than the engine's own (docs/runtimes.md#the-softmax-in-the-graph).
 GRAPH_RUNTIMES: dict[str, Runtime] = {
-    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16",), _openvino_native,
+    "openvino": Runtime("openvino", "magseg[openvino]", _openvino_runner, ("bf16", "int8"), _openvino_native,
                         softmax_in_graph=True),
     "onnxruntime": Runtime("onnxruntime", "magseg[onnx]", _ort_runner),
 }
@@ -460,9 +526,11 @@ class RuntimeBackbone(nn.Module):
     takes_channels_last = False
 
     def __init__(self, runtime: str, cache: GraphCache, build_torch: Callable[[], nn.Module],
-                 precision: str = "fp32", threads: int | None = None) -> None:
+                 precision: str = "fp32", threads: int | None = None, int8_graph: Path | None = None) -> None:
         super().__init__()
         self.runtime, self.cache, self.precision = runtime, cache, precision
+        # The int8 graph (its .xml, already checked), which every input size runs reshaped.
+        self.int8_graph = int8_graph
         self.threads = threads or torch.get_num_threads()
         self._build_torch = build_torch
         self._torch: nn.Module | None = None
@@ -496,6 +564,10 @@ class RuntimeBackbone(nn.Module):
     def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
         """The loaded graph for inputs of ``size``: from the cache if it checks out, else
         exported anew; a cached file the runtime cannot load is rebuilt once."""
+        if size not in self._runners and self.int8_graph is not None:
+            from magseg.engine.int8 import int8_runner
+
+            self._runners[size] = int8_runner(self.int8_graph, size, self.cache.in_channels, self.threads)
         if size not in self._runners:
             graph = self.cache.valid_graph(size)
             if graph is not None:
@@ -517,8 +589,28 @@ def runtime_backbone(
     runtime: str, *, weights_sha256: str, config: Any, build_torch: Callable[[], nn.Module],
     precision: str,
 ) -> RuntimeBackbone:
-    """The ``RuntimeBackbone`` of ``config``'s model with these weights, on its cache."""
+    """The ``RuntimeBackbone`` of ``config``'s model with these weights, on its cache.
+
+    Raises:
+        ConfigError: ``precision`` int8 without a valid int8 graph in the cache (the message
+            names ``magseg quantize``), or with a runtime other than OpenVINO.
+    """
+    check_precision(runtime, precision)
+    cache = model_cache(runtime, weights_sha256, config)
+    int8_graph = None
+    if precision == "int8":
+        if cache.int8_record() is None:
+            raise ConfigError(
+                f"engine.precision=int8 needs this checkpoint's int8 graph, and {cache.dir} has none (or one "
+                "that no longer matches its sidecar): make it with `magseg quantize CHECKPOINT --data-root "
+                "TRAINING_DATA` (with the same engine.cache_dir), or use engine.precision=fp32")
+        int8_graph = cache.int8_paths()[0]
+    return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision),
+                           int8_graph=int8_graph)
+
+
+def model_cache(runtime: str, weights_sha256: str, config: Any) -> GraphCache:
+    """The graph cache of ``config``'s model with these weights, as ``runtime`` keeps it."""
     key = graph_key(weights_sha256, config.to_dict()["model"], config.num_classes)
-    cache = GraphCache(cache_root(config.engine.cache_dir), key, config.model.in_channels,
-                       softmax=GRAPH_RUNTIMES[runtime].softmax_in_graph)
-    return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision))
+    return GraphCache(cache_root(config.engine.cache_dir), key, config.model.in_channels,
+                      softmax=GRAPH_RUNTIMES[runtime].softmax_in_graph)

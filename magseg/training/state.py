@@ -20,6 +20,7 @@ import torch
 from magseg.config import Config, EngineConfig
 from magseg.data.scenes import Scene
 from magseg.engine.precision import Precision, autocast, resolve_precision, resolved_engine
+from magseg.errors import ConfigError
 from magseg.training.distributed import World
 
 # Every part of training logs here: train.log is a handler on this logger.
@@ -92,6 +93,12 @@ class RunPrecision:
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device) -> RunPrecision:
+        """Raises ConfigError for ``engine.precision=int8``: training's engine passes run the
+        torch model, and int8 exists only as a trained checkpoint's quantised graph."""
+        if config.engine.precision == "int8":
+            raise ConfigError("engine.precision=int8 is for a trained checkpoint (magseg quantize, then predict "
+                              "or benchmark); training's engine passes run in torch: set engine.precision to "
+                              "auto, fp32, bf16 or fp16 to train")
         return cls(device, resolve_precision(device, config.train.precision),
                    resolved_engine(config.engine, device))
 

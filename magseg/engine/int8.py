@@ -1,0 +1,128 @@
+"""int8 backbones in OpenVINO: NNCF's post-training quantisation of the exported graph,
+calibrated on training windows (``engine.precision=int8``, made by ``magseg quantize``).
+
+The quantised graph is exported once with its height and width free
+(``runtime.export_onnx(free_size=True)``), so one quantisation serves every window size the
+engine meets (they vary with the raster's size at its edges): its quantisation ranges are
+per channel or per tensor, whatever the size, and each size's runner reshapes the graph to
+``(-1, C_in, h, w)`` before compiling it. The fixed-size fp32 graphs cannot be reshaped:
+their upsampling sizes are constants.
+
+What NNCF is asked for (docs/runtimes.md#reduced-precision): int8 weights per output
+channel, int8 activations whose ranges the calibration windows give, bias correction; and
+7-bit weights in every layer (``OverflowFix.ENABLE``). Without VNNI, x86 int8 kernels sum
+pairs of u8 x s8 products in int16, which 8-bit weights can saturate; NNCF's default fixes
+only the first layer, which cost 3.4 points of mIoU on the demo set on an AVX2-only CPU,
+against 0.26 for every layer. The graph is then safe on every CPU, with or without VNNI,
+whichever machine quantised it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from magseg.errors import ConfigError
+
+EXTRA = "magseg[int8]"
+
+
+def nncf_installed() -> bool:
+    """Whether int8 graphs can be made here (NNCF and OpenVINO; the ``int8`` extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("nncf", "openvino"))
+
+
+@contextlib.contextmanager
+def _nncf_output(show: bool) -> Iterator[None]:
+    """NNCF's progress bars (rich, on ``sys.stdout``) and log lines (a handler on stdout)
+    on stderr, or nowhere: magseg's stdout is its JSON records. The warning torch logs when
+    NNCF imports its C++ extension loader on a machine without CUDA is not shown."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from nncf.common.logging.logger import nncf_logger
+
+    target = sys.stderr if show else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    handlers = [h for h in nncf_logger.handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(target) for h in handlers]
+    try:
+        with contextlib.redirect_stdout(target):
+            yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+        if not show:
+            target.close()
+
+
+def quantize(graph: Path, windows: Sequence[np.ndarray], progress: bool = True) -> Any:
+    """NNCF's int8 quantisation of the ONNX file ``graph`` as an ``openvino.Model``.
+
+    ``windows``: calibration inputs, each ``(1, C_in, h, w)`` float32 normalised as the
+    model's input (one window an item: NNCF's statistics and its ``subset_size`` count items).
+    ``progress``: NNCF's progress and log lines on stderr (else none).
+
+    Raises:
+        ConfigError: no calibration window, or NNCF not installed.
+    """
+    if not windows:
+        raise ConfigError("int8 quantisation needs calibration windows; none were given")
+    if not nncf_installed():
+        raise ConfigError(f"int8 quantisation needs NNCF and OpenVINO: pip install '{EXTRA}'")
+    from magseg.engine.runtime import _openvino_core
+
+    with _nncf_output(progress):
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        model = _openvino_core().read_model(str(graph))
+        return nncf.quantize(model, nncf.Dataset(list(windows)), subset_size=len(windows),
+                             advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE))
+
+
+def quantize_into_cache(backbone: Any, cache: Any, windows: Sequence[np.ndarray], record: dict[str, Any], *,
+                        log: Callable[[str], None] = lambda message: None, progress: bool = True) -> Path:
+    """Quantise the torch ``backbone`` on ``windows`` (``quantize``) into ``cache`` (a
+    ``runtime.GraphCache``) as its int8 graph, ``record`` (what the windows are) in its
+    sidecar with NNCF's and OpenVINO's versions; returns the graph's ``.xml``.
+
+    The ONNX graph NNCF reads is exported with its height and width free (the windows' size
+    traced), ending in the softmax where the cache's graphs do; it is not kept.
+    """
+    import tempfile
+
+    import nncf
+    import openvino
+
+    from magseg.engine.runtime import export_onnx
+
+    size = (int(windows[0].shape[-2]), int(windows[0].shape[-1]))
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
+        graph = Path(scratch) / "free.onnx"
+        log("quantize: exporting the backbone with free height and width (a minute or more)")
+        export_onnx(backbone, graph, cache.in_channels, size, softmax=cache.softmax, free_size=True)
+        log("quantize: NNCF's int8 quantisation")
+        model = quantize(graph, windows, progress)
+    return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__})
+
+
+def int8_runner(graph: Path, size: tuple[int, int], in_channels: int,
+                threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The runner of the int8 graph ``graph`` (its ``.xml``) for ``(B, in_channels, *size)``
+    inputs: the graph reshaped to that size (batch free), compiled for the CPU."""
+    import openvino as ov
+
+    from magseg.engine.runtime import _openvino_core, _openvino_runner
+
+    model = _openvino_core().read_model(str(graph))
+    model.reshape({0: ov.PartialShape([-1, in_channels, *size])})
+    # The f32 hint: OpenVINO runs the quantised layers in int8 whatever it is, and the
+    # rest (softmax, resizes) in f32 rather than in bf16 where the CPU has it.
+    return _openvino_runner(model, threads, "fp32")
