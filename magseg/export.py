@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 from magseg.checkpoint import Checkpoint, load_checkpoint, load_state
 from magseg.config import Config
 from magseg.errors import ConfigError
-from magseg.io.atomic import atomic_write, atomic_writes
+from magseg.io.atomic import atomic_write
 
 FORMATS = ("onnx", "openvino")
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
@@ -282,6 +281,8 @@ def _write_model(fmt: str, files: list[Path], props: dict[str, str],
         return
     import openvino as ov
 
+    from magseg.engine.runtime import save_openvino
+
     xml, bin_ = files
     scratch = Path(tempfile.mkdtemp(prefix=".magseg-export-", dir=xml.parent))
     try:
@@ -290,10 +291,7 @@ def _write_model(fmt: str, files: list[Path], props: dict[str, str],
         model = ov.convert_model(str(onnx_path))
         for key, value in props.items():
             model.set_rt_info(value, ["model_info", key])
-        ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
-        with atomic_writes({"xml": xml, "bin": bin_}) as tmp:
-            os.replace(scratch / "model.xml", tmp["xml"])
-            os.replace(scratch / "model.bin", tmp["bin"])
+        save_openvino(model, xml, bin_)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -342,27 +342,33 @@ class GraphCache:
     def save_int8(self, model: Any, record: dict[str, Any]) -> Path:
         """Write ``model`` (an ``openvino.Model``) as the int8 graph, ``record`` (what it was
         calibrated on) in its sidecar; the sidecar goes last, so a crash leaves no voucher."""
-        import shutil
-        import tempfile
-
-        import openvino as ov
-
-        from magseg.io.atomic import atomic_writes
-
         xml, weights, sidecar = self.int8_paths()
         self.dir.mkdir(parents=True, exist_ok=True)
         sidecar.unlink(missing_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".magseg-int8-", dir=self.dir))
-        try:
-            ov.save_model(model, str(scratch / "int8.xml"), compress_to_fp16=False)
-            with atomic_writes({"xml": xml, "bin": weights}) as tmp:
-                os.replace(scratch / "int8.xml", tmp["xml"])
-                os.replace(scratch / "int8.bin", tmp["bin"])
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        save_openvino(model, xml, weights)
         self._write_json(sidecar, {**record, "in_channels": self.in_channels,
                                    "sha256": {"xml": _file_sha256(xml), "bin": _file_sha256(weights)}})
         return xml
+
+
+def save_openvino(model: Any, xml: Path, weights: Path) -> None:
+    """Write ``model`` (an ``openvino.Model``) as OpenVINO IR, ``xml`` and its ``weights``
+    (``.bin``, same stem) put in place together, atomically; weights as they are (no fp16)."""
+    import shutil
+    import tempfile
+
+    import openvino as ov
+
+    from magseg.io.atomic import atomic_writes
+
+    scratch = Path(tempfile.mkdtemp(prefix=".magseg-ir-", dir=xml.parent))
+    try:
+        ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
+        with atomic_writes({"xml": xml, "bin": weights}) as tmp:
+            os.replace(scratch / "model.xml", tmp["xml"])
+            os.replace(scratch / "model.bin", tmp["bin"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # The operators int8 quantisation rewrites: the convolutions and matrix products hold the
