@@ -55,7 +55,6 @@ def quantize(
     check_checkpoint(checkpoint, settings)
     from magseg.quantize import quantize_checkpoint
 
-    log(f"quantize: {checkpoint} on {windows} windows of {data_root or 'data.root'}", quiet)
     result = quantize_checkpoint(checkpoint, data_root, windows=windows, split=split, overrides=settings or [],
                                  overwrite=overwrite, log=lambda message: log(message, quiet), progress=not quiet)
     emit({"graph": str(result.graph), "windows": result.windows, "size": list(result.size),

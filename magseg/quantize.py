@@ -107,7 +107,8 @@ def quantize_checkpoint(
     load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
     backbone.eval()
     multiple = input_multiple(backbone)
-    log(f"quantize: {windows} calibration windows of split {split!r}")
+    log(f"quantize: {ckpt.path}: {windows} calibration windows of split {split!r} of "
+        f"{data_root or config.data.root or '.'}")
     inputs = calibration_windows(config, data_root, split, windows, multiple)
     size = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
     record = {"calibration": {"data_root": str(Path(data_root or config.data.root or ".").resolve()),
