@@ -357,10 +357,10 @@ def _predict_all(segmenter, paths: list[Path], out_dir: Path, options, quiet: bo
 def _predict_all_ray(model, paths: list[Path], out_dir: Path, options, quiet: bool,
                      address: str | None, workers: int | None) -> int:
     """Predict the inputs on Ray actors; one NDJSON line per input as each finishes."""
-    from magseg.engine.precision import runtime_info
     from magseg.run.predict import failed_record, output_paths, predict_input
+    from magseg.segmenter import run_info
 
-    runtime = runtime_info(model.config.engine.device, model.config.engine.precision)
+    runtime = run_info(model.config)  # as each actor's Segmenter says it (backbone runtime included)
 
     clashes = _clashing_outputs(paths, out_dir, options, runtime)
     todo = [p for p in paths if p not in clashes]

@@ -65,6 +65,16 @@ def _resolve_runtime(config: Config, device: torch.device) -> str:
     return runtime
 
 
+def run_info(config: Config) -> dict[str, Any]:
+    """What computes ``config``'s results: ``runtime_info``'s block (device, precision, CPU)
+    with the backbone's runtime (``backbone_runtime``, ``engine.runtime`` resolved) and the
+    precision that runtime really computes in (OpenVINO asked for bf16 on a CPU without it: fp32)."""
+    device = resolve_device(config.engine.device)
+    runtime = _resolve_runtime(config, device)
+    info = runtime_info(device, config.engine.precision)
+    return {**info, "precision": runtime_precision(runtime, info["precision"]), "backbone_runtime": runtime}
+
+
 def _runtime_backbone(runtime: str, config: Config, device: torch.device, digest: str,
                       build) -> RuntimeBackbone:
     precision = resolve_precision(device, config.engine.precision)
@@ -163,8 +173,7 @@ class Segmenter:
         """What computes this segmenter's results: device, resolved precision, the CPU
         (``magseg.engine.precision.runtime_info``) and the backbone's runtime, for records
         and reports."""
-        info = runtime_info(self.device, self.config.engine.precision)
-        return {**info, "precision": self.precision, "backbone_runtime": self.backbone_runtime}
+        return {**run_info(self.config), "precision": self.precision, "backbone_runtime": self.backbone_runtime}
 
     @property
     def num_classes(self) -> int:

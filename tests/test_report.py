@@ -166,3 +166,37 @@ def test_confusion_plot_is_normalised_by_ground_truth():
     np.testing.assert_allclose(np.asarray(shown)[1], [0, 75, 25])
     assert "progressive" in ax.get_title() and ax.get_ylabel() == "ground truth"
     assert [t.get_text() for t in ax.texts][3:6] == ["0", "75", "25"]
+
+
+def test_the_header_names_the_backbone_runtime_beside_its_precision():
+    """report.md's first lines say what computed the scores: a backbone run in OpenVINO at
+    int8 says so; torch, the default, is not named."""
+    report = _report({"progressive": _method(0.7)})
+    cpu = {"model": "AMD EPYC", "capability": "AVX2"}
+    report["environment"] = {"device": "cpu", "torch_threads": 2, "cpu": cpu, "precision": "int8",
+                             "backbone_runtime": "openvino"}
+    assert "device cpu, precision int8 in OpenVINO (AMD EPYC, AVX2, 2 threads)." in render_markdown(report)
+    report["environment"].update(precision="fp32", backbone_runtime="torch")
+    assert "device cpu, precision fp32 (AMD EPYC, AVX2, 2 threads)." in render_markdown(report)
+
+
+def test_the_environment_is_what_the_segmenter_reports(tmp_path):
+    """report.json's environment: the backbone runtime resolved, and the precision it
+    computes in (ONNX Runtime's kernels are fp32 whatever was asked)."""
+    from magseg.config import load_config
+    from magseg.engine import runtime as rt
+    from magseg.evaluation.report import _environment
+    from magseg.segmenter import Segmenter
+
+    from conftest import CONFIGS
+
+    config = load_config(CONFIGS / "tiny.yaml").override(["engine.precision=bf16"])
+    env = _environment(config)
+    assert env["backbone_runtime"] == "torch" and env["precision"] == "bf16"
+    segmenter = Segmenter.from_config(config)
+    assert {k: env[k] for k in ("device", "precision", "backbone_runtime")} == \
+        {k: segmenter.runtime[k] for k in ("device", "precision", "backbone_runtime")}
+    if rt.installed("onnxruntime"):
+        ort = config.override(["engine.runtime=onnxruntime", f"engine.cache_dir={tmp_path}"])
+        assert (_environment(ort)["backbone_runtime"], _environment(ort)["precision"]) == ("onnxruntime", "fp32")
+

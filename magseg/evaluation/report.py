@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from magseg.config import ClassSpec, Config
-from magseg.engine.precision import runtime_info
 from magseg.errors import OutputExistsError
 from magseg.evaluation.benchmark import (
     BASELINES,
@@ -169,9 +168,12 @@ def _config_summary(config: Config) -> dict[str, Any]:
 
 
 def _environment(config: Config) -> dict[str, Any]:
-    """The device, resolved precision, CPU model and its bf16/AMX support, and the software."""
+    """The device, the backbone's runtime and the precision it computes in, the CPU model and
+    its bf16/AMX support, and the software."""
+    from magseg.segmenter import run_info
+
     return {
-        **runtime_info(config.engine.device, config.engine.precision),
+        **run_info(config),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -316,13 +318,21 @@ def _stages_tables(report: dict[str, Any]) -> list[str]:
 
 
 def _machine(env: dict[str, Any]) -> str:
-    """``device cpu, precision bf16 (AMD EPYC, AVX512, native bf16, 2 threads)``."""
+    """``device cpu, precision bf16 (AMD EPYC, AVX512, native bf16, 2 threads)``; with a
+    backbone runtime other than torch, ``precision int8 in OpenVINO``."""
     cpu = env.get("cpu") or {}
     native = [name for name, key in (("native bf16", "avx512_bf16"), ("AMX", "amx")) if cpu.get(key)]
     where = ", ".join([cpu.get("model", "?"), cpu.get("capability", "?"), *native,
                        f"{env['torch_threads']} threads"])
     gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
-    return f"device {env['device']}{gpu}, precision {env.get('precision', '?')} ({where})"
+    runtime = env.get("backbone_runtime") or "torch"
+    name = RUNTIME_NAMES.get(runtime, runtime)
+    inside = f" in {name}" if name else ""
+    return f"device {env['device']}{gpu}, precision {env.get('precision', '?')}{inside} ({where})"
+
+
+# How report.md names a backbone runtime (torch, the default, goes unnamed).
+RUNTIME_NAMES = {"torch": None, "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
