@@ -28,6 +28,9 @@ from magseg.config import Config
 from magseg.errors import ConfigError, OutputExistsError
 
 SEED = 0
+# Below this share of agreeing labels on the calibration windows, quantize says so: the
+# demo's and small-objects' checkpoints agreed on 99.6 % and kept mIoU within 0.3 point.
+AGREEMENT_WARNING = 0.98
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ def quantize_checkpoint(
     log("quantize: checking the int8 graph against the torch model on the calibration windows")
     agree, diff = _compare(backbone, int8_runner(xml, size, config.model.in_channels, torch.get_num_threads()),
                            inputs)
+    if agree < AGREEMENT_WARNING:
+        log(f"magseg: warning: the int8 graph's labels agree with the torch model's on {100 * agree:.1f} % of "
+            "the calibration windows' pixels; compare `magseg benchmark` at --set engine.precision=int8 and "
+            "fp32 before relying on it")
     return Quantized(xml, windows, size, agree, diff, time.perf_counter() - start)
 
 
