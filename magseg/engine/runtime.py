@@ -317,7 +317,6 @@ class GraphCache:
                                    "torch": torch.__version__})
         return graph
 
-
     # The int8 graph: one for every input size (height and width free), quantised by
     # ``magseg quantize`` (magseg.engine.int8), OpenVINO IR, never rebuilt here since it needs
     # training windows.
