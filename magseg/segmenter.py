@@ -173,7 +173,7 @@ class Segmenter:
         """What computes this segmenter's results: device, resolved precision, the CPU
         (``magseg.engine.precision.runtime_info``) and the backbone's runtime, for records
         and reports."""
-        return {**run_info(self.config), "precision": self.precision, "backbone_runtime": self.backbone_runtime}
+        return run_info(self.config)
 
     @property
     def num_classes(self) -> int:

@@ -598,9 +598,9 @@ def runtime_backbone(
 
     Raises:
         ConfigError: ``precision`` int8 without a valid int8 graph in the cache (the message
-            names ``magseg quantize``), or with a runtime other than OpenVINO.
+            names ``magseg quantize``). Which runtimes may run int8 at all is
+            ``check_precision``'s, when the runtime is resolved.
     """
-    check_precision(runtime, precision)
     cache = model_cache(runtime, weights_sha256, config)
     int8_graph = None
     if precision == "int8":
