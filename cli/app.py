@@ -7,7 +7,7 @@ Exit codes: 0 all good, 1 some input failed, 2 usage error.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -129,7 +129,41 @@ def main() -> None:
 
     keep_freed_memory()  # before the first large tensor: see magseg.allocator
     _register()
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        end_process(exc.code)
+
+
+def end_process(code: int | str | None) -> NoReturn:
+    """Exit with ``code`` once the command is done, skipping the interpreter's teardown.
+
+    Tearing down torch's modules and libraries takes about half a second (0.45 s after a
+    bare ``import torch`` on a 2-core AVX2 EPYC), a sixth of a small raster's whole run.
+    Nothing the command wrote depends on it: every output is complete and renamed into
+    place before its record is printed. So this does what matters of a normal exit (the
+    ``atexit`` handlers, e.g. logging's flush and Ray's shutdown, and the flush of
+    stdout/stderr) and then ends the process with ``os._exit``. It exits the normal way
+    instead while a non-daemon thread is still running (Python waits for those), for a
+    message code (``sys.exit("text")``), and when stdout cannot be flushed (a closed pipe:
+    Python's own exit reports that).
+    """
+    import atexit
+    import os
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others or not (code is None or isinstance(code, int)):
+        raise SystemExit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()  # runs the handlers and clears them, as the normal exit does
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        raise SystemExit(code) from None
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 import io
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import typer
@@ -200,3 +203,46 @@ def test_a_shared_flag_sets_the_same_config_keys_in_every_command(flags, keys, m
         result = CliRunner().invoke(app, [command, ckpt, *where, "-o", str(tmp_path / command), *flags])
         assert result.exit_code == 0, result.output
     assert seen["predict"] == seen["benchmark"] == sorted(keys)
+
+
+def _ended(tmp_path, body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter that ends with ``end_process``, stdout a pipe."""
+    code = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from magseg.cli.app import end_process
+        out = {str(tmp_path / "out.txt")!r}
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("code, status", [(None, 0), (0, 0), (1, 1), (2, 2), (130, 130)])
+def test_end_process_flushes_runs_the_exit_handlers_and_keeps_the_code(tmp_path, code, status):
+    # Buffered, unflushed output on both streams, and a handler that writes a file: all of
+    # it must come out, in the normal exit's order (handlers before the process ends).
+    done = _ended(tmp_path, f"""
+        atexit.register(lambda: (open(out, "w").write("handler ran"), print("from the handler")))
+        sys.stdout.write('{{"record": 1}}')
+        sys.stderr.write("a log line")
+        end_process({code!r})
+    """)
+    assert done.returncode == status, done.stderr
+    assert done.stdout == '{"record": 1}from the handler\n'
+    assert done.stderr == "a log line"
+    assert (tmp_path / "out.txt").read_text() == "handler ran"
+
+
+def test_end_process_waits_for_a_running_thread_and_passes_a_message_on(tmp_path):
+    # A non-daemon thread still working is waited for (the normal exit), so what it writes
+    # lands. The sleep only gives a wrong end_process the chance to cut the thread short;
+    # the right one waits however long the thread takes.
+    done = _ended(tmp_path, """
+        def work():
+            time.sleep(1)
+            open(out, "w").write("thread finished")
+        threading.Thread(target=work).start()
+        end_process(3)
+    """)
+    assert done.returncode == 3, done.stderr
+    assert (tmp_path / "out.txt").read_text() == "thread finished"
+    message = _ended(tmp_path, 'end_process("magseg: stopped")')
+    assert (message.returncode, message.stderr) == (1, "magseg: stopped\n")
