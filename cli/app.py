@@ -125,14 +125,22 @@ def _root(
 
 
 def main() -> None:
+    """The command line, ending in ``SystemExit`` with its status (what tests and a caller
+    that goes on after it want); the ``magseg`` script is ``run``."""
     from magseg.allocator import keep_freed_memory
 
     keep_freed_memory()  # before the first large tensor: see magseg.allocator
     _register()
+    app()
+
+
+def run() -> NoReturn:
+    """The ``magseg`` command: ``main``, then ``end_process`` with its exit status."""
     try:
-        app()
+        main()
     except SystemExit as exc:
         end_process(exc.code)
+    end_process(0)  # app() always exits; this is for a main() that returns
 
 
 def end_process(code: int | str | None) -> NoReturn:
@@ -169,6 +177,6 @@ def end_process(code: int | str | None) -> NoReturn:
 if __name__ == "__main__":
     # Under `python -m magseg.cli.app` (e.g. torchrun -m) this file runs as __main__, a second
     # copy of the module: commands register on the importable magseg.cli.app, so run that.
-    from magseg.cli.app import main as _main
+    from magseg.cli.app import run as _run
 
-    _main()
+    _run()
