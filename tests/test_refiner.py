@@ -188,6 +188,7 @@ def test_under_an_autocast_the_convolutions_run_in_its_dtype_and_the_correction_
     # The engine's bf16 runs the refiner's convolutions in bf16 (on a channels-last copy of
     # their input, where oneDNN's kernels are fast); what comes out is float32 again, within
     # bf16's few bits of the float32 correction, and per pixel shifted to a maximum of 0.
+    # Inference in float32 on the CPU takes channels-last too; training keeps NCHW.
     torch.manual_seed(3)
     refiner = Refiner(5, channels=8, context_stride=4)
     for p in refiner.context.parameters():
@@ -200,7 +201,10 @@ def test_under_an_autocast_the_convolutions_run_in_its_dtype_and_the_correction_
         exact = refiner._small(fine, coarse)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = refiner._small(fine, coarse)
-    assert seen == [(False, torch.float32), (True, torch.bfloat16)]
+    with torch.enable_grad():
+        trained = refiner._small(fine, coarse)
+    assert seen == [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)]
+    assert float((trained.detach() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
     assert low.dtype == torch.float32 and low.is_contiguous() and low.shape == exact.shape
     assert torch.equal(low[:, 5:], exact[:, 5:])  # the pooled fine map, untouched
     assert torch.equal(low[:, :5].amax(dim=1), torch.zeros_like(low[:, 0]))

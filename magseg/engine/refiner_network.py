@@ -219,10 +219,6 @@ class Refiner(nn.Module):
         # Pooling commutes with concatenation: pool first, concatenate small maps.
         return pool_cells(fine, s), pool_cells(coarse, s)
 
-    def correction(self, fine: Tensor, coarse: Tensor) -> Tensor:
-        """The learned correction at reduced resolution: ``(B, C, ceil(H/s), ceil(W/s))``."""
-        return self.context(refiner_input(*self._pooled(fine, coarse)))
-
     def _full_size(self, delta: Tensor, like: Tensor) -> Tensor:
         """``delta`` at 1/stride (ceil-mode cells) enlarged ``stride`` times and cut to
         ``like``'s size: cell centres land on the centres of the pixels they pooled, however
@@ -243,7 +239,7 @@ class Refiner(nn.Module):
         gate (None without one). The correction and the pooled fine map are upsampled in
         one call: the gate's detail cue needs the latter at full size."""
         small_fine, small_coarse = self._pooled(fine, coarse)
-        delta = self.context(refiner_input(small_fine, small_coarse))
+        delta = self._convolved(refiner_input(small_fine, small_coarse))
         if shift:  # exp never overflows; the per-pixel shift cancels in the ratio
             delta = delta - delta.amax(dim=1, keepdim=True)
         if self.gate is None:
@@ -365,18 +361,24 @@ class Refiner(nn.Module):
     def _small(self, small_fine: Tensor, small_coarse: Tensor) -> Tensor:
         """What inference enlarges, from the pooled maps: the correction at 1/stride,
         shifted to a per-pixel maximum of 0 (``weights``), and after it the pooled fine map
-        when there is a gate (its detail cue needs it at full size): ``(B, C or 2C, h, w)``.
-
-        Under an autocast (the engine's ``bf16``) the convolutions run in its dtype on a
-        channels-last copy of their input, where oneDNN's reduced-precision kernels are fast
-        (docs/performance.md#the-refiners-convolutions), and the correction comes back as
-        float32 before its shift: everything after it stays float32."""
-        cells = refiner_input(small_fine, small_coarse)
-        if torch.is_autocast_enabled(cells.device.type):
-            cells = cells.contiguous(memory_format=torch.channels_last)
-        delta = self.context(cells).float().contiguous()
+        when there is a gate (its detail cue needs it at full size): ``(B, C or 2C, h, w)``."""
+        delta = self._convolved(refiner_input(small_fine, small_coarse))
         delta = delta - delta.amax(dim=1, keepdim=True)  # exp never overflows (see weights)
         return delta if self.gate is None else torch.cat([delta, small_fine], dim=1)
+
+    def _convolved(self, cells: Tensor) -> Tensor:
+        """The convolutions on ``cells`` ``(B, 2C, h, w)``: the correction ``(B, C, h, w)``,
+        float32, contiguous.
+
+        Inference on a CPU, and anything under an autocast (the engine's ``bf16``), runs
+        them on a channels-last copy of their input: oneDNN's kernels want NHWC, in float32
+        (a quarter less time than from NCHW on an AVX2 CPU) and more so in bf16
+        (docs/performance.md#the-refiners-convolutions). The correction comes back as
+        float32: everything after it stays float32. Training keeps NCHW."""
+        if torch.is_autocast_enabled(cells.device.type) or (
+                cells.device.type == "cpu" and not torch.is_grad_enabled()):
+            cells = cells.contiguous(memory_format=torch.channels_last)
+        return self.context(cells).float().contiguous()
 
     def _band(self, both: Tensor, fine: Tensor, coarse: Tensor, out: Tensor, total: Tensor | None) -> None:
         """The per-pixel part of ``weights`` on a band: ``both``, the band of ``_small``
