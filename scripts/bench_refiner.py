@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """What the refiner's gate costs: ``Refiner.probs`` with and without the gate on one engine
-batch, beside the backbone on the same crops. Calls are interleaved and the minimum of
-``--repeat`` is reported (on a shared machine the minimum is the least disturbed).
+batch, beside the backbone on the same crops; and its convolutions alone on the batch's
+window cells (the crops grown by ``pyramid.margin``, pooled at ``context_stride``) from NCHW
+and from a channels-last copy, the layout inference takes on a CPU (``Refiner._convolved``).
+Calls are interleaved and the minimum of ``--repeat`` is reported (on a shared machine the
+minimum is the least disturbed), the convolutions' medians too.
 
     python scripts/bench_refiner.py --config configs/demo.yaml --threads 1
+    python scripts/bench_refiner.py --config configs/deepglobe.yaml --threads 2
 
 stdout: one JSON object, milliseconds.
 """
@@ -11,6 +15,7 @@ stdout: one JSON object, milliseconds.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     for gate in (False, True):
         refiners[gate] = Refiner(c, cfg.refiner.channels, cfg.refiner.context_stride, gate=gate).eval()
         torch.nn.init.normal_(refiners[gate].context[-1].weight, std=0.5)  # a nonzero correction
+    stride, margin = cfg.refiner.context_stride, cfg.pyramid.margin_pixels
+    cells = torch.randn(b, 2 * c, *(-(-(n + 2 * m) // stride) for n, m in zip((h, w), margin)))
+    context = refiners[True].context
     calls = {
+        "convolutions_nchw": lambda: context(cells),
+        "convolutions_channels_last": lambda: context(cells.contiguous(memory_format=torch.channels_last)).contiguous(),
         "refiner_no_gate": lambda: refiners[False].probs(fine, coarse),
         "refiner_gate": lambda: refiners[True].probs(fine, coarse),
         "backbone": lambda: crop_probs(backbone, crops, cfg.pyramid.input, precision="fp32"),
@@ -65,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(time.perf_counter() - start)
     out = {"batch": [b, c, h, w], "threads": torch.get_num_threads(),
            **{f"{k}_ms": round(1000 * min(v), 2) for k, v in times.items()}}
+    out["cells"] = list(cells.shape)
+    out.update({f"{k}_median_ms": round(1000 * statistics.median(times[k]), 2)
+                for k in ("convolutions_nchw", "convolutions_channels_last")})
     out["gate_extra_over_backbone"] = round((min(times["refiner_gate"]) - min(times["refiner_no_gate"]))
                                             / min(times["backbone"]), 4)
     report_figures(out)
