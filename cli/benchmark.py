@@ -150,7 +150,7 @@ def benchmark(
         "data.layout": None if layout is None else layout.value, "engine.device": device,
         "engine.batch_size": batch_size, "engine.tta": tta,
         "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops}),
-        quiet)
+        quiet, checked=True)
     config = model.config
     methods = benchmark_methods(config, _fractions(sweep_k), crf)
     data_root = data_root if data_root is not None else Path(config.data.root or ".")
@@ -163,7 +163,7 @@ def benchmark(
                               workers=workers, address=ray_address, quiet=quiet)
     report = build_report(result, checkpoint=checkpoint, data_root=data_root, split=split,
                           command=["magseg", *sys.argv[1:]])
-    report["training_choice"] = training_choice(checkpoint)
+    report["training_choice"] = training_choice(model.loaded)
     write_report(out_dir, report, result.samples, config.classes, overwrite=overwrite)
     _summarise(report, out_dir, failures, quiet)
 

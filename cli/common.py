@@ -21,6 +21,7 @@ from magseg.errors import CheckpointError, ConfigError, MagsegError
 from magseg.io.sources import is_virtual, source_key
 
 if TYPE_CHECKING:
+    from magseg.checkpoint import Checkpoint
     from magseg.config import Config
     from magseg.run.pools import Pool
     from magseg.segmenter import Segmenter
@@ -319,11 +320,12 @@ def config_overrides(settings: Sequence[str] | None, flags: Mapping[str, Any]) -
 
 @dataclass(frozen=True)
 class Model:
-    """A checkpoint ready for ``runner``: the config with its overrides, and the Segmenter
-    when the scenes run in this process (None under ``--runner ray``, where each actor
-    builds its own from the checkpoint)."""
+    """A checkpoint ready for ``runner``: the file as read (``loaded``), the config with its
+    overrides, and the Segmenter when the scenes run in this process (None under
+    ``--runner ray``, where each actor builds its own from the checkpoint)."""
 
     checkpoint: Path
+    loaded: Checkpoint
     overrides: tuple[str, ...]
     config: Config
     segmenter: Segmenter | None
@@ -340,20 +342,22 @@ class Model:
         return ScenePool(self.checkpoint, list(self.overrides), workers, address, quiet=quiet)
 
 
-def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet: bool = False) -> Model:
+def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet: bool = False,
+               checked: bool = False) -> Model:
     """Read ``checkpoint`` and apply ``overrides`` here, whatever the runner, so a bad file
     or override stops the run (exit 2) before any scene or actor starts; build the models
     only when the scenes run in this process. What the loader noticed (a backbone-phase
-    checkpoint run without its refiner) is said on stderr, one warning line each."""
+    checkpoint run without its refiner) is said on stderr, one warning line each.
+    ``checked``: ``check_checkpoint`` has passed the file already (its CRCs are not read again)."""
     from magseg.checkpoint import load_checkpoint, run_config
     from magseg.segmenter import Segmenter
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, checked=checked)
     if runner is Runner.ray:
-        model = Model(checkpoint, tuple(overrides), run_config(ckpt, overrides), None, runner)
+        model = Model(checkpoint, ckpt, tuple(overrides), run_config(ckpt, overrides), None, runner)
     else:
         segmenter = Segmenter.from_checkpoint(ckpt, overrides)
-        model = Model(checkpoint, tuple(overrides), segmenter.config, segmenter, runner)
+        model = Model(checkpoint, ckpt, tuple(overrides), segmenter.config, segmenter, runner)
     for warning in ckpt.warnings:
         log(f"magseg: warning: {warning}", quiet)
     return model

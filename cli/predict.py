@@ -228,7 +228,7 @@ def predict(
     overrides = config_overrides(settings, {
         "engine.batch_size": batch_size, "engine.device": device, "engine.tta": tta,
         "engine.adaptive.threshold": adaptive_threshold, "engine.adaptive.max_crops": adaptive_max_crops})
-    model = load_model(runner, checkpoint, overrides, quiet)
+    model = load_model(runner, checkpoint, overrides, quiet, checked=True)
     _check_bands(options.bands, model.config.model.in_channels, checkpoint)
     _check_out_dir(out_dir)  # the first thing created: every usage error is found before it
 

@@ -119,15 +119,18 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint file (``check_checkpoint_file`` first).
+def load_checkpoint(path: str | Path, *, checked: bool = False) -> Checkpoint:
+    """Read and validate a checkpoint file (``check_checkpoint_file`` first, unless
+    ``checked``: the caller has just run it on this file, as the CLI does before it imports
+    torch, so the whole file is not read once more for its CRCs).
 
     Raises:
         CheckpointError: missing, unreadable, damaged, not a magseg checkpoint, or an
             invalid config.
     """
     path = Path(path)
-    check_checkpoint_file(path)
+    if not checked:
+        check_checkpoint_file(path)
     return _parse(path, path)
 
 

@@ -190,7 +190,7 @@ def test_a_shared_flag_sets_the_same_config_keys_in_every_command(flags, keys, m
     seen = {}
 
     def stop_at_the_model(command):
-        def load_model(runner, checkpoint, overrides, quiet=False):
+        def load_model(runner, checkpoint, overrides, quiet=False, checked=False):
             seen[command] = sorted(o for o in overrides if not o.endswith("=None"))
             raise typer.Exit(0)
         return load_model

@@ -136,6 +136,30 @@ def test_a_damaged_checkpoint_is_exit_2_naming_the_file(tmp_path, damaged, data,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "benchmark"])
+def test_the_cli_reads_a_checkpoints_crcs_once(tmp_path, make_checkpoint, data, raster, command, monkeypatch):
+    # The CLI checks the file before it imports torch, then loads it with checked=True: one
+    # pass over the whole file for its CRCs, not two. The library's load checks by itself.
+    import magseg.checkpoint as checkpoint_module
+
+    path = make_checkpoint(name="m.ckpt")
+    calls = []
+    check = checkpoint_module.check_checkpoint_file
+
+    def counted(p):
+        calls.append(Path(p))
+        return check(p)
+
+    monkeypatch.setattr(checkpoint_module, "check_checkpoint_file", counted)
+    out = tmp_path / "out"
+    result = _predict(path, raster, out) if command == "predict" else _benchmark(path, data, out)
+    assert result.exit_code == 0, result.output
+    assert calls == [path]
+    calls.clear()
+    assert load_checkpoint(path).config == load_checkpoint(path, checked=True).config
+    assert calls == [path]
+
+
 def test_every_one_bit_change_is_refused_or_loads_the_same_checkpoint(tmp_path, tiny_config):
     """Exhaustive over a small checkpoint (about 4 KiB): a bit flipped anywhere (weights,
     pickled structure, zip headers and directory) is refused, or it is in bytes that hold no

@@ -6,17 +6,20 @@ the report (magseg.evaluation.report)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from magseg.checkpoint import Checkpoint
 
 PLOT_RELIABILITY = "reliability.png"
 
 
-def training_choice(checkpoint: str | Path) -> dict[str, Any] | None:
-    """What training chose and why (``meta.refiner_choice`` of the checkpoint), with the
-    temperature it stored; None for a checkpoint without either."""
-    from magseg.checkpoint import load_checkpoint
+def training_choice(checkpoint: "str | Path | Checkpoint") -> dict[str, Any] | None:
+    """What training chose and why (``meta.refiner_choice`` of the checkpoint, a file or
+    one loaded already), with the temperature it stored; None for a checkpoint without either."""
+    from magseg.checkpoint import Checkpoint, load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     choice = ckpt.meta.get("refiner_choice")
     if choice is None and ckpt.calibration is None:
         return None
