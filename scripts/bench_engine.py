@@ -61,7 +61,7 @@ from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
-from magseg.engine.precision import precision_context, resolve_precision  # noqa: E402
+from magseg.engine.precision import cpu_flags, precision_context, resolve_precision  # noqa: E402
 from magseg.engine.runtime import RUNTIMES  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
 
@@ -70,14 +70,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_b
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in CPU_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+    present = set(cpu_flags())
+    return [flag for flag in CPU_FLAGS if flag in present]
 
 
 def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:

@@ -91,6 +91,13 @@ def test_quantize_writes_a_checked_int8_graph_and_says_so_in_one_json_line(quant
     x = torch.from_numpy(np.concatenate(calibration_windows(quantized["config"], quantized["root"] / "data",
                                                             "train", 6, 32)))
     got = torch.from_numpy(int8.int8_runner(folder / "int8.xml", (128, 128), 3, 1)(x.numpy()))
+    # Kept compiled (predict's way): the first runner compiles and keeps it, the second
+    # imports it without reading the graph, and both answer as the plain one does.
+    blob = rt.GraphCache(graph, folder.name, 3).compiled_blob("int8 digest", (128, 128), 1, "int8")
+    for _ in range(2):
+        kept = int8.int8_runner(folder / "nonexistent.xml" if blob.read() else folder / "int8.xml",
+                                (128, 128), 3, 1, blob)
+        assert torch.equal(torch.from_numpy(kept(x.numpy())), got)
     with torch.inference_mode():
         want = quantized["backbone"](x).softmax(1)
     # Near-ties flip with the batch and thread count: agreement to a point, not exactly.

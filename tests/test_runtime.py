@@ -353,6 +353,72 @@ def test_openvino_reproduces_the_torch_engine(warm, tmp_path):
     assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
 
 
+class _CountingCore:
+    """OpenVINO's Core, counting what it compiles and what it imports."""
+
+    def __init__(self, core):
+        self.core, self.compiled, self.imported = core, 0, 0
+
+    def compile_model(self, *args, **kwargs):
+        self.compiled += 1
+        return self.core.compile_model(*args, **kwargs)
+
+    def import_model(self, *args, **kwargs):
+        self.imported += 1
+        return self.core.import_model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
+def test_openvino_keeps_its_compiled_graphs_and_imports_only_checked_ones(warm, tmp_path, monkeypatch):
+    """A second run imports each size's compiled graph instead of compiling it, with the
+    same probabilities bit for bit; a blob whose bytes changed is compiled anew and kept
+    again, valid; one that cannot be written costs nothing but the keeping."""
+    from magseg.segmenter import Segmenter
+
+    core = _CountingCore(rt._openvino_core())
+    monkeypatch.setattr(rt, "_openvino_core", lambda: core)
+    shutil.copytree(warm["cache"], tmp_path / "cache")
+    sets = ["engine.runtime=openvino", "engine.precision=fp32", f"engine.cache_dir={tmp_path / 'cache'}"]
+
+    def run():
+        core.compiled = core.imported = 0
+        return Segmenter.from_checkpoint(warm["ckpt"], sets).segment(warm["scene"], return_probs=True).probs
+
+    first = run()
+    sizes = core.compiled
+    blobs = sorted((_graph_dir(tmp_path / "cache") / "compiled").glob("*.blob"))
+    assert sizes >= 1 and core.imported == 0 and len(blobs) == sizes
+    assert all(rt.CompiledBlob(b).read() == b.read_bytes() for b in blobs)
+    assert torch.equal(run(), first) and (core.compiled, core.imported) == (0, sizes)
+    damaged = bytearray(blobs[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blobs[0].write_bytes(bytes(damaged))
+    assert rt.CompiledBlob(blobs[0]).read() is None
+    assert torch.equal(run(), first) and (core.compiled, core.imported) == (1, sizes - 1)
+    assert rt.CompiledBlob(blobs[0]).read() == blobs[0].read_bytes() != bytes(damaged)
+    # A blob that cannot be kept (its folder is a file) leaves the run as it was.
+    shutil.rmtree(blobs[0].parent)
+    blobs[0].parent.write_text("not a folder")
+    assert torch.equal(run(), first) and (core.compiled, core.imported) == (sizes, 0)
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino not installed (magseg[openvino])")
+def test_a_compiled_graph_is_kept_under_all_it_depends_on(tmp_path, monkeypatch):
+    cache = rt.GraphCache(tmp_path, "key", 3)
+    base = cache.compiled_blob("digest", (64, 64), 2, "fp32").path
+    assert base.parent == tmp_path / "key" / "compiled"
+    others = [cache.compiled_blob("other", (64, 64), 2, "fp32"), cache.compiled_blob("digest", (64, 32), 2, "fp32"),
+              cache.compiled_blob("digest", (64, 64), 1, "fp32"), cache.compiled_blob("digest", (64, 64), 2, "bf16")]
+    target = rt._openvino_target()
+    assert target["flags"] and target["openvino"]
+    monkeypatch.setattr(rt, "_openvino_target", lambda: {**target, "flags": [*target["flags"], "avx512_bf16"]})
+    others.append(cache.compiled_blob("digest", (64, 64), 2, "fp32"))
+    assert len({base, *(o.path for o in others)}) == 6
+
+
 def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
     """The predict path (checkpoint -> Segmenter -> segment) with a cached graph. Nor numba:
     a small image's stages take the eager refine step (magseg.engine.fused.worth_fusing)."""

@@ -26,11 +26,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from magseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from magseg.engine.runtime import CompiledBlob
 
 EXTRA = "magseg[int8]"
 
@@ -113,16 +116,20 @@ def quantize_into_cache(backbone: Any, cache: Any, windows: Sequence[np.ndarray]
     return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__})
 
 
-def int8_runner(graph: Path, size: tuple[int, int], in_channels: int,
-                threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def int8_runner(graph: Path, size: tuple[int, int], in_channels: int, threads: int,
+                blob: "CompiledBlob | None" = None) -> Callable[[np.ndarray], np.ndarray]:
     """The runner of the int8 graph ``graph`` (its ``.xml``) for ``(B, in_channels, *size)``
-    inputs: the graph reshaped to that size (batch free), compiled for the CPU."""
+    inputs: the graph reshaped to that size (batch free), compiled for the CPU, or imported
+    from ``blob`` where it was kept (the graph is then not read at all)."""
     import openvino as ov
 
     from magseg.engine.runtime import _openvino_core, _openvino_runner
 
-    model = _openvino_core().read_model(str(graph))
-    model.reshape({0: ov.PartialShape([-1, in_channels, *size])})
+    def reshaped() -> Any:
+        model = _openvino_core().read_model(str(graph))
+        model.reshape({0: ov.PartialShape([-1, in_channels, *size])})
+        return model
+
     # The f32 hint: OpenVINO runs the quantised layers in int8 whatever it is, and the
     # rest (softmax, resizes) in f32 rather than in bf16 where the CPU has it.
-    return _openvino_runner(model, threads, "fp32")
+    return _openvino_runner(reshaped, threads, "fp32", blob)

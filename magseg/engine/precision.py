@@ -95,6 +95,19 @@ def _cpu_model() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_flags() -> list[str]:
+    """The CPU's flags as the kernel lists them (``/proc/cpuinfo``), sorted; empty where
+    there is no such file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
     """The CPU as the numbers depend on it: model, torch's kernel level (e.g. ``AVX512``,
     ``AVX2``), native bf16 and AMX, and torch's thread count when first asked."""
