@@ -19,7 +19,9 @@ checkpoint file's SHA-256) and the model config, holding one graph per input siz
 sidecar is missing, unreadable, of another key or size, or whose bytes do not hash to the
 recorded digest is rebuilt from the torch model, never trusted; so is one the runtime cannot
 load. ``model.json`` records the backbone's input multiple, so a warm cache needs no torch
-model at all: a run from it imports neither segmentation-models-pytorch nor timm.
+model at all: a run from it imports neither segmentation-models-pytorch nor timm. OpenVINO's
+compiled form of each graph is kept there too (``compiled/``, ``GraphCache.compiled_blob``),
+checked against its own digest before it is imported.
 
 The refiner stays in torch. It is a tenth of the engine's time (the demo model, one thread),
 and its exported graph (``export_refiner_onnx``, which ``magseg export`` writes beside the
