@@ -351,12 +351,13 @@ class GraphCache:
         record = self.int8_record()
         return None if record is None else json.dumps(record["sha256"], sort_keys=True)
 
-    # OpenVINO's compiled graphs, kept as ``export_model``'s blobs: importing one takes about
-    # 0.08 s where compiling took 0.2 s a size for an fp32 graph and 0.4-0.8 s for the int8
-    # one (reshaped to each size). A blob is named by a digest of all it depends on (the
-    # graph's bytes, the input size, threads and precision, OpenVINO's version, the CPU), and
-    # imported only if its bytes hash to what its sidecar says: OpenVINO's own cache
-    # (CACHE_DIR) checks no bytes, and imported a blob with 64 bytes flipped without a word.
+    # OpenVINO's compiled graphs, kept as ``export_model``'s blobs: importing one took
+    # 0.04-0.08 s where compiling took 0.16-0.22 s a size for an fp32 graph and 0.56-0.84 s
+    # for the int8 one reshaped to it (the demo model, docs/runtimes.md#the-graph-cache). A
+    # blob is named by a digest of all it depends on (the graph's bytes, the input size,
+    # threads and precision, OpenVINO's version, the CPU), and imported only if its bytes
+    # hash to what its sidecar says: OpenVINO's own cache (CACHE_DIR) checks no bytes, and
+    # imported a blob with 64 bytes flipped without a word.
     def compiled_blob(self, graph_digest: str, size: tuple[int, int], threads: int, precision: str) -> CompiledBlob:
         """Where the compiled form of the graph with ``graph_digest`` is kept, for inputs of
         ``size`` on ``threads`` threads at ``precision``, on this CPU and OpenVINO."""
@@ -589,7 +590,7 @@ class Runtime:
 
     module: str
     extra: str
-    load: Callable[[Path, int, str], Callable[[np.ndarray], np.ndarray]]
+    load: Callable[..., Callable[[np.ndarray], np.ndarray]]
     precisions: tuple[str, ...] = ()
     native: Callable[[str], bool] | None = None
     softmax_in_graph: bool = False
