@@ -306,11 +306,11 @@ class GraphCache:
             return None
         return graph if _file_sha256(graph) == data.get("sha256") else None
 
-    def graph_digest(self, size: tuple[int, int]) -> str:
+    def graph_digest(self, size: tuple[int, int]) -> str | None:
         """The SHA-256 its sidecar records for the graph of ``size`` (checked by
-        ``valid_graph``, or just written by ``build``)."""
-        data = self._read_json(self.paths(size)[1])
-        return str((data or {}).get("sha256"))
+        ``valid_graph``, or just written by ``build``); None without one."""
+        digest = (self._read_json(self.paths(size)[1]) or {}).get("sha256")
+        return digest if isinstance(digest, str) else None
 
     def build(self, size: tuple[int, int], backbone: nn.Module) -> Path:
         """Export ``backbone`` for ``size`` and record the file's digest (replacing whatever
@@ -663,9 +663,10 @@ class RuntimeBackbone(nn.Module):
 
     def _load(self, path: Path, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
         runtime = GRAPH_RUNTIMES[self.runtime]
-        if not runtime.keeps_compiled:
+        digest = self.cache.graph_digest(size) if runtime.keeps_compiled else None
+        if digest is None:  # nothing to key a compiled graph by: compiled, not kept
             return runtime.load(path, self.threads, self.precision)
-        blob = self.cache.compiled_blob(self.cache.graph_digest(size), size, self.threads, self.precision)
+        blob = self.cache.compiled_blob(digest, size, self.threads, self.precision)
         return runtime.load(path, self.threads, self.precision, blob)
 
     def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
@@ -675,7 +676,8 @@ class RuntimeBackbone(nn.Module):
         if size not in self._runners and self.int8_graph is not None:
             from magseg.engine.int8 import int8_runner
 
-            blob = self.cache.compiled_blob(self.int8_digest, size, self.threads, "int8")
+            blob = (None if self.int8_digest is None
+                    else self.cache.compiled_blob(self.int8_digest, size, self.threads, "int8"))
             self._runners[size] = int8_runner(self.int8_graph, size, self.cache.in_channels, self.threads, blob)
         if size not in self._runners:
             graph = self.cache.valid_graph(size)
