@@ -62,9 +62,13 @@ def test_onnxruntime_reproduces_the_torch_engine(warm):
 def test_cache_holds_one_checked_graph_per_input_size(warm):
     # The run's two input sizes: a stage of one crop (32) and crops grown by the default
     # margin of 4 on each side (40).
+    # And ONNX Runtime's optimised form of each, checked by its own sidecar.
     folder = _graph_dir(warm["cache"])
     assert sorted(p.name for p in folder.iterdir()) == ["32x32.json", "32x32.onnx", "40x40.json", "40x40.onnx",
-                                                        "model.json"]
+                                                        "compiled", "model.json"]
+    blobs = sorted((folder / "compiled").glob("*.blob"))
+    assert len(blobs) == 2 and all(rt.CompiledBlob(b).read() == b.read_bytes() for b in blobs)
+    assert sorted(p.suffix for p in (folder / "compiled").iterdir()) == [".blob", ".blob", ".json", ".json"]
     from magseg.io.provenance import file_sha256
 
     for side in (32, 40):
@@ -381,6 +385,7 @@ def test_openvino_keeps_its_compiled_graphs_and_imports_only_checked_ones(warm, 
     core = _CountingCore(rt._openvino_core())
     monkeypatch.setattr(rt, "_openvino_core", lambda: core)
     shutil.copytree(warm["cache"], tmp_path / "cache")
+    shutil.rmtree(_graph_dir(tmp_path / "cache") / "compiled", ignore_errors=True)  # ONNX Runtime's
     sets = ["engine.runtime=openvino", "engine.precision=fp32", f"engine.cache_dir={tmp_path / 'cache'}"]
 
     def run():
@@ -411,12 +416,55 @@ def test_a_compiled_graph_is_kept_under_all_it_depends_on(tmp_path, monkeypatch)
     base = cache.compiled_blob("digest", (64, 64), 2, "fp32").path
     assert base.parent == tmp_path / "key" / "compiled"
     others = [cache.compiled_blob("other", (64, 64), 2, "fp32"), cache.compiled_blob("digest", (64, 32), 2, "fp32"),
-              cache.compiled_blob("digest", (64, 64), 1, "fp32"), cache.compiled_blob("digest", (64, 64), 2, "bf16")]
-    target = rt._openvino_target()
-    assert target["flags"] and target["openvino"]
-    monkeypatch.setattr(rt, "_openvino_target", lambda: {**target, "flags": [*target["flags"], "avx512_bf16"]})
+              cache.compiled_blob("digest", (64, 64), 1, "fp32"), cache.compiled_blob("digest", (64, 64), 2, "bf16"),
+              cache.compiled_blob("digest", (64, 64), 2, "fp32", "onnxruntime")]
+    target = rt._runtime_target("openvino")
+    assert target["flags"] and target["openvino"] and target["capabilities"]
+    monkeypatch.setattr(rt, "_runtime_target", lambda runtime: {**target, "flags": [*target["flags"], "avx512_bf16"]})
     others.append(cache.compiled_blob("digest", (64, 64), 2, "fp32"))
-    assert len({base, *(o.path for o in others)}) == 6
+    assert len({base, *(o.path for o in others)}) == 7
+
+
+def test_onnxruntime_keeps_its_optimised_graphs_and_loads_only_checked_ones(warm, tmp_path, monkeypatch):
+    """A second run loads each size's graph as ONNX Runtime optimised it (bytes, nothing
+    left to optimise) with the same probabilities; a kept graph whose bytes changed is
+    optimised anew and kept again, valid."""
+    import onnxruntime as ort
+
+    from magseg.segmenter import Segmenter
+
+    made = []
+    session = ort.InferenceSession
+
+    def counted(model, sess_options=None, providers=None):
+        made.append(("kept" if isinstance(model, bytes) else "optimised", sess_options.graph_optimization_level))
+        return session(model, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", counted)
+    shutil.copytree(warm["cache"], tmp_path / "cache")
+    compiled = _graph_dir(tmp_path / "cache") / "compiled"
+    shutil.rmtree(compiled)
+    sets = ["engine.runtime=onnxruntime", f"engine.cache_dir={tmp_path / 'cache'}"]
+
+    def run():
+        made.clear()
+        return Segmenter.from_checkpoint(warm["ckpt"], sets).segment(warm["scene"], return_probs=True).probs
+
+    first = run()
+    sizes = len(made)
+    assert sizes >= 1 and {m[0] for m in made} == {"optimised"}
+    blobs = sorted(compiled.glob("*.blob"))
+    assert len(blobs) == sizes and all(rt.CompiledBlob(b).read() is not None for b in blobs)
+    assert (first - warm["result"].probs).abs().max().item() < 1e-6
+    second = run()
+    assert made == [("kept", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)] * sizes
+    assert (second - first).abs().max().item() < 1e-6
+    damaged = bytearray(blobs[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blobs[0].write_bytes(bytes(damaged))
+    run()
+    assert sorted(m[0] for m in made) == ["kept"] * (sizes - 1) + ["optimised"]
+    assert rt.CompiledBlob(blobs[0]).read() == blobs[0].read_bytes() != bytes(damaged)
 
 
 def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
