@@ -208,7 +208,7 @@ def test_a_shared_flag_sets_the_same_config_keys_in_every_command(flags, keys, m
 def _ended(tmp_path, body: str) -> subprocess.CompletedProcess:
     """Run ``body`` in a fresh interpreter that ends with ``end_process``, stdout a pipe."""
     code = textwrap.dedent(f"""
-        import atexit, sys, threading, time
+        import atexit, sys, threading
         from magseg.cli.app import end_process
         out = {str(tmp_path / "out.txt")!r}
     """) + textwrap.dedent(body)
@@ -233,11 +233,12 @@ def test_end_process_flushes_runs_the_exit_handlers_and_keeps_the_code(tmp_path,
 
 def test_end_process_waits_for_a_running_thread_and_passes_a_message_on(tmp_path):
     # A non-daemon thread still working is waited for (the normal exit), so what it writes
-    # lands. The sleep only gives a wrong end_process the chance to cut the thread short;
-    # the right one waits however long the thread takes.
+    # lands. The thread writes only once the main thread has stopped (the interpreter's
+    # shutdown stops it before it joins the others): an os._exit would end it first,
+    # however fast or slow the machine.
     done = _ended(tmp_path, """
         def work():
-            time.sleep(1)
+            threading.main_thread().join()
             open(out, "w").write("thread finished")
         threading.Thread(target=work).start()
         end_process(3)

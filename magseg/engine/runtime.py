@@ -347,11 +347,6 @@ class GraphCache:
             return None
         return data
 
-    def int8_digest(self) -> str | None:
-        """The digests of the int8 graph's two files as one string (None without a valid graph)."""
-        record = self.int8_record()
-        return None if record is None else json.dumps(record["sha256"], sort_keys=True)
-
     # The runtimes' compiled graphs: OpenVINO's as ``export_model``'s blobs (importing one
     # took 0.04-0.08 s where compiling took 0.16-0.22 s a size for an fp32 graph and
     # 0.56-0.84 s for the int8 one reshaped to it, the demo model), ONNX Runtime's as the
@@ -468,31 +463,36 @@ def _ort_runner(path: Path, threads: int, precision: str,
     # Its threads sleep after a run instead of spinning: between two backbone batches the
     # engine's own threads need those cores (docs/runtimes.md#speed).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = _ort_session(ort, path, options, blob)
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def _ort_session(ort: Any, path: Path, options: Any, blob: "CompiledBlob | None") -> Any:
+    """The session of the graph at ``path``: loaded as kept in ``blob`` (already optimised),
+    else optimised now, and then kept in ``blob``."""
     providers = ["CPUExecutionProvider"]
     kept = None if blob is None else blob.read()
-    if kept is not None:  # the graph as ONNX Runtime optimised it for this CPU: nothing left to do
+    if kept is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            session = ort.InferenceSession(kept, sess_options=options, providers=providers)
-            return lambda x: session.run(None, {INPUT_NAME: x})[0]
+            return ort.InferenceSession(kept, sess_options=options, providers=providers)
         except Exception:  # noqa: BLE001 - a kept graph ONNX Runtime will not take is optimised anew
             pass
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if blob is None:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    else:
-        import tempfile
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="magseg-ort-") as scratch:
-            optimised = Path(scratch) / "optimised.onnx"
-            options.optimized_model_filepath = str(optimised)
-            # Its warning that the saved graph holds this CPU's layouts is what the blob's
-            # key is for (``_runtime_target``): errors only.
-            options.log_severity_level = 3
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            if optimised.is_file():
-                blob.write(optimised.read_bytes())
-    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+    with tempfile.TemporaryDirectory(prefix="magseg-ort-") as scratch:
+        optimised = Path(scratch) / "optimised.onnx"
+        options.optimized_model_filepath = str(optimised)
+        # Its warning that the saved graph holds this CPU's layouts is what the blob's key is
+        # for (``_runtime_target``): errors only.
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if optimised.is_file():
+            blob.write(optimised.read_bytes())
+    return session
 
 
 @functools.lru_cache(maxsize=1)
@@ -739,16 +739,17 @@ def runtime_backbone(
             ``check_precision``'s, when the runtime is resolved.
     """
     cache = model_cache(runtime, weights_sha256, config)
-    int8_graph = None
+    int8_graph = int8_digest = None
     if precision == "int8":
-        if cache.int8_record() is None:
+        record = cache.int8_record()  # hashes both files: once
+        if record is None:
             raise ConfigError(
                 f"engine.precision=int8 needs this checkpoint's int8 graph, and {cache.dir} has none (or one "
                 "that no longer matches its sidecar): make it with `magseg quantize CHECKPOINT --data-root "
                 "TRAINING_DATA` (with the same engine.cache_dir), or use engine.precision=fp32")
-        int8_graph = cache.int8_paths()[0]
+        int8_graph, int8_digest = cache.int8_paths()[0], json.dumps(record["sha256"], sort_keys=True)
     return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision),
-                           int8_graph=int8_graph, int8_digest=cache.int8_digest() if int8_graph else None)
+                           int8_graph=int8_graph, int8_digest=int8_digest)
 
 
 def model_cache(runtime: str, weights_sha256: str, config: Any) -> GraphCache:
