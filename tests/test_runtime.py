@@ -169,19 +169,36 @@ def test_a_stale_or_damaged_entry_is_not_trusted(warm, tmp_path, damage):
     assert cache.valid_graph((32, 32)) is None
 
 
-def test_a_corrupt_graph_is_rebuilt_and_then_right(warm, tmp_path):
+@pytest.mark.parametrize("kept", [False, True], ids=["graph alone", "optimised graph kept"])
+def test_a_corrupt_graph_is_rebuilt_where_it_is_read_and_then_right(warm, tmp_path, monkeypatch, kept):
+    """A graph cut short is rebuilt when it is needed. Where ONNX Runtime's optimised form
+    of it is kept (checked by its own digest), the graph is not read at all: the run is right
+    without it, and it is rebuilt on the first run that needs it."""
     from magseg.segmenter import Segmenter
 
     cache, folder = _cache_copy(warm, tmp_path)
+    if not kept:
+        shutil.rmtree(folder / "compiled")
     graph = folder / "32x32.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # cut short
-    # engine.precision=bf16: the rebuild happens on the engine's first backbone call, under
-    # its bf16 autocast, which must not leak into the graph (ONNX Runtime runs it in fp32).
-    segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
-        "engine.runtime=onnxruntime", "engine.precision=bf16",
-        f"engine.cache_dir={tmp_path / 'cache'}"])
-    result = segmenter.segment(warm["scene"], return_probs=True)
-    assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
+    cut = graph.read_bytes()
+    hashed = []
+    monkeypatch.setattr(rt, "_file_sha256", lambda path, real=rt._file_sha256: hashed.append(path) or real(path))
+
+    def run():
+        # engine.precision=bf16: a rebuild happens on the engine's first backbone call, under
+        # its bf16 autocast, which must not leak into the graph (ONNX Runtime runs it in fp32).
+        segmenter = Segmenter.from_checkpoint(warm["ckpt"], [
+            "engine.runtime=onnxruntime", "engine.precision=bf16",
+            f"engine.cache_dir={tmp_path / 'cache'}"])
+        result = segmenter.segment(warm["scene"], return_probs=True)
+        assert (result.probs - warm["reference"].probs).abs().max().item() < 1e-4
+
+    run()
+    if kept:  # used as kept: the graph was neither read nor rebuilt
+        assert graph not in hashed and graph.read_bytes() == cut
+        shutil.rmtree(folder / "compiled")
+        run()
     assert cache.valid_graph((32, 32)) == graph
 
 

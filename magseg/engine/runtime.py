@@ -297,21 +297,29 @@ class GraphCache:
         name = f"{size[0]}x{size[1]}" + (".probs" if self.softmax else "")
         return self.dir / f"{name}.onnx", self.dir / f"{name}.json"
 
-    def valid_graph(self, size: tuple[int, int]) -> Path | None:
-        """The graph for ``size`` if its sidecar vouches for exactly these bytes, else None."""
-        graph, sidecar = self.paths(size)
-        data = self._read_json(sidecar)
+    def _graph_record(self, size: tuple[int, int]) -> dict[str, Any] | None:
+        """The sidecar of the graph for ``size`` when it describes such a graph (this format,
+        size, input bands and ending) and names a digest; the graph's bytes are not read."""
+        data = self._read_json(self.paths(size)[1])
         if (data is None or data.get("format") != GRAPH_FORMAT or data.get("size") != list(size)
                 or data.get("in_channels") != self.in_channels or data.get("softmax") is not self.softmax
-                or not graph.is_file()):
+                or not isinstance(data.get("sha256"), str)):
             return None
-        return graph if _file_sha256(graph) == data.get("sha256") else None
+        return data
+
+    def valid_graph(self, size: tuple[int, int]) -> Path | None:
+        """The graph for ``size`` if its sidecar vouches for exactly these bytes, else None."""
+        graph, data = self.paths(size)[0], self._graph_record(size)
+        if data is None or not graph.is_file():
+            return None
+        return graph if _file_sha256(graph) == data["sha256"] else None
 
     def graph_digest(self, size: tuple[int, int]) -> str | None:
-        """The SHA-256 its sidecar records for the graph of ``size`` (checked by
-        ``valid_graph``, or just written by ``build``); None without one."""
-        digest = (self._read_json(self.paths(size)[1]) or {}).get("sha256")
-        return digest if isinstance(digest, str) else None
+        """The SHA-256 its sidecar records for the graph of ``size`` (what its compiled forms
+        are kept under: ``compiled_blob``); None without a sidecar for such a graph. The
+        graph itself is not read: ``valid_graph`` checks its bytes where they are used."""
+        data = self._graph_record(size)
+        return None if data is None else data["sha256"]
 
     def build(self, size: tuple[int, int], backbone: nn.Module) -> Path:
         """Export ``backbone`` for ``size`` and record the file's digest (replacing whatever
@@ -449,12 +457,13 @@ def quantize_int8(src: Path, dst: Path, windows: Iterable[np.ndarray],
                             calibration_cache_path=Path(scratch) / "calibration")
 
 
-def _ort_runner(path: Path, threads: int, precision: str,
-                blob: "CompiledBlob | None" = None) -> Callable[[np.ndarray], np.ndarray]:
+def _ort_runner(path: Path | None, threads: int, precision: str,
+                blob: "CompiledBlob | None" = None) -> Callable[[np.ndarray], np.ndarray] | None:
     """ONNX Runtime's CPU session (its kernels are fp32 whatever ``precision`` asks): from
     the graph as ONNX Runtime optimised it, kept in ``blob``, when it holds it (0.03-0.04 s
     to load against 0.26 s for Unet-ResNet18's graph optimised anew, 0.46 s for
-    FPN-ResNet50's), else optimised now (and kept in ``blob``)."""
+    FPN-ResNet50's), else the graph at ``path`` optimised now (and kept in ``blob``); None
+    when ``path`` is None and ``blob`` holds nothing ONNX Runtime takes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -464,12 +473,12 @@ def _ort_runner(path: Path, threads: int, precision: str,
     # engine's own threads need those cores (docs/runtimes.md#speed).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = _ort_session(ort, path, options, blob)
-    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+    return None if session is None else lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
-def _ort_session(ort: Any, path: Path, options: Any, blob: "CompiledBlob | None") -> Any:
+def _ort_session(ort: Any, path: Path | None, options: Any, blob: "CompiledBlob | None") -> Any:
     """The session of the graph at ``path``: loaded as kept in ``blob`` (already optimised),
-    else optimised now, and then kept in ``blob``."""
+    else optimised now, and then kept in ``blob``; None if that is needed and ``path`` is."""
     providers = ["CPUExecutionProvider"]
     kept = None if blob is None else blob.read()
     if kept is not None:
@@ -478,6 +487,8 @@ def _ort_session(ort: Any, path: Path, options: Any, blob: "CompiledBlob | None"
             return ort.InferenceSession(kept, sess_options=options, providers=providers)
         except Exception:  # noqa: BLE001 - a kept graph ONNX Runtime will not take is optimised anew
             pass
+    if path is None:
+        return None
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if blob is None:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -508,7 +519,7 @@ def _openvino_core() -> Any:
 def _openvino_compile(model: Any, threads: int, precision: str, blob: "CompiledBlob | None" = None) -> Any:
     """OpenVINO's compiled ``model`` (a path, an ``openvino.Model``, or a function that
     makes one) for the CPU: imported from ``blob`` when it holds it, else compiled (and
-    then kept in ``blob``)."""
+    then kept in ``blob``); None if that is needed and ``model`` is None."""
     # The precision is explicit: OpenVINO's CPU default is bf16 wherever the CPU has it. On a
     # CPU without bf16 kernels a bf16 hint compiles f32 (``_openvino_native`` says which).
     hint = "bf16" if precision == "bf16" else "f32"
@@ -520,6 +531,8 @@ def _openvino_compile(model: Any, threads: int, precision: str, blob: "CompiledB
             return core.import_model(kept, "CPU", settings)
         except Exception:  # noqa: BLE001 - a blob OpenVINO will not take is compiled anew
             pass
+    if model is None:
+        return None
     if callable(model):
         model = model()
     compiled = core.compile_model(str(model) if isinstance(model, Path) else model, "CPU", settings)
@@ -591,9 +604,12 @@ def _openvino_native(precision: str) -> bool:
 
 
 def _openvino_runner(model: Any, threads: int, precision: str,
-                     blob: CompiledBlob | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """OpenVINO's runner of ``model`` (as ``_openvino_compile`` takes it)."""
+                     blob: CompiledBlob | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """OpenVINO's runner of ``model`` (as ``_openvino_compile`` takes it; None where it
+    gives None)."""
     compiled = _openvino_compile(model, threads, precision, blob)
+    if compiled is None:
+        return None
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -610,7 +626,8 @@ class Runtime:
 
     ``load(graph, threads, precision)`` reads the ``.onnx`` file and returns the runner
     (with ``keeps_compiled``, ``load(..., blob)`` loads the compiled or optimised graph kept
-    in a ``CompiledBlob``, or makes it and keeps it there),
+    in a ``CompiledBlob``, or makes it and keeps it there; ``load(None, ..., blob)`` only
+    the kept one, None where there is none),
     ``(B, C_in, h, w)`` float32 array -> ``(B, classes, h, w)`` float32 logits, or
     probabilities where ``softmax_in_graph``; ``module`` is the package it imports (whether
     it is installed), ``extra`` the magseg extra that installs it; ``precisions``: the
@@ -692,24 +709,36 @@ class RuntimeBackbone(nn.Module):
             self.cache.record_input_multiple(multiple)
         return multiple
 
-    def _load(self, path: Path, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    def _load(self, path: Path | None, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The runner of the graph at ``path`` for inputs of ``size``, from its compiled form
+        where one is kept for the digest its sidecar records (and that form kept where the
+        runtime keeps one); with ``path`` None only from a kept form, None without one."""
         runtime = GRAPH_RUNTIMES[self.runtime]
         digest = self.cache.graph_digest(size) if runtime.keeps_compiled else None
         if digest is None:  # nothing to key a compiled graph by: compiled, not kept
-            return runtime.load(path, self.threads, self.precision)
+            return None if path is None else runtime.load(path, self.threads, self.precision)
         blob = self.cache.compiled_blob(digest, size, self.threads, self.precision, self.runtime)
         return runtime.load(path, self.threads, self.precision, blob)
 
     def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
-        """The loaded graph for inputs of ``size``: from the cache if it checks out, else
-        exported anew; a cached file the runtime cannot load is rebuilt once. OpenVINO's
-        compiled graph comes from the cache too where it keeps one (``GraphCache.compiled_blob``)."""
+        """The loaded graph for inputs of ``size``: its compiled form kept in the cache
+        (``GraphCache.compiled_blob``), else the cached graph if it checks out, else the graph
+        exported anew; a cached graph the runtime cannot load is rebuilt once."""
         if size not in self._runners and self.int8_graph is not None:
             from magseg.engine.int8 import int8_runner
 
             blob = (None if self.int8_digest is None
                     else self.cache.compiled_blob(self.int8_digest, size, self.threads, "int8"))
             self._runners[size] = int8_runner(self.int8_graph, size, self.cache.in_channels, self.threads, blob)
+        if size not in self._runners:
+            # A compiled form kept under the digest the graph's sidecar records is used
+            # without reading the graph: the form's own digest vouches for its bytes. Hashing
+            # the graph costs about what loading that form does (0.05-0.08 s for a DeepGlobe
+            # model's 50-100 MB graph, 0.012 s for the demo's 14 MB). The graph is read, and
+            # checked, only where no such form is kept.
+            kept = self._load(None, size)
+            if kept is not None:
+                self._runners[size] = kept
         if size not in self._runners:
             graph = self.cache.valid_graph(size)
             if graph is not None:
