@@ -250,7 +250,7 @@ def _predict_options(*, bands: str | None, creation_options: list[str], cog: boo
     PredictOptions fields the CLI passes as they are."""
     from magseg.run.predict import PredictOptions
     from magseg.io.raster import check_creation_options
-    from magseg.io.vector import VectorOptions
+    from magseg.io.vector_formats import VectorOptions
 
     if vector is None and (min_area or simplify):
         fail("--min-area and --simplify shape the polygons of --vector; add --vector gpkg (or fgb, "

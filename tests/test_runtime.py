@@ -502,6 +502,30 @@ def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
+def test_magseg_predict_from_a_warm_cache_imports_no_model_library_nor_polygon_one(warm, tmp_path):
+    """The whole ``magseg predict`` command on a GeoTIFF, graph cached: besides smp and timm
+    (and what they bring), no shapely either when no polygons are asked for. The outputs are
+    checked to be made, so the command really ran through."""
+    from geotiff import smooth_image, write_raster
+
+    scene = write_raster(tmp_path / "scene.tif", smooth_image(3, 96, 112))
+    code = textwrap.dedent(f"""
+        import sys
+        from magseg.cli.app import main
+        sys.argv = ["magseg", "predict", {str(warm['ckpt'])!r}, {str(scene)!r}, "-o", {str(tmp_path / 'out')!r},
+                    "-q", "--set", "engine.runtime=onnxruntime", "--set", "engine.cache_dir={warm['cache']}"]
+        try:
+            main()
+        except SystemExit as stop:
+            assert not stop.code, stop.code
+        print(sorted(m for m in ("segmentation_models_pytorch", "timm", "torchvision", "shapely")
+                     if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, close_fds=False)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+    assert (tmp_path / "out" / "scene.tif").is_file()
+
+
 def test_onnxruntime_threads_sleep_between_runs(tmp_path, monkeypatch):
     # Spinning threads would hold the cores the engine's own work needs between batches.
     ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")

@@ -34,7 +34,7 @@ from rasterio.features import shapes
 from magseg.errors import MagsegError, WriteError
 from magseg.geometry import Rect
 from magseg.io.raster import VALUE_MAX, gdal_window
-from magseg.io.vector_formats import VECTOR_FORMATS
+from magseg.io.vector_formats import VECTOR_FORMATS, VECTOR_OPTIONS_TAG, VectorOptions, options_tag
 
 LAYER = "classes"
 # Pixels per strip (256 rows of a 16384 px wide raster): one strip's polygons are made at
@@ -57,28 +57,6 @@ class VectorError(MagsegError):
 class VectorWriteError(VectorError, WriteError):
     """The polygons could not be written (``path``: the file being written), e.g. a full
     disk: magseg.io.atomic names the output and says whether the disk is full."""
-
-
-@dataclass(frozen=True)
-class VectorOptions:
-    """``min_area``: polygons smaller than this (CRS units squared, m² when projected) are
-    dropped. ``simplify``: Douglas-Peucker tolerance in CRS units (0: exact pixel edges;
-    polygons are simplified one by one, so neighbours may no longer share edges exactly)."""
-
-    format: str = "gpkg"
-    min_area: float = 0.0
-    simplify: float = 0.0
-    strip_rows: int | None = None  # None: STRIP_PIXELS // width
-
-    def __post_init__(self) -> None:
-        if self.format not in VECTOR_FORMATS:
-            raise ValueError(f"unknown vector format {self.format!r}; choose {', '.join(VECTOR_FORMATS)}")
-        if not (math.isfinite(self.min_area) and self.min_area >= 0):
-            raise ValueError(f"--min-area must be a number >= 0, got {self.min_area}")
-        if not (math.isfinite(self.simplify) and self.simplify >= 0):
-            raise ValueError(f"--simplify must be a number >= 0, got {self.simplify}")
-        if self.strip_rows is not None and self.strip_rows < 1:
-            raise ValueError(f"strip_rows must be >= 1, got {self.strip_rows}")
 
 
 @dataclass
@@ -436,16 +414,6 @@ def polygonize(labels: str | Path, out: str | Path, class_names: Sequence[str],
 
 # The layer metadata that records the polygon options a layer was made with (predict and
 # ``magseg vectorize`` make a layer again when they differ).
-VECTOR_OPTIONS_TAG = "MAGSEG_VECTOR_OPTIONS"
-
-
-def options_tag(options: VectorOptions) -> str:
-    """``VECTOR_OPTIONS_TAG``'s value for ``options`` (the format is the file's suffix)."""
-    import json
-
-    return json.dumps({"min_area": options.min_area, "simplify": options.simplify}, sort_keys=True)
-
-
 def class_names(tags: Mapping[str, str]) -> list[str]:
     """The class names of a class map from its tags (predict writes ``MAGSEG_CLASSES``, and
     ``CLASS_<id>`` for other tools); none when it has neither (ids are then the names)."""

@@ -13,7 +13,7 @@ from magseg.errors import OutputExistsError, RasterError
 from magseg.io.atomic import remove_stale_partials
 from magseg.io.provenance import Provenance, output_tags
 from magseg.io.sources import is_virtual
-from magseg.io.vector import VECTOR_OPTIONS_TAG, options_tag
+from magseg.io.vector_formats import VECTOR_OPTIONS_TAG, options_tag
 from magseg.run.options import READ_OPTIONS_TAG, PredictOptions, describe_read, read_options_tag
 from magseg.run.outputs import output_kind, possible_outputs, tiled_path
 

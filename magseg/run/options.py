@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magseg.io.aoi import AreaOfInterest
-from magseg.io.vector import VectorOptions
+from magseg.io.vector_formats import VectorOptions
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from magseg.errors import ConfigError
 from magseg.io.preview import PreviewCanvas
 from magseg.io.raster import NODATA, VALUE_MAX, GeoInfo, RasterWriter, write_categories, write_raster_style
 from magseg.io.sources import stem as source_stem
-from magseg.io.vector import VECTOR_OPTIONS_TAG, VectorOptions, options_tag, polygonize
+from magseg.io.vector_formats import VECTOR_OPTIONS_TAG, VectorOptions, options_tag
 from magseg.io.vector_formats import VECTOR_FORMATS
 from magseg.run.options import PredictOptions
 from magseg.run.streaming import CropResult, CropWriter
@@ -145,6 +145,8 @@ def _class_table(out: OutputContext) -> list[tuple[int, str, tuple[int, int, int
 def _make_polygons(target: Path, out: OutputContext) -> None:
     """The class map's polygons (magseg.io.vector, styled), with their mean and least
     confidence when there is an uncertainty raster; the layer records the options."""
+    from magseg.io.vector import polygonize  # shapely and rasterio's features: only for polygons
+
     assert out.labels is not None and out.vector is not None
     polygonize(out.labels, target, [c.name for c in out.classes], out.vector,
                metadata={**out.provenance, VECTOR_OPTIONS_TAG: options_tag(out.vector)},
