@@ -40,7 +40,6 @@ from magseg.io.atomic import atomic_write
 
 FORMATS = ("onnx", "openvino")
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
-OUTPUT_NAME = "probabilities"
 # Deepness cuts the map into tiles overlapping by this percentage (a starting point: magseg's
 # own pyramid owns each pixel by one crop and needs none).
 TILES_OVERLAP_PERCENT = 10
@@ -145,6 +144,8 @@ def mlm_item(config: Config, meta: dict[str, Any], model_file: Path, fmt: str) -
     """A STAC item (MLM extension 1.4) describing the exported model."""
     import torch
 
+    from magseg.engine.runtime import INPUT_NAME, PROBS_NAME  # the names the graph has
+
     n, channels = meta["tiles_size"], config.model.in_channels
     bands = [f"band {b}" for b in (config.data.bands or range(1, channels + 1))]
     framework = {"onnx": "ONNX", "openvino": "OpenVINO"}[fmt]
@@ -167,7 +168,7 @@ def mlm_item(config: Config, meta: dict[str, Any], model_file: Path, fmt: str) -
             "mlm:accelerator": "amd64",
             "mlm:batch_size_suggestion": config.engine.batch_size,
             "mlm:input": [{
-                "name": "image",
+                "name": INPUT_NAME,
                 "bands": bands,
                 "input": {"shape": [-1, channels, n, n],
                           "dim_order": ["batch", "bands", "height", "width"],
@@ -177,7 +178,7 @@ def mlm_item(config: Config, meta: dict[str, Any], model_file: Path, fmt: str) -
                 "resize_type": None,
             }],
             "mlm:output": [{
-                "name": OUTPUT_NAME,
+                "name": PROBS_NAME,
                 "tasks": ["semantic-segmentation"],
                 "result": {"shape": [-1, config.num_classes, n, n],
                            "dim_order": ["batch", "channel", "height", "width"],
@@ -221,7 +222,7 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
         OutputExistsError: an output exists and ``overwrite`` is false.
     """
     from magseg.engine.backbone import input_multiple
-    from magseg.engine.runtime import exporter_installed, export_onnx, export_refiner_onnx
+    from magseg.engine.runtime import PROBS_NAME, exporter_installed, export_onnx, export_refiner_onnx
     from magseg.io.provenance import file_sha256
     from magseg.segmenter import create_refiner, create_segmenter_model
 
@@ -251,7 +252,7 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
     channels = config.model.in_channels
     _write_model(fmt, files, props, lambda path, metadata: export_onnx(
         backbone, path, channels, (size, size), softmax=True, metadata=metadata,
-        output_name=OUTPUT_NAME))
+        output_name=PROBS_NAME))
     if with_refiner:
         refiner = create_refiner(config)
         load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
