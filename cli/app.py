@@ -101,7 +101,7 @@ def _register() -> None:
     # inside the commands so `magseg --help` stays fast.
     import importlib
 
-    for name in ("train", "predict", "benchmark", "export", "quantize", "vectorize", "suggest"):
+    for name in ("train", "predict", "benchmark", "export", "quantize", "vectorize", "suggest", "cache"):
         try:
             importlib.import_module(f"magseg.cli.{name}")
         except ModuleNotFoundError as exc:

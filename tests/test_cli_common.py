@@ -121,14 +121,16 @@ def test_a_shared_option_is_the_registrys_object_in_every_command(name):
 
 # Commands that write one named file, where -o names that file (--output), not a directory.
 ONE_FILE = {"export"}
-# Writes into the graph cache (engine.cache_dir, where predict reads it), so it takes no -o.
-INTO_THE_CACHE = {"quantize"}
+# Write into the graph cache, or remove from it (engine.cache_dir, where predict reads it),
+# so they take no -o.
+INTO_THE_CACHE = {"quantize", "cache"}
 
 
 def test_out_dir_is_the_same_flag_in_every_command():
     """-o is where a command's outputs go: the directory (--out-dir) of every command that
     writes several files per input; export writes one model file (--output), as
-    ``gdal_translate`` or ``torch.onnx.export`` name theirs; quantize writes into the cache."""
+    ``gdal_translate`` or ``torch.onnx.export`` name theirs; quantize writes into the cache
+    and cache prunes it."""
     for name, command in _commands().items():
         if name in INTO_THE_CACHE:
             assert not [p for p in command.params if "-o" in p.opts], name

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, ...]] = [
     ("magseg.errors", "magseg.geometry"),
-    ("magseg.device", "magseg.allocator", "magseg.normalization"),
+    ("magseg.device", "magseg.allocator", "magseg.normalization", "magseg.cache"),
     ("magseg", "magseg.config"),
     ("magseg.io",),  # file primitives: rasters, vectors, atomic writes, provenance, previews
     ("magseg.models",),  # networks built from config: smp models by name, FCtL, offline weights

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -500,6 +501,30 @@ def test_start_up_from_a_warm_cache_imports_neither_smp_nor_timm(warm):
     # OpenVINO, whose thread library's fork handlers can crash a fork from it.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, close_fds=False)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_a_run_marks_what_it_uses_for_the_cache_prune(warm, tmp_path):
+    """A run from a warm cache gives the sidecar of each kept optimised graph it loads the
+    current time (what ``magseg cache --older-than`` reads), and leaves the graphs' own
+    sidecars as they were; without kept forms, the graphs' sidecars get it."""
+    from magseg.cache import entry
+
+    cache, folder = _cache_copy(warm, tmp_path)
+    old = time.time() - 90 * 86_400
+    for path in folder.rglob("*"):
+        os.utime(path, (old, old))
+    x = torch.randn(2, 3, 32, 32)
+    rt.RuntimeBackbone("onnxruntime", cache, _no_torch_model)(x)
+    fresh = {p.name for p in folder.rglob("*.json") if p.stat().st_mtime > old + 3600}
+    (blob,) = [p for p in (folder / "compiled").glob("*.blob") if p.with_suffix(".json").name in fresh]
+    assert fresh == {blob.with_suffix(".json").name}
+    assert entry(folder).last_used > time.time() - 3600
+
+    shutil.rmtree(folder / "compiled")
+    for path in folder.rglob("*"):
+        os.utime(path, (old, old))
+    rt.RuntimeBackbone("onnxruntime", cache, _no_torch_model)(x)
+    assert (folder / "32x32.json").stat().st_mtime > old + 3600
 
 
 def test_magseg_predict_from_a_warm_cache_imports_no_model_library_nor_polygon_one(warm, tmp_path):

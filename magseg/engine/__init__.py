@@ -11,7 +11,8 @@
     refiner    the refinement module; backbone: the Backbone contract and how to call one
     precision  fp32/bf16/fp16, autocast, the hardware description of a run
 
-Imports only torch, numpy, OpenCV and ``magseg.config``, ``magseg.errors``, and from
-``magseg.io`` the atomic writes and provenance of exported graphs (``runtime``): never raster
+Imports only torch, numpy, OpenCV and ``magseg.config``, ``magseg.errors``, ``magseg.cache``
+(where the graph cache is), and from ``magseg.io`` the atomic writes and provenance of
+exported graphs (``runtime``): never raster
 I/O, so it runs wherever torch does, and never ``magseg.models``: it runs what was built.
 """

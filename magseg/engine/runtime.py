@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from magseg.cache import cache_root, mark_used
 from magseg.errors import ConfigError
 from magseg.io.atomic import atomic_write
 
@@ -128,16 +129,6 @@ def check_precision(runtime: str, precision: str) -> None:
     if precision == "int8" and runtime != "openvino":
         raise ConfigError(f"engine.precision=int8 runs the backbone's int8 graph in OpenVINO, not in {runtime}: "
                           "set engine.runtime=openvino (pip install 'magseg[int8]'), or another precision")
-
-
-def cache_root(configured: str | None = None) -> Path:
-    """Where exported graphs are kept: ``engine.cache_dir``, else ``$MAGSEG_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/magseg`` (``~/.cache/magseg``); graphs under ``graphs/`` in it."""
-    base = configured or os.environ.get("MAGSEG_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = str(Path(xdg) / "magseg")
-    return Path(base).expanduser() / "graphs"
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -309,10 +300,11 @@ class GraphCache:
 
     def valid_graph(self, size: tuple[int, int]) -> Path | None:
         """The graph for ``size`` if its sidecar vouches for exactly these bytes, else None."""
-        graph, data = self.paths(size)[0], self._graph_record(size)
-        if data is None or not graph.is_file():
+        (graph, sidecar), data = self.paths(size), self._graph_record(size)
+        if data is None or not graph.is_file() or _file_sha256(graph) != data["sha256"]:
             return None
-        return graph if _file_sha256(graph) == data["sha256"] else None
+        mark_used(sidecar)
+        return graph
 
     def graph_digest(self, size: tuple[int, int]) -> str | None:
         """The SHA-256 its sidecar records for the graph of ``size`` (what its compiled forms
@@ -353,6 +345,7 @@ class GraphCache:
         if not isinstance(digests, dict) or digests.get("xml") != _file_sha256(xml) \
                 or digests.get("bin") != _file_sha256(weights):
             return None
+        mark_used(sidecar)
         return data
 
     # The runtimes' compiled graphs: OpenVINO's as ``export_model``'s blobs (importing one
@@ -577,8 +570,10 @@ class CompiledBlob:
             record = json.loads(self.sidecar.read_text())
         except (OSError, ValueError):
             return None
-        ok = isinstance(record, dict) and record.get("sha256") == hashlib.sha256(data).hexdigest()
-        return data if ok else None
+        if not (isinstance(record, dict) and record.get("sha256") == hashlib.sha256(data).hexdigest()):
+            return None
+        mark_used(self.sidecar)
+        return data
 
     def write(self, data: bytes) -> None:
         from magseg.errors import WriteError
