@@ -55,7 +55,7 @@ def cache(
     The first run of a model with engine.runtime=onnxruntime or openvino exports its backbone
     there, once per input size, and keeps what the runtime makes of it: about 15-100 MB a size
     for each model, kept until removed."""
-    from magseg.cache import cache_root, entries, prune
+    from magseg.cache import cache_root, entries, model_folders, prune
 
     if all_models and older_than is not None:
         fail("--all removes every model, --older-than only those unused for a while: give one", EXIT_USAGE)
@@ -64,6 +64,9 @@ def cache(
     root = cache_root(None if cache_dir is None else str(cache_dir))
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         fail(f"--cache-dir {cache_dir} is a file, not a directory", EXIT_USAGE)
+    if cache_dir is not None and not root.is_dir() and model_folders(cache_dir):
+        fail(f"--cache-dir {cache_dir} holds the models' folders themselves: pass the folder above "
+             f"it, {cache_dir.parent} (the cache's graphs/ is inside that)", EXIT_USAGE)
     if all_models or older_than is not None:
         removals = prune(root, None if all_models else older_than * DAY, dry_run)
         status = "would-remove" if dry_run else "removed"

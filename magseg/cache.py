@@ -123,13 +123,18 @@ def prune(root: Path, older_than: float | None, dry_run: bool = False) -> list[R
             removals.append(_remove(Removal(item.path, "model", item.bytes, item.last_used), dry_run))
             continue
         for blob in sorted((item.path / "compiled").glob("*.blob")):
-            sidecar = blob.with_suffix(".json")
-            parts = [p for p in (blob, sidecar) if p.exists()]
-            used = max(p.stat().st_mtime for p in parts)
-            if used < cutoff:
-                size = sum(p.stat().st_size for p in parts)
-                removals.append(_remove(Removal(blob, "compiled", size, used), dry_run))
+            stats = [s for s in map(_stat, (blob, blob.with_suffix(".json"))) if s is not None]
+            used = max((s.st_mtime for s in stats), default=None)
+            if used is not None and used < cutoff:  # None: gone while we looked
+                removals.append(_remove(Removal(blob, "compiled", sum(s.st_size for s in stats), used), dry_run))
     return removals
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except OSError:
+        return None
 
 
 def _remove(removal: Removal, dry_run: bool) -> Removal:

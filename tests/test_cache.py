@@ -148,3 +148,9 @@ def test_magseg_cache_refuses_a_file_as_its_directory(tmp_path):
     (tmp_path / "file").write_text("")
     result = _cli("--cache-dir", tmp_path / "file")
     assert result.exit_code == 2 and "is a file, not a directory" in result.stderr
+
+
+def test_magseg_cache_names_the_folder_to_give_when_given_graphs_itself(tree):
+    result = _cli("--cache-dir", tree, "--all")
+    assert result.exit_code == 2 and f"pass the folder above it, {tree.parent}" in result.stderr
+    assert (tree / A).is_dir() and (tree / B).is_dir()
