@@ -2,12 +2,15 @@
 """What the refiner's gate costs: ``Refiner.probs`` with and without the gate on one engine
 batch, beside the backbone on the same crops; and its convolutions alone on the batch's
 window cells (the crops grown by ``pyramid.margin``, pooled at ``context_stride``) from NCHW
-and from a channels-last copy, the layout inference takes on a CPU (``Refiner._convolved``).
-Calls are interleaved and the minimum of ``--repeat`` is reported (on a shared machine the
-minimum is the least disturbed), the convolutions' medians too.
+and from a channels-last copy, the layout inference takes on a CPU (``Refiner._convolved``);
+with ``--openvino``, also exported and compiled by OpenVINO at f32 and, where NNCF is
+installed, quantised to int8 (on random cells: a speed, not an accuracy). Calls are
+interleaved and the minimum of ``--repeat`` is reported (on a shared machine the minimum is
+the least disturbed), the convolutions' medians too.
 
     python scripts/bench_refiner.py --config configs/demo.yaml --threads 1
     python scripts/bench_refiner.py --config configs/deepglobe.yaml --threads 2
+    python scripts/bench_refiner.py --config configs/deepglobe.yaml --threads 2 --openvino
 
 stdout: one JSON object, milliseconds.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="crops per call (default: engine.batch_size)")
     parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--openvino", action="store_true",
+                        help="also the convolutions in OpenVINO, f32 and int8 (pip install 'magseg[int8]')")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         "refiner_gate": lambda: refiners[True].probs(fine, coarse),
         "backbone": lambda: crop_probs(backbone, crops, cfg.pyramid.input, precision="fp32"),
     }
+    scratch = tempfile.TemporaryDirectory(prefix="magseg-bench-refiner-")
+    if args.openvino:
+        calls.update(_openvino_calls(context, cells, Path(scratch.name)))
     times: dict[str, list[float]] = {k: [] for k in calls}
     with torch.inference_mode():
         for i in range(args.repeat):
@@ -76,12 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     out = {"batch": [b, c, h, w], "threads": torch.get_num_threads(),
            **{f"{k}_ms": round(1000 * min(v), 2) for k, v in times.items()}}
     out["cells"] = list(cells.shape)
-    out.update({f"{k}_median_ms": round(1000 * statistics.median(times[k]), 2)
-                for k in ("convolutions_nchw", "convolutions_channels_last")})
+    out.update({f"{k}_median_ms": round(1000 * statistics.median(v), 2)
+                for k, v in times.items() if k.startswith("convolutions")})
     out["gate_extra_over_backbone"] = round((min(times["refiner_gate"]) - min(times["refiner_no_gate"]))
                                             / min(times["backbone"]), 4)
     report_figures(out)
+    scratch.cleanup()
     return 0
+
+
+def _openvino_calls(context: torch.nn.Module, cells: torch.Tensor, scratch: Path) -> dict[str, Callable[[], object]]:
+    """The convolutions exported (batch free) and compiled by OpenVINO as the engine compiles a
+    backbone: f32, and int8 quantised by NNCF on eight random batches of cells where it is
+    installed."""
+    from magseg.engine.int8 import nncf_installed, quantize
+    from magseg.engine.runtime import _openvino_compile, _save_onnx
+
+    graph = scratch / "convolutions.onnx"
+    _save_onnx(context, {"cells": tuple(cells.shape[1:])}, graph, "correction", None)
+    threads, array = torch.get_num_threads(), cells.numpy()
+    compiled = {"convolutions_openvino_f32": _openvino_compile(graph, threads, "fp32")}
+    if nncf_installed():
+        windows = [torch.randn(1, *cells.shape[1:]).numpy() for _ in range(8)]
+        compiled["convolutions_openvino_int8"] = _openvino_compile(quantize(graph, windows, progress=False),
+                                                                   threads, "fp32")
+    requests = {name: model.create_infer_request() for name, model in compiled.items()}
+    return {name: (lambda request=request: request.infer({0: array})) for name, request in requests.items()}
 
 
 if __name__ == "__main__":
