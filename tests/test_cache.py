@@ -154,3 +154,24 @@ def test_magseg_cache_names_the_folder_to_give_when_given_graphs_itself(tree):
     result = _cli("--cache-dir", tree, "--all")
     assert result.exit_code == 2 and f"pass the folder above it, {tree.parent}" in result.stderr
     assert (tree / A).is_dir() and (tree / B).is_dir()
+
+
+def test_magseg_cache_answers_without_importing_torch(tree):
+    """The command only reads folders: it never pays for torch's import (seconds)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        from magseg.cli.app import main
+        sys.argv = ["magseg", "cache", "--cache-dir", {str(tree.parent)!r}, "-q"]
+        try:
+            main()
+        except SystemExit as stop:
+            assert not stop.code, stop.code
+        print("torch" in sys.modules, file=sys.stderr)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+    assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == [str(tree / A), str(tree / B)]
