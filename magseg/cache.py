@@ -74,13 +74,15 @@ class Removal:
     error: str | None = None
 
 
-def _files(folder: Path) -> Iterator[os.stat_result]:
+def _files(folder: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every file under ``folder``, its path relative to it and its ``lstat``; one removed
+    while we look is not counted."""
     for dirpath, _dirs, names in os.walk(folder):
         for name in names:
-            try:
-                yield os.lstat(os.path.join(dirpath, name))
-            except OSError:  # removed while we looked: not ours to count
-                continue
+            path = Path(dirpath, name)
+            stat = _stat(path)
+            if stat is not None:
+                yield path.relative_to(folder), stat
 
 
 def model_folders(root: Path) -> list[Path]:
@@ -94,14 +96,12 @@ def model_folders(root: Path) -> list[Path]:
 
 
 def entry(folder: Path) -> CacheEntry:
-    """What the model's ``folder`` holds."""
-    stats = list(_files(folder))
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    graphs = tuple(sorted(n.removesuffix(".onnx") for n in names if n.endswith(".onnx")))
-    compiled = folder / "compiled"
-    blobs = len(list(compiled.glob("*.blob"))) if compiled.is_dir() else 0
-    return CacheEntry(folder, sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0),
-                      graphs, blobs, "int8.xml" in names)
+    """What the model's ``folder`` holds (one walk through it)."""
+    files = dict(_files(folder))
+    graphs = tuple(sorted(p.stem for p in files if p.parent == Path() and p.suffix == ".onnx"))
+    blobs = sum(p.parent == Path("compiled") and p.suffix == ".blob" for p in files)
+    return CacheEntry(folder, sum(s.st_size for s in files.values()),
+                      max((s.st_mtime for s in files.values()), default=0.0), graphs, blobs, Path("int8.xml") in files)
 
 
 def entries(root: Path) -> list[CacheEntry]:
