@@ -4,6 +4,7 @@ used, and pruning what has not been (``magseg cache``).
     <cache>/graphs/<model>/             one folder per model (magseg.engine.runtime.GraphCache)
         <h>x<w>[.probs].onnx + .json    an exported graph per input size, and its sidecar
         int8.xml, int8.bin, int8.json   the int8 graph ``magseg quantize`` made
+        refiner-int8.xml, .bin, .json   and the refiner's convolutions', where it has one
         compiled/<digest>.blob + .json  what a runtime made of a graph, for one CPU and version
 
 A run marks what it uses (``mark_used``: the sidecar it checked gets the current time), so a

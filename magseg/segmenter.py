@@ -103,6 +103,13 @@ class Segmenter:
         check_crf(config.refine.crf)  # a dense CRF without its extra fails here, before any work
         self.backbone = backbone.to(self.device).eval()
         self.refiner = None if refiner is None else refiner.to(self.device).eval()
+        if (isinstance(self.backbone, RuntimeBackbone) and self.backbone.int8_graph is not None
+                and isinstance(self.refiner, Refiner)):
+            # int8: the refiner's convolutions too, where `magseg quantize` made their graph
+            # from these weights (else they stay float32: magseg.engine.int8.refiner_int8).
+            from magseg.engine.int8 import refiner_int8
+
+            self.refiner.int8_convolutions = refiner_int8(self.refiner, self.backbone.cache, self.backbone.threads)
         if config.engine.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
 

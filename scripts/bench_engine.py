@@ -36,8 +36,9 @@ runtime x precision gets its own models and figures, named by the precision for 
 ``vs_torch_fp32`` gives each one's backbone and engine time over torch fp32's, and the share
 of pixels whose labels agree with torch fp32's. ``--precision int8`` adds, for OpenVINO,
 ``engine.precision=int8`` (``pip install 'magseg[int8]'``): a checkpoint's int8 graph is the
-one ``magseg quantize`` made; random weights are quantised here on 16 random windows, a
-speed, not an accuracy (scripts/runtime_miou.py measures that).
+one ``magseg quantize`` made; random weights are quantised here on 16 random windows (the
+refiner's convolutions on the cells of one fp32 run), a speed, not an accuracy
+(scripts/runtime_miou.py measures that).
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ def _segmenter(args: argparse.Namespace, precision: str, runtime: str = "torch")
 
 
 def _int8_segmenter(args: argparse.Namespace) -> Segmenter:
-    """OpenVINO at ``engine.precision=int8``; random weights get their int8 graph here, made
-    from 16 random windows at the pyramid's input size (once: the cache keeps it)."""
+    """OpenVINO at ``engine.precision=int8``; random weights get their int8 graphs here (once:
+    the cache keeps them): the backbone's from 16 random windows at the pyramid's input size,
+    the refiner's convolutions' from the cells of one fp32 run on the scene."""
     import numpy as np
 
-    from magseg.engine.int8 import quantize_into_cache
+    from magseg.engine.int8 import quantize_into_cache, quantize_refiner_into_cache, refiner_int8
+    from magseg.quantize import refiner_cells
 
     if not args.checkpoint:
         fp32 = _segmenter(args, "fp32", "openvino")
@@ -125,6 +128,11 @@ def _int8_segmenter(args: argparse.Namespace) -> Segmenter:
                        for _ in range(16)]
             quantize_into_cache(backbone.torch_model(), backbone.cache, windows,
                                 {"calibration": "16 random windows (scripts/bench_engine.py)"}, progress=False)
+        if fp32.refiner is not None and refiner_int8(fp32.refiner, backbone.cache, 1) is None:
+            cells = refiner_cells(fp32, [_image(args, fp32)], 64)
+            quantize_refiner_into_cache(fp32.refiner, backbone.cache, cells,
+                                        {"calibration": "one fp32 run's cells (scripts/bench_engine.py)"},
+                                        progress=False)
     return _segmenter(args, "int8", "openvino")
 
 

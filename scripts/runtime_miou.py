@@ -12,8 +12,10 @@ activations), calibrated on ``--calibration`` windows of the training split cut 
 cuts them (``magseg.quantize.calibration_windows``), which magseg does not offer;
 ``openvino-int8``: ``engine.precision=int8``, the graph ``magseg quantize`` makes (NNCF's
 post-training quantisation: per-channel int8 weights, int8 activations, bias correction,
-7-bit weights in every layer; ``pip install 'magseg[int8]'``) on the same windows. This is
-the measurement behind docs/runtimes.md#reduced-precision.
+7-bit weights in every layer; ``pip install 'magseg[int8]'``) on the same windows, and the
+refiner's convolutions quantised on the cells the engine feeds them (``magseg quantize``'s
+4 scenes); ``openvino-int8-backbone``: the same with the refiner's convolutions in float32.
+This is the measurement behind docs/runtimes.md#reduced-precision.
 
     python scripts/runtime_miou.py demo_out/run/best.ckpt demo_out/data \\
         --variants torch-fp32,torch-bf16,openvino-bf16,onnxruntime-int8
@@ -98,11 +100,13 @@ def main() -> None:
                             overrides=[f"engine.cache_dir={cache}", *args.set])
     segmenters = {}
     for variant in variants:
-        runtime, precision = variant.split("-")
+        runtime, precision, *part = variant.split("-")
         ort_int8 = variant == "onnxruntime-int8"  # not an engine.precision: the script quantises it
         sets = [f"engine.cache_dir={cache}", f"engine.runtime={runtime}",
                 f"engine.precision={'fp32' if ort_int8 else precision}", *args.set]
         segmenter = Segmenter.from_checkpoint(ckpt, sets)
+        if part == ["backbone"] and segmenter.refiner is not None:  # openvino-int8-backbone
+            segmenter.refiner.int8_convolutions = None
         if ort_int8:
             segmenter.backbone.__class__ = Int8Backbone
             segmenter.backbone.calibrate = lambda size: calibration_windows(

@@ -1,11 +1,14 @@
 """``engine.precision=int8``: ``magseg quantize`` writes a checkpoint's int8 OpenVINO graph into
 the graph cache, calibrated on its training windows and checked against the torch model;
 predict runs it at every input size; without it, or with another runtime, or corrupted,
-it is a usage error that names the fix. Bounds, not bits: int8 kernels differ by CPU."""
+it is a usage error that names the fix. The refiner's convolutions get a graph of their
+own, calibrated on the cells the engine feeds them; one that does not check out leaves them
+in float32. Bounds, not bits: int8 kernels differ by CPU."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,14 +51,18 @@ def quantized(tmp_path_factory):
     backbone = create_segmenter_model(config)
     with torch.no_grad():  # logits that decide most pixels, as a trained model's do
         backbone.segmentation_head[0].weight.mul_(30)
-    ckpt = save_checkpoint(root / "tiny.ckpt", config, backbone, create_refiner(config))
+    refiner = create_refiner(config)
+    with torch.no_grad():  # a correction that changes pixels, as a trained refiner's does
+        last = refiner.context[-1].weight
+        last.copy_(torch.randn(last.shape, generator=torch.Generator().manual_seed(0)))
+    ckpt = save_checkpoint(root / "tiny.ckpt", config, backbone, refiner)
     cache = root / "cache"
     result = _invoke("quantize", ckpt, "--data-root", root / "data", "--windows", 6,
                      "--set", f"engine.cache_dir={cache}")
     assert result.exit_code == 0, result.output
     return {"root": root, "ckpt": ckpt, "cache": cache, "config": config, "stdout": result.stdout,
             "stderr": result.stderr,
-            "backbone": backbone.eval()}
+            "backbone": backbone.eval(), "refiner": refiner.eval()}
 
 
 def _agreement(want: torch.Tensor, got: torch.Tensor, margin: float = 0.0) -> float:
@@ -188,3 +195,107 @@ def test_training_refuses_int8():
     config = load_config(CONFIGS / "tiny.yaml").override(["engine.precision=int8"])
     with pytest.raises(ConfigError, match="engine.precision=int8 is for a trained checkpoint"):
         RunPrecision.resolve(config, torch.device("cpu"))
+
+
+def _fp32_engine(quantized):
+    """The fp32 torch engine of the fixture's checkpoint, and the normalised train scenes."""
+    from magseg.data.scenes import list_scenes, read_scene
+    from magseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(quantized["ckpt"], [f"engine.cache_dir={quantized['cache']}",
+                                                              "engine.device=cpu"])
+    scenes = list_scenes(quantized["config"].data, "train", quantized["root"] / "data")
+    return segmenter, [segmenter.normalize(read_scene(s, quantized["config"])[0]) for s in scenes]
+
+
+def test_quantize_makes_the_refiners_graph_from_the_cells_the_engine_feeds_it(quantized):
+    from magseg.engine.runtime import state_sha256
+    from magseg.quantize import refiner_cells
+
+    line = json.loads(quantized["stdout"])
+    (folder,) = (quantized["cache"] / "graphs").iterdir()
+    refiner = line["refiner"]
+    assert refiner["graph"] == str(folder / "refiner-int8.xml") and "FakeQuantize" in Path(refiner["graph"]).read_text()
+    sidecar = json.loads((folder / "refiner-int8.json").read_text())
+    # Both train scenes (fewer than --scenes' 4), and up to --windows' 6 of the cell maps they
+    # gave: the same again (the engine is deterministic), one per crop of a refined stage.
+    segmenter, images = _fp32_engine(quantized)
+    every = refiner_cells(segmenter, images, 1000)
+    cells = refiner_cells(segmenter, images, 6)
+    assert sidecar["calibration"]["scenes"] == refiner["scenes"] == 2
+    assert sidecar["calibration"]["cells"] == refiner["cells"] == len(cells) == min(6, len(every)) >= 2
+    assert {c.shape[:2] for c in every} == {(1, 14)}
+    # Fewer than it made: spread over them, the first and the last kept.
+    two = refiner_cells(segmenter, images, 2)
+    assert np.array_equal(two[0], every[0]) and np.array_equal(two[1], every[-1])
+    assert sidecar["in_channels"] == 14 and sidecar["weights_sha256"] == state_sha256(quantized["refiner"].context)
+    # The check it reports, on those cells.
+    run = int8.RefinerInt8(Path(refiner["graph"]), 14, 1)
+    diff = scale = 0.0
+    with torch.inference_mode():
+        for item in cells:
+            want, got = quantized["refiner"].context(torch.from_numpy(item)), run(torch.from_numpy(item))
+            assert got.shape == want.shape and got.dtype == torch.float32
+            diff += (got - want).abs().mean().item() / len(cells)
+            scale += want.abs().mean().item() / len(cells)
+    assert refiner["mean_abs_correction"] == pytest.approx(scale, rel=1e-3)
+    assert refiner["mean_abs_diff"] == pytest.approx(diff, rel=0.1, abs=1e-4)
+    assert 0 < diff < 0.1 * scale  # int8's rounding: a few per cent of the correction
+
+
+def test_int8_runs_the_refiners_convolutions_from_their_graph_near_fp32(quantized):
+    from magseg.segmenter import Segmenter
+
+    fp32, images = _fp32_engine(quantized)
+    q = Segmenter.from_checkpoint(quantized["ckpt"], _sets(quantized["cache"]))
+    assert fp32.refiner.int8_convolutions is None
+    assert isinstance(q.refiner.int8_convolutions, int8.RefinerInt8)
+    with torch.inference_mode():
+        want, got = fp32.segment(images[0], return_probs=True), q.segment(images[0], return_probs=True)
+    # It ran, at the cell sizes the engine met (its stages' windows), and the result is near fp32's.
+    assert q.refiner.int8_convolutions._runners
+    assert _agreement(want.probs[None], got.probs[None], margin=0.2) >= 0.9
+    # The same engine with the refiner's convolutions in float32: the int8 ones changed something.
+    q.refiner.int8_convolutions = None
+    with torch.inference_mode():
+        float_refiner = q.segment(images[0], return_probs=True)
+    assert not torch.equal(float_refiner.probs, got.probs)
+
+
+def test_a_refiner_graph_that_does_not_check_out_leaves_its_convolutions_in_float32(quantized, tmp_path):
+    import shutil
+
+    from magseg.segmenter import Segmenter
+
+    for damage in ("bytes", "weights"):
+        cache = tmp_path / damage
+        shutil.copytree(quantized["cache"], cache)
+        (folder,) = (cache / "graphs").iterdir()
+        if damage == "bytes":
+            weights = folder / "refiner-int8.bin"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
+        else:  # a graph made from other weights (its files intact)
+            sidecar = folder / "refiner-int8.json"
+            sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "weights_sha256": "0" * 64}))
+        q = Segmenter.from_checkpoint(quantized["ckpt"], _sets(cache))
+        assert q.backbone.int8_graph is not None and q.refiner.int8_convolutions is None, damage
+
+
+def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(quantized, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(quantized["cache"], cache)
+    (folder,) = (cache / "graphs").iterdir()
+    for path in folder.glob("refiner-int8.*"):
+        path.unlink()
+    backbone = {p.name: p.read_bytes() for p in folder.glob("int8.*")}
+    result = _invoke("quantize", quantized["ckpt"], "--data-root", quantized["root"] / "data", "--windows", 6,
+                     "--scenes", 1, "--set", f"engine.cache_dir={cache}", "-q")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout)
+    assert line["graph"] == str(folder / "int8.xml") and line["label_agreement"] is None
+    assert line["windows"] == 6 and line["refiner"]["scenes"] == 1 and (folder / "refiner-int8.json").is_file()
+    assert {p.name: p.read_bytes() for p in folder.glob("int8.*")} == backbone  # the backbone's untouched

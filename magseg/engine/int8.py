@@ -15,12 +15,21 @@ pairs of u8 x s8 products in int16, which 8-bit weights can saturate; NNCF's def
 only the first layer, which cost 3.4 points of mIoU on the demo set on an AVX2-only CPU,
 against 0.26 for every layer. The graph is then safe on every CPU, with or without VNNI,
 whichever machine quantised it.
+
+The refiner's convolutions (``Refiner.context``, at 1/stride of the window: cells in,
+correction out) get an int8 graph of their own, calibrated on the cells the engine feeds
+them over training scenes (``magseg.quantize.refiner_cells``) and exported with their height
+and width free too. On a CPU they are the engine's one compute-bound step of its own
+(docs/performance.md#the-refiners-convolutions), and int8 halves them where fp32 is at the
+CPU's peak. ``RefinerInt8`` runs that graph in their place; the per-pixel refine step after
+them stays float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -33,7 +42,9 @@ import numpy as np
 from magseg.errors import ConfigError
 
 if TYPE_CHECKING:
-    from magseg.engine.runtime import CompiledBlob
+    from torch import Tensor, nn
+
+    from magseg.engine.runtime import CompiledBlob, GraphCache
 
 EXTRA = "magseg[int8]"
 
@@ -53,13 +64,18 @@ def _nncf_output(show: bool) -> Iterator[None]:
 
     target = sys.stderr if show else open(os.devnull, "w")  # noqa: SIM115 - closed below
     handlers = [h for h in nncf_logger.handlers if isinstance(h, logging.StreamHandler)]
-    streams = [h.setStream(target) for h in handlers]
+    streams = [h.stream for h in handlers]
+    # Set, not ``setStream``: that flushes the stream it replaces, which may be closed by now
+    # (the stdout NNCF's handler took at import, where a test runner had replaced it).
+    for handler in handlers:
+        handler.stream = target
     try:
         with contextlib.redirect_stdout(target):
             yield
     finally:
+        target.flush()
         for handler, stream in zip(handlers, streams):
-            handler.setStream(stream)
+            handler.stream = stream
         if not show:
             target.close()
 
@@ -114,6 +130,78 @@ def quantize_into_cache(backbone: Any, cache: Any, windows: Sequence[np.ndarray]
         log("quantize: NNCF's int8 quantisation")
         model = quantize(graph, windows, progress)
     return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__})
+
+
+def quantize_refiner_into_cache(refiner: nn.Module, cache: GraphCache, cells: Sequence[np.ndarray],
+                                record: dict[str, Any], *, progress: bool = True) -> Path:
+    """Quantise the refiner's convolutions (``refiner.context``: ``(B, 2C, h, w)`` cells ->
+    ``(B, C, h, w)`` correction) on ``cells`` (each ``(1, 2C, h, w)``, any sizes) into
+    ``cache`` as its refiner int8 graph; the sidecar records ``record``, the digest of the
+    convolutions' weights (``refiner_int8`` runs the graph only for those) and NNCF's and
+    OpenVINO's versions. Returns the graph's ``.xml``."""
+    import tempfile
+
+    import nncf
+    import openvino
+
+    from magseg.engine.runtime import _save_onnx, state_sha256
+
+    channels = int(cells[0].shape[1])
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    context = refiner.context.float().eval()
+    with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
+        graph = Path(scratch) / "refiner.onnx"
+        _save_onnx(context, {REFINER_INT8_INPUT: (channels, *cells[0].shape[-2:])}, graph, REFINER_INT8_OUTPUT,
+                   None, free_size=True)
+        model = quantize(graph, cells, progress)
+    return cache.save_int8(model, {**record, "weights_sha256": state_sha256(context), "nncf": nncf.__version__,
+                                   "openvino": openvino.__version__}, part="refiner", in_channels=channels)
+
+
+REFINER_INT8_INPUT, REFINER_INT8_OUTPUT = "cells", "correction"
+
+
+class RefinerInt8:
+    """The refiner's convolutions from their int8 graph: ``(B, 2C, h, w)`` float32 cells ->
+    ``(B, C, h, w)`` float32 correction, what ``Refiner.context`` returns. A runner per size
+    of cells, the one graph reshaped to it and compiled (kept compiled in the cache, as the
+    backbone's are, under ``digest``: ``GraphCache.compiled_blob``; compiled each time
+    without a ``cache``)."""
+
+    def __init__(self, graph: Path, in_channels: int, threads: int, cache: GraphCache | None = None,
+                 digest: str = "") -> None:
+        self.graph, self.in_channels, self.threads = graph, in_channels, threads
+        self.cache, self.digest = cache, digest
+        self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+    def __call__(self, cells: Tensor) -> Tensor:
+        import torch
+
+        size = (int(cells.shape[-2]), int(cells.shape[-1]))
+        run = self._runners.get(size)
+        if run is None:
+            blob = None if self.cache is None else self.cache.compiled_blob(self.digest, size, self.threads, "int8")
+            run = self._runners[size] = int8_runner(self.graph, size, self.in_channels, self.threads, blob)
+        # NCHW, as the graph takes it (the engine's channels-last copy is torch's layout).
+        return torch.from_numpy(run(cells.detach().float().contiguous().numpy()))
+
+
+def refiner_int8(refiner: nn.Module, cache: GraphCache, threads: int) -> RefinerInt8 | None:
+    """The int8 runner of ``refiner``'s convolutions where ``cache`` holds their int8 graph
+    made from these very weights and its files check out; None otherwise (a cache quantised
+    before the refiner had one, other weights, a damaged file): the refiner then convolves
+    in float32, which is never wrong, only slower."""
+    from magseg.engine.runtime import state_sha256
+
+    context = getattr(refiner, "context", None)
+    if context is None:
+        return None
+    channels = int(context[0].in_channels)
+    record = cache.int8_record("refiner", channels)
+    if record is None or record.get("weights_sha256") != state_sha256(context):
+        return None
+    digests = json.dumps(record["sha256"], sort_keys=True)
+    return RefinerInt8(cache.int8_paths("refiner")[0], channels, threads, cache, digests)
 
 
 def int8_runner(graph: Path, size: tuple[int, int], in_channels: int, threads: int,

@@ -28,6 +28,7 @@ rest of the refinement together; the gate's cues are a few per-pixel reductions 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -211,6 +212,10 @@ class Refiner(nn.Module):
         nn.init.zeros_(self.context[-1].weight)
         nn.init.zeros_(self.context[-1].bias)
         self.gate = RefinerGate() if gate else None
+        # What runs ``context`` at inference on a CPU in its place: the int8 graph of these
+        # weights (``magseg.engine.int8.RefinerInt8``, attached by the Segmenter at
+        # engine.precision=int8 where ``magseg quantize`` made one); None: torch.
+        self.int8_convolutions: Callable[[Tensor], Tensor] | None = None
 
     def _pooled(self, fine: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
         s = self.context_stride
@@ -374,7 +379,10 @@ class Refiner(nn.Module):
         them on a channels-last copy of their input: oneDNN's kernels want NHWC, in float32
         (a quarter less time than from NCHW on an AVX2 CPU) and more so in bf16
         (docs/performance.md#the-refiners-convolutions). The correction comes back as
-        float32: everything after it stays float32. Training keeps NCHW."""
+        float32: everything after it stays float32. Training keeps NCHW. With
+        ``int8_convolutions`` set, inference on a CPU runs that instead."""
+        if self.int8_convolutions is not None and cells.device.type == "cpu" and not torch.is_grad_enabled():
+            return self.int8_convolutions(cells)
         if torch.is_autocast_enabled(cells.device.type) or (
                 cells.device.type == "cpu" and not torch.is_grad_enabled()):
             cells = cells.contiguous(memory_format=torch.channels_last)

@@ -326,19 +326,26 @@ class GraphCache:
                                    "torch": torch.__version__})
         return graph
 
-    # The int8 graph: one for every input size (height and width free), quantised by
-    # ``magseg quantize`` (magseg.engine.int8), OpenVINO IR, never rebuilt here since it needs
-    # training windows.
-    def int8_paths(self) -> tuple[Path, Path, Path]:
-        """The int8 graph's ``int8.xml`` and ``int8.bin``, and its sidecar ``int8.json``."""
-        return self.dir / "int8.xml", self.dir / "int8.bin", self.dir / "int8.json"
+    # The int8 graphs ``magseg quantize`` makes (magseg.engine.int8), OpenVINO IR, never
+    # rebuilt here since they need training data: the backbone's (``part`` "backbone"), one
+    # for every input size (height and width free), and the refiner's convolutions
+    # ("refiner"), likewise one for every size of cells.
+    INT8_STEMS = {"backbone": "int8", "refiner": "refiner-int8"}
 
-    def int8_record(self) -> dict[str, Any] | None:
-        """The int8 graph's sidecar (its digests and calibration) when it vouches for exactly
-        the bytes of both files, else None."""
-        xml, weights, sidecar = self.int8_paths()
+    def int8_paths(self, part: str = "backbone") -> tuple[Path, Path, Path]:
+        """``part``'s int8 graph (``int8.xml`` and ``int8.bin`` for the backbone,
+        ``refiner-int8.*`` for the refiner) and its sidecar ``.json``."""
+        stem = self.INT8_STEMS[part]
+        return self.dir / f"{stem}.xml", self.dir / f"{stem}.bin", self.dir / f"{stem}.json"
+
+    def int8_record(self, part: str = "backbone", in_channels: int | None = None) -> dict[str, Any] | None:
+        """``part``'s int8 sidecar (its digests and calibration) when it vouches for exactly
+        the bytes of both files and a graph of ``in_channels`` inputs (the backbone's bands
+        when None), else None."""
+        xml, weights, sidecar = self.int8_paths(part)
         data = self._read_json(sidecar)
-        if (data is None or data.get("format") != GRAPH_FORMAT or data.get("in_channels") != self.in_channels
+        channels = self.in_channels if in_channels is None else in_channels
+        if (data is None or data.get("format") != GRAPH_FORMAT or data.get("in_channels") != channels
                 or not xml.is_file() or not weights.is_file()):
             return None
         digests = data.get("sha256")
@@ -365,14 +372,16 @@ class GraphCache:
                           sort_keys=True)
         return CompiledBlob(self.dir / "compiled" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.blob")
 
-    def save_int8(self, model: Any, record: dict[str, Any]) -> Path:
-        """Write ``model`` (an ``openvino.Model``) as the int8 graph, ``record`` (what it was
-        calibrated on) in its sidecar; the sidecar goes last, so a crash leaves no voucher."""
-        xml, weights, sidecar = self.int8_paths()
+    def save_int8(self, model: Any, record: dict[str, Any], part: str = "backbone",
+                  in_channels: int | None = None) -> Path:
+        """Write ``model`` (an ``openvino.Model``) as ``part``'s int8 graph (of ``in_channels``
+        inputs: the backbone's bands when None), ``record`` (what it was calibrated on) in
+        its sidecar; the sidecar goes last, so a crash leaves no voucher."""
+        xml, weights, sidecar = self.int8_paths(part)
         self.dir.mkdir(parents=True, exist_ok=True)
         sidecar.unlink(missing_ok=True)
         save_openvino(model, xml, weights)
-        self._write_json(sidecar, {**record, "in_channels": self.in_channels,
+        self._write_json(sidecar, {**record, "in_channels": self.in_channels if in_channels is None else in_channels,
                                    "sha256": {"xml": _file_sha256(xml), "bin": _file_sha256(weights)}})
         return xml
 
