@@ -288,7 +288,8 @@ class EngineConfig:
     batch_size: int = 4
     device: str = "cpu"
     # auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
-    # int8: the backbone's int8 graph in OpenVINO (runtime openvino; `magseg quantize` makes it).
+    # int8: the backbone's int8 graph in OpenVINO, and the refiner's convolutions' where
+    # there is one (runtime openvino; `magseg quantize` makes them).
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     # NHWC convolutions: the layout oneDNN's CPU convolutions run fastest in, with the same
     # results (figures: docs/performance.md#channels-last).
