@@ -132,6 +132,10 @@ def quantize_into_cache(backbone: Any, cache: Any, windows: Sequence[np.ndarray]
     return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__})
 
 
+# The refiner graph's input and output names.
+REFINER_INT8_INPUT, REFINER_INT8_OUTPUT = "cells", "correction"
+
+
 def quantize_refiner_into_cache(refiner: nn.Module, cache: GraphCache, cells: Sequence[np.ndarray],
                                 record: dict[str, Any], *, progress: bool = True) -> Path:
     """Quantise the refiner's convolutions (``refiner.context``: ``(B, 2C, h, w)`` cells ->
@@ -148,17 +152,18 @@ def quantize_refiner_into_cache(refiner: nn.Module, cache: GraphCache, cells: Se
 
     channels = int(cells[0].shape[1])
     cache.dir.mkdir(parents=True, exist_ok=True)
-    context = refiner.context.float().eval()
+    context = refiner.context
+    was_training = context.training
     with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
         graph = Path(scratch) / "refiner.onnx"
-        _save_onnx(context, {REFINER_INT8_INPUT: (channels, *cells[0].shape[-2:])}, graph, REFINER_INT8_OUTPUT,
-                   None, free_size=True)
+        try:
+            _save_onnx(context.eval(), {REFINER_INT8_INPUT: (channels, *cells[0].shape[-2:])}, graph,
+                       REFINER_INT8_OUTPUT, None, free_size=True)
+        finally:
+            context.train(was_training)
         model = quantize(graph, cells, progress)
     return cache.save_int8(model, {**record, "weights_sha256": state_sha256(context), "nncf": nncf.__version__,
                                    "openvino": openvino.__version__}, part="refiner", in_channels=channels)
-
-
-REFINER_INT8_INPUT, REFINER_INT8_OUTPUT = "cells", "correction"
 
 
 class RefinerInt8:
