@@ -36,7 +36,8 @@ def _megabytes(size: int) -> str:
     "magseg cache --all --cache-dir /scratch/magseg",
 ], after=[
     "Without --older-than or --all, one JSON line per model: path, bytes, last_used (UTC), "
-    "graphs (input sizes), compiled (kept compiled graphs), int8. With them, one JSON line per "
+    "graphs (input sizes), compiled (kept compiled graphs), int8 (the parts magseg quantize made int8 "
+    "graphs of: backbone, refiner). With them, one JSON line per "
     "part removed: path, kind (model or compiled), bytes, last_used, status (removed, "
     "would-remove, failed) and error. Every run marks what it uses, so --older-than N keeps "
     "whatever ran in the last N days. Exit status: 0 done, 1 a part could not be removed (the "
@@ -85,6 +86,6 @@ def cache(
     found = entries(root)
     for item in found:
         emit({"path": str(item.path), "bytes": item.bytes, "last_used": _when(item.last_used),
-              "graphs": list(item.graphs), "compiled": item.compiled, "int8": item.int8})
+              "graphs": list(item.graphs), "compiled": item.compiled, "int8": list(item.int8)})
     log(f"magseg: {root}: {len(found)} model(s), {_megabytes(sum(e.bytes for e in found))}"
         + ("" if root.is_dir() else " (no cache there yet)"), quiet)

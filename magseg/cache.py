@@ -27,6 +27,8 @@ from pathlib import Path
 # A model's folder is named by 32 hex digits (``runtime.graph_key``): nothing else under
 # graphs/ is touched.
 _MODEL_DIR = re.compile(r"[0-9a-f]{32}")
+# The int8 graphs ``magseg quantize`` makes, by part of the model: ``<stem>.xml``, ``.bin``, ``.json``.
+INT8_STEMS = {"backbone": "int8", "refiner": "refiner-int8"}
 
 
 def cache_root(configured: str | None = None) -> Path:
@@ -52,14 +54,15 @@ def mark_used(sidecar: Path) -> None:
 class CacheEntry:
     """One model's folder: ``bytes`` in all, ``last_used`` (seconds since the epoch, its
     newest file's time), its exported ``graphs`` (``HxW``, ``.probs`` for those that end in
-    the softmax), how many ``compiled`` graphs it keeps, and whether it has an ``int8`` one."""
+    the softmax), how many ``compiled`` graphs it keeps, and the parts it has an ``int8``
+    graph of (``INT8_STEMS``: backbone, refiner)."""
 
     path: Path
     bytes: int
     last_used: float
     graphs: tuple[str, ...]
     compiled: int
-    int8: bool
+    int8: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,9 @@ def entry(folder: Path) -> CacheEntry:
     files = dict(_files(folder))
     graphs = tuple(sorted(p.stem for p in files if p.parent == Path() and p.suffix == ".onnx"))
     blobs = sum(p.parent == Path("compiled") and p.suffix == ".blob" for p in files)
+    int8 = tuple(part for part, stem in INT8_STEMS.items() if Path(f"{stem}.xml") in files)
     return CacheEntry(folder, sum(s.st_size for s in files.values()),
-                      max((s.st_mtime for s in files.values()), default=0.0), graphs, blobs, Path("int8.xml") in files)
+                      max((s.st_mtime for s in files.values()), default=0.0), graphs, blobs, int8)
 
 
 def entries(root: Path) -> list[CacheEntry]:

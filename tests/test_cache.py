@@ -35,6 +35,7 @@ def tree(tmp_path):
     _file(graphs / A / "32x32.onnx", 1000, 40)
     _file(graphs / A / "32x32.json", 10, 40)
     _file(graphs / A / "int8.xml", 5, 40)
+    _file(graphs / A / "refiner-int8.xml", 3, 40)
     _file(graphs / B / "64x64.probs.onnx", 2000, 40)
     _file(graphs / B / "64x64.probs.json", 20, 40)
     _file(graphs / B / "compiled" / "old.blob", 300, 40)
@@ -52,8 +53,8 @@ def test_entries_report_sizes_graphs_and_last_use(tree):
     found = mc.entries(tree)
     assert [e.path.name for e in found] == [A, B]  # the least recently used first; no link, no file
     a, b = found
-    assert (a.bytes, a.graphs, a.compiled, a.int8) == (1015, ("32x32",), 0, True)
-    assert (b.bytes, b.graphs, b.compiled, b.int8) == (2727, ("64x64.probs",), 2, False)
+    assert (a.bytes, a.graphs, a.compiled, a.int8) == (1018, ("32x32",), 0, ("backbone", "refiner"))
+    assert (b.bytes, b.graphs, b.compiled, b.int8) == (2727, ("64x64.probs",), 2, ())
     assert a.last_used == pytest.approx(time.time() - 40 * DAY, abs=60)
     assert b.last_used == pytest.approx(time.time() - DAY / 24, abs=60)
 
@@ -61,7 +62,7 @@ def test_entries_report_sizes_graphs_and_last_use(tree):
 def test_prune_removes_unused_models_and_compiled_graphs_only(tree):
     would = mc.prune(tree, 30 * DAY, dry_run=True)
     assert [(r.path, r.kind, r.bytes, r.error) for r in would] == [
-        (tree / A, "model", 1015, None), (tree / B / "compiled" / "old.blob", "compiled", 303, None)]
+        (tree / A, "model", 1018, None), (tree / B / "compiled" / "old.blob", "compiled", 303, None)]
     assert (tree / A).is_dir() and (tree / B / "compiled" / "old.blob").is_file()  # a dry run removes nothing
 
     assert [(r.path, r.kind) for r in mc.prune(tree, 30 * DAY)] == [(r.path, r.kind) for r in would]
@@ -110,7 +111,7 @@ def test_magseg_cache_lists_then_prunes(tree):
     listed = _cli("--cache-dir", root)
     assert listed.exit_code == 0, listed.output
     assert [(r["path"], r["bytes"], r["graphs"], r["compiled"], r["int8"]) for r in _lines(listed)] == [
-        (str(tree / A), 1015, ["32x32"], 0, True), (str(tree / B), 2727, ["64x64.probs"], 2, False)]
+        (str(tree / A), 1018, ["32x32"], 0, ["backbone", "refiner"]), (str(tree / B), 2727, ["64x64.probs"], 2, [])]
     assert "2 model(s), 0.0 MB" in listed.stderr
 
     dry = _cli("--cache-dir", root, "--older-than", 30, "--dry-run")

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from magseg.cache import cache_root, mark_used
+from magseg.cache import INT8_STEMS, cache_root, mark_used
 from magseg.errors import ConfigError
 from magseg.io.atomic import atomic_write
 
@@ -329,13 +329,11 @@ class GraphCache:
     # The int8 graphs ``magseg quantize`` makes (magseg.engine.int8), OpenVINO IR, never
     # rebuilt here since they need training data: the backbone's (``part`` "backbone"), one
     # for every input size (height and width free), and the refiner's convolutions
-    # ("refiner"), likewise one for every size of cells.
-    INT8_STEMS = {"backbone": "int8", "refiner": "refiner-int8"}
-
+    # ("refiner"), likewise one for every size of cells; named by ``magseg.cache.INT8_STEMS``.
     def int8_paths(self, part: str = "backbone") -> tuple[Path, Path, Path]:
         """``part``'s int8 graph (``int8.xml`` and ``int8.bin`` for the backbone,
         ``refiner-int8.*`` for the refiner) and its sidecar ``.json``."""
-        stem = self.INT8_STEMS[part]
+        stem = INT8_STEMS[part]
         return self.dir / f"{stem}.xml", self.dir / f"{stem}.bin", self.dir / f"{stem}.json"
 
     def int8_record(self, part: str = "backbone", in_channels: int | None = None) -> dict[str, Any] | None:
