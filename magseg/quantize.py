@@ -196,10 +196,11 @@ def quantize_checkpoint(
 
 def _quantize_refiner(config: Config, backbone: Any, refiner: Any, cache: Any, data_root: str | Path | None,
                       split: str, scenes: int, count: int, record: dict[str, Any], root: str,
-                      log: Callable[[str], None], progress: bool) -> RefinerQuantized:
+                      log: Callable[[str], None], progress: bool) -> RefinerQuantized | None:
     """The refiner's convolutions quantised on up to ``count`` of the cells the fp32 engine
     (torch) feeds them on ``scenes`` scenes of ``split`` (evenly spaced over it), into
-    ``cache``, and checked against the torch convolutions on those cells."""
+    ``cache``, and checked against the torch convolutions on those cells; None where the
+    engine never ran the refiner (nothing to calibrate on, nothing that would run it)."""
     import torch
 
     from magseg.data.scenes import list_scenes, read_scene
@@ -212,9 +213,9 @@ def _quantize_refiner(config: Config, backbone: Any, refiner: Any, cache: Any, d
     segmenter = Segmenter(config.override(["engine.runtime=torch", "engine.precision=fp32", "engine.device=cpu"]),
                           backbone, refiner)
     cells = refiner_cells(segmenter, (segmenter.normalize(read_scene(s, config)[0]) for s in chosen), count)
-    if not cells:
-        raise ConfigError(f"the refiner never ran on {len(chosen)} scene(s) of split {split!r} (a one-stage "
-                          "pyramid?): nothing to calibrate its int8 graph on")
+    if not cells:  # a pyramid of one stage: the refiner never runs, in predict either
+        log(f"quantize: the refiner never ran on {len(chosen)} scene(s) of split {split!r}: no graph for it")
+        return None
     log(f"quantize: NNCF's int8 quantisation of the refiner's convolutions on {len(cells)} cell maps")
     xml = quantize_refiner_into_cache(refiner, cache, cells,
                                       {**record, "calibration": {"data_root": root, "split": split,

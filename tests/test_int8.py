@@ -299,3 +299,20 @@ def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(qu
     assert line["graph"] == str(folder / "int8.xml") and line["label_agreement"] is None
     assert line["windows"] == 6 and line["refiner"]["scenes"] == 1 and (folder / "refiner-int8.json").is_file()
     assert {p.name: p.read_bytes() for p in folder.glob("int8.*")} == backbone  # the backbone's untouched
+
+
+def test_quantize_makes_no_refiner_graph_for_a_pyramid_that_never_refines(quantized, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(quantized["cache"], cache)
+    (folder,) = (cache / "graphs").iterdir()
+    for path in folder.glob("refiner-int8.*"):
+        path.unlink()
+    # One stage: the engine never runs the refiner, so there is nothing to calibrate on and
+    # nothing that would run the graph; the command says so and succeeds.
+    result = _invoke("quantize", quantized["ckpt"], "--data-root", quantized["root"] / "data", "--windows", 6,
+                     "--set", "pyramid.scales=[128]", "--set", f"engine.cache_dir={cache}")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["refiner"] is None and not list(folder.glob("refiner-int8.*"))
+    assert "the refiner never ran on 2 scene(s)" in result.stderr
