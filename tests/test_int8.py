@@ -283,7 +283,9 @@ def test_a_refiner_graph_that_does_not_check_out_leaves_its_convolutions_in_floa
         assert q.backbone.int8_graph is not None and q.refiner.int8_convolutions is None, damage
 
 
-def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(quantized, tmp_path):
+def _without_refiner_graph(quantized, tmp_path):
+    """A copy of the fixture's cache holding the backbone's int8 graph alone (as an earlier
+    magseg quantised it), and its model folder."""
     import shutil
 
     cache = tmp_path / "cache"
@@ -291,6 +293,11 @@ def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(qu
     (folder,) = (cache / "graphs").iterdir()
     for path in folder.glob("refiner-int8.*"):
         path.unlink()
+    return cache, folder
+
+
+def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(quantized, tmp_path):
+    cache, folder = _without_refiner_graph(quantized, tmp_path)
     backbone = {p.name: p.read_bytes() for p in folder.glob("int8.*")}
     result = _invoke("quantize", quantized["ckpt"], "--data-root", quantized["root"] / "data", "--windows", 6,
                      "--scenes", 1, "--set", f"engine.cache_dir={cache}", "-q")
@@ -302,13 +309,7 @@ def test_quantize_gives_a_cache_holding_only_the_backbones_graph_the_refiners(qu
 
 
 def test_quantize_makes_no_refiner_graph_for_a_pyramid_that_never_refines(quantized, tmp_path):
-    import shutil
-
-    cache = tmp_path / "cache"
-    shutil.copytree(quantized["cache"], cache)
-    (folder,) = (cache / "graphs").iterdir()
-    for path in folder.glob("refiner-int8.*"):
-        path.unlink()
+    cache, folder = _without_refiner_graph(quantized, tmp_path)
     # One stage: the engine never runs the refiner, so there is nothing to calibrate on and
     # nothing that would run the graph; the command says so and succeeds.
     result = _invoke("quantize", quantized["ckpt"], "--data-root", quantized["root"] / "data", "--windows", 6,
