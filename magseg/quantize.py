@@ -165,7 +165,7 @@ def quantize_checkpoint(
     load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
     backbone.eval()
     root = str(Path(data_root or config.data.root or ".").resolve())
-    xml, agree, diff = cache.int8_paths()[0], None, None
+    xml, agree, diff, count = cache.int8_paths()[0], None, None, windows
     if make_backbone:
         multiple = input_multiple(backbone)
         log(f"quantize: {ckpt.path}: {windows} calibration windows of split {split!r} of "
@@ -186,10 +186,14 @@ def quantize_checkpoint(
                 "and fp32 before relying on it")
     else:
         log(f"quantize: {xml} holds the backbone's int8 graph already: making the refiner's")
-        windows, size = existing["calibration"]["windows"], tuple(existing["calibration"]["size"])
+        # What the kept graph was calibrated on, for the result; the refiner still takes up
+        # to --windows cell maps.
+        calibration = existing.get("calibration")
+        calibration = calibration if isinstance(calibration, dict) else {}
+        windows, size = calibration.get("windows", windows), tuple(calibration.get("size", ()))
     quantized_refiner = None
     if make_refiner:
-        quantized_refiner = _quantize_refiner(config, backbone, refiner, cache, data_root, split, scenes, windows,
+        quantized_refiner = _quantize_refiner(config, backbone, refiner, cache, data_root, split, scenes, count,
                                               {"checkpoint": str(ckpt.path)}, root, log, progress)
     return Quantized(xml, windows, size, agree, diff, quantized_refiner, time.perf_counter() - start)
 

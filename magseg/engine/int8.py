@@ -198,9 +198,7 @@ def refiner_int8(refiner: nn.Module, cache: GraphCache, threads: int) -> Refiner
     in float32, which is never wrong, only slower."""
     from magseg.engine.runtime import state_sha256
 
-    context = getattr(refiner, "context", None)
-    if context is None:
-        return None
+    context = refiner.context
     channels = int(context[0].in_channels)
     record = cache.int8_record("refiner", channels)
     if record is None or record.get("weights_sha256") != state_sha256(context):
