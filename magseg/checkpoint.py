@@ -17,6 +17,7 @@ the file is ever unpickled as code)::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import pickle
@@ -26,7 +27,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from magseg.config import Config, config_from_dict
 from magseg.errors import CheckpointError, ConfigError, WriteError
@@ -50,6 +51,10 @@ class Checkpoint:
     refiner: dict[str, torch.Tensor] | None
     meta: dict[str, Any]
     training: dict[str, Any] | None
+    # SHA-256 of the bytes the weights were read from: what outputs' provenance names and
+    # what keys the graph cache, never the file at ``path`` hashed again, which may by then
+    # hold other weights (a newer best.ckpt) or, on a Ray worker elsewhere, nothing.
+    sha256: str
     # What the loader changed or noticed, one line each, for the CLI to show (e.g. a
     # backbone-phase checkpoint run without its refiner).
     warnings: list[str] = field(default_factory=list)
@@ -131,7 +136,15 @@ def load_checkpoint(path: str | Path, *, checked: bool = False) -> Checkpoint:
     path = Path(path)
     if not checked:
         check_checkpoint_file(path)
-    return _parse(path, path)
+    try:
+        # Hashed and unpickled through one open file: a file put in the path's place
+        # meanwhile (training replaces best.ckpt by a rename) changes neither.
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+            file.seek(0)
+            return _parse(file, path, digest)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
 
 
 def checkpoint_from_bytes(data: bytes, name: str | Path) -> Checkpoint:
@@ -139,7 +152,7 @@ def checkpoint_from_bytes(data: bytes, name: str | Path) -> Checkpoint:
     is the file it came from, for messages."""
     source = io.BytesIO(data)
     _check_contents(source, Path(name))
-    return _parse(source, Path(name))
+    return _parse(source, Path(name), hashlib.sha256(data).hexdigest())
 
 
 def check_checkpoint_file(path: str | Path) -> None:
@@ -155,6 +168,35 @@ def check_checkpoint_file(path: str | Path) -> None:
         CheckpointError: what is wrong, naming ``path``.
     """
     path = Path(path)
+    _check_path(path)
+    try:
+        with open(path, "rb") as file:
+            _check_contents(file, path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_checkpoint_bytes(path: str | Path) -> bytes:
+    """The bytes of the checkpoint file ``path``, read once: ``checkpoint_from_bytes`` loads
+    them, and they can be sent as they are to workers, which then hold the same weights.
+
+    Raises:
+        CheckpointError: missing, not a regular file, unreadable (naming ``path``).
+    """
+    path = Path(path)
+    _check_path(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})")
+
+
+def _check_path(path: Path) -> None:
+    """``path`` is a regular file (or CheckpointError saying what it is instead)."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -162,7 +204,7 @@ def check_checkpoint_file(path: str | Path) -> None:
             f"checkpoint {path} does not exist (train one with `magseg train`, "
             "which writes best.ckpt and last.ckpt in its --out-dir)") from None
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+        raise _unreadable(path, exc) from None
     if stat.S_ISDIR(mode):
         inside = [n for n in ("best.ckpt", "last.ckpt") if (path / n).is_file()]
         hint = f"; give {path / inside[0]}" if inside else "; give the .ckpt file written by `magseg train`"
@@ -170,11 +212,6 @@ def check_checkpoint_file(path: str | Path) -> None:
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"checkpoint {path} is not a regular file (a device, pipe or socket); "
                               "give the .ckpt file written by `magseg train`")
-    try:
-        with open(path, "rb") as file:
-            _check_contents(file, path)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
 
 
 # File signatures of what is given as a checkpoint by mistake: (first bytes, what it is).
@@ -264,8 +301,9 @@ def _entry(filename: str) -> str:
     return repr(filename.partition("/")[2] or filename)
 
 
-def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
-    """The checkpoint in ``source`` (checked by ``_check_contents`` already)."""
+def _parse(source: BinaryIO, path: Path, digest: str) -> Checkpoint:
+    """The checkpoint in ``source`` (checked by ``_check_contents`` already), whose bytes
+    have the SHA-256 ``digest``."""
     import torch
 
     try:
@@ -323,7 +361,7 @@ def _parse(source: Path | io.BytesIO, path: Path) -> Checkpoint:
     config, warnings = _backbone_phase_without_refiner(config, payload.get("refiner"), meta,
                                                        training, path)
     return Checkpoint(path=path, config=config, backbone=payload["backbone"],
-                      refiner=payload.get("refiner"), meta=meta, training=training,
+                      refiner=payload.get("refiner"), meta=meta, training=training, sha256=digest,
                       warnings=warnings,
                       calibration=_calibration(payload.get("calibration"), path))
 

@@ -223,7 +223,6 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
     """
     from magseg.engine.backbone import input_multiple
     from magseg.engine.runtime import PROBS_NAME, exporter_installed, export_onnx, export_refiner_onnx
-    from magseg.io.provenance import file_sha256
     from magseg.segmenter import create_refiner, create_segmenter_model
 
     if fmt not in FORMATS:
@@ -245,8 +244,7 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
     backbone = create_segmenter_model(config, pretrained=False)
     load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
     size = _input_size(config, input_size, input_multiple(backbone))
-    digest = file_sha256(ckpt.path) if ckpt.path.is_file() else "none"
-    meta = model_metadata(config, size, digest)
+    meta = model_metadata(config, size, ckpt.sha256)
     props = {key: json.dumps(value) for key, value in meta.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     channels = config.model.in_channels
@@ -257,7 +255,7 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
         refiner = create_refiner(config)
         load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         refiner_props = {key: json.dumps(value)
-                         for key, value in refiner_metadata(config, files[0], digest).items()}
+                         for key, value in refiner_metadata(config, files[0], ckpt.sha256).items()}
         crop = tuple(config.pyramid.crop)
         _write_model(fmt, refiner_files, refiner_props, lambda path, metadata: export_refiner_onnx(
             refiner, path, config.num_classes, crop, metadata=metadata))

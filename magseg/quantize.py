@@ -128,7 +128,6 @@ def quantize_checkpoint(
     from magseg.engine.backbone import input_multiple
     from magseg.engine.int8 import EXTRA, int8_runner, nncf_installed, quantize_into_cache, refiner_int8
     from magseg.engine.runtime import exporter_installed, model_cache
-    from magseg.io.provenance import file_sha256
     from magseg.segmenter import create_refiner, create_segmenter_model
 
     if windows < 1:
@@ -143,10 +142,7 @@ def quantize_checkpoint(
     if config.model.arch.lower() == "fctl":
         raise ConfigError("model.arch=fctl takes context crops beside each crop (two inputs); "
                           "int8 graphs are made for single-input backbones only")
-    digest = file_sha256(ckpt.path) if ckpt.path.is_file() else None
-    if digest is None:
-        raise ConfigError("magseg quantize needs a checkpoint file (the cache is keyed by its SHA-256)")
-    cache = model_cache("openvino", digest, config)
+    cache = model_cache("openvino", ckpt.sha256, config)
     refiner = None
     if config.refiner.enabled and ckpt.refiner is not None:
         refiner = create_refiner(config)

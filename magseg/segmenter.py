@@ -33,7 +33,7 @@ from magseg.engine.stages import SegmentationResult, segment
 from magseg.engine.tta import with_tta
 from magseg.errors import ConfigError
 from magseg.engine.temperature import apply_temperature
-from magseg.io.provenance import Provenance, config_sha256, file_sha256
+from magseg.io.provenance import Provenance, config_sha256
 from magseg.models.smp import create_backbone
 from magseg.normalization import normalize
 
@@ -87,7 +87,7 @@ class Segmenter:
 
     def __init__(self, config: Config, backbone: nn.Module, refiner: nn.Module | None = None):
         self.config = config
-        # SHA-256 of the checkpoint file the weights came from (from_checkpoint), for outputs'
+        # SHA-256 of the checkpoint bytes the weights came from (from_checkpoint), for outputs'
         # provenance tags; "none" for models built otherwise.
         self.checkpoint_sha256 = "none"
         # The checkpoint's temperature (magseg.evaluation.calibration): applied to the
@@ -136,23 +136,19 @@ class Segmenter:
             load_state(model, ckpt.backbone, "backbone", ckpt.path)
             return model
 
-        digest = file_sha256(ckpt.path) if ckpt.path.is_file() else None
         runtime = _resolve_runtime(config, resolve_device(config.engine.device))
         if runtime == "torch":
             backbone = build()
         else:  # from the cached graph: the torch model is built only if it must be exported
-            if digest is None:
-                digest = state_sha256(build())
             backbone = _runtime_backbone(runtime, config, resolve_device(config.engine.device),
-                                         digest, build)
+                                         ckpt.sha256, build)
         refiner = None
         if config.refiner.enabled:
             refiner = create_refiner(config)
             load_state(refiner, ckpt.refiner, "refiner", ckpt.path)
         segmenter = cls(config, backbone, refiner)
         segmenter.temperature = ckpt.temperature
-        if ckpt.path.is_file():
-            segmenter.checkpoint_sha256 = digest
+        segmenter.checkpoint_sha256 = ckpt.sha256
         return segmenter
 
     @property

@@ -142,3 +142,33 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, ti
     assert f"the existing {path} is unchanged" in str(caught.value)
     assert path.read_bytes() == before and load_checkpoint(path).meta["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_the_digest_is_of_the_bytes_loaded_though_the_file_is_replaced_meanwhile(tmp_path, tiny_config,
+                                                                                 monkeypatch):
+    # A training run replaces best.ckpt (a rename) whenever validation improves; a predict
+    # reading it at that moment must tag its outputs, and key its graph cache, with the
+    # digest of the weights it loaded, not of the file that took their place.
+    import hashlib
+
+    import magseg.checkpoint as checkpoint
+
+    path = save_checkpoint(tmp_path / "best.ckpt", tiny_config, create_segmenter_model(tiny_config),
+                           create_refiner(tiny_config))
+    first = path.read_bytes()
+    torch.manual_seed(5)
+    newer = save_checkpoint(tmp_path / "newer.ckpt", tiny_config, create_segmenter_model(tiny_config),
+                            create_refiner(tiny_config))
+    real_load = torch.load
+
+    def load_then_replace(*args, **kwargs):
+        payload = real_load(*args, **kwargs)
+        if newer.exists():
+            os.replace(newer, path)  # the new best lands while this one is being read
+        return payload
+
+    monkeypatch.setattr(torch, "load", load_then_replace)
+    segmenter = Segmenter.from_checkpoint(path)
+    assert path.read_bytes() != first
+    assert segmenter.checkpoint_sha256 == hashlib.sha256(first).hexdigest()
+    assert checkpoint.load_checkpoint(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

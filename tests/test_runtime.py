@@ -586,3 +586,27 @@ def test_run_backbone_hands_a_runtimes_graph_nchw_even_with_channels_last(takes_
     assert torch.equal(run_backbone(probe, x, channels_last=True), x[:, :2])
     assert seen == [not takes_channels_last]
     assert rt.RuntimeBackbone.takes_channels_last is False
+
+
+def test_a_checkpoint_shipped_as_bytes_keys_the_cache_by_those_bytes(warm, tmp_path):
+    # A Ray worker on another machine builds its model from the checkpoint's bytes under the
+    # driver's path name. There the path may hold nothing, or another checkpoint (a newer
+    # best.ckpt): the graph used, and the provenance, must be the shipped bytes' own.
+    import hashlib
+
+    from magseg.checkpoint import checkpoint_from_bytes, save_checkpoint
+    from magseg.config import load_config
+    from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"))
+    torch.manual_seed(7)
+    other = save_checkpoint(tmp_path / "other.ckpt", config, create_segmenter_model(config),
+                            create_refiner(config))
+    overrides = ["engine.runtime=onnxruntime", f"engine.cache_dir={warm['cache']}"]
+    Segmenter.from_checkpoint(other, overrides).segment(warm["scene"])  # the cache holds its graph too
+    data = warm["ckpt"].read_bytes()
+    for name in (other, tmp_path / "nowhere" / "tiny.ckpt"):
+        shipped = Segmenter.from_checkpoint(checkpoint_from_bytes(data, name), overrides)
+        assert shipped.checkpoint_sha256 == hashlib.sha256(data).hexdigest()
+        got = shipped.segment(warm["scene"], return_probs=True)
+        assert (got.probs - warm["result"].probs).abs().max().item() < 1e-6, name
