@@ -330,6 +330,10 @@ class Model:
     config: Config
     segmenter: Segmenter | None
     runner: Runner
+    # Under --runner ray: the bytes ``loaded`` was read from, which the actors are sent, so
+    # that every process of the run holds the same weights (the file may be replaced
+    # meanwhile: training renames a new best.ckpt into place).
+    data: bytes | None = None
 
     def pool(self, workers: int | None, address: str | None, quiet: bool) -> Pool:
         """Where the scenes run: a ``LocalPool`` on this process's Segmenter, or a
@@ -339,7 +343,8 @@ class Model:
         if self.runner is Runner.local:
             assert self.segmenter is not None  # load_model builds it for a local runner
             return LocalPool(self.segmenter)
-        return ScenePool(self.checkpoint, list(self.overrides), workers, address, quiet=quiet)
+        assert self.data is not None  # load_model reads them for a Ray runner
+        return ScenePool(self.data, str(self.checkpoint), list(self.overrides), workers, address, quiet=quiet)
 
 
 def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet: bool = False,
@@ -349,13 +354,15 @@ def load_model(runner: Runner, checkpoint: Path, overrides: Sequence[str], quiet
     only when the scenes run in this process. What the loader noticed (a backbone-phase
     checkpoint run without its refiner) is said on stderr, one warning line each.
     ``checked``: ``check_checkpoint`` has passed the file already (its CRCs are not read again)."""
-    from magseg.checkpoint import load_checkpoint, run_config
+    from magseg.checkpoint import checkpoint_from_bytes, load_checkpoint, read_checkpoint_bytes, run_config
     from magseg.segmenter import Segmenter
 
-    ckpt = load_checkpoint(checkpoint, checked=checked)
     if runner is Runner.ray:
-        model = Model(checkpoint, ckpt, tuple(overrides), run_config(ckpt, overrides), None, runner)
+        data = read_checkpoint_bytes(checkpoint)
+        ckpt = checkpoint_from_bytes(data, checkpoint)
+        model = Model(checkpoint, ckpt, tuple(overrides), run_config(ckpt, overrides), None, runner, data)
     else:
+        ckpt = load_checkpoint(checkpoint, checked=checked)
         segmenter = Segmenter.from_checkpoint(ckpt, overrides)
         model = Model(checkpoint, ckpt, tuple(overrides), segmenter.config, segmenter, runner)
     for warning in ckpt.warnings:

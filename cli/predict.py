@@ -394,7 +394,7 @@ def _predict_one_on_ray(model, path, out_dir: Path, options, quiet: bool, addres
     from magseg.run.predict import predict_input
     from magseg.segmenter import Segmenter
 
-    segmenter = Segmenter.from_checkpoint(model.checkpoint, list(model.overrides))
+    segmenter = Segmenter.from_checkpoint(model.loaded, list(model.overrides))  # the actors' bytes
     with model.pool(workers, address, quiet) as pool, \
             _input_progress(path, quiet) as (on_crops, on_warning):
         record = predict_input(segmenter, path, out_dir, options, on_crops, on_warning, pool=pool)

@@ -249,3 +249,32 @@ def test_end_process_waits_for_a_running_thread_and_passes_a_message_on(tmp_path
     assert (tmp_path / "out.txt").read_text() == "thread finished"
     message = _ended(tmp_path, 'end_process("magseg: stopped")')
     assert (message.returncode, message.stderr) == (1, "magseg: stopped\n")
+
+
+def test_ray_actors_are_sent_the_bytes_the_driver_loaded(tmp_path, make_checkpoint, monkeypatch):
+    # The driver reads the checkpoint once under --runner ray; a best.ckpt that training
+    # replaces before the actors start must not give them other weights than the driver's
+    # (whose provenance tags the outputs of a raster spread over them).
+    import hashlib
+    import os
+
+    from magseg.cli.common import Runner, load_model
+    from magseg.run import pools
+
+    path = make_checkpoint(name="best.ckpt")
+    first = path.read_bytes()
+    newer = make_checkpoint(["refiner.channels=4"], name="newer.ckpt")
+    model = load_model(Runner.ray, path, [])
+    os.replace(newer, path)  # the newer file lands after the driver read it
+    sent = {}
+
+    class Recorder:
+        def __init__(self, checkpoint, name, overrides, workers, address, quiet=False):
+            sent.update(checkpoint=checkpoint, name=name)
+
+    monkeypatch.setattr(pools, "ScenePool", Recorder)
+    model.pool(2, None, quiet=True)
+    assert path.read_bytes() != first
+    assert sent == {"checkpoint": first, "name": str(path)}
+    assert model.loaded.sha256 == hashlib.sha256(first).hexdigest()
+    assert model.segmenter is None and model.config.refiner.channels != 4

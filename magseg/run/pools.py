@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from magseg.errors import MagsegError
@@ -106,7 +105,9 @@ class ScenePool(Pool):
     """A ``Pool`` of Ray actors running ``fn(segmenter, *args)`` tasks, results as they finish.
 
     Args:
-        checkpoint: the checkpoint file (read once here, shipped through the object store).
+        checkpoint: the checkpoint file's bytes, shipped through the object store (each actor
+            loads the same weights and tags its outputs with their digest).
+        name: the file they were read from, for messages.
         overrides: run-time config overrides for every worker (``engine.*``, ``refine.*``).
         workers: number of actors (default: as many as the cluster's CPUs allow).
         address: a Ray cluster to join (``auto``, ``ray://host:10001``...); None starts a
@@ -118,7 +119,8 @@ class ScenePool(Pool):
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        checkpoint: bytes,
+        name: str,
         overrides: Sequence[str] = (),
         workers: int | None = None,
         address: str | None = None,
@@ -146,10 +148,9 @@ class ScenePool(Pool):
                 raise MagsegError(f"cannot start or join Ray ({address or 'local'}): {exc}") from None
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
-        data = Path(checkpoint).read_bytes()
-        blob = ray.put(data)
+        blob = ray.put(checkpoint)
         actor = ray.remote(SceneWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-        self._make = lambda: actor.remote(blob, str(checkpoint), list(overrides), cpus_per_worker)
+        self._make = lambda: actor.remote(blob, name, list(overrides), cpus_per_worker)
         self.actors = [self._make() for _ in range(workers)]
 
     def __enter__(self) -> "ScenePool":
