@@ -118,3 +118,18 @@ def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_pat
         theirs = remote_report["methods"][name]
         assert theirs["confusion_matrix"] == method["confusion_matrix"]
         assert theirs["miou"] == method["miou"] and theirs["images"] == method["images"] == 3
+
+
+def test_quiet_keeps_rays_own_lines_off_stderr(tmp_path, make_checkpoint):
+    # --quiet silences stderr, Ray's start-up warnings (its token authentication's) included.
+    # They reach the process's real stderr, not CliRunner's: the command runs on its own.
+    import subprocess
+
+    ckpt = make_checkpoint(SMALL_SCENE)
+    scene = write_raster(tmp_path / "scene.tif", smooth_image(3, 40, 60, seed=0))
+    done = subprocess.run([sys.executable, "-m", "magseg.cli.app", "predict", str(ckpt), str(scene),
+                           "-o", str(tmp_path / "out"), "--quiet", "--runner", "ray", "--workers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["status"] == "ok"

@@ -131,10 +131,17 @@ class ScenePool(Pool):
         ray = require_ray()
         self._ray = ray
         self._started = not ray.is_initialized()
+        self._ray_level: int | None = None
         if self._started:
+            if quiet:
+                # Ray's start-up warnings (its token authentication's, among others) are
+                # logged before logging_level takes effect: --quiet keeps them off stderr too,
+                # until the pool closes.
+                self._ray_level = logging.getLogger("ray").level
+                logging.getLogger("ray").setLevel(logging.ERROR)
             options: dict[str, Any] = dict(
                 include_dashboard=False,
-                logging_level=logging.WARNING if quiet else logging.INFO,
+                logging_level=logging.ERROR if quiet else logging.INFO,
                 log_to_driver=not quiet,
             )
             if address:
@@ -165,6 +172,9 @@ class ScenePool(Pool):
         self.actors = []
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
+        if self._ray_level is not None:
+            logging.getLogger("ray").setLevel(self._ray_level)
+            self._ray_level = None
 
     def map_unordered(
         self, fn: Callable[..., Any], tasks: Iterable[tuple], on_lost: Callable[[tuple, str], Any]
