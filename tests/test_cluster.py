@@ -133,3 +133,21 @@ def test_quiet_keeps_rays_own_lines_off_stderr(tmp_path, make_checkpoint):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert json.loads(done.stdout)["status"] == "ok"
+
+
+def test_actors_that_cannot_build_the_model_say_why_for_every_task(tmp_path, make_checkpoint):
+    # A machine whose graph cache lacks the int8 graph: its actors cannot build the model.
+    # Each task must end with that reason (not Ray's traceback of a dead actor, nor its
+    # colour codes), and the run must end.
+    pytest.importorskip("openvino")
+    from magseg.run.pools import ScenePool
+
+    ckpt = make_checkpoint(SMALL_SCENE)
+    overrides = ["engine.runtime=openvino", "engine.precision=int8", f"engine.cache_dir={tmp_path / 'empty'}"]
+    with ScenePool(ckpt.read_bytes(), str(ckpt), overrides, workers=2, quiet=True) as pool:
+        # getattr: any function the actors can import; it is never called here.
+        results = dict(pool.map_unordered(getattr, [("num_classes",)] * 5, lambda task, reason: reason))
+    assert sorted(results) == list(range(5))
+    for reason in results.values():
+        assert reason.startswith("no Ray worker could load the model: engine.precision=int8 needs"), reason
+        assert "magseg quantize" in reason and "\x1b" not in reason

@@ -23,3 +23,58 @@ def test_both_pools_meet_the_pool_contract():
     assert issubclass(LocalPool, Pool) and issubclass(ScenePool, Pool)
     assert isinstance(LocalPool(None), Pool)
     assert not isinstance(object(), Pool)
+
+
+class _FakeRay:
+    """Just what ``ScenePool.map_unordered`` uses of Ray: refs are finished results,
+    ``wait`` takes the oldest."""
+
+    class exceptions:  # noqa: N801 - Ray's name
+        class RayActorError(Exception):
+            pass
+
+        class RayTaskError(Exception):
+            pass
+
+    @staticmethod
+    def wait(refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    @staticmethod
+    def get(ref):
+        return ref.value
+
+
+class _FakeActor:
+    def __init__(self, failure, ran):
+        self.failure, self.ran = failure, ran
+        self.run = self
+
+    def remote(self, fn, *task):
+        from magseg.run.pools import SetupFailed
+
+        if self.failure is None:
+            self.ran.append(task)
+        return type("Ref", (), {"value": SetupFailed(self.failure) if self.failure else fn(None, *task)})()
+
+
+def _scene_pool(failures, ran):
+    pool = object.__new__(ScenePool)  # no Ray: its scheduling alone
+    pool._ray, pool.actors = _FakeRay, [_FakeActor(f, ran) for f in failures]
+    return pool
+
+
+def test_a_task_given_to_an_actor_that_could_not_build_the_model_goes_to_another():
+    ran, lost = [], []
+    pool = _scene_pool(["no int8 graph here", None], ran)
+    results = dict(pool.map_unordered(lambda segmenter, x: 10 * x, [(i,) for i in range(6)],
+                                      lambda task, reason: lost.append(task)))
+    assert results == {i: 10 * i for i in range(6)} and lost == []
+    assert sorted(ran) == [(i,) for i in range(6)]  # all on the one actor that could
+
+
+def test_with_no_actor_able_to_build_the_model_every_task_says_why():
+    pool = _scene_pool(["no int8 graph here", "no int8 graph here"], [])
+    results = dict(pool.map_unordered(lambda segmenter, x: x, [(i,) for i in range(4)],
+                                      lambda task, reason: (task, reason)))
+    assert results == {i: ((i,), "no Ray worker could load the model: no int8 graph here") for i in range(4)}

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from magseg.errors import MagsegError
@@ -62,8 +64,18 @@ class Pool(Protocol):
     ) -> Iterator[tuple[int, Result]]: ...
 
 
+@dataclass(frozen=True)
+class SetupFailed:
+    """What an actor answers every task with when its machine could not build the model."""
+
+    reason: str
+
+
 class SceneWorker:
-    """One actor's state: a Segmenter built once from the checkpoint's bytes."""
+    """One actor's state: a Segmenter built once from the checkpoint's bytes, or why it
+    could not be built there (its machine's graph cache lacks the int8 graph, a runtime or
+    device it does not have): the actor then stays up to say so, where an exception would
+    end it with Ray's traceback in place of the reason."""
 
     def __init__(self, checkpoint: bytes, name: str, overrides: Sequence[str], threads: int) -> None:
         import torch
@@ -74,10 +86,17 @@ class SceneWorker:
 
         keep_freed_memory()  # an actor is its own process, as the magseg command is
         torch.set_num_threads(max(1, threads))
-        self.segmenter = Segmenter.from_checkpoint(checkpoint_from_bytes(checkpoint, name), overrides)
+        self.failure: SetupFailed | None = None
+        try:
+            self.segmenter = Segmenter.from_checkpoint(checkpoint_from_bytes(checkpoint, name), overrides)
+        except MagsegError as exc:
+            self.failure = SetupFailed(str(exc))
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(segmenter, *args)``: ``fn`` is any importable function (sent by reference)."""
+        """``fn(segmenter, *args)``: ``fn`` is any importable function (sent by reference);
+        the ``SetupFailed`` when there is no segmenter."""
+        if self.failure is not None:
+            return self.failure
         return fn(self.segmenter, *args)
 
 
@@ -182,12 +201,16 @@ class ScenePool(Pool):
         """Run ``fn(segmenter, *task)`` for each task; yield ``(task index, result)`` as each
         finishes. Each actor has one task at a time, so a slow scene never queues others
         behind it. A task whose actor dies (killed, out of memory) yields ``on_lost(task,
-        reason)`` and the actor is replaced, so the rest of the batch still runs.
+        reason)`` and the actor is replaced, so the rest of the batch still runs. An actor
+        whose machine could not build the model (``SetupFailed``) takes no more tasks, and
+        its task goes to another; with none left, each remaining task yields ``on_lost``
+        with the reason.
         """
         ray = self._ray
         queue = list(enumerate(tasks))[::-1]
         running: dict[Any, tuple[int, tuple, int]] = {}  # ref -> (index, task, actor slot)
         idle = list(range(len(self.actors)))
+        failure: SetupFailed | None = None
 
         def submit() -> None:
             while queue and idle:
@@ -202,10 +225,27 @@ class ScenePool(Pool):
             try:
                 result = ray.get(done)
             except ray.exceptions.RayActorError as exc:
-                result = on_lost(task, f"Ray worker died: {str(exc).splitlines()[0]}")
+                result = on_lost(task, f"Ray worker died: {_first_line(exc)}")
                 self.actors[slot] = self._make()
             except ray.exceptions.RayTaskError as exc:
-                result = on_lost(task, f"Ray task failed: {str(exc).splitlines()[0]}")
-            idle.append(slot)
+                result = on_lost(task, f"Ray task failed: {_first_line(exc)}")
+            if isinstance(result, SetupFailed):
+                failure = result
+                queue.append((index, task))  # the next task to start; the slot stays out of idle
+            else:
+                idle.append(slot)
             submit()
-            yield index, result
+            if not isinstance(result, SetupFailed):
+                yield index, result
+        while queue:  # every actor is out: none could build the model
+            index, task = queue.pop()
+            assert failure is not None
+            yield index, on_lost(task, f"no Ray worker could load the model: {failure.reason}")
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(exc: Exception) -> str:
+    """A Ray error's first line, without the colour codes Ray puts in its messages."""
+    return _ANSI_ESCAPE.sub("", str(exc).splitlines()[0])
