@@ -47,12 +47,13 @@ class _FakeRay:
 
 class _FakeActor:
     def __init__(self, failure, ran):
-        self.failure, self.ran = failure, ran
+        self.failure, self.ran, self.calls = failure, ran, 0
         self.run = self
 
     def remote(self, fn, *task):
         from magseg.run.pools import SetupFailed
 
+        self.calls += 1
         if self.failure is None:
             self.ran.append(task)
         return type("Ref", (), {"value": SetupFailed(self.failure) if self.failure else fn(None, *task)})()
@@ -60,7 +61,7 @@ class _FakeActor:
 
 def _scene_pool(failures, ran):
     pool = object.__new__(ScenePool)  # no Ray: its scheduling alone
-    pool._ray, pool.actors = _FakeRay, [_FakeActor(f, ran) for f in failures]
+    pool._ray, pool.actors, pool._unable = _FakeRay, [_FakeActor(f, ran) for f in failures], {}
     return pool
 
 
@@ -74,7 +75,11 @@ def test_a_task_given_to_an_actor_that_could_not_build_the_model_goes_to_another
 
 
 def test_with_no_actor_able_to_build_the_model_every_task_says_why():
-    pool = _scene_pool(["no int8 graph here", "no int8 graph here"], [])
-    results = dict(pool.map_unordered(lambda segmenter, x: x, [(i,) for i in range(4)],
-                                      lambda task, reason: (task, reason)))
-    assert results == {i: ((i,), "no Ray worker could load the model: no int8 graph here") for i in range(4)}
+    ran = []
+    pool = _scene_pool(["no int8 graph here", "no int8 graph here"], ran)
+    for tasks in (4, 3):  # a second map (a raster's next stage) asks the same actors nothing
+        results = dict(pool.map_unordered(lambda segmenter, x: x, [(i,) for i in range(tasks)],
+                                          lambda task, reason: (task, reason)))
+        assert results == {i: ((i,), "no Ray worker could load the model: no int8 graph here")
+                           for i in range(tasks)}
+    assert [actor.calls for actor in pool.actors] == [1, 1]  # one task each, in the first map

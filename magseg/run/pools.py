@@ -178,6 +178,7 @@ class ScenePool(Pool):
         actor = ray.remote(SceneWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
         self._make = lambda: actor.remote(blob, name, list(overrides), cpus_per_worker)
         self.actors = [self._make() for _ in range(workers)]
+        self._unable: dict[int, SetupFailed] = {}  # actor slots whose machine could not build the model
 
     def __enter__(self) -> "ScenePool":
         return self
@@ -209,8 +210,7 @@ class ScenePool(Pool):
         ray = self._ray
         queue = list(enumerate(tasks))[::-1]
         running: dict[Any, tuple[int, tuple, int]] = {}  # ref -> (index, task, actor slot)
-        idle = list(range(len(self.actors)))
-        failure: SetupFailed | None = None
+        idle = [slot for slot in range(len(self.actors)) if slot not in self._unable]
 
         def submit() -> None:
             while queue and idle:
@@ -229,18 +229,18 @@ class ScenePool(Pool):
                 self.actors[slot] = self._make()
             except ray.exceptions.RayTaskError as exc:
                 result = on_lost(task, f"Ray task failed: {_first_line(exc)}")
-            if isinstance(result, SetupFailed):
-                failure = result
-                queue.append((index, task))  # the next task to start; the slot stays out of idle
-            else:
-                idle.append(slot)
+            if isinstance(result, SetupFailed):  # the task starts next, on another actor
+                self._unable[slot] = result
+                queue.append((index, task))
+                submit()
+                continue
+            idle.append(slot)
             submit()
-            if not isinstance(result, SetupFailed):
-                yield index, result
+            yield index, result
         while queue:  # every actor is out: none could build the model
             index, task = queue.pop()
-            assert failure is not None
-            yield index, on_lost(task, f"no Ray worker could load the model: {failure.reason}")
+            reason = next(iter(self._unable.values())).reason
+            yield index, on_lost(task, f"no Ray worker could load the model: {reason}")
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
