@@ -83,3 +83,26 @@ def test_with_no_actor_able_to_build_the_model_every_task_says_why():
         assert results == {i: ((i,), "no Ray worker could load the model: no int8 graph here")
                            for i in range(tasks)}
     assert [actor.calls for actor in pool.actors] == [1, 1]  # one task each, in the first map
+
+
+def test_an_actor_keeps_why_its_machine_could_not_build_the_model(make_checkpoint, monkeypatch):
+    # SceneWorker is the actor's class; in this process it is a plain object (whose
+    # process-wide malloc setting is left out here).
+    from magseg import allocator
+    from magseg.run.pools import SceneWorker, SetupFailed
+    from magseg.segmenter import Segmenter
+
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: None)
+    ckpt = make_checkpoint()
+    data = ckpt.read_bytes()
+    cut = SceneWorker(data[: len(data) // 2], str(ckpt), [], 1)
+    reason = cut.run(getattr, "num_classes").reason
+    assert reason.startswith(f"checkpoint {ckpt} ") and "Traceback" not in reason
+
+    def broken_install(*args, **kwargs):
+        raise ImportError("libGL.so.1: cannot open shared object file")
+
+    assert SceneWorker(data, str(ckpt), [], 1).run(getattr, "num_classes") == 4
+    monkeypatch.setattr(Segmenter, "from_checkpoint", broken_install)
+    assert SceneWorker(data, str(ckpt), [], 1).run(getattr, "num_classes") == SetupFailed(
+        "ImportError: libGL.so.1: cannot open shared object file")

@@ -89,8 +89,8 @@ class SceneWorker:
         self.failure: SetupFailed | None = None
         try:
             self.segmenter = Segmenter.from_checkpoint(checkpoint_from_bytes(checkpoint, name), overrides)
-        except MagsegError as exc:
-            self.failure = SetupFailed(str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, this actor can run nothing: say why
+            self.failure = SetupFailed(str(exc) if isinstance(exc, MagsegError) else f"{type(exc).__name__}: {exc}")
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(segmenter, *args)``: ``fn`` is any importable function (sent by reference);
