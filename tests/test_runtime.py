@@ -602,7 +602,9 @@ def test_a_checkpoint_shipped_as_bytes_keys_the_cache_by_those_bytes(warm, tmp_p
     torch.manual_seed(7)
     other = save_checkpoint(tmp_path / "other.ckpt", config, create_segmenter_model(config),
                             create_refiner(config))
-    overrides = ["engine.runtime=onnxruntime", f"engine.cache_dir={warm['cache']}"]
+    cache = tmp_path / "cache"  # the module's cache, which other tests expect to hold one model
+    shutil.copytree(warm["cache"], cache)
+    overrides = ["engine.runtime=onnxruntime", f"engine.cache_dir={cache}"]
     Segmenter.from_checkpoint(other, overrides).segment(warm["scene"])  # the cache holds its graph too
     data = warm["ckpt"].read_bytes()
     for name in (other, tmp_path / "nowhere" / "tiny.ckpt"):
