@@ -114,22 +114,16 @@ def quantize_into_cache(backbone: Any, cache: Any, windows: Sequence[np.ndarray]
     The ONNX graph NNCF reads is exported with its height and width free (the windows' size
     traced), ending in the softmax where the cache's graphs do; it is not kept.
     """
-    import tempfile
-
-    import nncf
-    import openvino
-
     from magseg.engine.runtime import export_onnx
 
     size = (int(windows[0].shape[-2]), int(windows[0].shape[-1]))
-    cache.dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
-        graph = Path(scratch) / "free.onnx"
+
+    def export(graph: Path) -> None:
         log("quantize: exporting the backbone with free height and width (a minute or more)")
         export_onnx(backbone, graph, cache.in_channels, size, softmax=cache.softmax, free_size=True)
         log("quantize: NNCF's int8 quantisation")
-        model = quantize(graph, windows, progress)
-    return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__})
+
+    return _quantized_into_cache(cache, export, windows, record, progress)
 
 
 # The refiner graph's input and output names.
@@ -143,50 +137,74 @@ def quantize_refiner_into_cache(refiner: nn.Module, cache: GraphCache, cells: Se
     ``cache`` as its refiner int8 graph; the sidecar records ``record``, the digest of the
     convolutions' weights (``refiner_int8`` runs the graph only for those) and NNCF's and
     OpenVINO's versions. Returns the graph's ``.xml``."""
-    import tempfile
-
-    import nncf
-    import openvino
-
     from magseg.engine.runtime import _save_onnx, state_sha256
 
     channels = int(cells[0].shape[1])
-    cache.dir.mkdir(parents=True, exist_ok=True)
     context = refiner.context
-    was_training = context.training
-    with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
-        graph = Path(scratch) / "refiner.onnx"
+
+    def export(graph: Path) -> None:
+        was_training = context.training
         try:
             _save_onnx(context.eval(), {REFINER_INT8_INPUT: (channels, *cells[0].shape[-2:])}, graph,
                        REFINER_INT8_OUTPUT, None, free_size=True)
         finally:
             context.train(was_training)
-        model = quantize(graph, cells, progress)
-    return cache.save_int8(model, {**record, "weights_sha256": state_sha256(context), "nncf": nncf.__version__,
-                                   "openvino": openvino.__version__}, part="refiner", in_channels=channels)
+
+    return _quantized_into_cache(cache, export, cells, {**record, "weights_sha256": state_sha256(context)},
+                                 progress, "refiner", channels)
 
 
-class RefinerInt8:
-    """The refiner's convolutions from their int8 graph: ``(B, 2C, h, w)`` float32 cells ->
-    ``(B, C, h, w)`` float32 correction, what ``Refiner.context`` returns. A runner per size
-    of cells, the one graph reshaped to it and compiled (kept compiled in the cache, as the
-    backbone's are, under ``digest``: ``GraphCache.compiled_blob``; compiled each time
-    without a ``cache``)."""
+def _quantized_into_cache(cache: GraphCache, export: Callable[[Path], None], inputs: Sequence[np.ndarray],
+                          record: dict[str, Any], progress: bool, part: str = "backbone",
+                          in_channels: int | None = None) -> Path:
+    """``export`` (writing an ONNX graph to the path it is given, in a scratch folder in the
+    cache's, not kept), quantised on ``inputs`` and saved as ``part``'s int8 graph, with
+    ``record`` and NNCF's and OpenVINO's versions in its sidecar; returns its ``.xml``."""
+    import tempfile
+
+    import nncf
+    import openvino
+
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".magseg-quantize-", dir=cache.dir) as scratch:
+        graph = Path(scratch) / f"{part}.onnx"
+        export(graph)
+        model = quantize(graph, inputs, progress)
+    return cache.save_int8(model, {**record, "nncf": nncf.__version__, "openvino": openvino.__version__},
+                           part=part, in_channels=in_channels)
+
+
+class Int8Graph:
+    """An int8 graph (its ``.xml``, height and width free) of ``in_channels`` inputs, run at
+    any input size: a runner per size, the one graph reshaped to it and compiled, and kept
+    compiled in ``cache`` under ``digest`` (the digests of its files:
+    ``GraphCache.compiled_blob``; compiled each time without them). The backbone's
+    (``runtime.RuntimeBackbone``) and the refiner's convolutions' (``RefinerInt8``)."""
 
     def __init__(self, graph: Path, in_channels: int, threads: int, cache: GraphCache | None = None,
-                 digest: str = "") -> None:
+                 digest: str | None = None) -> None:
         self.graph, self.in_channels, self.threads = graph, in_channels, threads
         self.cache, self.digest = cache, digest
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
 
+    def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+        """The runner for inputs ``(B, in_channels, *size)``."""
+        run = self._runners.get(size)
+        if run is None:
+            blob = (None if self.cache is None or self.digest is None
+                    else self.cache.compiled_blob(self.digest, size, self.threads, "int8"))
+            run = self._runners[size] = int8_runner(self.graph, size, self.in_channels, self.threads, blob)
+        return run
+
+
+class RefinerInt8(Int8Graph):
+    """The refiner's convolutions from their int8 graph: ``(B, 2C, h, w)`` float32 cells ->
+    ``(B, C, h, w)`` float32 correction, what ``Refiner.context`` returns."""
+
     def __call__(self, cells: Tensor) -> Tensor:
         import torch
 
-        size = (int(cells.shape[-2]), int(cells.shape[-1]))
-        run = self._runners.get(size)
-        if run is None:
-            blob = None if self.cache is None else self.cache.compiled_blob(self.digest, size, self.threads, "int8")
-            run = self._runners[size] = int8_runner(self.graph, size, self.in_channels, self.threads, blob)
+        run = self.runner((int(cells.shape[-2]), int(cells.shape[-1])))
         # NCHW, as the graph takes it (the engine's channels-last copy is torch's layout).
         return torch.from_numpy(run(cells.detach().float().contiguous().numpy()))
 

@@ -681,13 +681,22 @@ class RuntimeBackbone(nn.Module):
                  int8_digest: str | None = None) -> None:
         super().__init__()
         self.runtime, self.cache, self.precision = runtime, cache, precision
-        # The int8 graph (its .xml, already checked), which every input size runs reshaped,
-        # and the digest of its files (what its compiled forms are kept under).
-        self.int8_graph, self.int8_digest = int8_graph, int8_digest
         self.threads = threads or torch.get_num_threads()
+        # The int8 graph (its .xml, already checked), which every input size runs reshaped,
+        # its compiled forms kept under the digest of its files.
+        self._int8 = None
+        if int8_graph is not None:
+            from magseg.engine.int8 import Int8Graph
+
+            self._int8 = Int8Graph(int8_graph, cache.in_channels, self.threads, cache, int8_digest)
         self._build_torch = build_torch
         self._torch: nn.Module | None = None
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+    @property
+    def int8_graph(self) -> Path | None:
+        """The int8 graph's ``.xml`` it runs (``engine.precision=int8``), else None."""
+        return None if self._int8 is None else self._int8.graph
 
     @property
     def returns_probabilities(self) -> bool:
@@ -723,15 +732,12 @@ class RuntimeBackbone(nn.Module):
         return runtime.load(path, self.threads, self.precision, blob)
 
     def runner(self, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
-        """The loaded graph for inputs of ``size``: its compiled form kept in the cache
+        """The loaded graph for inputs of ``size``: at int8 the int8 graph's
+        (``magseg.engine.int8.Int8Graph``); else its compiled form kept in the cache
         (``GraphCache.compiled_blob``), else the cached graph if it checks out, else the graph
         exported anew; a cached graph the runtime cannot load is rebuilt once."""
-        if size not in self._runners and self.int8_graph is not None:
-            from magseg.engine.int8 import int8_runner
-
-            blob = (None if self.int8_digest is None
-                    else self.cache.compiled_blob(self.int8_digest, size, self.threads, "int8"))
-            self._runners[size] = int8_runner(self.int8_graph, size, self.cache.in_channels, self.threads, blob)
+        if size not in self._runners and self._int8 is not None:
+            self._runners[size] = self._int8.runner(size)
         if size not in self._runners:
             # A compiled form kept under the digest the graph's sidecar records is used
             # without reading the graph: the form's own digest vouches for its bytes. Hashing
