@@ -161,7 +161,7 @@ def quantize_checkpoint(
     load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
     backbone.eval()
     root = str(Path(data_root or config.data.root or ".").resolve())
-    xml, agree, diff, count = cache.int8_paths()[0], None, None, windows
+    xml, agree, diff, calibrated = cache.int8_paths()[0], None, None, windows
     if make_backbone:
         multiple = input_multiple(backbone)
         log(f"quantize: {ckpt.path}: {windows} calibration windows of split {split!r} of "
@@ -186,12 +186,12 @@ def quantize_checkpoint(
         # to --windows cell maps.
         calibration = existing.get("calibration")
         calibration = calibration if isinstance(calibration, dict) else {}
-        windows, size = calibration.get("windows", windows), tuple(calibration.get("size", ()))
+        calibrated, size = calibration.get("windows", windows), tuple(calibration.get("size", ()))
     quantized_refiner = None
     if make_refiner:
-        quantized_refiner = _quantize_refiner(config, backbone, refiner, cache, data_root, split, scenes, count,
+        quantized_refiner = _quantize_refiner(config, backbone, refiner, cache, data_root, split, scenes, windows,
                                               {"checkpoint": str(ckpt.path)}, root, log, progress)
-    return Quantized(xml, windows, size, agree, diff, quantized_refiner, time.perf_counter() - start)
+    return Quantized(xml, calibrated, size, agree, diff, quantized_refiner, time.perf_counter() - start)
 
 
 def _quantize_refiner(config: Config, backbone: Any, refiner: Any, cache: Any, data_root: str | Path | None,
