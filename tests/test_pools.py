@@ -106,3 +106,54 @@ def test_an_actor_keeps_why_its_machine_could_not_build_the_model(make_checkpoin
     monkeypatch.setattr(Segmenter, "from_checkpoint", broken_install)
     assert SceneWorker(data, str(ckpt), [], 1).run(getattr, "num_classes") == SetupFailed(
         "ImportError: libGL.so.1: cannot open shared object file")
+
+
+
+def test_a_rasters_lost_stage_advises_running_again_only_where_that_can_help():
+    # PoolStages (a raster spread over actors) turns a lost job into the raster's error.
+    import pytest
+
+    from magseg.errors import MagsegError
+    from magseg.run.streaming import PoolStages
+
+    class WorkerDies:
+        def map_unordered(self, fn, tasks, on_lost):
+            for index, task in enumerate(tasks):
+                yield index, on_lost(task, "Ray worker died: killed")
+
+    reader = type("Reader", (), {"nodata": None})
+    sink = type("Sink", (), {"wants_probs": False, "source": type("Source", (), {"reader": reader})})
+    unable = _scene_pool(["no int8 graph here"], [])  # the pool's own words for it
+    for pool, message in [
+        (WorkerDies(), "(Ray worker died: killed); run it again"),
+        (unable, "(no Ray worker could load the model: no int8 graph here)"),
+    ]:
+        with pytest.raises(MagsegError) as caught:
+            PoolStages(pool, "big.tif", [1, 2, 3], None, sink)([object()])
+        assert str(caught.value) == f"big.tif: a stage's crops were lost {message}"
+
+
+def test_a_quiet_pool_that_cannot_reach_ray_gives_the_ray_logger_its_level_back(monkeypatch):
+    import logging
+
+    import pytest
+
+    from magseg.errors import MagsegError
+    from magseg.run import pools
+
+    class Unreachable:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**options):
+            assert logging.getLogger("ray").level == logging.ERROR  # held while it starts
+            raise ConnectionError("no cluster at ray://nowhere:10001")
+
+    monkeypatch.setattr(pools, "require_ray", lambda: Unreachable)
+    logger = logging.getLogger("ray")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    with pytest.raises(MagsegError, match=r"cannot start or join Ray \(ray://nowhere:10001\): no cluster"):
+        ScenePool(b"", "best.ckpt", address="ray://nowhere:10001", quiet=True)
+    assert logger.level == logging.INFO

@@ -171,6 +171,7 @@ class ScenePool(Pool):
             try:
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
+                self._restore_ray_logging()
                 raise MagsegError(f"cannot start or join Ray ({address or 'local'}): {exc}") from None
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
@@ -192,6 +193,10 @@ class ScenePool(Pool):
         self.actors = []
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
+        self._restore_ray_logging()
+
+    def _restore_ray_logging(self) -> None:
+        """The ``ray`` logger's level as it was before a quiet pool held it at ERROR."""
         if self._ray_level is not None:
             logging.getLogger("ray").setLevel(self._ray_level)
             self._ray_level = None
@@ -240,7 +245,17 @@ class ScenePool(Pool):
         while queue:  # every actor is out: none could build the model
             index, task = queue.pop()
             reason = next(iter(self._unable.values())).reason
-            yield index, on_lost(task, f"no Ray worker could load the model: {reason}")
+            yield index, on_lost(task, f"{NO_WORKER_COULD_LOAD}: {reason}")
+
+
+NO_WORKER_COULD_LOAD = "no Ray worker could load the model"
+
+
+def worth_running_again(reason: str) -> bool:
+    """Whether a task lost for ``reason`` (``on_lost``'s) may succeed when run again: lost
+    with its worker, yes; not where no worker could build the model (the reason names the
+    fix)."""
+    return not reason.startswith(NO_WORKER_COULD_LOAD)
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")

@@ -38,7 +38,7 @@ from magseg.geometry import Rect
 from magseg.io.aoi import AreaOfInterest
 from magseg.io.atomic import fresh_partial_path
 from magseg.io.raster import NODATA, VALUE_MAX, RasterReader, io_env
-from magseg.run.pools import Pool
+from magseg.run.pools import Pool, worth_running_again
 
 
 class RasterSource:
@@ -303,7 +303,8 @@ class PoolStages:
         tasks = [(self.path, self.bands, self.aoi, job, self.sink.wants_probs, nodata) for job in jobs]
 
         def lost(task: tuple, reason: str):
-            raise MagsegError(f"{self.path}: a stage's crops were lost ({reason}); run it again")
+            advice = "; run it again" if worth_running_again(reason) else ""
+            raise MagsegError(f"{self.path}: a stage's crops were lost ({reason}){advice}")
 
         for index, items in self.pool.map_unordered(stage_job, tasks, lost):
             for boxes, labels, probs in items:  # Ray's arrays are read-only: copies
