@@ -69,10 +69,11 @@ class Int8Backbone(rt.RuntimeBackbone):
 
     def runner(self, size):
         if size not in self._runners:
-            fp32 = self.cache.valid_graph(size) or self.cache.build(size, self.torch_model())
+            fp32 = self.cache.build(size, self.torch_model)  # the cached graph where it checks out
             int8 = fp32.with_name(fp32.stem + ".int8.onnx")
             rt.quantize_int8(fp32, int8, self.calibrate(size))
-            self._runners[size] = self._load(int8)  # ONNX Runtime, fp32 session options
+            # Its own session: the cache's optimised forms are the fp32 graph's.
+            self._runners[size] = rt.GRAPH_RUNTIMES["onnxruntime"].load(int8, self.threads, "fp32")
         return self._runners[size]
 
 

@@ -4,6 +4,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from small_fs import fill, small_filesystem
@@ -168,3 +169,13 @@ def test_a_real_full_filesystem_keeps_the_previous_file(tmp_path):
                 tmp.write_bytes(b"x" * 500_000)
         assert target.read_bytes() == b"good" * 1000
         assert sorted(p.name for p in disk.iterdir()) == [".filler", "model.ckpt"]
+
+
+def test_an_entry_lock_where_no_lock_file_can_be_made_lets_the_build_run_and_fail_on_its_own():
+    # (A read-only cache folder, or one not there: the build's own write then says why.)
+    from magseg.io.atomic import entry_lock
+
+    ran = []
+    with entry_lock(Path("/proc/no-such-folder/graph.onnx")):
+        ran.append(True)
+    assert ran == [True]

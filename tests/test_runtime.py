@@ -65,7 +65,9 @@ def test_cache_holds_one_checked_graph_per_input_size(warm):
     # margin of 4 on each side (40).
     # And ONNX Runtime's optimised form of each, checked by its own sidecar.
     folder = _graph_dir(warm["cache"])
-    assert sorted(p.name for p in folder.iterdir()) == ["32x32.json", "32x32.onnx", "40x40.json", "40x40.onnx",
+    # (Each graph's lock file, empty, beside it: GraphCache.build.)
+    assert sorted(p.name for p in folder.iterdir()) == [".32x32.onnx.lock", ".40x40.onnx.lock", "32x32.json",
+                                                        "32x32.onnx", "40x40.json", "40x40.onnx",
                                                         "compiled", "model.json"]
     blobs = sorted((folder / "compiled").glob("*.blob"))
     assert len(blobs) == 2 and all(rt.CompiledBlob(b).read() == b.read_bytes() for b in blobs)
@@ -209,20 +211,73 @@ def test_a_vouched_graph_the_runtime_cannot_load_is_rebuilt_once(warm, tmp_path)
     cache, folder = _cache_copy(warm, tmp_path)
     good = (folder / "32x32.onnx").read_bytes()
     (folder / "32x32.onnx").write_bytes(b"not an onnx graph")
-    cache._write_json(folder / "32x32.json", {"size": [32, 32], "in_channels": 3,
+    cache._write_json(folder / "32x32.json", {"size": [32, 32], "in_channels": 3, "softmax": False,
                                               "sha256": rt._file_sha256(folder / "32x32.onnx")})
+    assert cache.valid_graph((32, 32)) == folder / "32x32.onnx"  # vouched for, and not a graph
     built = []
+    vouched = rt._file_sha256(folder / "32x32.onnx")
 
-    def build(size, _model):  # stands in for the export: the good bytes, counted
+    def export(size, _model):  # stands in for the export: the good bytes, counted
         built.append(size)
         (folder / "32x32.onnx").write_bytes(good)
         return folder / "32x32.onnx"
 
-    cache.build = build
+    cache._export = export
     backbone = rt.RuntimeBackbone("onnxruntime", cache, lambda: torch.nn.Identity())
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(backbone(x), warm["segmenter"].backbone(x), atol=0)
     assert built == [(32, 32)]
+    # Under the build's lock the vouched graph is not taken again: its digest is the failed one.
+    (folder / "32x32.onnx").write_bytes(b"not an onnx graph")
+    assert cache.graph_digest((32, 32)) == vouched
+    assert cache.build((32, 32), lambda: torch.nn.Identity(), failed=vouched) == folder / "32x32.onnx"
+    assert built == [(32, 32)] * 2
+    # A graph another process built meanwhile (vouched for, another digest) is taken.
+    cache._write_json(folder / "32x32.json", {"size": [32, 32], "in_channels": 3, "softmax": False,
+                                              "sha256": rt._file_sha256(folder / "32x32.onnx")})
+    assert cache.build((32, 32), lambda: torch.nn.Identity(), failed=vouched) == folder / "32x32.onnx"
+    assert built == [(32, 32)] * 2
+
+
+def test_processes_sharing_a_cold_cache_export_a_graph_once(warm, tmp_path):
+    """One builder holds the graph's lock while it exports; another (here a thread with its
+    own descriptor, as a second process would have) waits for it, then takes that graph
+    without making the torch model."""
+    import threading
+
+    cache, folder = _cache_copy(warm, tmp_path)
+    for name in ("32x32.onnx", "32x32.json"):
+        (folder / name).unlink()
+    model = warm["segmenter"].backbone.torch_model()
+    exporting, finish, made = threading.Event(), threading.Event(), []
+
+    def first_model():
+        exporting.set()
+        assert finish.wait(60)
+        return model
+
+    def second_model():
+        made.append("second")
+        return model
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", cache.build((32, 32), first_model)))
+    first.start()
+    assert exporting.wait(60)
+    second = threading.Thread(target=lambda: results.setdefault("second", cache.build((32, 32), second_model)))
+    second.start()
+    # Until the second builder waits on the lock (the kernel lists it in /proc/locks) or,
+    # without one, makes its own model.
+    lock = os.stat(folder / ".32x32.onnx.lock").st_ino
+    deadline = time.monotonic() + 60
+    while not made and time.monotonic() < deadline and not any(
+            "->" in line and f":{lock} " in line for line in open("/proc/locks")):
+        time.sleep(0.01)
+    finish.set()
+    first.join(60)
+    second.join(60)
+    assert made == [] and results == {"first": folder / "32x32.onnx", "second": folder / "32x32.onnx"}
+    assert cache.valid_graph((32, 32)) == folder / "32x32.onnx"
 
 
 def test_other_weights_get_another_cache_entry(tiny_config):

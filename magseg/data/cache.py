@@ -25,12 +25,10 @@ readers still see one complete file.)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +37,7 @@ import numpy as np
 
 from magseg.config import Config
 from magseg.errors import DataError, WriteError
-from magseg.io.atomic import atomic_write
+from magseg.io.atomic import atomic_write, entry_lock
 
 
 def digest(value: Any, length: int = 16) -> str:
@@ -84,19 +82,6 @@ def _version() -> str:
     import magseg
 
     return magseg.__version__
-
-
-@contextlib.contextmanager
-def entry_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<dir>/.<name>.lock`` while one process builds ``path``."""
-    lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        with contextlib.suppress(OSError):  # no flock here (some network filesystems)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def load_npy(path: Path) -> np.ndarray | None:

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from magseg.cache import INT8_STEMS, cache_root, mark_used
 from magseg.errors import ConfigError
-from magseg.io.atomic import atomic_write
+from magseg.io.atomic import atomic_write, entry_lock
 
 # Bumped whenever what the cache's graphs compute changes: older entries are then rebuilt.
 # 2: a graph may end in the softmax (``<h>x<w>.probs.onnx``), its sidecar says so.
@@ -313,11 +313,24 @@ class GraphCache:
         data = self._graph_record(size)
         return None if data is None else data["sha256"]
 
-    def build(self, size: tuple[int, int], backbone: nn.Module) -> Path:
-        """Export ``backbone`` for ``size`` and record the file's digest (replacing whatever
-        was there)."""
+    def build(self, size: tuple[int, int], backbone: Callable[[], nn.Module], failed: str | None = None) -> Path:
+        """The graph for ``size``, exported from ``backbone()`` (the torch model, made only
+        when it is exported) with the file's digest recorded, replacing whatever was there.
+
+        One process at a time, under a lock on the graph's file: processes sharing the cache
+        (Ray actors on one machine, runs side by side) export it once. One that waited takes
+        the graph another built meanwhile, unless that graph's digest is ``failed`` (a graph
+        that checked out but that the runtime could not load)."""
         graph, sidecar = self.paths(size)
         self.dir.mkdir(parents=True, exist_ok=True)
+        with entry_lock(graph):
+            built = self.valid_graph(size)
+            if built is not None and self.graph_digest(size) != failed:
+                return built
+            return self._export(size, backbone())
+
+    def _export(self, size: tuple[int, int], backbone: nn.Module) -> Path:
+        graph, sidecar = self.paths(size)
         sidecar.unlink(missing_ok=True)  # a crash between the two writes leaves no voucher
         export_onnx(backbone, graph, self.in_channels, size, softmax=self.softmax,
                     output_name=PROBS_NAME if self.softmax else OUTPUT_NAME)
@@ -748,14 +761,14 @@ class RuntimeBackbone(nn.Module):
             if kept is not None:
                 self._runners[size] = kept
         if size not in self._runners:
-            graph = self.cache.valid_graph(size)
+            graph, failed = self.cache.valid_graph(size), None
             if graph is not None:
                 try:
                     self._runners[size] = self._load(graph, size)
                 except Exception:  # noqa: BLE001 - any load failure means: rebuild it
-                    graph = None
+                    graph, failed = None, self.cache.graph_digest(size)
             if graph is None:
-                self._runners[size] = self._load(self.cache.build(size, self.torch_model()), size)
+                self._runners[size] = self._load(self.cache.build(size, self.torch_model, failed), size)
         return self._runners[size]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import glob
 import os
@@ -126,6 +127,27 @@ def atomic_write(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """
     with atomic_writes({0: target}, overwrite) as temps:
         yield temps[0]
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<dir>/.<name>.lock`` while one process builds ``path``
+    (a cache entry), so that processes sharing the cache build it once: one builds, the
+    others wait and then find it built. Where the filesystem has no working ``flock`` (some
+    network filesystems) it does not lock, and each may build it; their atomic writes still
+    leave one complete file."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a folder it cannot write: no lock, and the build's own write says why
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager
