@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Whether the refiner would pay in a backbone runtime: its share of the engine's time, and
-torch's ``Refiner.weights`` (what the engine calls) against its exported graph in ONNX Runtime on the same crops.
+torch's ``Refiner.weights`` against its exported graph in ONNX Runtime on the same crops.
 
 The engine runs the progressive method on the first N test scenes of a checkpoint's data
-(after one warm-up scene), timing every refiner call and keeping the calls' inputs; then
-those inputs go through torch and through ``export_refiner_onnx``'s graph in ONNX Runtime,
-interleaved over five rounds. A checkpoint of the backbone phase (no refiner yet) gets a
+(after one warm-up scene), timing every refiner call it makes (``weights_from_cells`` or
+``fused_from_cells`` where a stage's windows are grown by a margin, as by default; else
+``weights_and_total``) and keeping the crops each was given; then those crops go through
+torch's ``weights`` and through ``export_refiner_onnx``'s graph in ONNX Runtime, interleaved
+over five rounds. A checkpoint of the backbone phase (no refiner yet) gets a
 fresh refiner: the time does not depend on its weights. Prints two JSON lines.
 
     OMP_NUM_THREADS=1 python scripts/refiner_runtime.py demo_out/run/best.ckpt demo_out/data --scenes 4
@@ -29,6 +31,12 @@ from magseg.engine.runtime import export_refiner_onnx
 from magseg.segmenter import Segmenter, create_refiner, create_segmenter_model
 
 
+# Each refiner entry point the engine may call -> where its arguments hold the crops' fine and
+# coarse maps.
+ENTRIES = {"fused_from_cells": (2, 3), "weights_from_cells": (2, 3), "weights_and_total": (0, 1),
+           "weights": (0, 1), "probs": (0, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
@@ -45,20 +53,34 @@ def main() -> None:
         load_state(backbone, ckpt.backbone, "backbone", ckpt.path)
         segmenter = Segmenter(config, backbone, create_refiner(config))
     refiner = segmenter.refiner
-    # What the engine calls: R's unnormalised weights where the refiner has them (the refine
-    # step divides by their sum itself), else its probabilities.
-    entry = "weights" if hasattr(refiner, "weights") else "probs"
-    call = getattr(refiner, entry)
-    spent, calls = [0.0], []
+    # The replay's torch side: R's unnormalised weights where the refiner has them (the
+    # refine step divides by their sum itself), else its probabilities.
+    call = getattr(refiner, "weights", None) or refiner.probs
+    spent, calls, depth = [0.0], [], [0]
 
-    def timed(fine, coarse):
-        start = time.perf_counter()
-        out = call(fine, coarse)
-        spent[0] += time.perf_counter() - start
-        calls.append((fine.clone(), coarse.clone()))
-        return out
+    def timed(method, crops):
+        """``method`` timed where the engine calls it (not inside another entry point), the
+        crops it was given, ``(fine, coarse)`` at ``crops`` of its arguments, kept."""
 
-    setattr(refiner, entry, timed)
+        def run(*args):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += time.perf_counter() - start
+                    calls.append(tuple(args[i].clone() for i in crops))
+
+        return run
+
+    # The engine's entry points (which one a stage calls depends on its margin and size,
+    # magseg.engine.stages): from the windows' cells, fused with the refine step or not, or
+    # from the crops.
+    for entry, crops in ENTRIES.items():
+        if hasattr(refiner, entry):
+            setattr(refiner, entry, timed(getattr(refiner, entry), crops))
     scenes = list_scenes(segmenter.config.data, "test", args.data_root)[: args.scenes + 1]
     images = [segmenter.normalize(read_scene(s, segmenter.config)[0]) for s in scenes]
     with torch.inference_mode():
