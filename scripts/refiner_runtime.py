@@ -16,6 +16,7 @@ fresh refiner: the time does not depend on its weights. Prints two JSON lines.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import tempfile
@@ -56,9 +57,9 @@ def main() -> None:
     # The replay's torch side: R's unnormalised weights where the refiner has them (the
     # refine step divides by their sum itself), else its probabilities.
     call = getattr(refiner, "weights", None) or refiner.probs
-    spent, calls, depth = [0.0], [], [0]
+    spent, calls, depth, entries = [0.0], [], [0], collections.Counter()
 
-    def timed(method, crops):
+    def timed(entry, method, crops):
         """``method`` timed where the engine calls it (not inside another entry point), the
         crops it was given, ``(fine, coarse)`` at ``crops`` of its arguments, kept."""
 
@@ -71,6 +72,7 @@ def main() -> None:
                 depth[0] -= 1
                 if depth[0] == 0:
                     spent[0] += time.perf_counter() - start
+                    entries[entry] += 1
                     calls.append(tuple(args[i].clone() for i in crops))
 
         return run
@@ -80,18 +82,20 @@ def main() -> None:
     # from the crops.
     for entry, crops in ENTRIES.items():
         if hasattr(refiner, entry):
-            setattr(refiner, entry, timed(getattr(refiner, entry), crops))
+            setattr(refiner, entry, timed(entry, getattr(refiner, entry), crops))
     scenes = list_scenes(segmenter.config.data, "test", args.data_root)[: args.scenes + 1]
     images = [segmenter.normalize(read_scene(s, segmenter.config)[0]) for s in scenes]
     with torch.inference_mode():
         segmenter.segment(images[0])
         spent[0], calls[:] = 0.0, []
+        entries.clear()
         start = time.perf_counter()
         for image in images[1:]:
             segmenter.segment(image)
         engine = time.perf_counter() - start
     print(json.dumps({"scenes": len(images) - 1, "engine_s": engine, "refiner_s": spent[0],
-                      "refiner_share": spent[0] / engine, "threads": torch.get_num_threads()}))
+                      "refiner_share": spent[0] / engine, "refiner_calls": dict(entries),
+                      "threads": torch.get_num_threads()}))
     shape = calls[0][0].shape
     same = [c for c in calls if c[0].shape[1:] == shape[1:]]
     path = Path(tempfile.mkdtemp(prefix="magseg-refiner-")) / "refiner.onnx"
