@@ -321,15 +321,16 @@ class GraphCache:
         (Ray actors on one machine, runs side by side) export it once. One that waited takes
         the graph another built meanwhile, unless that graph's digest is ``failed`` (a graph
         that checked out but that the runtime could not load)."""
-        graph, sidecar = self.paths(size)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with entry_lock(graph):
+        with entry_lock(self.paths(size)[0]):
             built = self.valid_graph(size)
             if built is not None and self.graph_digest(size) != failed:
                 return built
             return self._export(size, backbone())
 
     def _export(self, size: tuple[int, int], backbone: nn.Module) -> Path:
+        """Export ``backbone`` for ``size`` and record the file's digest (``build``'s work,
+        under its lock)."""
         graph, sidecar = self.paths(size)
         sidecar.unlink(missing_ok=True)  # a crash between the two writes leaves no voucher
         export_onnx(backbone, graph, self.in_channels, size, softmax=self.softmax,

@@ -17,6 +17,9 @@ file, which for a large raster may hold gigabytes. The temporary name records th
 and host that own it, so the next run writing the same target removes the leftovers of
 processes that are gone, and leaves alone those still running or on another host (a shared
 filesystem).
+
+Cache entries that several processes may build at once (a training scene, an exported graph)
+are built under ``entry_lock``: one builds, the others wait and then read its entry.
 """
 
 from __future__ import annotations
