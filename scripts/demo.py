@@ -48,9 +48,12 @@ SMALL_MIOU_SLACK, SMALL_CLASS_SLACK, SMALL_CLASS = 0.5, 1.0, "urban"
 
 
 def _magseg() -> list[str]:
-    # The console script installed beside this interpreter (the venv's), else the module.
+    # The console script installed beside this interpreter (the venv's), else the module,
+    # without the working directory first on the path (-P): from the checkout's root, its
+    # magseg/ folder would stand in for an installed magseg that is not editable (the
+    # wheels scripts/gpu_check.sh installs), and it has no magseg.cli.
     script = Path(sys.executable).with_name("magseg")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "magseg.cli.app"]
+    return [str(script)] if script.exists() else [sys.executable, "-P", "-m", "magseg.cli.app"]
 
 
 def _show(cmd: list[str]) -> str:
