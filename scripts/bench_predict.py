@@ -37,7 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 MODEL = "configs/deepglobe.yaml, Unet/resnet18 (random weights), fp32"
-PATCH_ONLY = ["pyramid.scales=[2448]"]
+
+
+def patch_only_and_label(checkpoint: Path, settings: list[str]) -> tuple[list[str], str]:
+    """The settings that make ``checkpoint`` patch-only (its one finest stage, as the other
+    settings leave the pyramid) and what to call its model in the report."""
+    from magseg.checkpoint import load_checkpoint, run_config
+
+    config = run_config(load_checkpoint(checkpoint), settings)
+    h, w = config.pyramid.scales[-1]
+    label = (f"{checkpoint}: {config.model.arch}/{config.model.encoder}, pyramid "
+             f"{' -> '.join(f'{a}x{b}' for a, b in config.pyramid.scales)}")
+    return [f"pyramid.scales=[[{h}, {w}]]"], label
 
 
 def make_checkpoint(path: Path) -> Path:
@@ -84,7 +95,9 @@ def make_geotiff(path: Path, size: int) -> Path:
 def run_predict(checkpoint: Path, raster: Path, out_dir: Path, settings: list[str],
                 threads: int | None) -> dict:
     """`magseg predict` in a fresh process: its peak RSS (MB), wall time and NDJSON record."""
-    cmd = [sys.executable, "-m", "magseg.cli.app", "predict", str(checkpoint), str(raster),
+    # -P: the working directory is not put first on the path, where a checkout's magseg/
+    # folder would stand in for an installed (not editable) magseg, which has magseg.cli.
+    cmd = [sys.executable, "-P", "-m", "magseg.cli.app", "predict", str(checkpoint), str(raster),
            "--out-dir", str(out_dir), "--overwrite", "--quiet"]
     for item in settings:
         cmd += ["--set", item]
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         checkpoint = args.checkpoint or make_checkpoint(work / "bench.ckpt")
+        patch_only, label = patch_only_and_label(checkpoint, args.settings)
         results = {}
         for size in args.sizes:
             raster = work / f"synthetic_{size}.tif"
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_predict(checkpoint, raster, work / "out", args.settings, args.threads)
             if size in args.baseline:
                 res["patch_only"] = run_predict(checkpoint, raster, work / "out_p",
-                                                args.settings + PATCH_ONLY, args.threads)
+                                                args.settings + patch_only, args.threads)
                 res["wall_over_patch_only"] = round(res["wall_s"] / res["patch_only"]["wall_s"], 3)
             results[str(size)] = res
             raster.unlink()  # disk: a 16384^2 raster is 768 MiB
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                      if "patch_only" in res else ""), file=sys.stderr)
         small, large = (results[str(s)]["peak_rss_mb"] for s in (min(args.sizes), max(args.sizes)))
         figures = {
-            "model": MODEL, "settings": args.settings, "threads": args.threads,
+            "model": label if args.checkpoint else MODEL, "settings": args.settings, "threads": args.threads,
             "results": results, "rss_ratio": round(large / small, 3),
             "rss_target_met": large / small <= 1.3 and large < 2048,
             "load_average_at_end": os.getloadavg(), "machine": platform.platform(),

@@ -3,7 +3,7 @@ a user runs them (a process of its own), and print what their docstrings promise
 not imported by the package: without this, an engine change breaks one silently until
 someone needs its figure. (Other scripts have tests of their own, e.g.
 test_refiner_runtime_script, test_runtime_miou_script, test_gpu_check; bench_fusion's first
-compiled call takes a minute and bench_predict's processes two: neither runs here.)"""
+compiled call takes a minute: it does not run here.)"""
 
 from __future__ import annotations
 
@@ -107,3 +107,18 @@ def test_trace_setting_finds_where_k_is_parsed_and_where_the_engine_reads_it():
     assert out["parsed"]["path"][0] == "magseg.cli.app" and out["parsed"]["path"][-1] == "magseg.config"
     assert out["read"]["path"][-1] == "magseg.engine.refine_step"
     assert out["read"]["calls"][-1] == "magseg.engine.refine_step.num_points"
+
+
+def test_bench_predict_compares_a_checkpoint_with_its_own_patch_only_window(make_checkpoint, tmp_path):
+    """With --checkpoint, patch-only is that checkpoint's finest stage (not DeepGlobe's 2448 px
+    one) and the report names that model."""
+    ckpt = make_checkpoint()
+    out = json.loads(run_script("bench_predict.py", "--sizes", 256, "--baseline", 256, "--checkpoint", ckpt,
+                                "--work-dir", tmp_path / "work", "--threads", 1))
+    assert out["model"].startswith(f"{ckpt}: Unet/tu-test_resnet, pyramid 32x32 -> 64x64 -> 128x128")
+    run = out["results"]["256"]
+    # A 256 px raster is four 128 px windows: 1 + 4 + 16 crops of 32 px each progressive,
+    # the 16 of the finest stage patch-only.
+    assert run["crops"] == 4 * (1 + 4 + 16) and run["patch_only"]["crops"] == 4 * 16
+    assert run["wall_over_patch_only"] == round(run["wall_s"] / run["patch_only"]["wall_s"], 3)
+    assert run["peak_rss_mb"] > 0 and out["rss_ratio"] == 1.0
