@@ -189,7 +189,10 @@ def refine_rows(columns, fine, coarse, cell_low, cell_high, cell_frac, gated, w0
             for c in range(classes):
                 for x in range(width):
                     delta[c, x] *= gate[x]
-        # The weights, their sum and top two, R's argmax.
+        # The weights, their sum and top two, R's argmax. Three loops over the row, not one:
+        # LLVM does not vectorise a loop that also keeps four running arrays, so the fused
+        # loop (exp in registers through a bitcast) took 13.1 against 11.4 ms on a 612 px crop
+        # of 7 classes (one thread, AVX2), and two classes per ``take`` gained nothing.
         restart(best, second, acc, label)
         for c in range(classes):
             exp_row(delta[c], mantissa, bits)
