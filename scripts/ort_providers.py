@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,12 @@ def timed(run: Callable[[], object], repeat: int) -> float:
     return float(np.median(seconds))
 
 
-def provider_results(model: str, x: np.ndarray, repeat: int) -> tuple[dict, bool]:
-    """Each GPU provider's time per batch and agreement with the CPU provider on ``x``, or
-    why it was skipped; and whether one that is there failed."""
+def provider_results(model: str, cpu: Any, x: np.ndarray, repeat: int) -> tuple[dict, bool]:
+    """Each GPU provider's time per batch and agreement with the CPU provider's session
+    ``cpu`` on ``x``, or why it was skipped; and whether one that is there failed."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    cpu = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = cpu.get_inputs()[0].name
     want = cpu.run(None, {name: x})[0]
     result: dict = {"onnxruntime": ort.__version__, "available_providers": available,
@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         result, failed = {"skipped": "onnxruntime is not installed (pip install onnxruntime-gpu)"}, False
     else:
-        shape = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+        cpu = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
         # The exported input is (batch, bands, h, w), the batch dynamic: a random batch of it.
-        x = np.random.default_rng(0).standard_normal((args.batch, *shape[1:])).astype(np.float32)
-        result, failed = provider_results(args.model, x, args.repeat)
+        x = np.random.default_rng(0).standard_normal((args.batch, *cpu.get_inputs()[0].shape[1:]))
+        x = x.astype(np.float32)
+        result, failed = provider_results(args.model, cpu, x, args.repeat)
         result["torch_cuda_seconds_per_batch"] = torch_cuda_seconds(args.checkpoint, x, args.repeat)
         result["batch"] = list(x.shape)
     text = json.dumps(result, indent=1)

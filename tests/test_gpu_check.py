@@ -23,14 +23,21 @@ needs_onnx = pytest.mark.skipif(not rt.installed("onnxruntime"),
                                 reason="onnxruntime, onnx and onnxscript not installed (magseg[onnx])")
 
 
-@pytest.fixture
-def exported(tmp_path, make_checkpoint):
-    from magseg.export import export_model
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny checkpoint and its exported backbone, made once for the module's tests."""
+    from conftest import CONFIGS
 
-    ckpt = make_checkpoint()
-    model = tmp_path / "tiny.onnx"
-    export_model(ckpt, model)
-    return ckpt, model
+    from magseg.checkpoint import save_checkpoint
+    from magseg.config import load_config
+    from magseg.export import export_model
+    from magseg.segmenter import create_refiner, create_segmenter_model
+
+    root = tmp_path_factory.mktemp("exported")
+    config = load_config(CONFIGS / "tiny.yaml")
+    ckpt = save_checkpoint(root / "tiny.ckpt", config, create_segmenter_model(config), create_refiner(config))
+    export_model(ckpt, root / "tiny.onnx")
+    return ckpt, root / "tiny.onnx"
 
 
 @needs_onnx
