@@ -62,18 +62,9 @@ from figures import report as report_figures  # noqa: E402
 
 from magseg.allocator import keep_freed_memory  # noqa: E402
 from magseg.config import AdaptiveConfig, load_config  # noqa: E402
-from magseg.engine.precision import cpu_flags, precision_context, resolve_precision  # noqa: E402
+from magseg.engine.precision import precision_context, precision_flags, resolve_precision  # noqa: E402
 from magseg.engine.runtime import RUNTIMES  # noqa: E402
 from magseg.segmenter import Segmenter  # noqa: E402
-
-# The /proc/cpuinfo flags that decide which precisions a CPU computes natively.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
-
-
-def _cpu_flags() -> list[str]:
-    present = set(cpu_flags())
-    return [flag for flag in CPU_FLAGS if flag in present]
-
 
 def _segmenters(args: argparse.Namespace) -> dict[str, Segmenter]:
     """A segmenter for each runtime x precision asked for, by the name of what it computes
@@ -243,7 +234,7 @@ def _setup(args: argparse.Namespace, benches: dict[str, "_Bench"], malloc_kept: 
         "threads": torch.get_num_threads(),
         "malloc_kept": malloc_kept,
         "cpus": os.cpu_count(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": precision_flags(),
         "machine": platform.machine(),
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()),

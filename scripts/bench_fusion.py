@@ -28,10 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_engine import _cpu_flags  # noqa: E402
 
 from magseg.engine.certainty import certainty, error_score  # noqa: E402
-from magseg.engine.precision import cpu_info  # noqa: E402
+from magseg.engine.precision import cpu_info, precision_flags  # noqa: E402
 from magseg.engine.refine_step import labels_of  # noqa: E402
 from magseg.engine.refiner_network import Refiner, RefinerGate, _tv_distance  # noqa: E402
 
@@ -94,7 +93,7 @@ def main() -> None:
         eager = step(fine, coarse)
         eager_s, compiled_s = median_seconds(step), median_seconds(compiled)
     print(json.dumps({
-        "cpu": {**cpu_info(), "flags": _cpu_flags(), "threads": torch.get_num_threads()},
+        "cpu": {**cpu_info(), "flags": precision_flags(), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
         "batch": list(shape),
         "eager_ms": round(1000 * eager_s, 1),

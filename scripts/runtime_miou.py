@@ -44,6 +44,7 @@ from magseg.checkpoint import load_checkpoint
 from magseg.data.scenes import list_scenes, read_scene
 from magseg.engine import int8
 from magseg.engine import runtime as rt
+from magseg.engine.precision import precision_flags
 from magseg.evaluation.metrics import confusion_matrix, scores
 from magseg.quantize import calibration_windows as training_windows
 from magseg.quantize import quantize_checkpoint
@@ -133,7 +134,7 @@ def main() -> None:
     in_mean = [c.in_mean for c in config.classes]
     out = {
         "checkpoint": args.checkpoint, "split": args.split, "scenes": len(scenes),
-        "cpu": first.runtime["cpu"],
+        "cpu": {**first.runtime["cpu"], "flags": precision_flags()},
     }
     if not args.no_miou:
         out["miou"] = {v: round(100 * scores(matrices[v], in_mean)["miou"], 2) for v in variants}

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -54,6 +54,8 @@ DEEPGLOBE_CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec(id=5, name="water", color=(0, 0, 255)),
     ClassSpec(id=6, name="barren", color=(255, 255, 255)),
 )
+# The config override that gives a checkpoint DeepGlobe's classes (the scenes here have them).
+DEEPGLOBE_CLASSES_OVERRIDE = {"classes": [asdict(c) for c in DEEPGLOBE_CLASSES]}
 UNKNOWN, URBAN, AGRICULTURE, RANGELAND, FOREST, WATER, BARREN = range(7)
 FIELDS = (AGRICULTURE, RANGELAND)
 

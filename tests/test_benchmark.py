@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from magseg.config import AdaptiveConfig, RefineConfig
 from magseg.data.scenes import list_scenes, read_scene
-from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES, DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
 from magseg.evaluation.benchmark import (
     BASELINES,
     NO_REFINER,
@@ -32,7 +32,6 @@ from magseg.run.pools import Pool
 from magseg.segmenter import Segmenter
 
 _register()
-DEEPGLOBE = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}
 NAMES = [c.name for c in DEEPGLOBE_CLASSES]
 METHOD_FIELDS = {"miou", "iou", "accuracy", "fwiou", "seconds_per_image", "peak_memory_mb",
                  "peak_memory_increase_mb", "confusion_matrix", "description",
@@ -50,7 +49,7 @@ def data(tmp_path) -> Path:
 @pytest.fixture
 def ckpt(make_checkpoint) -> Path:
     """Tiny model (tiny.yaml's 32 -> 64 -> 128 pyramid) with DeepGlobe's 7 classes."""
-    return make_checkpoint(DEEPGLOBE, name="dg.ckpt")
+    return make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE, name="dg.ckpt")
 
 
 def run(*args: str, warmup: bool = False):

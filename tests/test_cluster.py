@@ -88,15 +88,14 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoin
 
 
 def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_path, make_checkpoint):
-    import dataclasses
 
     import cv2
     from magseg.cli.app import _register
 
-    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
 
     _register()
-    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}, name="dg.ckpt")
+    ckpt = make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE, name="dg.ckpt")
     data = tmp_path / "data"
     write_dataset(data, {"train": 1, "test": 4}, SceneSpec(size=(128, 128)), seed=3)
     # A mask with a colour no class has: that image fails, the others are still scored.

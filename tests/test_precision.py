@@ -9,7 +9,6 @@ kernels), so these tests compare with fp32 only through bounds that hold for eit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import magseg.cli.benchmark  # noqa: F401
@@ -24,7 +23,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from magseg.checkpoint import load_checkpoint
-from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
 from magseg.engine import precision
 from magseg.engine.precision import cpu_info, precision_context, resolve_precision, runtime_info
 from magseg.run.predict import predict_raster
@@ -45,6 +44,19 @@ def test_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, avx51
     assert resolve_precision("cuda", "auto") == "fp16"  # whatever the CPU
     for choice in PRECISIONS:
         assert resolve_precision("cpu", choice) == choice
+
+
+def test_the_precision_flags_are_the_cpus_own_in_a_fixed_order(monkeypatch):
+    # An AVX2 EPYC, and a Sapphire Rapids-class Xeon listing its flags in another order with
+    # others between: each keeps only what decides bf16 and int8 kernels, in one order.
+    epyc = ["fma", "avx2", "sse4_2", "avx"]
+    xeon = ["amx_int8", "avx512_vnni", "amx_tile", "avx512f", "avx2", "avx512_bf16", "sha_ni",
+            "amx_bf16", "avx_vnni", "avx512_fp16", "avx512vl"]
+    for flags, expected in ((epyc, ["avx2"]), ([], []),
+                            (xeon, ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+                                    "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"])):
+        monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+        assert precision.precision_flags() == expected
 
 
 def test_an_unknown_precision_is_refused():
@@ -139,7 +151,7 @@ def test_training_at_each_precision_learns_and_keeps_fp32_checkpoints(tmp_path, 
 def test_benchmark_report_names_the_resolved_precision_and_the_cpu(tmp_path, make_checkpoint):
     root = tmp_path / "data"
     write_dataset(root, {"train": 1, "test": 1}, SceneSpec(size=(128, 128)), seed=4)
-    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]})
+    ckpt = make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE)
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["benchmark", str(ckpt), "--data-root", str(root), "--out-dir", str(out),
                                       "--no-warmup", "--set", "engine.precision=bf16"])

@@ -3,12 +3,11 @@ point a stage takes (from the windows' cells with a margin, from the crops witho
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
 import pytest
-from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
 
 from magseg.engine import runtime as rt
 
@@ -23,7 +22,7 @@ def test_every_refiner_call_of_the_engine_is_timed_and_replayed(tmp_path, make_c
     import refiner_runtime
 
     write_dataset(tmp_path / "data", {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=0)
-    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES],
+    ckpt = make_checkpoint({**DEEPGLOBE_CLASSES_OVERRIDE,
                             "pyramid.margin": margin})
     monkeypatch.setattr(sys, "argv", ["refiner_runtime.py", str(ckpt), str(tmp_path / "data"), "--scenes", "1"])
     refiner_runtime.main()

@@ -26,12 +26,11 @@ def test_calibration_windows_are_training_windows_at_the_models_input(tmp_path):
 def test_the_onnxruntime_int8_variant_runs_the_quantised_graph(tmp_path, make_checkpoint, monkeypatch, capsys):
     # The variant quantises each cached fp32 graph with ONNX Runtime and runs the int8 one in
     # a session of its own: its labels come from another graph than fp32's, on every scene.
-    import dataclasses
     import json
     import sys
 
     import pytest
-    from synthetic import DEEPGLOBE_CLASSES
+    from synthetic import DEEPGLOBE_CLASSES_OVERRIDE
 
     from magseg.engine import runtime as rt
 
@@ -40,7 +39,7 @@ def test_the_onnxruntime_int8_variant_runs_the_quantised_graph(tmp_path, make_ch
     import runtime_miou
 
     write_dataset(tmp_path / "data", {"train": 2, "val": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=0)
-    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]})
+    ckpt = make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE)
     loaded = []
 
     def quantize(fp32, int8, batches, real=rt.quantize_int8):

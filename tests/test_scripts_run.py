@@ -7,7 +7,6 @@ compiled call takes a minute: it does not run here.)"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
 
 from magseg.engine import runtime as rt
 
@@ -34,7 +33,7 @@ def run_script(name: str, *args: object, cwd: Path | None = None) -> str:
 def deepglobe_tiny(tmp_path, make_checkpoint):
     """A tiny checkpoint with DeepGlobe's classes and a two-scene test split of its data."""
     write_dataset(tmp_path / "data", {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=0)
-    return make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}), tmp_path / "data"
+    return make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE), tmp_path / "data"
 
 
 @pytest.mark.skipif(not rt.installed("onnxruntime"),

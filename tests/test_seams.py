@@ -145,18 +145,17 @@ def test_tally_sums_over_maps_and_stage_scores():
 
 
 def test_benchmark_reports_the_seam_score_of_every_method_per_stage(make_checkpoint, tmp_path):
-    import dataclasses
     import json
 
     from magseg.cli.app import _register, app
     from typer.testing import CliRunner
 
     from magseg.data.scenes import list_scenes, read_scene
-    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
     from magseg.segmenter import Segmenter
 
     _register()
-    ckpt = make_checkpoint({"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}, name="dg.ckpt")
+    ckpt = make_checkpoint(DEEPGLOBE_CLASSES_OVERRIDE, name="dg.ckpt")
     data = tmp_path / "data"
     write_dataset(data, {"train": 1, "test": 2}, SceneSpec(size=(128, 128)), seed=4)
     out = tmp_path / "bench"
@@ -237,18 +236,17 @@ def test_changes_read_in_strips_equal_the_whole_maps(strip):
 
 
 def test_bench_margins_runs_each_checkpoints_settings_interleaved(make_checkpoint, tmp_path):
-    import dataclasses
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     from magseg.data.scenes import list_scenes, read_scene
-    from synthetic import DEEPGLOBE_CLASSES, SceneSpec, write_dataset
+    from synthetic import DEEPGLOBE_CLASSES_OVERRIDE, SceneSpec, write_dataset
     from magseg.evaluation.metrics import ConfusionMatrix
     from magseg.segmenter import Segmenter
 
-    classes = {"classes": [dataclasses.asdict(c) for c in DEEPGLOBE_CLASSES]}
+    classes = DEEPGLOBE_CLASSES_OVERRIDE
     a = make_checkpoint(classes, name="a.ckpt")
     b = make_checkpoint({**classes, "pyramid": {"scales": [32, 64, 128], "crop": 32, "input": 32, "margin": 8}},
                         name="b.ckpt")

@@ -107,6 +107,19 @@ def cpu_flags() -> list[str]:
     return []
 
 
+# The /proc/cpuinfo flags that decide how fast, and in which kernels, each precision runs:
+# bf16 natively (AVX512-BF16, AMX-BF16), and int8 with 32-bit accumulation (VNNI, AMX-INT8)
+# rather than AVX2's pairs of products summed in int16.
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                   "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def precision_flags() -> list[str]:
+    """Which of ``PRECISION_FLAGS`` this CPU has, in that order."""
+    present = set(cpu_flags())
+    return [flag for flag in PRECISION_FLAGS if flag in present]
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
     """The CPU as the numbers depend on it: model, torch's kernel level (e.g. ``AVX512``,
