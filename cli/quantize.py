@@ -23,6 +23,10 @@ CHECKPOINT = typer.Argument(..., help="Checkpoint written by `magseg train`.")
 WINDOWS = typer.Option(64, "--windows", min=1, metavar="N",
                        help="Training windows to calibrate on.")
 SPLIT = typer.Option("train", "--split", metavar="SPLIT", help="The split the windows and scenes come from.")
+WEIGHT_BITS = typer.Option("auto", "--weight-bits", metavar="auto|7|8",
+                           help="The int8 weights' width: 8 runs exactly only on a CPU with VNNI "
+                                "(AVX512-VNNI, AVX-VNNI, AMX) and is the more accurate; 7 runs on "
+                                "every x86 CPU; auto: 8 where this CPU has VNNI, else 7.")
 SCENES = typer.Option(4, "--scenes", min=1, metavar="N",
                       help="Scenes the fp32 engine segments for the refiner's calibration cells "
                            "(at most --windows cell maps are used).")
@@ -39,6 +43,7 @@ def quantize(
     windows: int = WINDOWS,
     split: str = SPLIT,
     scenes: int = SCENES,
+    weight_bits: str = WEIGHT_BITS,
     settings: list[str] = SETTINGS,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
@@ -53,7 +58,9 @@ def quantize(
     scenes. Each graph serves every input size, and is checked against torch on its
     calibration inputs: stdout is one JSON line with the graph's path, the share of pixels
     whose labels agree and the mean absolute difference of the probabilities, and under
-    "refiner" its graph and the mean absolute difference of its correction. Exit 2 when
+    "refiner" its graph and the mean absolute difference of its correction. A graph of
+    8-bit weights (--weight-bits) runs only on a CPU with VNNI; elsewhere predict refuses
+    it and names the fix. Exit 2 when
     the checkpoint, config or install cannot quantise; exit 1 when the data is missing or
     the cache already holds this checkpoint's int8 graphs (--overwrite quantises again; a
     cache with the backbone's alone gets the refiner's). The cache is engine.cache_dir
@@ -63,10 +70,11 @@ def quantize(
     from magseg.quantize import quantize_checkpoint
 
     result = quantize_checkpoint(checkpoint, data_root, windows=windows, split=split, scenes=scenes,
-                                 overrides=settings or [], overwrite=overwrite,
+                                 overrides=settings or [], overwrite=overwrite, weight_bits=weight_bits,
                                  log=lambda message: log(message, quiet), progress=not quiet)
     refiner = result.refiner
     emit({"graph": str(result.graph), "windows": result.windows, "size": list(result.size),
+          "weight_bits": result.weight_bits,
           "label_agreement": _rounded(result.label_agreement, 5), "mean_abs_diff": _rounded(result.mean_abs_diff, 6),
           "refiner": None if refiner is None else {
               "graph": str(refiner.graph), "scenes": refiner.scenes, "cells": refiner.cells,

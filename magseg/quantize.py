@@ -52,7 +52,8 @@ class RefinerQuantized:
 @dataclass(frozen=True)
 class Quantized:
     """What ``quantize_checkpoint`` made: the int8 graph (its ``.xml``; the ``.bin`` and the
-    sidecar ``.json`` beside it), the calibration, and how the graph compares with the torch
+    sidecar ``.json`` beside it), the calibration, its weights' width (7 or 8 bits; 7 for a
+    kept graph made before sidecars said), and how the graph compares with the torch
     model on the calibration windows (None where the cache held the backbone's graph
     already and only the refiner's was made); the refiner's (None without a refiner, or
     where it was there already)."""
@@ -60,6 +61,7 @@ class Quantized:
     graph: Path
     windows: int
     size: tuple[int, int]
+    weight_bits: int
     label_agreement: float | None
     mean_abs_diff: float | None
     refiner: RefinerQuantized | None
@@ -108,18 +110,22 @@ def quantize_checkpoint(
     checkpoint: str | Path | Checkpoint, data_root: str | Path | None, *, windows: int = 64,
     split: str = "train", scenes: int = 4, overrides: Mapping[str, Any] | Sequence[str] = (),
     overwrite: bool = False, log: Callable[[str], None] = lambda message: None, progress: bool = True,
+    weight_bits: str | int = "auto",
 ) -> Quantized:
     """Quantise the checkpoint's backbone to int8 on ``windows`` windows of ``split`` under
     ``data_root``, and its refiner's convolutions on up to ``windows`` of the cells the fp32
     engine makes on ``scenes`` scenes of it, and put both in the graph cache (replacing
     graphs there only with ``overwrite``; a cache with the backbone's and not the refiner's
-    gets the refiner's). ``log``: a line at each step; ``progress``: NNCF's progress bars on
-    stderr.
+    gets the refiner's). ``weight_bits``: the weights' width, ``auto`` (8 on a CPU with VNNI,
+    7 elsewhere), 7 (a graph every x86 CPU runs exactly) or 8 (``int8.weight_bits``); a
+    refiner graph made beside a kept backbone graph takes the kept one's width. ``log``: a
+    line at each step; ``progress``: NNCF's progress bars on stderr.
 
     Raises:
         CheckpointError: the checkpoint cannot be read or does not fit its config.
         ConfigError: NNCF, OpenVINO or the exporter not installed; a multi-context backbone
-            (FCtL); fewer than one window; a config without data.mean/std.
+            (FCtL); fewer than one window; a config without data.mean/std; a weight width
+            other than auto, 7 or 8.
         DataError: the split or its files are missing.
         OutputExistsError: the cache holds this checkpoint's int8 graphs and ``overwrite`` is false.
     """
@@ -127,6 +133,7 @@ def quantize_checkpoint(
 
     from magseg.engine.backbone import input_multiple
     from magseg.engine.int8 import EXTRA, int8_runner, nncf_installed, quantize_into_cache, refiner_int8
+    from magseg.engine.int8 import weight_bits as resolve_bits
     from magseg.engine.runtime import exporter_installed, model_cache
     from magseg.segmenter import create_refiner, create_segmenter_model
 
@@ -134,6 +141,12 @@ def quantize_checkpoint(
         raise ConfigError(f"--windows {windows}: quantisation needs at least one calibration window")
     if scenes < 1:
         raise ConfigError(f"--scenes {scenes}: the refiner's calibration needs at least one scene")
+    bits = resolve_bits(weight_bits)
+    from magseg.engine.precision import cpu_has_vnni
+
+    if bits == 8 and not cpu_has_vnni():
+        log("quantize: 8-bit weights for a CPU with VNNI: this one has none, so the check below runs them "
+            "saturated, and predict here refuses the graph")
     if not (nncf_installed() and exporter_installed()):
         raise ConfigError(f"magseg quantize needs NNCF, OpenVINO, onnx and onnxscript: pip install '{EXTRA}'")
     start = time.perf_counter()
@@ -172,7 +185,7 @@ def quantize_checkpoint(
                                   "size": list(size)},
                   "checkpoint": str(ckpt.path)}
         cache.record_input_multiple(multiple)
-        xml = quantize_into_cache(backbone, cache, inputs, record, log=log, progress=progress)
+        xml = quantize_into_cache(backbone, cache, inputs, record, log=log, progress=progress, bits=bits)
         log("quantize: checking the int8 graph against the torch model on the calibration windows")
         agree, diff = _compare(backbone, int8_runner(xml, size, config.model.in_channels, torch.get_num_threads()),
                                inputs)
@@ -187,16 +200,18 @@ def quantize_checkpoint(
         calibration = existing.get("calibration")
         calibration = calibration if isinstance(calibration, dict) else {}
         calibrated, size = calibration.get("windows", windows), tuple(calibration.get("size", ()))
+        # One width for both graphs: the kept graph's (7 bits where its sidecar predates them).
+        bits = existing.get("weight_bits", 7)
     quantized_refiner = None
     if make_refiner:
         quantized_refiner = _quantize_refiner(config, backbone, refiner, cache, data_root, split, scenes, windows,
-                                              {"checkpoint": str(ckpt.path)}, root, log, progress)
-    return Quantized(xml, calibrated, size, agree, diff, quantized_refiner, time.perf_counter() - start)
+                                              {"checkpoint": str(ckpt.path)}, root, log, progress, bits)
+    return Quantized(xml, calibrated, size, bits, agree, diff, quantized_refiner, time.perf_counter() - start)
 
 
 def _quantize_refiner(config: Config, backbone: Any, refiner: Any, cache: Any, data_root: str | Path | None,
                       split: str, scenes: int, count: int, record: dict[str, Any], root: str,
-                      log: Callable[[str], None], progress: bool) -> RefinerQuantized | None:
+                      log: Callable[[str], None], progress: bool, bits: int) -> RefinerQuantized | None:
     """The refiner's convolutions quantised on up to ``count`` of the cells the fp32 engine
     (torch) feeds them on ``scenes`` scenes of ``split`` (evenly spaced over it), into
     ``cache``, and checked against the torch convolutions on those cells; None where the
@@ -220,7 +235,7 @@ def _quantize_refiner(config: Config, backbone: Any, refiner: Any, cache: Any, d
     xml = quantize_refiner_into_cache(refiner, cache, cells,
                                       {**record, "calibration": {"data_root": root, "split": split,
                                                                  "scenes": len(chosen), "cells": len(cells)}},
-                                      progress=progress)
+                                      progress=progress, bits=bits)
     run = RefinerInt8(xml, int(cells[0].shape[1]), torch.get_num_threads())
     diff = scale = 0.0
     with torch.inference_mode():

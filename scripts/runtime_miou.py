@@ -12,7 +12,8 @@ activations), calibrated on ``--calibration`` windows of the training split cut 
 cuts them (``magseg.quantize.calibration_windows``), which magseg does not offer;
 ``openvino-int8``: ``engine.precision=int8``, the graph ``magseg quantize`` makes (NNCF's
 post-training quantisation: per-channel int8 weights, int8 activations, bias correction,
-7-bit weights in every layer; ``pip install 'magseg[int8]'``) on the same windows, and the
+weights of 8 bits on a CPU with VNNI and of 7 in every layer elsewhere, or as
+``--weight-bits`` says; ``pip install 'magseg[int8]'``) on the same windows, and the
 refiner's convolutions quantised on the cells the engine feeds them (``magseg quantize``'s
 4 scenes); ``openvino-int8-backbone``: the same with the refiner's convolutions in float32.
 This is the measurement behind docs/runtimes.md#reduced-precision.
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--calibration", type=int, default=64, metavar="N",
                         help="training windows calibrating int8 (default 64)")
+    parser.add_argument("--weight-bits", default="auto", metavar="auto|7|8",
+                        help="openvino-int8's weights' width (magseg quantize --weight-bits)")
     parser.add_argument("--speed", type=int, default=0, metavar="N")
     parser.add_argument("--no-miou", action="store_true", help="only the speed (with --speed)")
     args = parser.parse_args()
@@ -99,6 +102,7 @@ def main() -> None:
         if not int8.nncf_installed():
             sys.exit(f"runtime_miou.py: openvino-int8 needs NNCF: pip install '{int8.EXTRA}'")
         quantize_checkpoint(ckpt, args.data_root, windows=args.calibration, progress=False,
+                            weight_bits=args.weight_bits,
                             overrides=[f"engine.cache_dir={cache}", *args.set])
     segmenters = {}
     for variant in variants:
@@ -136,6 +140,8 @@ def main() -> None:
         "checkpoint": args.checkpoint, "split": args.split, "scenes": len(scenes),
         "cpu": {**first.runtime["cpu"], "flags": precision_flags()},
     }
+    if "openvino-int8" in variants:
+        out["weight_bits"] = int8.weight_bits(args.weight_bits)
     if not args.no_miou:
         out["miou"] = {v: round(100 * scores(matrices[v], in_mean)["miou"], 2) for v in variants}
         out["label_agreement_with_first"] = {v: round(agree[v] / pixels, 5) for v in variants}

@@ -317,3 +317,83 @@ def test_quantize_makes_no_refiner_graph_for_a_pyramid_that_never_refines(quanti
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["refiner"] is None and not list(folder.glob("refiner-int8.*"))
     assert "the refiner never ran on 2 scene(s)" in result.stderr
+
+
+@pytest.mark.parametrize("vnni, auto", [(True, 8), (False, 7)])
+def test_the_weights_width_is_8_bits_only_where_the_cpu_sums_int8_products_in_32_bits(monkeypatch, vnni, auto):
+    from magseg.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: vnni)
+    assert int8.weight_bits("auto") == auto and int8.weight_bits() == auto
+    assert int8.weight_bits("7") == int8.weight_bits(7) == 7 and int8.weight_bits("8") == 8
+    for bad in ("6", "16", "int8", ""):
+        with pytest.raises(ConfigError, match="--weight-bits .*auto, 7 or 8"):
+            int8.weight_bits(bad)
+    # What runs here: 7-bit graphs everywhere (and those whose sidecar predates the width).
+    assert int8.runs_here({"weight_bits": 7}) and int8.runs_here({})
+    assert int8.runs_here({"weight_bits": 8}) == vnni
+
+
+def _int8_weights(xml: Path) -> np.ndarray:
+    """Every int8 weight constant of an OpenVINO int8 graph, flattened."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return np.concatenate([op.get_data().ravel() for op in model.get_ops()
+                           if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8])
+
+
+def test_quantize_makes_7_or_8_bit_weights_as_asked_and_an_8_bit_graph_runs_only_with_vnni(
+        quantized, tmp_path, monkeypatch):
+    from magseg.engine import precision
+    from magseg.segmenter import Segmenter
+
+    ckpt, data = quantized["ckpt"], quantized["root"] / "data"
+    # The fixture's graph is auto's width on this CPU, and says so.
+    (folder,) = (quantized["cache"] / "graphs").iterdir()
+    auto = int8.weight_bits("auto")
+    assert json.loads(quantized["stdout"])["weight_bits"] == auto
+    for part in ("int8", "refiner-int8"):
+        assert json.loads((folder / f"{part}.json").read_text())["weight_bits"] == auto
+    caches = {}
+    for bits in (7, 8):
+        cache = caches[bits] = tmp_path / f"cache{bits}"
+        result = _invoke("quantize", ckpt, "--data-root", data, "--windows", 6, "--scenes", 1,
+                         "--weight-bits", bits, "--set", f"engine.cache_dir={cache}", "-q")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["weight_bits"] == bits
+        (folder,) = (cache / "graphs").iterdir()
+        for part in ("int8", "refiner-int8"):
+            assert json.loads((folder / f"{part}.json").read_text())["weight_bits"] == bits
+            weights = np.abs(_int8_weights(folder / f"{part}.xml").astype(np.int32))
+            # 7 bits: |w| <= 64, so a pair of u8 x s8 products stays in int16; 8 bits use
+            # the whole range (a random model's largest weight of a channel maps to 127).
+            assert (weights.max() <= 64) if bits == 7 else (weights.max() > 100), (part, weights.max())
+    bad = _invoke("quantize", ckpt, "--data-root", data, "--weight-bits", 6, "--set",
+                  f"engine.cache_dir={tmp_path / 'c6'}", "-q")
+    assert bad.exit_code == 2 and "--weight-bits 6" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "c6").exists()
+    # A CPU without VNNI: the 7-bit graphs run, the 8-bit backbone is refused with both fixes
+    # named, before any output; an 8-bit refiner graph would leave its convolutions in float32.
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: False)
+    q = Segmenter.from_checkpoint(ckpt, _sets(caches[7]))
+    assert q.backbone.int8_graph is not None and q.refiner.int8_convolutions is not None
+    scene = next(data.glob("*_sat.jpg"))
+    out = tmp_path / "out"
+    refused = _invoke("predict", ckpt, scene, "-o", out, *sum((["--set", s] for s in _sets(caches[8])), []))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert "8-bit int8 weights" in refused.output and "--weight-bits 7" in refused.output
+    assert "magseg quantize" in refused.output and "--overwrite" in refused.output
+    assert not out.exists() or not any(out.iterdir())
+    # The 7-bit backbone beside the 8-bit refiner graph (files and sidecar intact).
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(caches[7], mixed)
+    (folder,) = (mixed / "graphs").iterdir()
+    for path in (caches[8] / "graphs" / folder.name).glob("refiner-int8.*"):
+        shutil.copy(path, folder / path.name)
+    q = Segmenter.from_checkpoint(ckpt, _sets(mixed))
+    assert q.backbone.int8_graph is not None and q.refiner.int8_convolutions is None
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: True)
+    assert Segmenter.from_checkpoint(ckpt, _sets(mixed)).refiner.int8_convolutions is not None

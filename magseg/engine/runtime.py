@@ -786,12 +786,15 @@ def runtime_backbone(
 
     Raises:
         ConfigError: ``precision`` int8 without a valid int8 graph in the cache (the message
-            names ``magseg quantize``). Which runtimes may run int8 at all is
+            names ``magseg quantize``), or with one of 8-bit weights on a CPU without VNNI
+            (``int8.require_int8_kernels``). Which runtimes may run int8 at all is
             ``check_precision``'s, when the runtime is resolved.
     """
     cache = model_cache(runtime, weights_sha256, config)
     int8_graph = int8_digest = None
     if precision == "int8":
+        from magseg.engine.int8 import require_int8_kernels
+
         record = cache.int8_record()  # hashes both files: once
         if record is None:
             raise ConfigError(
@@ -799,6 +802,7 @@ def runtime_backbone(
                 "that no longer matches its sidecar): make it with `magseg quantize CHECKPOINT --data-root "
                 "TRAINING_DATA` (with the same engine.cache_dir), or use engine.precision=fp32")
         int8_graph, int8_digest = cache.int8_paths()[0], json.dumps(record["sha256"], sort_keys=True)
+        require_int8_kernels(record, int8_graph)
     return RuntimeBackbone(runtime, cache, build_torch, runtime_precision(runtime, precision),
                            int8_graph=int8_graph, int8_digest=int8_digest)
 
