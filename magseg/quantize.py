@@ -134,6 +134,7 @@ def quantize_checkpoint(
     from magseg.engine.backbone import input_multiple
     from magseg.engine.int8 import EXTRA, int8_runner, nncf_installed, quantize_into_cache, refiner_int8
     from magseg.engine.int8 import weight_bits as resolve_bits
+    from magseg.engine.precision import cpu_has_vnni
     from magseg.engine.runtime import exporter_installed, model_cache
     from magseg.segmenter import create_refiner, create_segmenter_model
 
@@ -142,8 +143,6 @@ def quantize_checkpoint(
     if scenes < 1:
         raise ConfigError(f"--scenes {scenes}: the refiner's calibration needs at least one scene")
     bits = resolve_bits(weight_bits)
-    from magseg.engine.precision import cpu_has_vnni
-
     if bits == 8 and not cpu_has_vnni():
         log("quantize: 8-bit weights for a CPU with VNNI: this one has none, so the check below runs them "
             "saturated, and predict here refuses the graph")
