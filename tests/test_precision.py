@@ -59,6 +59,19 @@ def test_the_precision_flags_are_the_cpus_own_in_a_fixed_order(monkeypatch):
         assert precision.precision_flags() == expected
 
 
+@pytest.mark.parametrize("probe, flags, expected", [
+    (True, [], True),                                # torch's probe: AVX512-VNNI
+    (False, ["avx2", "avx_vnni"], True),             # a client CPU's AVX-VNNI, which torch does not probe
+    (False, ["avx512f", "amx_int8"], True),
+    (False, ["avx2", "avx512f", "avx512bw"], False),  # AVX512 without VNNI sums pairs in int16 too
+    (False, [], False),
+])
+def test_vnni_is_any_int8_dot_product_that_sums_in_32_bits(monkeypatch, probe, flags, expected):
+    monkeypatch.setattr(precision, "_cpu_supports", lambda name: probe and name == "_is_vnni_supported")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    assert precision.cpu_has_vnni() is expected
+
+
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="fp8.*fp32, bf16, fp16"):
         resolve_precision("cpu", "fp8")

@@ -38,6 +38,10 @@ def _cpu_supports(probe: str) -> bool:
     return bool(getattr(torch.cpu, probe, lambda: False)())
 
 
+# The /proc/cpuinfo flags of int8 dot products summed in int32.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower
     than fp32, so ``auto`` must not pick it elsewhere."""
@@ -45,9 +49,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI's int8 dot products. Without it, x86 int8 kernels multiply
-    u8 by s8 in pairs summed into int16 (VPMADDUBSW), which can saturate."""
-    return _cpu_supports("_is_vnni_supported")
+    """Whether this CPU has VNNI's int8 dot products, which sum in int32: AVX512-VNNI
+    (torch's probe), or AVX-VNNI or AMX-INT8 (the kernel's flags; torch probes neither).
+    Without them, x86 int8 kernels multiply u8 by s8 in pairs summed into int16
+    (VPMADDUBSW), which can saturate."""
+    return _cpu_supports("_is_vnni_supported") or not VNNI_FLAGS.isdisjoint(cpu_flags())
 
 
 def resolve_precision(device: torch.device | str, precision: str) -> Precision:
