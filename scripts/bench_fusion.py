@@ -28,7 +28,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
 from magseg.engine.certainty import certainty, error_score  # noqa: E402
 from magseg.engine.precision import cpu_info, precision_flags  # noqa: E402
 from magseg.engine.refine_step import labels_of  # noqa: E402

@@ -101,9 +101,9 @@ def main() -> None:
     if "openvino-int8" in variants:
         if not int8.nncf_installed():
             sys.exit(f"runtime_miou.py: openvino-int8 needs NNCF: pip install '{int8.EXTRA}'")
-        quantize_checkpoint(ckpt, args.data_root, windows=args.calibration, progress=False,
-                            weight_bits=args.weight_bits,
-                            overrides=[f"engine.cache_dir={cache}", *args.set])
+        weight_bits = quantize_checkpoint(ckpt, args.data_root, windows=args.calibration, progress=False,
+                                          weight_bits=args.weight_bits,
+                                          overrides=[f"engine.cache_dir={cache}", *args.set]).weight_bits
     segmenters = {}
     for variant in variants:
         runtime, precision, *part = variant.split("-")
@@ -141,7 +141,7 @@ def main() -> None:
         "cpu": {**first.runtime["cpu"], "flags": precision_flags()},
     }
     if "openvino-int8" in variants:
-        out["weight_bits"] = int8.weight_bits(args.weight_bits)
+        out["weight_bits"] = weight_bits
     if not args.no_miou:
         out["miou"] = {v: round(100 * scores(matrices[v], in_mean)["miou"], 2) for v in variants}
         out["label_agreement_with_first"] = {v: round(agree[v] / pixels, 5) for v in variants}

@@ -88,7 +88,6 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, make_checkpoin
 
 
 def test_ray_benchmark_sums_the_same_confusion_matrices_as_the_local_run(tmp_path, make_checkpoint):
-
     import cv2
     from magseg.cli.app import _register
 
